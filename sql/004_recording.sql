@@ -2,46 +2,27 @@
 --
 -- Shape of every write (docs/internals.md):
 --   1. guard the tenant, validate every argument, create the ledger partition the row needs;
---   2. lock: the reservation row (commit, release), then the account row;
---   3. if an idempotency key was given, look it up: the same request replays its stored
---      result, a different one is refused (MT002);
---   4. apply: update the account and append the ledger row;
---   5. claim the key with the result. A concurrent *identical* request cannot get here too,
---      because it waits on the account lock in step 2 and then finds the key in step 3; a
---      concurrent *different* request with the same key waits on the key's unique index
---      here and is refused (MT002), its effects rolled back with its transaction.
--- Reads of the key happen after the account lock, so under READ COMMITTED they see every
--- transaction that held the lock before.
+--   2. when an idempotency key (or a client-chosen reservation id) is given, take a
+--      transaction advisory lock on its hash, then look it up: the same request replays its
+--      stored result, a different one is refused (MT002). The lock makes concurrent requests
+--      with one key queue behind each other, so each sees the one before it committed;
+--   3. lock the reservation row (commit, release);
+--   4. apply in one statement: update the account (which takes its row lock, and carries the
+--      balance condition of a checked consume or a reserve), append the ledger row, and claim
+--      the key with the result.
+-- Lock order: key advisory lock(s) (reservation id before idempotency key), reservation row,
+-- account row. One account per call; the sweep takes several in account_id order.
+-- Everything is in the caller's transaction: a refusal raised anywhere undoes it all.
 
 ------------------------------------------------------------------------------------------
 -- Internal helpers (SECURITY INVOKER: they run with the rights of the API function calling
--- them and are not granted to anyone).
+-- them and are granted to no one).
 
--- Find and lock an account; create it first when p_create. Returns NULL fields when it does
--- not exist and p_create is false.
-CREATE FUNCTION meter._lock_account(p_namespace text, p_user_id text, p_event_type text,
-                                    p_resource text, p_unit text, p_create boolean)
-RETURNS meter.accounts
-LANGUAGE plpgsql AS $$
-DECLARE
-    v meter.accounts;
-BEGIN
-    SELECT * INTO v FROM meter.accounts a
-    WHERE a.namespace = p_namespace AND coalesce(a.user_id, '') = coalesce(p_user_id, '')
-      AND a.event_type = p_event_type AND a.resource = p_resource AND a.unit = p_unit
-    FOR UPDATE;
-    IF FOUND OR NOT p_create THEN
-        RETURN v;
-    END IF;
-    INSERT INTO meter.accounts (namespace, user_id, event_type, resource, unit)
-    VALUES (p_namespace, p_user_id, p_event_type, p_resource, p_unit)
-    ON CONFLICT DO NOTHING;
-    SELECT * INTO v FROM meter.accounts a
-    WHERE a.namespace = p_namespace AND coalesce(a.user_id, '') = coalesce(p_user_id, '')
-      AND a.event_type = p_event_type AND a.resource = p_resource AND a.unit = p_unit
-    FOR UPDATE;
-    RETURN v;
-END
+-- Serialize the requests that share an idempotency key (or reservation id) until commit.
+-- A 64-bit hash: a collision only makes two unrelated requests wait for each other.
+CREATE FUNCTION meter._lock_key(p_namespace text, p_kind text, p_key text) RETURNS void
+LANGUAGE sql AS $$
+    SELECT pg_advisory_xact_lock(hashtextextended(p_kind || chr(31) || p_namespace || chr(31) || p_key, 0))
 $$;
 
 -- The stored result of an idempotency key: NULL when the key is new, the result when it was
@@ -66,26 +47,6 @@ BEGIN
 END
 $$;
 
--- Claim a key for an effect just applied. Fails (MT002) when another transaction claimed it
--- first, which can only be a different request (see the header).
-CREATE FUNCTION meter._claim(p_namespace text, p_key text, p_operation text,
-                             p_request_hash text, p_result jsonb, p_account_id bigint,
-                             p_reservation_id text DEFAULT NULL) RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO meter.idempotency_keys
-        (namespace, key, operation, request_hash, result, account_id, reservation_id)
-    VALUES (p_namespace, p_key, p_operation, p_request_hash, p_result, p_account_id,
-            p_reservation_id)
-    ON CONFLICT DO NOTHING;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'idempotency_key: % was used concurrently for a different request',
-                        quote_literal(p_key)
-            USING ERRCODE = 'MT002', COLUMN = 'idempotency_key';
-    END IF;
-END
-$$;
-
 -- A stable fingerprint of a request: equal for equal arguments after normalisation (amounts
 -- without trailing zeros, timestamps in UTC, resource ''), different otherwise.
 CREATE FUNCTION meter._hash(VARIADIC p_parts text[]) RETURNS text
@@ -93,41 +54,121 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT md5(array_to_string(p_parts, chr(31), chr(30)))
 $$;
 
--- Append a ledger row to a locked account and move its balance (and reserved, for commits).
+-- Create an account if it does not exist yet (zero balance).
+CREATE FUNCTION meter._create_account(p_namespace text, p_user_id text, p_event_type text,
+                                      p_resource text, p_unit text) RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO meter.accounts (namespace, user_id, event_type, resource, unit)
+    VALUES (p_namespace, p_user_id, p_event_type, p_resource, p_unit)
+    ON CONFLICT DO NOTHING
+$$;
+
+-- Find and lock an account (for the period functions, which decide on its figures before
+-- writing). NULL fields when it does not exist.
+CREATE FUNCTION meter._lock_account(p_namespace text, p_user_id text, p_event_type text,
+                                    p_resource text, p_unit text)
+RETURNS meter.accounts
+LANGUAGE plpgsql AS $$
+DECLARE
+    v meter.accounts;
+BEGIN
+    SELECT * INTO v FROM meter.accounts a
+    WHERE a.namespace = p_namespace AND coalesce(a.user_id, '') = coalesce(p_user_id, '')
+      AND a.event_type = p_event_type AND a.resource = p_resource AND a.unit = p_unit
+    FOR UPDATE;
+    RETURN v;
+END
+$$;
+
+-- Apply one ledger entry to the account with this key, in one statement: move the balance
+-- (taking the account's row lock), append the ledger row, and claim the idempotency key with
+-- the result {balance, reserved, entry_id}. Applies nothing and returns NULLs when the account
+-- does not exist, or when p_min_available is given and less than that is available.
+CREATE FUNCTION meter._apply(p_namespace text, p_user_id text, p_event_type text,
+                             p_resource text, p_unit text, p_entry_type text, p_amount numeric,
+                             p_event_time timestamptz, p_min_available numeric,
+                             p_reference_id bigint, p_metadata jsonb, p_key text,
+                             p_operation text, p_hash text,
+                             OUT entry_id bigint, OUT balance numeric, OUT reserved numeric)
+LANGUAGE plpgsql AS $$
+BEGIN
+    WITH acc AS (
+        UPDATE meter.accounts t
+        SET balance = t.balance + p_amount,
+            total_credited = t.total_credited + greatest(p_amount, 0),
+            total_debited = t.total_debited + greatest(-p_amount, 0),
+            updated_at = now()
+        WHERE t.namespace = p_namespace AND coalesce(t.user_id, '') = coalesce(p_user_id, '')
+          AND t.event_type = p_event_type AND t.resource = p_resource AND t.unit = p_unit
+          AND (p_min_available IS NULL OR t.balance - t.reserved >= p_min_available)
+        RETURNING t.account_id, t.balance, t.reserved
+    ), led AS (
+        INSERT INTO meter.ledger (id, namespace, account_id, user_id, event_type, resource, unit,
+                                  entry_type, amount, balance_after, event_time, idempotency_key,
+                                  reference_id, actor_id, on_behalf_of, reason, request_id,
+                                  metadata)
+        SELECT nextval('meter.ledger_id_seq'), p_namespace, acc.account_id, p_user_id,
+               p_event_type, p_resource, p_unit, p_entry_type, p_amount, acc.balance,
+               p_event_time, p_key, p_reference_id,
+               nullif(current_setting('meter.actor_id', true), ''),
+               nullif(current_setting('meter.on_behalf_of', true), ''),
+               nullif(current_setting('meter.reason', true), ''),
+               nullif(current_setting('meter.request_id', true), ''),
+               p_metadata
+        FROM acc
+        RETURNING id
+    ), claim AS (
+        INSERT INTO meter.idempotency_keys
+            (namespace, key, operation, request_hash, result, account_id)
+        SELECT p_namespace, p_key, p_operation, p_hash,
+               jsonb_build_object('balance', acc.balance, 'reserved', acc.reserved,
+                                  'entry_id', led.id),
+               acc.account_id
+        FROM acc, led
+        WHERE p_key IS NOT NULL
+    )
+    SELECT led.id, acc.balance, acc.reserved INTO entry_id, balance, reserved FROM acc, led;
+END
+$$;
+
+-- Append a ledger row to the account with this id and move its balance (and its reserved
+-- amount by p_reserved_delta), in one statement. Used where the account is known by id
+-- (commit, periods).
 CREATE FUNCTION meter._post(p_namespace text, p_account_id bigint, p_entry_type text,
-                            p_amount numeric, p_event_time timestamptz, p_idempotency_key text,
-                            p_reservation_id text, p_reference_id bigint, p_metadata jsonb,
+                            p_amount numeric, p_event_time timestamptz,
+                            p_reservation_id text, p_metadata jsonb,
                             p_reserved_delta numeric DEFAULT 0,
                             OUT entry_id bigint, OUT balance numeric, OUT reserved numeric)
 LANGUAGE plpgsql AS $$
-DECLARE
-    a record;
-    v_id bigint := nextval('meter.ledger_id_seq');
 BEGIN
-    UPDATE meter.accounts t
-    SET balance = t.balance + p_amount,
-        reserved = t.reserved + p_reserved_delta,
-        total_credited = t.total_credited + greatest(p_amount, 0),
-        total_debited = t.total_debited + greatest(-p_amount, 0),
-        updated_at = now()
-    WHERE t.namespace = p_namespace AND t.account_id = p_account_id
-    RETURNING t.user_id, t.event_type, t.resource, t.unit, t.balance, t.reserved INTO a;
-
-    INSERT INTO meter.ledger (id, namespace, account_id, user_id, event_type, resource, unit,
-                              entry_type, amount, balance_after, event_time, idempotency_key,
-                              reservation_id, reference_id, actor_id, on_behalf_of, reason,
-                              request_id, metadata)
-    VALUES (v_id, p_namespace, p_account_id, a.user_id, a.event_type, a.resource, a.unit,
-            p_entry_type, p_amount, a.balance, p_event_time, p_idempotency_key,
-            p_reservation_id, p_reference_id,
-            nullif(current_setting('meter.actor_id', true), ''),
-            nullif(current_setting('meter.on_behalf_of', true), ''),
-            nullif(current_setting('meter.reason', true), ''),
-            nullif(current_setting('meter.request_id', true), ''),
-            p_metadata);
-    entry_id := v_id;
-    balance := a.balance;
-    reserved := a.reserved;
+    WITH acc AS (
+        UPDATE meter.accounts t
+        SET balance = t.balance + p_amount,
+            reserved = t.reserved + p_reserved_delta,
+            total_credited = t.total_credited + greatest(p_amount, 0),
+            total_debited = t.total_debited + greatest(-p_amount, 0),
+            updated_at = now()
+        WHERE t.namespace = p_namespace AND t.account_id = p_account_id
+        RETURNING t.account_id, t.user_id, t.event_type, t.resource, t.unit, t.balance,
+                  t.reserved
+    ), led AS (
+        INSERT INTO meter.ledger (id, namespace, account_id, user_id, event_type, resource, unit,
+                                  entry_type, amount, balance_after, event_time, reservation_id,
+                                  actor_id, on_behalf_of, reason, request_id, metadata)
+        SELECT nextval('meter.ledger_id_seq'), p_namespace, acc.account_id, acc.user_id,
+               acc.event_type, acc.resource, acc.unit, p_entry_type, p_amount, acc.balance,
+               p_event_time, p_reservation_id,
+               nullif(current_setting('meter.actor_id', true), ''),
+               nullif(current_setting('meter.on_behalf_of', true), ''),
+               nullif(current_setting('meter.reason', true), ''),
+               nullif(current_setting('meter.request_id', true), ''),
+               p_metadata
+        FROM acc
+        WHERE p_amount <> 0
+        RETURNING id
+    )
+    SELECT (SELECT led.id FROM led), acc.balance, acc.reserved
+    INTO entry_id, balance, reserved FROM acc;
 END
 $$;
 
@@ -143,9 +184,25 @@ BEGIN
 END
 $$;
 
+-- The account's current figures, unlocked (for reporting a refusal): zeros when unknown.
+CREATE FUNCTION meter._peek(p_namespace text, p_user_id text, p_event_type text,
+                            p_resource text, p_unit text,
+                            OUT known boolean, OUT balance numeric, OUT reserved numeric)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    SELECT true, a.balance, a.reserved INTO known, balance, reserved
+    FROM meter.accounts a
+    WHERE a.namespace = p_namespace AND coalesce(a.user_id, '') = coalesce(p_user_id, '')
+      AND a.event_type = p_event_type AND a.resource = p_resource AND a.unit = p_unit;
+    IF NOT FOUND THEN
+        known := false; balance := 0; reserved := 0;
+    END IF;
+END
+$$;
+
 ------------------------------------------------------------------------------------------
 -- allocate: add quota or credits. Pools (user_id NULL) allowed. Creates the account.
--- Locks: the account.
+-- Locks: the key's advisory lock, then the account.
 CREATE FUNCTION meter.allocate(p_user_id text, p_event_type text, p_amount numeric,
                                p_unit text, p_resource text DEFAULT NULL,
                                p_idempotency_key text DEFAULT NULL,
@@ -159,7 +216,6 @@ DECLARE
     v_amount numeric;
     v_time timestamptz;
     v_hash text;
-    v_acc meter.accounts;
     v_replay jsonb;
     v_post record;
 BEGIN
@@ -167,19 +223,15 @@ BEGIN
     PERFORM meter._ident('user_id', p_user_id, 256, true),
             meter._ident('event_type', p_event_type, 256),
             meter._ident('unit', p_unit, 64),
+            meter._ident('idempotency_key', p_idempotency_key, 256, true),
             meter._metadata(p_metadata);
     v_amount := meter._amount('amount', p_amount, 'positive');
     v_time := meter._ledger_time('event_time', p_event_time);
     IF p_idempotency_key IS NOT NULL THEN
-        PERFORM meter._ident('idempotency_key', p_idempotency_key, 256);
         v_hash := meter._hash('allocate', p_user_id, p_event_type, v_resource, p_unit,
                               v_amount::text, (p_event_time AT TIME ZONE 'UTC')::text,
                               p_metadata::text);
-    END IF;
-
-    v_acc := meter._lock_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit, true);
-
-    IF p_idempotency_key IS NOT NULL THEN
+        PERFORM meter._lock_key(p_namespace, 'key', p_idempotency_key);
         v_replay := meter._replay(p_namespace, p_idempotency_key, 'allocate', v_hash);
         IF v_replay IS NOT NULL THEN
             balance := (v_replay->>'balance')::numeric;
@@ -189,23 +241,24 @@ BEGIN
         END IF;
     END IF;
 
-    v_post := meter._post(p_namespace, v_acc.account_id, 'allocation', v_amount, v_time,
-                          p_idempotency_key, NULL, NULL, p_metadata);
+    LOOP
+        v_post := meter._apply(p_namespace, p_user_id, p_event_type, v_resource, p_unit,
+                               'allocation', v_amount, v_time, NULL, NULL, p_metadata,
+                               p_idempotency_key, 'allocate', v_hash);
+        EXIT WHEN v_post.entry_id IS NOT NULL;
+        PERFORM meter._create_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
+    END LOOP;
     balance := v_post.balance;
     entry_id := v_post.entry_id;
-    IF p_idempotency_key IS NOT NULL THEN
-        PERFORM meter._claim(p_namespace, p_idempotency_key, 'allocate', v_hash,
-                             jsonb_build_object('balance', balance, 'entry_id', entry_id),
-                             v_acc.account_id);
-    END IF;
     RETURN NEXT;
 END
 $$;
 
 ------------------------------------------------------------------------------------------
 -- consume: record usage. With p_check_balance, refuses (success=false, nothing written, no
--- account created) when available < amount; without, may drive the balance negative.
--- Locks: the account.
+-- account created, no key claimed) when available < amount; without, may drive the balance
+-- negative, creating the account if needed.
+-- Locks: the key's advisory lock, then the account.
 CREATE FUNCTION meter.consume(p_user_id text, p_event_type text, p_amount numeric,
                               p_unit text, p_resource text DEFAULT NULL,
                               p_check_balance boolean DEFAULT false,
@@ -221,74 +274,66 @@ DECLARE
     v_amount numeric;
     v_time timestamptz;
     v_hash text;
-    v_acc meter.accounts;
     v_replay jsonb;
     v_post record;
+    v_peek record;
 BEGIN
     PERFORM meter._guard(p_namespace);
     PERFORM meter._ident('user_id', p_user_id, 256),
             meter._ident('event_type', p_event_type, 256),
             meter._ident('unit', p_unit, 64),
+            meter._ident('idempotency_key', p_idempotency_key, 256, true),
             meter._metadata(p_metadata);
     v_amount := meter._amount('amount', p_amount, 'positive');
     v_time := meter._ledger_time('event_time', p_event_time);
     IF p_idempotency_key IS NOT NULL THEN
-        PERFORM meter._ident('idempotency_key', p_idempotency_key, 256);
         v_hash := meter._hash('consume', p_user_id, p_event_type, v_resource, p_unit,
                               v_amount::text, v_check::text,
                               (p_event_time AT TIME ZONE 'UTC')::text, p_metadata::text);
-    END IF;
-
-    v_acc := meter._lock_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit,
-                                 NOT v_check);
-
-    IF p_idempotency_key IS NOT NULL THEN
+        PERFORM meter._lock_key(p_namespace, 'key', p_idempotency_key);
         v_replay := meter._replay(p_namespace, p_idempotency_key, 'consume', v_hash);
         IF v_replay IS NOT NULL THEN
-            success := (v_replay->>'success')::boolean;
+            success := true;
             balance := (v_replay->>'balance')::numeric;
-            available := (v_replay->>'available')::numeric;
+            available := balance - (v_replay->>'reserved')::numeric;
             entry_id := (v_replay->>'entry_id')::bigint;
             RETURN NEXT;
             RETURN;
         END IF;
     END IF;
 
-    IF v_acc.account_id IS NULL THEN
-        -- checked consume on an account that does not exist: nothing is available
-        success := false; balance := 0; available := 0; entry_id := NULL;
-        RETURN NEXT;
-        RETURN;
-    END IF;
-    IF v_check AND v_acc.balance - v_acc.reserved < v_amount THEN
-        success := false;
-        balance := v_acc.balance;
-        available := v_acc.balance - v_acc.reserved;
-        entry_id := NULL;
-        RETURN NEXT;
-        RETURN;
-    END IF;
-
-    v_post := meter._post(p_namespace, v_acc.account_id, 'consumption', -v_amount, v_time,
-                          p_idempotency_key, NULL, NULL, p_metadata);
+    LOOP
+        v_post := meter._apply(p_namespace, p_user_id, p_event_type, v_resource, p_unit,
+                               'consumption', -v_amount, v_time,
+                               CASE WHEN v_check THEN v_amount END, NULL, p_metadata,
+                               p_idempotency_key, 'consume', v_hash);
+        EXIT WHEN v_post.entry_id IS NOT NULL;
+        v_peek := meter._peek(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
+        IF v_check AND (NOT v_peek.known OR v_peek.balance - v_peek.reserved < v_amount) THEN
+            success := false;
+            balance := v_peek.balance;
+            available := v_peek.balance - v_peek.reserved;
+            entry_id := NULL;
+            RETURN NEXT;
+            RETURN;
+        END IF;
+        IF NOT v_peek.known THEN
+            PERFORM meter._create_account(p_namespace, p_user_id, p_event_type, v_resource,
+                                          p_unit);
+        END IF;
+    END LOOP;
     success := true;
     balance := v_post.balance;
     available := v_post.balance - v_post.reserved;
     entry_id := v_post.entry_id;
-    IF p_idempotency_key IS NOT NULL THEN
-        PERFORM meter._claim(p_namespace, p_idempotency_key, 'consume', v_hash,
-                             jsonb_build_object('success', true, 'balance', balance,
-                                                'available', available, 'entry_id', entry_id),
-                             v_acc.account_id);
-    END IF;
     RETURN NEXT;
 END
 $$;
 
 ------------------------------------------------------------------------------------------
 -- adjust: a correction or refund, either sign, never 0; may drive the balance negative.
--- p_reference_id, when given, must be a ledger entry of this namespace.
--- Locks: the account.
+-- p_reference_id, when given, must be a ledger entry of this namespace (MT003 otherwise).
+-- Locks: the key's advisory lock, then the account.
 CREATE FUNCTION meter.adjust(p_user_id text, p_event_type text, p_amount numeric,
                              p_unit text, p_resource text DEFAULT NULL,
                              p_reference_id bigint DEFAULT NULL,
@@ -302,7 +347,6 @@ DECLARE
     v_amount numeric;
     v_time timestamptz;
     v_hash text;
-    v_acc meter.accounts;
     v_replay jsonb;
     v_post record;
 BEGIN
@@ -310,6 +354,7 @@ BEGIN
     PERFORM meter._ident('user_id', p_user_id, 256, true),
             meter._ident('event_type', p_event_type, 256),
             meter._ident('unit', p_unit, 64),
+            meter._ident('idempotency_key', p_idempotency_key, 256, true),
             meter._metadata(p_metadata);
     v_amount := meter._amount('amount', p_amount, 'nonzero');
     IF p_reference_id IS NOT NULL AND NOT EXISTS (
@@ -320,14 +365,9 @@ BEGIN
     END IF;
     v_time := meter._ledger_time('event_time', NULL);
     IF p_idempotency_key IS NOT NULL THEN
-        PERFORM meter._ident('idempotency_key', p_idempotency_key, 256);
         v_hash := meter._hash('adjust', p_user_id, p_event_type, v_resource, p_unit,
                               v_amount::text, p_reference_id::text, p_metadata::text);
-    END IF;
-
-    v_acc := meter._lock_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit, true);
-
-    IF p_idempotency_key IS NOT NULL THEN
+        PERFORM meter._lock_key(p_namespace, 'key', p_idempotency_key);
         v_replay := meter._replay(p_namespace, p_idempotency_key, 'adjust', v_hash);
         IF v_replay IS NOT NULL THEN
             balance := (v_replay->>'balance')::numeric;
@@ -337,15 +377,15 @@ BEGIN
         END IF;
     END IF;
 
-    v_post := meter._post(p_namespace, v_acc.account_id, 'adjustment', v_amount, v_time,
-                          p_idempotency_key, NULL, p_reference_id, p_metadata);
+    LOOP
+        v_post := meter._apply(p_namespace, p_user_id, p_event_type, v_resource, p_unit,
+                               'adjustment', v_amount, v_time, NULL, p_reference_id,
+                               p_metadata, p_idempotency_key, 'adjust', v_hash);
+        EXIT WHEN v_post.entry_id IS NOT NULL;
+        PERFORM meter._create_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
+    END LOOP;
     balance := v_post.balance;
     entry_id := v_post.entry_id;
-    IF p_idempotency_key IS NOT NULL THEN
-        PERFORM meter._claim(p_namespace, p_idempotency_key, 'adjust', v_hash,
-                             jsonb_build_object('balance', balance, 'entry_id', entry_id),
-                             v_acc.account_id);
-    END IF;
     RETURN NEXT;
 END
 $$;
@@ -355,7 +395,7 @@ $$;
 -- available >= amount; raises `reserved`, not `balance`; no ledger row. A not-granted
 -- reserve writes nothing (no account, no key). p_reservation_id (client-chosen) is the
 -- reserve's own idempotency key: the same request replays, a different one is MT002.
--- Locks: the account (the new reservation row is inserted after it).
+-- Locks: the reservation id's advisory lock, the key's, then the account.
 CREATE FUNCTION meter.reserve(p_user_id text, p_event_type text, p_amount numeric,
                               p_unit text, p_resource text DEFAULT NULL,
                               p_ttl_seconds integer DEFAULT 300,
@@ -371,12 +411,11 @@ DECLARE
     v_ttl integer := coalesce(p_ttl_seconds, 300);
     v_amount numeric;
     v_hash text;
-    v_acc meter.accounts;
     v_existing meter.reservations;
     v_replay jsonb;
-    v_hold record;
     v_id text;
-    v_result jsonb;
+    v_expires timestamptz;
+    v_peek record;
 BEGIN
     PERFORM meter._guard(p_namespace);
     PERFORM meter._ident('user_id', p_user_id, 256),
@@ -394,9 +433,8 @@ BEGIN
                           v_amount::text, v_ttl::text, p_metadata::text, p_reservation_id,
                           p_idempotency_key);
 
-    v_acc := meter._lock_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit, false);
-
     IF p_reservation_id IS NOT NULL THEN
+        PERFORM meter._lock_key(p_namespace, 'reservation', p_reservation_id);
         SELECT * INTO v_existing FROM meter.reservations r
         WHERE r.namespace = p_namespace AND r.reservation_id = p_reservation_id;
         IF FOUND THEN
@@ -409,6 +447,7 @@ BEGIN
         END IF;
     END IF;
     IF v_replay IS NULL AND p_idempotency_key IS NOT NULL THEN
+        PERFORM meter._lock_key(p_namespace, 'key', p_idempotency_key);
         v_replay := meter._replay(p_namespace, p_idempotency_key, 'reserve', v_hash);
     END IF;
     IF v_replay IS NOT NULL THEN
@@ -421,42 +460,51 @@ BEGIN
         RETURN;
     END IF;
 
-    IF v_acc.account_id IS NULL OR v_acc.balance - v_acc.reserved < v_amount THEN
+    v_id := coalesce(p_reservation_id, gen_random_uuid()::text);
+    v_expires := now() + make_interval(secs => v_ttl);
+    WITH acc AS (
+        UPDATE meter.accounts t
+        SET reserved = t.reserved + v_amount, updated_at = now()
+        WHERE t.namespace = p_namespace AND coalesce(t.user_id, '') = p_user_id
+          AND t.event_type = p_event_type AND t.resource = v_resource AND t.unit = p_unit
+          AND t.balance - t.reserved >= v_amount
+        RETURNING t.account_id, t.balance, t.reserved
+    ), hold AS (
+        INSERT INTO meter.reservations
+            (namespace, reservation_id, account_id, user_id, event_type, resource, unit, amount,
+             ttl_seconds, expires_at, idempotency_key, metadata, request_hash, reserve_result,
+             actor)
+        SELECT p_namespace, v_id, acc.account_id, p_user_id, p_event_type, v_resource, p_unit,
+               v_amount, v_ttl, v_expires, p_idempotency_key, p_metadata, v_hash,
+               jsonb_build_object('reservation_id', v_id, 'balance', acc.balance,
+                                  'available', acc.balance - acc.reserved,
+                                  'expires_at', v_expires),
+               meter._actor()
+        FROM acc
+        RETURNING reserve_result
+    ), claim AS (
+        INSERT INTO meter.idempotency_keys
+            (namespace, key, operation, request_hash, result, account_id, reservation_id)
+        SELECT p_namespace, p_idempotency_key, 'reserve', v_hash, hold.reserve_result,
+               acc.account_id, v_id
+        FROM acc, hold
+        WHERE p_idempotency_key IS NOT NULL
+    )
+    SELECT acc.balance, acc.balance - acc.reserved INTO balance, available FROM acc, hold;
+
+    IF balance IS NULL THEN
+        v_peek := meter._peek(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
         granted := false;
         reservation_id := NULL;
-        balance := coalesce(v_acc.balance, 0);
-        available := coalesce(v_acc.balance - v_acc.reserved, 0);
+        balance := v_peek.balance;
+        available := v_peek.balance - v_peek.reserved;
         expires_at := NULL;
         RETURN NEXT;
         RETURN;
     END IF;
-
-    v_id := coalesce(p_reservation_id, gen_random_uuid()::text);
-    v_hold := meter._hold(p_namespace, v_acc.account_id, v_amount);
     granted := true;
     reservation_id := v_id;
-    balance := v_hold.balance;
-    available := v_hold.balance - v_hold.reserved;
-    expires_at := now() + make_interval(secs => v_ttl);
-    v_result := jsonb_build_object('reservation_id', v_id, 'balance', balance,
-                                   'available', available, 'expires_at', expires_at);
-
-    INSERT INTO meter.reservations AS r
-        (namespace, reservation_id, account_id, user_id, event_type, resource, unit, amount,
-         ttl_seconds, expires_at, idempotency_key, metadata, request_hash, reserve_result, actor)
-    VALUES (p_namespace, v_id, v_acc.account_id, p_user_id, p_event_type, v_resource, p_unit,
-            v_amount, v_ttl, expires_at, p_idempotency_key, p_metadata, v_hash, v_result,
-            meter._actor())
-    ON CONFLICT DO NOTHING;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'reservation_id: % was used concurrently for a different reservation',
-                        quote_literal(v_id)
-            USING ERRCODE = 'MT002', COLUMN = 'reservation_id';
-    END IF;
-    IF p_idempotency_key IS NOT NULL THEN
-        PERFORM meter._claim(p_namespace, p_idempotency_key, 'reserve', v_hash, v_result,
-                             v_acc.account_id, v_id);
-    END IF;
+    expires_at := v_expires;
     RETURN NEXT;
 END
 $$;
@@ -483,7 +531,7 @@ DECLARE
     v_hash text;
     v_res meter.reservations;
     v_late boolean;
-    v_return numeric;
+    v_released numeric;
     v_post record;
     v_now timestamptz := now();
 BEGIN
@@ -510,11 +558,11 @@ BEGIN
                 USING ERRCODE = 'MT002', COLUMN = 'actual_amount';
         END IF;
         success := true;
-        consumed := (v_res.commit_result->>'consumed')::numeric;
+        consumed := v_res.actual_amount;
         released := (v_res.commit_result->>'released')::numeric;
         reserved_amount := v_res.amount;
         balance := (v_res.commit_result->>'balance')::numeric;
-        entry_id := (v_res.commit_result->>'entry_id')::bigint;
+        entry_id := v_res.entry_id;
         status := 'replayed';
         RETURN NEXT;
         RETURN;
@@ -527,35 +575,25 @@ BEGIN
 
     -- active or expired: the usage happened and is recorded
     v_late := v_res.status = 'expired' OR v_now >= v_res.expires_at;
-    v_return := CASE WHEN v_res.status = 'active' THEN -v_res.amount ELSE 0 END;
-    PERFORM 1 FROM meter.accounts a
-    WHERE a.namespace = p_namespace AND a.account_id = v_res.account_id
-    FOR UPDATE;
-    IF v_actual > 0 THEN
-        v_post := meter._post(p_namespace, v_res.account_id, 'consumption', -v_actual, v_now,
-                              NULL, p_reservation_id, NULL,
-                              coalesce(p_metadata, v_res.metadata), v_return);
-    ELSE
-        SELECT NULL::bigint AS entry_id, h.balance, h.reserved INTO v_post
-        FROM meter._hold(p_namespace, v_res.account_id, v_return) h;
-    END IF;
+    v_released := CASE WHEN v_late THEN 0 ELSE greatest(v_res.amount - v_actual, 0) END;
+    v_post := meter._post(p_namespace, v_res.account_id, 'consumption', -v_actual, v_now,
+                          p_reservation_id, coalesce(p_metadata, v_res.metadata),
+                          CASE WHEN v_res.status = 'active' THEN -v_res.amount ELSE 0 END);
+    UPDATE meter.reservations r
+    SET status = 'committed', completed_at = v_now, actual_amount = v_actual,
+        entry_id = v_post.entry_id, commit_request_hash = v_hash,
+        commit_result = jsonb_build_object('released', v_released, 'balance', v_post.balance,
+                                           'late', v_late),
+        completed_actor = meter._actor()
+    WHERE r.namespace = p_namespace AND r.reservation_id = p_reservation_id;
 
     success := true;
     consumed := v_actual;
-    released := CASE WHEN v_late THEN 0 ELSE greatest(v_res.amount - v_actual, 0) END;
+    released := v_released;
     reserved_amount := v_res.amount;
     balance := v_post.balance;
     entry_id := v_post.entry_id;
     status := CASE WHEN v_late THEN 'late' ELSE 'committed' END;
-
-    UPDATE meter.reservations r
-    SET status = 'committed', completed_at = v_now, actual_amount = v_actual,
-        entry_id = v_post.entry_id, commit_request_hash = v_hash,
-        commit_result = jsonb_build_object('consumed', v_actual, 'released', released,
-                                           'balance', v_post.balance,
-                                           'entry_id', v_post.entry_id, 'late', v_late),
-        completed_actor = meter._actor()
-    WHERE r.namespace = p_namespace AND r.reservation_id = p_reservation_id;
     RETURN NEXT;
 END
 $$;

@@ -55,7 +55,8 @@ BEGIN
         v_limit := meter._amount('carry_over_limit', p_carry_over_limit, 'nonnegative');
     END IF;
 
-    v_acc := meter._lock_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit, true);
+    PERFORM meter._create_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
+    v_acc := meter._lock_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
     UPDATE meter.accounts a
     SET period_start = p_period_start, period_allocation = v_allocation,
         carry_over_limit = v_limit, period_interval = v_interval, updated_at = now()
@@ -100,7 +101,7 @@ BEGIN
     END IF;
     v_time := meter._ledger_time('period_start', p_period_start::timestamp AT TIME ZONE 'UTC');
 
-    v_acc := meter._lock_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit, false);
+    v_acc := meter._lock_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
     IF v_acc.account_id IS NULL THEN
         PERFORM meter._fail('MT003', 'user_id',
             format('no account (%s, %s, %s, %s) in namespace %s; configure it with '
@@ -127,8 +128,7 @@ BEGIN
 
     IF v_allocation > 0 THEN
         v_post := meter._post(p_namespace, v_acc.account_id, 'allocation', v_allocation, v_time,
-                              NULL, NULL, NULL,
-                              jsonb_build_object('period_start', p_period_start));
+                              NULL, jsonb_build_object('period_start', p_period_start));
         v_balance := v_post.balance;
         v_entry := v_post.entry_id;
     ELSE
@@ -177,7 +177,7 @@ BEGIN
     v_time := meter._ledger_time('period_end',
         (p_period_end + 1)::timestamp AT TIME ZONE 'UTC' - interval '1 microsecond');
 
-    v_acc := meter._lock_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit, false);
+    v_acc := meter._lock_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
     IF v_acc.account_id IS NULL THEN
         PERFORM meter._fail('MT003', 'user_id',
             format('no account (%s, %s, %s, %s) in namespace %s',
@@ -201,13 +201,11 @@ BEGIN
         v_carry := CASE WHEN v_acc.carry_over_limit IS NULL THEN v_available
                         ELSE least(v_available, v_acc.carry_over_limit) END;
         v_post := meter._post(p_namespace, v_acc.account_id, 'expiration', -v_available,
-                              v_time, NULL, NULL, NULL,
-                              jsonb_build_object('period_end', p_period_end));
+                              v_time, NULL, jsonb_build_object('period_end', p_period_end));
         v_balance := v_post.balance;
         IF v_carry > 0 THEN
             v_post := meter._post(p_namespace, v_acc.account_id, 'carry_over', v_carry,
-                                  v_time, NULL, NULL, NULL,
-                                  jsonb_build_object('period_end', p_period_end));
+                                  v_time, NULL, jsonb_build_object('period_end', p_period_end));
             v_balance := v_post.balance;
         END IF;
         v_expired := v_available - v_carry;
