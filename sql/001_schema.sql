@@ -9,8 +9,9 @@
 
 CREATE SCHEMA IF NOT EXISTS meter;
 
--- Functions are not callable by PUBLIC; sql/roles.sql grants what each role may call.
-ALTER DEFAULT PRIVILEGES IN SCHEMA meter REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;
+-- Functions are not callable by PUBLIC: every migration ends by revoking EXECUTE from
+-- PUBLIC (per-schema default privileges cannot take away the global default), and
+-- sql/roles.sql grants what each role may call.
 
 -- One row per (namespace, user, event type, resource, unit). user_id NULL is the namespace
 -- pool; resource '' is "no resource". The key is enforced by the expression index below so
@@ -242,3 +243,5 @@ BEGIN
     END LOOP;
 END
 $$;
+
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA meter FROM PUBLIC;

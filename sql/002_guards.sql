@@ -209,13 +209,16 @@ BEGIN
 END
 $$;
 
+-- The context functions below are SECURITY DEFINER only so that they may call the internal
+-- validators, which no role is granted; the settings they write are the caller's own.
+
 -- The SDK's per-call context: sets tenant and actor for the current transaction only and
 -- returns the namespace, so that it can be passed as an API function's p_namespace and is
 -- thereby evaluated before that function runs (one statement, one round trip).
 CREATE FUNCTION meter.ctx(p_namespace text, p_actor_id text DEFAULT NULL,
                           p_request_id text DEFAULT NULL, p_on_behalf_of text DEFAULT NULL,
                           p_reason text DEFAULT NULL) RETURNS text
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM set_config('meter.tenant', meter._ident('namespace', p_namespace, 1024), true);
     IF p_actor_id IS NOT NULL OR p_request_id IS NOT NULL OR p_on_behalf_of IS NOT NULL
@@ -232,14 +235,14 @@ $$;
 
 -- Set the tenant for the rest of the session (row-level security and API checks).
 CREATE FUNCTION meter.set_tenant(p_tenant_id text) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM set_config('meter.tenant', meter._ident('tenant_id', p_tenant_id, 1024), false);
 END
 $$;
 
 CREATE FUNCTION meter.clear_tenant() RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM set_config('meter.tenant', '', false);
 END
@@ -250,11 +253,13 @@ $$;
 CREATE FUNCTION meter.set_actor(p_actor_id text, p_request_id text DEFAULT NULL,
                                 p_on_behalf_of text DEFAULT NULL, p_reason text DEFAULT NULL)
 RETURNS void
-LANGUAGE sql AS $$
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT meter._set_actor(p_actor_id, p_request_id, p_on_behalf_of, p_reason, false)
 $$;
 
 CREATE FUNCTION meter.clear_actor() RETURNS void
-LANGUAGE sql AS $$
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT meter._set_actor(NULL, NULL, NULL, NULL, false)
 $$;
+
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA meter FROM PUBLIC;

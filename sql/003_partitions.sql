@@ -105,3 +105,5 @@ $$;
 
 -- This month and the next three exist from the start.
 SELECT meter.ensure_partitions(3);
+
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA meter FROM PUBLIC;

@@ -19,6 +19,7 @@ BEGIN
 END
 $$;
 
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA meter FROM PUBLIC;
 GRANT USAGE ON SCHEMA meter TO meter_app, meter_maintenance;
 
 -- Tables by name: never partitions, which carry no row-level security of their own.
