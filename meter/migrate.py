@@ -1,0 +1,284 @@
+"""Apply ``sql/NNN_*.sql`` to a database, once each, in order.
+
+Contract (SPEC section 4, ``docs/internals.md``):
+
+* Each migration file runs in its own transaction together with the row that records it in
+  ``meter.schema_migrations``, so a file is either wholly applied and recorded, or neither.
+* Re-running is a no-op. A recorded file whose content changed since is refused
+  (:class:`MigrationError`): silently diverging schemas are worse than a loud stop.
+* Two processes migrating one database at once are safe: the whole run holds a
+  session-level advisory lock on a fixed key, so the second waits, then finds nothing to do.
+* ``with_roles`` re-applies ``sql/roles.sql`` (idempotent grants for ``meter_app`` and
+  ``meter_maintenance``) after the migrations, every time, so a grant added to that file
+  reaches existing databases.
+
+The SQL directory is ``meter/sql`` inside an installed wheel (``pyproject.toml``
+force-includes it), else ``sql/`` at the root of a source checkout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from meter.errors import MeterConnectionError, MeterError
+
+__all__ = [
+    "Migration",
+    "MigrationError",
+    "default_sql_dir",
+    "discover",
+    "migrate",
+    "schema_version",
+]
+
+LOCK_KEY = 0x6D65746572_0001
+"""Advisory lock key of the migration runner (``'meter'`` in ASCII, then 1)."""
+
+_FILE_RE = re.compile(r"^(?P<number>\d{3,})_(?P<name>[A-Za-z0-9_]+)\.sql$")
+
+_BOOTSTRAP = """
+CREATE SCHEMA IF NOT EXISTS meter;
+CREATE TABLE IF NOT EXISTS meter.schema_migrations (
+    version    text PRIMARY KEY,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+
+class MigrationError(MeterError):
+    """The database schema could not be migrated."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One ``sql/NNN_name.sql`` file; ``version`` is its name without ``.sql``."""
+
+    version: str
+    number: int
+    path: Path
+    checksum: str
+
+    @property
+    def sql(self) -> bytes:
+        return self.path.read_bytes()
+
+
+def default_sql_dir() -> Path:
+    """Where the SQL files live: ``meter/sql`` when installed from a wheel, else ``<repo>/sql``."""
+    packaged = Path(__file__).resolve().parent / "sql"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "sql"
+
+
+def _checksum(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def discover(directory: Path | None = None) -> list[Migration]:
+    """The migrations in ``directory`` (default :func:`default_sql_dir`), ordered by number.
+
+    Files that do not look like ``NNN_name.sql`` (``roles.sql``, notes) are not
+    migrations. Two files with the same number are refused: their order would be a
+    coin toss, and two engineers picking the same number is exactly how that happens.
+    """
+    directory = directory if directory is not None else default_sql_dir()
+    if not directory.is_dir():
+        raise MigrationError(f"SQL directory not found: {directory}")
+    found: dict[int, Migration] = {}
+    for path in sorted(directory.iterdir()):
+        match = _FILE_RE.match(path.name)
+        if match is None or not path.is_file():
+            continue
+        number = int(match["number"])
+        if number in found:
+            raise MigrationError(
+                f"two migrations share number {number}: {found[number].path.name} and {path.name}"
+            )
+        found[number] = Migration(path.stem, number, path, _checksum(path))
+    return [found[n] for n in sorted(found)]
+
+
+def migrate(
+    conninfo: str,
+    with_roles: bool = False,
+    *,
+    sql_dir: Path | None = None,
+) -> list[str]:
+    """Apply pending migrations to the database at ``conninfo``.
+
+    Parameters:
+        conninfo: libpq connection string or URL of a role that may create the schema
+            (and, with ``with_roles``, roles).
+        with_roles: also apply ``roles.sql`` (group roles and grants) after migrating.
+        sql_dir: directory of the SQL files; default :func:`default_sql_dir`.
+
+    Returns:
+        The versions (file names without ``.sql``) applied by this call, in order; ``[]``
+        when the database was already up to date.
+
+    Raises:
+        MigrationError: an applied file changed, the database has a migration this code
+            does not know, a file failed (its transaction is rolled back; earlier files
+            stay applied), or ``roles.sql`` is missing.
+        MeterConnectionError: the database cannot be reached.
+    """
+    directory = sql_dir if sql_dir is not None else default_sql_dir()
+    migrations = discover(directory)
+    roles_path = directory / "roles.sql"
+    if with_roles and not roles_path.is_file():
+        raise MigrationError(f"with_roles requested but {roles_path} does not exist")
+
+    try:
+        conn = psycopg.connect(conninfo, autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise MeterConnectionError(f"cannot connect to the database to migrate: {exc}") from exc
+    with conn:
+        try:
+            return _migrate_locked(conn, migrations, roles_path if with_roles else None)
+        except MeterError:
+            raise
+        except psycopg.Error as exc:
+            raise MigrationError(
+                f"migration failed: {_describe(exc)}", sqlstate=exc.sqlstate
+            ) from exc
+
+
+def _migrate_locked(
+    conn: psycopg.Connection, migrations: list[Migration], roles_path: Path | None
+) -> list[str]:
+    """The run proper, under the advisory lock."""
+    _quiet(conn)
+    # Session-level: held across the per-file transactions below, and released by the
+    # server when the connection ends, even if this process dies mid-way.
+    conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+    try:
+        with conn.transaction():
+            conn.execute(_BOOTSTRAP.encode())
+        recorded: dict[str, str] = dict(
+            conn.execute("SELECT version, checksum FROM meter.schema_migrations").fetchall()
+        )
+        _check_recorded(recorded, migrations)
+        applied_now: list[str] = []
+        for migration in migrations:
+            if migration.version in recorded:
+                continue
+            _apply(conn, migration)
+            applied_now.append(migration.version)
+            _quiet(conn)  # a file's plain SET must not leak into the next file
+        if roles_path is not None:
+            _apply_roles(conn, roles_path)
+        return applied_now
+    finally:
+        if not conn.closed:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+
+
+def _quiet(conn: psycopg.Connection) -> None:
+    """Reset session settings and keep NOTICEs (``IF NOT EXISTS`` chatter) off the wire."""
+    conn.execute("RESET ALL")
+    conn.execute("SET client_min_messages = warning")
+
+
+def _check_recorded(recorded: dict[str, str], migrations: list[Migration]) -> None:
+    """Refuse to run when history and files disagree, before touching anything."""
+    by_version = {m.version: m for m in migrations}
+    unknown = sorted(set(recorded) - set(by_version))
+    if unknown:
+        raise MigrationError(
+            "the database has migrations that are not in the SQL directory "
+            f"(is this code older than the database?): {', '.join(unknown)}"
+        )
+    changed = [v for v, checksum in recorded.items() if by_version[v].checksum != checksum]
+    if changed:
+        raise MigrationError(
+            "applied migrations were modified since they were applied (add a new "
+            f"migration instead of editing an old one): {', '.join(sorted(changed))}"
+        )
+
+
+def _apply(conn: psycopg.Connection, migration: Migration) -> None:
+    """Run one file and record it, atomically.
+
+    The file is sent as one simple-protocol query (no parameters), so it may hold many
+    statements, dollar-quoted bodies and literal ``%`` signs.
+    """
+    try:
+        with conn.transaction():
+            conn.execute(migration.sql)
+            conn.execute(
+                "INSERT INTO meter.schema_migrations (version, checksum) VALUES (%s, %s)",
+                (migration.version, migration.checksum),
+            )
+    except psycopg.Error as exc:
+        raise MigrationError(
+            f"migration {migration.path.name} failed and was rolled back: {_describe(exc)}",
+            sqlstate=exc.sqlstate,
+        ) from exc
+
+
+# roles.sql touches cluster-wide catalogs (pg_authid, pg_auth_members). The advisory lock
+# is per database, so two databases of one cluster migrating with roles at once can still
+# collide there; the file is idempotent, so the loser simply runs it again.
+_ROLE_RACES = (
+    pg_errors.UniqueViolation,
+    pg_errors.DuplicateObject,
+    pg_errors.SerializationFailure,
+    pg_errors.DeadlockDetected,
+    pg_errors.InternalError_,  # "tuple concurrently updated"
+)
+
+
+def _apply_roles(conn: psycopg.Connection, roles_path: Path) -> None:
+    sql = roles_path.read_bytes()
+    attempts = 5
+    for attempt in range(attempts):
+        try:
+            with conn.transaction():
+                conn.execute(sql)
+            return
+        except psycopg.Error as exc:
+            if isinstance(exc, _ROLE_RACES) and attempt + 1 < attempts:
+                time.sleep(0.05 * (attempt + 1))
+                continue
+            raise MigrationError(
+                f"{roles_path.name} failed and was rolled back: {_describe(exc)}",
+                sqlstate=exc.sqlstate,
+            ) from exc
+
+
+def _describe(exc: psycopg.Error) -> str:
+    diag = exc.diag
+    parts = [str(exc).strip()]
+    if diag.context:
+        parts.append(f"context: {diag.context.strip()}")
+    return "\n".join(parts)
+
+
+def schema_version(conninfo: str) -> str | None:
+    """The newest applied migration version, or None for a database never migrated."""
+    try:
+        conn = psycopg.connect(conninfo, autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise MeterConnectionError(f"cannot connect to the database: {exc}") from exc
+    with conn:
+        row = conn.execute("SELECT to_regclass('meter.schema_migrations') IS NOT NULL").fetchone()
+        if row is None or not row[0]:
+            return None
+        versions = [
+            v for (v,) in conn.execute("SELECT version FROM meter.schema_migrations").fetchall()
+        ]
+    if not versions:
+        return None
+    # Order by the numeric prefix, not as text: '1000_x' comes after '999_y'.
+    return max(versions, key=lambda v: (int(v.split("_", 1)[0]) if v[:1].isdigit() else -1, v))

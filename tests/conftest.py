@@ -1,0 +1,3 @@
+"""Test-suite wiring: fixtures live in ``tests/fix_*.py`` plugin modules (psycopg's layout)."""
+
+pytest_plugins = ["tests.fix_db"]

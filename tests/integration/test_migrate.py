@@ -1,0 +1,287 @@
+"""The migration runner (SPEC section 4: ``meter.migrate`` / ``meter migrate``).
+
+These tests use empty databases they create themselves (not the template): the point is
+what happens to a database that has never seen Meter. Runner mechanics that do not depend
+on our real schema (checksums, failure rollback, ordering) run on small stub directories.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+from psycopg import sql
+
+from meter.cli import main as cli_main
+from meter.errors import MeterError
+from meter.migrate import MigrationError, default_sql_dir, discover, migrate, schema_version
+
+REPO = Path(__file__).resolve().parents[2]
+_counter = itertools.count(1)
+
+
+def real_versions() -> list[str]:
+    """Versions of sql/NNN_*.sql, read straight off the directory (not via the runner)."""
+    files = sorted(default_sql_dir().glob("[0-9][0-9][0-9]_*.sql"), key=lambda p: p.name)
+    return [p.stem for p in files]
+
+
+@pytest.fixture
+def new_database(pg_server: Any) -> Iterator[Callable[[], str]]:
+    """Factory of empty databases (from template0), all dropped at teardown."""
+    created: list[str] = []
+    admin = psycopg.connect(pg_server.url("postgres"), autocommit=True)
+
+    def create() -> str:
+        name = f"meter_mig_{os.getpid()}_{next(_counter)}"
+        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+        created.append(name)
+        return str(pg_server.url(name))
+
+    try:
+        yield create
+    finally:
+        for name in created:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+        admin.close()
+
+
+@pytest.fixture
+def empty_url(new_database: Callable[[], str]) -> str:
+    return new_database()
+
+
+def recorded(url: str) -> list[tuple[str, str]]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT version, checksum FROM meter.schema_migrations ORDER BY version"
+        ).fetchall()
+    return [(str(v), str(c)) for v, c in rows]
+
+
+def role_exists(url: str, role: str) -> bool:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+    return row is not None
+
+
+# ----------------------------------------------------------------- the real sql/
+
+
+def test_real_sql_dir_has_migrations_and_roles() -> None:
+    assert real_versions(), "no sql/NNN_*.sql files found"
+    assert [m.version for m in discover()] == real_versions()
+    assert (default_sql_dir() / "roles.sql").is_file()
+
+
+def test_migrate_empty_database_applies_every_file_and_records_it(empty_url: str) -> None:
+    assert schema_version(empty_url) is None
+
+    applied = migrate(empty_url)
+
+    assert applied == real_versions()
+    assert [v for v, _ in recorded(empty_url)] == sorted(real_versions())
+    checksums = {m.version: m.checksum for m in discover()}
+    assert all(checksums[v] == c for v, c in recorded(empty_url))
+    assert schema_version(empty_url) == real_versions()[-1]
+    with psycopg.connect(empty_url) as conn:
+        (ledger,) = conn.execute("SELECT to_regclass('meter.ledger')").fetchone() or (None,)
+    assert ledger is not None
+
+
+def test_rerun_is_a_noop(empty_url: str) -> None:
+    migrate(empty_url)
+    before = recorded(empty_url)
+
+    assert migrate(empty_url) == []
+    assert recorded(empty_url) == before
+
+
+def test_concurrent_migrations_apply_each_file_once(empty_url: str) -> None:
+    """Two runners starting together: one applies everything, the other finds nothing to do."""
+    barrier = threading.Barrier(2)
+    results: list[list[str]] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            barrier.wait(timeout=30)
+            results.append(migrate(empty_url))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+
+    assert not errors, errors
+    assert sorted(results, key=len) == [[], real_versions()]
+    assert [v for v, _ in recorded(empty_url)] == sorted(real_versions())
+
+
+def test_concurrent_migrations_from_two_processes(empty_url: str) -> None:
+    """Same as above with separate processes, which is what two deploys starting at once are."""
+    code = "import sys; from meter.migrate import migrate; print(len(migrate(sys.argv[1])))"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, empty_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sorted(int(out) for out, _ in outs) == [0, len(real_versions())]
+    assert [v for v, _ in recorded(empty_url)] == sorted(real_versions())
+
+
+def test_with_roles_twice_creates_both_group_roles(empty_url: str) -> None:
+    first = migrate(empty_url, with_roles=True)
+    second = migrate(empty_url, with_roles=True)
+
+    assert first == real_versions()
+    assert second == []
+    assert role_exists(empty_url, "meter_app")
+    assert role_exists(empty_url, "meter_maintenance")
+
+
+def test_with_roles_on_an_already_migrated_database(empty_url: str) -> None:
+    """Roles can be added later: roles.sql is re-applied even when no migration is pending."""
+    migrate(empty_url)
+    assert migrate(empty_url, with_roles=True) == []
+    with psycopg.connect(empty_url) as conn:
+        (can_read,) = conn.execute(
+            "SELECT has_table_privilege('meter_app', 'meter.ledger', 'SELECT')"
+        ).fetchone() or (False,)
+    assert can_read
+
+
+def test_cli_migrate_with_database_url(empty_url: str) -> None:
+    runner = CliRunner()
+
+    result = runner.invoke(cli_main, ["migrate", "--database-url", empty_url, "--with-roles"])
+
+    assert result.exit_code == 0, result.output
+    assert f"applied {real_versions()[0]}" in result.output
+    assert [v for v, _ in recorded(empty_url)] == sorted(real_versions())
+
+    again = runner.invoke(cli_main, ["migrate", "--database-url", empty_url])
+    assert again.exit_code == 0, again.output
+    assert "nothing to apply" in again.output
+
+
+def test_cli_reads_meter_database_url_from_env(empty_url: str) -> None:
+    result = CliRunner().invoke(cli_main, ["migrate"], env={"METER_DATABASE_URL": empty_url})
+    assert result.exit_code == 0, result.output
+    assert [v for v, _ in recorded(empty_url)] == sorted(real_versions())
+
+
+def test_python_dash_m_meter_migrate(empty_url: str) -> None:
+    """``python -m meter`` is the same CLI (what the console script runs)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "meter", "migrate", "--database-url", empty_url],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "schema version" in proc.stdout
+    assert schema_version(empty_url) == real_versions()[-1]
+
+
+def test_cli_reports_unreachable_database() -> None:
+    result = CliRunner().invoke(
+        cli_main, ["migrate", "--database-url", "postgresql://postgres@127.0.0.1:1/x"]
+    )
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)
+
+
+# ------------------------------------------------------- runner mechanics on stubs
+
+
+def write(directory: Path, name: str, text: str) -> Path:
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def stub_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "sql"
+    d.mkdir()
+    write(d, "001_one.sql", "CREATE TABLE meter.one (x int);\n")
+    write(d, "002_two.sql", "INSERT INTO meter.one VALUES (1); -- 100% literal percent\n")
+    write(d, "notes.txt", "not a migration")
+    write(d, "roles.sql", "SELECT 1;\n")
+    return d
+
+
+def test_files_apply_in_numeric_order(empty_url: str, stub_dir: Path) -> None:
+    write(stub_dir, "010_ten.sql", "INSERT INTO meter.one VALUES (10);\n")
+    assert migrate(empty_url, sql_dir=stub_dir) == ["001_one", "002_two", "010_ten"]
+    write(stub_dir, "011_eleven.sql", "INSERT INTO meter.one VALUES (11);\n")
+    assert migrate(empty_url, sql_dir=stub_dir) == ["011_eleven"]
+
+
+def test_changed_checksum_is_refused(empty_url: str, stub_dir: Path) -> None:
+    migrate(empty_url, sql_dir=stub_dir)
+    write(stub_dir, "001_one.sql", "CREATE TABLE meter.one (x bigint);\n")
+
+    with pytest.raises(MigrationError, match="001_one") as info:
+        migrate(empty_url, sql_dir=stub_dir)
+    assert isinstance(info.value, MeterError)
+
+
+def test_unknown_applied_version_is_refused(empty_url: str, stub_dir: Path) -> None:
+    migrate(empty_url, sql_dir=stub_dir)
+    (stub_dir / "002_two.sql").unlink()
+
+    with pytest.raises(MigrationError, match="002_two"):
+        migrate(empty_url, sql_dir=stub_dir)
+
+
+def test_failing_file_is_rolled_back_and_not_recorded(empty_url: str, stub_dir: Path) -> None:
+    write(stub_dir, "003_bad.sql", "CREATE TABLE meter.three (y int);\nSELECT 1/0;\n")
+
+    with pytest.raises(MigrationError, match="003_bad"):
+        migrate(empty_url, sql_dir=stub_dir)
+
+    assert [v for v, _ in recorded(empty_url)] == ["001_one", "002_two"]
+    with psycopg.connect(empty_url) as conn:
+        (three,) = conn.execute("SELECT to_regclass('meter.three')").fetchone() or (None,)
+    assert three is None
+
+    write(stub_dir, "003_bad.sql", "CREATE TABLE meter.three (y int);\n")
+    assert migrate(empty_url, sql_dir=stub_dir) == ["003_bad"]
+
+
+def test_duplicate_numbers_are_refused(stub_dir: Path) -> None:
+    write(stub_dir, "002_also_two.sql", "SELECT 1;\n")
+    with pytest.raises(MigrationError, match="share number 2"):
+        discover(stub_dir)
+
+
+def test_with_roles_requires_roles_file(empty_url: str, stub_dir: Path) -> None:
+    (stub_dir / "roles.sql").unlink()
+    with pytest.raises(MigrationError, match=r"roles\.sql"):
+        migrate(empty_url, with_roles=True, sql_dir=stub_dir)
+    assert schema_version(empty_url) is None  # refused before touching the database
