@@ -1,0 +1,994 @@
+"""The synchronous Meter SDK: :class:`MeterClient`.
+
+Every method is one SQL statement, one round trip, one transaction::
+
+    SELECT * FROM meter.consume(p_user_id => %s::text, ...,
+                                p_namespace => meter.ctx(%s, %s, %s, %s, %s))
+
+``meter.ctx`` sets the tenant and the actor context transaction-locally and returns the
+namespace, so PostgreSQL evaluates it before the function runs (``docs/internals.md``).
+Each statement's text is constant, so psycopg prepares it after a few executions. All
+arguments are validated in Python first (:mod:`meter.types`): bad input raises
+:class:`~meter.errors.ValidationError` and never reaches the database.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from types import TracebackType
+from typing import Any, Final, Self
+
+import psycopg
+from psycopg.abc import AdaptContext
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb, set_json_loads
+from psycopg.types.numeric import NumericBinaryLoader, NumericLoader
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from meter import types as t
+from meter.errors import MeterConnectionError, MeterError, ValidationError, from_psycopg
+
+__all__ = ["AUDIT_KINDS", "MeterClient"]
+
+Row = dict[str, Any]
+
+AUDIT_KINDS: Final = frozenset(
+    {
+        "ledger.allocation",
+        "ledger.consumption",
+        "ledger.adjustment",
+        "ledger.expiration",
+        "ledger.carry_over",
+        "reservation.active",
+        "reservation.committed",
+        "reservation.released",
+        "reservation.expired",
+        "period.open",
+        "period.close",
+        "period.config",
+    }
+)
+"""The event kinds :meth:`MeterClient.get_audit_events` can filter on."""
+
+DEFAULT_TTL_SECONDS: Final = 300
+DEFAULT_BATCH_SIZE: Final = 1000
+MAX_BATCH_SIZE: Final = 100000
+
+# invalid_datetime_format, datetime_field_overflow, interval_field_overflow
+_INTERVAL_SYNTAX_ERRORS: Final = frozenset({"22007", "22008", "22015"})
+
+_UNSET: Any = object()  # set_actor: "field not passed"
+
+# How long a call waits for a pooled connection before checking, with one direct connection
+# attempt, whether the database is reachable at all (so that a down database fails fast
+# instead of after the whole pool timeout).
+_PROBE_AFTER: Final = 1.0
+
+
+# ---------------------------------------------------------------------------- statements
+
+
+def _statement(function: str, *params: str) -> str:
+    """``SELECT * FROM meter.<function>(p_<name> => %s::<type>, ..., p_namespace => ctx)``.
+
+    ``params`` are ``"name type"`` pairs, in the order the values are passed.
+    """
+    args = [f"p_{name} => %s::{type_}" for name, type_ in (p.split(" ", 1) for p in params)]
+    args.append("p_namespace => meter.ctx(%s, %s, %s, %s, %s)")
+    return f"SELECT * FROM meter.{function}({', '.join(args)})"
+
+
+_ACCOUNT = ("user_id text", "event_type text", "unit text", "resource text")
+
+_SQL_ALLOCATE = _statement(
+    "allocate",
+    "user_id text", "event_type text", "amount numeric", "unit text", "resource text",
+    "idempotency_key text", "event_time timestamptz", "metadata jsonb",
+)  # fmt: skip
+_SQL_CONSUME = _statement(
+    "consume",
+    "user_id text", "event_type text", "amount numeric", "unit text", "resource text",
+    "check_balance boolean", "idempotency_key text", "event_time timestamptz",
+    "metadata jsonb",
+)  # fmt: skip
+_SQL_RESERVE = _statement(
+    "reserve",
+    "user_id text", "event_type text", "amount numeric", "unit text", "resource text",
+    "ttl_seconds integer", "idempotency_key text", "metadata jsonb", "reservation_id text",
+)  # fmt: skip
+_SQL_COMMIT = _statement("commit", "reservation_id text", "actual_amount numeric", "metadata jsonb")
+_SQL_RELEASE = _statement("release", "reservation_id text")
+_SQL_ADJUST = _statement(
+    "adjust",
+    "user_id text", "event_type text", "amount numeric", "unit text", "resource text",
+    "reference_id bigint", "idempotency_key text", "metadata jsonb",
+)  # fmt: skip
+_SQL_GET_BALANCE = _statement("get_balance", *_ACCOUNT)
+_SQL_GET_ACCOUNT = _statement("get_account", *_ACCOUNT)
+_SQL_GET_USER_BALANCES = _statement("get_user_balances", "user_id text")
+_SQL_GET_LEDGER = _statement(
+    "get_ledger", *_ACCOUNT, "start_time timestamptz", "end_time timestamptz", "limit integer"
+)
+_SQL_GET_USAGE = _statement(
+    "get_usage", "user_id text", "start_time timestamptz", "end_time timestamptz"
+)
+_SQL_GET_NAMESPACE_USAGE = _statement(
+    "get_namespace_usage", "start_time timestamptz", "end_time timestamptz"
+)
+_SQL_SET_PERIOD_CONFIG = _statement(
+    "set_period_config",
+    *_ACCOUNT, "period_start date", "period_allocation numeric", "carry_over_limit numeric",
+    "period_interval interval",
+)  # fmt: skip
+_SQL_OPEN_PERIOD = _statement("open_period", *_ACCOUNT, "period_start date", "allocation numeric")
+_SQL_CLOSE_PERIOD = _statement("close_period", *_ACCOUNT, "period_end date")
+_SQL_RELEASE_EXPIRED = _statement("release_expired_reservations", "batch_size integer")
+_SQL_RECONCILE = _statement("reconcile")
+_SQL_GET_STATS = _statement("get_stats")
+_SQL_GET_AUDIT_EVENTS = _statement(
+    "get_audit_events",
+    "user_id text", "actor_id text", "kinds text[]", "start_time timestamptz",
+    "end_time timestamptz", "limit integer",
+)  # fmt: skip
+
+
+# ------------------------------------------------------------------------ adaptation
+
+
+def _configure_adapters(context: AdaptContext) -> None:
+    """Load ``json``/``jsonb`` with exact Decimals and ``numeric`` as Decimal, whatever
+    loaders the caller's connection may have registered."""
+    set_json_loads(t.loads, context)
+    context.adapters.register_loader("numeric", NumericLoader)
+    context.adapters.register_loader("numeric", NumericBinaryLoader)
+
+
+def _as_is(text: str) -> str:
+    return text
+
+
+def _jsonb(metadata: object) -> Jsonb | None:
+    """Validate ``metadata`` and wrap its exact, compact JSON text for a ``jsonb`` parameter."""
+    text = t.check_metadata(metadata, "metadata")
+    # The text is already serialised exactly (Decimal-preserving): send it as it is.
+    return None if text is None else Jsonb(text, dumps=_as_is)
+
+
+# ------------------------------------------------------------------------ validators
+
+
+def _ident(value: object, name: str, kind: str | None = None, *, nullable: bool = False) -> Any:
+    lo, hi = t.LIMITS[kind or name]
+    return t.check_identifier(value, name, min_len=lo, max_len=hi, nullable=nullable)
+
+
+def _account(
+    user_id: object, event_type: object, unit: object, resource: object, *, pool: bool = True
+) -> list[Any]:
+    """Validate an account key; ``pool`` allows ``user_id=None`` (the namespace-wide pool)."""
+    return [
+        _ident(user_id, "user_id", nullable=pool),
+        _ident(event_type, "event_type"),
+        _ident(unit, "unit"),
+        _ident(resource, "resource", nullable=True),
+    ]
+
+
+class MeterClient:
+    """Synchronous client of a Meter database, scoped to one namespace (tenant).
+
+    Parameters:
+        conn: a conninfo string or URL (the client builds and owns a thread-safe
+            ``ConnectionPool`` of autocommit connections), a ``psycopg_pool.ConnectionPool``
+            (borrowed per call; thread-safe) or a ``psycopg.Connection`` (each call runs
+            inside ``conn.transaction()``: its own transaction, or a savepoint of the caller's
+            open transaction; as thread-safe as that connection).
+        namespace: the tenant every call acts on.
+        max_size: the maximum size of the pool built from a conninfo.
+        timeout: seconds a call waits for a connection of the pool built from a conninfo
+            before raising ``MeterConnectionError`` (a caller's pool uses its own timeout).
+            A database found unreachable fails the call after about a second.
+
+    Raises:
+        ValidationError: for an invalid namespace, a malformed conninfo, ``conn`` of another
+            type, or a bad ``max_size`` or ``timeout``.
+
+    Each method is one statement in one transaction that sets the tenant and the actor
+    context (:meth:`set_actor`) transaction-locally. Quantities are ``Decimal``. Errors:
+    ``ValidationError`` (bad argument, raised before any database access),
+    ``IdempotencyConflictError``, ``NotFoundError``, ``TenantError``,
+    ``MeterConnectionError``, otherwise ``MeterError``.
+    """
+
+    def __init__(
+        self,
+        conn: str | psycopg.Connection[Any] | ConnectionPool[Any],
+        namespace: str = "default",
+        *,
+        max_size: int = 10,
+        timeout: float = 30.0,
+    ) -> None:
+        self._namespace: str = _ident(namespace, "namespace")
+        t.check_int(max_size, "max_size", min_value=1, max_value=10000)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise t.invalid("timeout", f"must be a positive number of seconds, got {timeout!r}")
+        self._timeout = float(timeout)
+        self._actor: tuple[str | None, str | None, str | None, str | None] = (None,) * 4
+        self._actor_lock = threading.Lock()
+        self._closed = False
+        self._pool: ConnectionPool[Any] | None = None
+        self._conn: psycopg.Connection[Any] | None = None
+        self._owns_pool = False
+        self._conn_lock = threading.RLock()
+        self._seen_connect_errors = 0
+        if isinstance(conn, str):
+            try:
+                conninfo_to_dict(conn)  # a malformed conninfo is a caller error, found here
+            except psycopg.ProgrammingError as exc:
+                raise t.invalid("conn", f"invalid conninfo: {str(exc).strip()}") from None
+            self._pool = ConnectionPool(
+                conn,
+                min_size=1,
+                max_size=max_size,
+                kwargs={"autocommit": True},
+                configure=_configure_adapters,
+                timeout=self._timeout,
+                name=f"meter:{self._namespace[:64]}",
+                open=True,
+            )
+            self._owns_pool = True
+        elif isinstance(conn, ConnectionPool):
+            self._pool = conn
+        elif isinstance(conn, psycopg.Connection):
+            self._conn = conn
+        else:
+            raise ValidationError(
+                "conn: must be a conninfo string, a psycopg.Connection or a "
+                f"psycopg_pool.ConnectionPool, got {type(conn).__name__}",
+                sqlstate="MT001",
+                parameter="conn",
+            )
+
+    # -------------------------------------------------------------------- lifecycle
+
+    @property
+    def namespace(self) -> str:
+        """The namespace (tenant) this client acts on."""
+        return self._namespace
+
+    def close(self) -> None:
+        """Close the client; a pool it built is closed, a caller's pool or connection is not.
+
+        Idempotent. Later calls raise ``MeterConnectionError``.
+        """
+        self._closed = True
+        if self._owns_pool and self._pool is not None:
+            self._pool.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        kind = "pool" if self._pool is not None else "connection"
+        state = " closed" if self._closed else ""
+        return f"<MeterClient namespace={self._namespace!r} {kind}{state}>"
+
+    # -------------------------------------------------------------------- execution
+
+    def _run(self, query: str, params: list[Any]) -> list[Row]:
+        """Execute ``query`` with ``params`` plus the ctx arguments; return the rows."""
+        if self._closed:
+            raise MeterConnectionError("the MeterClient is closed")
+        args = (*params, self._namespace, *self._actor)
+        try:
+            if self._conn is not None:
+                return self._run_on_callers_connection(self._conn, query, args)
+            assert self._pool is not None
+            with self._borrow(self._pool) as conn:
+                return self._run_idle(conn, query, args)
+        except psycopg.Error as exc:
+            raise from_psycopg(exc) from exc
+
+    def _execute(self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]) -> list[Row]:
+        with conn.cursor(row_factory=dict_row) as cur:
+            if not self._owns_pool:
+                _configure_adapters(cur)
+            cur.execute(query, args)
+            return cur.fetchall()
+
+    def _run_idle(
+        self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]
+    ) -> list[Row]:
+        """On a pooled connection: the statement is its own (implicit) transaction."""
+        if conn.autocommit:
+            return self._execute(conn, query, args)
+        if conn.info.transaction_status != TransactionStatus.IDLE:  # not from a sane pool
+            with conn.transaction():
+                return self._execute(conn, query, args)
+        # A caller's pool of non-autocommit connections: switching to autocommit for the
+        # call (a client-side setting) saves the BEGIN and COMMIT round trips.
+        conn.autocommit = True
+        try:
+            return self._execute(conn, query, args)
+        finally:
+            if not conn.closed:
+                conn.autocommit = False
+
+    def _run_on_callers_connection(
+        self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]
+    ) -> list[Row]:
+        with self._conn_lock:
+            if conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
+                return self._execute(conn, query, args)  # its own implicit transaction
+            with conn.transaction():  # BEGIN/COMMIT, or a savepoint in the caller's one
+                return self._execute(conn, query, args)
+
+    @contextmanager
+    def _borrow(self, pool: ConnectionPool[Any]) -> Iterator[psycopg.Connection[Any]]:
+        conn = self._getconn(pool)
+        try:
+            yield conn
+        finally:
+            pool.putconn(conn)  # resets (or discards) a connection left in a bad state
+
+    def _getconn(self, pool: ConnectionPool[Any]) -> psycopg.Connection[Any]:
+        timeout = self._timeout if self._owns_pool else pool.timeout
+        deadline = time.monotonic() + timeout
+        try:
+            return pool.getconn(timeout=min(_PROBE_AFTER, timeout))
+        except PoolTimeout:
+            if timeout <= _PROBE_AFTER:
+                raise
+        # No connection within a second: if the pool has been failing to connect, find out
+        # directly whether the database can be reached, rather than wait the whole timeout.
+        errors = pool.get_stats().get("connections_errors", 0)
+        if errors > self._seen_connect_errors:
+            self._probe(pool, deadline)
+            self._seen_connect_errors = errors
+        return pool.getconn(timeout=max(deadline - time.monotonic(), 0.001))
+
+    @staticmethod
+    def _probe(pool: ConnectionPool[Any], deadline: float) -> None:
+        kwargs: dict[str, Any] = dict(pool.kwargs or {})
+        if "connect_timeout" not in pool.conninfo and "connect_timeout" not in kwargs:
+            kwargs["connect_timeout"] = max(2, int(deadline - time.monotonic()))
+        try:
+            psycopg.connect(pool.conninfo, **kwargs).close()
+        except psycopg.OperationalError as exc:
+            raise MeterConnectionError(
+                f"cannot connect to the database: {str(exc).strip()}"
+            ) from exc
+
+    def _one(self, query: str, params: list[Any]) -> Row:
+        rows = self._run(query, params)
+        if not rows:  # the API functions always return a row; be loud if one did not
+            raise MeterError(f"{query.split('(')[0]} returned no row")
+        return rows[0]
+
+    def _scalar(self, query: str, params: list[Any]) -> Any:
+        return next(iter(self._one(query, params).values()))
+
+    # -------------------------------------------------------------------- recording
+
+    def allocate(
+        self,
+        user_id: str | None,
+        event_type: str,
+        amount: int | Decimal | str | float,
+        unit: str,
+        resource: str | None = None,
+        idempotency_key: str | None = None,
+        event_time: datetime | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Row:
+        """Add quota or credits to an account (``user_id=None``: the namespace pool).
+
+        Parameters:
+            user_id, event_type, unit, resource: the account key.
+            amount: the quantity to add, > 0.
+            idempotency_key: makes a retry replay the first result.
+            event_time: when it happened (aware datetime; default now).
+            metadata: a JSON object stored with the ledger row.
+
+        Returns:
+            ``{"balance": Decimal, "entry_id": int}``.
+
+        Raises:
+            ValidationError, IdempotencyConflictError, MeterConnectionError, MeterError.
+        """
+        return self._one(
+            _SQL_ALLOCATE,
+            [
+                _ident(user_id, "user_id", nullable=True),
+                _ident(event_type, "event_type"),
+                t.to_amount(amount, "amount", sign="positive"),
+                _ident(unit, "unit"),
+                _ident(resource, "resource", nullable=True),
+                _ident(idempotency_key, "idempotency_key", nullable=True),
+                t.check_timestamp(event_time, "event_time"),
+                _jsonb(metadata),
+            ],
+        )
+
+    def consume(
+        self,
+        user_id: str,
+        event_type: str,
+        amount: int | Decimal | str | float,
+        unit: str,
+        resource: str | None = None,
+        check_balance: bool = False,
+        idempotency_key: str | None = None,
+        event_time: datetime | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Row:
+        """Record consumption (a debit) on a user's account.
+
+        Parameters:
+            user_id, event_type, unit, resource: the account key.
+            amount: the quantity consumed, > 0.
+            check_balance: refuse (``success=False``, nothing written) when
+                ``available < amount``; otherwise the balance may go negative.
+            idempotency_key, event_time, metadata: as for :meth:`allocate`.
+
+        Returns:
+            ``{"success": bool, "balance", "available": Decimal, "entry_id": int | None}``.
+
+        Raises:
+            ValidationError, IdempotencyConflictError, MeterConnectionError, MeterError.
+        """
+        return self._one(
+            _SQL_CONSUME,
+            [
+                _ident(user_id, "user_id"),
+                _ident(event_type, "event_type"),
+                t.to_amount(amount, "amount", sign="positive"),
+                _ident(unit, "unit"),
+                _ident(resource, "resource", nullable=True),
+                t.check_bool(check_balance, "check_balance"),
+                _ident(idempotency_key, "idempotency_key", nullable=True),
+                t.check_timestamp(event_time, "event_time"),
+                _jsonb(metadata),
+            ],
+        )
+
+    def reserve(
+        self,
+        user_id: str,
+        event_type: str,
+        amount: int | Decimal | str | float,
+        unit: str,
+        resource: str | None = None,
+        ttl_seconds: int = DEFAULT_TTL_SECONDS,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        reservation_id: str | None = None,
+    ) -> Row:
+        """Hold quota for work whose size is known later; granted when available >= amount.
+
+        Parameters:
+            user_id, event_type, unit, resource: the account key.
+            amount: the quantity held, > 0.
+            ttl_seconds: lifetime of the hold, 1..86400.
+            idempotency_key, metadata: as for :meth:`allocate`.
+            reservation_id: a client-chosen id (1..128 characters), itself idempotent;
+                generated when omitted.
+
+        Returns:
+            ``{"granted": bool, "reservation_id": str | None, "balance", "available":
+            Decimal, "expires_at": datetime | None}``.
+
+        Raises:
+            ValidationError, IdempotencyConflictError, MeterConnectionError, MeterError.
+        """
+        return self._one(
+            _SQL_RESERVE,
+            [
+                _ident(user_id, "user_id"),
+                _ident(event_type, "event_type"),
+                t.to_amount(amount, "amount", sign="positive"),
+                _ident(unit, "unit"),
+                _ident(resource, "resource", nullable=True),
+                t.check_int(ttl_seconds, "ttl_seconds", min_value=1, max_value=t.MAX_TTL_SECONDS),
+                _ident(idempotency_key, "idempotency_key", nullable=True),
+                _jsonb(metadata),
+                _ident(reservation_id, "reservation_id", nullable=True),
+            ],
+        )
+
+    def commit(
+        self,
+        reservation_id: str,
+        actual_amount: int | Decimal | str | float,
+        metadata: dict[str, Any] | None = None,
+    ) -> Row:
+        """Consume the actual amount of a reservation and return its hold.
+
+        Parameters:
+            reservation_id: the reservation.
+            actual_amount: what was really consumed, >= 0 (may exceed the hold).
+            metadata: stored with the consumption row (default: the reservation's).
+
+        Returns:
+            ``{"success": bool, "consumed", "released", "reserved_amount", "balance":
+            Decimal, "entry_id": int | None, "status": str}``; status is one of
+            ``committed``, ``replayed``, ``late``, ``released``, ``not_found``.
+
+        Raises:
+            ValidationError, IdempotencyConflictError (committed before with another
+            amount), MeterConnectionError, MeterError.
+        """
+        return self._one(
+            _SQL_COMMIT,
+            [
+                _ident(reservation_id, "reservation_id"),
+                t.to_amount(actual_amount, "actual_amount", sign="nonnegative"),
+                _jsonb(metadata),
+            ],
+        )
+
+    def release(self, reservation_id: str) -> bool:
+        """Drop an active hold without consuming; the balance is unchanged.
+
+        Parameters:
+            reservation_id: the reservation.
+
+        Returns:
+            ``True`` if an active hold was released; ``False`` if it was not active
+            (released, expired, committed or unknown).
+
+        Raises:
+            ValidationError, MeterConnectionError, MeterError.
+        """
+        return bool(self._scalar(_SQL_RELEASE, [_ident(reservation_id, "reservation_id")]))
+
+    def adjust(
+        self,
+        user_id: str | None,
+        event_type: str,
+        amount: int | Decimal | str | float,
+        unit: str,
+        resource: str | None = None,
+        reference_id: int | None = None,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Row:
+        """Write an adjustment (correction, refund): either sign, never 0.
+
+        Parameters:
+            user_id, event_type, unit, resource: the account key (``user_id=None``: pool).
+            amount: the signed correction, non-zero.
+            reference_id: the ledger entry this corrects (must exist in the namespace).
+            idempotency_key, metadata: as for :meth:`allocate`.
+
+        Returns:
+            ``{"balance": Decimal, "entry_id": int}``.
+
+        Raises:
+            ValidationError, NotFoundError (unknown ``reference_id``),
+            IdempotencyConflictError, MeterConnectionError, MeterError.
+        """
+        return self._one(
+            _SQL_ADJUST,
+            [
+                _ident(user_id, "user_id", nullable=True),
+                _ident(event_type, "event_type"),
+                t.to_amount(amount, "amount", sign="nonzero"),
+                _ident(unit, "unit"),
+                _ident(resource, "resource", nullable=True),
+                t.check_int(
+                    reference_id,
+                    "reference_id",
+                    min_value=-t.INT8_MAX - 1,
+                    max_value=t.INT8_MAX,
+                    nullable=True,
+                ),
+                _ident(idempotency_key, "idempotency_key", nullable=True),
+                _jsonb(metadata),
+            ],
+        )
+
+    # -------------------------------------------------------------------- queries
+
+    def get_balance(
+        self, user_id: str | None, event_type: str, unit: str, resource: str | None = None
+    ) -> Row:
+        """Current balance of an account (zeros for an unknown account).
+
+        Parameters:
+            user_id, event_type, unit, resource: the account key (``user_id=None``: pool).
+
+        Returns:
+            ``{"balance", "reserved", "available": Decimal}``.
+
+        Raises:
+            ValidationError, MeterConnectionError, MeterError.
+        """
+        return self._one(_SQL_GET_BALANCE, _account(user_id, event_type, unit, resource))
+
+    def get_account(
+        self, user_id: str | None, event_type: str, unit: str, resource: str | None = None
+    ) -> Row | None:
+        """The full account row, or ``None`` for an unknown account.
+
+        Parameters:
+            user_id, event_type, unit, resource: the account key (``user_id=None``: pool).
+
+        Returns:
+            The ``meter.accounts`` row as a dict (balance, reserved, totals, period
+            settings, timestamps...), or ``None``.
+
+        Raises:
+            ValidationError, MeterConnectionError, MeterError.
+        """
+        rows = self._run(_SQL_GET_ACCOUNT, _account(user_id, event_type, unit, resource))
+        return rows[0] if rows else None
+
+    def get_ledger(
+        self,
+        user_id: str | None,
+        event_type: str,
+        unit: str,
+        resource: str | None = None,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        limit: int | None = 100,
+    ) -> list[Row]:
+        """Ledger entries of an account, newest first.
+
+        Parameters:
+            user_id, event_type, unit, resource: the account key (``user_id=None``: pool).
+            start_time, end_time: ``event_time`` in ``[start_time, end_time)``; ``None`` is
+                unbounded.
+            limit: at most this many rows (``None``: 100; capped at 10000; >= 1).
+
+        Returns:
+            Dicts with ``id``, ``entry_type``, ``amount``, ``balance_after``,
+            ``event_time``, ``reservation_id``, ``reference_id``, ``actor_id``, ``reason``,
+            ``metadata``.
+
+        Raises:
+            ValidationError, MeterConnectionError, MeterError.
+        """
+        return self._run(
+            _SQL_GET_LEDGER,
+            [
+                *_account(user_id, event_type, unit, resource),
+                t.check_timestamp(start_time, "start_time"),
+                t.check_timestamp(end_time, "end_time"),
+                t.check_limit(limit, "limit"),
+            ],
+        )
+
+    def get_usage(
+        self, user_id: str | None, start_time: datetime | None, end_time: datetime | None
+    ) -> list[Row]:
+        """A user's consumption per event_type/resource/unit.
+
+        Parameters:
+            user_id: the user.
+            start_time, end_time: ``event_time`` in ``[start_time, end_time)``; ``None`` is
+                unbounded.
+
+        Returns:
+            Dicts with ``event_type``, ``resource``, ``unit``, ``total_consumed``
+            (Decimal), ``event_count`` (int).
+
+        Raises:
+            ValidationError, MeterConnectionError, MeterError.
+        """
+        return self._run(
+            _SQL_GET_USAGE,
+            [
+                _ident(user_id, "user_id", nullable=True),
+                t.check_timestamp(start_time, "start_time"),
+                t.check_timestamp(end_time, "end_time"),
+            ],
+        )
+
+    def get_namespace_usage(
+        self, start_time: datetime | None, end_time: datetime | None
+    ) -> list[Row]:
+        """The namespace's consumption per event_type/resource/unit.
+
+        Parameters:
+            start_time, end_time: ``event_time`` in ``[start_time, end_time)``; ``None`` is
+                unbounded.
+
+        Returns:
+            Dicts as :meth:`get_usage` plus ``unique_users`` (int).
+
+        Raises:
+            ValidationError, MeterConnectionError, MeterError.
+        """
+        return self._run(
+            _SQL_GET_NAMESPACE_USAGE,
+            [
+                t.check_timestamp(start_time, "start_time"),
+                t.check_timestamp(end_time, "end_time"),
+            ],
+        )
+
+    def get_user_balances(self, user_id: str | None) -> list[Row]:
+        """Every account of a user (``None``: the namespace's pool accounts).
+
+        Parameters:
+            user_id: the user.
+
+        Returns:
+            Dicts with ``event_type``, ``resource``, ``unit``, ``balance``, ``reserved``,
+            ``available``.
+
+        Raises:
+            ValidationError, MeterConnectionError, MeterError.
+        """
+        return self._run(_SQL_GET_USER_BALANCES, [_ident(user_id, "user_id", nullable=True)])
+
+    # -------------------------------------------------------------------- periods
+
+    def set_period_config(
+        self,
+        user_id: str | None,
+        event_type: str,
+        unit: str,
+        resource: str | None,
+        period_start: date,
+        period_allocation: int | Decimal | str | float,
+        carry_over_limit: int | Decimal | str | float | None = None,
+        period_interval: str | timedelta | None = "1 month",
+    ) -> None:
+        """Configure an account's billing periods.
+
+        Parameters:
+            user_id, event_type, unit, resource: the account key (``user_id=None``: pool).
+            period_start: the first day of the current period.
+            period_allocation: what each period grants, >= 0.
+            carry_over_limit: the most that rolls into the next period, >= 0 (``None``:
+                everything carries over).
+            period_interval: whole days or whole months (``'1 month'``, ``'7 days'``, or a
+                timedelta of whole days); ``None`` means ``'1 month'``.
+
+        Returns:
+            None.
+
+        Raises:
+            ValidationError, MeterConnectionError, MeterError.
+        """
+        params = [
+            *_account(user_id, event_type, unit, resource),
+            t.check_date(period_start, "period_start"),
+            t.to_amount(period_allocation, "period_allocation", sign="nonnegative"),
+            t.to_amount(carry_over_limit, "carry_over_limit", nullable=True, sign="nonnegative"),
+            None
+            if period_interval is None
+            else t.check_interval(period_interval, "period_interval"),
+        ]
+        try:
+            self._run(_SQL_SET_PERIOD_CONFIG, params)
+        except MeterError as exc:
+            # Interval text is parsed by PostgreSQL when the argument is cast, before the
+            # function runs; it is the only text argument that can fail that way.
+            if isinstance(period_interval, str) and exc.sqlstate in _INTERVAL_SYNTAX_ERRORS:
+                raise t.invalid("period_interval", exc.message) from exc
+            raise
+
+    def open_period(
+        self,
+        user_id: str | None,
+        event_type: str,
+        unit: str,
+        resource: str | None,
+        period_start: date,
+        allocation: int | Decimal | str | float | None = None,
+    ) -> Decimal:
+        """Open a period: allocate ``allocation`` (or the configured one) at its start.
+
+        Idempotent per account and ``period_start``.
+
+        Parameters:
+            user_id, event_type, unit, resource: the account key (``user_id=None``: pool).
+            period_start: the period's first day.
+            allocation: the amount to grant, >= 0 (``None``: the configured allocation).
+
+        Returns:
+            The new balance.
+
+        Raises:
+            ValidationError, NotFoundError (unknown account), IdempotencyConflictError
+            (opened before with another allocation), MeterConnectionError, MeterError.
+        """
+        value = self._scalar(
+            _SQL_OPEN_PERIOD,
+            [
+                *_account(user_id, event_type, unit, resource),
+                t.check_date(period_start, "period_start"),
+                t.to_amount(allocation, "allocation", nullable=True, sign="nonnegative"),
+            ],
+        )
+        return value if isinstance(value, Decimal) else Decimal(value)
+
+    def close_period(
+        self,
+        user_id: str | None,
+        event_type: str,
+        unit: str,
+        resource: str | None,
+        period_end: date,
+    ) -> Row:
+        """Close a period: expire what is available above the carry-over limit.
+
+        Idempotent per account and ``period_end``.
+
+        Parameters:
+            user_id, event_type, unit, resource: the account key (``user_id=None``: pool).
+            period_end: the last day of the period being closed.
+
+        Returns:
+            ``{"expired", "carried_over", "new_balance": Decimal}``.
+
+        Raises:
+            ValidationError, NotFoundError (unknown account), MeterConnectionError,
+            MeterError.
+        """
+        return self._one(
+            _SQL_CLOSE_PERIOD,
+            [
+                *_account(user_id, event_type, unit, resource),
+                t.check_date(period_end, "period_end"),
+            ],
+        )
+
+    def release_expired_reservations(self, batch_size: int = DEFAULT_BATCH_SIZE) -> int:
+        """Expire this namespace's holds whose TTL has passed, in short batches.
+
+        Parameters:
+            batch_size: holds per transaction, 1..100000; calls repeat until a batch comes
+                back short.
+
+        Returns:
+            How many holds were expired.
+
+        Raises:
+            ValidationError, MeterConnectionError, MeterError.
+        """
+        size = t.check_int(batch_size, "batch_size", min_value=1, max_value=MAX_BATCH_SIZE)
+        total = 0
+        while True:
+            n = int(self._scalar(_SQL_RELEASE_EXPIRED, [size]))
+            total += n
+            if n < size:
+                return total
+
+    # -------------------------------------------------------------------- maintenance
+
+    def reconcile(self) -> list[Row]:
+        """Accounts whose stored figures disagree with the ledger or the active holds.
+
+        Returns:
+            Dicts with ``user_id``, ``event_type``, ``resource``, ``unit``, ``issue_type``
+            (``balance_mismatch`` or ``reserved_mismatch``), ``expected``, ``actual``,
+            ``discrepancy``; ``[]`` on a healthy ledger.
+
+        Raises:
+            MeterConnectionError, MeterError.
+        """
+        return self._run(_SQL_RECONCILE, [])
+
+    def get_stats(self) -> Row:
+        """Namespace totals.
+
+        Returns:
+            ``{"total_accounts", "total_ledger_entries", "active_reservations": int,
+            "total_balance", "total_reserved": Decimal}``.
+
+        Raises:
+            MeterConnectionError, MeterError.
+        """
+        return self._one(_SQL_GET_STATS, [])
+
+    # -------------------------------------------------------------------- actor and audit
+
+    def set_actor(
+        self,
+        actor_id: str | None = _UNSET,
+        request_id: str | None = _UNSET,
+        on_behalf_of: str | None = _UNSET,
+        reason: str | None = _UNSET,
+    ) -> None:
+        """Set who acts, for the audit trail of this client's later calls.
+
+        Only the fields passed change (pass ``None`` to clear one); no SQL is run.
+
+        Parameters:
+            actor_id, request_id, on_behalf_of, reason: up to 256 characters each.
+
+        Raises:
+            ValidationError: for an invalid field (nothing changes).
+        """
+        given = {
+            "actor_id": actor_id,
+            "request_id": request_id,
+            "on_behalf_of": on_behalf_of,
+            "reason": reason,
+        }
+        checked = {
+            name: _ident(value, name, "actor", nullable=True)
+            for name, value in given.items()
+            if value is not _UNSET
+        }
+        with self._actor_lock:
+            a, r, o, why = self._actor
+            self._actor = (
+                checked.get("actor_id", a),
+                checked.get("request_id", r),
+                checked.get("on_behalf_of", o),
+                checked.get("reason", why),
+            )
+
+    def clear_actor(self) -> None:
+        """Forget the actor context: later calls carry none. No SQL is run."""
+        with self._actor_lock:
+            self._actor = (None, None, None, None)
+
+    def get_audit_events(
+        self,
+        user_id: str | None = None,
+        actor_id: str | None = None,
+        kinds: Sequence[str] | None = None,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        limit: int | None = 100,
+    ) -> list[Row]:
+        """The namespace's audit trail, newest first.
+
+        Ledger entries (``ledger.<entry_type>``), reservation transitions
+        (``reservation.<status>``), ``period.open``, ``period.close``, ``period.config``.
+
+        Parameters:
+            user_id: only this user's events.
+            actor_id: only events by this actor.
+            kinds: only these kinds (see :data:`AUDIT_KINDS`).
+            start_time, end_time: ``at`` in ``[start_time, end_time)``.
+            limit: at most this many (``None``: 100; capped at 10000; >= 1).
+
+        Returns:
+            Dicts with ``kind``, ``at``, ``user_id``, ``event_type``, ``resource``, ``unit``,
+            ``amount``, ``reservation_id``, ``entry_id``, ``actor_id``, ``on_behalf_of``,
+            ``reason``, ``request_id``, ``metadata``.
+
+        Raises:
+            ValidationError, MeterConnectionError, MeterError.
+        """
+        kind_list = t.check_identifier_list(kinds, "kinds", min_len=1, max_len=64, nullable=True)
+        for i, kind in enumerate(kind_list or ()):
+            if kind not in AUDIT_KINDS:
+                raise t.invalid(
+                    "kinds", f"unknown kind {kind!r} at index {i}; one of {sorted(AUDIT_KINDS)}"
+                )
+        return self._run(
+            _SQL_GET_AUDIT_EVENTS,
+            [
+                _ident(user_id, "user_id", nullable=True),
+                # a filter: unlike the actor context, it cannot be empty
+                t.check_identifier(actor_id, "actor_id", min_len=1, max_len=256, nullable=True),
+                kind_list,
+                t.check_timestamp(start_time, "start_time"),
+                t.check_timestamp(end_time, "end_time"),
+                t.check_limit(limit, "limit"),
+            ],
+        )

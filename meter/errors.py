@@ -1,0 +1,143 @@
+"""Meter's exception tree and the mapping from database errors.
+
+Every refusal raised by the ``meter.*`` SQL functions carries a SQLSTATE of class ``MT``
+(see ``docs/internals.md``); :func:`from_psycopg` turns those, and connection failures,
+into the classes below. The exceptions are picklable with their attributes, so they can
+cross process boundaries (Celery results, multiprocessing).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+__all__ = [
+    "IdempotencyConflictError",
+    "MeterConnectionError",
+    "MeterError",
+    "NotFoundError",
+    "TenantError",
+    "ValidationError",
+    "from_psycopg",
+]
+
+
+class MeterError(Exception):
+    """Meter operation failed."""
+
+    sqlstate: str | None
+    """The SQLSTATE the database raised, or ``None`` when there was none."""
+
+    parameter: str | None
+    """The offending parameter's name (without the ``p_`` prefix), when known."""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        sqlstate: str | None = None,
+        parameter: str | None = None,
+    ) -> None:
+        if message is None:
+            message = (self.__class__.__doc__ or "").strip() or self.__class__.__name__
+        super().__init__(message)
+        self.message = message
+        self.sqlstate = sqlstate
+        self.parameter = parameter
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        state = {k: v for k, v in self.__dict__.items() if k not in _INIT_ATTRS}
+        return (
+            _rebuild,
+            (type(self), self.message, self.sqlstate, self.parameter),
+            state or None,
+        )
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        extra = "".join(
+            f", {name}={value!r}"
+            for name, value in (("sqlstate", self.sqlstate), ("parameter", self.parameter))
+            if value is not None
+        )
+        return f"{self.__class__.__name__}({self.message!r}{extra})"
+
+
+_INIT_ATTRS = frozenset({"message", "sqlstate", "parameter"})
+
+
+def _rebuild(
+    cls: type[MeterError], message: str, sqlstate: str | None, parameter: str | None
+) -> MeterError:
+    # Bypass a subclass's own __init__ signature: restore exactly what was pickled.
+    exc = cls.__new__(cls)
+    MeterError.__init__(exc, message, sqlstate=sqlstate, parameter=parameter)
+    return exc
+
+
+class ValidationError(MeterError):
+    """An argument is invalid."""
+
+
+class IdempotencyConflictError(MeterError):
+    """An idempotency key was reused for a different request."""
+
+
+class NotFoundError(MeterError):
+    """The referenced account or entry does not exist."""
+
+
+class TenantError(MeterError):
+    """The tenant context is missing or differs from the namespace."""
+
+
+class MeterConnectionError(MeterError):
+    """The database cannot be reached."""
+
+
+_BY_SQLSTATE: dict[str, type[MeterError]] = {
+    "MT001": ValidationError,
+    "MT002": IdempotencyConflictError,
+    "MT003": NotFoundError,
+    "MT004": TenantError,
+}
+
+# Errors meaning "the connection is gone", whatever the statement was:
+# class 08 (connection exception) and the server shutting down or starting up.
+_CONNECTION_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
+
+
+def _is_connection_failure(exc: BaseException, sqlstate: str | None) -> bool:
+    if sqlstate is None:
+        # Client-side failures (no server response): a refused or lost connection, a pool
+        # timeout (psycopg_pool.PoolTimeout is an OperationalError), a closed connection.
+        return isinstance(exc, psycopg.OperationalError)
+    return sqlstate.startswith("08") or sqlstate in _CONNECTION_SQLSTATES
+
+
+def from_psycopg(exc: psycopg.Error) -> MeterError:
+    """Convert a psycopg error into the matching :class:`MeterError`.
+
+    Parameters:
+        exc: the error raised by psycopg (or any object with ``sqlstate`` and ``diag``).
+
+    Returns:
+        ``ValidationError`` (MT001), ``IdempotencyConflictError`` (MT002),
+        ``NotFoundError`` (MT003), ``TenantError`` (MT004), ``MeterConnectionError`` for
+        connection failures and pool timeouts, otherwise a plain ``MeterError``; its
+        message is the database's primary message, ``sqlstate`` and ``parameter``
+        (the error's ``COLUMN`` field) are copied. Raise it ``from exc``.
+    """
+    sqlstate: str | None = getattr(exc, "sqlstate", None) or None
+    diag = getattr(exc, "diag", None)
+    message: str | None = getattr(diag, "message_primary", None) if diag else None
+    parameter: str | None = getattr(diag, "column_name", None) if diag else None
+    if not message:
+        message = str(exc).strip() or type(exc).__name__
+    cls = _BY_SQLSTATE.get(sqlstate or "")
+    if cls is None:
+        cls = MeterConnectionError if _is_connection_failure(exc, sqlstate) else MeterError
+    return cls(message, sqlstate=sqlstate, parameter=parameter or None)

@@ -1,0 +1,503 @@
+"""Client-side validation and conversion of Meter arguments.
+
+The SQL functions enforce the same rules authoritatively (``SPEC.md``, Appendix C); the SDK
+checks first so bad input never crosses the wire (NUL bytes cannot even be sent to
+PostgreSQL) and the error names the offending parameter. Every refusal raises
+:class:`meter.errors.ValidationError` with ``sqlstate='MT001'``, like the database would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from datetime import date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from json.encoder import encode_basestring
+from typing import Any, Literal, overload
+
+from meter.errors import ValidationError
+
+__all__ = [
+    "LIMITS",
+    "MAX_AMOUNT_FRACTION_DIGITS",
+    "MAX_AMOUNT_INTEGER_DIGITS",
+    "MAX_LIMIT",
+    "MAX_METADATA_BYTES",
+    "MAX_TTL_SECONDS",
+    "check_bool",
+    "check_date",
+    "check_identifier",
+    "check_identifier_list",
+    "check_int",
+    "check_interval",
+    "check_limit",
+    "check_metadata",
+    "check_timestamp",
+    "dumps",
+    "invalid",
+    "loads",
+    "to_amount",
+]
+
+MAX_AMOUNT_INTEGER_DIGITS = 24
+MAX_AMOUNT_FRACTION_DIGITS = 12
+MAX_METADATA_BYTES = 65536
+MAX_TTL_SECONDS = 86400
+MAX_LIMIT = 10000
+INT4_MAX = 2**31 - 1
+INT8_MAX = 2**63 - 1
+
+LIMITS: dict[str, tuple[int, int]] = {
+    "namespace": (1, 1024),
+    "user_id": (1, 256),
+    "event_type": (1, 256),
+    "resource": (0, 256),
+    "unit": (1, 64),
+    "idempotency_key": (1, 256),
+    "reservation_id": (1, 128),
+    "actor": (0, 256),
+}
+"""Identifier length bounds (characters), Appendix C. ``actor`` covers actor_id,
+request_id, on_behalf_of and reason."""
+
+
+def invalid(name: str, problem: str) -> ValidationError:
+    """Build the ValidationError for parameter ``name`` (message ``"name: problem"``)."""
+    return ValidationError(f"{name}: {problem}", sqlstate="MT001", parameter=name)
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+# ---------------------------------------------------------------------------- amounts
+
+_NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+Sign = Literal["any", "positive", "nonnegative", "nonzero"]
+
+
+@overload
+def to_amount(
+    value: object, name: str, *, nullable: Literal[False] = False, sign: Sign = "any"
+) -> Decimal: ...
+@overload
+def to_amount(
+    value: object, name: str, *, nullable: bool, sign: Sign = "any"
+) -> Decimal | None: ...
+def to_amount(
+    value: object, name: str, *, nullable: bool = False, sign: Sign = "any"
+) -> Decimal | None:
+    """Convert an amount argument to an exact, canonical ``Decimal``.
+
+    Parameters:
+        value: an ``int``, ``Decimal``, ``str`` (plain decimal notation, exponent allowed)
+            or ``float`` (taken at its shortest repr: ``0.1`` is ``Decimal('0.1')``).
+        name: the parameter name used in the error message.
+        nullable: whether ``None`` is accepted (and returned).
+        sign: ``"positive"`` (> 0), ``"nonnegative"`` (>= 0), ``"nonzero"`` or ``"any"``:
+            the sign the operation needs, as the SQL function checks it.
+
+    Returns:
+        The value in canonical form: trailing fractional zeros removed, a positive exponent
+        spelled out (``1E+3`` is ``1000``), ``-0`` as ``0``.
+
+    Raises:
+        ValidationError: for ``bool``, ``None`` when not nullable, other types, unparsable
+            strings, NaN or infinities, more than 24 digits before the point or more than
+            12 after it (counted after stripping trailing zeros), or the wrong sign.
+    """
+    if value is None:
+        if nullable:
+            return None
+        raise invalid(name, "is required (got None)")
+    if isinstance(value, bool) or not isinstance(value, (int, Decimal, str, float)):
+        raise invalid(
+            name, f"must be a number (int, Decimal, str or float), got {_type_name(value)}"
+        )
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise invalid(name, f"must be a finite number, got {value!r}")
+        d = Decimal(repr(value))
+    elif isinstance(value, str):
+        text = value.strip()
+        if _NUMBER_RE.fullmatch(text) is None:
+            try:
+                finite = Decimal(text).is_finite()
+            except (InvalidOperation, ValueError):
+                finite = True
+            if not finite:
+                raise invalid(name, f"must be a finite number, got {value!r}")
+            raise invalid(name, f"must be a decimal number, got {value!r}")
+        try:
+            d = Decimal(text)
+        except (InvalidOperation, ValueError):  # exponent out of Decimal's range
+            raise invalid(name, f"is out of range, got {value!r}") from None
+    else:
+        d = Decimal(value)
+    if not d.is_finite():
+        raise invalid(name, f"must be a finite number, got {str(value)!r}")
+    d = _canonical(d, name, value)
+    if sign == "positive" and d <= 0:
+        raise invalid(name, f"must be greater than 0, got {d}")
+    if sign == "nonnegative" and d < 0:
+        raise invalid(name, f"must not be negative, got {d}")
+    if sign == "nonzero" and d == 0:
+        raise invalid(name, "must not be 0")
+    return d
+
+
+def _canonical(d: Decimal, name: str, original: object) -> Decimal:
+    sign, digits, exponent = d.as_tuple()
+    assert isinstance(exponent, int)
+    if not any(digits):
+        return Decimal(0)
+    coefficient = list(digits)
+    while exponent < 0 and coefficient[-1] == 0:
+        coefficient.pop()
+        exponent += 1
+    integer_digits = max(len(coefficient) + exponent, 0)
+    fraction_digits = max(-exponent, 0)
+    if integer_digits > MAX_AMOUNT_INTEGER_DIGITS or fraction_digits > MAX_AMOUNT_FRACTION_DIGITS:
+        shown = original if isinstance(original, str) else str(original)
+        raise invalid(
+            name,
+            f"must have at most {MAX_AMOUNT_INTEGER_DIGITS} digits before the decimal point "
+            f"and {MAX_AMOUNT_FRACTION_DIGITS} after it, got {shown!r}",
+        )
+    if exponent > 0:
+        coefficient.extend([0] * exponent)
+        exponent = 0
+    return Decimal((sign, tuple(coefficient), exponent))
+
+
+# ------------------------------------------------------------------------ identifiers
+
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(value: str, name: str) -> None:
+    if (m := _CONTROL_RE.search(value)) is not None:
+        raise invalid(
+            name,
+            f"must not contain control characters (U+{ord(m.group()):04X} at position {m.start()})",
+        )
+    if (m := _SURROGATE_RE.search(value)) is not None:
+        raise invalid(
+            name,
+            f"must be valid Unicode (lone surrogate U+{ord(m.group()):04X} at "
+            f"position {m.start()})",
+        )
+
+
+@overload
+def check_identifier(
+    value: object, name: str, *, min_len: int, max_len: int, nullable: Literal[False]
+) -> str: ...
+@overload
+def check_identifier(
+    value: object, name: str, *, min_len: int, max_len: int, nullable: bool
+) -> str | None: ...
+def check_identifier(
+    value: object, name: str, *, min_len: int, max_len: int, nullable: bool
+) -> str | None:
+    """Check an identifier (namespace, user_id, unit, key, actor field...).
+
+    Parameters:
+        value: the argument.
+        name: the parameter name used in the error message.
+        min_len, max_len: bounds on the length in characters (see :data:`LIMITS`).
+        nullable: whether ``None`` is accepted (and returned).
+
+    Returns:
+        The value, unchanged.
+
+    Raises:
+        ValidationError: when it is not a ``str``, is too short or too long, contains a
+            control character (U+0000-001F, U+007F-009F) or a lone surrogate, or starts or
+            ends with white space (``str.isspace``).
+    """
+    if value is None:
+        if nullable:
+            return None
+        raise invalid(name, "is required (got None)")
+    if not isinstance(value, str):
+        raise invalid(name, f"must be a string, got {_type_name(value)}")
+    n = len(value)
+    if n < min_len:
+        if n == 0:
+            raise invalid(name, "must not be empty")
+        raise invalid(name, f"must be at least {min_len} characters long, got {n}")
+    if n > max_len:
+        raise invalid(name, f"must be at most {max_len} characters long, got {n}")
+    _check_text(value, name)
+    if n and (value[0].isspace() or value[-1].isspace()):
+        raise invalid(name, "must not start or end with white space")
+    return value
+
+
+def check_identifier_list(
+    value: object, name: str, *, min_len: int, max_len: int, nullable: bool
+) -> list[str] | None:
+    """Check a list (or tuple) of identifiers, each with :func:`check_identifier`'s rules.
+
+    Parameters:
+        value: a ``list`` or ``tuple`` of ``str``, or ``None`` when nullable.
+        name: the parameter name used in the error message.
+        min_len, max_len: bounds on each element's length.
+        nullable: whether ``None`` is accepted (and returned).
+
+    Returns:
+        A new list with the elements, or ``None``.
+
+    Raises:
+        ValidationError: when it is not a list or tuple or an element is invalid.
+    """
+    if value is None:
+        if nullable:
+            return None
+        raise invalid(name, "is required (got None)")
+    if not isinstance(value, (list, tuple)):
+        raise invalid(name, f"must be a list of strings, got {_type_name(value)}")
+    return [
+        check_identifier(item, f"{name}[{i}]", min_len=min_len, max_len=max_len, nullable=False)
+        for i, item in enumerate(value)
+    ]
+
+
+# ---------------------------------------------------------------- scalars and times
+
+
+def check_bool(value: object, name: str) -> bool:
+    """Return ``value`` if it is a ``bool``; raise ValidationError otherwise."""
+    if not isinstance(value, bool):
+        raise invalid(name, f"must be a bool, got {_type_name(value)}")
+    return value
+
+
+@overload
+def check_int(
+    value: object, name: str, *, min_value: int, max_value: int, nullable: Literal[False] = False
+) -> int: ...
+@overload
+def check_int(
+    value: object, name: str, *, min_value: int, max_value: int, nullable: bool
+) -> int | None: ...
+def check_int(
+    value: object, name: str, *, min_value: int, max_value: int, nullable: bool = False
+) -> int | None:
+    """Check an integer argument.
+
+    Parameters:
+        value: the argument, an ``int`` (not ``bool``).
+        name: the parameter name used in the error message.
+        min_value, max_value: inclusive bounds.
+        nullable: whether ``None`` is accepted (and returned).
+
+    Returns:
+        The value as a plain ``int``.
+
+    Raises:
+        ValidationError: for another type or a value out of bounds.
+    """
+    if value is None:
+        if nullable:
+            return None
+        raise invalid(name, "is required (got None)")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(name, f"must be an integer, got {_type_name(value)}")
+    if not min_value <= value <= max_value:
+        raise invalid(name, f"must be between {min_value} and {max_value}, got {value}")
+    return int(value)
+
+
+def check_limit(value: object, name: str = "limit", *, maximum: int = MAX_LIMIT) -> int | None:
+    """Check a row limit: ``None`` (the default of 100) or an ``int`` >= 1.
+
+    Returns:
+        ``None`` or the limit, capped at ``maximum`` as the database would.
+
+    Raises:
+        ValidationError: for another type or a value below 1.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(name, f"must be an integer, got {_type_name(value)}")
+    if value < 1:
+        raise invalid(name, f"must be at least 1, got {value}")
+    return min(int(value), maximum)
+
+
+@overload
+def check_timestamp(
+    value: object, name: str, *, nullable: Literal[True] = True
+) -> datetime | None: ...
+@overload
+def check_timestamp(value: object, name: str, *, nullable: Literal[False]) -> datetime: ...
+def check_timestamp(value: object, name: str, *, nullable: bool = True) -> datetime | None:
+    """Check a timestamp argument: a timezone-aware ``datetime`` (or ``None``).
+
+    Raises:
+        ValidationError: for a naive datetime, a ``date`` or another type.
+    """
+    if value is None:
+        if nullable:
+            return None
+        raise invalid(name, "is required (got None)")
+    if not isinstance(value, datetime):
+        raise invalid(name, f"must be a timezone-aware datetime, got {_type_name(value)}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise invalid(
+            name,
+            "must be timezone-aware, got a naive datetime (use e.g. datetime.now(timezone.utc))",
+        )
+    return value
+
+
+def check_date(value: object, name: str) -> date:
+    """Check a date argument: a ``datetime.date`` that is not a ``datetime``.
+
+    Raises:
+        ValidationError: for ``None``, a ``datetime`` or another type.
+    """
+    if value is None:
+        raise invalid(name, "is required (got None)")
+    if isinstance(value, datetime) or not isinstance(value, date):
+        raise invalid(name, f"must be a date (datetime.date), got {_type_name(value)}")
+    return value
+
+
+def check_interval(value: object, name: str) -> str | timedelta:
+    """Check a period interval: a ``timedelta`` of whole days or PostgreSQL interval text.
+
+    The text (``'1 month'``, ``'7 days'``) is parsed and checked (whole days or whole
+    months, positive) by the database; here it must be a clean string of 1..64 characters.
+
+    Raises:
+        ValidationError: for another type, a timedelta that is not a positive number of whole
+            days, or a malformed string.
+    """
+    if isinstance(value, timedelta):
+        if value <= timedelta(0) or value.seconds or value.microseconds:
+            raise invalid(name, f"must be a positive number of whole days, got {value}")
+        return value
+    if not isinstance(value, str):
+        raise invalid(
+            name,
+            f"must be an interval (str such as '1 month', or timedelta), got {_type_name(value)}",
+        )
+    return check_identifier(value, name, min_len=1, max_len=64, nullable=False)
+
+
+# -------------------------------------------------------------------------- metadata
+
+
+def dumps(obj: Any) -> str:
+    """Serialise ``obj`` as compact JSON, exactly.
+
+    ``Decimal`` values become JSON numbers with their exact digits (never via float);
+    ``dict`` keys must be ``str``; tuples are arrays. The text is not ASCII-escaped.
+
+    Raises:
+        TypeError: for a value JSON cannot represent.
+        ValueError: for NaN or infinities, or a NUL character (PostgreSQL's ``jsonb``
+            cannot store ``\\u0000``).
+        RecursionError: for a circular or absurdly deep structure.
+    """
+    parts: list[str] = []
+    _encode(obj, parts.append)
+    return "".join(parts)
+
+
+def _encode_str(s: str, emit: Any) -> None:
+    if "\x00" in s:
+        raise ValueError("strings must not contain NUL characters (\\u0000)")
+    emit(encode_basestring(s))
+
+
+def _encode(obj: Any, emit: Any) -> None:
+    if obj is None:
+        emit("null")
+    elif obj is True:
+        emit("true")
+    elif obj is False:
+        emit("false")
+    elif isinstance(obj, str):
+        _encode_str(obj, emit)
+    elif isinstance(obj, int):
+        emit(int.__repr__(obj))
+    elif isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ValueError(f"non-finite number {obj!r} is not valid JSON")
+        emit(float.__repr__(obj))
+    elif isinstance(obj, Decimal):
+        if not obj.is_finite():
+            raise ValueError(f"non-finite number {str(obj)!r} is not valid JSON")
+        emit(str(obj))
+    elif isinstance(obj, Mapping):
+        emit("{")
+        first = True
+        for key, item in obj.items():
+            if not isinstance(key, str):
+                raise TypeError(f"object keys must be str, got {_type_name(key)}")
+            if not first:
+                emit(",")
+            first = False
+            _encode_str(key, emit)
+            emit(":")
+            _encode(item, emit)
+        emit("}")
+    elif isinstance(obj, (list, tuple)):
+        emit("[")
+        for i, item in enumerate(obj):
+            if i:
+                emit(",")
+            _encode(item, emit)
+        emit("]")
+    else:
+        raise TypeError(f"{_type_name(obj)} is not JSON serialisable")
+
+
+def loads(data: str | bytes | bytearray | memoryview) -> Any:
+    """Parse JSON text, keeping non-integer numbers exact as ``Decimal``."""
+    if isinstance(data, memoryview):
+        data = bytes(data)
+    return json.loads(data, parse_float=Decimal)
+
+
+def check_metadata(value: object, name: str = "metadata") -> str | None:
+    """Check a metadata argument and return its compact JSON text.
+
+    Parameters:
+        value: a ``dict`` (JSON object) or ``None``.
+        name: the parameter name used in the error message.
+
+    Returns:
+        The compact JSON text (see :func:`dumps`), or ``None``.
+
+    Raises:
+        ValidationError: when it is not a mapping, cannot be serialised exactly, contains a
+            lone surrogate or a NUL, or its UTF-8 text exceeds 65536 bytes.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise invalid(name, f"must be a JSON object (dict), got {_type_name(value)}")
+    try:
+        text = dumps(value)
+    except RecursionError:
+        raise invalid(name, "is nested too deeply (or contains a cycle)") from None
+    except (TypeError, ValueError) as exc:
+        raise invalid(name, f"is not valid JSON: {exc}") from None
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise invalid(name, "must be valid Unicode (contains a lone surrogate)") from None
+    if size > MAX_METADATA_BYTES:
+        raise invalid(name, f"must be at most {MAX_METADATA_BYTES} bytes as JSON text, got {size}")
+    return text
