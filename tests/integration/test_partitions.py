@@ -1,0 +1,357 @@
+"""Ledger partitions and retention (SPEC 3 items 5 and 7, Appendix C).
+
+Partitions are monthly (UTC), named ``meter.ledger_YYYY_MM``. ``create_partition`` returns
+the name or NULL when it exists; ``ensure_partitions(n)`` creates this month and the next n;
+a backdated event creates its month on demand; ``drop_old_partitions(n)`` drops the months
+that end on or before the first day of the current month minus n months, folding their rows
+into ``meter.ledger_checkpoints`` first so that ``reconcile()`` stays empty.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import psycopg
+import pytest
+
+D = Decimal
+ET = "tokens"
+UNIT = "tok"
+ALL_TIME = (datetime(1990, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC))
+PART_RE = re.compile(r"^ledger_(\d{4})_(\d{2})$")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def add_months(y: int, m: int, k: int) -> tuple[int, int]:
+    idx = y * 12 + (m - 1) + k
+    return idx // 12, idx % 12 + 1
+
+
+def pname(y: int, m: int) -> str:
+    return f"ledger_{y:04d}_{m:02d}"
+
+
+def short(name: str | None) -> str | None:
+    """A partition name without its schema (functions may return it either way)."""
+    return None if name is None else name.split(".")[-1]
+
+
+def this_month(db) -> tuple[int, int]:
+    row = db.execute(
+        "SELECT extract(year FROM now() AT TIME ZONE 'UTC')::int AS y,"
+        " extract(month FROM now() AT TIME ZONE 'UTC')::int AS m"
+    ).fetchone()
+    return row["y"], row["m"]
+
+
+def partitions(db) -> set[str]:
+    rows = db.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        " WHERE i.inhparent = 'meter.ledger'::regclass"
+    ).fetchall()
+    return {r["relname"] for r in rows}
+
+
+def bounds(db, name: str) -> str:
+    db.execute("SET TimeZone = 'UTC'")
+    return db.execute(
+        "SELECT pg_get_expr(c.relpartbound, c.oid) AS b FROM pg_class c WHERE c.oid = %s::regclass",
+        (f"meter.{name}",),
+    ).fetchone()["b"]
+
+
+def column(db, sql: str, params=None) -> list:
+    return [next(iter(r.values())) for r in db.execute(sql, params).fetchall()]
+
+
+def sqlstate_of(db, sql: str, params=None) -> str:
+    with pytest.raises(psycopg.Error) as exc:
+        db.execute(sql, params)
+    return exc.value.sqlstate
+
+
+def mid_month(y: int, m: int, day: int = 15) -> datetime:
+    return datetime(y, m, day, 12, 0, tzinfo=UTC)
+
+
+def partition_of(db, entry_id: int) -> str:
+    return db.execute(
+        "SELECT tableoid::regclass::text AS p FROM meter.ledger WHERE id = %s", (entry_id,)
+    ).fetchone()["p"]
+
+
+def checkpoint(db, user_id: str, namespace: str = "default") -> dict | None:
+    return db.execute(
+        "SELECT c.balance, c.entries, c.through FROM meter.ledger_checkpoints c"
+        " JOIN meter.accounts a ON a.namespace = c.namespace AND a.account_id = c.account_id"
+        " WHERE a.namespace = %s AND a.user_id = %s",
+        (namespace, user_id),
+    ).fetchone()
+
+
+def bal(client, user_id: str) -> dict:
+    return client.get_balance(user_id, ET, UNIT)
+
+
+# ---------------------------------------------------------------- create_partition
+
+
+def test_create_partition_returns_name_then_null(db):
+    before = partitions(db)
+    assert pname(2040, 5) not in before
+    assert short(db.execute("SELECT meter.create_partition(2040, 5) AS p").fetchone()["p"]) == (
+        "ledger_2040_05"
+    )
+    assert partitions(db) == before | {"ledger_2040_05"}
+    assert bounds(db, "ledger_2040_05") == (
+        "FOR VALUES FROM ('2040-05-01 00:00:00+00') TO ('2040-06-01 00:00:00+00')"
+    )
+    # December rolls over into the next year.
+    assert short(db.execute("SELECT meter.create_partition(2040, 12) AS p").fetchone()["p"]) == (
+        "ledger_2040_12"
+    )
+    assert bounds(db, "ledger_2040_12") == (
+        "FOR VALUES FROM ('2040-12-01 00:00:00+00') TO ('2041-01-01 00:00:00+00')"
+    )
+    # Existing: NULL, nothing changes.
+    assert db.execute("SELECT meter.create_partition(2040, 5) AS p").fetchone()["p"] is None
+    assert partitions(db) == before | {"ledger_2040_05", "ledger_2040_12"}
+
+
+@pytest.mark.parametrize("month", [0, 13, -1, None])
+def test_create_partition_bad_month_is_validation_error(db, month):
+    before = partitions(db)
+    assert sqlstate_of(db, "SELECT meter.create_partition(2040, %s::int)", (month,)) == "MT001"
+    assert partitions(db) == before
+
+
+# ---------------------------------------------------------------- ensure_partitions
+
+
+def test_ensure_partitions_creates_current_and_months_ahead(db):
+    y, m = this_month(db)
+    before = partitions(db)
+    want3 = {pname(*add_months(y, m, k)) for k in range(4)}
+    created = {short(n) for n in column(db, "SELECT * FROM meter.ensure_partitions(3)")}
+    assert created == want3 - before
+    assert want3 <= partitions(db)
+    assert partitions(db) == before | want3
+    # Again: nothing to create.
+    assert column(db, "SELECT * FROM meter.ensure_partitions(3)") == []
+    # Further ahead: exactly the missing months, in order.
+    want14 = [pname(*add_months(y, m, k)) for k in range(15)]
+    created = [short(n) for n in column(db, "SELECT * FROM meter.ensure_partitions(14)")]
+    assert created == [n for n in want14 if n not in before | want3]
+    assert len(created) >= 14 - 3
+    assert partitions(db) == before | set(want14)
+    # Every one has its UTC month bounds.
+    ny, nm = add_months(y, m, 14)
+    fy, fm = add_months(y, m, 15)
+    assert bounds(db, pname(ny, nm)) == (
+        f"FOR VALUES FROM ('{ny:04d}-{nm:02d}-01 00:00:00+00')"
+        f" TO ('{fy:04d}-{fm:02d}-01 00:00:00+00')"
+    )
+
+
+def test_ensure_partitions_default_is_three_months(db):
+    y, m = this_month(db)
+    column(db, "SELECT * FROM meter.ensure_partitions()")
+    for k in range(4):
+        assert pname(*add_months(y, m, k)) in partitions(db)
+
+
+def test_new_partitions_refuse_truncate(db, client):
+    # A partition made after migration (here: on demand) is as immutable as the others.
+    db.execute("SELECT meter.create_partition(2040, 7)")
+    e = client.allocate("u1", ET, 5, UNIT, event_time=mid_month(2019, 3))["entry_id"]
+    for name in ("ledger_2040_07", "ledger_2019_03"):
+        with pytest.raises(psycopg.Error):
+            db.execute(f"TRUNCATE meter.{name}")
+    assert partition_of(db, e) == "meter.ledger_2019_03"
+
+
+# ---------------------------------------------------------------- backdated events
+
+
+def test_backdated_events_create_their_month_on_demand(client, db):
+    assert "ledger_2019_03" not in partitions(db)
+    assert "ledger_2018_11" not in partitions(db)
+    a = client.allocate("u1", ET, 100, UNIT, event_time=mid_month(2019, 3))
+    c = client.consume("u1", ET, 40, UNIT, event_time=mid_month(2018, 11))
+    assert (a["balance"], c["balance"]) == (D("100"), D("60"))
+    assert {"ledger_2019_03", "ledger_2018_11"} <= partitions(db)
+    assert partition_of(db, a["entry_id"]) == "meter.ledger_2019_03"
+    assert partition_of(db, c["entry_id"]) == "meter.ledger_2018_11"
+    rows = client.get_ledger("u1", ET, UNIT)
+    # Newest first by event_time.
+    assert [(r["entry_type"], r["amount"], r["event_time"]) for r in rows] == [
+        ("allocation", D("100"), mid_month(2019, 3)),
+        ("consumption", D("-40"), mid_month(2018, 11)),
+    ]
+    assert client.reconcile() == []
+
+
+def test_month_boundaries_are_utc(client, db):
+    cases = [
+        (datetime(2024, 3, 1, 0, 0, tzinfo=UTC), "meter.ledger_2024_03"),
+        (datetime(2024, 2, 29, 23, 59, 59, 999999, tzinfo=UTC), "meter.ledger_2024_02"),
+        # 00:30 on March 1st at UTC+1 is still February in UTC.
+        (datetime(2024, 3, 1, 0, 30, tzinfo=UTC) - timedelta(hours=1), "meter.ledger_2024_02"),
+        (datetime.fromisoformat("2024-03-01T00:30:00+01:00"), "meter.ledger_2024_02"),
+        # 23:30 on March 31st at UTC-1 is already April in UTC.
+        (datetime.fromisoformat("2024-03-31T23:30:00-01:00"), "meter.ledger_2024_04"),
+    ]
+    for when, part in cases:
+        entry = client.allocate("u1", ET, 1, UNIT, event_time=when)["entry_id"]
+        assert partition_of(db, entry) == part, when
+    assert client.get_balance("u1", ET, UNIT)["balance"] == D("5")
+
+
+# ---------------------------------------------------------------- drop_old_partitions
+
+
+@pytest.mark.parametrize("n", [0, -1, None])
+def test_drop_old_partitions_below_one_is_validation_error(client, db, snapshot, n):
+    client.allocate("u1", ET, 10, UNIT, event_time=mid_month(2019, 1))
+    before, parts = snapshot(), partitions(db)
+    assert sqlstate_of(db, "SELECT * FROM meter.drop_old_partitions(%s::int)", (n,)) == "MT001"
+    assert partitions(db) == parts
+    assert snapshot() == before
+
+
+def test_drop_old_partitions_folds_into_checkpoint(client, db, make_client):
+    y, m = this_month(db)
+    old1 = add_months(y, m, -30)  # far beyond the 24 months default
+    old2 = add_months(y, m, -2)  # ends on the cutoff of drop_old_partitions(1): dropped
+    prev = add_months(y, m, -1)  # ends after it: kept
+    cutoff = datetime(*prev, 1, tzinfo=UTC)
+
+    client.allocate("u1", ET, 100, UNIT, event_time=mid_month(*old1))
+    client.consume("u1", ET, 30, UNIT, event_time=mid_month(*old2))
+    e_prev = client.allocate("u1", ET, 7, UNIT, event_time=mid_month(*prev))["entry_id"]
+    e_now = client.consume("u1", ET, 5, UNIT)["entry_id"]
+    # u2 lives only in dropped months and ends at zero; u3 only in kept ones.
+    client.allocate("u2", ET, 40, UNIT, event_time=mid_month(*old1))
+    client.consume("u2", ET, 40, UNIT, event_time=mid_month(*old1, 20))
+    client.allocate("u3", ET, 9, UNIT)
+    # A pool account in a dropped month.
+    client.allocate(None, ET, 1000, UNIT, event_time=mid_month(*old2))
+    # Another namespace shares the partitions; its rows are folded into its own checkpoint.
+    other = make_client("other")
+    other.allocate("u1", ET, 11, UNIT, event_time=mid_month(*old1))
+    other.allocate("u1", ET, 2, UNIT)
+
+    assert client.reconcile() == [] and other.reconcile() == []
+    usage_old = client.get_usage("u1", datetime(*old2, 1, tzinfo=UTC), cutoff)
+    assert [(u["total_consumed"], u["event_count"]) for u in usage_old] == [(D("30"), 1)]
+    balances = {u: bal(client, u) for u in ("u1", "u2", "u3")}
+    assert balances["u1"] == {"balance": D("72"), "reserved": D("0"), "available": D("72")}
+    pool_before = client.get_balance(None, ET, UNIT)
+    accounts_before = db.execute(
+        "SELECT namespace, user_id, balance, reserved, total_credited, total_debited"
+        " FROM meter.accounts ORDER BY namespace, user_id NULLS FIRST"
+    ).fetchall()
+
+    parts = partitions(db)
+    expected_drop = set()
+    for p in parts:
+        mt = PART_RE.match(p)
+        if mt and datetime(*add_months(int(mt[1]), int(mt[2]), 1), 1, tzinfo=UTC) <= cutoff:
+            expected_drop.add(p)
+    assert {pname(*old1), pname(*old2)} <= expected_drop
+    assert pname(*prev) not in expected_drop
+
+    dropped = [short(n) for n in column(db, "SELECT * FROM meter.drop_old_partitions(1)")]
+    assert sorted(dropped) == sorted(expected_drop)
+    assert partitions(db) == parts - expected_drop
+    assert pname(*prev) in partitions(db)
+    assert pname(y, m) in partitions(db)
+
+    # The checkpoints hold the folded sums, per account and namespace.
+    cp = checkpoint(db, "u1")
+    assert (cp["balance"], cp["entries"]) == (D("70"), 2)
+    assert cp["through"] == cutoff  # the end of the last month folded
+    cp = checkpoint(db, "u2")
+    assert (cp["balance"], cp["entries"]) == (D("0"), 2)
+    assert checkpoint(db, "u3") is None
+    cp = db.execute(
+        "SELECT c.balance, c.entries FROM meter.ledger_checkpoints c JOIN meter.accounts a"
+        " USING (namespace, account_id) WHERE a.namespace = 'default' AND a.user_id IS NULL"
+    ).fetchone()
+    assert (cp["balance"], cp["entries"]) == (D("1000"), 1)
+    cp = checkpoint(db, "u1", namespace="other")
+    assert (cp["balance"], cp["entries"]) == (D("11"), 1)
+
+    # Balances and reconcile are unchanged; accounts untouched.
+    assert client.reconcile() == [] and other.reconcile() == []
+    assert {u: bal(client, u) for u in ("u1", "u2", "u3")} == balances
+    assert client.get_balance(None, ET, UNIT) == pool_before
+    assert (
+        db.execute(
+            "SELECT namespace, user_id, balance, reserved, total_credited, total_debited"
+            " FROM meter.accounts ORDER BY namespace, user_id NULLS FIRST"
+        ).fetchall()
+        == accounts_before
+    )
+
+    # Reads work on what is left.
+    rows = client.get_ledger("u1", ET, UNIT)
+    assert [(r["id"], r["entry_type"], r["amount"]) for r in rows] == [
+        (e_now, "consumption", D("-5")),
+        (e_prev, "allocation", D("7")),
+    ]
+    assert client.get_ledger("u2", ET, UNIT) == []
+    assert client.get_usage("u1", *ALL_TIME) == [
+        {
+            "event_type": ET,
+            "resource": "",
+            "unit": UNIT,
+            "total_consumed": D("5"),
+            "event_count": 1,
+        }
+    ]
+    assert client.get_usage("u1", datetime(*old2, 1, tzinfo=UTC), cutoff) == []
+    assert client.get_account("u2", ET, UNIT)["balance"] == D("0")
+
+    # Nothing left to drop.
+    assert column(db, "SELECT * FROM meter.drop_old_partitions(1)") == []
+
+    # Writing to a dropped month again recreates it; a second drop adds to the checkpoint.
+    r = client.allocate("u1", ET, 10, UNIT, event_time=mid_month(*old1, 3))
+    assert r["balance"] == D("82")
+    assert partition_of(db, r["entry_id"]) == f"meter.{pname(*old1)}"
+    assert client.reconcile() == []
+    client.consume("u1", ET, 1, UNIT)
+    assert client.reconcile() == []
+    assert [short(n) for n in column(db, "SELECT * FROM meter.drop_old_partitions(1)")] == [
+        pname(*old1)
+    ]
+    cp = checkpoint(db, "u1")
+    assert (cp["balance"], cp["entries"]) == (D("80"), 3)
+    assert cp["through"] == cutoff  # never moves backwards
+    assert client.reconcile() == []
+    assert bal(client, "u1") == {"balance": D("81"), "reserved": D("0"), "available": D("81")}
+    assert sum(r["amount"] for r in client.get_ledger("u1", ET, UNIT)) == D("1")
+    stats = client.get_stats()
+    assert stats["total_balance"] == D("81") + D("0") + D("9") + D("1000")
+
+
+def test_drop_old_partitions_default_keeps_24_months(client, db):
+    y, m = this_month(db)
+    inside = add_months(y, m, -23)  # ends after the cutoff: kept
+    edge = add_months(y, m, -25)  # ends exactly on the cutoff: dropped
+    client.allocate("u1", ET, 3, UNIT, event_time=mid_month(*inside))
+    client.allocate("u1", ET, 4, UNIT, event_time=mid_month(*edge))
+    client.allocate("u1", ET, 5, UNIT, event_time=mid_month(*add_months(y, m, -24)))
+    dropped = {short(n) for n in column(db, "SELECT * FROM meter.drop_old_partitions()")}
+    assert dropped == {pname(*edge)}
+    assert pname(*inside) in partitions(db)
+    assert pname(*add_months(y, m, -24)) in partitions(db)
+    cp = checkpoint(db, "u1")
+    assert (cp["balance"], cp["entries"]) == (D("4"), 1)
+    assert client.reconcile() == []
+    assert client.get_balance("u1", ET, UNIT)["balance"] == D("12")

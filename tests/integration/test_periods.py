@@ -1,0 +1,400 @@
+"""Periods: set_period_config, open_period, close_period (SPEC 3 item 4, Appendix C)."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from decimal import Decimal
+
+import pytest
+
+from meter.errors import IdempotencyConflictError, NotFoundError, ValidationError
+
+D = Decimal
+U = "u1"
+ET = "tokens"
+UNIT = "tok"
+JAN1 = date(2024, 1, 1)
+JAN31 = date(2024, 1, 31)
+FEB1 = date(2024, 2, 1)
+FEB29 = date(2024, 2, 29)
+JAN_END = datetime(2024, 1, 31, 23, 59, 59, 999999, tzinfo=UTC)
+MID_JAN = datetime(2024, 1, 15, 12, 0, tzinfo=UTC)
+
+
+def ledger(db, user_id=U):
+    return db.execute(
+        "SELECT * FROM meter.ledger WHERE namespace = 'default'"
+        " AND user_id IS NOT DISTINCT FROM %s::text AND event_type = %s AND unit = %s"
+        " ORDER BY id",
+        (user_id, ET, UNIT),
+    ).fetchall()
+
+
+def kinds(rows):
+    return [(r["entry_type"], r["amount"]) for r in rows]
+
+
+def account(db, user_id=U):
+    return db.execute(
+        "SELECT * FROM meter.accounts WHERE namespace = 'default'"
+        " AND user_id IS NOT DISTINCT FROM %s::text AND event_type = %s AND unit = %s",
+        (user_id, ET, UNIT),
+    ).fetchone()
+
+
+def config(client, allocation=D("100"), limit=None, start=JAN1, **kw):
+    client.set_period_config(U, ET, UNIT, None, start, allocation, limit, **kw)
+
+
+def bal(client):
+    return client.get_balance(U, ET, UNIT)
+
+
+# ---------------------------------------------------------------- set_period_config
+
+
+def test_set_period_config_creates_account_and_stores_config(client, db):
+    assert client.get_account(U, ET, UNIT) is None
+    assert client.set_period_config(U, ET, UNIT, None, JAN1, D("100"), D("20")) is None
+    acct = client.get_account(U, ET, UNIT)
+    assert acct["balance"] == D("0")
+    assert acct["reserved"] == D("0")
+    assert acct["period_allocation"] == D("100")
+    assert acct["carry_over_limit"] == D("20")
+    row = db.execute(
+        "SELECT period_start::date AS ps, period_interval = interval '1 month' AS monthly"
+        " FROM meter.accounts WHERE user_id = %s", (U,)).fetchone()
+    assert row == {"ps": JAN1, "monthly": True}
+    assert ledger(db) == []
+
+
+def test_set_period_config_interval_and_update(client, db):
+    config(client, D("100"), D("20"))
+    client.set_period_config(U, ET, UNIT, None, date(2024, 3, 4), D("7"), None,
+                             period_interval="7 days")
+    row = db.execute(
+        "SELECT period_start::date AS ps, period_allocation AS pa, carry_over_limit AS col,"
+        " period_interval = interval '7 days' AS weekly"
+        " FROM meter.accounts WHERE user_id = %s", (U,)).fetchone()
+    assert row == {"ps": date(2024, 3, 4), "pa": D("7"), "col": None, "weekly": True}
+    assert len(db.execute("SELECT * FROM meter.accounts").fetchall()) == 1
+
+
+def test_set_period_config_keeps_existing_balance(client):
+    client.allocate(U, ET, D("12"), UNIT)
+    config(client)
+    assert bal(client)["balance"] == D("12")
+
+
+@pytest.mark.parametrize(
+    ("allocation", "limit", "param"),
+    [(D("-1"), None, "period_allocation"), (D("10"), D("-1"), "carry_over_limit"),
+     (D("10"), D("-0.000000000001"), "carry_over_limit")],
+)
+def test_set_period_config_refuses_negative(client, snapshot, allocation, limit, param):
+    client.allocate(U, ET, D("1"), UNIT)
+    before = snapshot()
+    with pytest.raises(ValidationError) as ei:
+        client.set_period_config(U, ET, UNIT, None, JAN1, allocation, limit)
+    assert ei.value.parameter == param or param in str(ei.value)
+    assert snapshot() == before
+
+
+def test_zero_carry_over_limit_accepted(client):
+    config(client, D("10"), D("0"))
+    assert client.get_account(U, ET, UNIT)["carry_over_limit"] == D("0")
+
+
+# ---------------------------------------------------------------- open_period
+
+
+def test_open_period_uses_configured_allocation(client, db):
+    config(client, D("100"))
+    assert client.open_period(U, ET, UNIT, None, JAN1) == D("100")
+    rows = ledger(db)
+    assert kinds(rows) == [("allocation", D("100"))]
+    assert rows[0]["event_time"] == datetime(2024, 1, 1, tzinfo=UTC)
+    assert rows[0]["balance_after"] == D("100")
+    assert bal(client) == {"balance": D("100"), "reserved": D("0"), "available": D("100")}
+
+
+def test_open_period_explicit_allocation_overrides_config(client, db):
+    config(client, D("100"))
+    assert client.open_period(U, ET, UNIT, None, JAN1, D("40")) == D("40")
+    assert kinds(ledger(db)) == [("allocation", D("40"))]
+
+
+def test_open_period_explicit_allocation_without_config(client, db):
+    client.allocate(U, ET, D("5"), UNIT)
+    assert client.open_period(U, ET, UNIT, None, date(2024, 3, 1), D("10")) == D("15")
+    rows = ledger(db)
+    assert rows[-1]["event_time"] == datetime(2024, 3, 1, tzinfo=UTC)
+    assert rows[-1]["amount"] == D("10")
+
+
+def test_open_period_without_any_allocation_refused(client, snapshot):
+    client.allocate(U, ET, D("5"), UNIT)
+    before = snapshot()
+    with pytest.raises(ValidationError):
+        client.open_period(U, ET, UNIT, None, JAN1)
+    assert snapshot() == before
+
+
+def test_open_period_unknown_account_not_found(client, snapshot):
+    config(client)  # another account exists; this one does not
+    before = snapshot()
+    with pytest.raises(NotFoundError):
+        client.open_period("nobody", ET, UNIT, None, JAN1, D("10"))
+    assert snapshot() == before
+
+
+def test_open_period_negative_allocation_refused(client, snapshot):
+    config(client)
+    before = snapshot()
+    with pytest.raises(ValidationError) as ei:
+        client.open_period(U, ET, UNIT, None, JAN1, D("-5"))
+    assert ei.value.parameter == "allocation" or "allocation" in str(ei.value)
+    assert snapshot() == before
+
+
+def test_open_period_repeat_returns_first_result_and_writes_nothing(client, snapshot):
+    config(client, D("100"))
+    assert client.open_period(U, ET, UNIT, None, JAN1) == D("100")
+    client.consume(U, ET, D("30"), UNIT)
+    before = snapshot()
+    assert client.open_period(U, ET, UNIT, None, JAN1) == D("100")
+    # the effective allocation is the same: still the same request
+    assert client.open_period(U, ET, UNIT, None, JAN1, D("100.000")) == D("100")
+    assert snapshot() == before
+    assert bal(client)["balance"] == D("70")
+
+
+def test_open_period_repeat_with_other_allocation_conflicts(client, snapshot):
+    config(client, D("100"))
+    client.open_period(U, ET, UNIT, None, JAN1)
+    before = snapshot()
+    with pytest.raises(IdempotencyConflictError):
+        client.open_period(U, ET, UNIT, None, JAN1, D("50"))
+    assert snapshot() == before
+
+
+def test_open_period_other_date_is_a_new_period(client):
+    config(client, D("100"))
+    assert client.open_period(U, ET, UNIT, None, JAN1) == D("100")
+    assert client.open_period(U, ET, UNIT, None, FEB1) == D("200")
+
+
+# ---------------------------------------------------------------- close_period
+
+
+def _opened(client, limit, consumed=D("30")):
+    config(client, D("100"), limit)
+    client.open_period(U, ET, UNIT, None, JAN1)
+    if consumed:
+        client.consume(U, ET, consumed, UNIT, event_time=MID_JAN)
+
+
+def test_close_with_null_limit_carries_all_with_both_rows(client, db):
+    _opened(client, None)
+    n = len(ledger(db))
+    r = client.close_period(U, ET, UNIT, None, JAN31)
+    assert r == {"expired": D("0"), "carried_over": D("70"), "new_balance": D("70")}
+    rows = ledger(db)[n:]
+    assert kinds(rows) == [("expiration", D("-70")), ("carry_over", D("70"))]
+    assert [r_["event_time"] for r_ in rows] == [JAN_END, JAN_END]
+    assert [r_["balance_after"] for r_ in rows] == [D("0"), D("70")]
+    assert bal(client) == {"balance": D("70"), "reserved": D("0"), "available": D("70")}
+
+
+def test_close_with_limit_caps_carry_over(client, db):
+    _opened(client, D("20"))
+    n = len(ledger(db))
+    r = client.close_period(U, ET, UNIT, None, JAN31)
+    assert r == {"expired": D("50"), "carried_over": D("20"), "new_balance": D("20")}
+    rows = ledger(db)[n:]
+    assert kinds(rows) == [("expiration", D("-70")), ("carry_over", D("20"))]
+    assert [r_["event_time"] for r_ in rows] == [JAN_END, JAN_END]
+    assert bal(client)["balance"] == D("20")
+
+
+def test_close_with_zero_limit_writes_only_expiration(client, db):
+    _opened(client, D("0"))
+    n = len(ledger(db))
+    r = client.close_period(U, ET, UNIT, None, JAN31)
+    assert r == {"expired": D("70"), "carried_over": D("0"), "new_balance": D("0")}
+    rows = ledger(db)[n:]
+    assert kinds(rows) == [("expiration", D("-70"))]
+    assert rows[0]["event_time"] == JAN_END
+
+
+def test_close_with_limit_above_available_carries_all(client, db):
+    _opened(client, D("500"))
+    n = len(ledger(db))
+    r = client.close_period(U, ET, UNIT, None, JAN31)
+    assert r == {"expired": D("0"), "carried_over": D("70"), "new_balance": D("70")}
+    assert kinds(ledger(db)[n:]) == [("expiration", D("-70")), ("carry_over", D("70"))]
+
+
+def test_close_keeps_reserved_out_of_expiry(client, db):
+    _opened(client, D("20"))
+    client.reserve(U, ET, D("30"), UNIT)  # balance 70, available 40
+    n = len(ledger(db))
+    r = client.close_period(U, ET, UNIT, None, JAN31)
+    assert r == {"expired": D("20"), "carried_over": D("20"), "new_balance": D("50")}
+    assert kinds(ledger(db)[n:]) == [("expiration", D("-40")), ("carry_over", D("20"))]
+    assert bal(client) == {"balance": D("50"), "reserved": D("30"), "available": D("20")}
+
+
+@pytest.mark.parametrize(("consumed", "expected_balance"), [(D("100"), D("0")),
+                                                             (D("130"), D("-30"))])
+def test_close_with_nothing_available_writes_nothing(client, db, consumed, expected_balance):
+    _opened(client, None, consumed)
+    rows_before = ledger(db)
+    acct_before = account(db)
+    r = client.close_period(U, ET, UNIT, None, JAN31)
+    assert r == {"expired": D("0"), "carried_over": D("0"), "new_balance": expected_balance}
+    assert ledger(db) == rows_before
+    acct_after = account(db)
+    for col in ("balance", "reserved", "total_credited", "total_debited"):
+        assert acct_after[col] == acct_before[col], col
+
+
+def test_close_with_everything_reserved_writes_nothing(client, db):
+    _opened(client, None, consumed=None)
+    client.reserve(U, ET, D("100"), UNIT)
+    rows_before = ledger(db)
+    r = client.close_period(U, ET, UNIT, None, JAN31)
+    assert r == {"expired": D("0"), "carried_over": D("0"), "new_balance": D("100")}
+    assert ledger(db) == rows_before
+
+
+@pytest.mark.parametrize(
+    ("end", "stamp"),
+    [(date(2024, 4, 30), datetime(2024, 4, 30, 23, 59, 59, 999999, tzinfo=UTC)),
+     (FEB29, datetime(2024, 2, 29, 23, 59, 59, 999999, tzinfo=UTC)),
+     (date(2023, 12, 31), datetime(2023, 12, 31, 23, 59, 59, 999999, tzinfo=UTC))],
+)
+def test_close_rows_dated_at_last_microsecond(client, db, end, stamp):
+    config(client, D("10"), D("4"))
+    client.allocate(U, ET, D("10"), UNIT)
+    n = len(ledger(db))
+    client.close_period(U, ET, UNIT, None, end)
+    rows = ledger(db)[n:]
+    assert kinds(rows) == [("expiration", D("-10")), ("carry_over", D("4"))]
+    assert [r["event_time"] for r in rows] == [stamp, stamp]
+
+
+def test_close_repeat_returns_first_result_and_writes_nothing(client, snapshot):
+    _opened(client, D("20"))
+    first = client.close_period(U, ET, UNIT, None, JAN31)
+    client.allocate(U, ET, D("5"), UNIT)  # new money after the close
+    before = snapshot()
+    again = client.close_period(U, ET, UNIT, None, JAN31)
+    assert again == first
+    assert snapshot() == before
+    assert bal(client)["balance"] == D("25")
+
+
+def test_close_of_another_date_is_a_new_close(client, db):
+    _opened(client, D("20"))
+    assert client.close_period(U, ET, UNIT, None, JAN31)["new_balance"] == D("20")
+    r = client.close_period(U, ET, UNIT, None, FEB29)
+    assert r == {"expired": D("0"), "carried_over": D("20"), "new_balance": D("20")}
+
+
+def test_period_totals(client):
+    _opened(client, D("20"))
+    client.close_period(U, ET, UNIT, None, JAN31)
+    acct = client.get_account(U, ET, UNIT)
+    # credited: allocation 100 + carry_over 20; debited: consumption 30 + expiration 70
+    assert acct["total_credited"] == D("120")
+    assert acct["total_debited"] == D("100")
+    assert acct["balance"] == D("20")
+    assert client.reconcile() == []
+
+
+def test_periods_history(client, db):
+    _opened(client, D("20"))
+    client.close_period(U, ET, UNIT, None, JAN31)
+    rows = db.execute(
+        "SELECT p.* FROM meter.periods p JOIN meter.accounts a USING (account_id)"
+        " WHERE a.user_id = %s ORDER BY p.period_start", (U,)).fetchall()
+    assert len(rows) == 1
+    p = rows[0]
+    assert p["namespace"] == "default"
+    assert p["period_start"] == JAN1
+    assert p["allocation"] == D("100")
+    assert p["expired"] == D("50")
+    assert p["carried_over"] == D("20")
+    assert p["opened_at"] is not None
+    assert p["closed_at"] is not None
+
+
+def test_full_month_cycle(client, db):
+    client.set_period_config(U, ET, UNIT, None, JAN1, D("1000"), D("200"))
+    assert client.open_period(U, ET, UNIT, None, JAN1) == D("1000")
+    assert client.consume(U, ET, D("300"), UNIT, event_time=MID_JAN)["balance"] == D("700")
+    rid = client.reserve(U, ET, D("100"), UNIT)["reservation_id"]
+    assert bal(client) == {"balance": D("700"), "reserved": D("100"), "available": D("600")}
+
+    closed = client.close_period(U, ET, UNIT, None, JAN31)
+    assert closed == {"expired": D("400"), "carried_over": D("200"), "new_balance": D("300")}
+    assert bal(client) == {"balance": D("300"), "reserved": D("100"), "available": D("200")}
+
+    assert client.open_period(U, ET, UNIT, None, FEB1) == D("1300")
+    assert bal(client) == {"balance": D("1300"), "reserved": D("100"), "available": D("1200")}
+
+    c = client.commit(rid, D("50"))
+    assert (c["status"], c["balance"], c["released"]) == ("committed", D("1250"), D("50"))
+
+    rows = ledger(db)
+    assert [(r["entry_type"], r["amount"], r["balance_after"]) for r in rows] == [
+        ("allocation", D("1000"), D("1000")),
+        ("consumption", D("-300"), D("700")),
+        ("expiration", D("-600"), D("100")),
+        ("carry_over", D("200"), D("300")),
+        ("allocation", D("1000"), D("1300")),
+        ("consumption", D("-50"), D("1250")),
+    ]
+    assert [r["event_time"] for r in rows[:5]] == [
+        datetime(2024, 1, 1, tzinfo=UTC), MID_JAN, JAN_END, JAN_END,
+        datetime(2024, 2, 1, tzinfo=UTC)]
+
+    acct = client.get_account(U, ET, UNIT)
+    assert acct["total_credited"] == D("2200")
+    assert acct["total_debited"] == D("950")
+    assert (acct["balance"], acct["reserved"]) == (D("1250"), D("0"))
+    assert client.reconcile() == []
+
+    hist = db.execute(
+        "SELECT p.period_start, p.allocation, p.expired, p.carried_over,"
+        " p.closed_at IS NOT NULL AS closed"
+        " FROM meter.periods p JOIN meter.accounts a USING (account_id)"
+        " WHERE a.user_id = %s ORDER BY p.period_start", (U,)).fetchall()
+    assert len(hist) == 2
+    assert hist[0] == {"period_start": JAN1, "allocation": D("1000"), "expired": D("400"),
+                       "carried_over": D("200"), "closed": True}
+    assert (hist[1]["period_start"], hist[1]["allocation"], hist[1]["closed"]) == (
+        FEB1, D("1000"), False)
+
+
+def test_open_period_repeat_after_config_change_conflicts(client, snapshot):
+    config(client, D("100"))
+    assert client.open_period(U, ET, UNIT, None, JAN1) == D("100")
+    config(client, D("200"))
+    before = snapshot()
+    with pytest.raises(IdempotencyConflictError):
+        client.open_period(U, ET, UNIT, None, JAN1)  # effective allocation is now 200
+    assert snapshot() == before
+    assert client.open_period(U, ET, UNIT, None, JAN1, D("100")) == D("100")
+
+
+@pytest.mark.parametrize("interval", ["0 days", "-1 month", "-7 days"])
+def test_set_period_config_refuses_non_positive_interval(client, snapshot, interval):
+    client.allocate(U, ET, D("1"), UNIT)
+    before = snapshot()
+    with pytest.raises(ValidationError) as ei:
+        client.set_period_config(U, ET, UNIT, None, JAN1, D("10"), None,
+                                 period_interval=interval)
+    assert ei.value.parameter == "period_interval" or "period_interval" in str(ei.value)
+    assert snapshot() == before

@@ -1,0 +1,514 @@
+"""Queries, stats, reconcile, audit events and actor context (SPEC 3-4, Appendices B-C)."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, date, datetime
+from decimal import Decimal
+
+import pytest
+
+from meter.errors import ValidationError
+
+D = Decimal
+U = "u1"
+ET = "tokens"
+UNIT = "tok"
+T1 = datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
+T2 = datetime(2024, 5, 2, 10, 0, tzinfo=UTC)
+T3 = datetime(2024, 5, 3, 10, 0, tzinfo=UTC)
+
+ACCOUNT_COLUMNS = {
+    "namespace", "user_id", "event_type", "resource", "unit", "balance", "reserved",
+    "total_credited", "total_debited", "period_start", "period_allocation",
+    "carry_over_limit", "period_interval", "created_at", "updated_at",
+}
+LEDGER_COLUMNS = {
+    "id", "entry_type", "amount", "balance_after", "event_time", "reservation_id",
+    "reference_id", "actor_id", "reason", "metadata",
+}
+AUDIT_COLUMNS = {
+    "kind", "at", "user_id", "event_type", "resource", "unit", "amount", "reservation_id",
+    "entry_id", "actor_id", "on_behalf_of", "reason", "request_id", "metadata",
+}
+ALL_KINDS = {
+    "ledger.allocation", "ledger.consumption", "ledger.adjustment", "ledger.expiration",
+    "ledger.carry_over", "reservation.active", "reservation.committed",
+    "reservation.released", "reservation.expired", "period.open", "period.close",
+    "period.config",
+}
+
+
+def wait_until_expired(db, expires_at, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while db.execute("SELECT now() < %s AS w", (expires_at,)).fetchone()["w"]:
+        assert time.monotonic() < deadline, "reservation did not expire in time"
+        time.sleep(0.05)
+
+
+def many_allocations(db, n, user_id=U):
+    db.execute(
+        f"DO $$ BEGIN FOR i IN 1..{int(n)} LOOP"
+        f" PERFORM meter.allocate(p_user_id => '{user_id}', p_event_type => 'tokens',"
+        " p_amount => 1, p_unit => 'tok'); END LOOP; END $$"
+    )
+
+
+def db_now(db):
+    return db.execute("SELECT clock_timestamp() AS t").fetchone()["t"]
+
+
+# ---------------------------------------------------------------- balances and accounts
+
+
+def test_get_balance_unknown_account_is_zeros(client, snapshot):
+    before = snapshot()
+    assert client.get_balance("nobody", ET, UNIT) == {
+        "balance": D("0"), "reserved": D("0"), "available": D("0")}
+    assert snapshot() == before
+
+
+def test_get_balance_known_account(client):
+    client.allocate(U, ET, D("10.5"), UNIT)
+    client.reserve(U, ET, D("2.25"), UNIT)
+    assert client.get_balance(U, ET, UNIT) == {
+        "balance": D("10.5"), "reserved": D("2.25"), "available": D("8.25")}
+
+
+def test_get_account_unknown_is_none(client):
+    client.allocate(U, ET, D("1"), UNIT)
+    assert client.get_account("nobody", ET, UNIT) is None
+    assert client.get_account(U, ET, "other-unit") is None
+    assert client.get_account(U, ET, UNIT, "some-resource") is None
+
+
+def test_get_account_row(client):
+    client.allocate(U, ET, D("10"), UNIT, resource="gpt")
+    client.consume(U, ET, D("4"), UNIT, resource="gpt")
+    client.reserve(U, ET, D("1"), UNIT, resource="gpt")
+    acct = client.get_account(U, ET, UNIT, "gpt")
+    assert ACCOUNT_COLUMNS <= set(acct)
+    assert (acct["namespace"], acct["user_id"], acct["event_type"], acct["resource"],
+            acct["unit"]) == ("default", U, ET, "gpt", UNIT)
+    assert (acct["balance"], acct["reserved"]) == (D("6"), D("1"))
+    assert (acct["total_credited"], acct["total_debited"]) == (D("10"), D("4"))
+    assert acct["period_allocation"] is None
+    assert acct["carry_over_limit"] is None
+    assert acct["created_at"] is not None
+    assert acct["updated_at"] >= acct["created_at"]
+
+
+def test_get_account_is_namespace_scoped(client, make_client):
+    other = make_client(namespace="other")
+    other.allocate(U, ET, D("5"), UNIT)
+    assert client.get_account(U, ET, UNIT) is None
+    assert client.get_balance(U, ET, UNIT)["balance"] == D("0")
+    assert other.get_account(U, ET, UNIT)["namespace"] == "other"
+
+
+def test_get_user_balances(client):
+    client.allocate(U, ET, D("10"), UNIT)
+    client.allocate(U, ET, D("7"), UNIT, resource="gpt")
+    client.reserve(U, ET, D("2"), UNIT, resource="gpt")
+    client.allocate(U, "requests", D("3"), "req")
+    client.allocate("u2", ET, D("99"), UNIT)
+    client.allocate(None, ET, D("50"), UNIT)
+    rows = client.get_user_balances(U)
+    key = lambda r: (r["event_type"], r["resource"], r["unit"])  # noqa: E731
+    assert sorted(rows, key=key) == [
+        {"event_type": "requests", "resource": "", "unit": "req",
+         "balance": D("3"), "reserved": D("0"), "available": D("3")},
+        {"event_type": "tokens", "resource": "", "unit": "tok",
+         "balance": D("10"), "reserved": D("0"), "available": D("10")},
+        {"event_type": "tokens", "resource": "gpt", "unit": "tok",
+         "balance": D("7"), "reserved": D("2"), "available": D("5")},
+    ]
+    assert client.get_user_balances("nobody") == []
+
+
+# ---------------------------------------------------------------- get_ledger
+
+
+def test_get_ledger_newest_first_by_event_time(client):
+    e2 = client.allocate(U, ET, D("2"), UNIT, event_time=T2)["entry_id"]
+    e1 = client.allocate(U, ET, D("1"), UNIT, event_time=T1)["entry_id"]
+    e3 = client.consume(U, ET, D("3"), UNIT, event_time=T3)["entry_id"]
+    rows = client.get_ledger(U, ET, UNIT)
+    assert [r["id"] for r in rows] == [e3, e2, e1]
+    assert LEDGER_COLUMNS <= set(rows[0])
+    assert [(r["entry_type"], r["amount"], r["event_time"]) for r in rows] == [
+        ("consumption", D("-3"), T3), ("allocation", D("2"), T2), ("allocation", D("1"), T1)]
+    # balance_after follows the order of application, not event_time
+    assert [r["balance_after"] for r in rows] == [D("0"), D("2"), D("3")]
+
+
+def test_get_ledger_ties_broken_by_id_desc(client):
+    ids = [client.allocate(U, ET, D("1"), UNIT, event_time=T1)["entry_id"] for _ in range(3)]
+    assert [r["id"] for r in client.get_ledger(U, ET, UNIT)] == ids[::-1]
+
+
+def test_get_ledger_time_range_is_half_open(client):
+    e1 = client.allocate(U, ET, D("1"), UNIT, event_time=T1)["entry_id"]
+    e2 = client.allocate(U, ET, D("2"), UNIT, event_time=T2)["entry_id"]
+    e3 = client.allocate(U, ET, D("3"), UNIT, event_time=T3)["entry_id"]
+
+    def ids(**kw):
+        return [r["id"] for r in client.get_ledger(U, ET, UNIT, **kw)]
+
+    assert ids(start_time=T2, end_time=T3) == [e2]
+    assert ids(start_time=T2) == [e3, e2]
+    assert ids(end_time=T2) == [e1]
+    assert ids(start_time=T1, end_time=T3) == [e2, e1]
+
+
+def test_get_ledger_only_this_account(client):
+    client.allocate(U, ET, D("1"), UNIT)
+    client.allocate(U, ET, D("1"), UNIT, resource="gpt")
+    client.allocate("u2", ET, D("1"), UNIT)
+    client.allocate(U, ET, D("1"), "other")
+    assert len(client.get_ledger(U, ET, UNIT)) == 1
+    assert client.get_ledger("nobody", ET, UNIT) == []
+
+
+def test_get_ledger_limit_default_and_none(client, db):
+    many_allocations(db, 105)
+    all_ids = [r["id"] for r in db.execute(
+        "SELECT id FROM meter.ledger WHERE user_id = %s ORDER BY event_time DESC, id DESC",
+        (U,)).fetchall()]
+    assert len(all_ids) == 105
+    assert [r["id"] for r in client.get_ledger(U, ET, UNIT)] == all_ids[:100]
+    assert [r["id"] for r in client.get_ledger(U, ET, UNIT, limit=None)] == all_ids[:100]
+    assert [r["id"] for r in client.get_ledger(U, ET, UNIT, limit=3)] == all_ids[:3]
+    assert len(client.get_ledger(U, ET, UNIT, limit=105)) == 105
+
+
+def test_get_ledger_limit_capped_at_10000(client, db):
+    many_allocations(db, 10001)
+    assert len(client.get_ledger(U, ET, UNIT, limit=20000)) == 10000
+    assert len(client.get_ledger(U, ET, UNIT, limit=10000)) == 10000
+    assert len(client.get_ledger(U, ET, UNIT, limit=10001)) == 10000
+    # the SQL applies the same rules itself (NULL means 100, above 10000 is capped)
+    q = ("SELECT count(*) AS n FROM meter.get_ledger(p_user_id => %s, p_event_type => %s,"
+         " p_unit => %s, p_limit => %s)")
+    assert db.execute(q, (U, ET, UNIT, 20000)).fetchone()["n"] == 10000
+    assert db.execute(q, (U, ET, UNIT, None)).fetchone()["n"] == 100
+    assert db.execute(
+        "SELECT count(*) AS n FROM meter.get_ledger(p_user_id => %s, p_event_type => %s,"
+        " p_unit => %s)", (U, ET, UNIT)).fetchone()["n"] == 100
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_get_ledger_limit_below_one_refused(client, limit):
+    client.allocate(U, ET, D("1"), UNIT)
+    with pytest.raises(ValidationError) as ei:
+        client.get_ledger(U, ET, UNIT, limit=limit)
+    assert ei.value.parameter == "limit" or "limit" in str(ei.value)
+
+
+# ---------------------------------------------------------------- usage
+
+
+def _usage_fixture(client):
+    client.allocate(U, ET, D("100"), UNIT)
+    client.allocate(U, ET, D("100"), UNIT, resource="gpt")
+    client.adjust(U, ET, D("-9"), UNIT)  # adjustments are not consumption
+    client.consume(U, ET, D("3"), UNIT, event_time=T1)
+    client.consume(U, ET, D("4"), UNIT, event_time=T2)
+    client.consume(U, ET, D("5"), UNIT, resource="gpt", event_time=T2)
+    client.consume("u2", ET, D("6"), UNIT, event_time=T2)
+    client.consume("u2", "requests", D("1"), "req", event_time=T3)
+
+
+def _sorted(rows):
+    return sorted(rows, key=lambda r: (r["event_type"], r["resource"], r["unit"]))
+
+
+def test_get_usage_consumption_only_with_totals_and_counts(client):
+    _usage_fixture(client)
+    rows = client.get_usage(U, T1, datetime(2024, 6, 1, tzinfo=UTC))
+    assert _sorted(rows) == [
+        {"event_type": ET, "resource": "", "unit": UNIT,
+         "total_consumed": D("7"), "event_count": 2},
+        {"event_type": ET, "resource": "gpt", "unit": UNIT,
+         "total_consumed": D("5"), "event_count": 1},
+    ]
+
+
+def test_get_usage_time_bounds(client):
+    _usage_fixture(client)
+    assert _sorted(client.get_usage(U, T2, T3)) == [
+        {"event_type": ET, "resource": "", "unit": UNIT,
+         "total_consumed": D("4"), "event_count": 1},
+        {"event_type": ET, "resource": "gpt", "unit": UNIT,
+         "total_consumed": D("5"), "event_count": 1},
+    ]
+    assert client.get_usage(U, T1, T2) == [
+        {"event_type": ET, "resource": "", "unit": UNIT,
+         "total_consumed": D("3"), "event_count": 1}]
+    assert client.get_usage(U, T3, None) == []
+
+
+def test_get_usage_includes_committed_reservations(client):
+    client.allocate(U, ET, D("10"), UNIT)
+    rid = client.reserve(U, ET, D("5"), UNIT)["reservation_id"]
+    client.commit(rid, D("4"))
+    rid2 = client.reserve(U, ET, D("1"), UNIT)["reservation_id"]
+    client.release(rid2)
+    assert client.get_usage(U, None, None) == [
+        {"event_type": ET, "resource": "", "unit": UNIT,
+         "total_consumed": D("4"), "event_count": 1}]
+
+
+def test_get_namespace_usage(client, make_client):
+    _usage_fixture(client)
+    make_client(namespace="other").consume(U, ET, D("1000"), UNIT, event_time=T2)
+    rows = client.get_namespace_usage(T1, datetime(2024, 6, 1, tzinfo=UTC))
+    assert _sorted(rows) == [
+        {"event_type": "requests", "resource": "", "unit": "req",
+         "total_consumed": D("1"), "event_count": 1, "unique_users": 1},
+        {"event_type": ET, "resource": "", "unit": UNIT,
+         "total_consumed": D("13"), "event_count": 3, "unique_users": 2},
+        {"event_type": ET, "resource": "gpt", "unit": UNIT,
+         "total_consumed": D("5"), "event_count": 1, "unique_users": 1},
+    ]
+    assert _sorted(client.get_namespace_usage(T2, T3)) == [
+        {"event_type": ET, "resource": "", "unit": UNIT,
+         "total_consumed": D("10"), "event_count": 2, "unique_users": 2},
+        {"event_type": ET, "resource": "gpt", "unit": UNIT,
+         "total_consumed": D("5"), "event_count": 1, "unique_users": 1},
+    ]
+
+
+# ---------------------------------------------------------------- stats and reconcile
+
+
+def test_get_stats_counts_only_active_holds(client, db, make_client):
+    client.allocate(U, ET, D("100"), UNIT)
+    client.allocate("u2", ET, D("50"), UNIT)
+    client.consume("u2", ET, D("5"), UNIT)
+    client.reserve(U, ET, D("4"), UNIT)  # active
+    r = client.reserve(U, ET, D("3"), UNIT)
+    client.release(r["reservation_id"])
+    r = client.reserve(U, ET, D("2"), UNIT)
+    client.commit(r["reservation_id"], D("2"))
+    short = client.reserve(U, ET, D("7"), UNIT, ttl_seconds=1)
+    make_client(namespace="other").allocate(U, ET, D("1000"), UNIT)
+    wait_until_expired(db, short["expires_at"])
+
+    stats = client.get_stats()
+    assert stats["total_accounts"] == 2
+    assert stats["total_ledger_entries"] == 4
+    assert stats["active_reservations"] == 1
+    assert stats["total_balance"] == D("143")
+
+    assert client.release_expired_reservations() == 1
+    stats = client.get_stats()
+    assert stats == {"total_accounts": 2, "total_ledger_entries": 4, "active_reservations": 1,
+                     "total_balance": D("143"), "total_reserved": D("4")}
+
+
+def test_get_stats_empty_namespace(client):
+    s = client.get_stats()
+    assert (s["total_accounts"], s["total_ledger_entries"], s["active_reservations"]) == (0, 0, 0)
+    assert (s["total_balance"] or D("0"), s["total_reserved"] or D("0")) == (D("0"), D("0"))
+
+
+def test_reconcile_healthy_ledger_is_empty(client, db):
+    assert client.reconcile() == []
+    client.allocate(U, ET, D("100"), UNIT)
+    client.consume(U, ET, D("30"), UNIT, event_time=T1)
+    client.adjust(U, ET, D("-1.5"), UNIT)
+    client.reserve(U, ET, D("10"), UNIT)
+    rid = client.reserve(U, ET, D("5"), UNIT)["reservation_id"]
+    client.commit(rid, D("6"))
+    client.allocate(None, ET, D("5"), UNIT)
+    client.set_period_config("u3", ET, UNIT, None, date(2024, 1, 1), D("10"), D("2"))
+    client.open_period("u3", ET, UNIT, None, date(2024, 1, 1))
+    client.close_period("u3", ET, UNIT, None, date(2024, 1, 31))
+    assert client.reconcile() == []
+
+
+def test_reconcile_reports_tampered_account(client, db):
+    client.allocate(U, ET, D("10"), UNIT)
+    client.reserve(U, ET, D("4"), UNIT)
+    db.execute("UPDATE meter.accounts SET balance = balance + 1, reserved = reserved + 2"
+               " WHERE user_id = %s", (U,))
+    rows = sorted(client.reconcile(), key=lambda r: r["issue_type"])
+    assert rows == [
+        {"user_id": U, "event_type": ET, "resource": "", "unit": UNIT,
+         "issue_type": "balance_mismatch", "expected": D("10"), "actual": D("11"),
+         "discrepancy": D("1")},
+        {"user_id": U, "event_type": ET, "resource": "", "unit": UNIT,
+         "issue_type": "reserved_mismatch", "expected": D("4"), "actual": D("6"),
+         "discrepancy": D("2")},
+    ]
+
+
+# ---------------------------------------------------------------- actor context and audit
+
+
+def _actor(ev):
+    return (ev["actor_id"], ev["request_id"], ev["on_behalf_of"], ev["reason"])
+
+
+def test_every_kind_appears_in_audit(client, db):
+    client.set_period_config(U, ET, UNIT, None, date(2024, 1, 1), D("100"), D("10"))
+    client.open_period(U, ET, UNIT, None, date(2024, 1, 1))
+    client.consume(U, ET, D("1"), UNIT)
+    client.adjust(U, ET, D("1"), UNIT)
+    client.close_period(U, ET, UNIT, None, date(2024, 1, 31))
+    rid = client.reserve(U, ET, D("1"), UNIT)["reservation_id"]
+    client.commit(rid, D("1"))
+    client.release(client.reserve(U, ET, D("1"), UNIT)["reservation_id"])
+    short = client.reserve(U, ET, D("1"), UNIT, ttl_seconds=1)
+    client.allocate(U, ET, D("1"), UNIT)
+    wait_until_expired(db, short["expires_at"])
+    assert client.release_expired_reservations() == 1
+
+    events = client.get_audit_events(limit=1000)
+    assert {e["kind"] for e in events} == ALL_KINDS
+    for e in events:
+        assert AUDIT_COLUMNS <= set(e), e
+    ats = [e["at"] for e in events]
+    assert ats == sorted(ats, reverse=True)
+
+
+def test_audit_event_fields_for_ledger_and_reservation(client):
+    client.set_actor("alice", "req-1", "bob", "support ticket 7")
+    a = client.allocate(U, ET, D("10"), UNIT, resource="gpt", metadata={"plan": "pro"})
+    r = client.reserve(U, ET, D("4"), UNIT, resource="gpt")
+    ev = client.get_audit_events(kinds=["ledger.allocation"])
+    assert len(ev) == 1
+    e = ev[0]
+    assert (e["kind"], e["user_id"], e["event_type"], e["resource"], e["unit"]) == (
+        "ledger.allocation", U, ET, "gpt", UNIT)
+    assert e["amount"] == D("10")
+    assert e["entry_id"] == a["entry_id"]
+    assert e["reservation_id"] is None
+    assert e["metadata"] == {"plan": "pro"}
+    assert _actor(e) == ("alice", "req-1", "bob", "support ticket 7")
+    (h,) = client.get_audit_events(kinds=["reservation.active"])
+    assert (h["reservation_id"], h["amount"], h["user_id"], h["resource"]) == (
+        r["reservation_id"], D("4"), U, "gpt")
+    assert _actor(h) == ("alice", "req-1", "bob", "support ticket 7")
+
+
+def test_actor_fields_recorded_on_ledger_rows(client, db):
+    client.set_actor("alice", "req-1", "bob", "why")
+    e = client.allocate(U, ET, D("1"), UNIT)["entry_id"]
+    row = db.execute("SELECT * FROM meter.ledger WHERE id = %s", (e,)).fetchone()
+    assert (row["actor_id"], row["request_id"], row["on_behalf_of"], row["reason"]) == (
+        "alice", "req-1", "bob", "why")
+    led = client.get_ledger(U, ET, UNIT)[0]
+    assert (led["actor_id"], led["reason"]) == ("alice", "why")
+
+
+def test_set_actor_changes_only_passed_fields_and_clear_actor(client):
+    def last_actor():
+        return _actor(client.get_audit_events(limit=1)[0])
+
+    client.set_actor(actor_id="alice", reason="r1")
+    client.allocate(U, ET, D("1"), UNIT)
+    assert last_actor() == ("alice", None, None, "r1")
+    client.set_actor(request_id="req-2")
+    client.allocate(U, ET, D("1"), UNIT)
+    assert last_actor() == ("alice", "req-2", None, "r1")
+    client.set_actor(actor_id="carol", on_behalf_of="dave")
+    client.allocate(U, ET, D("1"), UNIT)
+    assert last_actor() == ("carol", "req-2", "dave", "r1")
+    client.clear_actor()
+    client.allocate(U, ET, D("1"), UNIT)
+    assert last_actor() == (None, None, None, None)
+
+
+def test_actor_is_per_client(client, make_client):
+    other = make_client()
+    client.set_actor("alice")
+    other.allocate("u9", ET, D("1"), UNIT)
+    client.allocate(U, ET, D("1"), UNIT)
+    assert _actor(client.get_audit_events(user_id="u9")[0]) == (None, None, None, None)
+    assert client.get_audit_events(user_id=U)[0]["actor_id"] == "alice"
+
+
+def test_audit_filters(client, db):
+    client.set_actor("alice")
+    client.allocate(U, ET, D("10"), UNIT)
+    client.consume(U, ET, D("1"), UNIT)
+    client.set_actor("bob")
+    client.allocate("u2", ET, D("10"), UNIT)
+    mid = db_now(db)
+    time.sleep(0.01)
+    client.consume("u2", ET, D("2"), UNIT)
+    client.consume(U, ET, D("3"), UNIT)
+
+    def view(**kw):
+        return [(e["kind"], e["user_id"], e["amount"], e["actor_id"])
+                for e in client.get_audit_events(**kw)]
+
+    assert view(user_id=U) == [
+        ("ledger.consumption", U, D("-3"), "bob"),
+        ("ledger.consumption", U, D("-1"), "alice"),
+        ("ledger.allocation", U, D("10"), "alice"),
+    ]
+    assert view(actor_id="alice") == [
+        ("ledger.consumption", U, D("-1"), "alice"),
+        ("ledger.allocation", U, D("10"), "alice"),
+    ]
+    assert view(kinds=["ledger.allocation"]) == [
+        ("ledger.allocation", "u2", D("10"), "bob"),
+        ("ledger.allocation", U, D("10"), "alice"),
+    ]
+    assert view(start_time=mid) == [
+        ("ledger.consumption", U, D("-3"), "bob"),
+        ("ledger.consumption", "u2", D("-2"), "bob"),
+    ]
+    assert view(end_time=mid) == [
+        ("ledger.allocation", "u2", D("10"), "bob"),
+        ("ledger.consumption", U, D("-1"), "alice"),
+        ("ledger.allocation", U, D("10"), "alice"),
+    ]
+    assert view(user_id="u2", actor_id="bob", kinds=["ledger.consumption"]) == [
+        ("ledger.consumption", "u2", D("-2"), "bob")]
+    assert len(view(limit=2)) == 2
+    assert view(limit=2) == view()[:2]
+
+
+def test_audit_is_namespace_scoped(client, make_client):
+    make_client(namespace="other").allocate(U, ET, D("1"), UNIT)
+    assert client.get_audit_events() == []
+
+
+def test_sweep_transitions_carry_system_expiry_actor(client, db):
+    client.set_actor("alice")
+    client.allocate(U, ET, D("10"), UNIT)
+    r = client.reserve(U, ET, D("4"), UNIT, ttl_seconds=1)
+    wait_until_expired(db, r["expires_at"])
+    assert client.release_expired_reservations() == 1
+    (ev,) = client.get_audit_events(kinds=["reservation.expired"])
+    assert ev["actor_id"] == "system:expiry"
+    assert ev["reservation_id"] == r["reservation_id"]
+    assert ev["amount"] == D("4")
+    (created,) = client.get_audit_events(kinds=["reservation.active"])
+    assert created["actor_id"] == "alice"
+
+
+def test_release_of_expired_hold_transition_carries_system_expiry(client, db):
+    client.set_actor("alice")
+    client.allocate(U, ET, D("10"), UNIT)
+    r = client.reserve(U, ET, D("4"), UNIT, ttl_seconds=1)
+    wait_until_expired(db, r["expires_at"])
+    assert client.release(r["reservation_id"]) is False
+    (ev,) = client.get_audit_events(kinds=["reservation.expired"])
+    assert ev["actor_id"] == "system:expiry"
+
+
+def test_period_audit_events(client):
+    client.set_actor("ops")
+    client.set_period_config(U, ET, UNIT, None, date(2024, 1, 1), D("100"), D("10"))
+    client.open_period(U, ET, UNIT, None, date(2024, 1, 1))
+    client.close_period(U, ET, UNIT, None, date(2024, 1, 31))
+    kinds = [e["kind"] for e in client.get_audit_events(
+        kinds=["period.config", "period.open", "period.close"])]
+    assert sorted(kinds) == ["period.close", "period.config", "period.open"]
+    for e in client.get_audit_events(kinds=["period.config", "period.open", "period.close"]):
+        assert (e["user_id"], e["event_type"], e["unit"], e["actor_id"]) == (U, ET, UNIT, "ops")

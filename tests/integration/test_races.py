@@ -1,0 +1,497 @@
+"""Concurrency: real threads, each with its own client and connection (SPEC 3 items 1 and 6).
+
+- a hot account never overdraws under check_balance;
+- an idempotency key is applied once however many callers race on it, and a different
+  request racing on the same key is refused with IdempotencyConflictError;
+- reserve/commit/release traffic with short TTLs while the expiry sweep loops never
+  deadlocks and leaves reconcile() empty.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from meter import MeterClient
+from meter.errors import IdempotencyConflictError
+
+D = Decimal
+ET = "tokens"
+UNIT = "tok"
+DEADLOCK = "40P01"
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def run_threads(
+    n: int,
+    url: str,
+    target: Callable[[int, MeterClient], Any],
+    *,
+    namespace: str = "default",
+    timeout: float = 60.0,
+) -> tuple[list[Any], list[tuple[int, BaseException]]]:
+    """Run ``target(i, client)`` in ``n`` threads, each with its own client, all released at
+    once by a barrier. Returns the results (by thread) and the exceptions raised."""
+    barrier = threading.Barrier(n)
+    results: list[Any] = [None] * n
+    errors: list[tuple[int, BaseException]] = []
+
+    def wrap(i: int) -> None:
+        try:
+            with MeterClient(url, namespace=namespace) as c:
+                # One round trip first, so that connecting is not part of the race.
+                c.get_balance("warm-up", ET, UNIT)
+                barrier.wait(timeout=30)
+                results[i] = target(i, c)
+        except BaseException as e:  # collected and asserted on by the caller
+            errors.append((i, e))
+            barrier.abort()
+
+    threads = [threading.Thread(target=wrap, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    alive = sum(t.is_alive() for t in threads)
+    assert alive == 0, f"{alive} of {n} threads still running after {timeout}s (deadlock?)"
+    return results, errors
+
+
+def sqlstate(e: BaseException) -> str | None:
+    return getattr(e, "sqlstate", None) or getattr(e.__cause__, "sqlstate", None)
+
+
+def assert_no_errors(errors: list[tuple[int, BaseException]]) -> None:
+    deadlocks = [e for _, e in errors if sqlstate(e) == DEADLOCK]
+    assert not deadlocks, f"deadlocks surfaced: {deadlocks!r}"
+    assert not errors, f"threads failed: {errors!r}"
+
+
+def ledger(db, user_id: str, namespace: str = "default") -> list[dict]:
+    return db.execute(
+        "SELECT * FROM meter.ledger WHERE namespace = %s AND user_id = %s ORDER BY id",
+        (namespace, user_id),
+    ).fetchall()
+
+
+def account(db, user_id: str, namespace: str = "default") -> dict:
+    return db.execute(
+        "SELECT * FROM meter.accounts WHERE namespace = %s AND user_id = %s AND event_type = %s"
+        " AND unit = %s AND resource = ''",
+        (namespace, user_id, ET, UNIT),
+    ).fetchone()
+
+
+# ---------------------------------------------------------------- hot account
+
+
+@pytest.mark.slow
+def test_hot_account_never_overdraws(db_url, client, db):
+    client.allocate("hot", ET, 1000, UNIT)
+
+    def worker(i: int, c: MeterClient) -> list[dict]:
+        done = []
+        while True:
+            r = c.consume("hot", ET, 7, UNIT, check_balance=True)
+            if not r["success"]:
+                # A refusal reports the state it saw and changes nothing.
+                assert r["entry_id"] is None
+                assert D("0") <= r["available"] < D("7"), r
+                return done
+            assert r["balance"] >= 0, r
+            done.append(r)
+
+    results, errors = run_threads(32, db_url, worker)
+    assert_no_errors(errors)
+    successes = [r for per_thread in results for r in per_thread]
+    assert sum(1 for per_thread in results if per_thread) > 1  # the callers really interleaved
+
+    # 1000 = 142 * 7 + 6: exactly 142 consumes fit, whoever made them.
+    assert len(successes) == 142
+    assert sum(D("7") for _ in successes) == D("1000") - D("6")
+    # Each success saw its own balance: the consumes were applied one after another.
+    assert sorted((r["balance"] for r in successes), reverse=True) == [
+        D("1000") - 7 * k for k in range(1, 143)
+    ]
+    assert len({r["entry_id"] for r in successes}) == 142
+
+    assert client.get_balance("hot", ET, UNIT) == {
+        "balance": D("6"),
+        "reserved": D("0"),
+        "available": D("6"),
+    }
+    rows = ledger(db, "hot")
+    assert len(rows) == 1 + 142
+    assert [r["entry_type"] for r in rows].count("consumption") == 142
+    assert sum(r["amount"] for r in rows) == D("6")
+    assert min(r["balance_after"] for r in rows) == D("6")
+    assert {r["id"] for r in rows if r["entry_type"] == "consumption"} == {
+        r["entry_id"] for r in successes
+    }
+    acc = account(db, "hot")
+    assert (acc["total_credited"], acc["total_debited"]) == (D("1000"), D("994"))
+    assert client.reconcile() == []
+
+
+# ---------------------------------------------------------------- one key, many callers
+
+
+@pytest.mark.slow
+def test_same_key_replayed_concurrently_applies_once(db_url, client, db):
+    client.allocate("u", ET, 1000, UNIT)
+    expected_balance = D("1000")
+    for round_no in range(4):
+        key = f"consume-{round_no}"
+        results, errors = run_threads(
+            8, db_url, lambda i, c, key=key: c.consume("u", ET, 10, UNIT, idempotency_key=key)
+        )
+        assert_no_errors(errors)
+        expected_balance -= 10
+        assert results[0]["success"] is True
+        assert results[0]["balance"] == expected_balance
+        assert all(r == results[0] for r in results), results
+
+        key = f"allocate-{round_no}"
+        results, errors = run_threads(
+            8, db_url, lambda i, c, key=key: c.allocate("u", ET, 25, UNIT, idempotency_key=key)
+        )
+        assert_no_errors(errors)
+        expected_balance += 25
+        assert results[0]["balance"] == expected_balance
+        assert all(r == results[0] for r in results), results
+
+    assert client.get_balance("u", ET, UNIT)["balance"] == D("1060")
+    rows = ledger(db, "u")
+    keyed = [r["idempotency_key"] for r in rows if r["idempotency_key"] is not None]
+    assert sorted(keyed) == sorted(
+        [f"consume-{n}" for n in range(4)] + [f"allocate-{n}" for n in range(4)]
+    )
+    assert len(rows) == 1 + 8
+    stored = db.execute(
+        "SELECT key FROM meter.idempotency_keys WHERE namespace = 'default' ORDER BY key"
+    ).fetchall()
+    assert [r["key"] for r in stored] == sorted(keyed)
+    assert client.reconcile() == []
+
+
+@pytest.mark.slow
+def test_same_reservation_id_and_commit_raced(db_url, client, db):
+    client.allocate("u", ET, 100, UNIT)
+
+    results, errors = run_threads(
+        8,
+        db_url,
+        lambda i, c: c.reserve("u", ET, 30, UNIT, ttl_seconds=600, reservation_id="hold-1"),
+    )
+    assert_no_errors(errors)
+    assert all(r == results[0] for r in results), results
+    assert (results[0]["granted"], results[0]["reservation_id"]) == (True, "hold-1")
+    assert results[0]["available"] == D("70")
+    assert client.get_balance("u", ET, UNIT) == {
+        "balance": D("100"),
+        "reserved": D("30"),
+        "available": D("70"),
+    }
+
+    results, errors = run_threads(8, db_url, lambda i, c: c.commit("hold-1", 12))
+    assert_no_errors(errors)
+    assert sorted(r["status"] for r in results) == ["committed"] + ["replayed"] * 7
+    figures = {
+        (
+            r["success"],
+            r["consumed"],
+            r["released"],
+            r["reserved_amount"],
+            r["balance"],
+            r["entry_id"],
+        )
+        for r in results
+    }
+    assert len(figures) == 1, figures
+    (success, consumed, released, reserved_amount, balance, entry_id) = figures.pop()
+    assert (success, consumed, released, reserved_amount, balance) == (
+        True,
+        D("12"),
+        D("18"),
+        D("30"),
+        D("88"),
+    )
+    rows = ledger(db, "u")
+    assert [(r["entry_type"], r["amount"], r["reservation_id"]) for r in rows] == [
+        ("allocation", D("100"), None),
+        ("consumption", D("-12"), "hold-1"),
+    ]
+    assert rows[1]["id"] == entry_id
+    assert client.get_balance("u", ET, UNIT) == {
+        "balance": D("88"),
+        "reserved": D("0"),
+        "available": D("88"),
+    }
+    assert client.reconcile() == []
+
+
+def _race_pair(db_url, calls):
+    """Run two different calls at once; return [(result or exception)] per call."""
+
+    def worker(i, c):
+        try:
+            return calls[i](c)
+        except IdempotencyConflictError as e:
+            return e
+
+    results, errors = run_threads(2, db_url, worker)
+    assert_no_errors(errors)
+    return results
+
+
+@pytest.mark.slow
+def test_same_key_different_requests_raced(db_url, client, db):
+    client.allocate("u", ET, 10000, UNIT)
+    balance = D("10000")
+    for n in range(8):
+        key = f"k-{n}"
+        amounts = (D("3"), D("4"))
+        results = _race_pair(
+            db_url,
+            [
+                lambda c, a=amounts[0], key=key: c.consume("u", ET, a, UNIT, idempotency_key=key),
+                lambda c, a=amounts[1], key=key: c.consume("u", ET, a, UNIT, idempotency_key=key),
+            ],
+        )
+        winners = [(a, r) for a, r in zip(amounts, results, strict=True) if isinstance(r, dict)]
+        losers = [r for r in results if isinstance(r, IdempotencyConflictError)]
+        assert len(winners) == 1 and len(losers) == 1, results
+        amount, won = winners[0]
+        balance -= amount
+        assert (won["success"], won["balance"]) == (True, balance)
+
+        key = f"a-{n}"
+        amounts = (D("5"), D("6"))
+        results = _race_pair(
+            db_url,
+            [
+                lambda c, a=amounts[0], key=key: c.allocate("u", ET, a, UNIT, idempotency_key=key),
+                lambda c, a=amounts[1], key=key: c.allocate("u", ET, a, UNIT, idempotency_key=key),
+            ],
+        )
+        winners = [(a, r) for a, r in zip(amounts, results, strict=True) if isinstance(r, dict)]
+        losers = [r for r in results if isinstance(r, IdempotencyConflictError)]
+        assert len(winners) == 1 and len(losers) == 1, results
+        amount, won = winners[0]
+        balance += amount
+        assert won["balance"] == balance
+
+    assert client.get_balance("u", ET, UNIT)["balance"] == balance
+    rows = ledger(db, "u")
+    assert len(rows) == 1 + 16
+    assert sum(r["amount"] for r in rows) == balance
+    assert client.reconcile() == []
+
+
+@pytest.mark.slow
+def test_commit_of_one_hold_with_different_amounts_raced(db_url, client, db):
+    client.allocate("u", ET, 1000, UNIT)
+    expected = D("1000")
+    for n in range(6):
+        rid = f"h-{n}"
+        assert client.reserve("u", ET, 20, UNIT, ttl_seconds=600, reservation_id=rid)["granted"]
+        amounts = (D("7"), D("9"))
+        results = _race_pair(
+            db_url,
+            [
+                lambda c, a=amounts[0], rid=rid: c.commit(rid, a),
+                lambda c, a=amounts[1], rid=rid: c.commit(rid, a),
+            ],
+        )
+        winners = [(a, r) for a, r in zip(amounts, results, strict=True) if isinstance(r, dict)]
+        assert len(winners) == 1, results
+        amount, won = winners[0]
+        expected -= amount
+        assert (won["status"], won["consumed"], won["released"], won["balance"]) == (
+            "committed",
+            amount,
+            D("20") - amount,
+            expected,
+        )
+    assert client.get_balance("u", ET, UNIT) == {
+        "balance": expected,
+        "reserved": D("0"),
+        "available": expected,
+    }
+    assert len(ledger(db, "u")) == 1 + 6
+    assert client.reconcile() == []
+
+
+@pytest.mark.slow
+def test_commit_and_release_of_one_hold_raced(db_url, client, db):
+    client.allocate("u", ET, 1000, UNIT)
+    expected = D("1000")
+    for n in range(8):
+        rid = f"h-{n}"
+        assert client.reserve("u", ET, 20, UNIT, ttl_seconds=600, reservation_id=rid)["granted"]
+        results, errors = run_threads(
+            2, db_url, lambda i, c, rid=rid: c.commit(rid, 5) if i == 0 else c.release(rid)
+        )
+        assert_no_errors(errors)
+        committed, released = results
+        if committed["status"] == "committed":
+            assert released is False
+            expected -= 5
+        else:
+            assert committed["status"] == "released" and committed["success"] is False
+            assert released is True
+        row = db.execute(
+            "SELECT status FROM meter.reservations WHERE reservation_id = %s", (rid,)
+        ).fetchone()
+        assert row["status"] == committed["status"]
+    assert client.get_balance("u", ET, UNIT) == {
+        "balance": expected,
+        "reserved": D("0"),
+        "available": expected,
+    }
+    assert client.reconcile() == []
+
+
+# ---------------------------------------------------------------- traffic and the sweep
+
+
+USERS = [f"t{n}" for n in range(4)]
+GRANT = D("1000000")
+
+
+@pytest.mark.slow
+def test_reserve_commit_release_traffic_with_sweep_never_deadlocks(db_url, client, db, maint_url):
+    for u in USERS:
+        client.allocate(u, ET, GRANT, UNIT)
+    # Eight callers on four accounts, commits of holds the sweep is expiring at that very
+    # moment, releases racing the sweep, and two sweeps (per namespace and across all).
+    duration = 6.0
+    stop = threading.Event()
+    sweep_errors: list[BaseException] = []
+    swept = [0]
+
+    def sweeper() -> None:
+        try:
+            with (
+                MeterClient(db_url) as c,
+                psycopg.connect(maint_url, autocommit=True, row_factory=dict_row) as maint,
+            ):
+                while not stop.is_set():
+                    swept[0] += c.release_expired_reservations()
+                    # The cross-namespace sweep in small batches, as beat runs it.
+                    swept[0] += maint.execute(
+                        "SELECT meter.release_expired_reservations(NULL, 3) AS n"
+                    ).fetchone()["n"]
+                    time.sleep(0.01)
+        except BaseException as e:
+            sweep_errors.append(e)
+
+    def worker(i: int, c: MeterClient) -> dict:
+        rng = random.Random(i)
+        consumed: dict[str, Decimal] = defaultdict(Decimal)
+        outcomes: dict[str, int] = defaultdict(int)
+        end = time.monotonic() + duration
+        while time.monotonic() < end:
+            user = rng.choice(USERS)
+            hold = D(rng.randint(1, 20))
+            ttl = rng.choice((1, 2))
+            started = time.monotonic()
+            r = c.reserve(user, ET, hold, UNIT, ttl_seconds=ttl)
+            assert r["granted"] is True, r
+            rid = r["reservation_id"]
+            action = rng.choice(("commit", "commit", "release", "abandon", "late", "late-release"))
+            if action in ("late", "late-release"):
+                time.sleep(ttl + 0.1 + rng.random() * 0.3)
+            actual = D(rng.randint(0, 30))
+            if action in ("commit", "late"):
+                cm = c.commit(rid, actual)
+                assert cm["success"] is True, cm
+                assert cm["consumed"] == actual and cm["reserved_amount"] == hold, cm
+                if action == "late":
+                    assert cm["status"] == "late", cm
+                if cm["status"] == "late":
+                    assert cm["released"] == 0, cm
+                else:
+                    assert cm["status"] == "committed", cm
+                    assert cm["released"] == max(hold - actual, D("0")), cm
+                consumed[user] += actual
+                outcomes[cm["status"]] += 1
+            elif action in ("release", "late-release"):
+                ok = c.release(rid)
+                if action == "late-release":
+                    assert ok is False  # past its TTL: swept or not, not releasable
+                elif time.monotonic() - started < ttl - 0.5:
+                    assert ok is True
+                outcomes[f"{action}:{ok}"] += 1
+            else:
+                outcomes["abandon"] += 1
+        return {"consumed": consumed, "outcomes": outcomes}
+
+    sweep_thread = threading.Thread(target=sweeper, daemon=True)
+    sweep_thread.start()
+    try:
+        results, errors = run_threads(8, db_url, worker, timeout=duration + 30)
+    finally:
+        stop.set()
+        sweep_thread.join(30)
+    assert not sweep_thread.is_alive(), "the sweep did not finish (deadlock?)"
+    assert_no_errors(errors + [(-1, e) for e in sweep_errors])
+
+    consumed: dict[str, Decimal] = defaultdict(Decimal)
+    outcomes: dict[str, int] = defaultdict(int)
+    for r in results:
+        for u, v in r["consumed"].items():
+            consumed[u] += v
+        for k, v in r["outcomes"].items():
+            outcomes[k] += v
+    # The traffic really exercised every path.
+    for k in ("committed", "late", "release:True", "late-release:False", "abandon"):
+        assert outcomes[k] > 0, dict(outcomes)
+    assert swept[0] > 0
+
+    def check_accounts() -> None:
+        assert client.reconcile() == []
+        for u in USERS:
+            acc = account(db, u)
+            holds = db.execute(
+                "SELECT coalesce(sum(amount), 0) AS s FROM meter.reservations"
+                " WHERE namespace = 'default' AND user_id = %s AND status = 'active'",
+                (u,),
+            ).fetchone()["s"]
+            assert acc["reserved"] == holds, u
+            assert acc["balance"] == GRANT - consumed[u], u
+            assert sum(r["amount"] for r in ledger(db, u)) == acc["balance"], u
+            committed = db.execute(
+                "SELECT coalesce(sum(actual_amount), 0) AS s FROM meter.reservations"
+                " WHERE namespace = 'default' AND user_id = %s AND status = 'committed'",
+                (u,),
+            ).fetchone()["s"]
+            assert committed == consumed[u], u
+
+    check_accounts()
+
+    # Once every TTL has passed, a sweep leaves no hold behind.
+    time.sleep(2.2)
+    while client.release_expired_reservations() > 0:
+        pass
+    check_accounts()
+    left = db.execute(
+        "SELECT count(*) AS n FROM meter.reservations WHERE status = 'active'"
+    ).fetchone()["n"]
+    assert left == 0
+    for u in USERS:
+        b = client.get_balance(u, ET, UNIT)
+        assert b == {"balance": GRANT - consumed[u], "reserved": D("0"), "available": b["balance"]}
+    assert client.get_stats()["active_reservations"] == 0

@@ -1,0 +1,332 @@
+"""The Python SDK: connection kinds, transactions, lifecycle, types, errors, threads (SPEC 4)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, date, datetime
+from decimal import Decimal
+
+import psycopg
+import pytest
+from psycopg.pq import TransactionStatus
+from psycopg_pool import ConnectionPool
+
+import meter
+from meter.errors import (
+    IdempotencyConflictError,
+    MeterConnectionError,
+    MeterError,
+    NotFoundError,
+    ValidationError,
+)
+
+D = Decimal
+U = "u1"
+ET = "tokens"
+UNIT = "tok"
+
+
+def other_backends(db):
+    return db.execute(
+        "SELECT count(*) AS n FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        " AND backend_type = 'client backend'"
+    ).fetchone()["n"]
+
+
+def n_accounts(db):
+    return db.execute("SELECT count(*) AS n FROM meter.accounts").fetchone()["n"]
+
+
+# ---------------------------------------------------------------- connection kinds
+
+
+def test_client_from_conninfo(db_url, db):
+    c = meter.MeterClient(db_url)
+    try:
+        assert c.allocate(U, ET, D("5"), UNIT)["balance"] == D("5")
+        assert c.get_balance(U, ET, UNIT)["balance"] == D("5")
+    finally:
+        c.close()
+    row = db.execute("SELECT namespace, balance FROM meter.accounts").fetchone()
+    assert row == {"namespace": "default", "balance": D("5")}
+
+
+def test_client_namespace_argument(db_url, db):
+    with meter.MeterClient(db_url, namespace="acme") as c:
+        c.allocate(U, ET, D("5"), UNIT)
+    assert db.execute("SELECT namespace FROM meter.accounts").fetchone()["namespace"] == "acme"
+
+
+def test_client_from_pool(db_url, db):
+    with ConnectionPool(db_url, min_size=1, max_size=3, open=True) as pool:
+        c = meter.MeterClient(pool)
+        assert c.allocate(U, ET, D("5"), UNIT)["balance"] == D("5")
+        assert c.consume(U, ET, D("2"), UNIT)["balance"] == D("3")
+        with pytest.raises(ValidationError):
+            c.allocate(U, ET, D("NaN"), UNIT)
+        # the failed call left no broken connection behind
+        assert c.get_balance(U, ET, UNIT)["balance"] == D("3")
+        with pool.connection() as conn:
+            assert conn.info.transaction_status == TransactionStatus.IDLE
+    assert db.execute("SELECT balance FROM meter.accounts").fetchone()["balance"] == D("3")
+
+
+def test_client_from_connection_outside_transaction_commits(db_url, db):
+    with psycopg.connect(db_url) as conn:
+        c = meter.MeterClient(conn)
+        c.allocate(U, ET, D("5"), UNIT)
+        assert conn.info.transaction_status == TransactionStatus.IDLE
+        # visible to others at once: the call ran in its own transaction
+        assert n_accounts(db) == 1
+
+
+def test_client_from_autocommit_connection(db_url, db):
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        c = meter.MeterClient(conn)
+        assert c.allocate(U, ET, D("5"), UNIT)["balance"] == D("5")
+        assert n_accounts(db) == 1
+
+
+def test_connection_client_failure_rolls_back_only_its_savepoint(db_url, db):
+    with psycopg.connect(db_url) as conn:
+        conn.execute("CREATE TEMP TABLE caller_work (x int)")
+        conn.execute("INSERT INTO caller_work VALUES (1)")
+        assert conn.info.transaction_status == TransactionStatus.INTRANS
+        c = meter.MeterClient(conn)
+        c.allocate(U, ET, D("5"), UNIT, idempotency_key="k-1")
+        with pytest.raises(IdempotencyConflictError):
+            c.allocate(U, ET, D("6"), UNIT, idempotency_key="k-1")  # raised by the database
+        with pytest.raises(NotFoundError):
+            c.adjust(U, ET, D("1"), UNIT, reference_id=987654321)
+        # the caller's transaction is still open and healthy, its work and the call intact
+        assert conn.info.transaction_status == TransactionStatus.INTRANS
+        assert conn.execute("SELECT x FROM caller_work").fetchall() == [(1,)]
+        assert c.get_balance(U, ET, UNIT)["balance"] == D("5")
+        assert n_accounts(db) == 0  # nothing committed yet
+        conn.commit()
+    assert db.execute("SELECT balance FROM meter.accounts").fetchone()["balance"] == D("5")
+    assert db.execute("SELECT count(*) AS n FROM meter.ledger").fetchone()["n"] == 1
+
+
+def test_connection_client_caller_rollback_undoes_call(db_url, db, snapshot):
+    before = snapshot()
+    with psycopg.connect(db_url) as conn:
+        conn.execute("SELECT 1")
+        c = meter.MeterClient(conn)
+        assert c.allocate(U, ET, D("5"), UNIT)["balance"] == D("5")
+        rid = c.reserve(U, ET, D("2"), UNIT)["reservation_id"]
+        assert c.commit(rid, D("1"))["balance"] == D("4")
+        conn.rollback()
+        assert c.get_balance(U, ET, UNIT)["balance"] == D("0")
+    assert snapshot() == before
+
+
+def test_connection_client_inside_explicit_transaction_block(db_url, db):
+    with psycopg.connect(db_url) as conn:
+        c = meter.MeterClient(conn)
+        with pytest.raises(RuntimeError):
+            with conn.transaction():
+                c.allocate(U, ET, D("5"), UNIT)
+                raise RuntimeError("caller aborts")
+        assert n_accounts(db) == 0
+        with conn.transaction():
+            c.allocate(U, ET, D("7"), UNIT)
+        assert db.execute("SELECT balance FROM meter.accounts").fetchone()["balance"] == D("7")
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+def _wait_backends(db, expected, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while other_backends(db) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return other_backends(db)
+
+
+def test_context_manager_returns_client_and_closes(db_url, db):
+    base = other_backends(db)
+    with meter.MeterClient(db_url) as c:
+        assert isinstance(c, meter.MeterClient)
+        assert c.allocate(U, ET, D("1"), UNIT)["balance"] == D("1")
+    assert _wait_backends(db, base) == base
+
+
+def test_close_releases_connections(db_url, db):
+    base = other_backends(db)
+    c = meter.MeterClient(db_url)
+    for _ in range(3):
+        c.get_balance(U, ET, UNIT)
+    c.close()
+    assert _wait_backends(db, base) == base
+
+
+def test_close_does_not_close_callers_connection(db_url):
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        with meter.MeterClient(conn) as c:
+            c.get_balance(U, ET, UNIT)
+        assert not conn.closed
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+# ---------------------------------------------------------------- types
+
+
+def _no_floats(value, path="result"):
+    if isinstance(value, float):
+        raise AssertionError(f"{path} is a float: {value!r}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _no_floats(v, f"{path}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _no_floats(v, f"{path}[{i}]")
+
+
+def _decimals(d, *cols):
+    for col in cols:
+        assert type(d[col]) is Decimal, (col, d[col])
+
+
+def test_results_are_decimal_never_float(client, db):
+    t = datetime(2024, 5, 1, tzinfo=UTC)
+    results = []
+    r = client.allocate(U, ET, 10, UNIT)
+    _decimals(r, "balance")
+    results.append(r)
+    r = client.consume(U, ET, 1, UNIT, event_time=t)
+    _decimals(r, "balance", "available")
+    results.append(r)
+    r = client.reserve(U, ET, 2, UNIT)
+    _decimals(r, "balance", "available")
+    results.append(r)
+    r = client.commit(r["reservation_id"], 1)
+    _decimals(r, "consumed", "released", "reserved_amount", "balance")
+    results.append(r)
+    r = client.adjust(U, ET, 1, UNIT)
+    _decimals(r, "balance")
+    results.append(r)
+    r = client.get_balance(U, ET, UNIT)
+    _decimals(r, "balance", "reserved", "available")
+    results.append(r)
+    r = client.get_account(U, ET, UNIT)
+    _decimals(r, "balance", "reserved", "total_credited", "total_debited")
+    results.append(r)
+    for row in client.get_ledger(U, ET, UNIT):
+        _decimals(row, "amount", "balance_after")
+        results.append(row)
+    for row in client.get_user_balances(U):
+        _decimals(row, "balance", "reserved", "available")
+    for row in client.get_usage(U, None, None):
+        _decimals(row, "total_consumed")
+        assert type(row["event_count"]) is int
+    for row in client.get_namespace_usage(None, None):
+        _decimals(row, "total_consumed")
+    s = client.get_stats()
+    _decimals(s, "total_balance", "total_reserved")
+    results.append(s)
+    client.set_period_config(U, ET, UNIT, None, date(2024, 1, 1), 5, 1)
+    opened = client.open_period(U, ET, UNIT, None, date(2024, 1, 1))
+    assert type(opened) is Decimal
+    r = client.close_period(U, ET, UNIT, None, date(2024, 1, 31))
+    _decimals(r, "expired", "carried_over", "new_balance")
+    results.append(r)
+    results.extend(client.get_audit_events(limit=1000))
+    for e in client.get_audit_events(kinds=["ledger.allocation"]):
+        assert type(e["amount"]) is Decimal
+    _no_floats(results)
+
+
+def test_amounts_accept_int_decimal_str_float(client):
+    assert client.allocate(U, ET, 5, UNIT)["balance"] == D("5")
+    assert client.allocate(U, ET, D("2.5"), UNIT)["balance"] == D("7.5")
+    assert client.allocate(U, ET, "1.25", UNIT)["balance"] == D("8.75")
+    r = client.allocate(U, ET, 0.1, UNIT)
+    assert r["balance"] == D("8.85")
+    assert str(r["balance"].normalize()) == "8.85"
+    assert client.consume(U, ET, 0.05, UNIT)["balance"] == D("8.8")
+    assert client.adjust(U, ET, -0.3, UNIT)["balance"] == D("8.5")
+
+
+def test_returned_values_can_be_passed_back(client):
+    a = client.allocate(U, ET, D("10"), UNIT)
+    avail = client.get_balance(U, ET, UNIT)["available"]
+    g = client.reserve(U, ET, avail, UNIT)
+    assert g["granted"] is True
+    c = client.commit(g["reservation_id"], g["available"] + D("3"))  # available is 0 here
+    assert c["consumed"] == D("3")
+    back = client.allocate(U, ET, c["released"] + c["reserved_amount"], UNIT)
+    assert back["balance"] == D("24")
+    row = client.get_ledger(U, ET, UNIT)[0]
+    j = client.adjust(U, ET, -row["amount"], UNIT, reference_id=a["entry_id"])
+    assert j["balance"] == D("7")
+    ledger = client.get_ledger(U, ET, UNIT, start_time=row["event_time"])
+    assert ledger[0]["reference_id"] == a["entry_id"]
+    bal = client.get_account(U, ET, UNIT)
+    r = client.consume(U, ET, bal["balance"], UNIT, check_balance=True)
+    assert (r["success"], r["balance"]) == (True, D("0"))
+    start = bal["created_at"].date()
+    client.set_period_config(U, ET, UNIT, bal["resource"], start, j["balance"], j["balance"])
+    opened = client.open_period(U, ET, UNIT, bal["resource"], start)
+    assert opened == D("7")
+    assert client.allocate(U, ET, opened, UNIT)["balance"] == D("14")
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_error_hierarchy():
+    for cls in (ValidationError, IdempotencyConflictError, NotFoundError,
+                MeterConnectionError):
+        assert issubclass(cls, MeterError)
+    assert issubclass(meter.MeterError, Exception)
+
+
+def test_validation_error_names_parameter(client):
+    with pytest.raises(ValidationError) as ei:
+        client.consume(U, ET, D("NaN"), UNIT)
+    assert ei.value.parameter == "amount" or "amount" in str(ei.value)
+
+
+def test_unreachable_database_raises_connection_error():
+    url = "host=127.0.0.1 port=1 dbname=meter user=meter connect_timeout=2"
+    started = time.monotonic()
+    with pytest.raises(MeterConnectionError) as ei:
+        with meter.MeterClient(url) as c:
+            c.get_balance(U, ET, UNIT)
+    assert isinstance(ei.value, MeterError)
+    assert time.monotonic() - started < 60
+
+
+# ---------------------------------------------------------------- threads
+
+
+def test_conninfo_client_is_thread_safe(db_url, db):
+    threads, per_thread = 8, 25
+    with meter.MeterClient(db_url) as c:
+        c.allocate("shared", ET, D("1000"), UNIT)
+        barrier = threading.Barrier(threads)
+
+        def work(i):
+            barrier.wait()
+            for j in range(per_thread):
+                c.consume("shared", ET, D("1"), UNIT, idempotency_key=f"t{i}-{j}")
+                c.allocate(f"user-{i}", ET, D("0.5"), UNIT)
+                assert c.get_balance(f"user-{i}", ET, UNIT)["balance"] == D("0.5") * (j + 1)
+            return i
+
+        with ThreadPoolExecutor(threads) as ex:
+            assert sorted(ex.map(work, range(threads))) == list(range(threads))
+
+        assert c.get_balance("shared", ET, UNIT)["balance"] == D("800")
+        for i in range(threads):
+            assert c.get_balance(f"user-{i}", ET, UNIT)["balance"] == D("12.5")
+        assert len(c.get_ledger("shared", ET, UNIT, limit=1000)) == 1 + threads * per_thread
+        assert c.reconcile() == []
+    balances = [r["balance_after"] for r in db.execute(
+        "SELECT balance_after FROM meter.ledger WHERE user_id = 'shared' ORDER BY id"
+    ).fetchall()]
+    assert balances == [D("1000") - k for k in range(threads * per_thread + 1)]
