@@ -13,7 +13,18 @@ END
 $$;
 
 -- Identifiers (Appendix C): bounded length, no control characters, no leading or trailing
--- (Unicode) white space, non-empty. Returns the value; NULL only when p_nullable.
+-- (Unicode) white space, non-empty. The rule itself, as an inlinable boolean for set-based
+-- checks; NULL for NULL.
+CREATE FUNCTION meter._ident_ok(p_value text, p_max integer) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT length(p_value) BETWEEN 1 AND p_max
+       AND p_value !~ '[\x01-\x1f\x7f-\x9f]'
+       AND p_value !~ '^[ \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]'
+       AND p_value !~ '[ \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]$'
+$$;
+
+-- The same rule, raising a message that says which part failed. Returns the value; NULL
+-- only when p_nullable.
 CREATE FUNCTION meter._ident(p_param text, p_value text, p_max integer,
                              p_nullable boolean DEFAULT false) RETURNS text
 LANGUAGE plpgsql IMMUTABLE AS $$
@@ -27,6 +38,9 @@ BEGIN
     IF p_value = '' THEN
         PERFORM meter._fail('MT001', p_param, 'must not be empty');
     END IF;
+    IF meter._ident_ok(p_value, p_max) THEN
+        RETURN p_value;
+    END IF;
     IF length(p_value) > p_max THEN
         PERFORM meter._fail('MT001', p_param,
             format('is %s characters long; at most %s are allowed', length(p_value), p_max));
@@ -38,7 +52,7 @@ BEGIN
        OR p_value ~ '[ \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]$' THEN
         PERFORM meter._fail('MT001', p_param, 'must not start or end with white space');
     END IF;
-    RETURN p_value;
+    PERFORM meter._fail('MT001', p_param, 'is not a valid identifier');
 END
 $$;
 
@@ -86,6 +100,19 @@ BEGIN
     END IF;
     RETURN v;
 END
+$$;
+
+-- The amount rule as an inlinable boolean for set-based checks (meter.apply_events).
+CREATE FUNCTION meter._amount_ok(p_value numeric, p_rule text) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN p_value IS NULL OR p_value IN ('NaN', 'Infinity', '-Infinity') THEN false
+        ELSE scale(trim_scale(p_value)) <= 12 AND abs(p_value) < 1e24
+             AND CASE p_rule WHEN 'positive' THEN p_value > 0
+                             WHEN 'nonnegative' THEN p_value >= 0
+                             WHEN 'nonzero' THEN p_value <> 0
+                             ELSE true END
+    END
 $$;
 
 -- metadata: NULL or a JSON object whose text is at most 64 KiB.
@@ -157,6 +184,16 @@ $$;
 -- owner, member of meter_maintenance) may proceed: for everyone else the call is refused
 -- loudly rather than answered with another tenant's data or silent zeros. session_user is
 -- checked because inside a SECURITY DEFINER function current_user is the owner.
+-- Whether the caller may act in p_namespace (the rule of meter._guard, without raising).
+CREATE FUNCTION meter._tenant_ok(p_namespace text) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT CASE
+        WHEN nullif(current_setting('meter.tenant', true), '') IS NOT NULL
+            THEN current_setting('meter.tenant', true) = p_namespace
+        ELSE meter._is_privileged(session_user)
+    END
+$$;
+
 CREATE FUNCTION meter._guard(p_namespace text) RETURNS void
 LANGUAGE plpgsql STABLE AS $$
 DECLARE

@@ -91,6 +91,8 @@ CREATE FUNCTION meter._apply(p_namespace text, p_user_id text, p_event_type text
                              p_operation text, p_hash text,
                              OUT entry_id bigint, OUT balance numeric, OUT reserved numeric)
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_lost boolean;
 BEGIN
     WITH acc AS (
         UPDATE meter.accounts t
@@ -126,8 +128,18 @@ BEGIN
                acc.account_id
         FROM acc, led
         WHERE p_key IS NOT NULL
+        ON CONFLICT DO NOTHING
+        RETURNING 1
     )
-    SELECT led.id, acc.balance, acc.reserved INTO entry_id, balance, reserved FROM acc, led;
+    SELECT led.id, acc.balance, acc.reserved,
+           p_key IS NOT NULL AND NOT EXISTS (SELECT FROM claim)
+    INTO entry_id, balance, reserved, v_lost FROM acc, led;
+    IF v_lost THEN
+        -- Another path (a batch) claimed the key after our look-up; retrying replays it.
+        RAISE EXCEPTION 'idempotency_key: % was claimed concurrently; retry to replay it',
+                        quote_literal(p_key)
+            USING ERRCODE = '40001', COLUMN = 'idempotency_key';
+    END IF;
 END
 $$;
 
@@ -416,6 +428,7 @@ DECLARE
     v_id text;
     v_expires timestamptz;
     v_peek record;
+    v_lost boolean;
 BEGIN
     PERFORM meter._guard(p_namespace);
     PERFORM meter._ident('user_id', p_user_id, 256),
@@ -489,8 +502,17 @@ BEGIN
                acc.account_id, v_id
         FROM acc, hold
         WHERE p_idempotency_key IS NOT NULL
+        ON CONFLICT DO NOTHING
+        RETURNING 1
     )
-    SELECT acc.balance, acc.balance - acc.reserved INTO balance, available FROM acc, hold;
+    SELECT acc.balance, acc.balance - acc.reserved,
+           p_idempotency_key IS NOT NULL AND NOT EXISTS (SELECT FROM claim)
+    INTO balance, available, v_lost FROM acc, hold;
+    IF v_lost THEN
+        RAISE EXCEPTION 'idempotency_key: % was claimed concurrently; retry to replay it',
+                        quote_literal(p_idempotency_key)
+            USING ERRCODE = '40001', COLUMN = 'idempotency_key';
+    END IF;
 
     IF balance IS NULL THEN
         v_peek := meter._peek(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
