@@ -395,11 +395,11 @@ BEGIN
 
     SELECT array_agg(i ORDER BY i) INTO v_slow
     FROM generate_series(0, jsonb_array_length(p_events) - 1) i
-    WHERE i <> ALL (coalesce((SELECT array_agg(f.idx) FROM unnest(v_fast) f), '{}'));
+    WHERE i NOT IN (SELECT f.idx FROM unnest(v_fast) f);
 
     -- 3a. keys seen before: replay the same request, refuse a different one
     WITH seen AS (
-        SELECT f.idx, f.op, f.hash, k.operation, k.request_hash, k.result
+        SELECT f.idx, f.op, f.key, f.hash, k.operation, k.request_hash, k.result
         FROM unnest(v_fast) f
         JOIN meter.idempotency_keys k ON k.namespace = f.namespace AND k.key = f.key
     )
@@ -423,14 +423,13 @@ BEGIN
                'error_message', CASE WHEN s.operation = s.op AND s.request_hash = s.hash
                                      THEN NULL
                                      ELSE format('idempotency_key: %s was already used for a different %s request',
-                                                 quote_literal((SELECT f.key FROM unnest(v_fast) f WHERE f.idx = s.idx)),
-                                                 s.operation) END))
+                                                 quote_literal(s.key), s.operation) END))
     INTO v_replays
     FROM seen s;
     IF v_replays IS NOT NULL THEN
         SELECT array_agg(f ORDER BY f.idx) INTO v_fast
         FROM unnest(v_fast) f
-        WHERE f.idx <> ALL (SELECT (r->>'idx')::integer FROM unnest(v_replays) r);
+        WHERE f.idx NOT IN (SELECT (r->>'idx')::integer FROM unnest(v_replays) r);
     END IF;
 
     IF v_fast IS NOT NULL THEN
