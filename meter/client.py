@@ -66,6 +66,10 @@ _INTERVAL_SYNTAX_ERRORS: Final = frozenset({"22007", "22008", "22015"})
 
 _UNSET: Any = object()  # set_actor: "field not passed"
 
+# serialization_failure (a key claimed concurrently), deadlock_detected: retried this often.
+_RETRY_SQLSTATES: Final = frozenset({"40001", "40P01"})
+_RETRIES: Final = 3
+
 # How long a call waits for a pooled connection before checking, with one direct connection
 # attempt, whether the database is reachable at all (so that a down database fails fast
 # instead of after the whole pool timeout).
@@ -295,14 +299,29 @@ class MeterClient:
         if self._closed:
             raise MeterConnectionError("the MeterClient is closed")
         args = (*params, self._namespace, *self._actor)
-        try:
-            if self._conn is not None:
-                return self._run_on_callers_connection(self._conn, query, args)
-            assert self._pool is not None
-            with self._borrow(self._pool) as conn:
-                return self._run_idle(conn, query, args)
-        except psycopg.Error as exc:
-            raise from_psycopg(exc) from exc
+        for attempt in range(_RETRIES + 1):
+            try:
+                if self._conn is not None:
+                    return self._run_on_callers_connection(self._conn, query, args)
+                assert self._pool is not None
+                with self._borrow(self._pool) as conn:
+                    return self._run_idle(conn, query, args)
+            except psycopg.Error as exc:
+                # A deadlock, or an idempotency key claimed concurrently by another path
+                # (40001): the call was its own transaction and was rolled back whole, so
+                # running it again is safe -- and replays the key. Not inside a caller's
+                # transaction, which is theirs to retry.
+                retryable = exc.sqlstate in _RETRY_SQLSTATES and (
+                    self._conn is None
+                    or (
+                        self._conn.info.transaction_status == TransactionStatus.IDLE
+                        and self._conn.autocommit
+                    )
+                )
+                if not retryable or attempt == _RETRIES:
+                    raise from_psycopg(exc) from exc
+                time.sleep(0.005 * 2**attempt)
+        raise AssertionError("unreachable")
 
     def _execute(self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]) -> list[Row]:
         with conn.cursor(row_factory=dict_row) as cur:
