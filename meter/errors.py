@@ -20,6 +20,7 @@ __all__ = [
     "TenantError",
     "ValidationError",
     "from_psycopg",
+    "from_sqlstate",
 ]
 
 
@@ -116,6 +117,19 @@ def _is_connection_failure(exc: BaseException, sqlstate: str | None) -> bool:
         # timeout (psycopg_pool.PoolTimeout is an OperationalError), a closed connection.
         return isinstance(exc, psycopg.OperationalError)
     return sqlstate.startswith("08") or sqlstate in _CONNECTION_SQLSTATES
+
+
+def from_sqlstate(
+    sqlstate: str | None, message: str | None, parameter: str | None = None
+) -> MeterError:
+    """Build the :class:`MeterError` subclass for a SQLSTATE reported as data.
+
+    For errors that crossed a boundary as text rather than as a raised exception: the
+    outcome of a pipeline task, a dead letter. ``MT001``..``MT004`` map as in
+    :func:`from_psycopg`; anything else is a plain ``MeterError``.
+    """
+    cls = _BY_SQLSTATE.get(sqlstate or "", MeterError)
+    return cls(message or None, sqlstate=sqlstate, parameter=parameter)
 
 
 def from_psycopg(exc: psycopg.Error) -> MeterError:

@@ -18,6 +18,7 @@ from meter.errors import (
     TenantError,
     ValidationError,
     from_psycopg,
+    from_sqlstate,
 )
 
 SUBCLASSES = [
@@ -237,3 +238,21 @@ def test_mapped_error_pickles():
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is IdempotencyConflictError
     assert (back.sqlstate, back.parameter) == ("MT002", "idempotency_key")
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "cls"),
+    [
+        ("MT001", ValidationError),
+        ("MT002", IdempotencyConflictError),
+        ("MT003", NotFoundError),
+        ("MT004", TenantError),
+        ("40001", MeterError),
+        (None, MeterError),
+    ],
+)
+def test_from_sqlstate_reported_as_data(sqlstate, cls):
+    err = from_sqlstate(sqlstate, "unit: must not be empty", "unit")
+    assert type(err) is cls
+    assert (err.sqlstate, err.parameter, str(err)) == (sqlstate, "unit", "unit: must not be empty")
+    assert str(from_sqlstate(sqlstate, None)) == cls.__doc__  # the default message

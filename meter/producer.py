@@ -1,0 +1,862 @@
+"""Fire-and-forget recording through the Celery pipeline: :class:`MeterProducer`.
+
+The producer validates each call exactly as :class:`meter.MeterClient` does (bad input
+raises :class:`~meter.errors.ValidationError` at once and nothing is enqueued), gives every
+event an idempotency key, turns it into a message (:mod:`meter.wire`) and hands it to the
+broker. A worker applies it to PostgreSQL exactly once in effect (``worker/``).
+
+Two ways to send:
+
+- **Direct** (default): each call publishes one message before it returns; once the call
+  has returned, the event is in Redis (durable as Redis is: AOF, ``everysec``).
+- **Buffered** (``batch_size`` and/or ``linger_ms``): calls append to an in-memory buffer
+  that is sent as one ``apply_batch`` message when it holds ``batch_size`` events, when
+  its oldest event is ``linger_ms`` old, on :meth:`MeterProducer.flush`,
+  :meth:`MeterProducer.close` and at interpreter exit. Much cheaper per event, at a price:
+  **events still in the buffer are lost if the process dies before they are sent**
+  (SIGKILL, OOM, power loss: at most ``batch_size`` events or ``linger_ms`` of traffic).
+  Use direct mode, or call ``flush()`` at the points where you need the guarantee, for
+  usage you cannot afford to lose.
+
+Results: by default nothing is stored (``task_ignore_result``), so the handle only carries
+identifiers. A producer created with ``results=True``, or a call passing
+``want_result=True``, has the worker store the outcome in the Redis result backend and
+:meth:`EventHandle.wait` returns it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
+from decimal import Decimal
+from types import TracebackType
+from typing import Any, Final, Self
+
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from kombu.exceptions import OperationalError as KombuOperationalError
+
+from meter import types as t
+from meter import wire
+from meter.errors import MeterConnectionError, MeterError, ValidationError, from_sqlstate
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "EventHandle", "MeterProducer"]
+
+DEFAULT_CHUNK_SIZE: Final = 500
+"""Events per ``apply_batch`` message for :meth:`MeterProducer.send_many`."""
+
+MAX_CHUNK_SIZE: Final = 10000
+DEFAULT_BATCH_SIZE: Final = 500
+DEFAULT_LINGER_MS: Final = 50
+DEFAULT_TTL_SECONDS: Final = 300
+
+Amount = int | Decimal | str | float
+
+
+class _Batch:
+    """Events buffered for one ``apply_batch`` message (buffered mode)."""
+
+    __slots__ = ("created", "events", "outcome", "sent", "task_id", "want_result")
+
+    def __init__(self, task_id: str | None = None) -> None:
+        self.task_id = task_id or str(uuid.uuid4())
+        self.events: list[dict[str, Any]] = []
+        self.created = time.monotonic()
+        self.want_result = False
+        self.sent = False
+        self.outcome: list[Any] | None = None
+
+
+class EventHandle:
+    """What an enqueue returns: the event's identifiers, and :meth:`wait` for its result.
+
+    Attributes:
+        op: the operation (``consume``, ``reserve``...).
+        idempotency_key: the key guarding the event (generated when not given; for
+            ``reserve`` without a key, and for ``commit``/``release``, the reservation id).
+        reservation_id: the reservation (reserve, commit, release), else ``None``.
+        task_id: the Celery task carrying the event (for batched events, the batch's).
+    """
+
+    __slots__ = (
+        "_batch",
+        "_index",
+        "_outcome",
+        "_producer",
+        "_want_result",
+        "idempotency_key",
+        "op",
+        "reservation_id",
+        "task_id",
+    )
+
+    def __init__(
+        self,
+        producer: MeterProducer,
+        op: str,
+        idempotency_key: str,
+        reservation_id: str | None,
+        task_id: str,
+        want_result: bool,
+        batch: _Batch | None = None,
+        index: int | None = None,
+    ) -> None:
+        self._producer = producer
+        self.op = op
+        self.idempotency_key = idempotency_key
+        self.reservation_id = reservation_id
+        self.task_id = task_id
+        self._want_result = want_result
+        self._batch = batch
+        self._index = index
+        self._outcome: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<EventHandle {self.op} key={self.idempotency_key!r} "
+            f"reservation_id={self.reservation_id!r} task_id={self.task_id!r}>"
+        )
+
+    def wait(self, timeout: float | None = 30.0) -> Any:
+        """Wait until a worker has applied the event; return what ``MeterClient`` would.
+
+        Only for events sent with results on (``MeterProducer(results=True)`` or
+        ``want_result=True``). A buffered event still in the buffer is flushed first. A
+        commit or release whose reserve has not arrived yet is retried by the worker, so
+        this may wait for the reserve.
+
+        Parameters:
+            timeout: seconds to wait in all (``None``: forever).
+
+        Returns:
+            The SQL result as ``MeterClient`` returns it: a dict with ``Decimal``
+            quantities (a refusal too: ``success``/``granted`` false), or a ``bool`` for
+            ``release``.
+
+        Raises:
+            RuntimeError: the event was sent without results.
+            TimeoutError: no outcome within ``timeout``.
+            ValidationError, IdempotencyConflictError, NotFoundError, TenantError,
+            MeterError: the event can never be applied; it is in the dead letters.
+        """
+        if not self._want_result:
+            raise RuntimeError(
+                "this event was sent without results: create the producer with "
+                "results=True or pass want_result=True to wait for it"
+            )
+        outcome = self._outcome
+        if outcome is None:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            outcome = self._producer._outcome_of(self, deadline)
+            self._outcome = outcome
+        if outcome.get("ok") or outcome.get("status") == "refused":
+            return wire.decode_outcome(self.op, outcome.get("result"))
+        raise from_sqlstate(
+            outcome.get("error_sqlstate"),
+            outcome.get("error_message") or f"{self.op} failed: {outcome.get('status')}",
+        )
+
+
+def _ident(value: object, name: str, *, nullable: bool = False) -> Any:
+    lo, hi = t.LIMITS[name]
+    return t.check_identifier(value, name, min_len=lo, max_len=hi, nullable=nullable)
+
+
+def _amount_text(value: object, name: str, sign: t.Sign) -> str:
+    # Fixed-point text: str(Decimal) would write 1E-7 for 0.0000001.
+    return format(t.to_amount(value, name, sign=sign), "f")
+
+
+def _put_metadata(args: dict[str, Any], metadata: object) -> None:
+    text = t.check_metadata(metadata, "metadata")
+    if text is not None:
+        # Re-read from the exact text: plain JSON types with Decimal for fractions (the
+        # serializer carries those exactly), whatever Mapping types the caller used.
+        args["metadata"] = t.loads(text)
+
+
+def _put_time(args: dict[str, Any], event_time: object) -> None:
+    checked = t.check_timestamp(event_time, "event_time")
+    if checked is not None:
+        args["event_time"] = checked.isoformat()
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class MeterProducer:
+    """Enqueue recording events for the Celery workers, fire-and-forget.
+
+    Parameters:
+        broker_url: the Redis broker (default: ``$METER_BROKER_URL``, else
+            ``redis://127.0.0.1:6379/0``).
+        namespace: the tenant every event is recorded in.
+        batch_size: buffered mode: send an ``apply_batch`` message once the buffer holds
+            this many events (default 500 when only ``linger_ms`` is given).
+        linger_ms: buffered mode: send the buffer at the latest this many milliseconds
+            after its first event (default 50 when only ``batch_size`` is given).
+        results: store every event's outcome so that :meth:`EventHandle.wait` works
+            (costs a result write per task); per call, ``want_result=`` overrides it.
+        chunk_size: events per ``apply_batch`` message for :meth:`send_many` (1..10000).
+
+    Durability: in direct mode (neither ``batch_size`` nor ``linger_ms``) an event is in the
+    broker when the call returns. In buffered mode, **events in the buffer are lost if the
+    process dies before they are sent** (at most ``batch_size`` events or ``linger_ms``
+    milliseconds of them); ``flush()``, ``close()`` and interpreter exit send them.
+
+    The recording methods take the same parameters as ``MeterClient``'s, validate them the
+    same way (``ValidationError`` at once, nothing enqueued), and return an
+    :class:`EventHandle` without waiting for the database. ``idempotency_key`` is generated
+    (uuid4) when not given, so a message delivered twice is applied once. The producer is
+    thread-safe and reuses broker connections from a pool. Broker failures raise
+    ``MeterConnectionError``.
+    """
+
+    def __init__(
+        self,
+        broker_url: str | None = None,
+        namespace: str = "default",
+        *,
+        batch_size: int | None = None,
+        linger_ms: int | None = None,
+        results: bool = False,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        self._namespace: str = _ident(namespace, "namespace")
+        self._results = t.check_bool(results, "results")
+        self._chunk_size = t.check_int(
+            chunk_size, "chunk_size", min_value=1, max_value=MAX_CHUNK_SIZE
+        )
+        self._buffered = batch_size is not None or linger_ms is not None
+        self._batch_size = t.check_int(
+            DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
+            "batch_size",
+            min_value=1,
+            max_value=MAX_CHUNK_SIZE,
+        )
+        self._linger = (
+            t.check_int(
+                DEFAULT_LINGER_MS if linger_ms is None else linger_ms,
+                "linger_ms",
+                min_value=1,
+                max_value=3_600_000,
+            )
+            / 1000.0
+        )
+        self._broker_url = wire.broker_url_from_env(broker_url)
+        self._app = Celery("meter-producer", set_as_current=False)
+        self._app.conf.update(wire.celery_config(self._broker_url))
+        self._closed = False
+        # Buffered mode: _lock guards _batch; _send_lock serialises sending, so flush()
+        # returns only after every batch taken before it has reached the broker.
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._batch: _Batch | None = None
+        self._linger_thread: threading.Thread | None = None
+        self._atexit: Callable[[], None] | None = None
+        if self._buffered:
+            ref = weakref.ref(self)
+            self._atexit = lambda: _flush_ref(ref)
+            atexit.register(self._atexit)
+            os.register_at_fork(after_in_child=lambda: _reset_ref_after_fork(ref))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def namespace(self) -> str:
+        """The namespace (tenant) events are recorded in."""
+        return self._namespace
+
+    @property
+    def app(self) -> Celery:
+        """The Celery app used to publish (its settings come from :mod:`meter.wire`)."""
+        return self._app
+
+    def flush(self) -> None:
+        """Send every buffered event now (buffered mode; a no-op otherwise).
+
+        Returns once they are in the broker, including a batch another thread was sending.
+
+        Raises:
+            MeterConnectionError: the broker could not be reached; the events stay in the
+                buffer and the next flush tries again.
+        """
+        if not self._buffered:
+            return
+        with self._send_lock:
+            with self._lock:
+                batch, self._batch = self._batch, None
+            if batch is not None:
+                self._send_batch(batch)
+
+    def close(self) -> None:
+        """Flush the buffer, stop the linger thread and release the broker connections.
+
+        Idempotent. Later calls raise ``MeterConnectionError``.
+        """
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            with self._lock:
+                self._closed = True
+                self._wakeup.notify_all()
+            if self._atexit is not None:
+                atexit.unregister(self._atexit)
+                self._atexit = None
+            thread = self._linger_thread
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=5)
+            self._app.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = (
+            f"buffered batch_size={self._batch_size} linger_ms={int(self._linger * 1000)}"
+            if self._buffered
+            else "direct"
+        )
+        return f"<MeterProducer namespace={self._namespace!r} {mode}>"
+
+    # ------------------------------------------------------------------ recording
+
+    def consume(
+        self,
+        user_id: str,
+        event_type: str,
+        amount: Amount,
+        unit: str,
+        resource: str | None = None,
+        check_balance: bool = False,
+        idempotency_key: str | None = None,
+        event_time: datetime | None = None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        want_result: bool | None = None,
+    ) -> EventHandle:
+        """Enqueue a consumption; parameters as :meth:`meter.MeterClient.consume`.
+
+        ``want_result`` overrides the producer's ``results`` for this event.
+
+        Raises:
+            ValidationError, MeterConnectionError.
+        """
+        args, key, rid = self._consume_args(
+            user_id, event_type, amount, unit, resource, check_balance, idempotency_key,
+            event_time, metadata,
+        )  # fmt: skip
+        return self._submit("consume", args, key, rid, want_result)
+
+    def allocate(
+        self,
+        user_id: str | None,
+        event_type: str,
+        amount: Amount,
+        unit: str,
+        resource: str | None = None,
+        idempotency_key: str | None = None,
+        event_time: datetime | None = None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        want_result: bool | None = None,
+    ) -> EventHandle:
+        """Enqueue an allocation; parameters as :meth:`meter.MeterClient.allocate`.
+
+        Raises:
+            ValidationError, MeterConnectionError.
+        """
+        args, key, rid = self._allocate_args(
+            user_id, event_type, amount, unit, resource, idempotency_key, event_time, metadata
+        )
+        return self._submit("allocate", args, key, rid, want_result)
+
+    def reserve(
+        self,
+        user_id: str,
+        event_type: str,
+        amount: Amount,
+        unit: str,
+        resource: str | None = None,
+        ttl_seconds: int = DEFAULT_TTL_SECONDS,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        reservation_id: str | None = None,
+        *,
+        want_result: bool | None = None,
+    ) -> EventHandle:
+        """Enqueue a reservation; parameters as :meth:`meter.MeterClient.reserve`.
+
+        The reservation id is generated (uuid4) when not given and returned in the handle,
+        so that commit or release can be enqueued right away; it is the reserve's key.
+        The hold's TTL counts from when a worker applies the reserve.
+
+        Raises:
+            ValidationError, MeterConnectionError.
+        """
+        args, key, rid = self._reserve_args(
+            user_id, event_type, amount, unit, resource, ttl_seconds, idempotency_key,
+            metadata, reservation_id,
+        )  # fmt: skip
+        return self._submit("reserve", args, key, rid, want_result)
+
+    def commit(
+        self,
+        reservation_id: str,
+        actual_amount: Amount,
+        metadata: dict[str, Any] | None = None,
+        *,
+        want_result: bool | None = None,
+    ) -> EventHandle:
+        """Enqueue a commit; parameters as :meth:`meter.MeterClient.commit`.
+
+        A commit that reaches a worker before its reserve is retried until the reserve has
+        been applied (up to the worker's ``METER_ORPHAN_HORIZON_SECONDS``).
+
+        Raises:
+            ValidationError, MeterConnectionError.
+        """
+        args, key, rid = self._commit_args(reservation_id, actual_amount, metadata)
+        return self._submit("commit", args, key, rid, want_result)
+
+    def release(self, reservation_id: str, *, want_result: bool | None = None) -> EventHandle:
+        """Enqueue a release; parameters as :meth:`meter.MeterClient.release`.
+
+        Like commit, a release arriving before its reserve waits for it.
+
+        Raises:
+            ValidationError, MeterConnectionError.
+        """
+        args, key, rid = self._release_args(reservation_id)
+        return self._submit("release", args, key, rid, want_result)
+
+    def adjust(
+        self,
+        user_id: str | None,
+        event_type: str,
+        amount: Amount,
+        unit: str,
+        resource: str | None = None,
+        reference_id: int | None = None,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        want_result: bool | None = None,
+    ) -> EventHandle:
+        """Enqueue an adjustment; parameters as :meth:`meter.MeterClient.adjust`.
+
+        Raises:
+            ValidationError, MeterConnectionError.
+        """
+        args, key, rid = self._adjust_args(
+            user_id, event_type, amount, unit, resource, reference_id, idempotency_key,
+            metadata,
+        )  # fmt: skip
+        return self._submit("adjust", args, key, rid, want_result)
+
+    def send_many(
+        self, events: Iterable[Mapping[str, Any]], *, want_result: bool | None = None
+    ) -> list[EventHandle]:
+        """Enqueue many events at once, as ``apply_batch`` messages of ``chunk_size`` events.
+
+        Each event is a mapping with ``"op"`` (``consume``, ``allocate``, ``adjust``,
+        ``reserve``, ``commit``, ``release``) and that method's parameters by name, e.g.
+        ``{"op": "consume", "user_id": "u1", "event_type": "tokens", "amount": 3,
+        "unit": "tok"}``. Every event is validated before anything is sent. Sent at once,
+        whatever the buffering mode. A worker applies each message in one transaction;
+        an event that can never succeed is dead-lettered alone.
+
+        Returns:
+            One handle per event, in order (batch-mates share ``task_id``).
+
+        Raises:
+            ValidationError: an event is invalid (the message starts with
+                ``events[i]:``); nothing was sent.
+            MeterConnectionError: the broker could not be reached; chunks already sent
+                stay sent (their events are applied; sending again is safe only with the
+                same idempotency keys).
+        """
+        self._check_open()
+        want = self._results if want_result is None else t.check_bool(want_result, "want_result")
+        built: list[tuple[str, dict[str, Any], str, str | None]] = []
+        for i, spec in enumerate(events):
+            try:
+                if not isinstance(spec, Mapping):
+                    raise t.invalid("event", f"must be a mapping, got {type(spec).__name__}")
+                params = dict(spec)
+                op = params.pop("op", None)
+                builder = self._builders.get(op) if isinstance(op, str) else None
+                if builder is None:
+                    raise t.invalid("op", f"must be one of {', '.join(wire.OPS)}, got {op!r}")
+                try:
+                    args, key, rid = builder(self, **params)
+                except TypeError as exc:  # unknown or missing parameter
+                    problem = str(exc).split("() ", 1)[-1]  # "got an unexpected keyword..."
+                    raise t.invalid("event", f"{op}: {problem}") from None
+            except ValidationError as exc:
+                raise ValidationError(
+                    f"events[{i}]: {exc.message}", sqlstate="MT001", parameter=exc.parameter
+                ) from None
+            built.append((op, args, key, rid))
+        handles: list[EventHandle] = []
+        for start in range(0, len(built), self._chunk_size):
+            chunk = built[start : start + self._chunk_size]
+            task_id = _new_id()
+            batch = _Batch(task_id)
+            batch.sent = True
+            batch.want_result = want
+            batch.events = [
+                {"op": op, "namespace": self._namespace, "args": args} for op, args, _, _ in chunk
+            ]
+            self._publish(wire.APPLY_BATCH, batch.events, task_id, want, f"<{len(chunk)} events>")
+            handles.extend(
+                EventHandle(self, op, key, rid, task_id, want, batch, i)
+                for i, (op, _, key, rid) in enumerate(chunk)
+            )
+        return handles
+
+    bulk = send_many
+
+    # ------------------------------------------------------------ argument building
+    # Each returns (args, idempotency_key, reservation_id); validation as MeterClient's.
+
+    def _consume_args(
+        self,
+        user_id: str,
+        event_type: str,
+        amount: Amount,
+        unit: str,
+        resource: str | None = None,
+        check_balance: bool = False,
+        idempotency_key: str | None = None,
+        event_time: datetime | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], str, None]:
+        key = _ident(idempotency_key, "idempotency_key", nullable=True) or _new_id()
+        args: dict[str, Any] = {
+            "user_id": _ident(user_id, "user_id"),
+            "event_type": _ident(event_type, "event_type"),
+            "amount": _amount_text(amount, "amount", "positive"),
+            "unit": _ident(unit, "unit"),
+            "idempotency_key": key,
+        }
+        if resource is not None:
+            args["resource"] = _ident(resource, "resource")
+        if t.check_bool(check_balance, "check_balance"):
+            args["check_balance"] = True
+        _put_time(args, event_time)
+        _put_metadata(args, metadata)
+        return args, key, None
+
+    def _allocate_args(
+        self,
+        user_id: str | None,
+        event_type: str,
+        amount: Amount,
+        unit: str,
+        resource: str | None = None,
+        idempotency_key: str | None = None,
+        event_time: datetime | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], str, None]:
+        key = _ident(idempotency_key, "idempotency_key", nullable=True) or _new_id()
+        args: dict[str, Any] = {
+            "user_id": _ident(user_id, "user_id", nullable=True),
+            "event_type": _ident(event_type, "event_type"),
+            "amount": _amount_text(amount, "amount", "positive"),
+            "unit": _ident(unit, "unit"),
+            "idempotency_key": key,
+        }
+        if resource is not None:
+            args["resource"] = _ident(resource, "resource")
+        _put_time(args, event_time)
+        _put_metadata(args, metadata)
+        return args, key, None
+
+    def _adjust_args(
+        self,
+        user_id: str | None,
+        event_type: str,
+        amount: Amount,
+        unit: str,
+        resource: str | None = None,
+        reference_id: int | None = None,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], str, None]:
+        key = _ident(idempotency_key, "idempotency_key", nullable=True) or _new_id()
+        args: dict[str, Any] = {
+            "user_id": _ident(user_id, "user_id", nullable=True),
+            "event_type": _ident(event_type, "event_type"),
+            "amount": _amount_text(amount, "amount", "nonzero"),
+            "unit": _ident(unit, "unit"),
+            "idempotency_key": key,
+        }
+        if resource is not None:
+            args["resource"] = _ident(resource, "resource")
+        ref = t.check_int(
+            reference_id,
+            "reference_id",
+            min_value=-t.INT8_MAX - 1,
+            max_value=t.INT8_MAX,
+            nullable=True,
+        )
+        if ref is not None:
+            args["reference_id"] = ref
+        _put_metadata(args, metadata)
+        return args, key, None
+
+    def _reserve_args(
+        self,
+        user_id: str,
+        event_type: str,
+        amount: Amount,
+        unit: str,
+        resource: str | None = None,
+        ttl_seconds: int = DEFAULT_TTL_SECONDS,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        reservation_id: str | None = None,
+    ) -> tuple[dict[str, Any], str, str]:
+        rid = _ident(reservation_id, "reservation_id", nullable=True) or _new_id()
+        key = _ident(idempotency_key, "idempotency_key", nullable=True)
+        args: dict[str, Any] = {
+            "user_id": _ident(user_id, "user_id"),
+            "event_type": _ident(event_type, "event_type"),
+            "amount": _amount_text(amount, "amount", "positive"),
+            "unit": _ident(unit, "unit"),
+            "reservation_id": rid,
+        }
+        if resource is not None:
+            args["resource"] = _ident(resource, "resource")
+        ttl = t.check_int(ttl_seconds, "ttl_seconds", min_value=1, max_value=t.MAX_TTL_SECONDS)
+        if ttl != DEFAULT_TTL_SECONDS:
+            args["ttl_seconds"] = ttl
+        if key is not None:
+            args["idempotency_key"] = key
+        _put_metadata(args, metadata)
+        # The client-chosen reservation id is itself idempotent: it is the reserve's key.
+        return args, key or rid, rid
+
+    def _commit_args(
+        self,
+        reservation_id: str,
+        actual_amount: Amount,
+        metadata: dict[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], str, str]:
+        rid = _ident(reservation_id, "reservation_id")
+        args: dict[str, Any] = {
+            "reservation_id": rid,
+            "actual_amount": _amount_text(actual_amount, "actual_amount", "nonnegative"),
+        }
+        _put_metadata(args, metadata)
+        return args, rid, rid
+
+    def _release_args(self, reservation_id: str) -> tuple[dict[str, Any], str, str]:
+        rid = _ident(reservation_id, "reservation_id")
+        return {"reservation_id": rid}, rid, rid
+
+    _builders: Final[dict[str, Callable[..., tuple[dict[str, Any], str, str | None]]]] = {
+        "consume": _consume_args,
+        "allocate": _allocate_args,
+        "adjust": _adjust_args,
+        "reserve": _reserve_args,
+        "commit": _commit_args,
+        "release": _release_args,
+    }
+
+    # ------------------------------------------------------------------ sending
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MeterConnectionError("the MeterProducer is closed")
+
+    def _submit(
+        self,
+        op: str,
+        args: dict[str, Any],
+        key: str,
+        rid: str | None,
+        want_result: bool | None,
+    ) -> EventHandle:
+        want = self._results if want_result is None else t.check_bool(want_result, "want_result")
+        event = {"op": op, "namespace": self._namespace, "args": args}
+        if not self._buffered:
+            self._check_open()
+            task_id = _new_id()
+            self._publish(wire.task_name(op), [event], task_id, want, f"[{op} {key}]")
+            return EventHandle(self, op, key, rid, task_id, want)
+        full: _Batch | None = None
+        with self._lock:
+            self._check_open()
+            batch = self._batch
+            if batch is None:
+                batch = self._batch = _Batch()
+                self._ensure_linger_thread()
+                self._wakeup.notify()
+            index = len(batch.events)
+            batch.events.append(event)
+            batch.want_result = batch.want_result or want
+            if index + 1 >= self._batch_size:
+                full, self._batch = batch, None
+        if full is not None:
+            # Sent by the caller that filled it: back-pressure instead of an unbounded buffer.
+            with self._send_lock:
+                self._send_batch(full)
+        return EventHandle(self, op, key, rid, batch.task_id, want, batch, index)
+
+    def _send_batch(self, batch: _Batch) -> None:
+        """Publish a buffered batch; on failure put its events back at the buffer's head."""
+        try:
+            self._publish(
+                wire.APPLY_BATCH,
+                batch.events,
+                batch.task_id,
+                batch.want_result,
+                f"<{len(batch.events)} events>",
+            )
+        except BaseException:
+            with self._lock:
+                if self._batch is None:
+                    self._batch = batch
+                else:  # newer events arrived meanwhile: keep the failed ones first
+                    batch.events.extend(self._batch.events)
+                    batch.want_result = batch.want_result or self._batch.want_result
+                    self._batch = batch
+            raise
+        batch.sent = True
+
+    def _publish(
+        self, name: str, events: list[dict[str, Any]], task_id: str, want: bool, argsrepr: str
+    ) -> None:
+        try:
+            self._app.send_task(
+                name,
+                args=(events,) if name == wire.APPLY_BATCH else (events[0],),
+                task_id=task_id,
+                ignore_result=not want,
+                # A short repr: Celery would otherwise saferepr() the whole payload per call.
+                argsrepr=argsrepr,
+                kwargsrepr="{}",
+            )
+        except KombuOperationalError as exc:
+            raise MeterConnectionError(f"cannot reach the broker: {exc}") from exc
+
+    # ------------------------------------------------------------------ buffering
+
+    def _ensure_linger_thread(self) -> None:
+        # Called with _lock held.
+        if self._linger_thread is None or not self._linger_thread.is_alive():
+            self._linger_thread = threading.Thread(
+                target=_linger_loop, args=(weakref.ref(self),), name="meter-producer-linger",
+                daemon=True,
+            )  # fmt: skip
+            self._linger_thread.start()
+
+    def _due_batch(self) -> tuple[bool, float | None]:
+        """(stop?, seconds until the open batch is due); called with _lock held."""
+        if self._closed:
+            return True, None
+        if self._batch is None:
+            return False, None
+        return False, self._batch.created + self._linger - time.monotonic()
+
+    def _after_fork(self) -> None:
+        # The child inherits a copy of the buffer (the parent sends it) and no thread.
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._batch = None
+        self._linger_thread = None
+
+    # ------------------------------------------------------------------ results
+
+    def _outcome_of(self, handle: EventHandle, deadline: float | None) -> dict[str, Any]:
+        batch = handle._batch
+        if batch is not None:
+            if not batch.sent:
+                self.flush()
+            if batch.outcome is None:
+                outcome = self._fetch(batch.task_id, deadline)
+                if not isinstance(outcome, list):
+                    raise MeterError(f"task {batch.task_id} returned {outcome!r}")
+                batch.outcome = outcome
+            result = batch.outcome[handle._index or 0]
+        else:
+            result = self._fetch(handle.task_id, deadline)
+        # A batch event whose reservation was not there yet went on in a task of its own.
+        while isinstance(result, dict) and result.get("status") == "deferred":
+            result = self._fetch(str(result["task_id"]), deadline)
+        if not isinstance(result, dict):
+            raise MeterError(f"task {handle.task_id} returned {result!r}")
+        return result
+
+    def _fetch(self, task_id: str, deadline: float | None) -> Any:
+        remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+        async_result = self._app.AsyncResult(task_id)
+        try:
+            value = async_result.get(timeout=remaining, propagate=False)
+        except CeleryTimeoutError:
+            raise TimeoutError(f"no outcome for task {task_id} yet") from None
+        if isinstance(value, BaseException) or async_result.state != "SUCCESS":
+            raise MeterError(f"task {task_id} failed: {value!r}")
+        return value
+
+
+def _flush_ref(ref: weakref.ReferenceType[MeterProducer]) -> None:
+    """atexit: send what a still-alive buffered producer holds."""
+    producer = ref()
+    if producer is not None and not producer._closed:
+        producer.close()
+
+
+def _reset_ref_after_fork(ref: weakref.ReferenceType[MeterProducer]) -> None:
+    producer = ref()
+    if producer is not None:
+        producer._after_fork()
+
+
+def _linger_loop(ref: weakref.ReferenceType[MeterProducer]) -> None:
+    """Background thread of a buffered producer: send each batch once it is linger_ms old.
+
+    Holds only a weak reference between rounds, so an abandoned producer can be collected
+    (its atexit hook is weak too).
+    """
+    while True:
+        producer = ref()
+        if producer is None:
+            return
+        due = False
+        with producer._lock:
+            stop, wait = producer._due_batch()
+            if stop:
+                return
+            if wait is None or wait > 0:
+                # Woken by the first event of a new batch, or by close(); re-check either way.
+                producer._wakeup.wait(timeout=1.0 if wait is None else wait)
+            else:
+                due = True
+        if due:
+            try:
+                producer.flush()
+            except Exception:  # broker down: the events are back in the buffer; retry later
+                time.sleep(min(producer._linger, 1.0))
+        del producer  # no strong reference while looping: an abandoned producer is collected

@@ -1,0 +1,177 @@
+"""``meter up``: the whole system on one machine, for trying Meter out.
+
+Starts (or reuses) an embedded PostgreSQL and Redis whose data lives in ``./.meter``
+(``$METER_HOME``), migrates, starts one Celery worker and beat as child processes, sends a
+short demo workload through both the synchronous SDK and the producer, prints the resulting
+balances, and keeps serving until Ctrl-C, which stops every process it started. Running it
+again reuses the data.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from meter.embedded import EmbeddedPostgres, EmbeddedRedis, default_data_root
+
+DEMO_NAMESPACE = "demo"
+DEMO_USERS = ("alice", "bob", "carol")
+
+
+@dataclass
+class Stack:
+    """The servers and child processes of one ``meter up``."""
+
+    database_url: str
+    broker_url: str
+    home: Path
+    started: list[EmbeddedPostgres | EmbeddedRedis] = field(default_factory=list)
+    children: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def env(self) -> dict[str, str]:
+        """The environment of a worker or beat started for this stack."""
+        return {
+            **os.environ,
+            "METER_DATABASE_URL": self.database_url,
+            "METER_BROKER_URL": self.broker_url,
+        }
+
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        """Start a child whose output goes to ``<home>/logs/<name>.log``."""
+        logs = self.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log = (logs / f"{name}.log").open("ab")
+        child = subprocess.Popen(
+            argv, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.children.append(child)
+        return child
+
+    def stop(self) -> None:
+        """Stop the children (TERM, then KILL after 10 s) and the servers this run started."""
+        for child in self.children:
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for child in self.children:
+            try:
+                child.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+        for server in reversed(self.started):
+            server.stop()
+
+
+def start_stack(home: Path | None = None) -> Stack:
+    """Servers (embedded unless ``METER_DATABASE_URL`` / ``METER_BROKER_URL`` are set),
+    migrations, one worker and one beat."""
+    from meter.migrate import migrate
+
+    home = home or default_data_root()
+    started: list[EmbeddedPostgres | EmbeddedRedis] = []
+    database_url = os.environ.get("METER_DATABASE_URL")
+    if not database_url:
+        pg = EmbeddedPostgres(home / "pg").start()
+        started.append(pg)
+        database_url = pg.url()
+    broker_url = os.environ.get("METER_BROKER_URL")
+    if not broker_url:
+        redis = EmbeddedRedis(home / "redis").start()
+        started.append(redis)
+        broker_url = redis.url()
+    stack = Stack(database_url, broker_url, home, started)
+    migrate(database_url)
+    celery = [sys.executable, "-m", "celery", "-A", "worker"]
+    stack.spawn("worker", [*celery, "worker", "--loglevel=INFO", "--concurrency=2"])
+    stack.spawn(
+        "beat",
+        [*celery, "beat", "--loglevel=INFO", "--schedule", str(home / "celerybeat-schedule")],
+    )
+    return stack
+
+
+def run_demo(stack: Stack, console: Console) -> None:
+    """A short workload: allocations and a period (SDK), usage through the pipeline
+    (producer), a streaming reserve/commit; then the balances as a table."""
+    from meter.client import MeterClient
+    from meter.producer import MeterProducer
+
+    run = uuid.uuid4().hex[:8]
+    today = datetime.now(UTC).date()
+    with MeterClient(stack.database_url, namespace=DEMO_NAMESPACE) as client:
+        for user in DEMO_USERS:
+            client.allocate(user, "llm", 10_000, "tokens", idempotency_key=f"demo-{run}-{user}")
+        client.set_period_config(
+            None, "api", "requests", None, today.replace(day=1), 100_000, 10_000
+        )
+        client.open_period(None, "api", "requests", None, today.replace(day=1))
+
+        before = _ledger_count(client)
+        producer = MeterProducer(stack.broker_url, namespace=DEMO_NAMESPACE)
+        handles = [
+            producer.consume(user, "llm", 25 * (i + 1), "tokens")
+            for i, user in enumerate(DEMO_USERS * 10)
+        ]
+        hold = client.reserve("alice", "llm", 2_000, "tokens", ttl_seconds=120)
+        client.commit(hold["reservation_id"], 1_234)
+        console.print(f"enqueued {len(handles)} consume events; waiting for the worker ...")
+        _wait_until(lambda: _ledger_count(client) >= before + len(handles) + 1, timeout=60)
+
+        table = Table(title=f"balances in namespace '{DEMO_NAMESPACE}'")
+        for column in ("user", "event type", "unit", "balance", "reserved", "available"):
+            table.add_column(column, justify="right" if column[0] in "bra" else "left")
+        for user in (*DEMO_USERS, None):
+            for row in client.get_user_balances(user):
+                table.add_row(user or "(pool)", row["event_type"], row["unit"],
+                              str(row["balance"]), str(row["reserved"]), str(row["available"]))
+        console.print(table)
+
+
+def _ledger_count(client: object) -> int:
+    stats = client.get_stats()  # type: ignore[attr-defined]
+    return int(stats["total_ledger_entries"])
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the worker did not apply the demo events in time")
+        time.sleep(0.2)
+
+
+def serve(console: Console, demo: bool = True) -> None:
+    """Run the stack until Ctrl-C (or SIGTERM); stop everything it started."""
+    stack = start_stack()
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        console.print(f"PostgreSQL: {stack.database_url}\nRedis:      {stack.broker_url}")
+        console.print(f"worker and beat logs: {stack.home / 'logs'}")
+        if demo:
+            run_demo(stack, console)
+        console.print("serving; press Ctrl-C to stop")
+        while True:
+            for child in stack.children:
+                if child.poll() is not None:
+                    raise RuntimeError(f"{child.args[4:6]} exited with {child.returncode}; "
+                                       f"see {stack.home / 'logs'}")
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        console.print("stopping ...")
+    finally:
+        stack.stop()

@@ -1,0 +1,149 @@
+"""The pipeline's wire protocol: what the producer sends and the worker receives.
+
+Producer (:mod:`meter.producer`) and worker (``worker/``) share this module, so that task
+names, the queue, the Celery settings and the event format are defined once.
+
+An *event* is one element of the JSON array taken by ``meter.apply_events`` (SQL, file
+``sql/008_pipeline.sql``) and stored as the payload of a dead letter::
+
+    {"op": "consume", "namespace": "default",
+     "args": {"user_id": "u1", "event_type": "tokens", "amount": "12.5", "unit": "tok",
+              "idempotency_key": "..."}}
+
+``args`` uses the SQL parameter names without ``p_``; arguments left at their default are
+omitted. Amounts travel as strings holding the exact decimal text (never JSON numbers, so
+no JSON library on the way can turn them into floats); ``event_time`` is ISO 8601 with its
+offset.
+
+Tasks (all JSON, one queue :data:`QUEUE`):
+
+``meter.<op>(event, orphan_since=None)``
+    one event (``op`` is consume, reserve, commit, release, allocate or adjust);
+    ``orphan_since`` is set by the worker itself when it retries a commit or release whose
+    reservation does not exist yet.
+``meter.apply_batch(events)``
+    many events applied in one database transaction.
+
+A task returns an *outcome* (stored only when the sender asked for a result):
+``{"ok", "status", "result", "error_sqlstate", "error_message"}`` per event, as the rows of
+``meter.apply_events``; ``apply_batch`` returns the list of them. A batch event whose
+reservation was not found yet is handed to a task of its own: its outcome is
+``{"ok": false, "status": "deferred", "task_id": ...}`` and that task's outcome is the
+event's.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Final
+
+__all__ = [
+    "APPLY_BATCH",
+    "BROKER_URL_ENV",
+    "DEFAULT_BROKER_URL",
+    "OPS",
+    "QUEUE",
+    "broker_url_from_env",
+    "celery_config",
+    "child_task_id",
+    "decode_outcome",
+    "task_name",
+]
+
+QUEUE: Final = "meter"
+"""The queue every pipeline task travels on."""
+
+OPS: Final = ("consume", "reserve", "commit", "release", "allocate", "adjust")
+"""The recording operations a single event can carry."""
+
+APPLY_BATCH: Final = "meter.apply_batch"
+RELEASE_EXPIRED: Final = "meter.release_expired"
+
+BROKER_URL_ENV: Final = "METER_BROKER_URL"
+DEFAULT_BROKER_URL: Final = "redis://127.0.0.1:6379/0"
+
+VISIBILITY_TIMEOUT: Final = 3600
+"""Seconds a delivered, unacknowledged message stays invisible before Redis hands it out
+again. It must outlast the longest task (``TASK_TIME_LIMIT``) and the longest retry
+countdown (a retried task waits in the worker, unacknowledged, until its ETA): otherwise a
+message still being worked on is delivered a second time."""
+
+TASK_TIME_LIMIT: Final = 300
+"""Hard limit (seconds) on one task; a batch of 1000 events takes well under a second."""
+
+RESULT_EXPIRES: Final = 3600
+"""Seconds a stored result (only for callers that asked for one) is kept."""
+
+_AMOUNT_FIELDS: Final = frozenset(
+    {"balance", "available", "reserved", "consumed", "released", "reserved_amount"}
+)
+
+
+def task_name(op: str) -> str:
+    """The Celery task name of a single-event operation: ``meter.<op>``."""
+    return f"meter.{op}"
+
+
+def broker_url_from_env(url: str | None = None) -> str:
+    """``url``, else ``$METER_BROKER_URL``, else a Redis on localhost (``redis://127.0.0.1:6379/0``)."""
+    return url or os.environ.get(BROKER_URL_ENV) or DEFAULT_BROKER_URL
+
+
+def celery_config(broker_url: str) -> dict[str, Any]:
+    """The Celery settings producer and worker share (the worker adds its own on top).
+
+    The choices that turn at-least-once delivery into exactly-once effect:
+
+    - JSON only, both ways: a message is data, never code (no pickle), and amounts in it are
+      strings.
+    - Results are off unless a sender asks (``ignore_result=False`` on the message): the
+      Redis result backend at the broker URL is there for those callers only.
+    - The queue is :data:`QUEUE`, so Meter's tasks do not mix with an application's.
+    """
+    return {
+        "broker_url": broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT},
+        "result_backend": broker_url,
+        "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT},
+        "result_expires": RESULT_EXPIRES,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_default_queue": QUEUE,
+        "task_default_exchange": QUEUE,
+        "task_default_routing_key": QUEUE,
+    }
+
+
+def child_task_id(parent_id: str, idx: int) -> str:
+    """The task id of event ``idx`` of batch ``parent_id`` when the worker sends it alone.
+
+    Deterministic, so a batch delivered twice hands each event to the same task id (and a
+    waiting producer can follow it).
+    """
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"meter:{parent_id}/{idx}"))
+
+
+def decode_outcome(op: str, result: Any) -> Any:
+    """Turn the ``result`` of a successful outcome into what ``MeterClient`` would return.
+
+    Quantities become ``Decimal`` (JSON gives ``int`` for whole numbers), ``expires_at`` an
+    aware ``datetime``; ``release`` gives a ``bool``.
+    """
+    if op == "release":
+        return bool(result.get("released")) if isinstance(result, dict) else bool(result)
+    if not isinstance(result, dict):
+        return result
+    out = dict(result)
+    for key, value in out.items():
+        if key in _AMOUNT_FIELDS and value is not None and not isinstance(value, Decimal):
+            out[key] = Decimal(str(value))
+        elif key == "expires_at" and isinstance(value, str):
+            out[key] = datetime.fromisoformat(value)
+    return out

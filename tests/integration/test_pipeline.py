@@ -1,0 +1,630 @@
+"""The pipeline end to end: producer -> real Redis -> Celery worker -> real PostgreSQL.
+
+Workers are ``celery.contrib.pytest`` worker threads (``solo`` pool) running Meter's tasks
+with test settings (``tests/fix_pipeline.py``: orphans give up after 3 s, retries come back
+within 0.5 s, poison after 3 deliveries). SIGKILL and crash safety are system tests.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+from click.testing import CliRunner
+
+from meter import wire
+from meter.cli import main as cli
+from meter.errors import IdempotencyConflictError, NotFoundError, ValidationError
+from worker import db as worker_db
+
+D = Decimal
+ET = "tokens"
+UNIT = "tok"
+
+
+def eventually(check: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05) -> Any:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last: {value!r})")
+        time.sleep(interval)
+
+
+def ledger(db: psycopg.Connection[Any], user: str = "u1") -> list[dict[str, Any]]:
+    return db.execute(
+        "SELECT entry_type, amount, idempotency_key, reservation_id, metadata FROM meter.ledger"
+        " WHERE user_id = %s ORDER BY id",
+        (user,),
+    ).fetchall()
+
+
+def balance(client: Any, user: str = "u1") -> dict[str, Decimal]:
+    return client.get_balance(user, ET, UNIT)
+
+
+def dead_letters(db: psycopg.Connection[Any], status: str = "dead") -> list[dict[str, Any]]:
+    return db.execute(
+        "SELECT * FROM meter.dead_letters WHERE status = %s ORDER BY dead_letter_id", (status,)
+    ).fetchall()
+
+
+def queue_length(broker_url: str) -> int:
+    client = redis.Redis.from_url(broker_url)
+    try:
+        return int(client.llen(wire.QUEUE))
+    finally:
+        client.close()
+
+
+def send_raw(app: Any, name: str, *args: Any, task_id: str | None = None, **kwargs: Any) -> Any:
+    """Publish a task message as any Celery client would (no producer-side validation)."""
+    return app.send_task(
+        name, args=args, kwargs=kwargs, task_id=task_id or str(uuid.uuid4()), ignore_result=False
+    )
+
+
+# ------------------------------------------------------------------ producer, no worker
+
+
+def test_handle_fields(make_producer, broker_url):
+    p = make_producer()
+    h = p.consume("u1", ET, 1, UNIT)
+    assert h.op == "consume" and h.reservation_id is None
+    assert uuid.UUID(h.idempotency_key) and uuid.UUID(h.task_id)
+    assert p.consume("u1", ET, 1, UNIT, idempotency_key="k-1").idempotency_key == "k-1"
+
+    r = p.reserve("u1", ET, 5, UNIT)
+    assert uuid.UUID(r.reservation_id) and r.idempotency_key == r.reservation_id
+    r2 = p.reserve("u1", ET, 5, UNIT, reservation_id="res-1", idempotency_key="rk")
+    assert (r2.reservation_id, r2.idempotency_key) == ("res-1", "rk")
+    c = p.commit("res-1", "2.5")
+    assert (c.reservation_id, c.idempotency_key) == ("res-1", "res-1")
+    assert p.release("res-1").reservation_id == "res-1"
+    assert len({h.task_id, r.task_id, r2.task_id, c.task_id}) == 4
+    assert queue_length(broker_url) == 6
+
+    with pytest.raises(RuntimeError, match="results=True"):
+        h.wait(0.1)
+
+
+GOOD_EVENT = {"op": "consume", "user_id": "u1", "event_type": ET, "amount": 1, "unit": UNIT}
+
+
+@pytest.mark.parametrize(
+    ("call", "parameter"),
+    [
+        (lambda p: p.consume("u1", ET, 0, UNIT), "amount"),
+        (lambda p: p.consume("u1", ET, float("nan"), UNIT), "amount"),
+        (lambda p: p.consume("u1", ET, "1e-13", UNIT), "amount"),
+        (lambda p: p.consume(None, ET, 1, UNIT), "user_id"),
+        (lambda p: p.allocate("u1", ET, 1, " tok"), "unit"),
+        (lambda p: p.adjust("u1", ET, 0, UNIT), "amount"),
+        (lambda p: p.reserve("u1", ET, 1, UNIT, ttl_seconds=0), "ttl_seconds"),
+        (lambda p: p.reserve("u1", ET, 1, UNIT, reservation_id="x" * 129), "reservation_id"),
+        (lambda p: p.commit("r", -1), "actual_amount"),
+        (lambda p: p.release(""), "reservation_id"),
+        (lambda p: p.consume("u1", ET, 1, UNIT, metadata=[1]), "metadata"),
+        (lambda p: p.consume("u1", ET, 1, UNIT, event_time=datetime(2026, 1, 1)), "event_time"),
+        (lambda p: p.send_many([GOOD_EVENT, {**GOOD_EVENT, "amount": -1}]), "amount"),
+        (lambda p: p.send_many([{"op": "transfer"}]), "op"),
+        (lambda p: p.send_many([{"op": "release", "reservation_id": "r", "x": 1}]), "event"),
+    ],
+)
+def test_bad_input_raises_at_once_and_enqueues_nothing(make_producer, broker_url, call, parameter):
+    p = make_producer()
+    with pytest.raises(ValidationError) as info:
+        call(p)
+    assert info.value.parameter == parameter
+    assert queue_length(broker_url) == 0
+
+
+def test_send_many_error_names_the_event(make_producer):
+    with pytest.raises(ValidationError, match=r"^events\[1\]: actual_amount: "):
+        make_producer().send_many(
+            [{"op": "release", "reservation_id": "r"}, {"op": "commit", "reservation_id": "r",
+                                                       "actual_amount": "x"}]
+        )  # fmt: skip
+
+
+# ------------------------------------------------------------------ single events
+
+
+def test_wait_returns_the_sql_result(pipeline, make_producer, client):
+    p = make_producer(results=True)
+    assert p.allocate("u1", ET, 10, UNIT).wait() == {"balance": D(10), "entry_id": 1}
+    consumed = p.consume("u1", ET, "2.5", UNIT, check_balance=True).wait()
+    assert consumed == {"success": True, "balance": D("7.5"), "available": D("7.5"), "entry_id": 2}
+    refused = p.consume("u1", ET, 100, UNIT, check_balance=True).wait()
+    assert refused["success"] is False and refused["entry_id"] is None
+
+    res = p.reserve("u1", ET, 5, UNIT)
+    reserved = res.wait()
+    assert reserved["granted"] is True and reserved["reservation_id"] == res.reservation_id
+    assert isinstance(reserved["expires_at"], datetime)
+    committed = p.commit(res.reservation_id, 3).wait()
+    assert committed["status"] == "committed" and committed["consumed"] == D(3)
+    assert committed["released"] == D(2) and committed["reserved_amount"] == D(5)
+
+    res2 = p.reserve("u1", ET, 1, UNIT)
+    assert p.release(res2.reservation_id).wait() is True
+    assert p.release(res2.reservation_id).wait() is False  # not active any more
+    adjusted = p.adjust("u1", ET, -1, UNIT, reference_id=2).wait()
+    assert adjusted["balance"] == D("3.5")
+    assert balance(client) == {"balance": D("3.5"), "reserved": D(0), "available": D("3.5")}
+
+
+def test_want_result_per_call(pipeline, make_producer):
+    p = make_producer()  # results off by default
+    assert p.allocate("u1", ET, 1, UNIT, want_result=True).wait()["balance"] == D(1)
+    h = make_producer(results=True).allocate("u1", ET, 1, UNIT, want_result=False)
+    with pytest.raises(RuntimeError):
+        h.wait(0.1)
+
+
+def test_wait_raises_the_mapped_error_of_a_dead_letter(pipeline, make_producer, db):
+    p = make_producer(results=True)
+    p.allocate("u1", ET, 1, UNIT, idempotency_key="k").wait()
+    with pytest.raises(IdempotencyConflictError, match="idempotency_key"):
+        p.allocate("u1", ET, 2, UNIT, idempotency_key="k").wait()
+    with pytest.raises(NotFoundError):
+        p.adjust("u1", ET, 1, UNIT, reference_id=999).wait()
+    rows = dead_letters(db)
+    assert [(r["op"], r["error_sqlstate"]) for r in rows] == [
+        ("allocate", "MT002"),
+        ("adjust", "MT003"),
+    ]
+    assert rows[0]["payload"]["args"]["amount"] == "2"
+
+
+def _resend(app: Any, name: str, event: dict[str, Any], task_id: str) -> dict[str, Any]:
+    """Deliver the same message (same task id, same payload) again; its outcome."""
+    app.AsyncResult(task_id).forget()  # so that get() waits for this delivery's outcome
+    return send_raw(app, name, event, task_id=task_id).get(timeout=15)
+
+
+OPS_TWICE = [
+    ("allocate", {"user_id": "u1", "event_type": ET, "amount": "5", "unit": UNIT}),
+    ("consume", {"user_id": "u1", "event_type": ET, "amount": "1.5", "unit": UNIT}),
+    ("adjust", {"user_id": "u1", "event_type": ET, "amount": "-2", "unit": UNIT}),
+    ("reserve", {"user_id": "u1", "event_type": ET, "amount": "4", "unit": UNIT,
+                 "reservation_id": "r-twice"}),
+    ("commit", {"reservation_id": "r-held", "actual_amount": "3"}),
+    ("release", {"reservation_id": "r-held"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("op", "args"), OPS_TWICE, ids=[op for op, _ in OPS_TWICE])
+@pytest.mark.parametrize("keyed", [True, False], ids=["keyed", "keyless"])
+def test_same_message_delivered_twice_applies_once(
+    pipeline, client, snapshot, op, args, keyed
+):  # fmt: skip
+    client.allocate("u1", ET, 100, UNIT)
+    client.reserve("u1", ET, 10, UNIT, reservation_id="r-held")
+    args = dict(args)
+    if keyed and op in ("allocate", "consume", "adjust"):
+        args["idempotency_key"] = f"key-{op}"
+    event = {"op": op, "namespace": "default", "args": args}
+    task_id = str(uuid.uuid4())
+
+    first = _resend(pipeline, wire.task_name(op), event, task_id)
+    assert first["ok"] and first["status"] == "applied", first
+    after_first = snapshot()
+    second = _resend(pipeline, wire.task_name(op), event, task_id)
+    assert second["ok"] and second["status"] == "replayed", second
+    assert snapshot() == after_first
+    if op in ("allocate", "consume", "adjust"):  # a replay returns the original figures
+        assert second["result"] == first["result"]
+
+
+def test_keyless_events_get_a_key_from_their_task(pipeline, db):
+    event = {"op": "allocate", "namespace": "default",
+             "args": {"user_id": "u1", "event_type": ET, "amount": "1", "unit": UNIT}}  # fmt: skip
+    task_id = str(uuid.uuid4())
+    _resend(pipeline, "meter.allocate", event, task_id)
+    assert [r["idempotency_key"] for r in ledger(db)] == [f"task:{task_id}"]
+
+
+def test_worker_as_the_maintenance_role(pipeline, make_producer, make_client, db, maint_url):
+    """What deployments run: a login role that is only a member of meter_maintenance."""
+    pipeline.conf.meter_database_url = maint_url
+    p = make_producer("tenant-a", results=True)
+    assert p.allocate("u1", ET, 5, UNIT).wait()["balance"] == D(5)
+    handles = p.send_many(
+        [{"op": "consume", "user_id": "u1", "event_type": ET, "amount": 1, "unit": UNIT,
+          "idempotency_key": "k"},
+         {"op": "allocate", "user_id": "u1", "event_type": ET, "amount": 1, "unit": UNIT,
+          "idempotency_key": "k"}]
+    )  # fmt: skip
+    assert handles[0].wait()["success"] is True
+    with pytest.raises(IdempotencyConflictError):
+        handles[1].wait()
+    hold = p.reserve("u1", ET, 2, UNIT)
+    assert p.commit(hold.reservation_id, 2).wait()["status"] == "committed"
+    send_raw(pipeline, wire.APPLY_BATCH, "garbage").get(timeout=15)  # record_dead_letter
+    assert make_client("tenant-a").get_balance("u1", ET, UNIT)["balance"] == D(2)
+    assert sorted((r["namespace"], r["error_sqlstate"]) for r in dead_letters(db)) == [
+        ("", "MT001"),
+        ("tenant-a", "MT002"),
+    ]
+
+
+# ------------------------------------------------------------------ batches
+
+
+def test_send_many_applies_in_chunks(pipeline, make_producer, client):
+    p = make_producer(results=True, chunk_size=3)
+    events = [{"op": "allocate", "user_id": "u1", "event_type": ET, "amount": 10, "unit": UNIT}]
+    events += [
+        {"op": "consume", "user_id": "u1", "event_type": ET, "amount": "0.5", "unit": UNIT}
+    ] * 6
+    handles = p.bulk(events)
+    assert len(handles) == 7 and len({h.task_id for h in handles}) == 3
+    assert [h.op for h in handles] == ["allocate"] + ["consume"] * 6
+    assert len({h.idempotency_key for h in handles}) == 7
+    outcomes = [h.wait() for h in handles]
+    assert outcomes[0]["balance"] == D(10)
+    assert all(o["success"] for o in outcomes[1:])
+    assert balance(client)["balance"] == D(7)
+
+
+def test_batch_with_a_poison_event_dead_letters_it_alone(pipeline, make_producer, client, db):
+    p = make_producer(results=True)
+    p.allocate("u2", ET, 1, UNIT, idempotency_key="used").wait()
+    good = [
+        {"op": "allocate", "user_id": "u1", "event_type": ET, "amount": 10, "unit": UNIT},
+        {"op": "consume", "user_id": "u1", "event_type": ET, "amount": 3, "unit": UNIT},
+        # the same key as a different request: an idempotency conflict, forever
+        {"op": "allocate", "user_id": "u1", "event_type": ET, "amount": 7, "unit": UNIT,
+         "idempotency_key": "used"},
+        {"op": "adjust", "user_id": "u1", "event_type": ET, "amount": 1, "unit": UNIT,
+         "reference_id": 424242},
+        {"op": "consume", "user_id": "u1", "event_type": ET, "amount": 2, "unit": UNIT},
+    ]  # fmt: skip
+    handles = p.send_many(good)
+    with pytest.raises(IdempotencyConflictError):
+        handles[2].wait()
+    with pytest.raises(NotFoundError):
+        handles[3].wait()
+    assert handles[4].wait()["success"] is True
+    assert balance(client)["balance"] == D(5)
+    rows = dead_letters(db)
+    assert [(r["op"], r["error_sqlstate"]) for r in rows] == [
+        ("allocate", "MT002"),
+        ("adjust", "MT003"),
+    ]
+    assert rows[0]["payload"] == {"op": "allocate", "namespace": "default",
+                                  "args": {"user_id": "u1", "event_type": ET, "amount": "7",
+                                           "unit": UNIT, "idempotency_key": "used"}}  # fmt: skip
+    assert "idempotency_key" in rows[0]["error_message"]
+
+
+def test_malformed_events_in_a_raw_batch(pipeline, client, db):
+    events = [
+        {"op": "allocate", "namespace": "default",
+         "args": {"user_id": "u1", "event_type": ET, "amount": "4", "unit": UNIT}},
+        {"op": "consume", "namespace": "default",
+         "args": {"user_id": "u1", "event_type": ET, "amount": "lots", "unit": UNIT}},
+        "not an event",
+        {"op": "consume", "namespace": "default",
+         "args": {"user_id": "u1", "event_type": ET, "amount": "1", "unit": UNIT}},
+    ]  # fmt: skip
+    outcomes = send_raw(pipeline, wire.APPLY_BATCH, events).get(timeout=15)
+    assert [o["status"] for o in outcomes] == ["applied", "error", "error", "applied"]
+    assert balance(client)["balance"] == D(3)
+    assert sorted(r["error_sqlstate"] for r in dead_letters(db)) == ["MT001", "MT001"]
+
+
+def test_a_message_that_is_not_a_batch_is_a_dead_letter(pipeline, db):
+    outcome = send_raw(pipeline, wire.APPLY_BATCH, {"op": "consume"}).get(timeout=15)
+    assert outcome["status"] == "error" and outcome["error_sqlstate"] == "MT001"
+    assert dead_letters(db)[0]["payload"] == {"op": "consume"}
+
+
+# ------------------------------------------------------------------ ordering
+
+
+def test_commit_and_release_before_their_reserve(pipeline, make_producer, client, db):
+    p = make_producer(results=True)
+    commit = p.commit("r-late", "3.25")
+    release = p.release("r-gone")
+    time.sleep(0.3)  # both have met "not_found" by now and are waiting for their reserve
+    p.allocate("u1", ET, 10, UNIT).wait()
+    assert p.reserve("u1", ET, 5, UNIT, reservation_id="r-late").wait()["granted"]
+    assert p.reserve("u1", ET, 2, UNIT, reservation_id="r-gone").wait()["granted"]
+
+    committed = commit.wait()
+    assert committed["status"] == "committed" and committed["consumed"] == D("3.25")
+    assert release.wait() is True
+    assert balance(client) == {"balance": D("6.75"), "reserved": D(0), "available": D("6.75")}
+    assert dead_letters(db) == []
+
+
+def test_batch_defers_orphans_to_their_own_tasks(pipeline, make_producer, client):
+    p = make_producer(results=True)
+    handles = p.send_many(
+        [
+            {"op": "allocate", "user_id": "u1", "event_type": ET, "amount": 10, "unit": UNIT},
+            {"op": "commit", "reservation_id": "r-b", "actual_amount": 4},
+            {"op": "consume", "user_id": "u1", "event_type": ET, "amount": 1, "unit": UNIT},
+        ]
+    )
+    # The batch completes without waiting for the orphan...
+    outcomes = pipeline.AsyncResult(handles[0].task_id).get(timeout=15)
+    assert [o["status"] for o in outcomes] == ["applied", "deferred", "applied"]
+    assert outcomes[1]["task_id"] == wire.child_task_id(handles[0].task_id, 1)
+    assert balance(client)["balance"] == D(9)
+    # ... which takes effect once its reserve arrives.
+    p.reserve("u1", ET, 6, UNIT, reservation_id="r-b").wait()
+    assert handles[1].wait()["status"] == "committed"
+    assert balance(client) == {"balance": D(5), "reserved": D(0), "available": D(5)}
+
+
+def test_orphan_past_the_horizon_is_dead_lettered_then_retried_from_the_cli(
+    pipeline, make_producer, client, db, db_url
+):
+    p = make_producer(results=True)
+    started = time.monotonic()
+    with pytest.raises(NotFoundError, match="r-never"):
+        p.commit("r-never", 2).wait(timeout=15)
+    assert time.monotonic() - started >= 2.5  # the test horizon is 3 s
+    (row,) = dead_letters(db)
+    assert (row["op"], row["error_sqlstate"]) == ("commit", "MT003")
+
+    runner = CliRunner()
+    env = {"METER_DATABASE_URL": db_url}
+    listed = runner.invoke(cli, ["dead-letters", "list", "--json"], env=env)
+    assert listed.exit_code == 0, listed.output
+    assert [d["dead_letter_id"] for d in json.loads(listed.output)] == [row["dead_letter_id"]]
+
+    # Still no reserve: the retry fails, exit 1, the dead letter stays.
+    failed = runner.invoke(cli, ["dead-letters", "retry", str(row["dead_letter_id"])], env=env)
+    assert failed.exit_code == 1 and "still failing" in failed.output
+    assert dead_letters(db)[0]["attempts"] == 2
+
+    # The reserve has arrived (late): the retry applies the commit, once.
+    client.allocate("u1", ET, 10, UNIT)
+    client.reserve("u1", ET, 5, UNIT, reservation_id="r-never")
+    done = runner.invoke(cli, ["dead-letters", "retry", str(row["dead_letter_id"])], env=env)
+    assert done.exit_code == 0, done.output
+    assert balance(client) == {"balance": D(8), "reserved": D(0), "available": D(8)}
+    assert dead_letters(db) == [] and len(dead_letters(db, "retried")) == 1
+    again = runner.invoke(cli, ["dead-letters", "retry", str(row["dead_letter_id"])], env=env)
+    assert again.exit_code == 1
+    assert [r["entry_type"] for r in ledger(db)] == ["allocation", "consumption"]
+
+
+# ------------------------------------------------------------------ exactness
+
+
+def test_decimals_stay_exact_through_the_pipeline(pipeline, make_producer, client, db):
+    p = make_producer(results=True)
+    for _ in range(3):
+        p.allocate("u1", ET, "0.1", UNIT).wait()
+    assert p.consume("u1", ET, 0.3, UNIT).wait()["balance"] == D(0)  # float 0.3 is "0.3"
+    big = "123456789012345678901234.123456789012"
+    assert p.allocate("u2", ET, big, UNIT).wait()["balance"] == D(big)
+    meta = {"price": D("0.1"), "ratio": 0.1, "n": 10**30}
+    p.consume("u1", ET, "0.000000000001", UNIT, metadata=meta).wait()
+    assert [r["amount"] for r in ledger(db)] == [D("0.1")] * 3 + [D("-0.3"), D("-1E-12")]
+    assert balance(client)["balance"] == D("-0.000000000001")
+    assert balance(client, "u2")["balance"] == D(big)
+    stored = db.execute(
+        "SELECT metadata::text AS m FROM meter.ledger WHERE metadata IS NOT NULL"
+    ).fetchone()
+    assert stored["m"] == '{"n": 1000000000000000000000000000000, "price": 0.1, "ratio": 0.1}'
+
+
+def test_event_time_travels_with_its_offset(pipeline, make_producer, db):
+    p = make_producer(results=True)
+    when = datetime(2026, 1, 15, 12, 30, tzinfo=UTC) - timedelta(days=0)
+    p.allocate("u1", ET, 1, UNIT, event_time=when).wait()
+    row = db.execute("SELECT event_time FROM meter.ledger").fetchone()
+    assert row["event_time"] == when
+
+
+# ------------------------------------------------------------------ buffered mode
+
+
+def test_buffered_producer_sends_on_flush(pipeline, make_producer, client, broker_url):
+    p = make_producer(batch_size=100, linger_ms=60_000, results=True)
+    p.allocate("u1", ET, 100, UNIT)
+    handles = [p.consume("u1", ET, 1, UNIT) for _ in range(9)]
+    assert len({h.task_id for h in handles}) == 1
+    time.sleep(0.3)
+    assert balance(client)["balance"] == D(0)  # still in the producer's buffer
+    p.flush()
+    assert handles[-1].wait()["success"] is True
+    assert balance(client)["balance"] == D(91)
+
+
+def test_buffered_producer_sends_full_batches_and_lingers(pipeline, make_producer, client):
+    p = make_producer(batch_size=4, linger_ms=200)
+    p.allocate("u1", ET, 100, UNIT)
+    handles = [p.consume("u1", ET, "0.5", UNIT) for _ in range(9)]
+    assert len({h.task_id for h in handles}) == 3  # 4 + 4 + 2 (the 10th is the allocate)
+    eventually(lambda: balance(client)["balance"] == D("95.5"), timeout=10)
+
+
+def test_buffered_producer_close_and_wait_flush(pipeline, make_producer, client, broker_url):
+    p = make_producer(batch_size=1000, linger_ms=60_000)
+    p.allocate("u1", ET, 5, UNIT)
+    h = p.consume("u1", ET, 2, UNIT, want_result=True)
+    assert h.wait()["balance"] == D(3)  # wait() flushes what it waits for
+    p.consume("u1", ET, 1, UNIT)
+    p.close()
+    eventually(lambda: balance(client)["balance"] == D(2))
+    with pytest.raises(Exception, match="closed"):
+        p.consume("u1", ET, 1, UNIT)
+
+
+def test_buffered_producer_is_thread_safe(pipeline, make_producer, client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    p = make_producer(batch_size=50, linger_ms=100)
+    with ThreadPoolExecutor(8) as pool:
+        handles = list(pool.map(lambda i: p.allocate("u1", ET, "0.01", UNIT), range(400)))
+    p.flush()
+    assert len({h.idempotency_key for h in handles}) == 400
+    eventually(lambda: balance(client)["balance"] == D(4), timeout=20)
+
+
+# ------------------------------------------------------------------ failures
+
+
+def test_transient_errors_are_retried(pipeline, make_producer, client, monkeypatch):
+    real = worker_db.apply_events
+    failures = iter(
+        [
+            psycopg.errors.DeadlockDetected("deadlock detected"),
+            psycopg.errors.SerializationFailure("could not serialize access"),
+            psycopg.OperationalError("server closed the connection unexpectedly"),
+        ]
+    )
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(worker_db, "apply_events", flaky)
+    p = make_producer(results=True)
+    assert p.allocate("u1", ET, 3, UNIT).wait()["balance"] == D(3)
+    assert next(failures, None) is None
+
+
+def test_an_unexpected_error_is_dead_lettered_not_retried(pipeline, make_producer, db, monkeypatch):
+    calls = []
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        raise psycopg.errors.UndefinedFunction("function meter.apply_events(jsonb) does not exist")
+
+    monkeypatch.setattr(worker_db, "apply_events", broken)
+    p = make_producer(results=True)
+    with pytest.raises(Exception, match="does not exist"):
+        p.allocate("u1", ET, 3, UNIT).wait()
+    assert len(calls) == 1
+    (row,) = dead_letters(db)
+    assert (row["op"], row["error_sqlstate"]) == ("allocate", "42883")
+    assert row["source"] is not None
+
+
+def _redeliver(broker_url: str, app: Any, name: str, args: tuple[Any, ...], task_id: str) -> None:
+    """Put a message on the queue the way kombu's Redis transport puts one *back*.
+
+    The message is published to a side queue no worker reads, then moved to Meter's queue
+    with the ``redelivered`` flags that kombu's ``_do_restore_message`` sets.
+    """
+    app.send_task(name, args=args, task_id=task_id, queue="staging", ignore_result=False)
+    client = redis.Redis.from_url(broker_url)
+    try:
+        payload = json.loads(client.rpop("staging"))
+        payload["headers"]["redelivered"] = True
+        info = payload["properties"]["delivery_info"]
+        info.update(redelivered=True, exchange=wire.QUEUE, routing_key=wire.QUEUE)
+        client.lpush(wire.QUEUE, json.dumps(payload))
+    finally:
+        client.close()
+
+
+def test_a_message_that_keeps_killing_workers_is_dead_lettered(pipeline, db, broker_url):
+    event = {"op": "consume", "namespace": "default",
+             "args": {"user_id": "u1", "event_type": ET, "amount": "1", "unit": UNIT}}  # fmt: skip
+    task_id = str(uuid.uuid4())
+    client = redis.Redis.from_url(broker_url)
+    # Two earlier redeliveries ended with the worker dead (test setting: 3 deliveries at most).
+    client.set(f"meter:deliveries:{task_id}:0", 2)
+    _redeliver(broker_url, pipeline, "meter.consume", (event,), task_id)
+    outcome = pipeline.AsyncResult(task_id).get(timeout=15)
+    assert outcome["status"] == "error" and outcome["error_sqlstate"] == "MTW01"
+    (row,) = dead_letters(db)
+    assert (row["op"], row["source"], row["payload"]) == ("consume", task_id, event)
+    assert ledger(db) == []  # never ran
+    assert client.exists(f"meter:deliveries:{task_id}:0") == 0
+    client.close()
+
+
+def test_a_redelivered_message_is_counted_and_runs(pipeline, client, broker_url):
+    event = {"op": "allocate", "namespace": "default",
+             "args": {"user_id": "u1", "event_type": ET, "amount": "2", "unit": UNIT}}  # fmt: skip
+    task_id = str(uuid.uuid4())
+    _redeliver(broker_url, pipeline, "meter.allocate", (event,), task_id)
+    assert pipeline.AsyncResult(task_id).get(timeout=15)["status"] == "applied"
+    assert balance(client)["balance"] == D(2)
+
+
+def test_a_batch_that_keeps_killing_workers_is_split(pipeline, client, db, broker_url):
+    events = [
+        {"op": "allocate", "namespace": "default",
+         "args": {"user_id": "u1", "event_type": ET, "amount": "5", "unit": UNIT}},
+        {"op": "consume", "namespace": "default",
+         "args": {"user_id": "u1", "event_type": ET, "amount": "2", "unit": UNIT}},
+    ]  # fmt: skip
+    task_id = str(uuid.uuid4())
+    redis.Redis.from_url(broker_url).set(f"meter:deliveries:{task_id}:0", 5)
+    _redeliver(broker_url, pipeline, wire.APPLY_BATCH, (events,), task_id)
+    outcomes = pipeline.AsyncResult(task_id).get(timeout=15)
+    assert [o["status"] for o in outcomes] == ["deferred", "deferred"]
+    for o in outcomes:
+        assert pipeline.AsyncResult(o["task_id"]).get(timeout=15)["status"] == "applied"
+    assert balance(client)["balance"] == D(3)
+    assert dead_letters(db) == []
+
+
+# ------------------------------------------------------------------ beat
+
+
+def test_expiry_sweep_task(pipeline, client):
+    client.allocate("u1", ET, 10, UNIT)
+    client.reserve("u1", ET, 4, UNIT, ttl_seconds=1)
+    time.sleep(1.1)
+    send_raw(pipeline, wire.RELEASE_EXPIRED).get(timeout=15)
+    eventually(lambda: balance(client)["reserved"] == D(0))
+    assert pipeline.conf.beat_schedule["meter.release-expired"]["task"] == wire.RELEASE_EXPIRED
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_cli_dead_letters_list_retry_discard(pipeline, make_producer, db, db_url, client):
+    p = make_producer(results=True)
+    p.allocate("u1", ET, 1, UNIT, idempotency_key="k").wait()
+    for amount in (2, 3):
+        with pytest.raises(IdempotencyConflictError):
+            p.allocate("u1", ET, amount, UNIT, idempotency_key="k").wait()
+    first, second = (r["dead_letter_id"] for r in dead_letters(db))
+    runner = CliRunner()
+    env = {"METER_DATABASE_URL": db_url}
+
+    table = runner.invoke(cli, ["dead-letters", "list"], env=env)
+    assert table.exit_code == 0 and "MT002" in table.output and "allocate" in table.output
+
+    assert runner.invoke(cli, ["dead-letters", "discard", str(first)], env=env).exit_code == 0
+    assert runner.invoke(cli, ["dead-letters", "discard", str(first)], env=env).exit_code == 1
+    assert runner.invoke(cli, ["dead-letters", "discard", "99999"], env=env).exit_code == 1
+    assert runner.invoke(cli, ["dead-letters", "retry", "99999"], env=env).exit_code == 1
+
+    listed = runner.invoke(cli, ["dead-letters", "list", "--status", "all", "--json"], env=env)
+    statuses = {d["dead_letter_id"]: d["status"] for d in json.loads(listed.output)}
+    assert statuses == {first: "discarded", second: "dead"}
+
+    # --all retries what waits; still a conflict: exit 1, nothing changes.
+    result = runner.invoke(cli, ["dead-letters", "retry", "--all"], env=env)
+    assert result.exit_code == 1 and "retried 0 of 1" in result.output
+    assert balance(client)["balance"] == D(1)
+
+    usage = runner.invoke(cli, ["dead-letters", "retry"], env=env)
+    assert usage.exit_code == 2

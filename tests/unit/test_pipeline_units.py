@@ -1,0 +1,117 @@
+"""Pipeline pieces that need no server: settings, error classes, backoff, wire format."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+
+import psycopg
+import pytest
+from psycopg_pool import PoolTimeout
+
+from meter import wire
+from worker import worker_config
+from worker.retry import backoff, is_transient
+from worker.settings import Settings
+from worker.tasks import _with_key
+
+
+def test_settings_from_env():
+    s = Settings.from_env(
+        {"METER_DATABASE_URL": "postgresql:///m", "METER_ORPHAN_HORIZON_SECONDS": "12.5",
+         "METER_MAX_DELIVERIES": "4", "METER_DB_POOL_SIZE": ""}
+    )  # fmt: skip
+    assert (s.database_url, s.orphan_horizon, s.max_deliveries) == ("postgresql:///m", 12.5, 4)
+    assert s.db_pool_size == Settings().db_pool_size
+    assert Settings.from_conf(s.as_conf()) == s
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "lots", "1.5"])
+def test_bad_settings_are_refused(value):
+    with pytest.raises(ValueError, match="METER_MAX_DELIVERIES"):
+        Settings.from_env({"METER_MAX_DELIVERIES": value})
+
+
+def test_worker_config_delivery_guarantees():
+    conf = worker_config(
+        broker_url="redis://example:6379/3", database_url="postgresql:///x", env={}
+    )
+    assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
+    assert conf["task_acks_on_timeout"] is False
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["task_ignore_result"] is True
+    assert conf["accept_content"] == ["json"] and conf["task_serializer"] == "json"
+    assert conf["result_backend"] == conf["broker_url"] == "redis://example:6379/3"
+    visibility = conf["broker_transport_options"]["visibility_timeout"]
+    assert visibility > conf["task_time_limit"] + Settings().retry_backoff_max
+    assert conf["meter_database_url"] == "postgresql:///x"
+    assert conf["beat_schedule"]["meter.release-expired"]["schedule"] == 5.0
+
+
+def test_broker_url_from_env(monkeypatch):
+    monkeypatch.delenv("METER_BROKER_URL", raising=False)
+    assert wire.broker_url_from_env() == wire.DEFAULT_BROKER_URL
+    monkeypatch.setenv("METER_BROKER_URL", "redis://b:1/0")
+    assert wire.broker_url_from_env() == "redis://b:1/0"
+    assert wire.broker_url_from_env("redis://c:2/0") == "redis://c:2/0"
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        (psycopg.errors.DeadlockDetected("x"), True),
+        (psycopg.errors.SerializationFailure("x"), True),
+        (psycopg.errors.LockNotAvailable("x"), True),
+        (psycopg.errors.QueryCanceled("x"), True),
+        (psycopg.errors.AdminShutdown("x"), True),
+        (psycopg.errors.TooManyConnections("x"), True),
+        (psycopg.OperationalError("connection refused"), True),
+        (psycopg.InterfaceError("the connection is closed"), True),
+        (PoolTimeout("no connection"), True),
+        (ConnectionResetError(), True),
+        (psycopg.errors.UndefinedFunction("x"), False),
+        (psycopg.errors.UniqueViolation("x"), False),
+        (psycopg.errors.RaiseException("x"), False),
+        (KeyError("op"), False),
+    ],
+)
+def test_transient_or_permanent(exc, transient):
+    assert is_transient(exc) is transient
+
+
+def test_backoff_grows_is_capped_and_jittered():
+    for attempt in range(40):
+        ceiling = min(10.0, 0.2 * 2**attempt)
+        assert ceiling / 2 <= backoff(attempt, 0.2, 10.0) <= ceiling
+    assert len({backoff(3, 0.2, 10.0) for _ in range(20)}) > 1
+
+
+def test_keyless_events_get_a_key():
+    consume = {"op": "consume", "namespace": "n", "args": {"amount": "1"}}
+    assert _with_key(consume, "task:1")["args"]["idempotency_key"] == "task:1"
+    assert "idempotency_key" not in consume["args"]  # not mutated
+    keyed = {"op": "allocate", "args": {"idempotency_key": "k"}}
+    assert _with_key(keyed, "task:1") is keyed
+    reserve = {"op": "reserve", "args": {"amount": "1"}}
+    assert _with_key(reserve, "task:1")["args"]["reservation_id"] == "task:1"
+    commit = {"op": "commit", "args": {"reservation_id": "r"}}
+    assert _with_key(commit, "task:1") is commit
+    assert _with_key("junk", "task:1") == "junk"
+
+
+def test_decode_outcome_gives_what_the_sdk_gives():
+    out = wire.decode_outcome(
+        "reserve",
+        {"granted": True, "balance": 10, "available": Decimal("2.5"), "reservation_id": "r",
+         "expires_at": "2026-01-01T00:05:00+00:00"},
+    )  # fmt: skip
+    assert out["balance"] == Decimal(10) and isinstance(out["balance"], Decimal)
+    assert out["available"] == Decimal("2.5")
+    assert isinstance(out["expires_at"], datetime) and out["expires_at"].tzinfo is not None
+    assert wire.decode_outcome("release", {"released": True}) is True
+    assert wire.decode_outcome("release", {"released": False}) is False
+
+
+def test_child_task_ids_are_deterministic():
+    assert wire.child_task_id("t", 1) == wire.child_task_id("t", 1)
+    assert wire.child_task_id("t", 1) != wire.child_task_id("t", 2)

@@ -1,0 +1,109 @@
+"""The worker's own settings: read from the environment, carried in the Celery config.
+
+Each ``METER_*`` variable becomes a ``meter_*`` key of ``app.conf`` (so tests and embedding
+applications can set them on the app, like any Celery setting), and tasks read them back
+through :meth:`Settings.from_conf` on every call.
+
+=================================  ======================  ===================================
+environment                         ``app.conf`` key        meaning (default)
+=================================  ======================  ===================================
+``METER_DATABASE_URL``              meter_database_url      PostgreSQL conninfo; empty: libpq's
+                                                            own defaults (``PGHOST``...)
+``METER_DB_POOL_SIZE``              meter_db_pool_size      connections per worker process (2)
+``METER_ORPHAN_HORIZON_SECONDS``    meter_orphan_horizon    how long a commit/release waits for
+                                                            its reserve before it is
+                                                            dead-lettered (300)
+``METER_MAX_DELIVERIES``            meter_max_deliveries    deliveries of one message before it
+                                                            is given up as poison (10)
+``METER_MAX_RETRIES``               meter_max_retries       retries of a task (transient errors
+                                                            and orphan waits together) before
+                                                            it is dead-lettered (100)
+``METER_RETRY_BACKOFF_BASE``        meter_retry_backoff_base   first retry delay, seconds (0.2)
+``METER_RETRY_BACKOFF_MAX``         meter_retry_backoff_max    longest retry delay, seconds (15)
+``METER_EXPIRY_INTERVAL_SECONDS``   meter_expiry_interval   beat: expiry sweep period (5)
+``METER_EXPIRY_BATCH``              meter_expiry_batch      holds expired per sweep statement
+                                                            (1000)
+=================================  ======================  ===================================
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Settings"]
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, integer: bool) -> Any:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{name} must be {kind}, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be greater than 0, got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The worker settings (see the module docstring for each)."""
+
+    database_url: str = ""
+    db_pool_size: int = 2
+    orphan_horizon: float = 300.0
+    max_deliveries: int = 10
+    max_retries: int = 100
+    retry_backoff_base: float = 0.2
+    retry_backoff_max: float = 15.0
+    expiry_interval: float = 5.0
+    expiry_batch: int = 1000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read ``METER_*`` variables; unset or empty ones take the defaults.
+
+        Raises:
+            ValueError: a variable is not a positive number.
+        """
+        env = os.environ if env is None else env
+        d = cls()
+        return cls(
+            database_url=env.get("METER_DATABASE_URL", d.database_url),
+            db_pool_size=_number(env, "METER_DB_POOL_SIZE", d.db_pool_size, integer=True),
+            orphan_horizon=_number(
+                env, "METER_ORPHAN_HORIZON_SECONDS", d.orphan_horizon, integer=False
+            ),
+            max_deliveries=_number(env, "METER_MAX_DELIVERIES", d.max_deliveries, integer=True),
+            max_retries=_number(env, "METER_MAX_RETRIES", d.max_retries, integer=True),
+            retry_backoff_base=_number(
+                env, "METER_RETRY_BACKOFF_BASE", d.retry_backoff_base, integer=False
+            ),
+            retry_backoff_max=_number(
+                env, "METER_RETRY_BACKOFF_MAX", d.retry_backoff_max, integer=False
+            ),
+            expiry_interval=_number(
+                env, "METER_EXPIRY_INTERVAL_SECONDS", d.expiry_interval, integer=False
+            ),
+            expiry_batch=_number(env, "METER_EXPIRY_BATCH", d.expiry_batch, integer=True),
+        )
+
+    def as_conf(self) -> dict[str, Any]:
+        """The ``meter_*`` Celery config keys holding these settings."""
+        return {f"meter_{name}": getattr(self, name) for name in self.__dataclass_fields__}
+
+    @classmethod
+    def from_conf(cls, conf: Mapping[str, Any]) -> Settings:
+        """The settings held in a Celery config (defaults for missing keys)."""
+        d = cls()
+        return cls(
+            **{
+                name: conf.get(f"meter_{name}", getattr(d, name))
+                for name in cls.__dataclass_fields__
+            }
+        )
