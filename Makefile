@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.meter-installed
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv test lint clean
+.PHONY: venv run test lint clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
+
+run: venv
+	$(BIN)/meter up
 
 test: venv
 	$(BIN)/ruff check .

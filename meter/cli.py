@@ -276,3 +276,17 @@ def dead_letters_discard(database_url: str | None, dead_letter_id: int) -> None:
 def run() -> None:
     """Entry point for ``python -m meter`` (prog name ``meter`` rather than ``__main__``)."""
     main(prog_name="meter")
+
+
+@main.command()
+@click.option("--no-demo", is_flag=True, help="Start the stack without sending demo traffic.")
+def up(no_demo: bool) -> None:
+    """Run Meter locally: embedded PostgreSQL and Redis in ./.meter, a worker, beat and a
+    demo workload; Ctrl-C stops everything it started."""
+    from meter.up import serve
+
+    try:
+        serve(console, demo=not no_demo)
+    except (MeterError, EmbeddedServerError, RuntimeError, TimeoutError) as exc:
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        raise SystemExit(1) from exc

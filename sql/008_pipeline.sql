@@ -281,7 +281,7 @@ END
 $$;
 
 ------------------------------------------------------------------------------------------
-CREATE FUNCTION meter.apply_events(p_events jsonb)
+CREATE FUNCTION meter.apply_events(p_events jsonb, p_source text DEFAULT NULL)
 RETURNS TABLE (idx integer, ok boolean, status text, result jsonb, error_sqlstate text,
                error_message text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -540,10 +540,13 @@ BEGIN
         END;
     END LOOP;
 
-    -- dead letters for every event that can never succeed (fast-path conflicts included)
+    -- dead letters for every event that can never succeed (fast-path conflicts included);
+    -- with p_source (the caller's message id), a redelivered batch counts an attempt on
+    -- the same dead letter instead of adding another
     PERFORM meter.record_dead_letter(coalesce(p_events->(o->>'idx')::integer->>'op', '?'),
                                      p_events->(o->>'idx')::integer,
-                                     o->>'error_sqlstate', o->>'error_message', NULL,
+                                     o->>'error_sqlstate', o->>'error_message',
+                                     p_source || '/' || (o->>'idx'),
                                      CASE WHEN p_events->(o->>'idx')::integer->>'namespace' = ANY (v_allowed)
                                           THEN p_events->(o->>'idx')::integer->>'namespace'
                                           ELSE '' END)

@@ -29,7 +29,7 @@ DECLARE
 BEGIN
     FOREACH t IN ARRAY ARRAY['accounts', 'ledger', 'reservations', 'idempotency_keys',
                              'periods', 'period_config_changes', 'ledger_checkpoints',
-                             'schema_migrations']
+                             'dead_letters', 'schema_migrations']
     LOOP
         IF to_regclass('meter.' || t) IS NOT NULL THEN
             EXECUTE format('REVOKE ALL ON meter.%I FROM meter_app, meter_maintenance', t);

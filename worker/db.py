@@ -38,7 +38,7 @@ _inherited: list[ConnectionPool[Any]] = []
 
 _SQL_APPLY_EVENTS: Final = (
     "SELECT idx, ok, status, result, error_sqlstate, error_message"
-    " FROM meter.apply_events(%s::jsonb)"
+    " FROM meter.apply_events(%s::jsonb, %s::text)"
 )
 _SQL_RECORD_DEAD_LETTER: Final = (
     "SELECT meter.record_dead_letter(%s::text, %s::jsonb, %s::text, %s::text, %s::text,"
@@ -99,15 +99,20 @@ def _jsonb(value: Any) -> Jsonb:
     return Jsonb(t.dumps(value), dumps=_as_is)
 
 
-def apply_events(url: str, pool_size: int, events: list[Any]) -> list[dict[str, Any]]:
-    """``meter.apply_events(events)`` in one transaction; one row per event, by index.
+def apply_events(
+    url: str, pool_size: int, events: list[Any], source: str | None = None
+) -> list[dict[str, Any]]:
+    """``meter.apply_events(events, source)`` in one transaction; one row per event, by index.
+
+    ``source`` (the task id) makes a redelivered batch's dead letters count attempts on the
+    rows recorded the first time instead of adding new ones.
 
     Raises:
         psycopg.Error, PoolTimeout: the whole call failed (classify with
             :func:`worker.retry.is_transient`).
     """
     with _pool(url, pool_size).connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(_SQL_APPLY_EVENTS, (_jsonb(events),))
+        cur.execute(_SQL_APPLY_EVENTS, (_jsonb(events), source))
         return cur.fetchall()
 
 

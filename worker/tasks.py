@@ -235,7 +235,7 @@ class EventTask(Task):
             )  # fmt: skip
         event = _with_key(event, f"task:{self.request.id}")
         try:
-            row = db.apply_events(s.database_url, s.db_pool_size, [event])[0]
+            row = db.apply_events(s.database_url, s.db_pool_size, [event], self.request.id)[0]
         except Exception as exc:
             return self.failed(s, exc, _op(event, op), event, counted)
         if row["status"] == "not_found":
@@ -337,7 +337,7 @@ def apply_batch(
         )
         return _split(self, s, events, counted)
     try:
-        rows = db.apply_events(s.database_url, s.db_pool_size, events)
+        rows = db.apply_events(s.database_url, s.db_pool_size, events, request.id)
     except Exception as exc:
         if is_transient(exc):
             self.transient(s, exc)
