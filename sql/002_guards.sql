@@ -257,7 +257,8 @@ CREATE FUNCTION meter.ctx(p_namespace text, p_actor_id text DEFAULT NULL,
                           p_reason text DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    PERFORM set_config('meter.tenant', meter._ident('namespace', p_namespace, 1024), true);
+    -- not validated here: the API function it feeds checks it in meter._guard
+    PERFORM set_config('meter.tenant', coalesce(p_namespace, ''), true);
     IF p_actor_id IS NOT NULL OR p_request_id IS NOT NULL OR p_on_behalf_of IS NOT NULL
        OR p_reason IS NOT NULL
        OR current_setting('meter.actor_id', true) <> ''

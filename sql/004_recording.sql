@@ -25,14 +25,16 @@ LANGUAGE sql AS $$
     SELECT pg_advisory_xact_lock(hashtextextended(p_kind || chr(31) || p_namespace || chr(31) || p_key, 0))
 $$;
 
--- The stored result of an idempotency key: NULL when the key is new, the result when it was
--- used for the same request, MT002 when it was used for a different one.
+-- Lock an idempotency key (meter._lock_key) and return its stored result: NULL when the key
+-- is new, the result when it was used for the same request, MT002 when it was used for a
+-- different one. The lock is held to commit, so the caller's effect and claim follow safely.
 CREATE FUNCTION meter._replay(p_namespace text, p_key text, p_operation text,
                               p_request_hash text) RETURNS jsonb
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql AS $$
 DECLARE
     v meter.idempotency_keys;
 BEGIN
+    PERFORM meter._lock_key(p_namespace, 'key', p_key);
     SELECT * INTO v FROM meter.idempotency_keys k
     WHERE k.namespace = p_namespace AND k.key = p_key;
     IF NOT FOUND THEN
@@ -82,8 +84,9 @@ $$;
 
 -- Apply one ledger entry to the account with this key, in one statement: move the balance
 -- (taking the account's row lock), append the ledger row, and claim the idempotency key with
--- the result {balance, reserved, entry_id}. Applies nothing and returns NULLs when the account
--- does not exist, or when p_min_available is given and less than that is available.
+-- the result {balance, reserved, entry_id}. An unchecked entry (p_min_available NULL) creates
+-- the account when it does not exist yet; a checked one applies nothing and returns NULLs
+-- when the account does not exist or has less than p_min_available available.
 CREATE FUNCTION meter._apply(p_namespace text, p_user_id text, p_event_type text,
                              p_resource text, p_unit text, p_entry_type text, p_amount numeric,
                              p_event_time timestamptz, p_min_available numeric,
@@ -94,6 +97,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_lost boolean;
 BEGIN
+    LOOP
     WITH acc AS (
         UPDATE meter.accounts t
         SET balance = t.balance + p_amount,
@@ -134,6 +138,9 @@ BEGIN
     SELECT led.id, acc.balance, acc.reserved,
            p_key IS NOT NULL AND NOT EXISTS (SELECT FROM claim)
     INTO entry_id, balance, reserved, v_lost FROM acc, led;
+    EXIT WHEN entry_id IS NOT NULL OR p_min_available IS NOT NULL;
+    PERFORM meter._create_account(p_namespace, p_user_id, p_event_type, p_resource, p_unit);
+    END LOOP;
     IF v_lost THEN
         -- Another path (a batch) claimed the key after our look-up; retrying replays it.
         RAISE EXCEPTION 'idempotency_key: % was claimed concurrently; retry to replay it',
@@ -243,7 +250,6 @@ BEGIN
         v_hash := meter._hash('allocate', p_user_id, p_event_type, v_resource, p_unit,
                               v_amount::text, (p_event_time AT TIME ZONE 'UTC')::text,
                               p_metadata::text);
-        PERFORM meter._lock_key(p_namespace, 'key', p_idempotency_key);
         v_replay := meter._replay(p_namespace, p_idempotency_key, 'allocate', v_hash);
         IF v_replay IS NOT NULL THEN
             balance := (v_replay->>'balance')::numeric;
@@ -253,13 +259,9 @@ BEGIN
         END IF;
     END IF;
 
-    LOOP
-        v_post := meter._apply(p_namespace, p_user_id, p_event_type, v_resource, p_unit,
-                               'allocation', v_amount, v_time, NULL, NULL, p_metadata,
-                               p_idempotency_key, 'allocate', v_hash);
-        EXIT WHEN v_post.entry_id IS NOT NULL;
-        PERFORM meter._create_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
-    END LOOP;
+    v_post := meter._apply(p_namespace, p_user_id, p_event_type, v_resource, p_unit,
+                           'allocation', v_amount, v_time, NULL, NULL, p_metadata,
+                           p_idempotency_key, 'allocate', v_hash);
     balance := v_post.balance;
     entry_id := v_post.entry_id;
     RETURN NEXT;
@@ -302,7 +304,6 @@ BEGIN
         v_hash := meter._hash('consume', p_user_id, p_event_type, v_resource, p_unit,
                               v_amount::text, v_check::text,
                               (p_event_time AT TIME ZONE 'UTC')::text, p_metadata::text);
-        PERFORM meter._lock_key(p_namespace, 'key', p_idempotency_key);
         v_replay := meter._replay(p_namespace, p_idempotency_key, 'consume', v_hash);
         IF v_replay IS NOT NULL THEN
             success := true;
@@ -314,26 +315,20 @@ BEGIN
         END IF;
     END IF;
 
-    LOOP
-        v_post := meter._apply(p_namespace, p_user_id, p_event_type, v_resource, p_unit,
-                               'consumption', -v_amount, v_time,
-                               CASE WHEN v_check THEN v_amount END, NULL, p_metadata,
-                               p_idempotency_key, 'consume', v_hash);
-        EXIT WHEN v_post.entry_id IS NOT NULL;
+    v_post := meter._apply(p_namespace, p_user_id, p_event_type, v_resource, p_unit,
+                           'consumption', -v_amount, v_time,
+                           CASE WHEN v_check THEN v_amount END, NULL, p_metadata,
+                           p_idempotency_key, 'consume', v_hash);
+    IF v_post.entry_id IS NULL THEN
+        -- refused by the balance check (or no such account): report what is there
         v_peek := meter._peek(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
-        IF v_check AND (NOT v_peek.known OR v_peek.balance - v_peek.reserved < v_amount) THEN
-            success := false;
-            balance := v_peek.balance;
-            available := v_peek.balance - v_peek.reserved;
-            entry_id := NULL;
-            RETURN NEXT;
-            RETURN;
-        END IF;
-        IF NOT v_peek.known THEN
-            PERFORM meter._create_account(p_namespace, p_user_id, p_event_type, v_resource,
-                                          p_unit);
-        END IF;
-    END LOOP;
+        success := false;
+        balance := v_peek.balance;
+        available := v_peek.balance - v_peek.reserved;
+        entry_id := NULL;
+        RETURN NEXT;
+        RETURN;
+    END IF;
     success := true;
     balance := v_post.balance;
     available := v_post.balance - v_post.reserved;
@@ -379,7 +374,6 @@ BEGIN
     IF p_idempotency_key IS NOT NULL THEN
         v_hash := meter._hash('adjust', p_user_id, p_event_type, v_resource, p_unit,
                               v_amount::text, p_reference_id::text, p_metadata::text);
-        PERFORM meter._lock_key(p_namespace, 'key', p_idempotency_key);
         v_replay := meter._replay(p_namespace, p_idempotency_key, 'adjust', v_hash);
         IF v_replay IS NOT NULL THEN
             balance := (v_replay->>'balance')::numeric;
@@ -389,13 +383,9 @@ BEGIN
         END IF;
     END IF;
 
-    LOOP
-        v_post := meter._apply(p_namespace, p_user_id, p_event_type, v_resource, p_unit,
-                               'adjustment', v_amount, v_time, NULL, p_reference_id,
-                               p_metadata, p_idempotency_key, 'adjust', v_hash);
-        EXIT WHEN v_post.entry_id IS NOT NULL;
-        PERFORM meter._create_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
-    END LOOP;
+    v_post := meter._apply(p_namespace, p_user_id, p_event_type, v_resource, p_unit,
+                           'adjustment', v_amount, v_time, NULL, p_reference_id,
+                           p_metadata, p_idempotency_key, 'adjust', v_hash);
     balance := v_post.balance;
     entry_id := v_post.entry_id;
     RETURN NEXT;
@@ -460,7 +450,6 @@ BEGIN
         END IF;
     END IF;
     IF v_replay IS NULL AND p_idempotency_key IS NOT NULL THEN
-        PERFORM meter._lock_key(p_namespace, 'key', p_idempotency_key);
         v_replay := meter._replay(p_namespace, p_idempotency_key, 'reserve', v_hash);
     END IF;
     IF v_replay IS NOT NULL THEN

@@ -173,13 +173,19 @@ def test_want_result_per_call(pipeline, make_producer):
         h.wait(0.1)
 
 
-def test_wait_raises_the_mapped_error_of_a_dead_letter(pipeline, make_producer, db):
+def test_wait_raises_the_mapped_error_of_a_dead_letter(pipeline, make_producer, db, snapshot):
     p = make_producer(results=True)
     p.allocate("u1", ET, 1, UNIT, idempotency_key="k").wait()
+    before = snapshot()
     with pytest.raises(IdempotencyConflictError, match="idempotency_key"):
         p.allocate("u1", ET, 2, UNIT, idempotency_key="k").wait()
     with pytest.raises(NotFoundError):
         p.adjust("u1", ET, 1, UNIT, reference_id=999).wait()
+    after = snapshot()
+    # the refused events changed nothing but the dead letters that record them
+    assert {k: v for k, v in after.items() if k != "dead_letters"} == {
+        k: v for k, v in before.items() if k != "dead_letters"
+    }
     rows = dead_letters(db)
     assert [(r["op"], r["error_sqlstate"]) for r in rows] == [
         ("allocate", "MT002"),
