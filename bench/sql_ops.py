@@ -664,7 +664,7 @@ def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line (see ``--help``)."""
     p = argparse.ArgumentParser(
-        prog="python -m bench",
+        prog="python -m bench.sql_ops",
         description="Meter SQL operations vs INSERT and SELECT 1 baselines (ops/s).",
     )
     p.add_argument(
@@ -771,10 +771,10 @@ def _redact(argv: list[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m bench``."""
+    """Entry point of ``python -m bench.sql_ops`` (this section alone)."""
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
-    command = "python -m bench" + (" " + shlex.join(_redact(raw)) if raw else "")
+    command = "python -m bench.sql_ops" + (" " + shlex.join(_redact(raw)) if raw else "")
     report = run(args, command)
     print(render_text(report))
     if args.json:
@@ -784,3 +784,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_markdown(report, args.markdown)
         print(f"section 'SQL operations' written to {args.markdown}", file=sys.stderr)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

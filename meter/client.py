@@ -7,29 +7,28 @@ Every method is one SQL statement, one round trip, one transaction::
 
 ``meter.ctx`` sets the tenant and the actor context transaction-locally and returns the
 namespace, so PostgreSQL evaluates it before the function runs (``docs/internals.md``).
-Each statement's text is constant, so psycopg prepares it after a few executions. All
-arguments are validated in Python first (:mod:`meter.types`): bad input raises
-:class:`~meter.errors.ValidationError` and never reaches the database.
+Without an actor context (:meth:`MeterClient.set_actor`) the statement passes the namespace
+alone (``meter.ctx(%s)``). Each statement's text is constant, so psycopg prepares it after
+a few executions. All arguments are validated in Python first (:mod:`meter.types`): bad
+input raises :class:`~meter.errors.ValidationError` and never reaches the database.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, NamedTuple, Self
 
 import psycopg
 from psycopg.abc import AdaptContext
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.pq import TransactionStatus
-from psycopg.rows import dict_row
+from psycopg.pq import Format, TransactionStatus
+from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb, set_json_loads
-from psycopg.types.numeric import NumericBinaryLoader, NumericLoader
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from meter import types as t
@@ -65,6 +64,10 @@ MAX_BATCH_SIZE: Final = 100000
 _INTERVAL_SYNTAX_ERRORS: Final = frozenset({"22007", "22008", "22015"})
 
 _UNSET: Any = object()  # set_actor: "field not passed"
+_NO_ACTOR: Final = (None, None, None, None)
+
+# Column names per statement text (the same for every execution of a statement).
+_COLUMNS: dict[str, tuple[str, ...]] = {}
 
 # serialization_failure (a key claimed concurrently), deadlock_detected: retried this often.
 _RETRY_SQLSTATES: Final = frozenset({"40001", "40P01"})
@@ -79,14 +82,28 @@ _PROBE_AFTER: Final = 1.0
 # ---------------------------------------------------------------------------- statements
 
 
-def _statement(function: str, *params: str) -> str:
+class _Statement(NamedTuple):
+    """One API call's SQL, in its two spellings of the ``meter.ctx`` argument."""
+
+    function: str
+    plain: str  # meter.ctx(namespace): no actor context
+    with_actor: str  # meter.ctx(namespace, actor_id, request_id, on_behalf_of, reason)
+
+
+def _statement(function: str, *params: str) -> _Statement:
     """``SELECT * FROM meter.<function>(p_<name> => %s::<type>, ..., p_namespace => ctx)``.
 
     ``params`` are ``"name type"`` pairs, in the order the values are passed.
     """
-    args = [f"p_{name} => %s::{type_}" for name, type_ in (p.split(" ", 1) for p in params)]
-    args.append("p_namespace => meter.ctx(%s, %s, %s, %s, %s)")
-    return f"SELECT * FROM meter.{function}({', '.join(args)})"
+    args = ", ".join(
+        f"p_{name} => %s::{type_}" for name, type_ in (p.split(" ", 1) for p in params)
+    )
+    head = f"SELECT * FROM meter.{function}({args}{', ' if args else ''}p_namespace => "
+    return _Statement(
+        function,
+        head + "meter.ctx(%s))",
+        head + "meter.ctx(%s, %s, %s, %s, %s))",
+    )
 
 
 _ACCOUNT = ("user_id text", "event_type text", "unit text", "resource text")
@@ -146,12 +163,22 @@ _SQL_GET_AUDIT_EVENTS = _statement(
 # ------------------------------------------------------------------------ adaptation
 
 
+_NUMERIC_OID: Final = psycopg.adapters.types["numeric"].oid
+# psycopg's default numeric loaders: the C ones when psycopg[binary] is installed (the
+# classes in psycopg.types.numeric are the pure-Python fallbacks, several times slower).
+_NUMERIC_LOADERS: Final = tuple(
+    loader
+    for fmt in (Format.TEXT, Format.BINARY)
+    if (loader := psycopg.adapters.get_loader(_NUMERIC_OID, fmt)) is not None
+)
+
+
 def _configure_adapters(context: AdaptContext) -> None:
     """Load ``json``/``jsonb`` with exact Decimals and ``numeric`` as Decimal, whatever
     loaders the caller's connection may have registered."""
     set_json_loads(t.loads, context)
-    context.adapters.register_loader("numeric", NumericLoader)
-    context.adapters.register_loader("numeric", NumericBinaryLoader)
+    for loader in _NUMERIC_LOADERS:
+        context.adapters.register_loader(_NUMERIC_OID, loader)
 
 
 def _as_is(text: str) -> str:
@@ -224,7 +251,7 @@ class MeterClient:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             raise t.invalid("timeout", f"must be a positive number of seconds, got {timeout!r}")
         self._timeout = float(timeout)
-        self._actor: tuple[str | None, str | None, str | None, str | None] = (None,) * 4
+        self._actor: tuple[str | None, str | None, str | None, str | None] = _NO_ACTOR
         self._actor_lock = threading.Lock()
         self._closed = False
         self._pool: ConnectionPool[Any] | None = None
@@ -232,6 +259,10 @@ class MeterClient:
         self._owns_pool = False
         self._conn_lock = threading.RLock()
         self._seen_connect_errors = 0
+        # One cursor per connection, kept: a new cursor starts with empty adapter caches,
+        # which costs more per call than the statement's own client-side work. Keyed by
+        # id(connection); an entry is valid only while its cursor's connection is that one.
+        self._cursors: dict[int, psycopg.Cursor[tuple[Any, ...]]] = {}
         if isinstance(conn, str):
             try:
                 conninfo_to_dict(conn)  # a malformed conninfo is a caller error, found here
@@ -273,6 +304,7 @@ class MeterClient:
         Idempotent. Later calls raise ``MeterConnectionError``.
         """
         self._closed = True
+        self._cursors.clear()
         if self._owns_pool and self._pool is not None:
             self._pool.close()
 
@@ -294,18 +326,28 @@ class MeterClient:
 
     # -------------------------------------------------------------------- execution
 
-    def _run(self, query: str, params: list[Any]) -> list[Row]:
-        """Execute ``query`` with ``params`` plus the ctx arguments; return the rows."""
+    def _run(self, stmt: _Statement, params: list[Any]) -> list[Row]:
+        """Execute ``stmt`` with ``params`` plus the ctx arguments; return the rows."""
         if self._closed:
             raise MeterConnectionError("the MeterClient is closed")
-        args = (*params, self._namespace, *self._actor)
+        actor = self._actor
+        if actor == _NO_ACTOR:
+            query = stmt.plain
+            args = [*params, self._namespace]
+        else:
+            query = stmt.with_actor
+            args = [*params, self._namespace, *actor]
         for attempt in range(_RETRIES + 1):
             try:
                 if self._conn is not None:
                     return self._run_on_callers_connection(self._conn, query, args)
-                assert self._pool is not None
-                with self._borrow(self._pool) as conn:
+                pool = self._pool
+                assert pool is not None
+                conn = self._getconn(pool)
+                try:
                     return self._run_idle(conn, query, args)
+                finally:
+                    pool.putconn(conn)  # resets (or discards) a connection left in a bad state
             except psycopg.Error as exc:
                 # A deadlock, or an idempotency key claimed concurrently by another path
                 # (40001): the call was its own transaction and was rolled back whole, so
@@ -324,11 +366,29 @@ class MeterClient:
         raise AssertionError("unreachable")
 
     def _execute(self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]) -> list[Row]:
-        with conn.cursor(row_factory=dict_row) as cur:
-            if not self._owns_pool:
-                _configure_adapters(cur)
-            cur.execute(query, args)
-            return cur.fetchall()
+        # Tuple rows turned into dicts here: the column names are fixed per statement, so
+        # they are read from the description once instead of at every fetch.
+        cur = self._cursors.get(id(conn))
+        if cur is None or cur.connection is not conn or cur.closed:
+            cur = self._new_cursor(conn)
+        cur.execute(query, args)
+        rows = cur.fetchall()
+        names = _COLUMNS.get(query)
+        result = cur.pgresult
+        if names is None or (result is not None and len(names) != result.nfields):
+            names = _COLUMNS[query] = tuple(c.name for c in cur.description or ())
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
+    def _new_cursor(self, conn: psycopg.Connection[Any]) -> psycopg.Cursor[tuple[Any, ...]]:
+        cur = conn.cursor(row_factory=tuple_row)
+        if not self._owns_pool:
+            _configure_adapters(cur)
+        # Forget the cursors of connections that were closed (discarded by the pool).
+        for key, old in list(self._cursors.items()):
+            if old.connection.closed:
+                self._cursors.pop(key, None)
+        self._cursors[id(conn)] = cur
+        return cur
 
     def _run_idle(
         self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]
@@ -356,14 +416,6 @@ class MeterClient:
                 return self._execute(conn, query, args)  # its own implicit transaction
             with conn.transaction():  # BEGIN/COMMIT, or a savepoint in the caller's one
                 return self._execute(conn, query, args)
-
-    @contextmanager
-    def _borrow(self, pool: ConnectionPool[Any]) -> Iterator[psycopg.Connection[Any]]:
-        conn = self._getconn(pool)
-        try:
-            yield conn
-        finally:
-            pool.putconn(conn)  # resets (or discards) a connection left in a bad state
 
     def _getconn(self, pool: ConnectionPool[Any]) -> psycopg.Connection[Any]:
         timeout = self._timeout if self._owns_pool else pool.timeout
@@ -393,14 +445,14 @@ class MeterClient:
                 f"cannot connect to the database: {str(exc).strip()}"
             ) from exc
 
-    def _one(self, query: str, params: list[Any]) -> Row:
-        rows = self._run(query, params)
+    def _one(self, stmt: _Statement, params: list[Any]) -> Row:
+        rows = self._run(stmt, params)
         if not rows:  # the API functions always return a row; be loud if one did not
-            raise MeterError(f"{query.split('(')[0]} returned no row")
+            raise MeterError(f"meter.{stmt.function} returned no row")
         return rows[0]
 
-    def _scalar(self, query: str, params: list[Any]) -> Any:
-        return next(iter(self._one(query, params).values()))
+    def _scalar(self, stmt: _Statement, params: list[Any]) -> Any:
+        return next(iter(self._one(stmt, params).values()))
 
     # -------------------------------------------------------------------- recording
 
@@ -962,7 +1014,7 @@ class MeterClient:
     def clear_actor(self) -> None:
         """Forget the actor context: later calls carry none. No SQL is run."""
         with self._actor_lock:
-            self._actor = (None, None, None, None)
+            self._actor = _NO_ACTOR
 
     def get_audit_events(
         self,

@@ -98,6 +98,38 @@ DECLARE
     v_lost boolean;
 BEGIN
     LOOP
+    IF p_key IS NULL THEN
+        -- Without a key, the same statement minus the claim: an idle ModifyTable on
+        -- idempotency_keys still costs its set-up in every execution.
+        WITH acc AS (
+            UPDATE meter.accounts t
+            SET balance = t.balance + p_amount,
+                total_credited = t.total_credited + greatest(p_amount, 0),
+                total_debited = t.total_debited + greatest(-p_amount, 0),
+                updated_at = now()
+            WHERE t.namespace = p_namespace AND coalesce(t.user_id, '') = coalesce(p_user_id, '')
+              AND t.event_type = p_event_type AND t.resource = p_resource AND t.unit = p_unit
+              AND (p_min_available IS NULL OR t.balance - t.reserved >= p_min_available)
+            RETURNING t.account_id, t.balance, t.reserved
+        )
+        INSERT INTO meter.ledger (id, namespace, account_id, user_id, event_type, resource, unit,
+                                  entry_type, amount, balance_after, event_time, reference_id,
+                                  actor_id, on_behalf_of, reason, request_id, metadata)
+        SELECT nextval('meter.ledger_id_seq'), p_namespace, acc.account_id, p_user_id,
+               p_event_type, p_resource, p_unit, p_entry_type, p_amount, acc.balance,
+               p_event_time, p_reference_id,
+               nullif(current_setting('meter.actor_id', true), ''),
+               nullif(current_setting('meter.on_behalf_of', true), ''),
+               nullif(current_setting('meter.reason', true), ''),
+               nullif(current_setting('meter.request_id', true), ''),
+               p_metadata
+        FROM acc
+        RETURNING id, balance_after, (SELECT acc.reserved FROM acc)
+        INTO entry_id, balance, reserved;
+        EXIT WHEN entry_id IS NOT NULL OR p_min_available IS NOT NULL;
+        PERFORM meter._create_account(p_namespace, p_user_id, p_event_type, p_resource, p_unit);
+        CONTINUE;
+    END IF;
     WITH acc AS (
         UPDATE meter.accounts t
         SET balance = t.balance + p_amount,
@@ -231,21 +263,31 @@ CREATE FUNCTION meter.allocate(p_user_id text, p_event_type text, p_amount numer
 RETURNS TABLE (balance numeric, entry_id bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    v_resource text := meter._resource(p_resource);
+    v_resource text;
     v_amount numeric;
     v_time timestamptz;
     v_hash text;
     v_replay jsonb;
     v_post record;
 BEGIN
-    PERFORM meter._guard(p_namespace);
-    PERFORM meter._ident('user_id', p_user_id, 256, true),
-            meter._ident('event_type', p_event_type, 256),
-            meter._ident('unit', p_unit, 64),
-            meter._ident('idempotency_key', p_idempotency_key, 256, true),
-            meter._metadata(p_metadata);
-    v_amount := meter._amount('amount', p_amount, 'positive');
-    v_time := meter._ledger_time('event_time', p_event_time);
+    -- Fast path: every check in one expression. Otherwise one by one, for the refusal.
+    IF meter._fast_ok(p_namespace, p_user_id, true, p_event_type, p_unit, p_resource)
+       AND (p_idempotency_key IS NULL OR meter._plain_ok(p_idempotency_key, 256))
+       AND meter._metadata_ok(p_metadata) AND meter._amount_plain(p_amount, 'positive') THEN
+        v_resource := coalesce(p_resource, '');
+        v_amount := trim_scale(p_amount);
+    ELSE
+        v_resource := meter._resource(p_resource);
+        PERFORM meter._guard(p_namespace);
+        PERFORM meter._ident('user_id', p_user_id, 256, true),
+                meter._ident('event_type', p_event_type, 256),
+                meter._ident('unit', p_unit, 64),
+                meter._ident('idempotency_key', p_idempotency_key, 256, true),
+                meter._metadata(p_metadata);
+        v_amount := meter._amount('amount', p_amount, 'positive');
+    END IF;
+    v_time := CASE WHEN p_event_time IS NULL AND meter._now_ok() THEN now()
+                   ELSE meter._ledger_time('event_time', p_event_time) END;
     IF p_idempotency_key IS NOT NULL THEN
         v_hash := meter._hash('allocate', p_user_id, p_event_type, v_resource, p_unit,
                               v_amount::text, (p_event_time AT TIME ZONE 'UTC')::text,
@@ -283,7 +325,7 @@ CREATE FUNCTION meter.consume(p_user_id text, p_event_type text, p_amount numeri
 RETURNS TABLE (success boolean, balance numeric, available numeric, entry_id bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    v_resource text := meter._resource(p_resource);
+    v_resource text;
     v_check boolean := coalesce(p_check_balance, false);
     v_amount numeric;
     v_time timestamptz;
@@ -292,14 +334,24 @@ DECLARE
     v_post record;
     v_peek record;
 BEGIN
-    PERFORM meter._guard(p_namespace);
-    PERFORM meter._ident('user_id', p_user_id, 256),
-            meter._ident('event_type', p_event_type, 256),
-            meter._ident('unit', p_unit, 64),
-            meter._ident('idempotency_key', p_idempotency_key, 256, true),
-            meter._metadata(p_metadata);
-    v_amount := meter._amount('amount', p_amount, 'positive');
-    v_time := meter._ledger_time('event_time', p_event_time);
+    -- Fast path: every check in one expression. Otherwise one by one, for the refusal.
+    IF meter._fast_ok(p_namespace, p_user_id, false, p_event_type, p_unit, p_resource)
+       AND (p_idempotency_key IS NULL OR meter._plain_ok(p_idempotency_key, 256))
+       AND meter._metadata_ok(p_metadata) AND meter._amount_plain(p_amount, 'positive') THEN
+        v_resource := coalesce(p_resource, '');
+        v_amount := trim_scale(p_amount);
+    ELSE
+        v_resource := meter._resource(p_resource);
+        PERFORM meter._guard(p_namespace);
+        PERFORM meter._ident('user_id', p_user_id, 256),
+                meter._ident('event_type', p_event_type, 256),
+                meter._ident('unit', p_unit, 64),
+                meter._ident('idempotency_key', p_idempotency_key, 256, true),
+                meter._metadata(p_metadata);
+        v_amount := meter._amount('amount', p_amount, 'positive');
+    END IF;
+    v_time := CASE WHEN p_event_time IS NULL AND meter._now_ok() THEN now()
+                   ELSE meter._ledger_time('event_time', p_event_time) END;
     IF p_idempotency_key IS NOT NULL THEN
         v_hash := meter._hash('consume', p_user_id, p_event_type, v_resource, p_unit,
                               v_amount::text, v_check::text,
@@ -350,27 +402,36 @@ CREATE FUNCTION meter.adjust(p_user_id text, p_event_type text, p_amount numeric
 RETURNS TABLE (balance numeric, entry_id bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    v_resource text := meter._resource(p_resource);
+    v_resource text;
     v_amount numeric;
     v_time timestamptz;
     v_hash text;
     v_replay jsonb;
     v_post record;
 BEGIN
-    PERFORM meter._guard(p_namespace);
-    PERFORM meter._ident('user_id', p_user_id, 256, true),
-            meter._ident('event_type', p_event_type, 256),
-            meter._ident('unit', p_unit, 64),
-            meter._ident('idempotency_key', p_idempotency_key, 256, true),
-            meter._metadata(p_metadata);
-    v_amount := meter._amount('amount', p_amount, 'nonzero');
+    -- Fast path: every check in one expression. Otherwise one by one, for the refusal.
+    IF meter._fast_ok(p_namespace, p_user_id, true, p_event_type, p_unit, p_resource)
+       AND (p_idempotency_key IS NULL OR meter._plain_ok(p_idempotency_key, 256))
+       AND meter._metadata_ok(p_metadata) AND meter._amount_plain(p_amount, 'nonzero') THEN
+        v_resource := coalesce(p_resource, '');
+        v_amount := trim_scale(p_amount);
+    ELSE
+        v_resource := meter._resource(p_resource);
+        PERFORM meter._guard(p_namespace);
+        PERFORM meter._ident('user_id', p_user_id, 256, true),
+                meter._ident('event_type', p_event_type, 256),
+                meter._ident('unit', p_unit, 64),
+                meter._ident('idempotency_key', p_idempotency_key, 256, true),
+                meter._metadata(p_metadata);
+        v_amount := meter._amount('amount', p_amount, 'nonzero');
+    END IF;
     IF p_reference_id IS NOT NULL AND NOT EXISTS (
         SELECT 1 FROM meter.ledger l WHERE l.namespace = p_namespace AND l.id = p_reference_id)
     THEN
         PERFORM meter._fail('MT003', 'reference_id',
             format('no ledger entry %s in this namespace', p_reference_id));
     END IF;
-    v_time := meter._ledger_time('event_time', NULL);
+    v_time := CASE WHEN meter._now_ok() THEN now() ELSE meter._ledger_time('event_time', NULL) END;
     IF p_idempotency_key IS NOT NULL THEN
         v_hash := meter._hash('adjust', p_user_id, p_event_type, v_resource, p_unit,
                               v_amount::text, p_reference_id::text, p_metadata::text);
@@ -409,7 +470,7 @@ RETURNS TABLE (granted boolean, reservation_id text, balance numeric, available 
                expires_at timestamptz)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    v_resource text := meter._resource(p_resource);
+    v_resource text;
     v_ttl integer := coalesce(p_ttl_seconds, 300);
     v_amount numeric;
     v_hash text;
@@ -420,14 +481,24 @@ DECLARE
     v_peek record;
     v_lost boolean;
 BEGIN
-    PERFORM meter._guard(p_namespace);
-    PERFORM meter._ident('user_id', p_user_id, 256),
-            meter._ident('event_type', p_event_type, 256),
-            meter._ident('unit', p_unit, 64),
-            meter._ident('reservation_id', p_reservation_id, 128, true),
-            meter._ident('idempotency_key', p_idempotency_key, 256, true),
-            meter._metadata(p_metadata);
-    v_amount := meter._amount('amount', p_amount, 'positive');
+    -- Fast path: every check in one expression. Otherwise one by one, for the refusal.
+    IF meter._fast_ok(p_namespace, p_user_id, false, p_event_type, p_unit, p_resource)
+       AND (p_reservation_id IS NULL OR meter._plain_ok(p_reservation_id, 128))
+       AND (p_idempotency_key IS NULL OR meter._plain_ok(p_idempotency_key, 256))
+       AND meter._metadata_ok(p_metadata) AND meter._amount_plain(p_amount, 'positive') THEN
+        v_resource := coalesce(p_resource, '');
+        v_amount := trim_scale(p_amount);
+    ELSE
+        v_resource := meter._resource(p_resource);
+        PERFORM meter._guard(p_namespace);
+        PERFORM meter._ident('user_id', p_user_id, 256),
+                meter._ident('event_type', p_event_type, 256),
+                meter._ident('unit', p_unit, 64),
+                meter._ident('reservation_id', p_reservation_id, 128, true),
+                meter._ident('idempotency_key', p_idempotency_key, 256, true),
+                meter._metadata(p_metadata);
+        v_amount := meter._amount('amount', p_amount, 'positive');
+    END IF;
     IF v_ttl < 1 OR v_ttl > 86400 THEN
         PERFORM meter._fail('MT001', 'ttl_seconds',
                             format('must be between 1 and 86400, got %s', v_ttl));
@@ -546,11 +617,22 @@ DECLARE
     v_post record;
     v_now timestamptz := now();
 BEGIN
-    PERFORM meter._guard(p_namespace);
-    PERFORM meter._ident('reservation_id', p_reservation_id, 128),
-            meter._metadata(p_metadata);
-    v_actual := meter._amount('actual_amount', p_actual_amount, 'nonnegative');
-    PERFORM meter._ledger_time('event_time', NULL);
+    -- Fast path: every check in one expression. Otherwise one by one, for the refusal.
+    IF current_setting('meter.tenant', true) = p_namespace
+       AND meter._plain_ok(p_namespace, 1024)
+       AND meter._plain_ok(p_reservation_id, 128)
+       AND meter._metadata_ok(p_metadata)
+       AND meter._amount_plain(p_actual_amount, 'nonnegative') THEN
+        v_actual := trim_scale(p_actual_amount);
+    ELSE
+        PERFORM meter._guard(p_namespace);
+        PERFORM meter._ident('reservation_id', p_reservation_id, 128),
+                meter._metadata(p_metadata);
+        v_actual := meter._amount('actual_amount', p_actual_amount, 'nonnegative');
+    END IF;
+    IF NOT meter._now_ok() THEN
+        PERFORM meter._ledger_time('event_time', NULL);
+    END IF;
     v_hash := meter._hash('commit', v_actual::text, p_metadata::text);
 
     SELECT * INTO v_res FROM meter.reservations r

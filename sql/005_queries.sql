@@ -8,17 +8,21 @@ CREATE FUNCTION meter.get_balance(p_user_id text, p_event_type text, p_unit text
                                   p_namespace text DEFAULT 'default')
 RETURNS TABLE (balance numeric, reserved numeric, available numeric)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    v_resource text := meter._resource(p_resource);
 BEGIN
-    PERFORM meter._guard(p_namespace);
-    PERFORM meter._ident('user_id', p_user_id, 256, true),
-            meter._ident('event_type', p_event_type, 256),
-            meter._ident('unit', p_unit, 64);
+    -- Fast path: tenant and key checked in one expression; otherwise one by one, for the
+    -- refusal. Then one probe of accounts_key.
+    IF meter._fast_ok(p_namespace, p_user_id, true, p_event_type, p_unit, p_resource) IS NOT TRUE THEN
+        PERFORM meter._resource(p_resource);
+        PERFORM meter._guard(p_namespace);
+        PERFORM meter._ident('user_id', p_user_id, 256, true),
+                meter._ident('event_type', p_event_type, 256),
+                meter._ident('unit', p_unit, 64);
+    END IF;
     SELECT a.balance, a.reserved, a.balance - a.reserved INTO balance, reserved, available
     FROM meter.accounts a
     WHERE a.namespace = p_namespace AND coalesce(a.user_id, '') = coalesce(p_user_id, '')
-      AND a.event_type = p_event_type AND a.resource = v_resource AND a.unit = p_unit;
+      AND a.event_type = p_event_type AND a.resource = coalesce(p_resource, '')
+      AND a.unit = p_unit;
     IF NOT FOUND THEN
         balance := 0; reserved := 0; available := 0;
     END IF;
