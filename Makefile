@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.meter-installed
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv run test lint clean
+.PHONY: venv run test lint bench clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,11 @@ run: venv
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+# Benchmarks (docs/benchmarks.md): every section, several minutes on 2 cores;
+# `make bench BENCH_ARGS=--quick` for small sizes, `--only batch,pipeline` for some.
+bench: venv
+	$(BIN)/python -m bench --markdown docs/benchmarks.md $(BENCH_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .
