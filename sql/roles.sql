@@ -60,3 +60,10 @@ REVOKE EXECUTE ON FUNCTION meter.create_partition(integer, integer),
                            meter.ensure_partitions(integer),
                            meter.drop_old_partitions(integer)
     FROM meter_app;
+
+-- Cluster-wide maintenance (sql/009_beat.sql): the functions refuse a tenant themselves; the
+-- grants say the same, so an application role never even reaches them.
+REVOKE EXECUTE ON FUNCTION meter.record_maintenance_run(text, boolean, jsonb, text, timestamptz),
+                           meter.get_maintenance_runs(),
+                           meter.prune_idempotency_keys(integer, integer, timestamptz)
+    FROM meter_app;

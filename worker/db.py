@@ -9,7 +9,9 @@ below is one statement, hence one transaction.
 
 from __future__ import annotations
 
+import json
 import threading
+from datetime import datetime
 from typing import Any, Final
 
 from psycopg.abc import AdaptContext
@@ -22,9 +24,14 @@ from meter import types as t
 __all__ = [
     "apply_events",
     "close_all",
+    "drop_old_partitions",
+    "ensure_partitions",
     "forget_after_fork",
+    "prune_idempotency_keys",
     "record_dead_letter",
+    "record_maintenance_run",
     "release_expired_reservations",
+    "roll_periods",
 ]
 
 POOL_TIMEOUT: Final = 10.0
@@ -46,6 +53,19 @@ _SQL_RECORD_DEAD_LETTER: Final = (
 )
 _SQL_RELEASE_EXPIRED: Final = (
     "SELECT meter.release_expired_reservations(NULL, %s::integer) AS expired"
+)
+_SQL_ROLL_PERIODS: Final = (
+    "SELECT * FROM meter.roll_periods(NULL, coalesce(%s::timestamptz, now()), %s::integer)"
+)
+_SQL_ENSURE_PARTITIONS: Final = "SELECT meter.ensure_partitions(%s::integer) AS name"
+_SQL_DROP_OLD_PARTITIONS: Final = "SELECT meter.drop_old_partitions(%s::integer) AS name"
+_SQL_PRUNE_KEYS: Final = (
+    "SELECT meter.prune_idempotency_keys(%s::integer, %s::integer,"
+    " coalesce(%s::timestamptz, now())) AS pruned"
+)
+_SQL_RECORD_RUN: Final = (
+    "SELECT meter.record_maintenance_run(%s::text, %s::boolean, %s::jsonb, %s::text,"
+    " %s::timestamptz)"
 )
 
 
@@ -94,9 +114,25 @@ def close_all() -> None:
         pool.close()
 
 
+def _dumps(value: Any) -> str:
+    """JSON text of ``value``, as :func:`meter.types.dumps` writes it, faster.
+
+    Events arrive JSON-decoded from the message (object keys are str, amounts strings),
+    so the C encoder gives the same text several times faster than the exact pure-Python
+    one (about 20 ms less per 1000 events). What it cannot write the same way (a
+    ``Decimal``, another Mapping type) makes it raise TypeError, and a NUL escape would
+    be refused by ``jsonb``: those go to ``meter.types.dumps``, which is exact for Decimal
+    and names what it refuses.
+    """
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return t.dumps(value)
+    return t.dumps(value) if "\\u0000" in text else text
+
+
 def _jsonb(value: Any) -> Jsonb:
-    # meter.types.dumps is exact for Decimal and never goes through float.
-    return Jsonb(t.dumps(value), dumps=_as_is)
+    return Jsonb(_dumps(value), dumps=_as_is)
 
 
 def apply_events(
@@ -147,3 +183,55 @@ def release_expired_reservations(url: str, pool_size: int, batch_size: int) -> i
         row = conn.execute(_SQL_RELEASE_EXPIRED, (batch_size,)).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def roll_periods(
+    url: str, pool_size: int, batch_size: int, now: datetime | None = None
+) -> list[dict[str, Any]]:
+    """One bounded round of ``meter.roll_periods`` over every namespace, as of ``now``
+    (default: the database clock); one dict per step (see the SQL function)."""
+    with _pool(url, pool_size).connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(_SQL_ROLL_PERIODS, (now, batch_size))
+        return cur.fetchall()
+
+
+def ensure_partitions(url: str, pool_size: int, months_ahead: int) -> list[str]:
+    """``meter.ensure_partitions``: this month's ledger partition and the next
+    ``months_ahead``; the names created."""
+    with _pool(url, pool_size).connection() as conn:
+        return [str(row[0]) for row in conn.execute(_SQL_ENSURE_PARTITIONS, (months_ahead,))]
+
+
+def drop_old_partitions(url: str, pool_size: int, older_than_months: int) -> list[str]:
+    """``meter.drop_old_partitions``: fold the months older than ``older_than_months`` into
+    the retention checkpoints and drop them; the names dropped."""
+    with _pool(url, pool_size).connection() as conn:
+        return [str(row[0]) for row in conn.execute(_SQL_DROP_OLD_PARTITIONS, (older_than_months,))]
+
+
+def prune_idempotency_keys(
+    url: str, pool_size: int, older_than_days: int, batch_size: int, now: datetime | None = None
+) -> int:
+    """One bounded round of ``meter.prune_idempotency_keys``; how many keys were deleted."""
+    with _pool(url, pool_size).connection() as conn:
+        row = conn.execute(_SQL_PRUNE_KEYS, (older_than_days, batch_size, now)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def record_maintenance_run(
+    url: str,
+    pool_size: int,
+    *,
+    task: str,
+    ok: bool,
+    result: Any = None,
+    error: str | None = None,
+    started_at: datetime | None = None,
+) -> None:
+    """``meter.record_maintenance_run``: the outcome of one run of a periodic task."""
+    with _pool(url, pool_size).connection() as conn:
+        conn.execute(
+            _SQL_RECORD_RUN,
+            (task, ok, None if result is None else _jsonb(result), error, started_at),
+        )

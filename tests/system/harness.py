@@ -1,5 +1,6 @@
 """Real processes for the system tests: a Redis that can be SIGKILLed and restarted, and
-``celery -A worker worker`` processes that can be SIGKILLed at any instant.
+``celery -A worker worker`` and ``celery -A worker beat`` processes that can be SIGKILLed
+at any instant.
 
 Fixtures built on these live in ``tests/system/conftest.py``.
 """
@@ -146,6 +147,66 @@ class WorkerProcess:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Warm shutdown (SIGTERM); SIGKILL if it takes longer than ``timeout``."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class BeatProcess:
+    """``celery -A <app> beat`` in its own process group, its output in a log file.
+
+    Its schedule state file (``--schedule``) sits next to the log, never in the repository.
+    """
+
+    def __init__(self, app: str, name: str, env: Mapping[str, str], log: Path) -> None:
+        self.name = name
+        self.log = log
+        argv = [
+            sys.executable, "-m", "celery", "-A", app, "beat", "--loglevel", "INFO",
+            "--schedule", str(log.with_suffix(".schedule")),
+        ]  # fmt: skip
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=REPO,
+                env={**os.environ, **env, "PYTHONPATH": _pythonpath(env)},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait for beat's first ``Scheduler: Sending`` line (it is up and sending)."""
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"beat {self.name} exited: {self.tail()}")
+            return b"Scheduler: Sending" in self.log.read_bytes()
+
+        eventually(ready, timeout, interval=0.05, what=f"beat {self.name} sending")
+
+    def kill(self) -> None:
+        """SIGKILL beat (no shutdown)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM; SIGKILL if it takes longer than ``timeout``."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

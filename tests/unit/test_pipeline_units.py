@@ -45,7 +45,7 @@ def test_worker_config_delivery_guarantees():
     visibility = conf["broker_transport_options"]["visibility_timeout"]
     assert visibility > conf["task_time_limit"] + Settings().retry_backoff_max
     assert conf["meter_database_url"] == "postgresql:///x"
-    assert conf["beat_schedule"]["meter.release-expired"]["schedule"] == 5.0
+    assert conf["beat_schedule"]["meter.release-expired"]["schedule"].seconds == 5.0
 
 
 def test_broker_url_from_env(monkeypatch):

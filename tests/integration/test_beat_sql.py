@@ -1,0 +1,616 @@
+"""Beat's SQL (sql/009_beat.sql): roll_periods, prune_idempotency_keys, maintenance runs,
+and the partition and retention functions beat calls (issue #4).
+
+Time is driven through ``p_now``, never by sleeping: configurations are dated months back
+and rolled as of a chosen instant.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from worker import db as wdb
+
+D = Decimal
+ET = "tokens"
+UNIT = "tok"
+
+
+def month_start(today: date, back: int) -> date:
+    """The first day of the month ``back`` months before ``today``'s."""
+    y, m = divmod(today.year * 12 + today.month - 1 - back, 12)
+    return date(y, m + 1, 1)
+
+
+def today(db: psycopg.Connection[Any]) -> date:
+    return db.execute("SELECT (now() AT TIME ZONE 'UTC')::date AS d").fetchone()["d"]
+
+
+def last_instant(day: date) -> datetime:
+    """The last microsecond of ``day`` (UTC): where close_period dates its rows."""
+    return datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(days=1, microseconds=-1)
+
+
+def first_instant(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+def roll(db: psycopg.Connection[Any], now: Any = None, batch: int = 100) -> list[dict[str, Any]]:
+    return db.execute(
+        "SELECT * FROM meter.roll_periods(NULL, coalesce(%s::timestamptz, now()), %s)",
+        (now, batch),
+    ).fetchall()
+
+
+def ledger(db: psycopg.Connection[Any], user: str) -> list[tuple[str, Decimal, datetime]]:
+    rows = db.execute(
+        "SELECT entry_type, amount, event_time FROM meter.ledger"
+        " WHERE user_id = %s AND event_type = %s ORDER BY event_time, id",
+        (user, ET),
+    ).fetchall()
+    return [(r["entry_type"], r["amount"], r["event_time"]) for r in rows]
+
+
+def periods(db: psycopg.Connection[Any], user: str) -> list[dict[str, Any]]:
+    return db.execute(
+        "SELECT period_start, period_end, allocation, expired, carried_over, close_balance"
+        " FROM meter.periods WHERE user_id = %s ORDER BY period_start",
+        (user,),
+    ).fetchall()
+
+
+def sqlstate(exc: pytest.ExceptionInfo[psycopg.Error]) -> str | None:
+    return exc.value.sqlstate
+
+
+# ---------------------------------------------------------------- roll_periods
+
+
+def test_roll_catches_up_three_missed_months_with_boundary_dated_rows(client, db):
+    t = today(db)
+    m0, m1, m2, m3 = (month_start(t, back) for back in (3, 2, 1, 0))
+    client.set_period_config("u1", ET, UNIT, None, m0, D("100"), D("30"))
+
+    # As of the second day of m0: the configured period has started and is opened.
+    steps = roll(db, now=first_instant(m0) + timedelta(days=1))
+    assert [(s["status"], s["opened_period_start"], s["balance"]) for s in steps] == [
+        ("opened", m0, D("100"))
+    ]
+    client.consume("u1", ET, D("20"), UNIT, event_time=first_instant(m0) + timedelta(days=5))
+
+    # Beat was down since: one run catches up m0, m1, m2 in order and opens m3.
+    steps = roll(db)
+    assert [
+        (s["status"], s["closed_period_end"], s["expired"], s["carried_over"],
+         s["opened_period_start"], s["allocation"], s["balance"])
+        for s in steps
+    ] == [
+        ("rolled", m1 - timedelta(days=1), D("50"), D("30"), m1, D("100"), D("130")),
+        ("rolled", m2 - timedelta(days=1), D("100"), D("30"), m2, D("100"), D("130")),
+        ("rolled", m3 - timedelta(days=1), D("100"), D("30"), m3, D("100"), D("130")),
+    ]  # fmt: skip
+    assert ledger(db, "u1") == [
+        ("allocation", D("100"), first_instant(m0)),
+        ("consumption", D("-20"), first_instant(m0) + timedelta(days=5)),
+        ("expiration", D("-80"), last_instant(m1 - timedelta(days=1))),
+        ("carry_over", D("30"), last_instant(m1 - timedelta(days=1))),
+        ("allocation", D("100"), first_instant(m1)),
+        ("expiration", D("-130"), last_instant(m2 - timedelta(days=1))),
+        ("carry_over", D("30"), last_instant(m2 - timedelta(days=1))),
+        ("allocation", D("100"), first_instant(m2)),
+        ("expiration", D("-130"), last_instant(m3 - timedelta(days=1))),
+        ("carry_over", D("30"), last_instant(m3 - timedelta(days=1))),
+        ("allocation", D("100"), first_instant(m3)),
+    ]
+    bal = client.get_balance("u1", ET, UNIT)
+    assert (bal["balance"], bal["available"]) == (D("130"), D("130"))
+    acct = client.get_account("u1", ET, UNIT)
+    assert acct["period_start"] == m3
+    assert (acct["total_credited"], acct["total_debited"]) == (D("490"), D("360"))
+    assert [(p["period_start"], p["period_end"], p["expired"]) for p in periods(db, "u1")] == [
+        (m0, m1 - timedelta(days=1), D("50")),
+        (m1, m2 - timedelta(days=1), D("100")),
+        (m2, m3 - timedelta(days=1), D("100")),
+        (m3, None, None),
+    ]
+    # The rolls are attributed to the system, and nothing is left to do.
+    actors = db.execute(
+        "SELECT DISTINCT actor_id FROM meter.ledger WHERE entry_type <> 'consumption'"
+    ).fetchall()
+    assert [r["actor_id"] for r in actors] == ["system:periods"]
+    assert roll(db) == []
+    assert client.reconcile() == []
+
+
+def test_roll_as_of_an_earlier_instant_stops_there(client, db):
+    t = today(db)
+    m0, m1, m2 = (month_start(t, back) for back in (3, 2, 1))
+    client.set_period_config("u1", ET, UNIT, None, m0, D("10"), None)
+    steps = roll(db, now=first_instant(m1) + timedelta(hours=1))
+    assert [(s["status"], s["opened_period_start"]) for s in steps] == [
+        ("opened", m0),
+        ("rolled", m1),
+    ]
+    # NULL limit: everything unused carries over (both rows written).
+    assert steps[1]["expired"] == D("0") and steps[1]["carried_over"] == D("10")
+    assert client.get_account("u1", ET, UNIT)["period_start"] == m1
+    # The last instant of a period does not end it yet.
+    assert roll(db, now=first_instant(m2) - timedelta(microseconds=1)) == []
+    assert [s["opened_period_start"] for s in roll(db, now=first_instant(m2))] == [m2]
+
+
+def test_roll_in_batches_resumes_in_order(client, db):
+    t = today(db)
+    m0 = month_start(t, 4)
+    client.set_period_config("u1", ET, UNIT, None, m0, D("5"), D("0"))
+    first = roll(db, batch=2)
+    assert [s["opened_period_start"] for s in first] == [m0, month_start(t, 3)]
+    rest = roll(db, batch=2)
+    rest += roll(db, batch=2)
+    assert [s["opened_period_start"] for s in rest] == [month_start(t, b) for b in (2, 1, 0)]
+    assert roll(db, batch=2) == []
+    assert client.get_balance("u1", ET, UNIT)["balance"] == D("5")
+
+
+def test_roll_keeps_a_next_period_opened_by_hand(client, db):
+    t = today(db)
+    m0, m1 = month_start(t, 1), month_start(t, 0)
+    client.set_period_config("u1", ET, UNIT, None, m0, D("100"), D("0"))
+    roll(db, now=first_instant(m0))
+    # An operator opened the next period early with a bonus allocation.
+    client.open_period("u1", ET, UNIT, None, m1, D("150"))
+    client.set_period_config("u1", ET, UNIT, None, m0, D("100"), D("0"))
+    steps = roll(db)
+    assert [(s["status"], s["opened_period_start"], s["allocation"]) for s in steps] == [
+        ("rolled", m1, D("150"))
+    ]
+    assert client.get_account("u1", ET, UNIT)["period_start"] == m1
+    assert roll(db) == []
+
+
+def test_roll_ignores_unconfigured_and_future_accounts(client, db):
+    t = today(db)
+    client.allocate("plain", ET, D("5"), UNIT)
+    future = month_start(t, -1)
+    client.set_period_config("later", ET, UNIT, None, future, D("7"), None)
+    assert roll(db) == []
+    assert client.get_balance("later", ET, UNIT)["balance"] == D("0")
+
+
+def test_roll_pool_accounts_and_daily_periods(client, db):
+    t = today(db)
+    client.set_period_config(
+        None, ET, UNIT, None, t - timedelta(days=3), D("2"), D("1"), period_interval="1 day"
+    )
+    steps = roll(db)
+    assert [(s["status"], s["opened_period_start"]) for s in steps] == [
+        ("opened", t - timedelta(days=3)),
+        ("rolled", t - timedelta(days=2)),
+        ("rolled", t - timedelta(days=1)),
+        ("rolled", t),
+    ]
+    assert client.get_balance(None, ET, UNIT)["balance"] == D("3")
+
+
+def test_roll_reports_a_failing_account_and_rolls_the_others(client, db):
+    t = today(db)
+    # Rows cannot be dated before 1900: this account can never open its period.
+    client.set_period_config("bad", ET, UNIT, None, date(1850, 1, 1), D("1"))
+    client.set_period_config("good", ET, UNIT, None, month_start(t, 1), D("3"), D("0"))
+    steps = roll(db)
+    assert [(s["user_id"], s["status"]) for s in steps] == [
+        ("bad", "error"),
+        ("good", "opened"),
+        ("good", "rolled"),
+    ]
+    assert steps[0]["error"].startswith("MT001") and steps[0]["balance"] is None
+    assert client.get_balance("good", ET, UNIT)["balance"] == D("3")
+    assert client.get_balance("bad", ET, UNIT)["balance"] == D("0")
+    assert [(s["user_id"], s["status"]) for s in roll(db)] == [("bad", "error")]
+
+
+def test_two_concurrent_rolls_produce_each_period_once(client, db, db_url):
+    t = today(db)
+    users = [f"c{i}" for i in range(6)]
+    for user in users:
+        client.set_period_config(user, ET, UNIT, None, month_start(t, 3), D("100"), D("30"))
+    barrier = threading.Barrier(2)
+    results: list[list[dict[str, Any]]] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+                barrier.wait()
+                results.append(roll(conn))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    # 6 accounts x (first open + 3 rolls), split between the two runs, none twice
+    steps = [s for r in results for s in r]
+    assert len(steps) == 24
+    assert len({(s["user_id"], s["opened_period_start"]) for s in steps}) == 24
+    counts = db.execute(
+        "SELECT entry_type, count(*) AS n FROM meter.ledger GROUP BY entry_type ORDER BY 1"
+    ).fetchall()
+    assert {r["entry_type"]: r["n"] for r in counts} == {
+        "allocation": 24,
+        "carry_over": 18,
+        "expiration": 18,
+    }
+    for user in users:
+        assert client.get_balance(user, ET, UNIT)["balance"] == D("130")
+        assert len(periods(db, user)) == 4
+    assert client.reconcile() == []
+
+
+def test_roll_refuses_bad_arguments_and_changes_nothing(client, db, snapshot):
+    client.set_period_config("u1", ET, UNIT, None, month_start(today(db), 2), D("1"))
+    before = snapshot()
+    with pytest.raises(psycopg.Error) as exc:
+        roll(db, now=datetime.now(UTC) + timedelta(days=2))
+    assert sqlstate(exc) == "MT001" and "now:" in str(exc.value)
+    with pytest.raises(psycopg.Error) as exc:
+        roll(db, batch=0)
+    assert sqlstate(exc) == "MT001" and "batch_size:" in str(exc.value)
+    assert snapshot() == before
+
+
+def test_roll_needs_maintenance_rights_across_namespaces(client, db, app_url, maint_url):
+    client.set_period_config("u1", ET, UNIT, None, month_start(today(db), 1), D("1"))
+    with psycopg.connect(app_url, autocommit=True) as conn:
+        with pytest.raises(psycopg.Error) as exc:
+            conn.execute("SELECT * FROM meter.roll_periods()")
+        assert sqlstate(exc) == "MT004"
+        # For its own tenant, the application may roll.
+        conn.execute("SELECT meter.set_tenant('default')")
+        rows = conn.execute("SELECT status FROM meter.roll_periods('default')").fetchall()
+        assert [r[0] for r in rows] == ["opened", "rolled"]
+    with psycopg.connect(maint_url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM meter.roll_periods()").fetchone()[0] == 0
+
+
+# ---------------------------------------------------------------- prune_idempotency_keys
+
+
+def age_key(db: psycopg.Connection[Any], key: str, days: float) -> None:
+    db.execute(
+        "UPDATE meter.idempotency_keys SET created_at = now() - make_interval(days => %s)"
+        " WHERE key = %s",
+        (days, key),
+    )
+
+
+def keys(db: psycopg.Connection[Any]) -> set[str]:
+    return {r["key"] for r in db.execute("SELECT key FROM meter.idempotency_keys").fetchall()}
+
+
+def prune(db: psycopg.Connection[Any], days: int = 35, batch: int = 10000, now: Any = None) -> int:
+    return db.execute(
+        "SELECT meter.prune_idempotency_keys(%s, %s, coalesce(%s::timestamptz, now())) AS n",
+        (days, batch, now),
+    ).fetchone()["n"]
+
+
+def test_prune_deletes_old_keys_but_not_live_reservations(client, db):
+    client.allocate("u1", ET, D("100"), UNIT, idempotency_key="old")
+    client.allocate("u1", ET, D("1"), UNIT, idempotency_key="recent")
+    client.consume("u1", ET, D("1"), UNIT, idempotency_key="old-consume")
+    held = client.reserve("u1", ET, D("5"), UNIT, idempotency_key="old-hold")
+    for key in ("old", "old-consume", "old-hold"):
+        age_key(db, key, 40)
+    age_key(db, "recent", 30)
+
+    assert prune(db) == 2
+    assert keys(db) == {"recent", "old-hold"}
+    # As of 23 hours later (p_now goes no further), "recent" is 31 days old: kept. With a
+    # 29-day window it goes; the hold's key stays while the hold is active.
+    assert prune(db, now=datetime.now(UTC) + timedelta(hours=23)) == 0
+    assert prune(db, days=29) == 1
+    assert keys(db) == {"old-hold"}
+    client.release(held["reservation_id"])
+    assert prune(db) == 1
+    assert keys(db) == set()
+    # A pruned key is forgotten: the same request applies again (that is what the window
+    # is for), and claims the key anew.
+    client.allocate("u1", ET, D("100"), UNIT, idempotency_key="old")
+    assert client.get_balance("u1", ET, UNIT)["balance"] == D("200")
+
+
+def test_prune_keeps_keys_a_recent_retention_fold_still_needs(client, db):
+    long_ago = datetime.now(UTC) - timedelta(days=31 * 30)
+    for user in ("kept", "pruned"):
+        client.allocate(user, ET, D("1"), UNIT, idempotency_key=f"k-{user}", event_time=long_ago)
+        age_key(db, f"k-{user}", 50)
+    db.execute("SELECT meter.drop_old_partitions(24)")
+    # "kept" was folded 20 days ago, when its key (then 30 days old) was within the window;
+    # "pruned" was folded 10 days ago, when its key was 40 days old, already past it.
+    for user, days in (("kept", 20), ("pruned", 10)):
+        db.execute(
+            "UPDATE meter.ledger_checkpoints c SET updated_at = now() - make_interval(days => %s)"
+            " FROM meter.accounts a WHERE a.account_id = c.account_id AND a.user_id = %s",
+            (days, user),
+        )
+    assert prune(db) == 1
+    assert keys(db) == {"k-kept"}
+    assert client.reconcile() == []
+
+
+def test_prune_in_batches_and_concurrently(client, db, db_url):
+    for i in range(30):
+        client.allocate("u1", ET, D("1"), UNIT, idempotency_key=f"k{i}")
+    db.execute("UPDATE meter.idempotency_keys SET created_at = now() - interval '90 days'")
+    assert prune(db, batch=10) == 10
+    counts: list[int] = []
+    barrier = threading.Barrier(2)
+
+    def run() -> None:
+        with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+            barrier.wait()
+            counts.append(prune(conn, batch=15))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sum(counts) <= 20 and prune(db) == 20 - sum(counts)
+    assert keys(db) == set()
+
+
+def test_prune_refuses_bad_arguments_and_changes_nothing(client, db, snapshot, app_url):
+    client.allocate("u1", ET, D("1"), UNIT, idempotency_key="k")
+    age_key(db, "k", 100)
+    before = snapshot()
+    for args, param in (((0, 10, None), "older_than_days:"), ((35, 0, None), "batch_size:")):
+        with pytest.raises(psycopg.Error) as exc:
+            prune(db, *args)
+        assert sqlstate(exc) == "MT001" and param in str(exc.value)
+    with pytest.raises(psycopg.Error) as exc:
+        prune(db, now=datetime.now(UTC) + timedelta(days=3))
+    assert sqlstate(exc) == "MT001"
+    with psycopg.connect(app_url, autocommit=True) as conn:
+        conn.execute("SELECT meter.set_tenant('default')")
+        with pytest.raises(psycopg.Error) as exc:
+            conn.execute("SELECT meter.prune_idempotency_keys()")
+        # Not granted to meter_app (sql/roles.sql); the function refuses a tenant too.
+        assert sqlstate(exc) == "42501"
+    assert snapshot() == before
+
+
+# ---------------------------------------------------------------- partitions and retention
+
+
+def partitions(db: psycopg.Connection[Any]) -> set[str]:
+    rows = db.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        " WHERE i.inhparent = 'meter.ledger'::regclass"
+    ).fetchall()
+    return {r["relname"] for r in rows}
+
+
+def test_partitions_ahead_and_retention_keep_reconcile_empty(client, db, db_url):
+    t = today(db)
+    created = wdb.ensure_partitions(db_url, 1, 6)
+    expected = {f"ledger_{month_start(t, -i):%Y_%m}" for i in range(7)}
+    assert expected <= partitions(db)
+    assert set(created) == {f"ledger_{month_start(t, -i):%Y_%m}" for i in (4, 5, 6)}
+    assert wdb.ensure_partitions(db_url, 1, 6) == []
+
+    old = first_instant(month_start(t, 30)) + timedelta(days=3)
+    client.allocate("u1", ET, D("10"), UNIT, event_time=old)
+    client.consume("u1", ET, D("4"), UNIT, event_time=old + timedelta(days=1))
+    client.allocate("u1", ET, D("1"), UNIT)
+    assert wdb.drop_old_partitions(db_url, 1, 24) == [f"ledger_{month_start(t, 30):%Y_%m}"]
+    assert client.reconcile() == []
+    assert client.get_balance("u1", ET, UNIT)["balance"] == D("7")
+    assert wdb.drop_old_partitions(db_url, 1, 24) == []
+
+
+def twice_at_once(url: str, call: Any) -> list[Any]:
+    """``call(url)`` in two threads released together; both results (errors raised)."""
+    barrier = threading.Barrier(2)
+    results: list[Any] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            barrier.wait()
+            results.append(call(url))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    return results
+
+
+def test_partitions_and_retention_run_twice_at_once(client, db, db_url):
+    t = today(db)
+    created = twice_at_once(db_url, lambda url: wdb.ensure_partitions(url, 1, 9))
+    # each month created by exactly one of the two
+    assert sorted(created[0] + created[1]) == sorted(
+        f"ledger_{month_start(t, -i):%Y_%m}" for i in range(4, 10)
+    )
+    for back in (30, 29):
+        client.allocate("u1", ET, D("2"), UNIT, event_time=first_instant(month_start(t, back)))
+    client.allocate("u1", ET, D("1"), UNIT)
+    dropped = twice_at_once(db_url, lambda url: wdb.drop_old_partitions(url, 1, 24))
+    assert sorted(dropped[0] + dropped[1]) == [
+        f"ledger_{month_start(t, back):%Y_%m}" for back in (30, 29)
+    ]
+    checkpoint = db.execute("SELECT balance, entries FROM meter.ledger_checkpoints").fetchone()
+    assert (checkpoint["balance"], checkpoint["entries"]) == (D("4"), 2)
+    assert client.reconcile() == []
+    assert client.get_balance("u1", ET, UNIT)["balance"] == D("5")
+
+
+# ---------------------------------------------------------------- maintenance runs
+
+
+def runs(db: psycopg.Connection[Any]) -> dict[str, dict[str, Any]]:
+    return {r["task"]: r for r in db.execute("SELECT * FROM meter.get_maintenance_runs()")}
+
+
+def test_maintenance_runs_record_the_last_outcome(db, db_url, maint_url, app_url, snapshot):
+    assert runs(db) == {}
+    started = datetime.now(UTC) - timedelta(seconds=5)
+    wdb.record_maintenance_run(
+        maint_url, 1, task="t", ok=True, result={"n": D("1.5")}, started_at=started
+    )
+    first = runs(db)["t"]
+    assert first["runs"] == 1 and first["last_started_at"] == started
+    assert first["last_result"] == {"n": D("1.5")} and first["last_error"] is None
+    assert first["last_ok_at"] == first["last_finished_at"]
+
+    wdb.record_maintenance_run(maint_url, 1, task="t", ok=False, error="boom")
+    second = runs(db)["t"]
+    assert second["runs"] == 2 and second["last_error"] == "boom"
+    assert second["last_ok_at"] == first["last_ok_at"]
+    assert second["last_finished_at"] > first["last_finished_at"]
+
+    wdb.record_maintenance_run(maint_url, 1, task="t", ok=True)
+    assert runs(db)["t"]["last_error"] is None
+
+    before = snapshot()
+    with pytest.raises(psycopg.Error) as exc:
+        db.execute("SELECT meter.record_maintenance_run(' t', true, NULL, NULL)")
+    assert sqlstate(exc) == "MT001" and "task:" in str(exc.value)
+    with psycopg.connect(app_url, autocommit=True) as conn:
+        for stmt in (
+            "SELECT meter.record_maintenance_run('x', true, NULL, NULL)",
+            "SELECT * FROM meter.get_maintenance_runs()",
+        ):
+            with pytest.raises(psycopg.Error) as exc:
+                conn.execute(stmt)
+            assert sqlstate(exc) == "42501"  # not granted to meter_app (sql/roles.sql)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT * FROM meter.maintenance_runs")
+    assert snapshot() == before
+
+
+# ---------------------------------------------------------------- meter periods show
+
+
+def test_cli_periods_show(client, db, db_url, app_url):
+    import json
+
+    from click.testing import CliRunner
+
+    from meter.cli import main
+
+    t = today(db)
+    client.set_period_config("u1", ET, UNIT, None, month_start(t, 2), D("100"), D("30"))
+    client.set_period_config(None, "api", "req", None, month_start(t, 0), D("9"))
+    roll(db)
+    runner = CliRunner()
+    out = runner.invoke(main, ["periods", "show", "u1", "--database-url", app_url, "--json"])
+    assert out.exit_code == 0, out.output
+    rows = json.loads(out.output, parse_float=Decimal, parse_int=Decimal)
+    assert [(r["period_start"], r["expired"], r["carried_over"]) for r in rows] == [
+        (str(month_start(t, 0)), None, None),
+        (str(month_start(t, 1)), D("100"), D("30")),
+        (str(month_start(t, 2)), D("70"), D("30")),
+    ]
+    assert rows[0]["opened_by"] == "system:periods"
+    out = runner.invoke(main, ["periods", "show", "--pool", "--database-url", db_url])
+    assert out.exit_code == 0, out.output
+    assert "api" in out.output and "system:periods" in out.output
+    out = runner.invoke(main, ["periods", "show", "nobody", "--database-url", db_url])
+    assert out.exit_code == 0 and "no periods" in out.output
+    out = runner.invoke(main, ["periods", "show", "--database-url", db_url])
+    assert out.exit_code == 2
+    out = runner.invoke(main, ["periods", "show", "u1", "--unit", " x", "--database-url", db_url])
+    assert out.exit_code == 2 and "unit" in out.output
+
+
+# ---------------------------------------------------------------- the beat schedule
+
+
+def test_beat_schedule_from_settings():
+    from worker.schedule import EveryFromStart, beat_schedule
+    from worker.settings import Settings
+
+    default = beat_schedule(Settings.from_env({}))
+    assert {name: (e["task"], e["schedule"].seconds, e["options"]["expires"])
+            for name, e in default.items()} == {
+        "meter.release-expired": ("meter.release_expired", 5, 5),
+        "meter.roll-periods": ("meter.roll_periods", 60, 60),
+        "meter.ensure-partitions": ("meter.ensure_partitions", 86400, 86400),
+        "meter.prune-idempotency-keys": ("meter.prune_idempotency_keys", 3600, 3600),
+    }  # fmt: skip
+    tuned = beat_schedule(
+        Settings.from_env(
+            {"METER_LEDGER_RETENTION_MONTHS": "13", "METER_RETENTION_INTERVAL_SECONDS": "60",
+             "METER_ROLL_INTERVAL_SECONDS": "2.5"}
+        )
+    )  # fmt: skip
+    assert tuned["meter.retention"]["task"] == "meter.retention"
+    assert tuned["meter.retention"]["schedule"].seconds == 60
+    assert tuned["meter.roll-periods"]["schedule"].seconds == 2.5
+    with pytest.raises(ValueError, match="METER_LEDGER_RETENTION_MONTHS"):
+        Settings.from_env({"METER_LEDGER_RETENTION_MONTHS": "0"})
+
+    # Due when beat starts (checked once to order its heap, then again to send it), until it
+    # has run; then every interval.
+    every = EveryFromStart(timedelta(hours=1))
+    started = datetime.now(UTC)
+    assert every.is_due(started).is_due and every.is_due(started).is_due
+    ran = started + timedelta(seconds=1)
+    assert not every.is_due(ran).is_due
+    assert every.is_due(ran - timedelta(hours=2)).is_due
+
+
+def test_tasks_take_the_time_as_an_argument_and_record_their_runs(client, db, maint_url):
+    from worker.app import make_app
+
+    # never contacted: apply() runs the tasks here, eagerly
+    app = make_app(broker_url="redis://127.0.0.1:9/0", database_url=maint_url, env={})
+    t = today(db)
+    m0, m1 = month_start(t, 2), month_start(t, 1)
+    client.set_period_config("u1", ET, UNIT, None, m0, D("10"), D("0"))
+    task = app.tasks["meter.roll_periods"]
+    # As of the first instant of m1: m0 opened and rolled into m1, nothing further.
+    result = task.apply(kwargs={"now": first_instant(m1).isoformat()})
+    assert result.get() == {"opened": 1, "rolled": 1, "error": 0}
+    assert client.get_account("u1", ET, UNIT)["period_start"] == m1
+    assert app.tasks["meter.roll_periods"].apply().get() == {"opened": 0, "rolled": 1, "error": 0}
+    with pytest.raises(ValueError, match="now"):
+        task.apply(kwargs={"now": "2026-01-01T00:00:00"}).get()
+
+    assert app.tasks["meter.ensure_partitions"].apply().get() == []
+    assert app.tasks["meter.retention"].apply().get() == []  # retention off: nothing dropped
+    assert app.tasks["meter.prune_idempotency_keys"].apply().get() == 0
+    assert app.tasks["meter.release_expired"].apply().get() == 0
+    recorded = runs(db)
+    assert set(recorded) == {
+        "meter.roll_periods",
+        "meter.ensure_partitions",
+        "meter.retention",
+        "meter.prune_idempotency_keys",
+        "meter.release_expired",
+    }
+    assert recorded["meter.roll_periods"]["runs"] == 2
+    assert recorded["meter.roll_periods"]["last_result"] == {
+        "opened": 0,
+        "rolled": 1,
+        "error": 0,
+    }
+    assert recorded["meter.retention"]["last_result"] == {"dropped": []}
