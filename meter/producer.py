@@ -42,8 +42,8 @@ from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from kombu.exceptions import OperationalError as KombuOperationalError
 
+from meter import signing, wire
 from meter import types as t
-from meter import wire
 from meter.errors import MeterConnectionError, MeterError, ValidationError, from_sqlstate
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "EventHandle", "MeterProducer"]
@@ -205,6 +205,9 @@ class MeterProducer:
         results: store every event's outcome so that :meth:`EventHandle.wait` works
             (costs a result write per task); per call, ``want_result=`` overrides it.
         chunk_size: events per ``apply_batch`` message for :meth:`send_many` (1..10000).
+        signing_key: the namespace's signing key (``meter keys derive NAMESPACE``; default
+            ``$METER_PRODUCER_KEY``). Every message is signed with it (:mod:`meter.signing`);
+            workers with ``METER_SIGNING_SECRET`` set refuse unsigned messages.
 
     Durability: in direct mode (neither ``batch_size`` nor ``linger_ms``) an event is in the
     broker when the call returns. In buffered mode, **events in the buffer are lost if the
@@ -228,8 +231,14 @@ class MeterProducer:
         linger_ms: int | None = None,
         results: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        signing_key: str | None = None,
     ) -> None:
         self._namespace: str = _ident(namespace, "namespace")
+        if signing_key is None:
+            signing_key = os.environ.get(signing.KEY_ENV) or None
+        if signing_key is not None and (not isinstance(signing_key, str) or not signing_key):
+            raise t.invalid("signing_key", "must be a non-empty string (a namespace key)")
+        self._signing_key: str | None = signing_key
         self._results = t.check_bool(results, "results")
         self._chunk_size = t.check_int(
             chunk_size, "chunk_size", min_value=1, max_value=MAX_CHUNK_SIZE
@@ -747,10 +756,13 @@ class MeterProducer:
     def _publish(
         self, name: str, events: list[dict[str, Any]], task_id: str, want: bool, argsrepr: str
     ) -> None:
+        payload: Any = events if name == wire.APPLY_BATCH else events[0]
         try:
             self._app.send_task(
                 name,
-                args=(events,) if name == wire.APPLY_BATCH else (events[0],),
+                args=(payload,),
+                # which tenant the message writes into, signed when there is a key
+                kwargs={"auth": signing.make_auth(self._signing_key, self._namespace, payload)},
                 task_id=task_id,
                 ignore_result=not want,
                 # A short repr: Celery would otherwise saferepr() the whole payload per call.

@@ -110,6 +110,26 @@ def to_amount(
             strings, NaN or infinities, more than 24 digits before the point or more than
             12 after it (counted after stripping trailing zeros), or the wrong sign.
     """
+    if type(value) is int and -_INT_AMOUNT_LIMIT < value < _INT_AMOUNT_LIMIT:
+        d = Decimal(value)  # the common case: already canonical
+    else:
+        d = _to_decimal(value, name, nullable)
+        if d is None:
+            return None
+    if sign == "positive" and d <= 0:
+        raise invalid(name, f"must be greater than 0, got {d}")
+    if sign == "nonnegative" and d < 0:
+        raise invalid(name, f"must not be negative, got {d}")
+    if sign == "nonzero" and d == 0:
+        raise invalid(name, "must not be 0")
+    return d
+
+
+_INT_AMOUNT_LIMIT = 10**MAX_AMOUNT_INTEGER_DIGITS
+
+
+def _to_decimal(value: object, name: str, nullable: bool) -> Decimal | None:
+    """``to_amount`` without the sign rule: the canonical Decimal, or None when allowed."""
     if value is None:
         if nullable:
             return None
@@ -140,14 +160,7 @@ def to_amount(
         d = Decimal(value)
     if not d.is_finite():
         raise invalid(name, f"must be a finite number, got {str(value)!r}")
-    d = _canonical(d, name, value)
-    if sign == "positive" and d <= 0:
-        raise invalid(name, f"must be greater than 0, got {d}")
-    if sign == "nonnegative" and d < 0:
-        raise invalid(name, f"must not be negative, got {d}")
-    if sign == "nonzero" and d == 0:
-        raise invalid(name, "must not be 0")
-    return d
+    return _canonical(d, name, value)
 
 
 def _canonical(d: Decimal, name: str, original: object) -> Decimal:
@@ -177,6 +190,8 @@ def _canonical(d: Decimal, name: str, original: object) -> Decimal:
 # ------------------------------------------------------------------------ identifiers
 
 _CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
+# Printable ASCII with no space at either end: passes every identifier rule but the length.
+_plain_ascii = re.compile("[!-~](?:[ -~]*[!-~])?").fullmatch
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
@@ -221,6 +236,8 @@ def check_identifier(
             control character (U+0000-001F, U+007F-009F) or a lone surrogate, or starts or
             ends with white space (``str.isspace``).
     """
+    if type(value) is str and min_len <= len(value) <= max_len and _plain_ascii(value):
+        return value  # the common case, decided by one C-level match
     if value is None:
         if nullable:
             return None
@@ -470,6 +487,43 @@ def loads(data: str | bytes | bytearray | memoryview) -> Any:
     return json.loads(data, parse_float=Decimal)
 
 
+_NUMERIC_EXPONENT_LIMIT = 70000
+"""Beyond this decimal exponent a number's plain text alone exceeds the metadata limit."""
+
+
+def jsonb_text_size(obj: Any) -> int:
+    """UTF-8 bytes of PostgreSQL's ``jsonb::text`` of ``obj`` (a value :func:`dumps` took).
+
+    jsonb prints ``", "`` and ``": "`` between items, and numbers in ``numeric``'s plain
+    notation (``1E+3`` -> ``1000``, ``1e-07`` -> ``0.0000001``, no negative zero). It also
+    reorders keys, which does not change the size. Iterative: any depth :func:`dumps`
+    accepted is measured without recursion.
+    """
+    size = 0
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            size += 2 + 2 * max(len(item) - 1, 0) + 2 * len(item)  # braces, ", ", ": "
+            for key, value in item.items():
+                stack.append(key)
+                stack.append(value)
+        elif isinstance(item, (list, tuple)):
+            size += 2 + 2 * max(len(item) - 1, 0)
+            stack.extend(item)
+        elif isinstance(item, str):
+            size += len(encode_basestring(item).encode("utf-8"))
+        elif isinstance(item, (float, Decimal)):
+            d = Decimal(float.__repr__(item)) if isinstance(item, float) else item
+            if abs(d.adjusted()) > _NUMERIC_EXPONENT_LIMIT:
+                return MAX_METADATA_BYTES + 1  # too long (or out of numeric's range) anyway
+            text = format(d, "f")
+            size += len(text.lstrip("-") if d.is_zero() else text)
+        else:
+            size += len(dumps(item))  # null, true, false, integers: the same text
+    return size
+
+
 def check_metadata(value: object, name: str = "metadata") -> str | None:
     """Check a metadata argument and return its compact JSON text.
 
@@ -482,7 +536,8 @@ def check_metadata(value: object, name: str = "metadata") -> str | None:
 
     Raises:
         ValidationError: when it is not a mapping, cannot be serialised exactly, contains a
-            lone surrogate or a NUL, or its UTF-8 text exceeds 65536 bytes.
+            lone surrogate or a NUL, or its text as PostgreSQL writes it (``jsonb::text``,
+            :func:`jsonb_text_size`) exceeds 65536 bytes.
     """
     if value is None:
         return None
@@ -495,9 +550,12 @@ def check_metadata(value: object, name: str = "metadata") -> str | None:
     except (TypeError, ValueError) as exc:
         raise invalid(name, f"is not valid JSON: {exc}") from None
     try:
-        size = len(text.encode("utf-8"))
+        text.encode("utf-8")
     except UnicodeEncodeError:
         raise invalid(name, "must be valid Unicode (contains a lone surrogate)") from None
+    # Measured as the SQL measures it (octet_length(metadata::text)), so that what passes
+    # here is never refused by the database for its size.
+    size = jsonb_text_size(value)
     if size > MAX_METADATA_BYTES:
         raise invalid(name, f"must be at most {MAX_METADATA_BYTES} bytes as JSON text, got {size}")
     return text

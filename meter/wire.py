@@ -17,12 +17,17 @@ offset.
 
 Tasks (all JSON, one queue :data:`QUEUE`):
 
-``meter.<op>(event, orphan_since=None)``
+``meter.<op>(event, orphan_since=None, auth=None)``
     one event (``op`` is consume, reserve, commit, release, allocate or adjust);
     ``orphan_since`` is set by the worker itself when it retries a commit or release whose
     reservation does not exist yet.
-``meter.apply_batch(events)``
+``meter.apply_batch(events, auth=None)``
     many events applied in one database transaction.
+
+``auth`` is ``{"namespace": ns, "mac": hex}``: the one namespace every event of the message
+must name, and its HMAC-SHA256 with that namespace's key (:mod:`meter.signing`; ``mac``
+absent when the producer has no key). Workers with ``METER_SIGNING_SECRET`` refuse a
+message whose ``auth`` is missing or does not verify.
 
 A task returns an *outcome* (stored only when the sender asked for a result):
 ``{"ok", "status", "result", "error_sqlstate", "error_message"}`` per event, as the rows of

@@ -24,6 +24,14 @@ reserve that arrives after its commit was given up is an ordinary hold, which ex
 its TTL and is returned by the expiry sweep (:mod:`worker.schedule`). In a batch, such an
 event is handed to a single-event task of its own (deterministic id,
 :func:`meter.wire.child_task_id`), so it neither holds up the batch nor gets lost.
+
+Tenancy (:mod:`meter.signing`): every message names the one namespace it writes into
+(its ``auth`` argument). With ``METER_SIGNING_SECRET`` set, that name must be signed with
+the namespace's key and every event must carry it, otherwise the whole message is
+dead-lettered with ``MT004`` and nothing of it is applied. Without a secret (development),
+the name is taken on trust, but an event naming another namespace is still dead-lettered
+(``MT004``) instead of applied. Those dead letters are filed under the namespace ``''``
+(the operators'), never under a tenant the message claimed.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from celery.app.task import get_actual_ignore_result
 from celery.exceptions import Reject
 from celery.utils.log import get_task_logger
 
-from meter import wire
+from meter import signing, wire
 from worker import db, deliveries
 from worker.retry import backoff, is_transient, sqlstate_of
 from worker.settings import Settings
@@ -44,6 +52,13 @@ from worker.settings import Settings
 __all__ = ["EventTask", "apply_batch"]
 
 logger = get_task_logger(__name__)
+
+TENANT_REFUSED: Final = "MT004"
+"""SQLSTATE of a message refused for its tenancy: bad or missing signature, or an event
+naming a namespace other than the message's."""
+
+OPERATOR_NAMESPACE: Final = ""
+"""Where dead letters of refused messages go: no tenant sees them, operators do."""
 
 WORKER_LOST: Final = "MTW01"
 """SQLSTATE-like code of a dead letter whose message was delivered ``meter_max_deliveries``
@@ -94,6 +109,35 @@ def _namespace(event: Any) -> str:
     return ns if isinstance(ns, str) and ns else ""
 
 
+def _names_other(event: Any, namespace: str) -> bool:
+    """``event`` is an event object naming a namespace other than ``namespace`` (or none)."""
+    return isinstance(event, dict) and event.get("namespace") != namespace
+
+
+def _mismatch_message(event: Any, namespace: str) -> str:
+    return (
+        f"namespace: the event names {event.get('namespace')!r} but its message writes "
+        f"into {namespace!r}"
+    )
+
+
+def _as_verdict(verdict: Any) -> dict[str, Any]:
+    """A verdict as the worker writes it; a malformed one (crafted) is itself the error."""
+    if isinstance(verdict, dict):
+        return verdict
+    return {"sqlstate": "MT001", "message": "message: malformed verdict argument"}
+
+
+def _verdict_namespace(verdict: dict[str, Any], own: str) -> str:
+    """Where a verdict carried by a retry is filed: the message's own namespace or ``''``.
+
+    The signature does not cover the keyword arguments, so a verdict naming any other
+    namespace (a crafted one) is filed with the operators.
+    """
+    ns = verdict.get("namespace")
+    return ns if ns == own else OPERATOR_NAMESPACE
+
+
 def _op(event: Any, default: str) -> str:
     op = event.get("op") if isinstance(event, dict) else None
     return op if isinstance(op, str) and op else default
@@ -117,6 +161,27 @@ class EventTask(Task):
         if not deliveries.is_redelivered(request):
             return None
         return deliveries.count(self.app.conf.broker_url, request.id, request.retries or 0)
+
+    def authorize(self, s: Settings, payload: Any, auth: Any) -> tuple[str | None, str | None]:
+        """(the namespace the message writes into, or None; why it is refused, or None).
+
+        With a signing secret, the signature must cover ``payload`` for that namespace.
+        Without one, the namespace named by ``auth`` is taken as it is (``None`` for a
+        message from a producer that sent none: each event then names its own).
+        """
+        if s.signing_secret:
+            try:
+                return signing.verify(s.signing_secret, auth, payload), None
+            except ValueError as exc:
+                return None, str(exc)
+        ns = auth.get("namespace") if isinstance(auth, dict) else None
+        return (ns if isinstance(ns, str) and ns else None), None
+
+    def child_auth(self, s: Settings, event: dict[str, Any]) -> dict[str, str]:
+        """The ``auth`` of a single-event task the worker sends itself (signed if need be)."""
+        ns = _namespace(event)
+        key = signing.derive_key(s.signing_secret, ns) if s.signing_secret else None
+        return signing.make_auth(key, ns, event)
 
     def done(self, counted: int | None) -> None:
         """The task completed: forget its delivery counter, if it had one."""
@@ -145,8 +210,9 @@ class EventTask(Task):
         raise AssertionError("Task.retry returned")  # pragma: no cover
 
     def send_child(
-        self, event: dict[str, Any], idx: int, countdown: float | None, **kwargs: Any
-    ) -> str:
+        self, s: Settings, event: dict[str, Any], idx: int, countdown: float | None,
+        **kwargs: Any,
+    ) -> str:  # fmt: skip
         """Send event ``idx`` of this batch as a single-event task; its task id.
 
         The id is deterministic, so a batch delivered twice re-sends the same task (applied
@@ -154,6 +220,7 @@ class EventTask(Task):
         """
         request = self.request
         task_id = wire.child_task_id(request.id, idx)
+        kwargs = {**kwargs, "auth": self.child_auth(s, event)}
         self.app.send_task(
             wire.task_name(event["op"]),
             args=(event,),
@@ -162,7 +229,7 @@ class EventTask(Task):
             countdown=countdown,
             ignore_result=get_actual_ignore_result(self, request),
             argsrepr=f"[{event['op']} from batch {request.id}]",
-            kwargsrepr=repr(kwargs),
+            kwargsrepr=repr({k: v for k, v in kwargs.items() if k != "auth"}),
         )
         return task_id
 
@@ -170,9 +237,14 @@ class EventTask(Task):
 
     def dead_letter(
         self, s: Settings, op: str, payload: Any, sqlstate: str | None, message: str,
-        counted: int | None, *, source: str | None = None,
+        counted: int | None, *, source: str | None = None, namespace: str | None = None,
     ) -> Outcome:  # fmt: skip
-        """Record a dead letter and complete; if even that fails, retry recording it later."""
+        """Record a dead letter and complete; if even that fails, retry recording it later.
+
+        ``namespace``: where it is filed (default: the payload's own namespace).
+        """
+        if namespace is None:
+            namespace = _namespace(payload)
         try:
             dead_letter_id = db.record_dead_letter(
                 s.database_url,
@@ -182,7 +254,7 @@ class EventTask(Task):
                 sqlstate=sqlstate,
                 message=message,
                 source=source or self.request.id,
-                namespace=_namespace(payload),
+                namespace=namespace,
             )
         except Exception as exc:
             # The verdict travels with the retry: the event is not tried again, only recorded.
@@ -190,7 +262,7 @@ class EventTask(Task):
             self.retry_later(
                 backoff(self.request.retries or 0, s.retry_backoff_base, s.retry_backoff_max),
                 exc=exc,
-                verdict={"sqlstate": sqlstate, "message": message},
+                verdict={"sqlstate": sqlstate, "message": message, "namespace": namespace},
             )
         logger.error("dead letter %s (%s): %s", dead_letter_id, sqlstate, message)
         self.done(counted)
@@ -213,15 +285,26 @@ class EventTask(Task):
     # ---------------------------------------------------------------- single events
 
     def run_single(
-        self, op: str, event: Any, orphan_since: float | None, verdict: dict[str, Any] | None
-    ) -> Outcome:
+        self, op: str, event: Any, orphan_since: float | None, verdict: dict[str, Any] | None,
+        auth: Any = None,
+    ) -> Outcome:  # fmt: skip
         """Apply one event (the body of ``meter.<op>``)."""
         s = self.settings()
         counted = self.count_delivery(s)
+        # Tenancy first: a crafted message must not even get its verdict recorded elsewhere.
+        ns, refusal = self.authorize(s, event, auth)
+        if refusal is None and ns is not None and _names_other(event, ns):
+            refusal = _mismatch_message(event, ns)
+        if refusal is not None:
+            return self.dead_letter(
+                s, _op(event, op), event, TENANT_REFUSED, refusal, counted,
+                namespace=OPERATOR_NAMESPACE,
+            )  # fmt: skip
         if verdict is not None:  # a dead letter that could not be recorded last time
+            verdict = _as_verdict(verdict)
             return self.dead_letter(
                 s, _op(event, op), event, verdict.get("sqlstate"), str(verdict.get("message")),
-                counted,
+                counted, namespace=_verdict_namespace(verdict, _namespace(event)),
             )  # fmt: skip
         if not isinstance(event, dict):
             return self.dead_letter(
@@ -287,8 +370,9 @@ def _single(op: str) -> Any:
         event: Any,
         orphan_since: float | None = None,
         verdict: dict[str, Any] | None = None,
+        auth: Any = None,
     ) -> Outcome:
-        return self.run_single(op, event, orphan_since, verdict)
+        return self.run_single(op, event, orphan_since, verdict, auth)
 
     run.__name__ = run.__qualname__ = op
     run.__doc__ = f"Apply one ``{op}`` event (see :mod:`meter.wire`); return its outcome."
@@ -308,7 +392,7 @@ adjust = _single("adjust")
 
 @shared_task(bind=True, base=EventTask, name=wire.APPLY_BATCH)
 def apply_batch(
-    self: EventTask, events: Any, verdict: dict[str, Any] | None = None
+    self: EventTask, events: Any, verdict: dict[str, Any] | None = None, auth: Any = None
 ) -> list[Outcome] | Outcome:
     """Apply many events in one transaction (``meter.apply_events``); their outcomes.
 
@@ -316,60 +400,116 @@ def apply_batch(
     reservation is not there yet is handed to a single-event task (outcome ``deferred``).
     A batch that cannot be applied as a whole (a permanent error of the call, or too many
     deliveries) is split into single-event tasks, so each event meets its own fate.
+    A batch refused for its tenancy (module docstring) is one dead letter, applied nowhere.
     """
     s = self.settings()
     counted = self.count_delivery(s)
     request = self.request
+    ns, refusal = self.authorize(s, events, auth)
+    if refusal is None and ns is not None and s.signing_secret and isinstance(events, list):
+        # Signed: the signer crafted a message for another tenant; none of it is applied.
+        other = next((e for e in events if _names_other(e, ns)), None)
+        if other is not None:
+            refusal = _mismatch_message(other, ns)
+    if refusal is not None:
+        return self.dead_letter(
+            s, "apply_batch", events, TENANT_REFUSED, refusal, counted,
+            namespace=OPERATOR_NAMESPACE,
+        )  # fmt: skip
     if verdict is not None:
+        verdict = _as_verdict(verdict)
         return self.dead_letter(
             s, "apply_batch", events, verdict.get("sqlstate"), str(verdict.get("message")),
-            counted,
+            counted, namespace=_verdict_namespace(verdict, ns or OPERATOR_NAMESPACE),
         )  # fmt: skip
     if not isinstance(events, list):
         return self.dead_letter(
             s, "apply_batch", events, "MT001", "message: apply_batch takes a JSON array",
             counted,
         )  # fmt: skip
-    events = [_with_key(e, f"task:{request.id}:{i}") for i, e in enumerate(events)]
+    if ns is None:  # an unsigned message of a producer that named no namespace: the first's
+        ns = next((_namespace(e) for e in events if isinstance(e, dict)), None) or None
+    # Unsigned: an event naming another namespace is dead-lettered alone, the rest applied.
+    # ``orig`` maps the index of an event in what is applied to its index in the message.
+    outcomes: dict[int, Outcome] = {}
+    orig: list[int] = []
+    for i, event in enumerate(events):
+        if ns is not None and _names_other(event, ns):
+            outcomes[i] = _refuse_event(self, s, event, i, _mismatch_message(event, ns))
+        else:
+            orig.append(i)
+    kept = [_with_key(events[i], f"task:{request.id}:{i}") for i in orig]
     if counted is not None and counted >= s.max_deliveries:
         logger.error(
             "batch %s delivered %d times without completing: splitting it", request.id, counted
         )
-        return _split(self, s, events, counted)
+        return _merge(outcomes, orig, _split(self, s, kept, orig, counted))
     try:
-        rows = db.apply_events(s.database_url, s.db_pool_size, events, request.id)
+        rows = db.apply_events(s.database_url, s.db_pool_size, kept, request.id) if kept else []
     except Exception as exc:
         if is_transient(exc):
             self.transient(s, exc)
         else:
             logger.exception("batch %s failed as a whole: splitting it", request.id)
-        return _split(self, s, events, counted)
-    outcomes: list[Outcome] = []
+        return _merge(outcomes, orig, _split(self, s, kept, orig, counted))
+    applied: list[Outcome] = []
     try:
         for row in rows:
             if row["status"] == "not_found":
                 delay = backoff(0, s.retry_backoff_base, s.retry_backoff_max)
                 child = self.send_child(
-                    events[row["idx"]], row["idx"], delay, orphan_since=time.time()
+                    s, kept[row["idx"]], orig[row["idx"]], delay, orphan_since=time.time()
                 )
-                outcomes.append({"ok": False, "status": "deferred", "task_id": child})
+                applied.append({"ok": False, "status": "deferred", "task_id": child})
             else:
-                outcomes.append(_outcome(row))
+                applied.append(_outcome(row))
     except Exception as exc:
         # The broker failed mid-way: have the whole batch delivered again (its applied
         # events replay, the deferred ones are re-sent under the same task ids).
         raise Reject(f"cannot hand over deferred events: {exc!r}", requeue=True) from exc
     self.done(counted)
-    return outcomes
+    return _merge(outcomes, orig, applied)
 
 
-def _split(self: EventTask, s: Settings, events: list[Any], counted: int | None) -> list[Outcome]:
-    """Hand each event of a batch to a single-event task of its own."""
+def _merge(refused: dict[int, Outcome], orig: list[int], applied: list[Outcome]) -> list[Outcome]:
+    """The outcomes in message order: the refused events' and the applied ones'."""
+    out = dict(refused)
+    out.update(zip(orig, applied, strict=True))
+    return [out[i] for i in sorted(out)]
+
+
+def _refuse_event(self: EventTask, s: Settings, event: Any, idx: int, message: str) -> Outcome:
+    """Dead-letter one event of a batch for its tenancy (``MT004``), filed with operators.
+
+    Its source is distinct from the SQL's (``<task>/<idx>``), and deterministic: a batch
+    delivered again counts an attempt on the same dead letter.
+    """
+    try:
+        dead_letter_id = db.record_dead_letter(
+            s.database_url, s.db_pool_size, op=_op(event, "?"), payload=event,
+            sqlstate=TENANT_REFUSED, message=message, source=f"{self.request.id}/ns/{idx}",
+            namespace=OPERATOR_NAMESPACE,
+        )  # fmt: skip
+    except Exception as exc:
+        # Nothing of the batch was applied yet: have it delivered again.
+        raise Reject(f"cannot record a refused event: {exc!r}", requeue=True) from exc
+    logger.error("dead letter %s (%s): %s", dead_letter_id, TENANT_REFUSED, message)
+    return {"ok": False, "status": "error", "result": None, "error_sqlstate": TENANT_REFUSED,
+            "error_message": message, "dead_letter_id": dead_letter_id}  # fmt: skip
+
+
+def _split(
+    self: EventTask, s: Settings, events: list[Any], orig: list[int], counted: int | None
+) -> list[Outcome]:
+    """Hand each event of a batch to a single-event task of its own.
+
+    ``orig[i]`` is the index of ``events[i]`` in the message (its child's task id).
+    """
     outcomes: list[Outcome] = []
     try:
-        for idx, event in enumerate(events):
+        for idx, event in zip(orig, events, strict=True):
             if isinstance(event, dict) and event.get("op") in wire.OPS:
-                child = self.send_child(event, idx, None)
+                child = self.send_child(s, event, idx, None)
                 outcomes.append({"ok": False, "status": "deferred", "task_id": child})
             else:  # no task could take it: it is a dead letter of its own right now
                 message = "event: not a valid event object"
