@@ -3,14 +3,18 @@
 One click group, one function per command. Commands that need a database take
 ``--database-url`` (default ``$METER_DATABASE_URL``); when neither is given they start, or
 reuse, an embedded PostgreSQL whose data lives in ``./.meter/pg`` (``$METER_HOME/pg``), so
-``meter migrate`` on a fresh machine just works. New commands (``up``, ``status``,
-``balance``, ``dead-letters`` ...) add a function decorated with ``@main.command()`` and
-reuse :func:`database_url_option` / :func:`resolve_database_url`.
+``meter migrate`` on a fresh machine just works. New commands add a function decorated
+with ``@main.command()`` and reuse the options (:func:`database_url_option`,
+:func:`broker_url_option`, :func:`namespace_option`, :func:`json_option`), the resolvers
+(:func:`resolve_database_url`, :func:`resolve_broker_url`) and :func:`_cli_errors`, which
+turns errors into the documented exit statuses (:data:`EXIT_OK`, :data:`EXIT_PROBLEMS`,
+:data:`EXIT_USAGE`, :data:`EXIT_UNREACHABLE`; docs/operations.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC
 from typing import Any, TypeVar
 
@@ -59,7 +63,15 @@ def resolve_database_url(database_url: str | None) -> str:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="meter", prog_name="meter")
 def main() -> None:
-    """Meter: a usage-metering ledger on PostgreSQL."""
+    """Meter: a usage-metering ledger on PostgreSQL.
+
+    \b
+    Exit status (every command):
+      0  success; for a check (status, reconcile): nothing wrong
+      1  a check found problems, or an operation failed
+      2  usage error: bad options or arguments, invalid input
+      3  cannot connect to the database (status: or the broker)
+    """
 
 
 @main.command()
@@ -74,13 +86,10 @@ def migrate(database_url: str | None, with_roles: bool) -> None:
     from meter.migrate import migrate as run_migrations
     from meter.migrate import schema_version
 
-    try:
+    with _cli_errors():
         url = resolve_database_url(database_url)
         applied = run_migrations(url, with_roles=with_roles)
         version = schema_version(url)
-    except (MeterError, EmbeddedServerError) as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
-        raise SystemExit(1) from exc
     for name in applied:
         console.print(f"applied {name}")
     if not applied:
@@ -88,6 +97,423 @@ def migrate(database_url: str | None, with_roles: bool) -> None:
     console.print(
         f"schema version: {version or 'none'}" + ("; roles applied" if with_roles else "")
     )
+
+
+# ------------------------------------------------------------------ reads and checks
+
+EXIT_OK = 0
+"""Success; for a check (``status``, ``reconcile``): nothing wrong found."""
+EXIT_PROBLEMS = 1
+"""A check found problems (unhealthy status, reconcile issues), or an operation failed."""
+EXIT_USAGE = 2
+"""Bad command line or bad input (click's usage errors, a ``ValidationError``)."""
+EXIT_UNREACHABLE = 3
+"""The database (or, for ``status``, the broker) could not be reached."""
+
+
+def broker_url_option(func: F) -> F:
+    """``--broker-url``, defaulting to ``$METER_BROKER_URL`` (then: ``meter up``'s Redis)."""
+    return click.option(
+        "--broker-url",
+        envvar="METER_BROKER_URL",
+        default=None,
+        metavar="URL",
+        help="Redis broker URL (default: $METER_BROKER_URL, else the embedded Redis of "
+        "`meter up` in ./.meter/redis if it runs, else redis://127.0.0.1:6379/0).",
+    )(func)
+
+
+def namespace_option(func: F) -> F:
+    return click.option(
+        "--namespace", default="default", show_default=True, help="The tenant to read."
+    )(func)
+
+
+def json_option(func: F) -> F:
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout, for scripts."
+    )(func)
+
+
+def resolve_broker_url(broker_url: str | None) -> str:
+    """The broker to use: the one given, else the running embedded Redis of ``meter up``
+    (never started for this), else the default ``redis://127.0.0.1:6379/0``."""
+    from meter import wire
+
+    if broker_url:
+        return broker_url
+    from meter.embedded import EmbeddedRedis, default_data_root
+
+    running = EmbeddedRedis(default_data_root() / "redis")._running()
+    if running is not None:
+        return f"redis://127.0.0.1:{running[1]}/0"
+    return wire.DEFAULT_BROKER_URL
+
+
+class _Timestamp(click.ParamType):
+    """An ISO 8601 date or date-time; without an offset it is UTC."""
+
+    name = "TIME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from datetime import datetime
+
+        if isinstance(value, datetime):
+            return value
+        try:
+            parsed = datetime.fromisoformat(str(value))
+        except ValueError:
+            self.fail(f"{value!r} is not an ISO 8601 date or date-time", param, ctx)
+        return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+TIMESTAMP = _Timestamp()
+
+
+@contextmanager
+def _cli_errors() -> Iterator[None]:
+    """Map errors to the documented exit statuses, with a one-line message on stderr."""
+    from meter.errors import MeterConnectionError, ValidationError
+
+    try:
+        yield
+    except (MeterConnectionError, EmbeddedServerError) as exc:
+        err_console.print(f"[bold red]error:[/] {escape(str(exc).strip())}")
+        raise SystemExit(EXIT_UNREACHABLE) from exc
+    except ValidationError as exc:
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        raise SystemExit(EXIT_USAGE) from exc
+    except MeterError as exc:
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        raise SystemExit(EXIT_PROBLEMS) from exc
+
+
+@contextmanager
+def _client(database_url: str | None, namespace: str) -> Iterator[Any]:
+    """A MeterClient on the resolved database; errors as :func:`_cli_errors`."""
+    import logging
+
+    from meter.client import MeterClient
+
+    # the pool logs each failed connection attempt; the error below says it once
+    logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
+    with _cli_errors():
+        client = MeterClient(resolve_database_url(database_url), namespace, max_size=2)
+        try:
+            yield client
+        finally:
+            client.close()
+
+
+def _emit_json(value: Any) -> None:
+    from meter import types as t
+
+    click.echo(t.dumps(_json_ready(value)))
+
+
+def _print_table(table: Any) -> None:
+    # A terminal gets its own width; a pipe or file a wide table rather than one folded
+    # into 80 columns.
+    (console if console.is_terminal else Console(width=200, highlight=False)).print(table)
+
+
+def _table(title: str | None, columns: str, rows: list[dict[str, Any]]) -> Any:
+    """A table of ``rows`` (dicts): ``columns`` is ``"header=key, ..."``; a header that
+    starts with ``#`` is a number column (right-aligned)."""
+    from rich.table import Table
+
+    table = Table(title=title, header_style="bold")
+    spec = [c.strip().split("=") for c in columns.split(",")]
+    for header, _ in spec:
+        numeric = header.startswith("#")
+        table.add_column(header.lstrip("#"), justify="right" if numeric else "left")
+    for row in rows:
+        table.add_row(*(escape("" if row[key] is None else _cell(row[key])) for _, key in spec))
+    return table
+
+
+def _cell(value: Any) -> str:
+    if hasattr(value, "astimezone"):
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return str(value)
+
+
+@main.command()
+@database_url_option
+@namespace_option
+@click.argument("user")
+@json_option
+def balance(database_url: str | None, namespace: str, user: str, as_json: bool) -> None:
+    """Balances of every account of USER."""
+    with _client(database_url, namespace) as client:
+        rows = client.get_user_balances(user)
+    if as_json:
+        _emit_json(rows)
+        return
+    if not rows:
+        console.print(f"no accounts for {escape(user)!r} in namespace {escape(namespace)!r}")
+        return
+    _print_table(
+        _table(
+            f"{user} ({namespace})",
+            "event type=event_type, resource=resource, unit=unit, #balance=balance, "
+            "#reserved=reserved, #available=available",
+            rows,
+        )
+    )
+
+
+@main.command()
+@database_url_option
+@namespace_option
+@click.argument("user")
+@click.option("--from", "start", type=TIMESTAMP, help="From this time on (ISO 8601, UTC default).")
+@click.option("--to", "end", type=TIMESTAMP, help="Before this time (exclusive).")
+@json_option
+def usage(
+    database_url: str | None,
+    namespace: str,
+    user: str,
+    start: Any,
+    end: Any,
+    as_json: bool,
+) -> None:
+    """Consumption of USER per event type, resource and unit, in [--from, --to)."""
+    with _client(database_url, namespace) as client:
+        rows = client.get_usage(user, start, end)
+    if as_json:
+        _emit_json(rows)
+        return
+    if not rows:
+        console.print(f"no usage for {escape(user)!r} in namespace {escape(namespace)!r}")
+        return
+    span = f"{_cell(start) if start else '…'} to {_cell(end) if end else '…'}"
+    _print_table(
+        _table(
+            f"usage of {user} ({namespace}), {span}",
+            "event type=event_type, resource=resource, unit=unit, #consumed=total_consumed, "
+            "#events=event_count",
+            rows,
+        )
+    )
+
+
+@main.command()
+@database_url_option
+@namespace_option
+@click.argument("user")
+@click.option("--event-type", default=None, help="Only this event type.")
+@click.option("--unit", default=None, help="Only this unit.")
+@click.option("--resource", default=None, help="Only this resource.")
+@click.option("--from", "start", type=TIMESTAMP, help="From this time on (ISO 8601).")
+@click.option("--to", "end", type=TIMESTAMP, help="Before this time (exclusive).")
+@click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
+@json_option
+def ledger(
+    database_url: str | None,
+    namespace: str,
+    user: str,
+    event_type: str | None,
+    unit: str | None,
+    resource: str | None,
+    start: Any,
+    end: Any,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Ledger entries of USER, newest first (every account, or those the options select)."""
+    entries: list[dict[str, Any]] = []
+    with _client(database_url, namespace) as client:
+        accounts = [
+            a
+            for a in client.get_user_balances(user)
+            if (event_type is None or a["event_type"] == event_type)
+            and (unit is None or a["unit"] == unit)
+            and (resource is None or (a["resource"] or "") == resource)
+        ]
+        for a in accounts:
+            for row in client.get_ledger(
+                user, a["event_type"], a["unit"], a["resource"], start, end, limit
+            ):
+                entries.append(
+                    {"event_type": a["event_type"], "resource": a["resource"],
+                     "unit": a["unit"], **row}
+                )  # fmt: skip
+    entries.sort(key=lambda e: (e["event_time"], e["id"]), reverse=True)
+    entries = entries[:limit]
+    if as_json:
+        _emit_json(entries)
+        return
+    if not entries:
+        console.print(f"no ledger entries for {escape(user)!r} in namespace {escape(namespace)!r}")
+        return
+    _print_table(
+        _table(
+            f"ledger of {user} ({namespace}), newest first",
+            "#id=id, time (UTC)=event_time, event type=event_type, resource=resource, "
+            "unit=unit, entry=entry_type, #amount=amount, #balance after=balance_after, "
+            "reservation=reservation_id, actor=actor_id",
+            entries,
+        )
+    )
+
+
+@main.command()
+@database_url_option
+@namespace_option
+@json_option
+def reconcile(database_url: str | None, namespace: str, as_json: bool) -> None:
+    """Check that every account agrees with its ledger and its active holds.
+
+    Exit status 1 when an account disagrees.
+    """
+    with _client(database_url, namespace) as client:
+        issues = client.reconcile()
+    if as_json:
+        _emit_json(issues)
+    elif not issues:
+        console.print(f"namespace {escape(namespace)!r}: every account reconciles")
+    else:
+        _print_table(
+            _table(
+                f"{len(issues)} issue(s) in namespace {namespace!r}",
+                "user=user_id, event type=event_type, resource=resource, unit=unit, "
+                "issue=issue_type, #expected=expected, #actual=actual, "
+                "#discrepancy=discrepancy",
+                [{**i, "user_id": i["user_id"] or "(pool)"} for i in issues],
+            )
+        )
+    if issues:
+        raise SystemExit(EXIT_PROBLEMS)
+
+
+@main.command()
+@database_url_option
+@broker_url_option
+@click.option(
+    "--timeout", type=click.FloatRange(0.1, 60), default=1.0, show_default=True,
+    help="Seconds to wait for Redis and for the workers' ping replies.",
+)  # fmt: skip
+@json_option
+def status(database_url: str | None, broker_url: str | None, timeout: float, as_json: bool) -> None:
+    """Health of the installation: database, schema, queue, dead letters, workers, beat.
+
+    Exit status: 0 healthy; 1 a problem found (pending migrations, dead letters waiting, no
+    worker answering, a periodic task whose last run failed); 3 the database or the
+    broker cannot be reached.
+    """
+    from meter import status as st
+    from meter.embedded import default_data_root
+
+    url: str | None = None
+    if database_url or (default_data_root() / "pg").is_dir():
+        # given, or the embedded server of `meter up` (reused; started if it was stopped)
+        try:
+            url = resolve_database_url(database_url)
+        except EmbeddedServerError as exc:
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
+    report = st.collect(url, resolve_broker_url(broker_url), timeout)
+    if as_json:
+        _emit_json(report)
+    else:
+        _print_status(report)
+    if not (report["database"]["reachable"] and report["broker"]["reachable"]):
+        raise SystemExit(EXIT_UNREACHABLE)
+    if not report["healthy"]:
+        raise SystemExit(EXIT_PROBLEMS)
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    from datetime import datetime
+
+    db, broker, workers = report["database"], report["broker"], report["workers"]
+
+    def mark(ok: bool) -> str:
+        return "[green]ok[/]" if ok else "[bold red]FAIL[/]"
+
+    def count(value: Any) -> str:
+        return "?" if value is None else str(value)
+
+    # unreachable parts: the reason is in the problems listed below the table
+    rows = [("database", mark(db["reachable"]), escape(db.get("url") or "(none)"))]
+    if db["reachable"]:
+        pending = db["pending_migrations"]
+        rows.append(
+            ("schema", mark(not pending), escape(str(db["schema_version"] or "not migrated"))
+             + (f" ({len(pending)} pending)" if pending else ""))
+        )  # fmt: skip
+        rows.append(("dead letters", mark(not db["dead_letters"]), count(db["dead_letters"])))
+    rows.append(("broker", mark(broker["reachable"]), escape(broker["url"])))
+    if broker["reachable"]:
+        rows.append(("queue depth", "", count(broker["queue_depth"])))
+        rows.append(("unacked", "", count(broker["unacked"])))
+        alive = workers["alive"]
+        rows.append(
+            ("workers", mark(bool(alive)),
+             f"{len(alive)} alive" + (f": {escape(', '.join(alive))}" if alive else ""))
+        )  # fmt: skip
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
+    for _ in range(3):
+        table.add_column()
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+    if db["reachable"] and db["schema_version"]:
+        runs = db["maintenance"]
+        if runs is None:
+            detail = db.get("maintenance_error") or "this schema records no runs"
+            console.print(f"beat runs: unknown ({escape(str(detail))})")
+        elif not runs:
+            console.print("beat runs: none recorded yet")
+        else:
+            now = datetime.now(UTC)
+
+            def ago(at: Any) -> str:
+                return f"{(now - at).total_seconds():.0f} s ago" if at else "never"
+
+            _print_table(
+                _table(
+                    "beat runs",
+                    "task=task, last started=started, last ok=ok, #runs=runs, "
+                    "last error=last_error",
+                    [
+                        {**r, "started": ago(r["last_started_at"]), "ok": ago(r["last_ok_at"])}
+                        for r in runs
+                    ],
+                )
+            )
+    for problem in report["problems"]:
+        console.print(f"[bold red]problem:[/] {escape(problem)}")
+    if report["healthy"]:
+        console.print("[green]healthy[/]")
+
+
+@main.command()
+@database_url_option
+@broker_url_option
+@click.option(
+    "--timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
+    help="Seconds to wait for the worker to apply the events.",
+)  # fmt: skip
+def demo(database_url: str | None, broker_url: str | None, timeout: float) -> None:
+    """Send the demo workload of `meter up` to a running stack (namespace 'demo').
+
+    Needs a worker on that broker and database; exit status 1 if it does not apply the
+    events within --timeout.
+    """
+    from meter.up import run_demo
+
+    with _cli_errors():
+        url = resolve_database_url(database_url)
+        broker = resolve_broker_url(broker_url)
+        try:
+            run_demo(url, broker, console, timeout=timeout)
+        except TimeoutError as exc:
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
+            raise SystemExit(EXIT_PROBLEMS) from exc
 
 
 # ------------------------------------------------------------------ dead letters
@@ -127,14 +553,14 @@ def _payload_summary(payload: Any) -> str:
 
 
 def _dead_letter_conn(database_url: str | None) -> Any:
-    """An autocommit connection for the dead-letter commands; exit 1 when unreachable."""
+    """An autocommit connection for the dead-letter commands; exit 3 when unreachable."""
     import psycopg
 
     try:
         return psycopg.connect(resolve_database_url(database_url), autocommit=True)
     except (psycopg.Error, EmbeddedServerError) as exc:
         err_console.print(f"[bold red]error:[/] cannot connect: {escape(str(exc).strip())}")
-        raise SystemExit(1) from exc
+        raise SystemExit(EXIT_UNREACHABLE) from exc
 
 
 def _fail(exc: Exception) -> None:
@@ -147,7 +573,7 @@ def dead_letters() -> None:
     """Events the pipeline could not apply: list, retry, discard.
 
     Exit status: 0 on success; 1 when a retry failed, an id is unknown (or no longer
-    waiting) or the database could not be used.
+    waiting) or the database refused the call; 3 when it cannot be reached.
     """
 
 
@@ -290,3 +716,93 @@ def up(no_demo: bool) -> None:
     except (MeterError, EmbeddedServerError, RuntimeError, TimeoutError) as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise SystemExit(1) from exc
+
+
+@main.group("keys")
+def keys() -> None:
+    """Signing keys of the pipeline (docs/reliability.md, "Tenant isolation")."""
+
+
+@keys.command("derive")
+@click.argument("namespace")
+@click.option(
+    "--secret",
+    envvar="METER_SIGNING_SECRET",
+    required=True,
+    help="The workers' secret (default: $METER_SIGNING_SECRET).",
+)
+def keys_derive(namespace: str, secret: str) -> None:
+    """Print the signing key of NAMESPACE, for its producers ($METER_PRODUCER_KEY)."""
+    from meter import signing
+    from meter.types import LIMITS, check_identifier
+
+    try:
+        lo, hi = LIMITS["namespace"]
+        check_identifier(namespace, "namespace", min_len=lo, max_len=hi, nullable=False)
+    except MeterError as exc:
+        _fail(exc)
+    if not secret:
+        _fail(ValueError("secret: must not be empty"))
+    click.echo(signing.derive_key(secret, namespace))
+
+
+@main.group("periods")
+def periods() -> None:
+    """Billing periods: what was opened, expired and carried over (beat rolls them)."""
+
+
+@periods.command("show")
+@database_url_option
+@namespace_option
+@click.argument("user", required=False)
+@click.option("--pool", is_flag=True, help="The namespace pool's periods (instead of USER).")
+@click.option("--event-type", default=None, help="Only this event type.")
+@click.option("--unit", default=None, help="Only this unit.")
+@click.option("--limit", type=click.IntRange(1, 10000), default=100, show_default=True)
+@json_option
+def periods_show(
+    database_url: str | None,
+    namespace: str,
+    user: str | None,
+    pool: bool,
+    event_type: str | None,
+    unit: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Period history of USER's accounts (or of the pool's, with --pool), newest first."""
+    import psycopg
+    from psycopg.rows import dict_row
+
+    from meter.errors import from_psycopg
+
+    if (user is None) == (not pool):
+        raise click.UsageError("give either USER or --pool")
+    with _cli_errors():
+        try:
+            with psycopg.connect(
+                resolve_database_url(database_url), autocommit=True, row_factory=dict_row
+            ) as conn:
+                rows = conn.execute(
+                    "SELECT * FROM meter.get_periods(%s, %s, %s, NULL, %s, meter.ctx(%s))",
+                    (user, event_type, unit, limit, namespace),
+                ).fetchall()
+        except psycopg.Error as exc:
+            raise from_psycopg(exc) from exc
+    if as_json:
+        _emit_json(rows)
+        return
+    who = "the pool" if pool else repr(user)
+    if not rows:
+        console.print(f"no periods for {escape(who)} in namespace {escape(namespace)!r}")
+        return
+    _print_table(
+        _table(
+            f"periods of {who} ({namespace})",
+            "event type=event_type, resource=resource, unit=unit, start=period_start, "
+            "end=period_end, #allocation=allocation, #opened at=open_balance, "
+            "#expired=expired, #carried over=carried_over, #closed at=close_balance, "
+            "opened by=opened_by, closed by=closed_by",
+            rows,
+        )
+    )

@@ -102,15 +102,24 @@ def start_stack(home: Path | None = None) -> Stack:
     return stack
 
 
-def run_demo(stack: Stack, console: Console) -> None:
-    """A short workload: allocations and a period (SDK), usage through the pipeline
-    (producer), a streaming reserve/commit; then the balances as a table."""
+def run_demo(database_url: str, broker_url: str, console: Console, timeout: float = 60.0) -> None:
+    """A short workload in namespace ``demo``: allocations and a period (SDK), usage through
+    the pipeline (producer), a streaming reserve/commit; then the balances as a table.
+
+    ``meter up`` runs it on the stack it started, ``meter demo`` on any running one.
+
+    Raises:
+        TimeoutError: no worker applied the events within ``timeout`` seconds.
+        MeterError: the database refused a call (or could not be reached).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
     from meter.client import MeterClient
     from meter.producer import MeterProducer
 
     run = uuid.uuid4().hex[:8]
     today = datetime.now(UTC).date()
-    with MeterClient(stack.database_url, namespace=DEMO_NAMESPACE) as client:
+    with MeterClient(database_url, namespace=DEMO_NAMESPACE) as client:
         for user in DEMO_USERS:
             client.allocate(user, "llm", 10_000, "tokens", idempotency_key=f"demo-{run}-{user}")
         client.set_period_config(
@@ -119,23 +128,45 @@ def run_demo(stack: Stack, console: Console) -> None:
         client.open_period(None, "api", "requests", None, today.replace(day=1))
 
         before = _ledger_count(client)
-        producer = MeterProducer(stack.broker_url, namespace=DEMO_NAMESPACE)
-        handles = [
-            producer.consume(user, "llm", 25 * (i + 1), "tokens")
-            for i, user in enumerate(DEMO_USERS * 10)
-        ]
+        with MeterProducer(broker_url, namespace=DEMO_NAMESPACE) as producer:
+            handles = [
+                producer.consume(user, "llm", 25 * (i + 1), "tokens")
+                for i, user in enumerate(DEMO_USERS * 10)
+            ]
         hold = client.reserve("alice", "llm", 2_000, "tokens", ttl_seconds=120)
         client.commit(hold["reservation_id"], 1_234)
+        expected = len(handles) + 1  # the consume events and the commit's consumption
         console.print(f"enqueued {len(handles)} consume events; waiting for the worker ...")
-        _wait_until(lambda: _ledger_count(client) >= before + len(handles) + 1, timeout=60)
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=not console.is_terminal,
+        ) as progress:
+            bar = progress.add_task("ledger rows", total=expected)
+
+            def applied() -> bool:
+                done = min(expected, _ledger_count(client) - before)
+                progress.update(bar, completed=done)
+                return done >= expected
+
+            _wait_until(applied, timeout=timeout)
 
         table = Table(title=f"balances in namespace '{DEMO_NAMESPACE}'")
         for column in ("user", "event type", "unit", "balance", "reserved", "available"):
             table.add_column(column, justify="right" if column[0] in "bra" else "left")
         for user in (*DEMO_USERS, None):
             for row in client.get_user_balances(user):
-                table.add_row(user or "(pool)", row["event_type"], row["unit"],
-                              str(row["balance"]), str(row["reserved"]), str(row["available"]))
+                table.add_row(
+                    user or "(pool)",
+                    row["event_type"],
+                    row["unit"],
+                    str(row["balance"]),
+                    str(row["reserved"]),
+                    str(row["available"]),
+                )
         console.print(table)
 
 
@@ -148,30 +179,45 @@ def _wait_until(condition: Callable[[], bool], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise TimeoutError("the worker did not apply the demo events in time")
+            raise TimeoutError(
+                "the demo events were not applied in time: is a worker running on this "
+                "broker and database?"
+            )
         time.sleep(0.2)
 
 
 def serve(console: Console, demo: bool = True) -> None:
     """Run the stack until Ctrl-C (or SIGTERM); stop everything it started."""
     stack = start_stack()
+
     def _terminate(signum: int, frame: object) -> None:
+        # The first Ctrl-C (or SIGTERM) stops; any later one is ignored, so that a second
+        # Ctrl-C, or the copy `timeout` and some shells send to the whole process group,
+        # cannot cut the clean-up short and leave servers running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
+    signal.signal(signal.SIGINT, _terminate)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         console.print(f"PostgreSQL: {stack.database_url}\nRedis:      {stack.broker_url}")
         console.print(f"worker and beat logs: {stack.home / 'logs'}")
         if demo:
-            run_demo(stack, console)
+            run_demo(stack.database_url, stack.broker_url, console)
         console.print("serving; press Ctrl-C to stop")
         while True:
             for child in stack.children:
                 if child.poll() is not None:
-                    raise RuntimeError(f"{child.args[4:6]} exited with {child.returncode}; "
-                                       f"see {stack.home / 'logs'}")
+                    raise RuntimeError(
+                        f"{child.args[4:6]} exited with {child.returncode}; "
+                        f"see {stack.home / 'logs'}"
+                    )
             time.sleep(0.5)
     except KeyboardInterrupt:
         console.print("stopping ...")
     finally:
+        # however the loop ended (an error too): no signal interrupts the clean-up
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stack.stop()

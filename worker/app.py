@@ -3,7 +3,8 @@
 ``celery -A worker worker`` and ``celery -A worker beat`` find :data:`app` here (through
 ``worker/__init__.py``). The broker is ``$METER_BROKER_URL`` (default
 ``redis://127.0.0.1:6379/0``), the database ``$METER_DATABASE_URL``; the other ``METER_*``
-variables are listed in :mod:`worker.settings`.
+variables are listed in :mod:`worker.settings`, except ``METER_METRICS_PORT``
+(:mod:`worker.metrics`, Prometheus metrics, hooked in through Celery signals).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from celery.signals import worker_process_init, worker_process_shutdown
 
 from meter import wire
 from worker import db, deliveries
+from worker import metrics as _metrics  # noqa: F401  (import connects its signal handlers)
 from worker.schedule import beat_schedule
 from worker.settings import Settings
 from worker.transport import transport_for

@@ -23,6 +23,25 @@ environment                         ``app.conf`` key        meaning (default)
 ``METER_EXPIRY_INTERVAL_SECONDS``   meter_expiry_interval   beat: expiry sweep period (5)
 ``METER_EXPIRY_BATCH``              meter_expiry_batch      holds expired per sweep statement
                                                             (1000)
+``METER_ROLL_INTERVAL_SECONDS``     meter_roll_interval     beat: period roll-over check (60)
+``METER_ROLL_BATCH``                meter_roll_batch        period steps per roll statement
+                                                            (100)
+``METER_PARTITIONS_INTERVAL_SECONDS``  meter_partitions_interval  beat: partition check (86400)
+``METER_PARTITIONS_AHEAD_MONTHS``   meter_partitions_ahead  ledger partitions kept ready
+                                                            beyond this month (3)
+``METER_LEDGER_RETENTION_MONTHS``   meter_ledger_retention_months  beat: fold and drop ledger
+                                                            months older than this (unset: no
+                                                            retention, the default)
+``METER_RETENTION_INTERVAL_SECONDS``  meter_retention_interval  beat: retention check (86400)
+``METER_IDEMPOTENCY_KEY_RETENTION_DAYS``  meter_key_retention_days  keys older than this are
+                                                            pruned (35)
+``METER_PRUNE_INTERVAL_SECONDS``    meter_prune_interval    beat: key pruning period (3600)
+``METER_PRUNE_BATCH``               meter_prune_batch       keys deleted per prune statement
+                                                            (10000)
+``METER_SIGNING_SECRET``            meter_signing_secret    when set, only messages signed
+                                                            with the key of the namespace they
+                                                            write into are applied
+                                                            (:mod:`meter.signing`; empty: off)
 =================================  ======================  ===================================
 """
 
@@ -30,7 +49,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["Settings"]
@@ -63,6 +82,16 @@ class Settings:
     retry_backoff_max: float = 15.0
     expiry_interval: float = 5.0
     expiry_batch: int = 1000
+    roll_interval: float = 60.0
+    roll_batch: int = 100
+    partitions_interval: float = 86400.0
+    partitions_ahead: int = 3
+    ledger_retention_months: int = 0  # 0: retention off (the variable unset)
+    retention_interval: float = 86400.0
+    key_retention_days: int = 35
+    prune_interval: float = 3600.0
+    prune_batch: int = 10000
+    signing_secret: str = field(default="", repr=False)  # never in logs
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -91,6 +120,30 @@ class Settings:
                 env, "METER_EXPIRY_INTERVAL_SECONDS", d.expiry_interval, integer=False
             ),
             expiry_batch=_number(env, "METER_EXPIRY_BATCH", d.expiry_batch, integer=True),
+            roll_interval=_number(
+                env, "METER_ROLL_INTERVAL_SECONDS", d.roll_interval, integer=False
+            ),
+            roll_batch=_number(env, "METER_ROLL_BATCH", d.roll_batch, integer=True),
+            partitions_interval=_number(
+                env, "METER_PARTITIONS_INTERVAL_SECONDS", d.partitions_interval, integer=False
+            ),
+            partitions_ahead=_number(
+                env, "METER_PARTITIONS_AHEAD_MONTHS", d.partitions_ahead, integer=True
+            ),
+            ledger_retention_months=_number(
+                env, "METER_LEDGER_RETENTION_MONTHS", d.ledger_retention_months, integer=True
+            ),
+            retention_interval=_number(
+                env, "METER_RETENTION_INTERVAL_SECONDS", d.retention_interval, integer=False
+            ),
+            key_retention_days=_number(
+                env, "METER_IDEMPOTENCY_KEY_RETENTION_DAYS", d.key_retention_days, integer=True
+            ),
+            prune_interval=_number(
+                env, "METER_PRUNE_INTERVAL_SECONDS", d.prune_interval, integer=False
+            ),
+            prune_batch=_number(env, "METER_PRUNE_BATCH", d.prune_batch, integer=True),
+            signing_secret=env.get("METER_SIGNING_SECRET", d.signing_secret),
         )
 
     def as_conf(self) -> dict[str, Any]:

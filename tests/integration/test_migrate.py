@@ -211,7 +211,7 @@ def test_cli_reports_unreachable_database() -> None:
     result = CliRunner().invoke(
         cli_main, ["migrate", "--database-url", "postgresql://postgres@127.0.0.1:1/x"]
     )
-    assert result.exit_code == 1
+    assert result.exit_code == 3  # cannot connect (meter/cli.py: EXIT_UNREACHABLE)
     assert isinstance(result.exception, SystemExit)
 
 

@@ -1,0 +1,214 @@
+"""``meter status``: is the pipeline healthy? One look at the database, the broker, the
+workers and beat's maintenance runs.
+
+Everything is read, nothing changed. Each part is collected on its own, so an unreachable
+broker still leaves the database figures, and the other way round.
+
+Broker figures come straight from Redis, with the key names of Meter's transport
+(``worker/transport.py``, kombu's defaults): the queue lists (``meter`` and kombu's
+priority lists ``meter\\x06\\x16<3|6|9>``), the ``unacked`` hash (delivered, not yet
+acknowledged) and the ``unacked_consumers`` heartbeat set.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any, Final
+
+import psycopg
+from psycopg.rows import dict_row
+
+__all__ = ["collect", "redact"]
+
+QUEUE_KEYS: Final = ("meter", *(f"meter\x06\x16{p}" for p in (3, 6, 9)))
+"""The Redis lists of the ``meter`` queue: kombu adds a list per priority step."""
+UNACKED_KEY: Final = "unacked"
+CONSUMERS_KEY: Final = "unacked_consumers"
+CONSUMER_TIMEOUT: Final = 10.0
+"""Seconds without heartbeat after which the transport counts a consumer dead."""
+
+DEAD_LETTER_CAP: Final = 10000
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error message on one line (libpq's span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def redact(url: str) -> str:
+    """``url`` with its password hidden (URL or ``key=value`` conninfo form)."""
+    url = re.sub(r"(://[^:/@\s]*:)[^@/\s]*@", r"\1***@", url)
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url)
+
+
+def _database(url: str) -> dict[str, Any]:
+    from meter.migrate import discover
+
+    out: dict[str, Any] = {
+        "url": redact(url),
+        "reachable": False,
+        "error": None,
+        "schema_version": None,
+        "pending_migrations": [],
+        "dead_letters": None,
+        "maintenance": None,
+        "maintenance_error": None,
+    }
+    try:
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=5, row_factory=dict_row)
+    except psycopg.Error as exc:
+        out["error"] = _one_line(exc)
+        return out
+    out["reachable"] = True
+    available = [m.version for m in discover()]
+    with conn:
+        row = conn.execute("SELECT to_regclass('meter.schema_migrations') AS t").fetchone()
+        recorded: set[str] = set()
+        if row and row["t"]:
+            recorded = {r["version"] for r in conn.execute(
+                "SELECT version FROM meter.schema_migrations"
+            )}  # fmt: skip
+        if recorded:
+            out["schema_version"] = max(
+                recorded, key=lambda v: (int(v.split("_", 1)[0]) if v[:1].isdigit() else -1, v)
+            )
+        out["pending_migrations"] = [v for v in available if v not in recorded]
+        if not recorded:
+            return out
+        try:
+            out["dead_letters"] = conn.execute(
+                "SELECT count(*) AS n FROM meter.list_dead_letters('dead', %s, NULL)",
+                (DEAD_LETTER_CAP,),
+            ).fetchone()["n"]  # type: ignore[index]
+        except psycopg.Error as exc:
+            out["error"] = f"dead letters: {_one_line(exc)}"
+        try:
+            out["maintenance"] = conn.execute(
+                "SELECT * FROM meter.get_maintenance_runs() ORDER BY task"
+            ).fetchall()
+        except psycopg.errors.UndefinedFunction:
+            # an older schema without beat's run records: "unknown", not an error
+            out["maintenance"] = None
+        except psycopg.Error as exc:
+            out["maintenance_error"] = _one_line(exc)
+    return out
+
+
+def _broker(url: str, timeout: float) -> dict[str, Any]:
+    import redis
+
+    out: dict[str, Any] = {
+        "url": redact(url),
+        "reachable": False,
+        "error": None,
+        "queue_depth": None,
+        "unacked": None,
+        "consumers_alive": None,
+    }
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        out["error"] = "not a Redis URL: only Redis brokers are inspected"
+        return out
+    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for key in QUEUE_KEYS:
+            pipe.llen(key)
+        pipe.hlen(UNACKED_KEY)
+        pipe.time()
+        *depths, unacked, (seconds, micros) = pipe.execute()
+        now = seconds + micros / 1e6
+        out["queue_depth"] = sum(depths)
+        out["unacked"] = unacked
+        # consumers that beat within the timeout (the transport's heartbeats, Redis clock)
+        out["consumers_alive"] = client.zcount(CONSUMERS_KEY, now - CONSUMER_TIMEOUT, "+inf")
+        out["reachable"] = True
+    except redis.RedisError as exc:
+        out["error"] = _one_line(exc)
+    finally:
+        client.close()
+    return out
+
+
+def _workers(broker_url: str, timeout: float) -> dict[str, Any]:
+    """Celery workers answering a ``ping`` broadcast within ``timeout`` seconds."""
+    from celery import Celery
+
+    from meter import wire
+
+    app = Celery("meter-status", set_as_current=False)
+    app.conf.update(wire.celery_config(broker_url))
+    app.conf.broker_connection_retry_on_startup = False
+    app.conf.broker_connection_max_retries = 0
+    try:
+        replies = app.control.ping(timeout=timeout) or []
+    except Exception as exc:  # kombu/redis errors vary by version: report, don't crash
+        return {"alive": [], "error": _one_line(exc)}
+    finally:
+        app.close()
+    return {"alive": sorted(host for reply in replies for host in reply), "error": None}
+
+
+def _problems(status: dict[str, Any]) -> list[str]:
+    db, broker, workers = status["database"], status["broker"], status["workers"]
+    problems: list[str] = []
+    if not db["reachable"]:
+        problems.append(f"database unreachable: {db['error']}")
+    else:
+        if db["pending_migrations"]:
+            problems.append(
+                f"{len(db['pending_migrations'])} migration(s) not applied: run `meter migrate`"
+            )
+        if db["dead_letters"]:
+            problems.append(f"{db['dead_letters']} dead letter(s) waiting: `meter dead-letters`")
+        for run in db["maintenance"] or []:
+            if run.get("last_error") and not _ok_since_error(run):
+                problems.append(f"periodic task {run['task']} failed: {run['last_error']}")
+    if not broker["reachable"]:
+        problems.append(f"broker unreachable: {broker['error']}")
+    elif not workers["alive"]:
+        problems.append("no worker answered the ping")
+    return problems
+
+
+def _ok_since_error(run: dict[str, Any]) -> bool:
+    """Whether the last run of a periodic task succeeded (an older error is history)."""
+    ok, finished = run.get("last_ok_at"), run.get("last_finished_at")
+    return isinstance(ok, datetime) and isinstance(finished, datetime) and ok >= finished
+
+
+def collect(database_url: str | None, broker_url: str, timeout: float = 1.0) -> dict[str, Any]:
+    """The status of a Meter installation.
+
+    Parameters:
+        database_url: PostgreSQL conninfo (a superuser or ``meter_maintenance`` member sees
+            every namespace's dead letters); ``None`` when it could not even be resolved.
+        broker_url: the Redis broker.
+        timeout: seconds to wait for Redis and for the workers' ping replies.
+
+    Returns:
+        ``{"healthy", "problems", "database", "broker", "workers"}``: ``database`` has
+        ``reachable``, ``schema_version``, ``pending_migrations``, ``dead_letters``
+        (waiting, counted up to 10000) and ``maintenance`` (rows of
+        ``meter.get_maintenance_runs()``, ``None`` if the schema has no such function);
+        ``broker`` has ``reachable``, ``queue_depth``, ``unacked``, ``consumers_alive``;
+        ``workers`` has ``alive`` (hostnames).
+    """
+    if database_url is None:
+        database: dict[str, Any] = {
+            "url": None,
+            "reachable": False,
+            "error": "no database: set METER_DATABASE_URL or --database-url",
+        }
+    else:
+        database = _database(database_url)
+    broker = _broker(broker_url, timeout)
+    workers = (
+        _workers(broker_url, timeout)
+        if broker["reachable"]
+        else {"alive": [], "error": "broker unreachable"}
+    )
+    status: dict[str, Any] = {"database": database, "broker": broker, "workers": workers}
+    status["problems"] = _problems(status)
+    status["healthy"] = not status["problems"]
+    return {"healthy": status["healthy"], "problems": status["problems"], **status}

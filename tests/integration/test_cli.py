@@ -1,0 +1,180 @@
+"""The read and check commands of ``meter`` against a real database (and Redis, worker).
+
+Every command is run through click's ``CliRunner`` with ``METER_DATABASE_URL`` set, once
+for people (a table) and once with ``--json`` (exact figures), and its exit status is
+checked against the documented meaning: 0 ok, 1 problems found, 2 usage, 3 cannot connect.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from decimal import Decimal as D
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from meter import types as t
+from meter.cli import EXIT_PROBLEMS, EXIT_UNREACHABLE, EXIT_USAGE, main
+
+UNREACHABLE_DB = "postgresql://postgres@127.0.0.1:1/nothing"
+UNREACHABLE_BROKER = "redis://127.0.0.1:1/0"
+
+
+def run(env: dict[str, str], *args: str) -> Result:
+    return CliRunner().invoke(main, list(args), env=env)
+
+
+def as_json(result: Result) -> Any:
+    assert result.exit_code in (0, 1), result.output
+    return t.loads(result.stdout)  # Decimals stay exact
+
+
+@pytest.fixture
+def env(db_url: str) -> dict[str, str]:
+    return {"METER_DATABASE_URL": db_url}
+
+
+@pytest.fixture
+def alice(client: Any) -> None:
+    client.allocate("alice", "llm", "1000.5", "tokens")
+    client.consume("alice", "llm", "0.1", "tokens", event_time=datetime(2026, 1, 10, tzinfo=UTC))
+    client.consume("alice", "llm", 2, "tokens", event_time=datetime(2026, 2, 10, tzinfo=UTC))
+    client.allocate("alice", "api", 10, "requests", resource="search")
+
+
+def test_balance_table_and_json(env: dict[str, str], alice: None) -> None:
+    table = run(env, "balance", "alice")
+    assert table.exit_code == 0, table.output
+    assert "998.4" in table.output and "search" in table.output
+
+    rows = as_json(run(env, "balance", "alice", "--json"))
+    by_type = {r["event_type"]: r for r in rows}
+    assert by_type["llm"]["balance"] == D("998.4") and by_type["llm"]["available"] == D("998.4")
+    assert by_type["api"] == {
+        "event_type": "api", "resource": "search", "unit": "requests",
+        "balance": D(10), "reserved": D(0), "available": D(10),
+    }  # fmt: skip
+
+    assert as_json(run(env, "balance", "nobody", "--json")) == []
+    other = run(env, "balance", "alice", "--namespace", "other")
+    assert other.exit_code == 0 and "no accounts" in other.output
+
+
+def test_usage_window(env: dict[str, str], alice: None) -> None:
+    feb = as_json(
+        run(env, "usage", "alice", "--from", "2026-02-01", "--to", "2026-03-01", "--json")
+    )
+    assert [(r["event_type"], r["total_consumed"], r["event_count"]) for r in feb] == [
+        ("llm", D(2), 1)
+    ]
+    everything = as_json(run(env, "usage", "alice", "--json"))
+    assert [(r["total_consumed"], r["event_count"]) for r in everything] == [(D("2.1"), 2)]
+    table = run(env, "usage", "alice", "--to", "2026-02-01T00:00:00+00:00")
+    assert table.exit_code == 0 and "0.1" in table.output and "2.1" not in table.output
+
+
+def test_ledger_newest_first_filtered_and_limited(env: dict[str, str], alice: None) -> None:
+    rows = as_json(run(env, "ledger", "alice", "--json"))
+    assert len(rows) == 4
+    times = [datetime.fromisoformat(r["event_time"]) for r in rows]
+    assert times == sorted(times, reverse=True)
+    llm = as_json(run(env, "ledger", "alice", "--event-type", "llm", "--json"))
+    # by event time: the allocation is dated now, the consumptions January and February
+    # 2026; balance_after follows the order they were recorded in
+    assert [(r["entry_type"], r["amount"], r["balance_after"]) for r in llm] == [
+        ("allocation", D("1000.5"), D("1000.5")),
+        ("consumption", D(-2), D("998.4")),
+        ("consumption", D("-0.1"), D("1000.4")),
+    ]
+    assert len(as_json(run(env, "ledger", "alice", "--limit", "1", "--json"))) == 1
+    table = run(env, "ledger", "alice", "--unit", "requests")
+    assert (
+        table.exit_code == 0 and "allocation" in table.output and "consumption" not in table.output
+    )
+
+
+def test_reconcile_exit_status_follows_the_findings(
+    env: dict[str, str], alice: None, db: Any
+) -> None:
+    ok = run(env, "reconcile")
+    assert ok.exit_code == 0 and "every account reconciles" in ok.output
+    assert as_json(run(env, "reconcile", "--json")) == []
+
+    db.execute("UPDATE meter.accounts SET balance = balance + 1 WHERE event_type = 'api'")
+    bad = run(env, "reconcile")
+    assert bad.exit_code == EXIT_PROBLEMS and "balance_mismatch" in bad.output
+    issues = as_json(run(env, "reconcile", "--json"))
+    assert [(i["issue_type"], i["discrepancy"]) for i in issues] == [("balance_mismatch", D(1))]
+    # another namespace is not affected
+    assert run(env, "reconcile", "--namespace", "other").exit_code == 0
+
+
+def test_usage_errors_and_unreachable_database(env: dict[str, str]) -> None:
+    assert run(env, "usage", "alice", "--from", "last tuesday").exit_code == EXIT_USAGE
+    assert run(env, "ledger", "alice", "--limit", "0").exit_code == EXIT_USAGE
+    bad_user = run(env, "balance", " alice")  # leading white space: a ValidationError
+    assert bad_user.exit_code == EXIT_USAGE and "user_id" in bad_user.output
+    gone = {"METER_DATABASE_URL": UNREACHABLE_DB}
+    for command in (["balance", "alice"], ["reconcile"], ["ledger", "alice"], ["migrate"]):
+        assert run(gone, *command).exit_code == EXIT_UNREACHABLE, command
+
+
+def test_status_unreachable_is_exit_3(env: dict[str, str]) -> None:
+    both = run(
+        {"METER_DATABASE_URL": UNREACHABLE_DB, "METER_BROKER_URL": UNREACHABLE_BROKER},
+        "status", "--json",
+    )  # fmt: skip
+    assert both.exit_code == EXIT_UNREACHABLE
+    report = json.loads(both.stdout)
+    assert report["healthy"] is False
+    assert not report["database"]["reachable"] and not report["broker"]["reachable"]
+
+    # The database answers, the broker does not: its figures are still there.
+    half = run({**env, "METER_BROKER_URL": UNREACHABLE_BROKER}, "status", "--json")
+    assert half.exit_code == EXIT_UNREACHABLE
+    db = json.loads(half.stdout)["database"]
+    assert db["reachable"] and db["pending_migrations"] == [] and db["dead_letters"] == 0
+
+
+def test_status_without_worker_is_unhealthy(env: dict[str, str], broker_url: str) -> None:
+    result = run({**env, "METER_BROKER_URL": broker_url}, "status", "--timeout", "0.3")
+    assert result.exit_code == EXIT_PROBLEMS, result.output
+    assert "no worker answered" in result.output
+
+
+def test_status_healthy_then_failed_beat_run_then_dead_letter(
+    env: dict[str, str], broker_url: str, pipeline: Any, make_producer: Any, db: Any
+) -> None:
+    env = {**env, "METER_BROKER_URL": broker_url}
+    healthy = run(env, "status")
+    assert healthy.exit_code == 0, healthy.output
+    assert "healthy" in healthy.output
+    report = json.loads(run(env, "status", "--json").stdout)
+    assert report["healthy"] and report["problems"] == []
+    assert report["broker"]["queue_depth"] == 0 and report["broker"]["unacked"] == 0
+    assert len(report["workers"]["alive"]) == 1
+    assert report["database"]["maintenance"] == []  # beat has not run here
+
+    # A periodic task whose last run failed is a problem until a later run succeeds.
+    db.execute("SELECT meter.record_maintenance_run('meter.roll_periods', false, NULL, 'boom')")
+    failed = run(env, "status")
+    assert failed.exit_code == EXIT_PROBLEMS
+    assert "periodic task meter.roll_periods failed: boom" in failed.output
+    assert "meter.roll_periods" in failed.output  # the beat runs table
+    db.execute(
+        """SELECT meter.record_maintenance_run('meter.roll_periods', true, '{"rolled": 0}')"""
+    )
+    assert run(env, "status").exit_code == 0
+
+    # A conflicting event: dead-lettered, and status says so (exit 1).
+    p = make_producer(results=True)
+    p.allocate("u1", "llm", 1, "tok", idempotency_key="k").wait()
+    with pytest.raises(Exception, match="idempotency"):
+        p.allocate("u1", "llm", 2, "tok", idempotency_key="k").wait()
+    after = run(env, "status", "--json")
+    assert after.exit_code == EXIT_PROBLEMS
+    report = json.loads(after.stdout)
+    assert report["database"]["dead_letters"] == 1
+    assert any("dead letter" in p for p in report["problems"])

@@ -1,0 +1,71 @@
+"""Pure helpers of the operations tooling: the metrics port setting, URL redaction, and
+the outcome counting of worker/metrics.py (on a private registry)."""
+
+from __future__ import annotations
+
+import pytest
+
+from meter.status import redact
+from worker.metrics import metrics_port
+
+
+@pytest.mark.parametrize(("raw", "port"), [("", 0), ("  ", 0), ("0", 0), ("9808", 9808)])
+def test_metrics_port(raw: str, port: int) -> None:
+    assert metrics_port({"METER_METRICS_PORT": raw}) == port
+    assert metrics_port({}) == 0
+
+
+@pytest.mark.parametrize("raw", ["x", "-1", "65536", "9808.5"])
+def test_metrics_port_refuses_what_is_not_a_port(raw: str) -> None:
+    with pytest.raises(ValueError, match="METER_METRICS_PORT"):
+        metrics_port({"METER_METRICS_PORT": raw})
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://meter:s3cret@db:5432/meter", "postgresql://meter:***@db:5432/meter"),
+        ("redis://:pw@redis:6379/0", "redis://:***@redis:6379/0"),
+        ("host=db user=meter password=s3cret dbname=m", "host=db user=meter password=*** dbname=m"),
+        ("host=db password='a b' dbname=m", "host=db password=*** dbname=m"),
+        ("postgresql://postgres@127.0.0.1:5432/x", "postgresql://postgres@127.0.0.1:5432/x"),
+    ],
+)
+def test_redact_hides_passwords_only(url: str, shown: str) -> None:
+    assert redact(url) == shown
+
+
+def test_outcomes_are_counted_by_op_and_status_and_errors_are_dead_letters() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from worker.metrics import Metrics
+
+    registry = CollectorRegistry()
+    m = Metrics(registry)
+    consume = {"op": "consume", "namespace": "n", "args": {}}
+    commit = {"op": "commit", "namespace": "n", "args": {}}
+    m.observe_outcomes("meter.consume", (consume,), {"ok": True, "status": "applied"})
+    m.observe_outcomes(
+        "meter.apply_batch",
+        ([consume, commit, {"op": "bogus"}, consume],),
+        [
+            {"ok": True, "status": "replayed"},
+            {"ok": False, "status": "deferred", "task_id": "t"},
+            {"ok": False, "status": "error", "error_sqlstate": "MT001"},
+            {"ok": True, "status": "refused"},
+        ],
+    )
+    # a batch that was not even a list is dead-lettered whole: one 'error' outcome
+    m.observe_outcomes("meter.apply_batch", ("nonsense",), {"ok": False, "status": "error"})
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("meter_events_total", op="consume", status="applied") == 1
+    assert value("meter_events_total", op="consume", status="replayed") == 1
+    assert value("meter_events_total", op="consume", status="refused") == 1
+    assert value("meter_events_total", op="commit", status="deferred") == 1
+    assert value("meter_events_total", op="apply_batch", status="error") == 2
+    assert value("meter_dead_letters_total", op="apply_batch") == 2
+    assert value("meter_dead_letters_total", op="consume") is None
+    assert value("meter_batch_size_count") == 1 and value("meter_batch_size_sum") == 4
