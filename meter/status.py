@@ -21,8 +21,12 @@ from psycopg.rows import dict_row
 
 __all__ = ["collect", "redact"]
 
-QUEUE_KEYS: Final = ("meter", *(f"meter\x06\x16{p}" for p in (3, 6, 9)))
-"""The Redis lists of the ``meter`` queue: kombu adds a list per priority step."""
+QUEUE_KEYS: Final = tuple(
+    key
+    for q in ("meter", "meter.maintenance")
+    for key in (q, *(f"{q}\x06\x16{p}" for p in (3, 6, 9)))
+)
+"""The Redis lists of the events' and beat's queues: kombu adds a list per priority step."""
 UNACKED_KEY: Final = "unacked"
 CONSUMERS_KEY: Final = "unacked_consumers"
 CONSUMER_TIMEOUT: Final = 10.0

@@ -49,6 +49,7 @@ __all__ = [
     "APPLY_BATCH",
     "BROKER_URL_ENV",
     "DEFAULT_BROKER_URL",
+    "MAINTENANCE_QUEUE",
     "OPS",
     "QUEUE",
     "broker_url_from_env",
@@ -60,6 +61,11 @@ __all__ = [
 
 QUEUE: Final = "meter"
 """The queue every pipeline task travels on."""
+
+MAINTENANCE_QUEUE: Final = "meter.maintenance"
+"""The queue of beat's periodic tasks. Workers consume it next to :data:`QUEUE`, taking the
+two in turn, so an event backlog does not hold the expiry sweep back for minutes (while it
+waits, expired holds keep counting in ``reserved``)."""
 
 OPS: Final = ("consume", "reserve", "commit", "release", "allocate", "adjust")
 """The recording operations a single event can carry."""

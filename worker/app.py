@@ -15,6 +15,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown
+from kombu import Exchange, Queue
 
 from meter import wire
 from worker import db, deliveries
@@ -51,7 +52,10 @@ def worker_config(
     - ``worker_prefetch_multiplier=1``: a worker holds one message beyond the one it runs,
       so a dying worker strands little, and a slow batch does not starve the others;
     - the broker visibility timeout (:data:`meter.wire.VISIBILITY_TIMEOUT`) outlasts the
-      time limit and the longest retry countdown.
+      time limit and the longest retry countdown;
+    - ``task_queues``: a worker consumes the events' queue and beat's
+      (:data:`meter.wire.MAINTENANCE_QUEUE`) in turn, so maintenance never waits behind a
+      backlog of events.
     """
     env = os.environ if env is None else env
     settings = Settings.from_env(env)
@@ -71,6 +75,9 @@ def worker_config(
         task_time_limit=wire.TASK_TIME_LIMIT,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         beat_schedule=beat_schedule(settings),
+        task_queues=[
+            Queue(q, Exchange(q), routing_key=q) for q in (wire.QUEUE, wire.MAINTENANCE_QUEUE)
+        ],
     )
     config.update(settings.as_conf())
     return config

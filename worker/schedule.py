@@ -252,8 +252,9 @@ def _entry(task: str, interval: float) -> dict[str, Any]:
     return {
         "task": task,
         "schedule": EveryFromStart(timedelta(seconds=interval)),
-        # a message not started within one interval is dropped: the next tick does its work
-        "options": {"expires": interval},
+        # a message not started within one interval is dropped: the next tick does its work;
+        # its own queue, so a backlog of events does not delay it
+        "options": {"expires": interval, "queue": wire.MAINTENANCE_QUEUE},
     }
 
 

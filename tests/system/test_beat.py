@@ -187,3 +187,37 @@ def test_beat_runs_every_maintenance_task(
     assert all(runs[t]["last_error"] is None for t in TASKS), runs
     print(f"2 s hold released {elapsed:.1f} s after it was taken; runs: "
           f"{ {t: runs[t]['runs'] for t in sorted(TASKS)} }")  # fmt: skip
+
+
+def test_the_sweep_does_not_wait_behind_a_backlog_of_events(
+    client: Any,
+    crash_redis: Any,
+    start_worker: Callable[..., WorkerProcess],
+    start_beat: Callable[..., BeatProcess],
+) -> None:
+    """Beat's tasks have a queue of their own: a hold is swept while events still queue."""
+    import redis
+
+    from meter import wire
+    from meter.producer import MeterProducer
+
+    client.allocate("h", ET, D("50"), UNIT)
+    hold = client.reserve("h", ET, D("20"), UNIT, ttl_seconds=1)
+    assert hold["granted"]
+    backlog = 1500
+    with MeterProducer(crash_redis.url()) as producer:  # one message per event: slow to drain
+        for i in range(backlog):
+            producer.consume(f"b{i % 50}", ET, 1, UNIT)
+    queue = redis.Redis.from_url(crash_redis.url())
+    assert queue.llen(wire.QUEUE) == backlog
+
+    worker = start_worker(METER_EXPIRY_INTERVAL_SECONDS="1", METER_MAX_DELIVERIES="1000")
+    beat = start_beat(METER_EXPIRY_INTERVAL_SECONDS="1")
+    worker.wait_ready()
+    beat.wait_ready()
+
+    def released() -> bool:
+        return client.get_balance("h", ET, UNIT)["available"] == D("50")
+
+    eventually(released, timeout=30, what="the expired hold swept")
+    assert queue.llen(wire.QUEUE) > backlog // 2, "the sweep waited for the backlog to drain"

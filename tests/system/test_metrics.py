@@ -65,13 +65,22 @@ def test_worker_serves_event_outcomes_retries_and_periodic_runs(
         producer.app.send_task(wire.RELEASE_EXPIRED)
 
     def settled() -> Samples | None:
+        # every task has finished: 11 event outcomes, the orphan given up, the sweep done
         samples = scrape(port)
-        done = value(samples, "meter_dead_letters_total", op="commit") == 1
+        outcomes = sum(v for (name, _), v in samples.items() if name == "meter_events_total")
+        done = (
+            outcomes == 11
+            and value(samples, "meter_dead_letters_total", op="commit") == 1
+            and value(
+                samples, "meter_periodic_last_success_timestamp_seconds", task=wire.RELEASE_EXPIRED
+            )
+            > 0
+        )
         return samples if done else None
 
     # Single events may run in either order across the two children: the replay and the
     # conflict are told apart by key, whichever ran first.
-    samples = eventually(settled, timeout=30, what="the orphan commit dead-lettered")
+    samples = eventually(settled, timeout=60, what="every task finished")
     events = {
         (dict(labels)["op"], dict(labels)["status"]): v
         for (name, labels), v in samples.items()
