@@ -65,6 +65,9 @@ CREATE FUNCTION meter.record_maintenance_run(p_task text, p_ok boolean, p_result
                                              p_started_at timestamptz DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    -- read once: a successful run's last_ok_at is exactly its last_finished_at
+    v_finished timestamptz := clock_timestamp();
 BEGIN
     PERFORM meter._require_maintenance('recording a maintenance run');
     PERFORM meter._ident('task', p_task, 128);
@@ -73,8 +76,8 @@ BEGIN
     END IF;
     INSERT INTO meter.maintenance_runs AS m
         (task, last_started_at, last_finished_at, last_ok_at, last_result, last_error, runs)
-    VALUES (p_task, coalesce(p_started_at, now()), clock_timestamp(),
-            CASE WHEN p_ok THEN clock_timestamp() END, p_result,
+    VALUES (p_task, coalesce(p_started_at, now()), v_finished,
+            CASE WHEN p_ok THEN v_finished END, p_result,
             CASE WHEN NOT p_ok THEN coalesce(p_error, 'failed') END, 1)
     ON CONFLICT (task) DO UPDATE
     SET last_started_at = excluded.last_started_at,
