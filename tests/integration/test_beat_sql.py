@@ -221,24 +221,12 @@ def test_two_concurrent_rolls_produce_each_period_once(client, db, db_url):
     users = [f"c{i}" for i in range(6)]
     for user in users:
         client.set_period_config(user, ET, UNIT, None, month_start(t, 3), D("100"), D("30"))
-    barrier = threading.Barrier(2)
-    results: list[list[dict[str, Any]]] = []
-    errors: list[BaseException] = []
 
-    def run() -> None:
-        try:
-            with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
-                barrier.wait()
-                results.append(roll(conn))
-        except BaseException as exc:
-            errors.append(exc)
+    def roll_alone(url: str) -> list[dict[str, Any]]:
+        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            return roll(conn)
 
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert errors == []
+    results = twice_at_once(db_url, roll_alone)
     # 6 accounts x (first open + 3 rolls), split between the two runs, none twice
     steps = [s for r in results for s in r]
     assert len(steps) == 24

@@ -15,7 +15,6 @@ writes into one namespace only.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -28,23 +27,13 @@ from click.testing import CliRunner
 from meter import signing, wire
 from meter.cli import main as cli
 from meter.errors import ValidationError
+from tests.integration.test_pipeline import eventually
 from tests.integration.test_rls import API_CALLS, connect, outcome, run
 
 D = Decimal
 ET = "tokens"
 UNIT = "tok"
 SECRET = "test-worker-secret"
-
-
-def eventually(check: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last: {value!r})")
-        time.sleep(interval)
 
 
 # ---------------------------------------------------------------- SQL, as the app role

@@ -102,18 +102,20 @@ def _pythonpath(env: Mapping[str, str]) -> str:
     return os.pathsep.join(p for p in (str(REPO), extra) if p)
 
 
-class WorkerProcess:
-    """``celery -A <app> worker`` in its own process group, its output in a log file."""
+class CeleryProcess:
+    """``celery -A <app> <argv...>`` in its own process group, its output in a log file.
+
+    Its own group, so SIGKILL reaches a worker's pool children too. Subclasses say what to
+    run (:attr:`kind`, :meth:`argv`) and which log line means it is up (:attr:`ready_line`).
+    """
+
+    kind = ""
+    ready_line = b""
 
     def __init__(self, app: str, name: str, env: Mapping[str, str], log: Path) -> None:
         self.name = name
         self.log = log
-        argv = [
-            sys.executable, "-m", "celery", "-A", app, "worker",
-            "--loglevel", "INFO", "--concurrency", "2", "--hostname", f"{name}@%h",
-            # faster start; these exchange nothing the tests need
-            "--without-mingle", "--without-gossip", "--without-heartbeat",
-        ]  # fmt: skip
+        argv = [sys.executable, "-m", "celery", "-A", app, self.kind, *self.argv()]
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
                 argv,
@@ -122,23 +124,25 @@ class WorkerProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own group: SIGKILL reaches the pool children
+                start_new_session=True,
             )
-        self.started = time.monotonic()
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        """Wait for Celery's ``ready.`` line (the consumer is connected and consuming)."""
+        """Wait for :attr:`ready_line` in the log; fail at once if the process exited."""
 
         def ready() -> bool:
             if self.proc.poll() is not None:
-                raise AssertionError(f"worker {self.name} exited: {self.tail()}")
-            return b" ready." in self.log.read_bytes()
+                raise AssertionError(f"{self.kind} {self.name} exited: {self.tail()}")
+            return self.ready_line in self.log.read_bytes()
 
-        eventually(ready, timeout, interval=0.05, what=f"worker {self.name} ready")
+        eventually(ready, timeout, interval=0.05, what=f"{self.kind} {self.name} ready")
 
     def kill(self) -> None:
-        """SIGKILL the worker and its pool children at once, as the OOM killer or a
-        container runtime would."""
+        """SIGKILL the process and its children at once, as the OOM killer or a container
+        runtime would."""
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -163,64 +167,31 @@ class WorkerProcess:
         return "\n".join(text.splitlines()[-lines:])
 
 
-class BeatProcess:
-    """``celery -A <app> beat`` in its own process group, its output in a log file.
+class WorkerProcess(CeleryProcess):
+    """``celery -A <app> worker`` (2 pool processes); ready at Celery's ``ready.`` line."""
+
+    kind = "worker"
+    ready_line = b" ready."
+
+    def argv(self) -> list[str]:
+        return [
+            "--loglevel", "INFO", "--concurrency", "2", "--hostname", f"{self.name}@%h",
+            # faster start; these exchange nothing the tests need
+            "--without-mingle", "--without-gossip", "--without-heartbeat",
+        ]  # fmt: skip
+
+
+class BeatProcess(CeleryProcess):
+    """``celery -A <app> beat``; ready at its first ``Scheduler: Sending`` line.
 
     Its schedule state file (``--schedule``) sits next to the log, never in the repository.
     """
 
-    def __init__(self, app: str, name: str, env: Mapping[str, str], log: Path) -> None:
-        self.name = name
-        self.log = log
-        argv = [
-            sys.executable, "-m", "celery", "-A", app, "beat", "--loglevel", "INFO",
-            "--schedule", str(log.with_suffix(".schedule")),
-        ]  # fmt: skip
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                argv,
-                cwd=REPO,
-                env={**os.environ, **env, "PYTHONPATH": _pythonpath(env)},
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+    kind = "beat"
+    ready_line = b"Scheduler: Sending"
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        """Wait for beat's first ``Scheduler: Sending`` line (it is up and sending)."""
-
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"beat {self.name} exited: {self.tail()}")
-            return b"Scheduler: Sending" in self.log.read_bytes()
-
-        eventually(ready, timeout, interval=0.05, what=f"beat {self.name} sending")
-
-    def kill(self) -> None:
-        """SIGKILL beat (no shutdown)."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=30)
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM; SIGKILL if it takes longer than ``timeout``."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill()
-
-    def tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+    def argv(self) -> list[str]:
+        return ["--loglevel", "INFO", "--schedule", str(self.log.with_suffix(".schedule"))]
 
 
 def redis_state(url: str, queue: str) -> dict[str, Any]:
