@@ -32,6 +32,10 @@ What this transport changes (everything else is kombu's, message format included
 4. **Ack and restore respect the holder.** An ack removes the record only if this consumer
    still holds the message, so a consumer that was presumed dead (a long stall) and acks
    late cannot delete the record of the consumer the message was handed to since.
+5. **A live consumer audits what it holds.** The same sweep puts back any message recorded
+   under the sweeping consumer's own id for ``consumer_timeout`` that it never received (a
+   TAKE whose reply was lost while the channel lived on): a heartbeat vouches only for
+   what its consumer knows it holds.
 
 Redis keys (defaults; ``unacked*`` names are kombu transport options, so both transports
 share the data when one replaces the other):
@@ -175,29 +179,36 @@ local t = redis.call('TIME')
 redis.call('ZADD', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 1000000, ARGV[1])
 """)
 
-# The messages held by dead consumers: {tag, holder, tag, holder...}. Dead: no heartbeat
-# for ARGV[1] seconds, or no entry at all (forgotten by an earlier sweep whose restore did
-# not finish). Dead entries are forgotten here; a consumer that was only stalled puts its
-# entry back with its next heartbeat. O(messages in flight).
-# KEYS: unacked_owner, unacked_consumers.
+# {orphans, mine}. orphans: the messages held by dead consumers, {tag, holder, tag,
+# holder...}. Dead: no heartbeat for ARGV[1] seconds, or no entry at all (forgotten by an
+# earlier sweep whose restore did not finish). Dead entries are forgotten here; a consumer
+# that was only stalled puts its entry back with its next heartbeat. mine: the tags held
+# by the caller (ARGV[2]) recorded more than ARGV[1] seconds ago, for its self-audit.
+# O(messages in flight).
+# KEYS: unacked_owner, unacked_consumers, unacked_index.
 ORPHANS: Final = _Lua("""
 local t = redis.call('TIME')
 local cutoff = tonumber(t[1]) + tonumber(t[2]) / 1000000 - tonumber(ARGV[1])
-local dead, out = {}, {}
+local dead, out, mine = {}, {}, {}
 local held = redis.call('HGETALL', KEYS[1])
 for i = 1, #held, 2 do
   local holder = held[i + 1]
-  if dead[holder] == nil then
-    local beat = redis.call('ZSCORE', KEYS[2], holder)
-    dead[holder] = (not beat) or tonumber(beat) < cutoff
-  end
-  if dead[holder] then
-    out[#out + 1] = held[i]
-    out[#out + 1] = holder
+  if holder == ARGV[2] then
+    local at = redis.call('ZSCORE', KEYS[3], held[i])
+    if at and tonumber(at) < cutoff then mine[#mine + 1] = held[i] end
+  else
+    if dead[holder] == nil then
+      local beat = redis.call('ZSCORE', KEYS[2], holder)
+      dead[holder] = (not beat) or tonumber(beat) < cutoff
+    end
+    if dead[holder] then
+      out[#out + 1] = held[i]
+      out[#out + 1] = holder
+    end
   end
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. cutoff)
-return out
+return {out, mine}
 """)
 
 
@@ -494,10 +505,10 @@ class Channel(kombu_redis.Channel):
         self._swept_at = now
         with self.conn_or_acquire() as client:
             try:
-                found = ORPHANS(
+                found, mine = ORPHANS(
                     client,
-                    [str(self.unacked_owner_key), str(self.consumers_key)],
-                    [self.consumer_timeout],
+                    [str(self.unacked_owner_key), str(self.consumers_key), self.unacked_index_key],
+                    [self.consumer_timeout, self.consumer_id],
                 )
             except ResponseError as exc:
                 logger.warning("cannot look for messages of dead consumers: %s", exc)
@@ -511,6 +522,35 @@ class Channel(kombu_redis.Channel):
                 )
             for tag, holder in zip(found[::2], found[1::2], strict=True):
                 self.qos.restore_by_tag(tag, client=client, holder=bytes_to_str(holder))
+            for tag in self._unknown(mine):
+                self.qos.restore_by_tag(tag, client=client, holder=self.consumer_id)
+
+    def _unknown(self, held: Sequence[Any]) -> list[str]:
+        """Of the tags Redis says this consumer has held for ``consumer_timeout``, those it
+        never received: put them back rather than leave them to ``visibility_timeout``.
+
+        Why: the heartbeat vouches for every message recorded under this consumer's id,
+        but a message recorded by a TAKE whose reply never reached it (a reply lost with
+        its connection while the channel lived on) is held by nobody who will ack it.
+        Each of the ways known to lose a reply also closes the channel, which ends the
+        heartbeat; this audit does not depend on that. Skipped while a TAKE's reply is
+        unread (possibly for long, if kombu paused reading while the prefetch is full):
+        its message is held but not received yet.
+        """
+        if not held or self._pending == "EVALSHA":
+            return []
+        delivered = self.qos._delivered
+        unknown = [tag for tag in map(bytes_to_str, held) if tag not in delivered]
+        if unknown:
+            logger.warning(
+                "restoring %d message(s) recorded as held by this consumer (%s) that it "
+                "never received: %s",
+                len(unknown),
+                self.consumer_id,
+                ", ".join(unknown),
+            )
+            self.recorded.difference_update(unknown)
+        return unknown
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -196,6 +196,38 @@ def test_a_holder_without_heartbeat_entry_counts_as_dead(
     assert r.llen(Q) == 1
 
 
+def test_a_message_held_under_a_live_consumers_id_but_never_received_is_put_back(
+    connect: Any, broker_url: str, r: redis.Redis
+) -> None:
+    publish(broker_url, {"n": 1}, {"n": 2})
+    channel = connect(consumer_heartbeat=0.1, consumer_timeout=1).default_channel
+    received = channel.basic_get(Q)  # held and received: the audit leaves it alone
+    assert received is not None
+    # a TAKE whose reply never reached the channel (lost with its connection): the
+    # message is recorded under the channel's id, which keeps beating
+    keys, args = channel._take_keys([Q])
+    taken = TAKE(r, keys, args)
+    assert taken and records(r)["owner"][taken[2].decode()] == channel.consumer_id
+    assert r.llen(Q) == 0
+
+    channel._swept_at = float("-inf")
+    channel.maybe_sweep()  # recorded less than consumer_timeout ago: not yet
+    assert r.llen(Q) == 0
+    time.sleep(1.2)
+    channel._pending = "EVALSHA"  # a TAKE's reply unread: the audit waits
+    channel._swept_at = float("-inf")
+    channel.maybe_sweep()
+    assert r.llen(Q) == 0
+    channel._pending = None
+    channel._swept_at = float("-inf")
+    channel.maybe_sweep()
+    assert r.llen(Q) == 1
+    assert set(records(r)["owner"]) == {received.delivery_tag}
+    back = channel.basic_get(Q)
+    assert back.payload == {"n": 2}
+    assert back.delivery_info["redelivered"] is True
+
+
 def test_idle_consumer_blocks_and_wakes_without_busy_polling(
     connect: Any, broker_url: str, r: redis.Redis
 ) -> None:

@@ -43,6 +43,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import redis
 from psycopg.rows import dict_row
 
 from meter import MeterClient, signing, wire
@@ -429,6 +430,27 @@ def holds_settled(conn: psycopg.Connection[Any], model: Model) -> bool:
     return all(rows.get(rid) in ok[fate] for rid, (_, _, _, fate, _) in model.holds.items())
 
 
+def find_in_broker(url: str, needle: str) -> list[str]:
+    """Where the broker holds a message mentioning ``needle``: to tell a message deleted
+    from one still queued or held (and by whom: a live consumer, or a dead one)."""
+    client = redis.Redis.from_url(url)
+    try:
+        found = []
+        now = float(client.time()[0])
+        for queue in client.scan_iter(match=f"{wire.QUEUE}*", _type="list"):
+            if any(needle.encode() in m for m in client.lrange(queue, 0, -1)):
+                found.append(f"ready in {queue.decode()}")
+        for tag, record in client.hscan_iter("unacked"):
+            if needle.encode() in record:
+                holder = client.hget("unacked_owner", tag)
+                beat = client.zscore("unacked_consumers", holder) if holder else None
+                age = "no heartbeat" if beat is None else f"last beat {now - beat:.0f} s ago"
+                found.append(f"unacked {tag.decode()} held by {holder!r} ({age})")
+        return found
+    finally:
+        client.close()
+
+
 def connect(url: str) -> psycopg.Connection[Any]:
     return psycopg.connect(url, autocommit=True, row_factory=dict_row)
 
@@ -560,7 +582,10 @@ def test_chaos(
                 claimed = conn.execute(
                     "SELECT count(*) AS n FROM meter.idempotency_keys WHERE key = %s", (key,)
                 ).fetchone()["n"]
-            print(f"lost {key} ({kind}; key claimed: {claimed}), faults around it: {near}")
+            print(
+                f"lost {key} ({kind}; key claimed: {claimed}), faults around it: {near}; "
+                f"in the broker: {find_in_broker(crash_redis.url(), key)}"
+            )
     figures.pop("missing")
     assert figures == {"lost": 0, "doubled": 0, "unexpected": 0, "wrong_accounts": []}, figures
     assert reconcile == []
