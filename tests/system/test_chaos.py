@@ -143,8 +143,9 @@ class Model:
     # keys of events designed to fail, and how many messages carried each
     invalid: Counter[str] = field(default_factory=Counter)
     sent: Counter[str] = field(default_factory=Counter)  # producer calls returned, by kind
-    # key or reservation id -> (kind, monotonic time its call returned): to explain a loss
-    when: dict[str, tuple[str, float]] = field(default_factory=dict)
+    # key or reservation id -> (kind, monotonic time its call returned, task id of its
+    # message): to explain a loss
+    when: dict[str, tuple[str, float, str]] = field(default_factory=dict)
     resends: int = 0
 
     def balances(self) -> dict[str, Decimal]:
@@ -213,11 +214,11 @@ class Producer(threading.Thread):
         except BaseException as exc:  # reported by the test
             self.error = exc
 
-    def log_keyed(self, kind: str, key: str, user: str, value: Decimal) -> None:
+    def log_keyed(self, kind: str, key: str, user: str, value: Decimal, task_id: str) -> None:
         with self.model.lock:
             self.model.keyed[key] = (user, value)
             self.model.sent[kind] += 1
-            self.model.when[key] = (kind, time.monotonic())
+            self.model.when[key] = (kind, time.monotonic(), task_id)
 
     def step(self, producer: MeterProducer, pending: list[tuple[str, str]]) -> None:
         rng, m = self.rng, self.model
@@ -225,20 +226,20 @@ class Producer(threading.Thread):
         roll = rng.random()
         if roll < 0.30:
             k, v = self.key("c"), _amount(rng)
-            self.call(producer.consume, user, ET, v, UNIT, idempotency_key=k)
-            self.log_keyed("consume", k, user, -v)
+            h = self.call(producer.consume, user, ET, v, UNIT, idempotency_key=k)
+            self.log_keyed("consume", k, user, -v, h.task_id)
             if rng.random() < 0.2:  # the same event again: applied once
                 self.call(producer.consume, user, ET, v, UNIT, idempotency_key=k)
                 with m.lock:
                     m.sent["consume (duplicate)"] += 1
         elif roll < 0.42:
             k, v = self.key("a"), _amount(rng)
-            self.call(producer.allocate, user, ET, v, UNIT, idempotency_key=k)
-            self.log_keyed("allocate", k, user, v)
+            h = self.call(producer.allocate, user, ET, v, UNIT, idempotency_key=k)
+            self.log_keyed("allocate", k, user, v, h.task_id)
         elif roll < 0.50:
             k, v = self.key("j"), _amount(rng) * rng.choice((1, -1))
-            self.call(producer.adjust, user, ET, v, UNIT, idempotency_key=k)
-            self.log_keyed("adjust", k, user, v)
+            h = self.call(producer.adjust, user, ET, v, UNIT, idempotency_key=k)
+            self.log_keyed("adjust", k, user, v, h.task_id)
         elif roll < 0.72:
             rid, v = self.key("r"), _amount(rng)
             fate = rng.choice(("commit", "commit", "release", "expire"))
@@ -260,9 +261,9 @@ class Producer(threading.Thread):
                 logged.append((op, k, u, -v if op == "consume" else v))
             if rng.random() < 0.2:
                 batch.append(dict(batch[0]))  # a duplicate inside the batch
-            self.call(producer.send_many, batch)
-            for op, k, u, v in logged:
-                self.log_keyed(f"{op} (batched)", k, u, v)
+            handles = self.call(producer.send_many, batch)
+            for (op, k, u, v), h in zip(logged, handles, strict=False):
+                self.log_keyed(f"{op} (batched)", k, u, v, h.task_id)
         elif roll < 0.96:
             # designed invalid: an adjust referencing an entry that does not exist (MT003)
             k = self.key("x")
@@ -285,9 +286,9 @@ class Producer(threading.Thread):
         if fate == "commit":
             user, held, ttl, _, _ = m.holds[rid]
             actual = Decimal(self.rng.randint(0, int(held * 1200))) / 1000  # overage allowed
-            self.call(producer.commit, rid, actual)
+            h = self.call(producer.commit, rid, actual)
             with m.lock:
-                m.when[rid] = ("commit", time.monotonic())
+                m.when[rid] = ("commit", time.monotonic(), h.task_id)
                 m.holds[rid] = (user, held, ttl, fate, actual)
                 m.sent["commit"] += 1
         elif fate == "release":
@@ -445,10 +446,21 @@ def find_in_broker(url: str, needle: str) -> list[str]:
                 holder = client.hget("unacked_owner", tag)
                 beat = client.zscore("unacked_consumers", holder) if holder else None
                 age = "no heartbeat" if beat is None else f"last beat {now - beat:.0f} s ago"
-                found.append(f"unacked {tag.decode()} held by {holder!r} ({age})")
+                who = holder.decode() if holder else None
+                found.append(f"unacked {tag.decode()} held by {who} ({age})")
         return found
     finally:
         client.close()
+
+
+def log_lines(logs: Path, task_id: str) -> list[str]:
+    """The worker and beat log lines naming ``task_id`` (received, retried, succeeded...)."""
+    return [
+        f"{log.name}: {line.strip()[:300]}"
+        for log in sorted(logs.glob("*.log"))
+        for line in log.read_text(errors="replace").splitlines()
+        if task_id in line
+    ][:20]
 
 
 def connect(url: str) -> psycopg.Connection[Any]:
@@ -575,7 +587,7 @@ def test_chaos(
     )
     if figures["missing"]:  # what was lost, and which faults were near when it was sent
         for key in figures["missing"]:
-            kind, at = model.when.get(key, ("?", 0.0))
+            kind, at, task_id = model.when.get(key, ("?", 0.0, "?"))
             near = [f"{k} {b - at:+.1f}..{e - at:+.1f} s" for b, e, k in controller.log
                     if b - 5 <= at <= e + 5]  # fmt: skip
             with connect(chaos_pg.url()) as conn:
@@ -583,8 +595,9 @@ def test_chaos(
                     "SELECT count(*) AS n FROM meter.idempotency_keys WHERE key = %s", (key,)
                 ).fetchone()["n"]
             print(
-                f"lost {key} ({kind}; key claimed: {claimed}), faults around it: {near}; "
-                f"in the broker: {find_in_broker(crash_redis.url(), key)}"
+                f"lost {key} ({kind}, task {task_id}; key claimed: {claimed}), faults around "
+                f"it: {near}; in the broker: {find_in_broker(crash_redis.url(), key)}; "
+                f"in the logs: {log_lines(tmp_path, task_id)}"
             )
     figures.pop("missing")
     assert figures == {"lost": 0, "doubled": 0, "unexpected": 0, "wrong_accounts": []}, figures
