@@ -31,14 +31,36 @@ def bal(client, user_id=U, event_type=ET, unit=UNIT, resource=None):
 
 # Base requests (keyword arguments) per operation; each test varies one argument.
 BASE = {
-    "allocate": dict(user_id=U, event_type=ET, amount=D("5"), unit=UNIT, resource="r1",
-                     metadata={"a": 1}, event_time=T1),
-    "consume": dict(user_id=U, event_type=ET, amount=D("5"), unit=UNIT, resource="r1",
-                    metadata={"a": 1}, event_time=T1),
-    "adjust": dict(user_id=U, event_type=ET, amount=D("5"), unit=UNIT, resource="r1",
-                   metadata={"a": 1}),
-    "reserve": dict(user_id=U, event_type=ET, amount=D("5"), unit=UNIT, resource="r1",
-                    metadata={"a": 1}, ttl_seconds=300),
+    "allocate": dict(
+        user_id=U,
+        event_type=ET,
+        amount=D("5"),
+        unit=UNIT,
+        resource="r1",
+        metadata={"a": 1},
+        event_time=T1,
+    ),
+    "consume": dict(
+        user_id=U,
+        event_type=ET,
+        amount=D("5"),
+        unit=UNIT,
+        resource="r1",
+        metadata={"a": 1},
+        event_time=T1,
+    ),
+    "adjust": dict(
+        user_id=U, event_type=ET, amount=D("5"), unit=UNIT, resource="r1", metadata={"a": 1}
+    ),
+    "reserve": dict(
+        user_id=U,
+        event_type=ET,
+        amount=D("5"),
+        unit=UNIT,
+        resource="r1",
+        metadata={"a": 1},
+        ttl_seconds=300,
+    ),
 }
 
 # (operation, argument, other value): a different request under the same key.
@@ -123,8 +145,13 @@ def test_different_request_same_key_conflicts(client, snapshot, op, arg, val):
 
 @pytest.mark.parametrize(
     ("first_op", "second_op"),
-    [("allocate", "adjust"), ("adjust", "allocate"), ("allocate", "consume"),
-     ("consume", "reserve"), ("reserve", "consume")],
+    [
+        ("allocate", "adjust"),
+        ("adjust", "allocate"),
+        ("allocate", "consume"),
+        ("consume", "reserve"),
+        ("reserve", "consume"),
+    ],
 )
 def test_same_key_other_operation_conflicts(client, snapshot, first_op, second_op):
     _fund(client)
@@ -154,11 +181,9 @@ def test_resource_none_and_empty_are_the_same_request(client, snapshot):
 
 
 def test_metadata_key_order_does_not_matter(client, snapshot):
-    first = client.allocate(U, ET, D("5"), UNIT, metadata={"a": 1, "b": 2},
-                            idempotency_key="k-1")
+    first = client.allocate(U, ET, D("5"), UNIT, metadata={"a": 1, "b": 2}, idempotency_key="k-1")
     before = snapshot()
-    again = client.allocate(U, ET, D("5"), UNIT, metadata={"b": 2, "a": 1},
-                            idempotency_key="k-1")
+    again = client.allocate(U, ET, D("5"), UNIT, metadata={"b": 2, "a": 1}, idempotency_key="k-1")
     assert again == first
     assert snapshot() == before
 
@@ -252,8 +277,7 @@ def test_chosen_reservation_id_used_and_committable(client, db):
     r = client.reserve(U, ET, D("4"), UNIT, reservation_id="res-A")
     assert r["granted"] is True
     assert r["reservation_id"] == "res-A"
-    row = db.execute(
-        "SELECT * FROM meter.reservations WHERE reservation_id = 'res-A'").fetchone()
+    row = db.execute("SELECT * FROM meter.reservations WHERE reservation_id = 'res-A'").fetchone()
     assert row["amount"] == D("4") and row["status"] == "active"
     c = client.commit("res-A", D("3"))
     assert (c["success"], c["status"], c["balance"]) == (True, "committed", D("7"))
@@ -282,8 +306,15 @@ def test_chosen_reservation_id_replay_after_commit(client, snapshot):
 
 @pytest.mark.parametrize(
     ("arg", "val"),
-    [("amount", D("5")), ("user_id", "u2"), ("event_type", "requests"), ("unit", "req"),
-     ("resource", "r2"), ("ttl_seconds", 60), ("metadata", {"m": 2})],
+    [
+        ("amount", D("5")),
+        ("user_id", "u2"),
+        ("event_type", "requests"),
+        ("unit", "req"),
+        ("resource", "r2"),
+        ("ttl_seconds", 60),
+        ("metadata", {"m": 2}),
+    ],
 )
 def test_chosen_reservation_id_different_request_conflicts(client, snapshot, arg, val):
     _fund(client)
@@ -315,8 +346,10 @@ def test_adjust_reference_id_counts(client, snapshot):
     b = client.allocate(U, ET, D("10"), UNIT)
     first = client.adjust(U, ET, D("-1"), UNIT, reference_id=a["entry_id"], idempotency_key="k")
     before = snapshot()
-    assert client.adjust(U, ET, D("-1"), UNIT, reference_id=a["entry_id"],
-                         idempotency_key="k") == first
+    assert (
+        client.adjust(U, ET, D("-1"), UNIT, reference_id=a["entry_id"], idempotency_key="k")
+        == first
+    )
     for other in (b["entry_id"], None):
         with pytest.raises(IdempotencyConflictError):
             client.adjust(U, ET, D("-1"), UNIT, reference_id=other, idempotency_key="k")

@@ -63,19 +63,24 @@ def test_set_period_config_creates_account_and_stores_config(client, db):
     assert acct["carry_over_limit"] == D("20")
     row = db.execute(
         "SELECT period_start::date AS ps, period_interval = interval '1 month' AS monthly"
-        " FROM meter.accounts WHERE user_id = %s", (U,)).fetchone()
+        " FROM meter.accounts WHERE user_id = %s",
+        (U,),
+    ).fetchone()
     assert row == {"ps": JAN1, "monthly": True}
     assert ledger(db) == []
 
 
 def test_set_period_config_interval_and_update(client, db):
     config(client, D("100"), D("20"))
-    client.set_period_config(U, ET, UNIT, None, date(2024, 3, 4), D("7"), None,
-                             period_interval="7 days")
+    client.set_period_config(
+        U, ET, UNIT, None, date(2024, 3, 4), D("7"), None, period_interval="7 days"
+    )
     row = db.execute(
         "SELECT period_start::date AS ps, period_allocation AS pa, carry_over_limit AS col,"
         " period_interval = interval '7 days' AS weekly"
-        " FROM meter.accounts WHERE user_id = %s", (U,)).fetchone()
+        " FROM meter.accounts WHERE user_id = %s",
+        (U,),
+    ).fetchone()
     assert row == {"ps": date(2024, 3, 4), "pa": D("7"), "col": None, "weekly": True}
     assert len(db.execute("SELECT * FROM meter.accounts").fetchall()) == 1
 
@@ -88,8 +93,11 @@ def test_set_period_config_keeps_existing_balance(client):
 
 @pytest.mark.parametrize(
     ("allocation", "limit", "param"),
-    [(D("-1"), None, "period_allocation"), (D("10"), D("-1"), "carry_over_limit"),
-     (D("10"), D("-0.000000000001"), "carry_over_limit")],
+    [
+        (D("-1"), None, "period_allocation"),
+        (D("10"), D("-1"), "carry_over_limit"),
+        (D("10"), D("-0.000000000001"), "carry_over_limit"),
+    ],
 )
 def test_set_period_config_refuses_negative(client, snapshot, allocation, limit, param):
     client.allocate(U, ET, D("1"), UNIT)
@@ -245,8 +253,9 @@ def test_close_keeps_reserved_out_of_expiry(client, db):
     assert bal(client) == {"balance": D("50"), "reserved": D("30"), "available": D("20")}
 
 
-@pytest.mark.parametrize(("consumed", "expected_balance"), [(D("100"), D("0")),
-                                                             (D("130"), D("-30"))])
+@pytest.mark.parametrize(
+    ("consumed", "expected_balance"), [(D("100"), D("0")), (D("130"), D("-30"))]
+)
 def test_close_with_nothing_available_writes_nothing(client, db, consumed, expected_balance):
     _opened(client, None, consumed)
     rows_before = ledger(db)
@@ -270,9 +279,11 @@ def test_close_with_everything_reserved_writes_nothing(client, db):
 
 @pytest.mark.parametrize(
     ("end", "stamp"),
-    [(date(2024, 4, 30), datetime(2024, 4, 30, 23, 59, 59, 999999, tzinfo=UTC)),
-     (FEB29, datetime(2024, 2, 29, 23, 59, 59, 999999, tzinfo=UTC)),
-     (date(2023, 12, 31), datetime(2023, 12, 31, 23, 59, 59, 999999, tzinfo=UTC))],
+    [
+        (date(2024, 4, 30), datetime(2024, 4, 30, 23, 59, 59, 999999, tzinfo=UTC)),
+        (FEB29, datetime(2024, 2, 29, 23, 59, 59, 999999, tzinfo=UTC)),
+        (date(2023, 12, 31), datetime(2023, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)),
+    ],
 )
 def test_close_rows_dated_at_last_microsecond(client, db, end, stamp):
     config(client, D("10"), D("4"))
@@ -318,7 +329,9 @@ def test_periods_history(client, db):
     client.close_period(U, ET, UNIT, None, JAN31)
     rows = db.execute(
         "SELECT p.* FROM meter.periods p JOIN meter.accounts a USING (account_id)"
-        " WHERE a.user_id = %s ORDER BY p.period_start", (U,)).fetchall()
+        " WHERE a.user_id = %s ORDER BY p.period_start",
+        (U,),
+    ).fetchall()
     assert len(rows) == 1
     p = rows[0]
     assert p["namespace"] == "default"
@@ -357,8 +370,12 @@ def test_full_month_cycle(client, db):
         ("consumption", D("-50"), D("1250")),
     ]
     assert [r["event_time"] for r in rows[:5]] == [
-        datetime(2024, 1, 1, tzinfo=UTC), MID_JAN, JAN_END, JAN_END,
-        datetime(2024, 2, 1, tzinfo=UTC)]
+        datetime(2024, 1, 1, tzinfo=UTC),
+        MID_JAN,
+        JAN_END,
+        JAN_END,
+        datetime(2024, 2, 1, tzinfo=UTC),
+    ]
 
     acct = client.get_account(U, ET, UNIT)
     assert acct["total_credited"] == D("2200")
@@ -370,12 +387,22 @@ def test_full_month_cycle(client, db):
         "SELECT p.period_start, p.allocation, p.expired, p.carried_over,"
         " p.closed_at IS NOT NULL AS closed"
         " FROM meter.periods p JOIN meter.accounts a USING (account_id)"
-        " WHERE a.user_id = %s ORDER BY p.period_start", (U,)).fetchall()
+        " WHERE a.user_id = %s ORDER BY p.period_start",
+        (U,),
+    ).fetchall()
     assert len(hist) == 2
-    assert hist[0] == {"period_start": JAN1, "allocation": D("1000"), "expired": D("400"),
-                       "carried_over": D("200"), "closed": True}
+    assert hist[0] == {
+        "period_start": JAN1,
+        "allocation": D("1000"),
+        "expired": D("400"),
+        "carried_over": D("200"),
+        "closed": True,
+    }
     assert (hist[1]["period_start"], hist[1]["allocation"], hist[1]["closed"]) == (
-        FEB1, D("1000"), False)
+        FEB1,
+        D("1000"),
+        False,
+    )
 
 
 def test_open_period_repeat_after_config_change_conflicts(client, snapshot):
@@ -394,7 +421,6 @@ def test_set_period_config_refuses_non_positive_interval(client, snapshot, inter
     client.allocate(U, ET, D("1"), UNIT)
     before = snapshot()
     with pytest.raises(ValidationError) as ei:
-        client.set_period_config(U, ET, UNIT, None, JAN1, D("10"), None,
-                                 period_interval=interval)
+        client.set_period_config(U, ET, UNIT, None, JAN1, D("10"), None, period_interval=interval)
     assert ei.value.parameter == "period_interval" or "period_interval" in str(ei.value)
     assert snapshot() == before

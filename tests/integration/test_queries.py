@@ -19,22 +19,62 @@ T2 = datetime(2024, 5, 2, 10, 0, tzinfo=UTC)
 T3 = datetime(2024, 5, 3, 10, 0, tzinfo=UTC)
 
 ACCOUNT_COLUMNS = {
-    "namespace", "user_id", "event_type", "resource", "unit", "balance", "reserved",
-    "total_credited", "total_debited", "period_start", "period_allocation",
-    "carry_over_limit", "period_interval", "created_at", "updated_at",
+    "namespace",
+    "user_id",
+    "event_type",
+    "resource",
+    "unit",
+    "balance",
+    "reserved",
+    "total_credited",
+    "total_debited",
+    "period_start",
+    "period_allocation",
+    "carry_over_limit",
+    "period_interval",
+    "created_at",
+    "updated_at",
 }
 LEDGER_COLUMNS = {
-    "id", "entry_type", "amount", "balance_after", "event_time", "reservation_id",
-    "reference_id", "actor_id", "reason", "metadata",
+    "id",
+    "entry_type",
+    "amount",
+    "balance_after",
+    "event_time",
+    "reservation_id",
+    "reference_id",
+    "actor_id",
+    "reason",
+    "metadata",
 }
 AUDIT_COLUMNS = {
-    "kind", "at", "user_id", "event_type", "resource", "unit", "amount", "reservation_id",
-    "entry_id", "actor_id", "on_behalf_of", "reason", "request_id", "metadata",
+    "kind",
+    "at",
+    "user_id",
+    "event_type",
+    "resource",
+    "unit",
+    "amount",
+    "reservation_id",
+    "entry_id",
+    "actor_id",
+    "on_behalf_of",
+    "reason",
+    "request_id",
+    "metadata",
 }
 ALL_KINDS = {
-    "ledger.allocation", "ledger.consumption", "ledger.adjustment", "ledger.expiration",
-    "ledger.carry_over", "reservation.active", "reservation.committed",
-    "reservation.released", "reservation.expired", "period.open", "period.close",
+    "ledger.allocation",
+    "ledger.consumption",
+    "ledger.adjustment",
+    "ledger.expiration",
+    "ledger.carry_over",
+    "reservation.active",
+    "reservation.committed",
+    "reservation.released",
+    "reservation.expired",
+    "period.open",
+    "period.close",
     "period.config",
 }
 
@@ -64,7 +104,10 @@ def db_now(db):
 def test_get_balance_unknown_account_is_zeros(client, snapshot):
     before = snapshot()
     assert client.get_balance("nobody", ET, UNIT) == {
-        "balance": D("0"), "reserved": D("0"), "available": D("0")}
+        "balance": D("0"),
+        "reserved": D("0"),
+        "available": D("0"),
+    }
     assert snapshot() == before
 
 
@@ -72,7 +115,10 @@ def test_get_balance_known_account(client):
     client.allocate(U, ET, D("10.5"), UNIT)
     client.reserve(U, ET, D("2.25"), UNIT)
     assert client.get_balance(U, ET, UNIT) == {
-        "balance": D("10.5"), "reserved": D("2.25"), "available": D("8.25")}
+        "balance": D("10.5"),
+        "reserved": D("2.25"),
+        "available": D("8.25"),
+    }
 
 
 def test_get_account_unknown_is_none(client):
@@ -88,8 +134,13 @@ def test_get_account_row(client):
     client.reserve(U, ET, D("1"), UNIT, resource="gpt")
     acct = client.get_account(U, ET, UNIT, "gpt")
     assert ACCOUNT_COLUMNS <= set(acct)
-    assert (acct["namespace"], acct["user_id"], acct["event_type"], acct["resource"],
-            acct["unit"]) == ("default", U, ET, "gpt", UNIT)
+    assert (
+        acct["namespace"],
+        acct["user_id"],
+        acct["event_type"],
+        acct["resource"],
+        acct["unit"],
+    ) == ("default", U, ET, "gpt", UNIT)
     assert (acct["balance"], acct["reserved"]) == (D("6"), D("1"))
     assert (acct["total_credited"], acct["total_debited"]) == (D("10"), D("4"))
     assert acct["period_allocation"] is None
@@ -116,12 +167,30 @@ def test_get_user_balances(client):
     rows = client.get_user_balances(U)
     key = lambda r: (r["event_type"], r["resource"], r["unit"])  # noqa: E731
     assert sorted(rows, key=key) == [
-        {"event_type": "requests", "resource": "", "unit": "req",
-         "balance": D("3"), "reserved": D("0"), "available": D("3")},
-        {"event_type": "tokens", "resource": "", "unit": "tok",
-         "balance": D("10"), "reserved": D("0"), "available": D("10")},
-        {"event_type": "tokens", "resource": "gpt", "unit": "tok",
-         "balance": D("7"), "reserved": D("2"), "available": D("5")},
+        {
+            "event_type": "requests",
+            "resource": "",
+            "unit": "req",
+            "balance": D("3"),
+            "reserved": D("0"),
+            "available": D("3"),
+        },
+        {
+            "event_type": "tokens",
+            "resource": "",
+            "unit": "tok",
+            "balance": D("10"),
+            "reserved": D("0"),
+            "available": D("10"),
+        },
+        {
+            "event_type": "tokens",
+            "resource": "gpt",
+            "unit": "tok",
+            "balance": D("7"),
+            "reserved": D("2"),
+            "available": D("5"),
+        },
     ]
     assert client.get_user_balances("nobody") == []
 
@@ -137,7 +206,10 @@ def test_get_ledger_newest_first_by_event_time(client):
     assert [r["id"] for r in rows] == [e3, e2, e1]
     assert LEDGER_COLUMNS <= set(rows[0])
     assert [(r["entry_type"], r["amount"], r["event_time"]) for r in rows] == [
-        ("consumption", D("-3"), T3), ("allocation", D("2"), T2), ("allocation", D("1"), T1)]
+        ("consumption", D("-3"), T3),
+        ("allocation", D("2"), T2),
+        ("allocation", D("1"), T1),
+    ]
     # balance_after follows the order of application, not event_time
     assert [r["balance_after"] for r in rows] == [D("0"), D("2"), D("3")]
 
@@ -172,9 +244,12 @@ def test_get_ledger_only_this_account(client):
 
 def test_get_ledger_limit_default_and_none(client, db):
     many_allocations(db, 105)
-    all_ids = [r["id"] for r in db.execute(
-        "SELECT id FROM meter.ledger WHERE user_id = %s ORDER BY event_time DESC, id DESC",
-        (U,)).fetchall()]
+    all_ids = [
+        r["id"]
+        for r in db.execute(
+            "SELECT id FROM meter.ledger WHERE user_id = %s ORDER BY event_time DESC, id DESC", (U,)
+        ).fetchall()
+    ]
     assert len(all_ids) == 105
     assert [r["id"] for r in client.get_ledger(U, ET, UNIT)] == all_ids[:100]
     assert [r["id"] for r in client.get_ledger(U, ET, UNIT, limit=None)] == all_ids[:100]
@@ -188,13 +263,20 @@ def test_get_ledger_limit_capped_at_10000(client, db):
     assert len(client.get_ledger(U, ET, UNIT, limit=10000)) == 10000
     assert len(client.get_ledger(U, ET, UNIT, limit=10001)) == 10000
     # the SQL applies the same rules itself (NULL means 100, above 10000 is capped)
-    q = ("SELECT count(*) AS n FROM meter.get_ledger(p_user_id => %s, p_event_type => %s,"
-         " p_unit => %s, p_limit => %s)")
+    q = (
+        "SELECT count(*) AS n FROM meter.get_ledger(p_user_id => %s, p_event_type => %s,"
+        " p_unit => %s, p_limit => %s)"
+    )
     assert db.execute(q, (U, ET, UNIT, 20000)).fetchone()["n"] == 10000
     assert db.execute(q, (U, ET, UNIT, None)).fetchone()["n"] == 100
-    assert db.execute(
-        "SELECT count(*) AS n FROM meter.get_ledger(p_user_id => %s, p_event_type => %s,"
-        " p_unit => %s)", (U, ET, UNIT)).fetchone()["n"] == 100
+    assert (
+        db.execute(
+            "SELECT count(*) AS n FROM meter.get_ledger(p_user_id => %s, p_event_type => %s,"
+            " p_unit => %s)",
+            (U, ET, UNIT),
+        ).fetchone()["n"]
+        == 100
+    )
 
 
 @pytest.mark.parametrize("limit", [0, -1])
@@ -227,24 +309,44 @@ def test_get_usage_consumption_only_with_totals_and_counts(client):
     _usage_fixture(client)
     rows = client.get_usage(U, T1, datetime(2024, 6, 1, tzinfo=UTC))
     assert _sorted(rows) == [
-        {"event_type": ET, "resource": "", "unit": UNIT,
-         "total_consumed": D("7"), "event_count": 2},
-        {"event_type": ET, "resource": "gpt", "unit": UNIT,
-         "total_consumed": D("5"), "event_count": 1},
+        {
+            "event_type": ET,
+            "resource": "",
+            "unit": UNIT,
+            "total_consumed": D("7"),
+            "event_count": 2,
+        },
+        {
+            "event_type": ET,
+            "resource": "gpt",
+            "unit": UNIT,
+            "total_consumed": D("5"),
+            "event_count": 1,
+        },
     ]
 
 
 def test_get_usage_time_bounds(client):
     _usage_fixture(client)
     assert _sorted(client.get_usage(U, T2, T3)) == [
-        {"event_type": ET, "resource": "", "unit": UNIT,
-         "total_consumed": D("4"), "event_count": 1},
-        {"event_type": ET, "resource": "gpt", "unit": UNIT,
-         "total_consumed": D("5"), "event_count": 1},
+        {
+            "event_type": ET,
+            "resource": "",
+            "unit": UNIT,
+            "total_consumed": D("4"),
+            "event_count": 1,
+        },
+        {
+            "event_type": ET,
+            "resource": "gpt",
+            "unit": UNIT,
+            "total_consumed": D("5"),
+            "event_count": 1,
+        },
     ]
     assert client.get_usage(U, T1, T2) == [
-        {"event_type": ET, "resource": "", "unit": UNIT,
-         "total_consumed": D("3"), "event_count": 1}]
+        {"event_type": ET, "resource": "", "unit": UNIT, "total_consumed": D("3"), "event_count": 1}
+    ]
     assert client.get_usage(U, T3, None) == []
 
 
@@ -255,8 +357,8 @@ def test_get_usage_includes_committed_reservations(client):
     rid2 = client.reserve(U, ET, D("1"), UNIT)["reservation_id"]
     client.release(rid2)
     assert client.get_usage(U, None, None) == [
-        {"event_type": ET, "resource": "", "unit": UNIT,
-         "total_consumed": D("4"), "event_count": 1}]
+        {"event_type": ET, "resource": "", "unit": UNIT, "total_consumed": D("4"), "event_count": 1}
+    ]
 
 
 def test_get_namespace_usage(client, make_client):
@@ -264,18 +366,48 @@ def test_get_namespace_usage(client, make_client):
     make_client(namespace="other").consume(U, ET, D("1000"), UNIT, event_time=T2)
     rows = client.get_namespace_usage(T1, datetime(2024, 6, 1, tzinfo=UTC))
     assert _sorted(rows) == [
-        {"event_type": "requests", "resource": "", "unit": "req",
-         "total_consumed": D("1"), "event_count": 1, "unique_users": 1},
-        {"event_type": ET, "resource": "", "unit": UNIT,
-         "total_consumed": D("13"), "event_count": 3, "unique_users": 2},
-        {"event_type": ET, "resource": "gpt", "unit": UNIT,
-         "total_consumed": D("5"), "event_count": 1, "unique_users": 1},
+        {
+            "event_type": "requests",
+            "resource": "",
+            "unit": "req",
+            "total_consumed": D("1"),
+            "event_count": 1,
+            "unique_users": 1,
+        },
+        {
+            "event_type": ET,
+            "resource": "",
+            "unit": UNIT,
+            "total_consumed": D("13"),
+            "event_count": 3,
+            "unique_users": 2,
+        },
+        {
+            "event_type": ET,
+            "resource": "gpt",
+            "unit": UNIT,
+            "total_consumed": D("5"),
+            "event_count": 1,
+            "unique_users": 1,
+        },
     ]
     assert _sorted(client.get_namespace_usage(T2, T3)) == [
-        {"event_type": ET, "resource": "", "unit": UNIT,
-         "total_consumed": D("10"), "event_count": 2, "unique_users": 2},
-        {"event_type": ET, "resource": "gpt", "unit": UNIT,
-         "total_consumed": D("5"), "event_count": 1, "unique_users": 1},
+        {
+            "event_type": ET,
+            "resource": "",
+            "unit": UNIT,
+            "total_consumed": D("10"),
+            "event_count": 2,
+            "unique_users": 2,
+        },
+        {
+            "event_type": ET,
+            "resource": "gpt",
+            "unit": UNIT,
+            "total_consumed": D("5"),
+            "event_count": 1,
+            "unique_users": 1,
+        },
     ]
 
 
@@ -303,8 +435,13 @@ def test_get_stats_counts_only_active_holds(client, db, make_client):
 
     assert client.release_expired_reservations() == 1
     stats = client.get_stats()
-    assert stats == {"total_accounts": 2, "total_ledger_entries": 4, "active_reservations": 1,
-                     "total_balance": D("143"), "total_reserved": D("4")}
+    assert stats == {
+        "total_accounts": 2,
+        "total_ledger_entries": 4,
+        "active_reservations": 1,
+        "total_balance": D("143"),
+        "total_reserved": D("4"),
+    }
 
 
 def test_get_stats_empty_namespace(client):
@@ -331,16 +468,33 @@ def test_reconcile_healthy_ledger_is_empty(client, db):
 def test_reconcile_reports_tampered_account(client, db):
     client.allocate(U, ET, D("10"), UNIT)
     client.reserve(U, ET, D("4"), UNIT)
-    db.execute("UPDATE meter.accounts SET balance = balance + 1, reserved = reserved + 2"
-               " WHERE user_id = %s", (U,))
+    db.execute(
+        "UPDATE meter.accounts SET balance = balance + 1, reserved = reserved + 2"
+        " WHERE user_id = %s",
+        (U,),
+    )
     rows = sorted(client.reconcile(), key=lambda r: r["issue_type"])
     assert rows == [
-        {"user_id": U, "event_type": ET, "resource": "", "unit": UNIT,
-         "issue_type": "balance_mismatch", "expected": D("10"), "actual": D("11"),
-         "discrepancy": D("1")},
-        {"user_id": U, "event_type": ET, "resource": "", "unit": UNIT,
-         "issue_type": "reserved_mismatch", "expected": D("4"), "actual": D("6"),
-         "discrepancy": D("2")},
+        {
+            "user_id": U,
+            "event_type": ET,
+            "resource": "",
+            "unit": UNIT,
+            "issue_type": "balance_mismatch",
+            "expected": D("10"),
+            "actual": D("11"),
+            "discrepancy": D("1"),
+        },
+        {
+            "user_id": U,
+            "event_type": ET,
+            "resource": "",
+            "unit": UNIT,
+            "issue_type": "reserved_mismatch",
+            "expected": D("4"),
+            "actual": D("6"),
+            "discrepancy": D("2"),
+        },
     ]
 
 
@@ -381,7 +535,12 @@ def test_audit_event_fields_for_ledger_and_reservation(client):
     assert len(ev) == 1
     e = ev[0]
     assert (e["kind"], e["user_id"], e["event_type"], e["resource"], e["unit"]) == (
-        "ledger.allocation", U, ET, "gpt", UNIT)
+        "ledger.allocation",
+        U,
+        ET,
+        "gpt",
+        UNIT,
+    )
     assert e["amount"] == D("10")
     assert e["entry_id"] == a["entry_id"]
     assert e["reservation_id"] is None
@@ -389,7 +548,11 @@ def test_audit_event_fields_for_ledger_and_reservation(client):
     assert _actor(e) == ("alice", "req-1", "bob", "support ticket 7")
     (h,) = client.get_audit_events(kinds=["reservation.active"])
     assert (h["reservation_id"], h["amount"], h["user_id"], h["resource"]) == (
-        r["reservation_id"], D("4"), U, "gpt")
+        r["reservation_id"],
+        D("4"),
+        U,
+        "gpt",
+    )
     assert _actor(h) == ("alice", "req-1", "bob", "support ticket 7")
 
 
@@ -398,7 +561,11 @@ def test_actor_fields_recorded_on_ledger_rows(client, db):
     e = client.allocate(U, ET, D("1"), UNIT)["entry_id"]
     row = db.execute("SELECT * FROM meter.ledger WHERE id = %s", (e,)).fetchone()
     assert (row["actor_id"], row["request_id"], row["on_behalf_of"], row["reason"]) == (
-        "alice", "req-1", "bob", "why")
+        "alice",
+        "req-1",
+        "bob",
+        "why",
+    )
     led = client.get_ledger(U, ET, UNIT)[0]
     assert (led["actor_id"], led["reason"]) == ("alice", "why")
 
@@ -442,8 +609,10 @@ def test_audit_filters(client, db):
     client.consume(U, ET, D("3"), UNIT)
 
     def view(**kw):
-        return [(e["kind"], e["user_id"], e["amount"], e["actor_id"])
-                for e in client.get_audit_events(**kw)]
+        return [
+            (e["kind"], e["user_id"], e["amount"], e["actor_id"])
+            for e in client.get_audit_events(**kw)
+        ]
 
     assert view(user_id=U) == [
         ("ledger.consumption", U, D("-3"), "bob"),
@@ -468,7 +637,8 @@ def test_audit_filters(client, db):
         ("ledger.allocation", U, D("10"), "alice"),
     ]
     assert view(user_id="u2", actor_id="bob", kinds=["ledger.consumption"]) == [
-        ("ledger.consumption", "u2", D("-2"), "bob")]
+        ("ledger.consumption", "u2", D("-2"), "bob")
+    ]
     assert len(view(limit=2)) == 2
     assert view(limit=2) == view()[:2]
 
@@ -507,8 +677,10 @@ def test_period_audit_events(client):
     client.set_period_config(U, ET, UNIT, None, date(2024, 1, 1), D("100"), D("10"))
     client.open_period(U, ET, UNIT, None, date(2024, 1, 1))
     client.close_period(U, ET, UNIT, None, date(2024, 1, 31))
-    kinds = [e["kind"] for e in client.get_audit_events(
-        kinds=["period.config", "period.open", "period.close"])]
+    kinds = [
+        e["kind"]
+        for e in client.get_audit_events(kinds=["period.config", "period.open", "period.close"])
+    ]
     assert sorted(kinds) == ["period.close", "period.config", "period.open"]
     for e in client.get_audit_events(kinds=["period.config", "period.open", "period.close"]):
         assert (e["user_id"], e["event_type"], e["unit"], e["actor_id"]) == (U, ET, UNIT, "ops")

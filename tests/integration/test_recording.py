@@ -290,7 +290,11 @@ def test_commit_equal_to_hold(client):
     r = client.commit(rid, D("6"))
     assert (r["success"], r["status"]) == (True, "committed")
     assert (r["consumed"], r["released"], r["reserved_amount"], r["balance"]) == (
-        D("6"), D("0"), D("6"), D("4"))
+        D("6"),
+        D("0"),
+        D("6"),
+        D("4"),
+    )
     assert balance(client) == {"balance": D("4"), "reserved": D("0"), "available": D("4")}
 
 
@@ -299,7 +303,11 @@ def test_commit_overage_may_drive_balance_negative(client, db):
     r = client.commit(rid, D("15"))
     assert (r["success"], r["status"]) == (True, "committed")
     assert (r["consumed"], r["released"], r["reserved_amount"], r["balance"]) == (
-        D("15"), D("0"), D("6"), D("-5"))
+        D("15"),
+        D("0"),
+        D("6"),
+        D("-5"),
+    )
     assert balance(client) == {"balance": D("-5"), "reserved": D("0"), "available": D("-5")}
     assert ledger_rows(db)[-1]["amount"] == D("-15")
 
@@ -365,7 +373,11 @@ def test_late_commit_after_sweep_records_usage(client, db):
     assert r["success"] is True
     assert r["status"] == "late"
     assert (r["consumed"], r["released"], r["reserved_amount"], r["balance"]) == (
-        D("4"), D("0"), D("6"), D("6"))
+        D("4"),
+        D("0"),
+        D("6"),
+        D("6"),
+    )
     assert balance(client) == {"balance": D("6"), "reserved": D("0"), "available": D("6")}
     assert reservation_row(db, rid)["status"] == "committed"
     assert client.reconcile() == []
@@ -425,7 +437,10 @@ def test_commit_replay_of_zero_commit(client, snapshot):
     again = client.commit(rid, D("0"))
     assert (again["success"], again["status"], again["entry_id"]) == (True, "replayed", None)
     assert (again["consumed"], again["released"], again["reserved_amount"]) == (
-        D("0"), D("6"), D("6"))
+        D("0"),
+        D("6"),
+        D("6"),
+    )
     assert snapshot() == before
 
 
@@ -555,7 +570,10 @@ def test_pool_account_allocate_adjust_and_queries(client, db):
     assert j["balance"] == D("90")
     client.allocate(U, ET, D("1"), UNIT)  # a user account beside the pool
     assert balance(client, user_id=None) == {
-        "balance": D("90"), "reserved": D("0"), "available": D("90")}
+        "balance": D("90"),
+        "reserved": D("0"),
+        "available": D("90"),
+    }
     assert balance(client)["balance"] == D("1")
     acct = client.get_account(None, ET, UNIT)
     assert acct["user_id"] is None
@@ -564,7 +582,9 @@ def test_pool_account_allocate_adjust_and_queries(client, db):
     assert acct["total_debited"] == D("10")
     ledger = client.get_ledger(None, ET, UNIT)
     assert [(r["entry_type"], r["amount"]) for r in ledger] == [
-        ("adjustment", D("-10")), ("allocation", D("100"))]
+        ("adjustment", D("-10")),
+        ("allocation", D("100")),
+    ]
     rows = account_rows(db, user_id=None)
     assert len(rows) == 1 and rows[0]["user_id"] is None
 
@@ -576,7 +596,10 @@ def test_pool_account_periods(client, db):
     assert closed == {"expired": D("40"), "carried_over": D("10"), "new_balance": D("10")}
     rows = ledger_rows(db, user_id=None)
     assert [(r["entry_type"], r["amount"]) for r in rows] == [
-        ("allocation", D("50")), ("expiration", D("-50")), ("carry_over", D("10"))]
+        ("allocation", D("50")),
+        ("expiration", D("-50")),
+        ("carry_over", D("10")),
+    ]
     assert rows[0]["event_time"] == datetime(2024, 1, 1, tzinfo=UTC)
 
 

@@ -279,8 +279,7 @@ def test_returned_values_can_be_passed_back(client):
 
 
 def test_error_hierarchy():
-    for cls in (ValidationError, IdempotencyConflictError, NotFoundError,
-                MeterConnectionError):
+    for cls in (ValidationError, IdempotencyConflictError, NotFoundError, MeterConnectionError):
         assert issubclass(cls, MeterError)
     assert issubclass(meter.MeterError, Exception)
 
@@ -326,7 +325,10 @@ def test_conninfo_client_is_thread_safe(db_url, db):
             assert c.get_balance(f"user-{i}", ET, UNIT)["balance"] == D("12.5")
         assert len(c.get_ledger("shared", ET, UNIT, limit=1000)) == 1 + threads * per_thread
         assert c.reconcile() == []
-    balances = [r["balance_after"] for r in db.execute(
-        "SELECT balance_after FROM meter.ledger WHERE user_id = 'shared' ORDER BY id"
-    ).fetchall()]
+    balances = [
+        r["balance_after"]
+        for r in db.execute(
+            "SELECT balance_after FROM meter.ledger WHERE user_id = 'shared' ORDER BY id"
+        ).fetchall()
+    ]
     assert balances == [D("1000") - k for k in range(threads * per_thread + 1)]

@@ -37,17 +37,40 @@ CALLS = {
     "get_ledger": dict(user_id=U, event_type=ET, unit=UNIT),
     "get_user_balances": dict(user_id=U),
     "get_usage": dict(user_id=U, start_time=None, end_time=None),
-    "set_period_config": dict(user_id=U, event_type=ET, unit=UNIT, resource=None,
-                              period_start=date(2024, 1, 1), period_allocation=D("10")),
-    "open_period": dict(user_id=U, event_type=ET, unit=UNIT, resource=None,
-                        period_start=date(2024, 1, 1), allocation=D("10")),
-    "close_period": dict(user_id=U, event_type=ET, unit=UNIT, resource=None,
-                         period_end=date(2024, 1, 31)),
+    "set_period_config": dict(
+        user_id=U,
+        event_type=ET,
+        unit=UNIT,
+        resource=None,
+        period_start=date(2024, 1, 1),
+        period_allocation=D("10"),
+    ),
+    "open_period": dict(
+        user_id=U,
+        event_type=ET,
+        unit=UNIT,
+        resource=None,
+        period_start=date(2024, 1, 1),
+        allocation=D("10"),
+    ),
+    "close_period": dict(
+        user_id=U, event_type=ET, unit=UNIT, resource=None, period_end=date(2024, 1, 31)
+    ),
     "get_audit_events": dict(),
 }
 
-ACCOUNT_FNS = ["allocate", "consume", "reserve", "adjust", "get_balance", "get_account",
-               "get_ledger", "set_period_config", "open_period", "close_period"]
+ACCOUNT_FNS = [
+    "allocate",
+    "consume",
+    "reserve",
+    "adjust",
+    "get_balance",
+    "get_account",
+    "get_ledger",
+    "set_period_config",
+    "open_period",
+    "close_period",
+]
 TAKES = {
     "user_id": [*ACCOUNT_FNS, "get_user_balances", "get_usage", "get_audit_events"],
     "event_type": ACCOUNT_FNS,
@@ -58,12 +81,24 @@ TAKES = {
     "metadata": ["allocate", "consume", "reserve", "adjust", "commit"],
     "event_time": ["allocate", "consume"],
 }
-MAX_LEN = {"user_id": 256, "event_type": 256, "resource": 256, "unit": 64,
-           "idempotency_key": 256, "reservation_id": 128}
-AMOUNT_PARAMS = [("allocate", "amount"), ("consume", "amount"), ("reserve", "amount"),
-                 ("adjust", "amount"), ("commit", "actual_amount"),
-                 ("set_period_config", "period_allocation"),
-                 ("set_period_config", "carry_over_limit"), ("open_period", "allocation")]
+MAX_LEN = {
+    "user_id": 256,
+    "event_type": 256,
+    "resource": 256,
+    "unit": 64,
+    "idempotency_key": 256,
+    "reservation_id": 128,
+}
+AMOUNT_PARAMS = [
+    ("allocate", "amount"),
+    ("consume", "amount"),
+    ("reserve", "amount"),
+    ("adjust", "amount"),
+    ("commit", "actual_amount"),
+    ("set_period_config", "period_allocation"),
+    ("set_period_config", "carry_over_limit"),
+    ("open_period", "allocation"),
+]
 
 BAD_TEXT = {
     "nul": "a\x00b",
@@ -123,7 +158,8 @@ def _identifier_values(param):
 # misses are reported together (one database per value would take many minutes).
 IDENTIFIER_CASES = [
     pytest.param(fn, param, id=f"{fn}-{param}")
-    for param, fns in TAKES.items() if param not in ("metadata", "event_time")
+    for param, fns in TAKES.items()
+    if param not in ("metadata", "event_time")
     for fn in fns
 ]
 AMOUNT_CASES = [pytest.param(fn, param, id=f"{fn}-{param}") for fn, param in AMOUNT_PARAMS]
@@ -187,15 +223,24 @@ def _bind(client, fn, param, value):
 
 @pytest.mark.parametrize(("fn", "param"), IDENTIFIER_CASES)
 def test_bad_identifier_refused(seeded, snapshot, fn, param):
-    calls = {label: _bind(seeded, fn, param, value)
-             for label, value in _identifier_values(param).items()}
+    calls = {
+        label: _bind(seeded, fn, param, value) for label, value in _identifier_values(param).items()
+    }
     assert_all_refused(calls, snapshot, param)
 
 
 BAD_NAMESPACES = {
-    "empty": "", "too-long": "a" * 1025, "lead-space": " default", "trail-space": "default ",
-    "nul": "de\x00fault", "us": "de\x1ffault", "del": "de\x7ffault", "nel": "de\x85fault",
-    "apc": "de\x9ffault", "lead-ideographic": "\u3000ns", "trail-nbsp": "ns\u00a0",
+    "empty": "",
+    "too-long": "a" * 1025,
+    "lead-space": " default",
+    "trail-space": "default ",
+    "nul": "de\x00fault",
+    "us": "de\x1ffault",
+    "del": "de\x7ffault",
+    "nel": "de\x85fault",
+    "apc": "de\x9ffault",
+    "lead-ideographic": "\u3000ns",
+    "trail-nbsp": "ns\u00a0",
     "int": 5,
 }
 
@@ -206,15 +251,24 @@ def test_bad_namespace_refused(make_client, seeded, snapshot, fn):
         def call():
             c = make_client(namespace=value)
             return getattr(c, fn)(**CALLS.get(fn, {}))
+
         return call
 
     assert_all_refused({k: bind(v) for k, v in BAD_NAMESPACES.items()}, snapshot, "namespace")
 
 
 BAD_ACTOR = {
-    "too-long": "a" * 257, "nul": "a\x00", "us": "a\x1f", "del": "a\x7f", "apc": "a\x9f",
-    "nel": "a\x85", "lead-space": " a", "trail-space": "a ", "trail-ideo": "a\u3000",
-    "lead-nbsp": "\u00a0a", "int": 7,
+    "too-long": "a" * 257,
+    "nul": "a\x00",
+    "us": "a\x1f",
+    "del": "a\x7f",
+    "apc": "a\x9f",
+    "nel": "a\x85",
+    "lead-space": " a",
+    "trail-space": "a ",
+    "trail-ideo": "a\u3000",
+    "lead-nbsp": "\u00a0a",
+    "int": 7,
 }
 
 
@@ -225,6 +279,7 @@ def test_bad_actor_field_refused(make_client, seeded, snapshot, field):
             c = make_client()
             c.set_actor(**{field: value})
             return c.allocate(U, ET, D("1"), UNIT)
+
         return call
 
     assert_all_refused({k: bind(v) for k, v in BAD_ACTOR.items()}, snapshot, field)
@@ -256,7 +311,10 @@ def test_inner_whitespace_and_unicode_accepted(client):
     r = client.allocate("user 1", "gpt tokens", D("3"), "tok\u00e9", resource="model a\u00a0b")
     assert r["balance"] == D("3")
     assert client.get_balance("user 1", "gpt tokens", "tok\u00e9", "model a\u00a0b") == {
-        "balance": D("3"), "reserved": D("0"), "available": D("3")}
+        "balance": D("3"),
+        "reserved": D("0"),
+        "available": D("3"),
+    }
 
 
 # ---------------------------------------------------------------- amounts
@@ -270,14 +328,20 @@ def test_bad_amount_refused(seeded, snapshot, fn, param):
 
 @pytest.mark.parametrize(
     ("fn", "param", "value"),
-    [("allocate", "amount", D("0")), ("allocate", "amount", D("-1")),
-     ("consume", "amount", D("0")), ("consume", "amount", D("-0.5")),
-     ("reserve", "amount", D("0")), ("reserve", "amount", D("-1")),
-     ("adjust", "amount", D("0")), ("adjust", "amount", "-0.000"),
-     ("commit", "actual_amount", D("-1")),
-     ("set_period_config", "period_allocation", D("-1")),
-     ("set_period_config", "carry_over_limit", D("-1")),
-     ("open_period", "allocation", D("-1"))],
+    [
+        ("allocate", "amount", D("0")),
+        ("allocate", "amount", D("-1")),
+        ("consume", "amount", D("0")),
+        ("consume", "amount", D("-0.5")),
+        ("reserve", "amount", D("0")),
+        ("reserve", "amount", D("-1")),
+        ("adjust", "amount", D("0")),
+        ("adjust", "amount", "-0.000"),
+        ("commit", "actual_amount", D("-1")),
+        ("set_period_config", "period_allocation", D("-1")),
+        ("set_period_config", "carry_over_limit", D("-1")),
+        ("open_period", "allocation", D("-1")),
+    ],
 )
 def test_amount_sign_rules(seeded, snapshot, fn, param, value):
     assert_refused(lambda: invoke(seeded, fn, **{param: value}), snapshot, param)
@@ -289,30 +353,30 @@ def test_missing_amount_refused(seeded, snapshot, fn):
 
 
 def test_commit_missing_amount_refused(seeded, snapshot):
-    assert_refused(lambda: invoke(seeded, "commit", actual_amount=None), snapshot,
-                   "actual_amount")
+    assert_refused(lambda: invoke(seeded, "commit", actual_amount=None), snapshot, "actual_amount")
 
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(D("1.0000000000000"), D("1")),
-     (D("123456789012345678901234"), D("123456789012345678901234")),
-     (D("0.000000000001"), D("0.000000000001")),
-     (D("123456789012345678901234.123456789012"), D("123456789012345678901234.123456789012")),
-     ("1" + "0" * 23 + ".500000000000000", D("1" + "0" * 23 + ".5")),
-     (D("1E+3"), D("1000")),
-     (D("1E+23"), D("1" + "0" * 23)),
-     (D("1E-12"), D("0.000000000001")),
-     (0.1, D("0.1")),
-     (1.5, D("1.5")),
-     (7, D("7")),
-     ("2.50", D("2.5"))],
+    [
+        (D("1.0000000000000"), D("1")),
+        (D("123456789012345678901234"), D("123456789012345678901234")),
+        (D("0.000000000001"), D("0.000000000001")),
+        (D("123456789012345678901234.123456789012"), D("123456789012345678901234.123456789012")),
+        ("1" + "0" * 23 + ".500000000000000", D("1" + "0" * 23 + ".5")),
+        (D("1E+3"), D("1000")),
+        (D("1E+23"), D("1" + "0" * 23)),
+        (D("1E-12"), D("0.000000000001")),
+        (0.1, D("0.1")),
+        (1.5, D("1.5")),
+        (7, D("7")),
+        ("2.50", D("2.5")),
+    ],
 )
 def test_amount_accepted_exactly(client, db, value, expected):
     r = client.allocate(U, ET, value, UNIT)
     assert r["balance"] == expected
-    row = db.execute("SELECT amount FROM meter.ledger WHERE id = %s",
-                     (r["entry_id"],)).fetchone()
+    row = db.execute("SELECT amount FROM meter.ledger WHERE id = %s", (r["entry_id"],)).fetchone()
     assert row["amount"] == expected
 
 
@@ -338,16 +402,14 @@ BAD_METADATA = {
 
 @pytest.mark.parametrize("fn", TAKES["metadata"])
 def test_bad_metadata_refused(seeded, snapshot, fn):
-    calls = {label: _bind(seeded, fn, "metadata", value)
-             for label, value in BAD_METADATA.items()}
+    calls = {label: _bind(seeded, fn, "metadata", value) for label, value in BAD_METADATA.items()}
     assert_all_refused(calls, snapshot, "metadata")
 
 
 def test_metadata_under_limit_accepted(client, db):
     big = {"x": "a" * 60000, "nested": {"k": [1, 2, None, True]}, "u": "\u00e9"}
     r = client.allocate(U, ET, D("1"), UNIT, metadata=big)
-    row = db.execute("SELECT metadata FROM meter.ledger WHERE id = %s",
-                     (r["entry_id"],)).fetchone()
+    row = db.execute("SELECT metadata FROM meter.ledger WHERE id = %s", (r["entry_id"],)).fetchone()
     assert row["metadata"] == big
 
 
@@ -377,8 +439,9 @@ def test_event_time_far_future_refused(seeded, db, snapshot, fn):
 def test_event_time_within_24h_accepted(client, db, fn):
     when = _db_now(db) + timedelta(hours=23)
     r = invoke(client, fn, event_time=when)
-    row = db.execute("SELECT event_time FROM meter.ledger WHERE id = %s",
-                     (r["entry_id"],)).fetchone()
+    row = db.execute(
+        "SELECT event_time FROM meter.ledger WHERE id = %s", (r["entry_id"],)
+    ).fetchone()
     assert row["event_time"] == when
 
 
@@ -391,13 +454,16 @@ def test_backdated_event_lands_in_its_own_partition(client, db, fn):
     row = db.execute(
         "SELECT c.relname, n.nspname, l.event_time FROM meter.ledger l"
         " JOIN pg_class c ON c.oid = l.tableoid JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE l.id = %s", (r["entry_id"],)).fetchone()
+        " WHERE l.id = %s",
+        (r["entry_id"],),
+    ).fetchone()
     assert row == {"relname": "ledger_2019_03", "nspname": "meter", "event_time": when}
     # the month boundary is UTC: the last microsecond of March is still March
     edge = datetime(2019, 3, 31, 23, 59, 59, 999999, tzinfo=UTC)
     r2 = client.allocate(U, ET, D("1"), UNIT, event_time=edge)
-    rel = db.execute("SELECT tableoid::regclass::text AS t FROM meter.ledger WHERE id = %s",
-                     (r2["entry_id"],)).fetchone()["t"]
+    rel = db.execute(
+        "SELECT tableoid::regclass::text AS t FROM meter.ledger WHERE id = %s", (r2["entry_id"],)
+    ).fetchone()["t"]
     assert rel.endswith("ledger_2019_03")
     assert client.reconcile() == []
 
@@ -429,17 +495,19 @@ def sql_refused(db, snapshot, sql, params, param):
     assert snapshot() == before
 
 
-CONSUME = ("SELECT * FROM meter.consume(p_user_id => %s, p_event_type => %s,"
-           " p_amount => %s, p_unit => %s)")
-ALLOCATE = ("SELECT * FROM meter.allocate(p_user_id => %s, p_event_type => %s,"
-            " p_amount => %s, p_unit => %s, p_resource => %s, p_idempotency_key => %s,"
-            " p_event_time => %s, p_metadata => %s)")
+CONSUME = (
+    "SELECT * FROM meter.consume(p_user_id => %s, p_event_type => %s, p_amount => %s, p_unit => %s)"
+)
+ALLOCATE = (
+    "SELECT * FROM meter.allocate(p_user_id => %s, p_event_type => %s,"
+    " p_amount => %s, p_unit => %s, p_resource => %s, p_idempotency_key => %s,"
+    " p_event_time => %s, p_metadata => %s)"
+)
 
 
 @pytest.mark.parametrize(
     "amount",
-    [D("NaN"), D("Infinity"), D("-Infinity"), D("1" * 25), D("0.0000000000001"),
-     D("-1"), D("0")],
+    [D("NaN"), D("Infinity"), D("-Infinity"), D("1" * 25), D("0.0000000000001"), D("-1"), D("0")],
     ids=["nan", "inf", "-inf", "25-digits", "13-frac", "negative", "zero"],
 )
 def test_sql_consume_amount(db, seeded, snapshot, amount):
@@ -447,19 +515,30 @@ def test_sql_consume_amount(db, seeded, snapshot, amount):
 
 
 def test_sql_allocate_accepts_trailing_zeros(db, seeded):
-    row = db.execute(ALLOCATE, (U, ET, D("1.0000000000000"), UNIT, None, None, None,
-                                None)).fetchone()
+    row = db.execute(
+        ALLOCATE, (U, ET, D("1.0000000000000"), UNIT, None, None, None, None)
+    ).fetchone()
     assert row["balance"] == D("101")  # the hold of 5 is not part of the balance
 
 
 @pytest.mark.parametrize(
     ("idx", "value", "param"),
-    [(0, "a\x1fb", "user_id"), (0, " u", "user_id"), (0, "u\u3000", "user_id"),
-     (0, "a" * 257, "user_id"), (0, "", "user_id"),
-     (1, "e\x7f", "event_type"), (1, "", "event_type"),
-     (3, "t" * 65, "unit"), (3, "\u00a0t", "unit"),
-     (4, "r" * 257, "resource"), (4, "r\x85", "resource"),
-     (5, "k" * 257, "idempotency_key"), (5, "", "idempotency_key"), (5, "k\x9f", "idempotency_key")],
+    [
+        (0, "a\x1fb", "user_id"),
+        (0, " u", "user_id"),
+        (0, "u\u3000", "user_id"),
+        (0, "a" * 257, "user_id"),
+        (0, "", "user_id"),
+        (1, "e\x7f", "event_type"),
+        (1, "", "event_type"),
+        (3, "t" * 65, "unit"),
+        (3, "\u00a0t", "unit"),
+        (4, "r" * 257, "resource"),
+        (4, "r\x85", "resource"),
+        (5, "k" * 257, "idempotency_key"),
+        (5, "", "idempotency_key"),
+        (5, "k\x9f", "idempotency_key"),
+    ],
 )
 def test_sql_allocate_identifiers(db, seeded, snapshot, idx, value, param):
     args = [U, ET, D("1"), UNIT, None, None, None, None]
@@ -473,68 +552,97 @@ def test_sql_allocate_identifiers(db, seeded, snapshot, idx, value, param):
     ids=["array", "string", "number", "null", "bool", "too-big"],
 )
 def test_sql_allocate_metadata(db, seeded, snapshot, metadata):
-    sql_refused(db, snapshot, ALLOCATE, (U, ET, D("1"), UNIT, None, None, None, metadata),
-                "metadata")
+    sql_refused(
+        db, snapshot, ALLOCATE, (U, ET, D("1"), UNIT, None, None, None, metadata), "metadata"
+    )
 
 
 def test_sql_allocate_future_event_time(db, seeded, snapshot):
     when = _db_now(db) + timedelta(hours=25)
-    sql_refused(db, snapshot, ALLOCATE, (U, ET, D("1"), UNIT, None, None, when, None),
-                "event_time")
+    sql_refused(db, snapshot, ALLOCATE, (U, ET, D("1"), UNIT, None, None, when, None), "event_time")
 
 
 @pytest.mark.parametrize("ttl", [0, 86401])
 def test_sql_reserve_ttl(db, seeded, snapshot, ttl):
     sql_refused(
-        db, snapshot,
+        db,
+        snapshot,
         "SELECT * FROM meter.reserve(p_user_id => %s, p_event_type => %s, p_amount => %s,"
         " p_unit => %s, p_ttl_seconds => %s)",
-        (U, ET, D("1"), UNIT, ttl), "ttl_seconds")
+        (U, ET, D("1"), UNIT, ttl),
+        "ttl_seconds",
+    )
 
 
 @pytest.mark.parametrize(
     ("rid", "amount", "param"),
-    [(RID, D("-1"), "actual_amount"), (RID, D("NaN"), "actual_amount"),
-     ("x" * 129, D("1"), "reservation_id"), ("", D("1"), "reservation_id")],
+    [
+        (RID, D("-1"), "actual_amount"),
+        (RID, D("NaN"), "actual_amount"),
+        ("x" * 129, D("1"), "reservation_id"),
+        ("", D("1"), "reservation_id"),
+    ],
 )
 def test_sql_commit(db, seeded, snapshot, rid, amount, param):
-    sql_refused(db, snapshot,
-                "SELECT * FROM meter.commit(p_reservation_id => %s, p_actual_amount => %s)",
-                (rid, amount), param)
+    sql_refused(
+        db,
+        snapshot,
+        "SELECT * FROM meter.commit(p_reservation_id => %s, p_actual_amount => %s)",
+        (rid, amount),
+        param,
+    )
 
 
 def test_sql_release_bad_id(db, seeded, snapshot):
-    sql_refused(db, snapshot, "SELECT meter.release(p_reservation_id => %s)", (" r",),
-                "reservation_id")
+    sql_refused(
+        db, snapshot, "SELECT meter.release(p_reservation_id => %s)", (" r",), "reservation_id"
+    )
 
 
 def test_sql_get_balance_validates_reads(db, seeded, snapshot):
-    sql_refused(db, snapshot,
-                "SELECT * FROM meter.get_balance(p_user_id => %s, p_event_type => %s,"
-                " p_unit => %s)", ("u\x01", ET, UNIT), "user_id")
+    sql_refused(
+        db,
+        snapshot,
+        "SELECT * FROM meter.get_balance(p_user_id => %s, p_event_type => %s, p_unit => %s)",
+        ("u\x01", ET, UNIT),
+        "user_id",
+    )
 
 
 @pytest.mark.parametrize("limit", [0, -1])
 def test_sql_get_ledger_limit(db, seeded, snapshot, limit):
-    sql_refused(db, snapshot,
-                "SELECT * FROM meter.get_ledger(p_user_id => %s, p_event_type => %s,"
-                " p_unit => %s, p_limit => %s)", (U, ET, UNIT, limit), "limit")
+    sql_refused(
+        db,
+        snapshot,
+        "SELECT * FROM meter.get_ledger(p_user_id => %s, p_event_type => %s,"
+        " p_unit => %s, p_limit => %s)",
+        (U, ET, UNIT, limit),
+        "limit",
+    )
 
 
 @pytest.mark.parametrize("namespace", ["", "n" * 1025, " ns", "n\x1f"])
 def test_sql_namespace(db, seeded, snapshot, namespace):
-    sql_refused(db, snapshot,
-                "SELECT * FROM meter.allocate(p_user_id => %s, p_event_type => %s,"
-                " p_amount => %s, p_unit => %s, p_namespace => %s)",
-                (U, ET, D("1"), UNIT, namespace), "namespace")
+    sql_refused(
+        db,
+        snapshot,
+        "SELECT * FROM meter.allocate(p_user_id => %s, p_event_type => %s,"
+        " p_amount => %s, p_unit => %s, p_namespace => %s)",
+        (U, ET, D("1"), UNIT, namespace),
+        "namespace",
+    )
 
 
 def test_sql_set_period_config_negative_limit(db, seeded, snapshot):
-    sql_refused(db, snapshot,
-                "SELECT meter.set_period_config(p_user_id => %s, p_event_type => %s,"
-                " p_unit => %s, p_resource => %s, p_period_start => %s,"
-                " p_period_allocation => %s, p_carry_over_limit => %s)",
-                (U, ET, UNIT, None, date(2024, 1, 1), D("10"), D("-1")), "carry_over_limit")
+    sql_refused(
+        db,
+        snapshot,
+        "SELECT meter.set_period_config(p_user_id => %s, p_event_type => %s,"
+        " p_unit => %s, p_resource => %s, p_period_start => %s,"
+        " p_period_allocation => %s, p_carry_over_limit => %s)",
+        (U, ET, UNIT, None, date(2024, 1, 1), D("10"), D("-1")),
+        "carry_over_limit",
+    )
 
 
 def test_sql_consume_pool_refused(db, seeded, snapshot):
@@ -544,34 +652,41 @@ def test_sql_consume_pool_refused(db, seeded, snapshot):
 # Every SQL function validates the identifiers it receives, reads included (Appendix C).
 SQL_USER_CALLS = {
     "allocate": "SELECT * FROM meter.allocate(p_user_id => %s, p_event_type => 'e',"
-                " p_amount => 1, p_unit => 't')",
+    " p_amount => 1, p_unit => 't')",
     "consume": "SELECT * FROM meter.consume(p_user_id => %s, p_event_type => 'e',"
-               " p_amount => 1, p_unit => 't')",
+    " p_amount => 1, p_unit => 't')",
     "reserve": "SELECT * FROM meter.reserve(p_user_id => %s, p_event_type => 'e',"
-               " p_amount => 1, p_unit => 't')",
+    " p_amount => 1, p_unit => 't')",
     "adjust": "SELECT * FROM meter.adjust(p_user_id => %s, p_event_type => 'e',"
-              " p_amount => 1, p_unit => 't')",
+    " p_amount => 1, p_unit => 't')",
     "get_balance": "SELECT * FROM meter.get_balance(p_user_id => %s, p_event_type => 'e',"
-                   " p_unit => 't')",
+    " p_unit => 't')",
     "get_account": "SELECT * FROM meter.get_account(p_user_id => %s, p_event_type => 'e',"
-                   " p_unit => 't')",
+    " p_unit => 't')",
     "get_user_balances": "SELECT * FROM meter.get_user_balances(p_user_id => %s)",
     "get_ledger": "SELECT * FROM meter.get_ledger(p_user_id => %s, p_event_type => 'e',"
-                  " p_unit => 't')",
+    " p_unit => 't')",
     "get_usage": "SELECT * FROM meter.get_usage(p_user_id => %s, p_start_time => NULL,"
-                 " p_end_time => NULL)",
+    " p_end_time => NULL)",
     "set_period_config": "SELECT meter.set_period_config(p_user_id => %s, p_event_type => 'e',"
-                         " p_unit => 't', p_resource => NULL, p_period_start => '2024-01-01',"
-                         " p_period_allocation => 1)",
+    " p_unit => 't', p_resource => NULL, p_period_start => '2024-01-01',"
+    " p_period_allocation => 1)",
     "open_period": "SELECT meter.open_period(p_user_id => %s, p_event_type => 'e',"
-                   " p_unit => 't', p_resource => NULL, p_period_start => '2024-01-01',"
-                   " p_allocation => 1)",
+    " p_unit => 't', p_resource => NULL, p_period_start => '2024-01-01',"
+    " p_allocation => 1)",
     "close_period": "SELECT * FROM meter.close_period(p_user_id => %s, p_event_type => 'e',"
-                    " p_unit => 't', p_resource => NULL, p_period_end => '2024-01-31')",
+    " p_unit => 't', p_resource => NULL, p_period_end => '2024-01-31')",
 }
-SQL_BAD_USERS = {"us": "a\x1fb", "del": "a\x7f", "apc": "\x9fa", "lead-space": " a",
-                 "trail-nbsp": "a\u00a0", "lead-ideo": "\u3000a", "too-long": "a" * 257,
-                 "empty": ""}
+SQL_BAD_USERS = {
+    "us": "a\x1fb",
+    "del": "a\x7f",
+    "apc": "\x9fa",
+    "lead-space": " a",
+    "trail-nbsp": "a\u00a0",
+    "lead-ideo": "\u3000a",
+    "too-long": "a" * 257,
+    "empty": "",
+}
 
 
 @pytest.mark.parametrize("fn", list(SQL_USER_CALLS))
