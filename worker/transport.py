@@ -493,7 +493,8 @@ class Channel(kombu_redis.Channel):
             self._heartbeat.start()
 
     def maybe_sweep(self) -> None:
-        """At most every ``unacked_restore_interval``: restore the messages of dead consumers.
+        """At most every ``unacked_restore_interval``: restore the messages of dead consumers,
+        and those held under this consumer's own id that it never received (:meth:`_unknown`).
 
         No mutex (kombu's would stay locked for ``unacked_mutex_expire`` after a kill
         inside it): concurrent sweeps are harmless, each restore being a WATCH/MULTI
