@@ -176,3 +176,14 @@ def test_reconcile_reads_each_partition_once(plans: Any) -> None:
         names = [n["Relation Name"] for n in scans]
         assert len(names) == len(set(names)), names
         assert all(n.get("Actual Loops", 1) <= 1 for n in scans), names
+
+
+def test_the_request_fingerprint_is_inlined(db: psycopg.Connection[Any]) -> None:
+    """meter._hash runs once per keyed event: as a SQL function it must stay inlinable
+    (no more volatile than its body), or every event pays a function call."""
+    plan = "\n".join(
+        row["QUERY PLAN"]
+        for row in db.execute("EXPLAIN (VERBOSE, COSTS OFF) SELECT meter._hash('a', NULL, 'b')")
+    )
+    assert "md5(array_to_string(" in plan, plan
+    assert "_hash" not in plan, plan

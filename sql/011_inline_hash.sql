@@ -1,0 +1,13 @@
+-- meter._hash (the request fingerprint stored with every idempotency key) becomes STABLE,
+-- so that PostgreSQL inlines it.
+--
+-- Why: it was declared IMMUTABLE, but its body calls array_to_string, which is STABLE; the
+-- planner inlines a SQL function only if its body is no more volatile than its label, so
+-- every keyed event paid a full SQL-function call. The body, and so every fingerprint, is
+-- unchanged: keys stored before this migration still replay. Nothing needs it IMMUTABLE
+-- (no index, constraint or generated column uses it).
+--
+-- Measured (PostgreSQL 18, 2 cores, loaded): a PL/pgSQL loop computing a consume's
+-- fingerprint, 5-8 µs per call as IMMUTABLE, 1.7-3 µs as STABLE (inlined): ~3 µs per keyed
+-- event, about 3% of apply_events' backend CPU per event and 1% of an SDK consume.
+ALTER FUNCTION meter._hash(text[]) STABLE;
