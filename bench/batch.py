@@ -259,29 +259,21 @@ def render_text(report: dict[str, Any]) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    header, rows = _table(report)
-    loads = [x for r in report["rows"] for x in r.load]
-    lines = [
-        "## Batch apply (`meter.apply_events`)",
-        "",
-        f"Last run {report['finished_at']}: `{report['command']}`",
-        "",
-        f"- Machine: {common.environment_line(report['hardware'], report.get('server'), loads)}.",
-        "- Mixed events (70% consume, 20% allocate, 10% adjust), each with its own "
+    return common.section_markdown(
+        "Batch apply (`meter.apply_events`)",
+        report,
+        [x for r in report["rows"] for x in r.load],
+        "Mixed events (70% consume, 20% allocate, 10% adjust), each with its own "
         "idempotency key; accounts exist beforehand. Wall time from the client, commit "
         "included; medians over the rounds. One by one: one `apply_events` call and "
         "transaction per event. COPY: the same number of rows into an unindexed table in "
         "one transaction. Server CPU: the backend's CPU time for the batch "
         "(`/proc/<pid>/schedstat`), less sensitive to the other jobs on the box than wall "
         "time.",
-        "",
-        *common.md_table(header, rows, "lrrrrrrrrr"),
-        "",
-        "Targets:",
-        "",
-        *[f"- {t}" for t in targets(report)],
-    ]
-    return "\n".join(lines)
+        _table(report),
+        "lrrrrrrrrr",
+        targets(report),
+    )
 
 
 def write_markdown(report: dict[str, Any], path: Path) -> None:
@@ -293,16 +285,9 @@ def as_json(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.batch", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="batches of 100 and 1000 only")
-    p.add_argument("--database-url", default=None)
-    p.add_argument("--markdown", nargs="?", const=common.DEFAULT_MARKDOWN, type=Path)
-    args = p.parse_args(argv)
-    report = run(args, "python -m bench.batch " + " ".join(argv or sys.argv[1:]))
-    print(render_text(report))
-    if args.markdown:
-        write_markdown(report, args.markdown)
-    return 0
+    return common.section_main(
+        "batch", __doc__, "batches of 100 and 1000 only", argv, run, render_text, render_markdown
+    )
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@ that block, so sections can be re-run one at a time.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import statistics
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -25,6 +27,8 @@ __all__ = [
     "md_table",
     "median",
     "percentile",
+    "section_main",
+    "section_markdown",
     "server_info",
     "text_table",
     "write_block",
@@ -101,3 +105,51 @@ def write_block(path: Path, name: str, body: str) -> None:
         text = text.rstrip("\n") + "\n\n" + section
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def section_markdown(
+    title: str, report: dict[str, Any], loads: Sequence[float], description: str,
+    table: tuple[Sequence[str], Sequence[Sequence[str]]], align: str, targets: Sequence[str],
+) -> str:  # fmt: skip
+    """A section's generated block: title, last run, machine, what was measured, table,
+    targets."""
+    header, rows = table
+    return "\n".join(
+        [
+            f"## {title}",
+            "",
+            f"Last run {report['finished_at']}: `{report['command']}`",
+            "",
+            f"- Machine: {environment_line(report['hardware'], report.get('server'), loads)}.",
+            f"- {description}",
+            "",
+            *md_table(header, rows, align),
+            "",
+            "Targets:",
+            "",
+            *[f"- {t}" for t in targets],
+        ]
+    )
+
+
+def section_main(
+    name: str, doc: str | None, quick_help: str, argv: Sequence[str] | None,
+    run: Callable[[argparse.Namespace, str], dict[str, Any]],
+    render_text: Callable[[dict[str, Any]], str],
+    render_markdown: Callable[[dict[str, Any]], str],
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:  # fmt: skip
+    """``python -m bench.<name>``: run the section alone, print it, and with ``--markdown``
+    rewrite its block."""
+    p = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=doc)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    if add_arguments is not None:
+        add_arguments(p)
+    p.add_argument("--database-url", default=None)
+    p.add_argument("--markdown", nargs="?", const=DEFAULT_MARKDOWN, type=Path)
+    args = p.parse_args(argv)
+    report = run(args, f"python -m bench.{name} " + " ".join(argv or sys.argv[1:]))
+    print(render_text(report))
+    if args.markdown:
+        write_block(args.markdown, name, render_markdown(report))
+    return 0

@@ -170,28 +170,20 @@ def render_text(report: dict[str, Any]) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     header, rows = _table(report)
-    loads = [r["load"] for r in report["results"]]
     gen = ", ".join(f"{r['rows']:,} rows in {r['populate_s']:.0f} s" for r in report["results"])
-    return "\n".join(
-        [
-            "## Growth (reads and consume as the ledger grows)",
-            "",
-            f"Last run {report['finished_at']}: `{report['command']}`",
-            "",
-            f"- Machine: {common.environment_line(report['hardware'], report.get('server'), loads)}.",
-            f"- {ACCOUNTS:,} accounts, ledger rows over {MONTHS} monthly partitions, generated "
-            f"set-based by `bench/growth.sql` then VACUUM ANALYZE ({gen}). Through "
-            "`MeterClient`, one connection, random users; reconcile once. get_ledger pages "
-            "hold 10 (first) and 5 (before six months back) entries at every size; get_usage "
-            "sums the user's consumption in one month, which grows with rows per user "
-            f"(rows / {ACCOUNTS:,}).",
-            "",
-            *common.md_table(header, rows, "l" + "r" * (len(header) - 1)),
-            "",
-            "Targets:",
-            "",
-            *[f"- {t}" for t in targets(report)],
-        ]
+    return common.section_markdown(
+        "Growth (reads and consume as the ledger grows)",
+        report,
+        [r["load"] for r in report["results"]],
+        f"{ACCOUNTS:,} accounts, ledger rows over {MONTHS} monthly partitions, generated "
+        f"set-based by `bench/growth.sql` then VACUUM ANALYZE ({gen}). Through "
+        "`MeterClient`, one connection, random users; reconcile once. get_ledger pages "
+        "hold 10 (first) and 5 (before six months back) entries at every size; get_usage "
+        "sums the user's consumption in one month, which grows with rows per user "
+        f"(rows / {ACCOUNTS:,}).",
+        (header, rows),
+        "l" + "r" * (len(header) - 1),
+        targets(report),
     )
 
 
@@ -200,17 +192,12 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.growth", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="100k and 1M rows")
-    p.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=None)
-    p.add_argument("--database-url", default=None)
-    p.add_argument("--markdown", nargs="?", const=common.DEFAULT_MARKDOWN, type=Path)
-    args = p.parse_args(argv)
-    report = run(args, "python -m bench.growth " + " ".join(argv or sys.argv[1:]))
-    print(render_text(report))
-    if args.markdown:
-        write_markdown(report, args.markdown)
-    return 0
+    def sizes(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=None)
+
+    return common.section_main(
+        "growth", __doc__, "100k and 1M rows", argv, run, render_text, render_markdown, sizes
+    )
 
 
 if __name__ == "__main__":

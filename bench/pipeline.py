@@ -264,25 +264,16 @@ def render_text(report: dict[str, Any]) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    header, rows = _table(report)
-    loads = [r["load"] for r in report["rows"]]
-    return "\n".join(
-        [
-            "## Pipeline end to end (producer -> Redis -> Celery -> PostgreSQL)",
-            "",
-            f"Last run {report['finished_at']}: `{report['command']}`",
-            "",
-            f"- Machine: {common.environment_line(report['hardware'], report.get('server'), loads)}.",
-            "- Embedded Redis and PostgreSQL (durable) on the same machine; `celery -A worker "
-            "worker --concurrency 2` subprocesses; the producer in the benchmark's process. "
-            "events/s: from the first producer call until the last ledger row is committed.",
-            "",
-            *common.md_table(header, rows, "rlrrrrr"),
-            "",
-            "Targets:",
-            "",
-            *[f"- {t}" for t in targets(report)],
-        ]
+    return common.section_markdown(
+        "Pipeline end to end (producer -> Redis -> Celery -> PostgreSQL)",
+        report,
+        [r["load"] for r in report["rows"]],
+        "Embedded Redis and PostgreSQL (durable) on the same machine; `celery -A worker "
+        "worker --concurrency 2` subprocesses; the producer in the benchmark's process. "
+        "events/s: from the first producer call until the last ledger row is committed.",
+        _table(report),
+        "rlrrrrr",
+        targets(report),
     )
 
 
@@ -291,16 +282,9 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="fewer events")
-    p.add_argument("--database-url", default=None)
-    p.add_argument("--markdown", nargs="?", const=common.DEFAULT_MARKDOWN, type=Path)
-    args = p.parse_args(argv)
-    report = run(args, "python -m bench.pipeline " + " ".join(argv or sys.argv[1:]))
-    print(render_text(report))
-    if args.markdown:
-        write_markdown(report, args.markdown)
-    return 0
+    return common.section_main(
+        "pipeline", __doc__, "fewer events", argv, run, render_text, render_markdown
+    )
 
 
 if __name__ == "__main__":
