@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -163,17 +164,24 @@ def db_url(
 ) -> Iterator[str]:
     """Superuser conninfo of a fresh database cloned from the template; dropped afterwards."""
     name = f"meter_t{_suffix()}_{next(_db_counter)}"
+    with cloned_database(_admin, meter_template, name):
+        yield pg_server.url(name)
+
+
+@contextmanager
+def cloned_database(admin: psycopg.Connection[Any], template: str, name: str) -> Iterator[None]:
+    """Database ``name``, a file copy of ``template``, for the duration; dropped afterwards."""
     ident = sql.Identifier(name)
-    _admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
-    _admin.execute(
+    admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+    admin.execute(
         sql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY FILE_COPY").format(
-            ident, sql.Identifier(meter_template)
+            ident, sql.Identifier(template)
         )
     )
     try:
-        yield pg_server.url(name)
+        yield
     finally:
-        _admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
 
 
 def _dbname(conninfo: str) -> str:

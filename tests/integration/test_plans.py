@@ -17,9 +17,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
-from tests.fix_db import _suffix
+from tests.fix_db import _suffix, cloned_database
 
 NS = "growth"
 ACCOUNTS = 2000
@@ -52,14 +51,7 @@ def ledger_db(
     """A database cloned from the template with the generated ledger, shared by this
     module's tests (they only read); dropped afterwards."""
     name = "meter_plans" + _suffix()
-    ident = sql.Identifier(name)
-    _admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
-    _admin.execute(
-        sql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY FILE_COPY").format(
-            ident, sql.Identifier(meter_template)
-        )
-    )
-    try:
+    with cloned_database(_admin, meter_template, name):
         with psycopg.connect(pg_server.url(name), autocommit=True) as conn:
             conn.execute(GENERATOR.read_text())
             conn.execute(
@@ -71,8 +63,6 @@ def ledger_db(
                 0,
             )
         yield pg_server.url(name)
-    finally:
-        _admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
 
 
 @pytest.fixture
