@@ -49,10 +49,34 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
 
 __all__ = ["Settings"]
+
+
+# The environment variable of each setting (the module docstring says what each means).
+_ENV: Final = {
+    "database_url": "METER_DATABASE_URL",
+    "db_pool_size": "METER_DB_POOL_SIZE",
+    "orphan_horizon": "METER_ORPHAN_HORIZON_SECONDS",
+    "max_deliveries": "METER_MAX_DELIVERIES",
+    "max_retries": "METER_MAX_RETRIES",
+    "retry_backoff_base": "METER_RETRY_BACKOFF_BASE",
+    "retry_backoff_max": "METER_RETRY_BACKOFF_MAX",
+    "expiry_interval": "METER_EXPIRY_INTERVAL_SECONDS",
+    "expiry_batch": "METER_EXPIRY_BATCH",
+    "roll_interval": "METER_ROLL_INTERVAL_SECONDS",
+    "roll_batch": "METER_ROLL_BATCH",
+    "partitions_interval": "METER_PARTITIONS_INTERVAL_SECONDS",
+    "partitions_ahead": "METER_PARTITIONS_AHEAD_MONTHS",
+    "ledger_retention_months": "METER_LEDGER_RETENTION_MONTHS",
+    "retention_interval": "METER_RETENTION_INTERVAL_SECONDS",
+    "key_retention_days": "METER_IDEMPOTENCY_KEY_RETENTION_DAYS",
+    "prune_interval": "METER_PRUNE_INTERVAL_SECONDS",
+    "prune_batch": "METER_PRUNE_BATCH",
+    "signing_secret": "METER_SIGNING_SECRET",
+}
 
 
 def _number(env: Mapping[str, str], name: str, default: float, *, integer: bool) -> Any:
@@ -101,50 +125,14 @@ class Settings:
             ValueError: a variable is not a positive number.
         """
         env = os.environ if env is None else env
-        d = cls()
-        return cls(
-            database_url=env.get("METER_DATABASE_URL", d.database_url),
-            db_pool_size=_number(env, "METER_DB_POOL_SIZE", d.db_pool_size, integer=True),
-            orphan_horizon=_number(
-                env, "METER_ORPHAN_HORIZON_SECONDS", d.orphan_horizon, integer=False
-            ),
-            max_deliveries=_number(env, "METER_MAX_DELIVERIES", d.max_deliveries, integer=True),
-            max_retries=_number(env, "METER_MAX_RETRIES", d.max_retries, integer=True),
-            retry_backoff_base=_number(
-                env, "METER_RETRY_BACKOFF_BASE", d.retry_backoff_base, integer=False
-            ),
-            retry_backoff_max=_number(
-                env, "METER_RETRY_BACKOFF_MAX", d.retry_backoff_max, integer=False
-            ),
-            expiry_interval=_number(
-                env, "METER_EXPIRY_INTERVAL_SECONDS", d.expiry_interval, integer=False
-            ),
-            expiry_batch=_number(env, "METER_EXPIRY_BATCH", d.expiry_batch, integer=True),
-            roll_interval=_number(
-                env, "METER_ROLL_INTERVAL_SECONDS", d.roll_interval, integer=False
-            ),
-            roll_batch=_number(env, "METER_ROLL_BATCH", d.roll_batch, integer=True),
-            partitions_interval=_number(
-                env, "METER_PARTITIONS_INTERVAL_SECONDS", d.partitions_interval, integer=False
-            ),
-            partitions_ahead=_number(
-                env, "METER_PARTITIONS_AHEAD_MONTHS", d.partitions_ahead, integer=True
-            ),
-            ledger_retention_months=_number(
-                env, "METER_LEDGER_RETENTION_MONTHS", d.ledger_retention_months, integer=True
-            ),
-            retention_interval=_number(
-                env, "METER_RETENTION_INTERVAL_SECONDS", d.retention_interval, integer=False
-            ),
-            key_retention_days=_number(
-                env, "METER_IDEMPOTENCY_KEY_RETENTION_DAYS", d.key_retention_days, integer=True
-            ),
-            prune_interval=_number(
-                env, "METER_PRUNE_INTERVAL_SECONDS", d.prune_interval, integer=False
-            ),
-            prune_batch=_number(env, "METER_PRUNE_BATCH", d.prune_batch, integer=True),
-            signing_secret=env.get("METER_SIGNING_SECRET", d.signing_secret),
-        )
+        values: dict[str, Any] = {}
+        for name, default in asdict(cls()).items():
+            var = _ENV[name]
+            if isinstance(default, str):
+                values[name] = env.get(var, default)
+            else:  # the default's type says whether a fraction is allowed
+                values[name] = _number(env, var, default, integer=isinstance(default, int))
+        return cls(**values)
 
     def as_conf(self) -> dict[str, Any]:
         """The ``meter_*`` Celery config keys holding these settings."""
