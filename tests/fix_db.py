@@ -184,6 +184,15 @@ def cloned_database(admin: psycopg.Connection[Any], template: str, name: str) ->
         admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
 
 
+def ledger_partitions(db: psycopg.Connection[Any]) -> set[str]:
+    """The names of ``meter.ledger``'s partitions (``db`` returning dict rows)."""
+    rows = db.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        " WHERE i.inhparent = 'meter.ledger'::regclass"
+    ).fetchall()
+    return {r["relname"] for r in rows}
+
+
 def _dbname(conninfo: str) -> str:
     return str(conninfo_to_dict(conninfo)["dbname"])
 

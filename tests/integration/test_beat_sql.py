@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from tests.fix_db import ledger_partitions
 from worker import db as wdb
 
 D = Decimal
@@ -382,19 +383,11 @@ def test_prune_refuses_bad_arguments_and_changes_nothing(client, db, snapshot, a
 # ---------------------------------------------------------------- partitions and retention
 
 
-def partitions(db: psycopg.Connection[Any]) -> set[str]:
-    rows = db.execute(
-        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
-        " WHERE i.inhparent = 'meter.ledger'::regclass"
-    ).fetchall()
-    return {r["relname"] for r in rows}
-
-
 def test_partitions_ahead_and_retention_keep_reconcile_empty(client, db, db_url):
     t = today(db)
     created = wdb.ensure_partitions(db_url, 1, 6)
     expected = {f"ledger_{month_start(t, -i):%Y_%m}" for i in range(7)}
-    assert expected <= partitions(db)
+    assert expected <= ledger_partitions(db)
     assert set(created) == {f"ledger_{month_start(t, -i):%Y_%m}" for i in (4, 5, 6)}
     assert wdb.ensure_partitions(db_url, 1, 6) == []
 

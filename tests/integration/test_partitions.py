@@ -16,6 +16,8 @@ from decimal import Decimal
 import psycopg
 import pytest
 
+from tests.fix_db import ledger_partitions
+
 D = Decimal
 ET = "tokens"
 UNIT = "tok"
@@ -46,14 +48,6 @@ def this_month(db) -> tuple[int, int]:
         " extract(month FROM now() AT TIME ZONE 'UTC')::int AS m"
     ).fetchone()
     return row["y"], row["m"]
-
-
-def partitions(db) -> set[str]:
-    rows = db.execute(
-        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
-        " WHERE i.inhparent = 'meter.ledger'::regclass"
-    ).fetchall()
-    return {r["relname"] for r in rows}
 
 
 def bounds(db, name: str) -> str:
@@ -101,12 +95,12 @@ def bal(client, user_id: str) -> dict:
 
 
 def test_create_partition_returns_name_then_null(db):
-    before = partitions(db)
+    before = ledger_partitions(db)
     assert pname(2040, 5) not in before
     assert short(db.execute("SELECT meter.create_partition(2040, 5) AS p").fetchone()["p"]) == (
         "ledger_2040_05"
     )
-    assert partitions(db) == before | {"ledger_2040_05"}
+    assert ledger_partitions(db) == before | {"ledger_2040_05"}
     assert bounds(db, "ledger_2040_05") == (
         "FOR VALUES FROM ('2040-05-01 00:00:00+00') TO ('2040-06-01 00:00:00+00')"
     )
@@ -119,14 +113,14 @@ def test_create_partition_returns_name_then_null(db):
     )
     # Existing: NULL, nothing changes.
     assert db.execute("SELECT meter.create_partition(2040, 5) AS p").fetchone()["p"] is None
-    assert partitions(db) == before | {"ledger_2040_05", "ledger_2040_12"}
+    assert ledger_partitions(db) == before | {"ledger_2040_05", "ledger_2040_12"}
 
 
 @pytest.mark.parametrize("month", [0, 13, -1, None])
 def test_create_partition_bad_month_is_validation_error(db, month):
-    before = partitions(db)
+    before = ledger_partitions(db)
     assert sqlstate_of(db, "SELECT meter.create_partition(2040, %s::int)", (month,)) == "MT001"
-    assert partitions(db) == before
+    assert ledger_partitions(db) == before
 
 
 # ---------------------------------------------------------------- ensure_partitions
@@ -134,12 +128,12 @@ def test_create_partition_bad_month_is_validation_error(db, month):
 
 def test_ensure_partitions_creates_current_and_months_ahead(db):
     y, m = this_month(db)
-    before = partitions(db)
+    before = ledger_partitions(db)
     want3 = {pname(*add_months(y, m, k)) for k in range(4)}
     created = {short(n) for n in column(db, "SELECT * FROM meter.ensure_partitions(3)")}
     assert created == want3 - before
-    assert want3 <= partitions(db)
-    assert partitions(db) == before | want3
+    assert want3 <= ledger_partitions(db)
+    assert ledger_partitions(db) == before | want3
     # Again: nothing to create.
     assert column(db, "SELECT * FROM meter.ensure_partitions(3)") == []
     # Further ahead: exactly the missing months, in order.
@@ -147,7 +141,7 @@ def test_ensure_partitions_creates_current_and_months_ahead(db):
     created = [short(n) for n in column(db, "SELECT * FROM meter.ensure_partitions(14)")]
     assert created == [n for n in want14 if n not in before | want3]
     assert len(created) >= 14 - 3
-    assert partitions(db) == before | set(want14)
+    assert ledger_partitions(db) == before | set(want14)
     # Every one has its UTC month bounds.
     ny, nm = add_months(y, m, 14)
     fy, fm = add_months(y, m, 15)
@@ -161,7 +155,7 @@ def test_ensure_partitions_default_is_three_months(db):
     y, m = this_month(db)
     column(db, "SELECT * FROM meter.ensure_partitions()")
     for k in range(4):
-        assert pname(*add_months(y, m, k)) in partitions(db)
+        assert pname(*add_months(y, m, k)) in ledger_partitions(db)
 
 
 def test_new_partitions_refuse_truncate(db, client):
@@ -178,12 +172,12 @@ def test_new_partitions_refuse_truncate(db, client):
 
 
 def test_backdated_events_create_their_month_on_demand(client, db):
-    assert "ledger_2019_03" not in partitions(db)
-    assert "ledger_2018_11" not in partitions(db)
+    assert "ledger_2019_03" not in ledger_partitions(db)
+    assert "ledger_2018_11" not in ledger_partitions(db)
     a = client.allocate("u1", ET, 100, UNIT, event_time=mid_month(2019, 3))
     c = client.consume("u1", ET, 40, UNIT, event_time=mid_month(2018, 11))
     assert (a["balance"], c["balance"]) == (D("100"), D("60"))
-    assert {"ledger_2019_03", "ledger_2018_11"} <= partitions(db)
+    assert {"ledger_2019_03", "ledger_2018_11"} <= ledger_partitions(db)
     assert partition_of(db, a["entry_id"]) == "meter.ledger_2019_03"
     assert partition_of(db, c["entry_id"]) == "meter.ledger_2018_11"
     rows = client.get_ledger("u1", ET, UNIT)
@@ -217,9 +211,9 @@ def test_month_boundaries_are_utc(client, db):
 @pytest.mark.parametrize("n", [0, -1, None])
 def test_drop_old_partitions_below_one_is_validation_error(client, db, snapshot, n):
     client.allocate("u1", ET, 10, UNIT, event_time=mid_month(2019, 1))
-    before, parts = snapshot(), partitions(db)
+    before, parts = snapshot(), ledger_partitions(db)
     assert sqlstate_of(db, "SELECT * FROM meter.drop_old_partitions(%s::int)", (n,)) == "MT001"
-    assert partitions(db) == parts
+    assert ledger_partitions(db) == parts
     assert snapshot() == before
 
 
@@ -256,7 +250,7 @@ def test_drop_old_partitions_folds_into_checkpoint(client, db, make_client):
         " FROM meter.accounts ORDER BY namespace, user_id NULLS FIRST"
     ).fetchall()
 
-    parts = partitions(db)
+    parts = ledger_partitions(db)
     expected_drop = set()
     for p in parts:
         mt = PART_RE.match(p)
@@ -267,9 +261,9 @@ def test_drop_old_partitions_folds_into_checkpoint(client, db, make_client):
 
     dropped = [short(n) for n in column(db, "SELECT * FROM meter.drop_old_partitions(1)")]
     assert sorted(dropped) == sorted(expected_drop)
-    assert partitions(db) == parts - expected_drop
-    assert pname(*prev) in partitions(db)
-    assert pname(y, m) in partitions(db)
+    assert ledger_partitions(db) == parts - expected_drop
+    assert pname(*prev) in ledger_partitions(db)
+    assert pname(y, m) in ledger_partitions(db)
 
     # The checkpoints hold the folded sums, per account and namespace.
     cp = checkpoint(db, "u1")
@@ -349,8 +343,8 @@ def test_drop_old_partitions_default_keeps_24_months(client, db):
     client.allocate("u1", ET, 5, UNIT, event_time=mid_month(*add_months(y, m, -24)))
     dropped = {short(n) for n in column(db, "SELECT * FROM meter.drop_old_partitions()")}
     assert dropped == {pname(*edge)}
-    assert pname(*inside) in partitions(db)
-    assert pname(*add_months(y, m, -24)) in partitions(db)
+    assert pname(*inside) in ledger_partitions(db)
+    assert pname(*add_months(y, m, -24)) in ledger_partitions(db)
     cp = checkpoint(db, "u1")
     assert (cp["balance"], cp["entries"]) == (D("4"), 1)
     assert client.reconcile() == []

@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from tests.fix_db import ledger_partitions
 from tests.system.harness import BeatProcess, WorkerProcess, eventually
 
 pytestmark = [pytest.mark.system]
@@ -85,14 +86,6 @@ def month_start(today: date, back: int) -> date:
 
 def at(day: date) -> datetime:
     return datetime(day.year, day.month, day.day, tzinfo=UTC)
-
-
-def partitions(db: psycopg.Connection[Any]) -> set[str]:
-    rows = db.execute(
-        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
-        " WHERE i.inhparent = 'meter.ledger'::regclass"
-    ).fetchall()
-    return {r["relname"] for r in rows}
 
 
 def test_beat_runs_every_maintenance_task(
@@ -173,8 +166,8 @@ def test_beat_runs_every_maintenance_task(
 
     # Partitions ahead, retention, pruning.
     ahead = {f"ledger_{month_start(today, -i):%Y_%m}" for i in range(6)}
-    assert ahead <= partitions(db)
-    assert f"ledger_{old_month:%Y_%m}" not in partitions(db)
+    assert ahead <= ledger_partitions(db)
+    assert f"ledger_{old_month:%Y_%m}" not in ledger_partitions(db)
     assert client.get_balance("r", ET, UNIT)["balance"] == D("11")
     assert client.reconcile() == []
     assert (
