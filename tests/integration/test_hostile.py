@@ -352,14 +352,18 @@ def test_producer_accepted_input_is_applied_correctly(pipeline, make_producer, d
     check_applied(db, fn, kwargs, got)
 
 
-def test_producer_deep_metadata_survives_the_broker(pipeline, make_producer, db):
-    """Metadata as deep as the producer accepts is decoded and applied by the worker."""
+def test_producer_deep_metadata_survives_the_broker(pipeline, make_producer, db, broker_url):
+    """Metadata as deep as the producer accepts is decoded and applied by the worker;
+    deeper is refused at the call, with nothing sent."""
     producer = make_producer("default", results=True)
     deep = _deep(800)
     got = producer.allocate("u1", ET, 1, UNIT, metadata=deep).wait(timeout=30)
     assert got["balance"] == D(1)
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError) as ei:
         producer.allocate("u1", ET, 1, UNIT, metadata=_deep(100_000))
+    assert ei.value.parameter == "metadata"
+    assert _queue_length(broker_url) == 0
+    assert db.execute("SELECT count(*) AS n FROM meter.ledger").fetchone()["n"] == 1
 
 
 CRAFTED: dict[str, tuple[str, Any]] = {
