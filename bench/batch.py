@@ -26,7 +26,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -278,10 +278,6 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def write_markdown(report: dict[str, Any], path: Path) -> None:
     common.write_block(path, "batch", render_markdown(report))
-
-
-def as_json(report: dict[str, Any]) -> dict[str, Any]:
-    return {**report, "rows": [asdict(r) for r in report["rows"]]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
