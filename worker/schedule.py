@@ -26,7 +26,9 @@ missed while no worker was up do not pile up into a burst of stale runs.
 
 Every run is recorded in ``meter.maintenance_runs`` (``meter.get_maintenance_runs()``): when
 it started and finished, its result or its error. A failure is logged, recorded, raised
-(the worker logs it) and left to the next tick.
+and left to the next tick: a transient one (the database down or restarting, a timeout,
+a lost race) as :class:`MaintenanceDeferred`, one warning line; any other with its
+traceback.
 
 Driving time in tests: ``roll_periods`` and ``prune_idempotency_keys`` take ``now`` (an ISO
 8601 timestamp with a zone, default: the database clock), passed to the SQL functions'
@@ -45,6 +47,7 @@ from celery.utils.log import get_task_logger
 
 from meter import wire
 from worker import db
+from worker.retry import is_transient
 from worker.settings import Settings
 
 __all__ = [
@@ -53,6 +56,7 @@ __all__ = [
     "RETENTION",
     "ROLL_PERIODS",
     "EveryFromStart",
+    "MaintenanceDeferred",
     "beat_schedule",
     "ensure_partitions",
     "prune_idempotency_keys",
@@ -95,23 +99,43 @@ class EveryFromStart(schedule):
         return super().is_due(last_run_at)
 
 
+class MaintenanceDeferred(Exception):
+    """A maintenance run met a transient failure (the database down or restarting, a lock
+    or statement timeout, a lost race); the next tick runs it again.
+
+    Declared in each task's ``throws``, so the worker logs it as expected, one line at INFO,
+    instead of a traceback at ERROR every tick for as long as the database is away.
+    """
+
+
 def _recorded(task: str, s: Settings, work: Callable[[], R], summary: Callable[[R], Any]) -> R:
     """Run ``work`` and record the run (its summary, or its error) in maintenance_runs.
 
-    A failure to record is logged, never allowed to hide the work's own outcome.
+    A failure to record is logged, never allowed to hide the work's own outcome. A
+    transient failure is logged as a warning without traceback and raised as
+    :class:`MaintenanceDeferred`; any other is logged with its traceback and raised as is.
     """
     started = datetime.now(UTC)
     try:
         result = work()
     except Exception as exc:
-        logger.exception("%s failed", task)
+        transient = is_transient(exc)
+        if transient:
+            logger.warning("%s deferred to the next tick: %s", task, _one_line(exc))
+        else:
+            logger.exception("%s failed", task)
         try:
             db.record_maintenance_run(
                 s.database_url, s.db_pool_size, task=task, ok=False,
                 error=f"{type(exc).__name__}: {exc}", started_at=started,
             )  # fmt: skip
-        except Exception:
-            logger.exception("%s: could not record the failed run", task)
+        except Exception as not_recorded:
+            if transient and is_transient(not_recorded):
+                logger.warning("%s: could not record the deferred run either", task)
+            else:
+                logger.exception("%s: could not record the failed run", task)
+        if transient:
+            raise MaintenanceDeferred(f"{task}: {_one_line(exc)}") from exc
         raise
     try:
         db.record_maintenance_run(
@@ -121,6 +145,12 @@ def _recorded(task: str, s: Settings, work: Callable[[], R], summary: Callable[[
     except Exception:
         logger.exception("%s: could not record the run", task)
     return result
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: message``, first line only (psycopg adds context lines)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def _as_time(now: str | None) -> datetime | None:
@@ -133,7 +163,9 @@ def _as_time(now: str | None) -> datetime | None:
     return value
 
 
-@shared_task(bind=True, name=wire.RELEASE_EXPIRED, ignore_result=True)
+@shared_task(
+    bind=True, name=wire.RELEASE_EXPIRED, ignore_result=True, throws=(MaintenanceDeferred,)
+)
 def release_expired(self: Task) -> int:
     """Expire every active hold whose TTL has passed, in every namespace; how many.
 
@@ -158,7 +190,7 @@ def release_expired(self: Task) -> int:
     return _recorded(wire.RELEASE_EXPIRED, s, work, lambda n: {"expired": n})
 
 
-@shared_task(bind=True, name=ROLL_PERIODS, ignore_result=True)
+@shared_task(bind=True, name=ROLL_PERIODS, ignore_result=True, throws=(MaintenanceDeferred,))
 def roll_periods(self: Task, now: str | None = None) -> dict[str, int]:
     """Roll every configured account's ended periods as of ``now`` (default: the database
     clock); counts of steps by status (``opened``, ``rolled``, ``error``).
@@ -191,7 +223,7 @@ def roll_periods(self: Task, now: str | None = None) -> dict[str, int]:
     return _recorded(ROLL_PERIODS, s, work, lambda counts: counts)
 
 
-@shared_task(bind=True, name=ENSURE_PARTITIONS, ignore_result=True)
+@shared_task(bind=True, name=ENSURE_PARTITIONS, ignore_result=True, throws=(MaintenanceDeferred,))
 def ensure_partitions(self: Task) -> list[str]:
     """Create this month's ledger partition and the next ``meter_partitions_ahead``; the
     names created."""
@@ -206,7 +238,7 @@ def ensure_partitions(self: Task) -> list[str]:
     return _recorded(ENSURE_PARTITIONS, s, work, lambda names: {"created": names})
 
 
-@shared_task(bind=True, name=RETENTION, ignore_result=True)
+@shared_task(bind=True, name=RETENTION, ignore_result=True, throws=(MaintenanceDeferred,))
 def retention(self: Task) -> list[str]:
     """Fold the ledger months older than ``meter_ledger_retention_months`` into the
     retention checkpoints and drop them (``meter.drop_old_partitions``); the names dropped.
@@ -224,7 +256,7 @@ def retention(self: Task) -> list[str]:
     return _recorded(RETENTION, s, work, lambda names: {"dropped": names})
 
 
-@shared_task(bind=True, name=PRUNE_KEYS, ignore_result=True)
+@shared_task(bind=True, name=PRUNE_KEYS, ignore_result=True, throws=(MaintenanceDeferred,))
 def prune_idempotency_keys(self: Task, now: str | None = None) -> int:
     """Delete idempotency keys older than ``meter_key_retention_days`` as of ``now``
     (default: the database clock), except those still needed (see

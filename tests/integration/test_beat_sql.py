@@ -595,3 +595,40 @@ def test_tasks_take_the_time_as_an_argument_and_record_their_runs(client, db, ma
         "error": 0,
     }
     assert recorded["meter.retention"]["last_result"] == {"dropped": []}
+
+
+def test_a_transient_failure_defers_the_run_with_one_warning(db, maint_url, caplog):
+    from worker.app import make_app
+    from worker.schedule import MaintenanceDeferred
+
+    # lock_timeout on the worker's sessions; the sweep waits on a lock this test holds
+    url = maint_url + ("&" if "?" in maint_url else "?") + "options=-c%20lock_timeout%3D200"
+    app = make_app(broker_url="redis://127.0.0.1:9/0", database_url=url, env={})
+    task = app.tasks["meter.release_expired"]
+    caplog.set_level("INFO")
+    with psycopg.connect(db.info.dsn, autocommit=False) as holder:
+        holder.execute("LOCK TABLE meter.reservations IN ACCESS EXCLUSIVE MODE")
+        result = task.apply()
+        holder.rollback()
+    assert result.failed()
+    assert isinstance(result.result, MaintenanceDeferred)
+    assert "meter.release_expired" in str(result.result) and "LockNotAvailable" in str(
+        result.result
+    )
+    # one warning naming the task, no traceback, nothing at ERROR
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert [r.getMessage().split(":")[0] for r in warnings] == [
+        "meter.release_expired deferred to the next tick"
+    ]
+    assert not [r for r in caplog.records if r.levelno >= 40], [
+        r.getMessage() for r in caplog.records if r.levelno >= 40
+    ]
+    assert all(r.exc_info is None for r in warnings)
+    failed = runs(db)["meter.release_expired"]
+    assert failed["last_ok_at"] is None and "LockNotAvailable" in failed["last_error"]
+
+    # the next tick, the lock gone: runs and is recorded as a success
+    caplog.clear()
+    assert task.apply().get() == 0
+    assert runs(db)["meter.release_expired"]["last_ok_at"] is not None
+    assert not [r for r in caplog.records if r.levelno >= 30]
