@@ -680,3 +680,58 @@ def test_accounts_are_per_namespace(client, make_client, db):
     assert balance(client)["balance"] == D("10")
     assert balance(other)["balance"] == D("3")
     assert len(account_rows(db, namespace="other")) == 1
+
+
+def test_the_reservations_table_refuses_an_inconsistent_hold(client, db, snapshot):
+    import psycopg
+
+    client.allocate(U, ET, 100, UNIT)
+    ids = {fate: client.reserve(U, ET, D("5"), UNIT)["reservation_id"]
+           for fate in ("active", "used", "unused", "released")}  # fmt: skip
+    client.commit(ids["used"], D("3"))
+    client.commit(ids["unused"], D("0"))
+    client.release(ids["released"])
+    rows = {r["reservation_id"]: r for r in db.execute("SELECT * FROM meter.reservations")}
+    assert rows[ids["used"]]["entry_id"] is not None
+    assert rows[ids["unused"]]["entry_id"] is None  # nothing consumed: no ledger entry
+    before = snapshot()
+
+    bad = [
+        ("status = 'committed'", "active"),  # committed without actual amount or result
+        ("completed_at = now()", "active"),  # active yet completed
+        ("actual_amount = 1", "active"),
+        ("ttl_seconds = 0", "active"),
+        ("ttl_seconds = 86401", "active"),
+        ("completed_at = NULL", "used"),
+        ("actual_amount = -1", "used"),
+        ("actual_amount = NULL", "used"),
+        ("entry_id = NULL", "used"),  # consumed, but no ledger entry
+        ("entry_id = 1", "unused"),  # nothing consumed, yet a ledger entry
+        ("commit_result = NULL", "unused"),
+        ("status = 'active'", "released"),  # back to active while marked completed
+        ("actual_amount = 2", "released"),
+        ("status = 'expired', entry_id = 1", "released"),
+        ("status = 'pending'", "active"),
+    ]
+    for assignment, fate in bad:
+        with pytest.raises(psycopg.errors.CheckViolation) as refused, db.transaction():
+            db.execute(
+                f"UPDATE meter.reservations SET {assignment} WHERE reservation_id = %s",
+                (ids[fate],),
+            )
+        assert refused.value.diag.constraint_name in (
+            "reservations_consistent",
+            "reservations_status_check",
+        ), assignment
+    assert snapshot() == before
+    # the outcomes the API writes pass: expiring the active hold is one of them
+    db.execute(
+        "UPDATE meter.reservations SET expires_at = now() - interval '1 second'"
+        " WHERE reservation_id = %s",
+        (ids["active"],),
+    )
+    assert db.execute("SELECT meter.release_expired_reservations()").fetchone() is not None
+    status = db.execute(
+        "SELECT status FROM meter.reservations WHERE reservation_id = %s", (ids["active"],)
+    ).fetchone()
+    assert list(status.values()) == ["expired"]
