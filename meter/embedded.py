@@ -547,6 +547,9 @@ class EmbeddedRedis:
     Parameters:
         data_dir: Redis's ``--dir``; holds the AOF, log, pid and port files.
         port: TCP port; a free one is chosen when None.
+        appendfsync: ``everysec`` (default) or ``always`` (every write on disk before Redis
+            answers it; the crash tests use it). Set at start, so no client ever writes
+            under another policy.
         startup_timeout: seconds to wait for PING to answer.
     """
 
@@ -555,9 +558,13 @@ class EmbeddedRedis:
         data_dir: str | os.PathLike[str],
         port: int | None = None,
         *,
+        appendfsync: str = "everysec",
         startup_timeout: float = 30.0,
     ) -> None:
+        if appendfsync not in ("everysec", "always"):
+            raise ValueError(f"appendfsync: 'everysec' or 'always', got {appendfsync!r}")
         self.data_dir = Path(data_dir).absolute()
+        self.appendfsync = appendfsync
         self.startup_timeout = startup_timeout
         self._requested_port = port
         self._port: int | None = None
@@ -666,7 +673,7 @@ class EmbeddedRedis:
                 "--bind", HOST,
                 "--port", str(port),
                 "--appendonly", "yes",
-                "--appendfsync", "everysec",
+                "--appendfsync", self.appendfsync,
                 "--maxmemory-policy", "noeviction",
                 "--dir", str(self.data_dir),
                 "--save", "",

@@ -75,10 +75,12 @@ class CrashableRedis:
         return f"redis://127.0.0.1:{self.port}/{db}"
 
     def start(self) -> None:
-        EmbeddedRedis(self.data_dir, port=self.port).start()
+        # On the command line, not by CONFIG SET once up: clients reconnect within
+        # milliseconds of a restart, and none may write under ``everysec`` meanwhile.
+        EmbeddedRedis(self.data_dir, port=self.port, appendfsync="always").start()
         client = redis.Redis.from_url(self.url())
         try:
-            client.config_set("appendfsync", "always")
+            assert client.config_get("appendfsync") == {"appendfsync": "always"}
         finally:
             client.close()
 

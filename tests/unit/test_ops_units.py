@@ -1,10 +1,12 @@
-"""Pure helpers of the operations tooling: the metrics port setting, URL redaction, and
-the outcome counting of worker/metrics.py (on a private registry)."""
+"""Pure helpers of the operations tooling: the metrics port setting, URL redaction, the
+outcome counting of worker/metrics.py (on a private registry), and the embedded Redis's
+fsync policy argument."""
 
 from __future__ import annotations
 
 import pytest
 
+from meter.embedded import EmbeddedRedis
 from meter.status import redact
 from worker.metrics import metrics_port
 
@@ -69,3 +71,11 @@ def test_outcomes_are_counted_by_op_and_status_and_errors_are_dead_letters() -> 
     assert value("meter_dead_letters_total", op="apply_batch") == 2
     assert value("meter_dead_letters_total", op="consume") is None
     assert value("meter_batch_size_count") == 1 and value("meter_batch_size_sum") == 4
+
+
+@pytest.mark.parametrize("policy", ["no", "EVERYSEC", ""])
+def test_embedded_redis_refuses_an_unknown_fsync_policy(tmp_path, policy: str) -> None:
+    with pytest.raises(ValueError, match="appendfsync"):
+        EmbeddedRedis(tmp_path, appendfsync=policy)
+    assert list(tmp_path.iterdir()) == []  # nothing created, nothing started
+    assert EmbeddedRedis(tmp_path, appendfsync="always").appendfsync == "always"
