@@ -23,6 +23,11 @@ CI size: ``METER_CHAOS_SECONDS`` (default 25) of faults. A long run by hand::
 
     METER_CHAOS_SECONDS=600 .venv/bin/pytest -s tests/system/test_chaos.py
 
+``METER_CHAOS_SEED`` picks another random sequence. ``METER_CHAOS_WEIGHTS`` sets how often
+each fault is drawn (default ``worker=4,redis=2,postgres=2,beat=1``; a fault left out, or
+given 0, never happens), to aim a long run at one kind, e.g. ``redis=1`` for a restart of
+Redis every 0.5-3 s.
+
 The figures are printed (``-s``): events sent, faults by kind, lost, doubled.
 """
 
@@ -66,6 +71,30 @@ CHAOS_SECONDS = float(os.environ.get("METER_CHAOS_SECONDS", "25"))
 pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.timeout(CHAOS_SECONDS + 480)]
 
 SEED = int(os.environ.get("METER_CHAOS_SEED", "6"))
+FAULTS = {"worker": "kill worker", "redis": "restart redis", "postgres": "restart postgres",
+          "beat": "kill beat"}  # fmt: skip
+
+
+def fault_weights(spec: str) -> dict[str, float]:
+    """``METER_CHAOS_WEIGHTS`` (``worker=4,redis=2``...) as {fault kind: weight}."""
+    weights = dict.fromkeys(FAULTS.values(), 0.0)
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, value = part.partition("=")
+        if name.strip() not in FAULTS:
+            raise ValueError(f"METER_CHAOS_WEIGHTS: unknown fault {name!r} (known: {list(FAULTS)})")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise ValueError(f"METER_CHAOS_WEIGHTS: {part!r} needs a number") from None
+        if not 0 <= weight < float("inf"):
+            raise ValueError(f"METER_CHAOS_WEIGHTS: {part!r} must be a finite number >= 0")
+        weights[FAULTS[name.strip()]] = weight
+    if not any(weights.values()):
+        raise ValueError(f"METER_CHAOS_WEIGHTS: {spec!r} draws no fault")
+    return weights
+
+
+WEIGHTS = fault_weights(os.environ.get("METER_CHAOS_WEIGHTS", "worker=4,redis=2,postgres=2,beat=1"))
 PRODUCERS = 3
 USERS = 8
 ET, UNIT = "tokens", "tok"
@@ -332,10 +361,7 @@ class Controller:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             time.sleep(self.rng.uniform(0.5, 3.0))
-            kind = self.rng.choices(
-                ["kill worker", "restart redis", "restart postgres", "kill beat"],
-                weights=[4, 2, 2, 1],
-            )[0]
+            kind = self.rng.choices(list(WEIGHTS), weights=list(WEIGHTS.values()))[0]
             began = time.monotonic()
             getattr(self, kind.replace(" ", "_"))()
             self.faults[kind] += 1
@@ -612,3 +638,17 @@ def test_chaos(
     assert broker == nothing, broker
     assert sum(controller.faults.values()) >= max(4, int(CHAOS_SECONDS / 8)), controller.faults
     assert len(model.keyed) > 100
+
+
+def test_fault_weights_name_the_faults_they_draw() -> None:
+    assert fault_weights("redis=1") == {
+        "kill worker": 0.0, "restart redis": 1.0, "restart postgres": 0.0, "kill beat": 0.0
+    }  # fmt: skip
+    assert fault_weights("worker=4, redis=2,postgres=2,beat=1,") == dict(
+        zip(FAULTS.values(), (4.0, 2.0, 2.0, 1.0), strict=True)
+    )
+    for bad, says in [("disk=1", "unknown fault"), ("redis=x", "needs a number"),
+                      ("redis=-1", ">= 0"), ("redis=nan", ">= 0"), ("redis=inf", ">= 0"),
+                      ("redis=0", "draws no fault"), ("", "draws no fault")]:  # fmt: skip
+        with pytest.raises(ValueError, match=says):
+            fault_weights(bad)
