@@ -458,23 +458,55 @@ def holds_settled(conn: psycopg.Connection[Any], model: Model) -> bool:
 
 
 def find_in_broker(url: str, needle: str) -> list[str]:
-    """Where the broker holds a message mentioning ``needle``: to tell a message deleted
-    from one still queued or held (and by whom: a live consumer, or a dead one)."""
+    """Every key of the broker holding a value that mentions ``needle``, whatever its type:
+    to tell a message deleted from one still queued (in any list, consumed or not) or held
+    (and by whom: a live consumer, or a dead one)."""
     client = redis.Redis.from_url(url)
+    word = needle.encode()
     try:
         found = []
         now = float(client.time()[0])
-        for queue in client.scan_iter(match=f"{wire.QUEUE}*", _type="list"):
-            if any(needle.encode() in m for m in client.lrange(queue, 0, -1)):
-                found.append(f"ready in {queue.decode()}")
-        for tag, record in client.hscan_iter("unacked"):
-            if needle.encode() in record:
-                holder = client.hget("unacked_owner", tag)
-                beat = client.zscore("unacked_consumers", holder) if holder else None
-                age = "no heartbeat" if beat is None else f"last beat {now - beat:.0f} s ago"
-                who = holder.decode() if holder else None
-                found.append(f"unacked {tag.decode()} held by {who} ({age})")
+        for key in client.scan_iter():
+            kind = client.type(key).decode()
+            name = key.decode(errors="replace")
+            if kind == "list":
+                if any(word in m for m in client.lrange(key, 0, -1)):
+                    found.append(f"ready in list {name!r}")
+            elif kind == "hash":
+                for tag, record in client.hscan_iter(key):
+                    if word not in record:
+                        continue
+                    if name != "unacked":
+                        found.append(f"in hash {name!r} under {tag.decode(errors='replace')}")
+                        continue
+                    holder = client.hget("unacked_owner", tag)
+                    beat = client.zscore("unacked_consumers", holder) if holder else None
+                    age = "no heartbeat" if beat is None else f"last beat {now - beat:.0f} s ago"
+                    who = holder.decode() if holder else None
+                    found.append(f"unacked {tag.decode()} held by {who} ({age})")
+            elif kind == "string":
+                if word in (client.get(key) or b""):
+                    found.append(f"in string {name!r}")
+            elif kind in ("set", "zset"):
+                members = client.smembers(key) if kind == "set" else client.zrange(key, 0, -1)
+                if any(word in m for m in members):
+                    found.append(f"in {kind} {name!r}")
         return found
+    finally:
+        client.close()
+
+
+def stray_lists(url: str) -> dict[str, int]:
+    """Lists of the broker other than the queues Meter's workers consume, with their length:
+    a message routed anywhere else would wait there for ever, unseen by the checks above."""
+    consumed = (wire.QUEUE, wire.MAINTENANCE_QUEUE)
+    client = redis.Redis.from_url(url)
+    try:
+        return {
+            key.decode(errors="replace"): int(client.llen(key))
+            for key in client.scan_iter(_type="list")
+            if not key.decode(errors="replace").startswith(consumed)
+        }
     finally:
         client.close()
 
@@ -589,6 +621,7 @@ def test_chaos(
         except AssertionError:
             pass  # reported below
         broker = redis_state(crash_redis.url(), wire.QUEUE)
+        stray = stray_lists(crash_redis.url())
         for w in controller.workers:
             w.stop()
     finally:
@@ -609,7 +642,8 @@ def test_chaos(
         f"lost {figures['lost']}, doubled {figures['doubled']}, unexpected "
         f"{figures['unexpected']}, wrong accounts {figures['wrong_accounts']}, reconcile "
         f"{len(reconcile)} issues, stale holds {stale}, dead letters {sum(dead.values())} "
-        f"for {model.invalid.total()} invalid events; broker left {broker}"
+        f"for {model.invalid.total()} invalid events; broker left {broker}, other lists "
+        f"{stray}"
     )
     if figures["missing"]:  # what was lost, and which faults were near when it was sent
         for key in figures["missing"]:
@@ -636,6 +670,7 @@ def test_chaos(
     assert dead.total() <= model.invalid.total() + model.resends
     assert settled
     assert broker == nothing, broker
+    assert stray == {}, f"messages in lists no worker consumes: {stray}"
     assert sum(controller.faults.values()) >= max(4, int(CHAOS_SECONDS / 8)), controller.faults
     assert len(model.keyed) > 100
 
