@@ -173,6 +173,23 @@ def _amount_text(value: object, name: str, sign: t.Sign) -> str:
     return format(t.to_amount(value, name, sign=sign), "f")
 
 
+def _account_args(
+    user_id: object, event_type: object, amount: object, unit: object, resource: object,
+    sign: t.Sign, *, pool: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """The account key and amount of a recording event, validated in this order;
+    ``pool`` allows ``user_id=None`` (the namespace-wide account)."""
+    args: dict[str, Any] = {
+        "user_id": _ident(user_id, "user_id", nullable=pool),
+        "event_type": _ident(event_type, "event_type"),
+        "amount": _amount_text(amount, "amount", sign),
+        "unit": _ident(unit, "unit"),
+    }
+    if resource is not None:
+        args["resource"] = _ident(resource, "resource")
+    return args
+
+
 def _put_metadata(args: dict[str, Any], metadata: object) -> None:
     text = t.check_metadata(metadata, "metadata")
     if text is not None:
@@ -560,15 +577,8 @@ class MeterProducer:
         metadata: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], str, None]:
         key = _ident(idempotency_key, "idempotency_key", nullable=True) or _new_id()
-        args: dict[str, Any] = {
-            "user_id": _ident(user_id, "user_id"),
-            "event_type": _ident(event_type, "event_type"),
-            "amount": _amount_text(amount, "amount", "positive"),
-            "unit": _ident(unit, "unit"),
-            "idempotency_key": key,
-        }
-        if resource is not None:
-            args["resource"] = _ident(resource, "resource")
+        args = _account_args(user_id, event_type, amount, unit, resource, "positive", pool=False)
+        args["idempotency_key"] = key
         if t.check_bool(check_balance, "check_balance"):
             args["check_balance"] = True
         _put_time(args, event_time)
@@ -587,15 +597,8 @@ class MeterProducer:
         metadata: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], str, None]:
         key = _ident(idempotency_key, "idempotency_key", nullable=True) or _new_id()
-        args: dict[str, Any] = {
-            "user_id": _ident(user_id, "user_id", nullable=True),
-            "event_type": _ident(event_type, "event_type"),
-            "amount": _amount_text(amount, "amount", "positive"),
-            "unit": _ident(unit, "unit"),
-            "idempotency_key": key,
-        }
-        if resource is not None:
-            args["resource"] = _ident(resource, "resource")
+        args = _account_args(user_id, event_type, amount, unit, resource, "positive", pool=True)
+        args["idempotency_key"] = key
         _put_time(args, event_time)
         _put_metadata(args, metadata)
         return args, key, None
@@ -612,15 +615,8 @@ class MeterProducer:
         metadata: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], str, None]:
         key = _ident(idempotency_key, "idempotency_key", nullable=True) or _new_id()
-        args: dict[str, Any] = {
-            "user_id": _ident(user_id, "user_id", nullable=True),
-            "event_type": _ident(event_type, "event_type"),
-            "amount": _amount_text(amount, "amount", "nonzero"),
-            "unit": _ident(unit, "unit"),
-            "idempotency_key": key,
-        }
-        if resource is not None:
-            args["resource"] = _ident(resource, "resource")
+        args = _account_args(user_id, event_type, amount, unit, resource, "nonzero", pool=True)
+        args["idempotency_key"] = key
         ref = t.check_int(
             reference_id,
             "reference_id",
@@ -647,15 +643,8 @@ class MeterProducer:
     ) -> tuple[dict[str, Any], str, str]:
         rid = _ident(reservation_id, "reservation_id", nullable=True) or _new_id()
         key = _ident(idempotency_key, "idempotency_key", nullable=True)
-        args: dict[str, Any] = {
-            "user_id": _ident(user_id, "user_id"),
-            "event_type": _ident(event_type, "event_type"),
-            "amount": _amount_text(amount, "amount", "positive"),
-            "unit": _ident(unit, "unit"),
-            "reservation_id": rid,
-        }
-        if resource is not None:
-            args["resource"] = _ident(resource, "resource")
+        args = _account_args(user_id, event_type, amount, unit, resource, "positive", pool=False)
+        args["reservation_id"] = rid
         ttl = t.check_int(ttl_seconds, "ttl_seconds", min_value=1, max_value=t.MAX_TTL_SECONDS)
         if ttl != DEFAULT_TTL_SECONDS:
             args["ttl_seconds"] = ttl
