@@ -30,6 +30,7 @@ __all__ = [
     "prune_idempotency_keys",
     "record_dead_letter",
     "record_maintenance_run",
+    "record_orphan",
     "release_expired_reservations",
     "roll_periods",
 ]
@@ -50,6 +51,10 @@ _SQL_APPLY_EVENTS: Final = (
 _SQL_RECORD_DEAD_LETTER: Final = (
     "SELECT meter.record_dead_letter(%s::text, %s::jsonb, %s::text, %s::text, %s::text,"
     " %s::text) AS dead_letter_id"
+)
+_SQL_RECORD_ORPHAN: Final = (
+    "SELECT applied, status, result, dead_letter_id"
+    " FROM meter.record_orphan(%s::jsonb, %s::text, %s::text)"
 )
 _SQL_RELEASE_EXPIRED: Final = (
     "SELECT meter.release_expired_reservations(NULL, %s::integer) AS expired"
@@ -175,6 +180,21 @@ def record_dead_letter(
         ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def record_orphan(
+    url: str, pool_size: int, *, payload: Any, message: str, source: str | None
+) -> dict[str, Any]:
+    """``meter.record_orphan``: file a commit or release whose reservation never came as a
+    dead letter (MT003), or apply it if the reservation exists by now.
+
+    Returns ``{"applied", "status", "result", "dead_letter_id"}``.
+    """
+    with _pool(url, pool_size).connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(_SQL_RECORD_ORPHAN, (_jsonb(payload), message, source))
+        row = cur.fetchone()
+    assert row is not None
+    return dict(row)
 
 
 def release_expired_reservations(url: str, pool_size: int, batch_size: int) -> int:

@@ -348,12 +348,11 @@ class EventTask(Task):
         op = _op(event, "commit")
         if left <= 0:
             rid = (event.get("args") or {}).get("reservation_id")
-            return self.dead_letter(
-                s, op, event, "MT003",
-                f"reservation_id: no reservation {rid!r} after waiting "
-                f"{s.orphan_horizon:g} s for its reserve; a hold that arrives later "
-                "expires by its TTL", counted,
-            )  # fmt: skip
+            message = (
+                f"reservation_id: no reservation {rid!r} after waiting {s.orphan_horizon:g} s "
+                "for its reserve; applied when the reserve arrives"
+            )
+            return self.give_up_orphan(s, op, event, message, counted)
         retries = self.request.retries or 0
         if retries >= s.max_retries:
             return self.dead_letter(
@@ -362,6 +361,35 @@ class EventTask(Task):
             )  # fmt: skip
         delay = backoff(retries, s.retry_backoff_base, s.retry_backoff_max)
         self.retry_later(min(delay, max(left, 0.01)), orphan_since=since)
+
+    def give_up_orphan(
+        self, s: Settings, op: str, event: dict[str, Any], message: str, counted: int | None
+    ) -> Outcome:
+        """Stop waiting: file the event as a dead letter that its reserve settles when it
+        arrives, or apply it if the reserve came meanwhile (``meter.record_orphan``, under
+        the reservation's lock, so a reserve applied at this very moment is not missed)."""
+        try:
+            row = db.record_orphan(
+                s.database_url, s.db_pool_size, payload=event, message=message,
+                source=self.request.id,
+            )  # fmt: skip
+        except Exception as exc:
+            if is_transient(exc):
+                self.transient(s, exc)  # retried: the next attempt looks for the reserve again
+            return self.failed(s, exc, op, event, counted)
+        self.done(counted)
+        if row["applied"]:
+            applied = {"ok": True, "error_sqlstate": None, "error_message": None}
+            return _outcome({**row, **applied})
+        logger.error("dead letter %s (MT003): %s", row["dead_letter_id"], message)
+        return {
+            "ok": False,
+            "status": "error",
+            "result": None,
+            "error_sqlstate": "MT003",
+            "error_message": message,
+            "dead_letter_id": row["dead_letter_id"],
+        }
 
 
 def _single(op: str) -> Any:

@@ -377,7 +377,7 @@ def test_batch_defers_orphans_to_their_own_tasks(pipeline, make_producer, client
     assert balance(client) == {"balance": D(5), "reserved": D(0), "available": D(5)}
 
 
-def test_orphan_past_the_horizon_is_dead_lettered_then_retried_from_the_cli(
+def test_orphan_past_the_horizon_is_dead_lettered_until_its_reserve_arrives(
     pipeline, make_producer, client, db, db_url
 ):
     p = make_producer(results=True)
@@ -387,6 +387,7 @@ def test_orphan_past_the_horizon_is_dead_lettered_then_retried_from_the_cli(
     assert time.monotonic() - started >= 2.5  # the test horizon is 3 s
     (row,) = dead_letters(db)
     assert (row["op"], row["error_sqlstate"]) == ("commit", "MT003")
+    assert "applied when the reserve arrives" in row["error_message"]
 
     runner = CliRunner()
     env = {"METER_DATABASE_URL": db_url}
@@ -399,16 +400,36 @@ def test_orphan_past_the_horizon_is_dead_lettered_then_retried_from_the_cli(
     assert failed.exit_code == 1 and "still failing" in failed.output
     assert dead_letters(db)[0]["attempts"] == 2
 
-    # The reserve has arrived (late): the retry applies the commit, once.
+    # The reserve arrives (late, here through the SDK): it applies the commit in its own
+    # transaction, once, and settles the dead letter; nothing is left to retry by hand.
     client.allocate("u1", ET, 10, UNIT)
     client.reserve("u1", ET, 5, UNIT, reservation_id="r-never")
-    done = runner.invoke(cli, ["dead-letters", "retry", str(row["dead_letter_id"])], env=env)
-    assert done.exit_code == 0, done.output
     assert balance(client) == {"balance": D(8), "reserved": D(0), "available": D(8)}
     assert dead_letters(db) == [] and len(dead_letters(db, "retried")) == 1
     again = runner.invoke(cli, ["dead-letters", "retry", str(row["dead_letter_id"])], env=env)
     assert again.exit_code == 1
     assert [r["entry_type"] for r in ledger(db)] == ["allocation", "consumption"]
+    assert client.reconcile() == []
+
+
+def test_a_late_reserve_through_the_pipeline_settles_its_orphans(
+    pipeline, make_producer, client, db
+):
+    p = make_producer(results=True)
+    with pytest.raises(NotFoundError):
+        p.commit("r-late-c", "1.5").wait(timeout=15)
+    with pytest.raises(NotFoundError):
+        p.release("r-late-r").wait(timeout=15)
+    assert sorted(r["op"] for r in dead_letters(db)) == ["commit", "release"]
+    p.allocate("u1", ET, 10, UNIT).wait()
+    assert p.reserve("u1", ET, 4, UNIT, reservation_id="r-late-c").wait()["granted"]
+    assert p.reserve("u1", ET, 3, UNIT, reservation_id="r-late-r").wait()["granted"]
+    # committed (1.5 consumed, the rest of the hold returned) and released
+    assert balance(client) == {"balance": D("8.5"), "reserved": D(0), "available": D("8.5")}
+    assert dead_letters(db) == [] and len(dead_letters(db, "retried")) == 2
+    rows = db.execute("SELECT reservation_id, status FROM meter.reservations").fetchall()
+    statuses = {r["reservation_id"]: r["status"] for r in rows}
+    assert statuses == {"r-late-c": "committed", "r-late-r": "released"}
 
 
 # ------------------------------------------------------------------ exactness
@@ -634,3 +655,87 @@ def test_cli_dead_letters_list_retry_discard(pipeline, make_producer, db, db_url
 
     usage = runner.invoke(cli, ["dead-letters", "retry"], env=env)
     assert usage.exit_code == 2
+
+
+def test_record_orphan_applies_when_the_reservation_came_meanwhile(client, db, snapshot):
+    def record(rid: str, op: str = "commit") -> dict[str, Any]:
+        args = {"reservation_id": rid} | ({"actual_amount": "2"} if op == "commit" else {})
+        payload = {"op": op, "namespace": "default", "args": args}
+        return db.execute(
+            "SELECT * FROM meter.record_orphan(%s::jsonb, 'gave up', 'task-1')",
+            [json.dumps(payload)],
+        ).fetchone()
+
+    client.allocate("u1", ET, 10, UNIT)
+    client.reserve("u1", ET, 5, UNIT, reservation_id="r-here")
+    # the reserve was applied between the last look and the decision to give up: applied
+    here = record("r-here")
+    assert (here["applied"], here["status"], here["dead_letter_id"]) == (True, "applied", None)
+    assert here["result"]["consumed"] == 2
+    assert balance(client) == {"balance": D(8), "reserved": D(0), "available": D(8)}
+    assert dead_letters(db) == []
+    # no reservation: filed, to be settled by its reserve
+    gone = record("r-not-yet", "release")
+    assert (gone["applied"], gone["status"]) == (False, "error")
+    (row,) = dead_letters(db)
+    assert (row["dead_letter_id"], row["op"], row["error_sqlstate"], row["source"]) == (
+        gone["dead_letter_id"], "release", "MT003", "task-1",
+    )  # fmt: skip
+
+    # anything but a commit or release naming its reservation: refused, nothing written
+    before = snapshot()
+    for bad in [
+        {"op": "consume", "namespace": "default", "args": {"reservation_id": "r"}},
+        {"op": "commit", "args": {"reservation_id": "r"}},
+        {"op": "commit", "namespace": "default", "args": {}},
+        ["commit"],
+    ]:
+        with pytest.raises(psycopg.Error, match="payload") as refused:
+            db.execute("SELECT * FROM meter.record_orphan(%s::jsonb, 'x')", [json.dumps(bad)])
+        assert refused.value.sqlstate == "MT001"
+    assert snapshot() == before
+
+
+def test_a_late_reserve_keeps_an_orphan_that_still_fails_and_is_granted(client, db):
+    # an orphan commit that cannot apply (a negative actual amount) stays a dead letter with
+    # one more attempt; the reserve itself goes through
+    client.allocate("u1", ET, 10, UNIT)
+    payload = {"op": "commit", "namespace": "default",
+               "args": {"reservation_id": "r-bad", "actual_amount": "-1"}}  # fmt: skip
+    db.execute("SELECT * FROM meter.record_orphan(%s::jsonb, 'gave up')", [json.dumps(payload)])
+    assert client.reserve("u1", ET, 5, UNIT, reservation_id="r-bad")["granted"]
+    (row,) = dead_letters(db)
+    assert (row["attempts"], row["error_sqlstate"]) == (2, "MT001")
+    assert "actual_amount" in row["error_message"]
+    assert balance(client) == {"balance": D(10), "reserved": D(5), "available": D(5)}
+
+
+def test_record_orphan_waits_for_a_reserve_in_flight(client, db, db_url):
+    import threading
+
+    client.allocate("u1", ET, 10, UNIT)
+    payload = {"op": "commit", "namespace": "default",
+               "args": {"reservation_id": "r-race", "actual_amount": "3"}}  # fmt: skip
+    out: dict[str, Any] = {}
+    with psycopg.connect(db_url, row_factory=psycopg.rows.dict_row) as reserving:
+        # the reserve has created its reservation but not committed (it holds the lock)
+        reserving.execute(
+            "SELECT * FROM meter.reserve('u1', %s, 5, %s, p_reservation_id => 'r-race')",
+            [ET, UNIT],
+        )
+
+        def give_up() -> None:
+            with psycopg.connect(db_url, autocommit=True, row_factory=psycopg.rows.dict_row) as c:
+                out["row"] = c.execute(
+                    "SELECT * FROM meter.record_orphan(%s::jsonb, 'gave up')", [json.dumps(payload)]
+                ).fetchone()
+
+        t = threading.Thread(target=give_up)
+        t.start()
+        t.join(0.5)
+        assert t.is_alive()  # waiting for the reservation's lock, not filing a dead letter
+        reserving.commit()
+    t.join(10)
+    assert out["row"]["applied"] is True and out["row"]["status"] == "applied"
+    assert dead_letters(db) == []
+    assert balance(client) == {"balance": D(7), "reserved": D(0), "available": D(7)}

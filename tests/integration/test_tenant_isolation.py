@@ -44,6 +44,7 @@ PIPELINE_CALLS: dict[str, str] = {
     "apply_events": "SELECT * FROM meter.apply_events(%(events)s::jsonb, 'src-1')",
     "record_dead_letter": "SELECT meter.record_dead_letter('consume', '{}'::jsonb, 'MT001',"
     " 'x', NULL, %(ns)s)",
+    "record_orphan": "SELECT * FROM meter.record_orphan(%(orphan)s::jsonb, 'x')",
     "list_dead_letters": "SELECT * FROM meter.list_dead_letters('all', 100, %(ns)s)",
     "list_dead_letters_all": "SELECT * FROM meter.list_dead_letters('all', 100, NULL)",
     "retry_dead_letter": "SELECT * FROM meter.retry_dead_letter(%(dl)s)",
@@ -96,7 +97,8 @@ def test_every_namespaced_function_is_in_the_isolation_tables(db):
 def test_pipeline_functions_refuse_another_tenant(app_conn, db, b_dead_letter, snapshot):
     run(app_conn, "SELECT meter.set_tenant('a')")
     before = snapshot()
-    params = {"ns": "b", "dl": b_dead_letter}
+    orphan = {"op": "commit", "namespace": "b", "args": {"reservation_id": "r-b"}}
+    params = {"ns": "b", "dl": b_dead_letter, "orphan": psycopg.types.json.Jsonb(orphan)}
     got = {
         name: outcome(app_conn, sql, params)
         for name, sql in PIPELINE_CALLS.items()
@@ -106,6 +108,7 @@ def test_pipeline_functions_refuse_another_tenant(app_conn, db, b_dead_letter, s
         "roll_periods": "MT004",
         "get_periods": "MT004",
         "record_dead_letter": "MT004",
+        "record_orphan": "MT004",
         "list_dead_letters": "MT004",
         "list_dead_letters_all": "MT004",
     }
