@@ -12,7 +12,8 @@ environment                         ``app.conf`` key        meaning (default)
 ``METER_DB_POOL_SIZE``              meter_db_pool_size      connections per worker process (2)
 ``METER_ORPHAN_HORIZON_SECONDS``    meter_orphan_horizon    how long a commit/release waits for
                                                             its reserve before it is
-                                                            dead-lettered (300)
+                                                            dead-lettered (300); a reserve
+                                                            that comes later applies it
 ``METER_MAX_DELIVERIES``            meter_max_deliveries    deliveries of one message before it
                                                             is given up as poison (10)
 ``METER_MAX_RETRIES``               meter_max_retries       retries of a task (transient errors

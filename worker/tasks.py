@@ -18,10 +18,11 @@ Exactly-once effect on top of at-least-once delivery:
 
 Ordering: a commit or release applied before its reserve gets status ``not_found``; the
 task retries with backoff until the reserve has been applied, for at most
-``meter_orphan_horizon`` seconds, then dead-letters the event (``MT003``; ``meter
-dead-letters retry`` applies it once the reserve is there). No hold leaks either way: a
-reserve that arrives after its commit was given up is an ordinary hold, which expires by
-its TTL and is returned by the expiry sweep (:mod:`worker.schedule`). In a batch, such an
+``meter_orphan_horizon`` seconds, then gives up through ``meter.record_orphan``: a dead
+letter (``MT003``), or the event applied at once if its reserve came meanwhile. A reserve
+that arrives later still applies it, in its own transaction (``sql/013_late_reserve.sql``):
+a backlog longer than the horizon delays usage but loses none, and leaks no hold. In a
+batch, such an
 event is handed to a single-event task of its own (deterministic id,
 :func:`meter.wire.child_task_id`), so it neither holds up the batch nor gets lost.
 
