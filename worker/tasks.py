@@ -356,10 +356,11 @@ class EventTask(Task):
             return self.give_up_orphan(s, op, event, message, counted)
         retries = self.request.retries or 0
         if retries >= s.max_retries:
-            return self.dead_letter(
-                s, op, event, "MT003",
-                f"reservation_id: reservation not found after {retries} retries", counted,
-            )  # fmt: skip
+            message = (
+                f"reservation_id: reservation not found after {retries} retries; applied "
+                "when the reserve arrives"
+            )
+            return self.give_up_orphan(s, op, event, message, counted)
         delay = backoff(retries, s.retry_backoff_base, s.retry_backoff_max)
         self.retry_later(min(delay, max(left, 0.01)), orphan_since=since)
 
