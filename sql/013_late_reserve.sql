@@ -42,15 +42,14 @@ BEGIN
                             'must be a commit or release event with a namespace and a reservation_id');
     END IF;
     PERFORM meter._guard(v_ns);
+    -- held to commit: a reserve of v_rid in flight finishes first, or waits for this
     PERFORM meter._lock_key(v_ns, 'reservation', v_rid);
-    IF EXISTS (SELECT 1 FROM meter.reservations r
-               WHERE r.namespace = v_ns AND r.reservation_id = v_rid) THEN
-        v_one := meter._apply_one(p_payload);
-        applied := true;
+    v_one := meter._apply_one(p_payload);  -- 'not_found' when there is still no reservation
+    applied := v_one->>'status' <> 'not_found';
+    IF applied THEN
         status := v_one->>'status';
         result := v_one->'result';
     ELSE
-        applied := false;
         status := 'error';
         dead_letter_id := meter.record_dead_letter(p_payload->>'op', p_payload, 'MT003',
                                                    p_error_message, p_source, v_ns);
@@ -71,43 +70,22 @@ BEGIN
 END
 $$;
 
--- AFTER INSERT on meter.reservations: apply the commits and releases dead-lettered while
--- waiting for this reservation, oldest first, each in a subtransaction. One that fails for
--- good stays a dead letter with one more attempt; a transient failure fails the reserve,
--- which its caller retries.
+-- AFTER INSERT on meter.reservations: retry (meter.retry_dead_letter) the commits and
+-- releases dead-lettered while waiting for this reservation, oldest first. One that still
+-- fails stays a dead letter with one more attempt, and the reserve goes through.
 CREATE FUNCTION meter._settle_orphans() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    v meter.dead_letters;
-    v_one jsonb;
-    v_state text;
-    v_message text;
+    v_id bigint;
 BEGIN
-    FOR v IN
-        SELECT * FROM meter.dead_letters d
+    FOR v_id IN
+        SELECT d.dead_letter_id FROM meter.dead_letters d
         WHERE d.namespace = NEW.namespace AND d.status = 'dead'
           AND d.op IN ('commit', 'release')
           AND d.payload->'args'->>'reservation_id' = NEW.reservation_id
         ORDER BY d.dead_letter_id
-        FOR UPDATE
     LOOP
-        BEGIN
-            v_one := meter._apply_one(v.payload);
-            IF v_one->>'status' <> 'not_found' THEN
-                UPDATE meter.dead_letters d SET status = 'retried', resolved_at = now()
-                WHERE d.namespace = v.namespace AND d.dead_letter_id = v.dead_letter_id;
-            END IF;
-        EXCEPTION WHEN OTHERS THEN
-            GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_message = MESSAGE_TEXT;
-            IF v_state IN ('40001', '40P01', '55P03', '57014') OR v_state LIKE '08%'
-               OR v_state LIKE '53%' OR v_state LIKE '57P%' OR v_state LIKE '58%' THEN
-                RAISE;
-            END IF;
-            UPDATE meter.dead_letters d
-            SET attempts = d.attempts + 1, last_failed_at = now(),
-                error_sqlstate = v_state, error_message = v_message
-            WHERE d.namespace = v.namespace AND d.dead_letter_id = v.dead_letter_id;
-        END;
+        PERFORM * FROM meter.retry_dead_letter(v_id);
     END LOOP;
     RETURN NULL;
 END

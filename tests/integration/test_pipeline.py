@@ -696,13 +696,22 @@ def test_record_orphan_applies_when_the_reservation_came_meanwhile(client, db, s
     assert snapshot() == before
 
 
-def test_a_late_reserve_keeps_an_orphan_that_still_fails_and_is_granted(client, db):
-    # an orphan commit that cannot apply (a negative actual amount) stays a dead letter with
-    # one more attempt; the reserve itself goes through
+def test_a_late_reserve_keeps_an_orphan_that_still_fails_and_is_granted(client, db, snapshot):
+    # an orphan commit that cannot apply (a negative actual amount: record_orphan refuses
+    # it with that error, so it is filed as a plain dead letter here) stays a dead letter
+    # with one more attempt; the reserve itself goes through
     client.allocate("u1", ET, 10, UNIT)
-    payload = {"op": "commit", "namespace": "default",
-               "args": {"reservation_id": "r-bad", "actual_amount": "-1"}}  # fmt: skip
-    db.execute("SELECT * FROM meter.record_orphan(%s::jsonb, 'gave up')", [json.dumps(payload)])
+    payload = json.dumps({"op": "commit", "namespace": "default",
+                          "args": {"reservation_id": "r-bad", "actual_amount": "-1"}})  # fmt: skip
+    before = snapshot()
+    with pytest.raises(psycopg.Error, match="actual_amount") as refused:
+        db.execute("SELECT * FROM meter.record_orphan(%s::jsonb, 'gave up')", [payload])
+    assert refused.value.sqlstate == "MT001"
+    assert snapshot() == before
+    db.execute(
+        "SELECT meter.record_dead_letter('commit', %s::jsonb, 'MT003', 'gave up', NULL, 'default')",
+        [payload],
+    )
     assert client.reserve("u1", ET, 5, UNIT, reservation_id="r-bad")["granted"]
     (row,) = dead_letters(db)
     assert (row["attempts"], row["error_sqlstate"]) == (2, "MT001")
