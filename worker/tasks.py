@@ -82,6 +82,19 @@ def _outcome(row: dict[str, Any]) -> Outcome:
     }
 
 
+def _dead_letter_outcome(dead_letter_id: int, sqlstate: str | None, message: str) -> Outcome:
+    """The outcome of an event filed as dead letter ``dead_letter_id`` (and its log line)."""
+    logger.error("dead letter %s (%s): %s", dead_letter_id, sqlstate, message)
+    return {
+        "ok": False,
+        "status": "error",
+        "result": None,
+        "error_sqlstate": sqlstate,
+        "error_message": message,
+        "dead_letter_id": dead_letter_id,
+    }
+
+
 def _with_key(event: Any, key: str) -> Any:
     """The event with an idempotency key, derived from its task when it has none.
 
@@ -265,16 +278,8 @@ class EventTask(Task):
                 exc=exc,
                 verdict={"sqlstate": sqlstate, "message": message, "namespace": namespace},
             )
-        logger.error("dead letter %s (%s): %s", dead_letter_id, sqlstate, message)
         self.done(counted)
-        return {
-            "ok": False,
-            "status": "error",
-            "result": None,
-            "error_sqlstate": sqlstate,
-            "error_message": message,
-            "dead_letter_id": dead_letter_id,
-        }
+        return _dead_letter_outcome(dead_letter_id, sqlstate, message)
 
     def transient(self, s: Settings, exc: BaseException) -> None:
         """Retry after a transient failure, unless retries are exhausted (then return)."""
@@ -375,23 +380,12 @@ class EventTask(Task):
                 s.database_url, s.db_pool_size, payload=event, message=message,
                 source=self.request.id,
             )  # fmt: skip
-        except Exception as exc:
-            if is_transient(exc):
-                self.transient(s, exc)  # retried: the next attempt looks for the reserve again
+        except Exception as exc:  # transient: retried, and the next attempt looks again
             return self.failed(s, exc, op, event, counted)
         self.done(counted)
         if row["applied"]:
-            applied = {"ok": True, "error_sqlstate": None, "error_message": None}
-            return _outcome({**row, **applied})
-        logger.error("dead letter %s (MT003): %s", row["dead_letter_id"], message)
-        return {
-            "ok": False,
-            "status": "error",
-            "result": None,
-            "error_sqlstate": "MT003",
-            "error_message": message,
-            "dead_letter_id": row["dead_letter_id"],
-        }
+            return _outcome({**row, "ok": True, "error_sqlstate": None, "error_message": None})
+        return _dead_letter_outcome(row["dead_letter_id"], "MT003", message)
 
 
 def _single(op: str) -> Any:
@@ -523,9 +517,7 @@ def _refuse_event(self: EventTask, s: Settings, event: Any, idx: int, message: s
     except Exception as exc:
         # Nothing of the batch was applied yet: have it delivered again.
         raise Reject(f"cannot record a refused event: {exc!r}", requeue=True) from exc
-    logger.error("dead letter %s (%s): %s", dead_letter_id, TENANT_REFUSED, message)
-    return {"ok": False, "status": "error", "result": None, "error_sqlstate": TENANT_REFUSED,
-            "error_message": message, "dead_letter_id": dead_letter_id}  # fmt: skip
+    return _dead_letter_outcome(dead_letter_id, TENANT_REFUSED, message)
 
 
 def _split(
@@ -548,10 +540,7 @@ def _split(
                     sqlstate="MT001", message=message, source=f"{self.request.id}/{idx}",
                     namespace=_namespace(event),
                 )  # fmt: skip
-                outcomes.append(
-                    {"ok": False, "status": "error", "result": None, "error_sqlstate": "MT001",
-                     "error_message": message, "dead_letter_id": dead_letter_id}
-                )  # fmt: skip
+                outcomes.append(_dead_letter_outcome(dead_letter_id, "MT001", message))
     except Exception as exc:
         # Broker or database down mid-way: have the batch delivered again and split again
         # (same child task ids, same dead-letter sources: nothing doubles).
