@@ -8,6 +8,7 @@ within 0.5 s, poison after 3 deliveries). SIGKILL and crash safety are system te
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from decimal import Decimal
 from typing import Any
 
 import psycopg
+import psycopg.errors
 import pytest
 import redis
 from click.testing import CliRunner
@@ -748,3 +750,42 @@ def test_record_orphan_waits_for_a_reserve_in_flight(client, db, db_url):
     assert out["row"]["applied"] is True and out["row"]["status"] == "applied"
     assert dead_letters(db) == []
     assert balance(client) == {"balance": D(7), "reserved": D(0), "available": D(7)}
+
+
+def _every_sqlstate() -> list[str]:
+    """Every SQLSTATE psycopg has a class for (all of PostgreSQL's), plus Meter's own."""
+    codes = {
+        cls.sqlstate
+        for cls in vars(psycopg.errors).values()
+        if isinstance(cls, type) and issubclass(cls, psycopg.Error) and cls.sqlstate
+    }
+    return sorted(codes | {"MT001", "MT002", "MT003", "MT004", "P0001"})
+
+
+def test_apply_events_and_the_worker_agree_on_what_is_transient(db):
+    """``apply_events`` re-raises a transient error so that the worker retries the whole
+    batch; ``worker.retry.is_transient`` decides that retry. The two lists are written
+    twice (SQL and Python); here they are compared on every SQLSTATE there is."""
+    from worker.retry import is_transient
+
+    source = db.execute(
+        "SELECT pg_get_functiondef('meter.apply_events(jsonb, text)'::regprocedure) AS src"
+    ).fetchone()["src"]
+    # the one IF of the function that re-raises: its condition, evaluated over all codes
+    conditions = re.findall(r"IF (v_state IN \(.*?)\s+THEN\s+RAISE;", source, re.S)
+    assert len(conditions) == 1, conditions
+    codes = _every_sqlstate()
+    rows = db.execute(
+        f"SELECT v_state, {conditions[0].replace('%', '%%')} AS transient"
+        " FROM unnest(%s::text[]) v_state",
+        [codes],
+    ).fetchall()
+    in_sql = {r["v_state"] for r in rows if r["transient"]}
+    in_python = {
+        c for c in codes if not c.startswith(("MT", "P0"))
+        and is_transient(psycopg.errors.lookup(c)("x"))
+    }  # fmt: skip
+    assert in_sql == in_python
+    # and the list is the intended one, not two equal mistakes
+    assert {"40001", "40P01", "55P03", "57014", "08006", "57P01", "53100"} <= in_sql
+    assert not in_sql & {"23505", "22P02", "42501", "MT001", "MT002", "MT003", "MT004"}
