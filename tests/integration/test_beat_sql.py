@@ -632,3 +632,46 @@ def test_a_transient_failure_defers_the_run_with_one_warning(db, maint_url, capl
     assert task.apply().get() == 0
     assert runs(db)["meter.release_expired"]["last_ok_at"] is not None
     assert not [r for r in caplog.records if r.levelno >= 30]
+
+
+@pytest.mark.parametrize("transient", [True, False], ids=["transient", "other"])
+def test_a_run_that_cannot_be_recorded_still_reports_its_own_failure(
+    transient, monkeypatch, caplog
+):
+    """The database gone for the run and for its record: the task's own error decides the
+    outcome (deferred or raised as is), and the lost record is one more log line."""
+    from meter.embedded import free_port
+    from worker.schedule import MaintenanceDeferred, _recorded
+    from worker.settings import Settings
+
+    monkeypatch.setattr(wdb, "POOL_TIMEOUT", 0.5)  # the pool gives up on the dead server fast
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres?connect_timeout=1"
+
+    def work() -> None:
+        if transient:
+            psycopg.connect(url).close()  # refused: a real connection error
+        raise ValueError("a bug in the task")
+
+    caplog.set_level("INFO")
+    try:
+        with pytest.raises(MaintenanceDeferred if transient else ValueError) as raised:
+            _recorded("meter.release_expired", Settings(database_url=url), work, str)
+    finally:
+        wdb.close_all()
+    lines = [
+        (r.levelname, r.getMessage()) for r in caplog.records if r.name == "worker.schedule"
+    ]  # (the pool logs its own reconnection attempts besides)
+    if transient:
+        assert isinstance(raised.value.__cause__, psycopg.OperationalError)
+        assert [m for level, m in lines if level == "WARNING"] == [
+            lines[0][1],  # the run's own warning, then the record's
+            "meter.release_expired: could not record the deferred run either",
+        ]
+        assert lines[0][1].startswith("meter.release_expired deferred to the next tick: ")
+        assert not [m for level, m in lines if level == "ERROR"]
+    else:
+        assert str(raised.value) == "a bug in the task"
+        assert [m for level, m in lines if level == "ERROR"] == [
+            "meter.release_expired failed",
+            "meter.release_expired: could not record the failed run",
+        ]
