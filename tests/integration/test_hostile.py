@@ -34,12 +34,13 @@ from hypothesis import strategies as st
 from meter import types as t
 from meter import wire
 from meter.errors import MeterError, ValidationError
+from tests.examples import examples
 
 D = Decimal
 ET, UNIT = "tokens", "tok"
 REPO = Path(__file__).resolve().parents[2]
 FUZZ = settings(
-    max_examples=60,
+    max_examples=examples(60),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -265,7 +266,7 @@ def test_sdk_deeply_nested_metadata(client, db, snapshot, depth):
 # ---------------------------------------------------------------- metadata size: SDK == SQL
 
 
-@settings(max_examples=80, deadline=None,
+@settings(max_examples=examples(80), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
 @given(value=st.dictionaries(texts, json_values, max_size=6))
 def test_metadata_size_is_measured_as_sql_measures_it(db, value):
@@ -330,7 +331,7 @@ def test_producer_hostile_input_refused_at_the_call(make_producer, broker_url, c
     assert handle.op == fn
 
 
-@settings(max_examples=30, deadline=None,
+@settings(max_examples=examples(30), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
 @given(call=producer_calls())
 def test_producer_accepted_input_is_applied_correctly(pipeline, make_producer, db, call):

@@ -36,6 +36,7 @@ from hypothesis.stateful import (
 
 from meter import MeterClient
 from meter.errors import IdempotencyConflictError, NotFoundError, ValidationError
+from tests.examples import examples
 
 D = Decimal
 ZERO = D("0")
@@ -529,7 +530,7 @@ def test_random_operations_agree_with_model(db_url, db):
     run_state_machine_as_test(
         Machine,
         settings=settings(
-            max_examples=25,
+            max_examples=examples(25),
             stateful_step_count=25,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],

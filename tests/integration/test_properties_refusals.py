@@ -26,6 +26,7 @@ from hypothesis.stateful import precondition, rule, run_state_machine_as_test
 from psycopg.types.json import Jsonb
 
 from meter.errors import IdempotencyConflictError, MeterError, ValidationError
+from tests.examples import examples
 from tests.integration.test_properties import ET, UNIT, USER_ACCOUNTS, LedgerMachine
 
 D = Decimal
@@ -169,7 +170,7 @@ def test_random_operations_with_refusals_agree_with_model(db_url, db, snapshot):
     run_state_machine_as_test(
         Machine,
         settings=settings(
-            max_examples=15,
+            max_examples=examples(15),
             stateful_step_count=25,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],

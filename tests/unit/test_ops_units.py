@@ -1,6 +1,6 @@
 """Pure helpers of the operations tooling: the metrics port setting, URL redaction, the
-outcome counting of worker/metrics.py (on a private registry), and the embedded Redis's
-fsync policy argument."""
+outcome counting of worker/metrics.py (on a private registry), the embedded Redis's
+fsync policy argument, and the property tests' METER_PROPERTY_SCALE."""
 
 from __future__ import annotations
 
@@ -79,3 +79,14 @@ def test_embedded_redis_refuses_an_unknown_fsync_policy(tmp_path, policy: str) -
         EmbeddedRedis(tmp_path, appendfsync=policy)
     assert list(tmp_path.iterdir()) == []  # nothing created, nothing started
     assert EmbeddedRedis(tmp_path, appendfsync="always").appendfsync == "always"
+
+
+@pytest.mark.parametrize("raw", ["0", "-2", "1.5", "many", ""])
+def test_property_scale_refuses_what_is_not_a_whole_number(monkeypatch, raw: str) -> None:
+    from tests.examples import _scale
+
+    monkeypatch.setenv("METER_PROPERTY_SCALE", raw)
+    with pytest.raises(ValueError, match="METER_PROPERTY_SCALE"):
+        _scale()
+    monkeypatch.setenv("METER_PROPERTY_SCALE", "40")
+    assert _scale() == 40
