@@ -21,7 +21,7 @@ def _scale() -> int:
     return int(raw)
 
 
-SCALE = _scale()
+SCALE = _scale()  # also scales the tests' timeout (tests/conftest.py)
 
 
 def examples(n: int) -> int:
