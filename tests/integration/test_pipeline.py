@@ -789,3 +789,35 @@ def test_apply_events_and_the_worker_agree_on_what_is_transient(db):
     # and the list is the intended one, not two equal mistakes
     assert {"40001", "40P01", "55P03", "57014", "08006", "57P01", "53100"} <= in_sql
     assert not in_sql & {"23505", "22P02", "42501", "MT001", "MT002", "MT003", "MT004"}
+
+
+def test_a_commit_settled_by_its_late_reserve_is_not_the_reserve_callers_act(db, db_url):
+    """The reserve's caller did not send the commit it settles: the commit's ledger row
+    names no actor, and the caller's own context is back for the rest of its transaction."""
+    from meter import MeterClient
+
+    payload = {"op": "commit", "namespace": "default",
+               "args": {"reservation_id": "r-late", "actual_amount": "2"}}  # fmt: skip
+    filed = db.execute(
+        "SELECT * FROM meter.record_orphan(%s::jsonb, 'gave up')", [json.dumps(payload)]
+    ).fetchone()
+    assert filed["applied"] is False
+    with psycopg.connect(db_url) as conn, conn.transaction():  # the caller's, spanning calls
+        alice = MeterClient(conn, "default")
+        alice.set_actor(actor_id="alice", request_id="req-9", reason="top-up")
+        alice.allocate("u1", ET, 10, UNIT)
+        assert alice.reserve("u1", ET, 5, UNIT, reservation_id="r-late")["granted"]
+        context = conn.execute(
+            "SELECT current_setting('meter.actor_id'), current_setting('meter.request_id'),"
+            " current_setting('meter.on_behalf_of'), current_setting('meter.reason')"
+        ).fetchone()
+        assert context == ("alice", "req-9", "", "top-up")
+    rows = db.execute(
+        "SELECT entry_type, amount, actor_id, request_id, reason FROM meter.ledger"
+        " WHERE user_id = 'u1' ORDER BY id"
+    ).fetchall()
+    assert [tuple(r.values()) for r in rows] == [
+        ("allocation", D(10), "alice", "req-9", "top-up"),
+        ("consumption", D(-2), None, None, None),  # the settled commit
+    ]
+    assert dead_letters(db) == [] and len(dead_letters(db, "retried")) == 1
