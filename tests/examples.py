@@ -16,7 +16,7 @@ import os
 
 def _scale() -> int:
     raw = os.environ.get("METER_PROPERTY_SCALE", "1")
-    if not raw.isdigit() or int(raw) < 1:
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
         raise ValueError(f"METER_PROPERTY_SCALE: a whole number >= 1, got {raw!r}")
     return int(raw)
 

@@ -81,7 +81,7 @@ def test_embedded_redis_refuses_an_unknown_fsync_policy(tmp_path, policy: str) -
     assert EmbeddedRedis(tmp_path, appendfsync="always").appendfsync == "always"
 
 
-@pytest.mark.parametrize("raw", ["0", "-2", "1.5", "many", ""])
+@pytest.mark.parametrize("raw", ["0", "-2", "1.5", "many", "", "\u00b2"])
 def test_property_scale_refuses_what_is_not_a_whole_number(monkeypatch, raw: str) -> None:
     from tests.examples import _scale
 
