@@ -6,8 +6,10 @@
 -- commit; a producer did, and the pipeline records no actor. An audit trail that names
 -- the wrong person is worse than one that names none.
 --
--- Now the trigger clears the four settings (transaction-locally) while it settles, then
--- puts back what the reserve's caller had, for the rest of that caller's transaction.
+-- Now the trigger clears the four settings (transaction-locally, through meter._set_actor)
+-- while it settles, then puts back what the reserve's caller had, for the rest of that
+-- caller's transaction. The loop is 013's: a migration, once applied, is never edited (the
+-- runner checks its checksum), so replacing the function repeats it.
 -- A dead letter retried by hand (`meter dead-letters retry`) still records whoever retried
 -- it: that is a deliberate act.
 
@@ -15,9 +17,7 @@ CREATE OR REPLACE FUNCTION meter._settle_orphans() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     v_id bigint;
-    v_names constant text[] := ARRAY['meter.actor_id', 'meter.request_id',
-                                     'meter.on_behalf_of', 'meter.reason'];
-    v_saved text[];
+    v_actor text[];  -- the reserve caller's context, saved while the trigger settles
 BEGIN
     FOR v_id IN
         SELECT d.dead_letter_id FROM meter.dead_letters d
@@ -26,15 +26,17 @@ BEGIN
           AND d.payload->'args'->>'reservation_id' = NEW.reservation_id
         ORDER BY d.dead_letter_id
     LOOP
-        IF v_saved IS NULL THEN  -- at the first one only: a reserve with none pays nothing
-            v_saved := ARRAY(SELECT coalesce(current_setting(n, true), '')
-                             FROM unnest(v_names) WITH ORDINALITY AS s(n, i) ORDER BY i);
-            PERFORM set_config(n, '', true) FROM unnest(v_names) n;
+        IF v_actor IS NULL THEN  -- at the first one only: a reserve with none pays nothing
+            v_actor := ARRAY[current_setting('meter.actor_id', true),
+                             current_setting('meter.request_id', true),
+                             current_setting('meter.on_behalf_of', true),
+                             current_setting('meter.reason', true)];
+            PERFORM meter._set_actor(NULL, NULL, NULL, NULL, true);
         END IF;
         PERFORM * FROM meter.retry_dead_letter(v_id);
     END LOOP;
-    IF v_saved IS NOT NULL THEN
-        PERFORM set_config(v_names[i], v_saved[i], true) FROM generate_subscripts(v_names, 1) i;
+    IF v_actor IS NOT NULL THEN
+        PERFORM meter._set_actor(v_actor[1], v_actor[2], v_actor[3], v_actor[4], true);
     END IF;
     RETURN NULL;
 END
