@@ -25,9 +25,9 @@ from psycopg_pool import PoolTimeout
 __all__ = ["backoff", "is_transient", "sqlstate_of"]
 
 # Same list as meter.apply_events re-raises for the whole batch (test_pipeline.py compares
-# the two on every SQLSTATE): the transaction may succeed when tried again. 55P03 lock_not_available, 57014 query_canceled (statement timeout);
-# classes 08 connection, 53 insufficient resources, 57P operator intervention (shutdown),
-# 58 system error (I/O).
+# the two on every SQLSTATE): the transaction may succeed when tried again. 55P03
+# lock_not_available, 57014 query_canceled (statement timeout); classes 08 connection,
+# 53 insufficient resources, 57P operator intervention (shutdown), 58 system error (I/O).
 _TRANSIENT_STATES: Final = frozenset({"40001", "40P01", "55P03", "57014"})
 _TRANSIENT_CLASSES: Final = ("08", "53", "57P", "58")
 
