@@ -469,7 +469,13 @@ def apply_batch(
         )
         return _merge(outcomes, orig, _split(self, s, kept, orig, counted))
     try:
-        rows = db.apply_events(s.database_url, s.db_pool_size, kept, request.id) if kept else []
+        # Nobody waits for these outcomes: the events' result documents are not fetched.
+        wanted = not get_actual_ignore_result(self, request)
+        rows = (
+            db.apply_events(s.database_url, s.db_pool_size, kept, request.id, results=wanted)
+            if kept
+            else []
+        )
     except Exception as exc:
         if is_transient(exc):
             self.transient(s, exc)

@@ -820,3 +820,35 @@ def test_a_commit_settled_by_its_late_reserve_is_not_the_reserve_callers_act(db,
         ("consumption", D(-2), None, None, None),  # the settled commit
     ]
     assert dead_letters(db) == [] and len(dead_letters(db, "retried")) == 1
+
+
+def test_a_batch_nobody_waits_for_applies_without_fetching_its_results(db, db_url):
+    """``results=False`` (a message sent with results off) leaves out the result documents
+    only: the events apply, each with the status and errors the full call reports."""
+
+    def event(user: str, amount: str, key: str) -> dict[str, Any]:
+        return {"op": "allocate", "namespace": "default",
+                "args": {"user_id": user, "event_type": ET, "amount": amount, "unit": UNIT,
+                         "idempotency_key": key}}  # fmt: skip
+
+    with_results = worker_db.apply_events(
+        db_url, 1, [event("u1", "1.5", "a"), event("u1", "x", "b")]
+    )
+    without = worker_db.apply_events(
+        db_url,
+        1,
+        [event("u2", "1.5", "a2"), event("u2", "x", "b2"), event("u1", "1.5", "a")],
+        results=False,
+    )
+    assert with_results[0]["result"] == {"balance": D("1.5"), "entry_id": 1}
+    assert [r["result"] for r in without] == [None, None, None]
+    strip = [{k: v for k, v in r.items() if k not in ("result", "idx")} for r in with_results]
+    assert [
+        {k: v for k, v in r.items() if k not in ("result", "idx")} for r in without[:2]
+    ] == strip
+    assert without[2]["status"] == "replayed"  # the first call's key, seen again
+    balances = db.execute("SELECT user_id, balance FROM meter.accounts ORDER BY user_id").fetchall()
+    assert balances == [
+        {"user_id": "u1", "balance": D("1.5")},
+        {"user_id": "u2", "balance": D("1.5")},
+    ]
