@@ -7,9 +7,13 @@ from decimal import Decimal
 
 import psycopg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from psycopg_pool import PoolTimeout
 
 from meter import wire
+from meter.errors import ValidationError
+from tests.examples import examples
 from worker import worker_config
 from worker.retry import backoff, is_transient
 from worker.settings import Settings
@@ -115,3 +119,47 @@ def test_decode_outcome_gives_what_the_sdk_gives():
 def test_child_task_ids_are_deterministic():
     assert wire.child_task_id("t", 1) == wire.child_task_id("t", 1)
     assert wire.child_task_id("t", 1) != wire.child_task_id("t", 2)
+
+
+AMOUNT_TEXTS = st.one_of(
+    st.from_regex(r"[+-]?[0-9]{0,27}(\.[0-9]{0,15})?([eE][+-]?[0-9]{1,3})?", fullmatch=True),
+    st.decimals(allow_nan=False, allow_infinity=False).map(str),
+    st.sampled_from(["0", "00", "0.0", "1", "01", "1.0", "1.25", " 1.25", "1.25 ", "-1", "+1",
+                     "0." + "0" * 11 + "1", "0." + "0" * 12 + "1", "9" * 24, "9" * 25, ".5", "5."]),
+)  # fmt: skip
+
+
+@settings(max_examples=examples(2000), deadline=None)
+@given(text=AMOUNT_TEXTS, sign=st.sampled_from(["positive", "nonnegative", "nonzero", "any"]))
+def test_the_producers_amount_shortcut_agrees_with_to_amount(text, sign):
+    """A string the producer passes through as it is must be exactly what the full
+    conversion gives; anything else takes the full conversion, errors included."""
+    from meter.producer import _amount_text
+    from meter.types import to_amount
+
+    try:
+        expected: object = format(to_amount(text, "amount", sign=sign), "f")
+    except ValidationError as exc:
+        expected = exc
+    try:
+        got: object = _amount_text(text, "amount", sign)
+    except ValidationError as exc:
+        got = exc
+    if isinstance(expected, ValidationError):
+        assert isinstance(got, ValidationError) and str(got) == str(expected)
+    else:
+        assert got == expected
+
+
+def test_generated_ids_are_uuid4():
+    import uuid
+
+    from meter.producer import _new_id
+
+    ids = [_new_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        u = uuid.UUID(text)
+        assert str(u) == text and u.version == 4 and u.variant == uuid.RFC_4122
+    # every variant nibble occurs (the two free bits are random)
+    assert {text[19] for text in ids} == set("89ab")
