@@ -12,8 +12,11 @@ default prefork pool). For each worker count, two ways of sending the same kind 
 
 events/s = events / (first enqueue -> the last ledger row committed, seen by polling the
 ledger count). Enqueue latency: the producer call's wall time, p50 and p99 (in buffered
-mode p99 includes the call that fills and sends a batch). Targets: >= 20,000 events/s for
-buffered batches, and >= 10x the one-per-message rate.
+mode p99 includes the call that fills and sends a batch). CPU per event: the CPU time
+(user + system, ``/proc/<pid>/stat``) each part used during the run, divided by the events:
+PostgreSQL (the postmaster and all its children), the Celery worker processes, Redis, and
+the producer (this process: also the polling). Targets: >= 20,000 events/s for buffered
+batches, and >= 10x the one-per-message rate.
 """
 
 from __future__ import annotations
@@ -43,16 +46,76 @@ TARGET_SPEEDUP: Final = 10.0
 BATCH_SIZE: Final = 1000
 
 
+# ------------------------------------------------------------------ CPU accounting
+
+_TICKS: Final = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name, or None if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far (0 once it is gone)."""
+    fields = _stat(pid)
+    return 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _with_children(pids: Sequence[int]) -> list[int]:
+    """``pids`` and their direct children (PostgreSQL's backends, Celery's pool)."""
+    parents = set(pids)
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat(int(entry))) is not None:
+            if int(fields[1]) in parents:
+                children.append(int(entry))
+    return [*pids, *children]
+
+
+def cpu_snapshot(groups: dict[str, Sequence[int]]) -> dict[str, dict[int, float]]:
+    """Per group, the CPU seconds of each process of the group and its children."""
+    return {
+        name: {p: _cpu_seconds(p) for p in _with_children(pids)} for name, pids in groups.items()
+    }
+
+
+def cpu_used(
+    before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]
+) -> dict[str, float]:
+    """CPU seconds per group between two snapshots (processes started meanwhile count whole)."""
+    return {
+        name: sum(cpu - before.get(name, {}).get(pid, 0.0) for pid, cpu in procs.items())
+        for name, procs in after.items()
+    }
+
+
+def postmaster_pid(db_url: str) -> int:
+    """The PostgreSQL server's pid (the parent of a backend)."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    fields = _stat(int(row[0]))
+    assert fields is not None
+    return int(fields[1])
+
+
+# ------------------------------------------------------------------ servers and workers
+
+
 @contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    """A throwaway embedded Redis; its URL."""
+def redis_server() -> Iterator[tuple[str, int]]:
+    """A throwaway embedded Redis; its URL and pid."""
     from meter.embedded import EmbeddedRedis
 
     tmp = Path(tempfile.mkdtemp(prefix="meter-bench-redis-"))
     server = EmbeddedRedis(tmp)
     try:
         server.start()
-        yield server.url()
+        yield server.url(), int((tmp / "redis.pid").read_text().split()[0])
     finally:
         with contextlib.suppress(Exception):
             server.stop()
@@ -60,8 +123,9 @@ def redis_server() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def workers(n: int, db_url: str, broker_url: str, logdir: Path) -> Iterator[None]:
-    """``n`` Celery worker subprocesses, ready to consume; stopped (SIGTERM) on exit."""
+def workers(n: int, db_url: str, broker_url: str, logdir: Path) -> Iterator[list[int]]:
+    """``n`` Celery worker subprocesses, ready to consume (their pids); stopped (SIGTERM)
+    on exit."""
     env = {
         **os.environ,
         "METER_DATABASE_URL": db_url,
@@ -87,7 +151,7 @@ def workers(n: int, db_url: str, broker_url: str, logdir: Path) -> Iterator[None
                     )
                 )
         _wait_ready(broker_url, n)
-        yield
+        yield [proc.pid for proc in procs]
     finally:
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -143,9 +207,19 @@ def _last_id(conn: psycopg.Connection[Any]) -> int:
 
 
 def measure(
-    db_url: str, broker_url: str, n_workers: int, mode: str, events: int, timeout: float
+    db_url: str,
+    broker_url: str,
+    n_workers: int,
+    mode: str,
+    events: int,
+    timeout: float,
+    cpu_groups: dict[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
-    """Send ``events`` consumes through the pipeline and time them until committed."""
+    """Send ``events`` consumes through the pipeline and time them until committed.
+
+    ``cpu_groups``: processes (with their children) whose CPU time is counted, by name;
+    the producer's (this process's) is always counted.
+    """
     from meter.producer import MeterProducer
 
     kwargs: dict[str, Any] = (
@@ -157,6 +231,8 @@ def measure(
         last_id = _last_id(conn)
         producer = MeterProducer(broker_url, batch.NAMESPACE, **kwargs)
         try:
+            cpu_before = cpu_snapshot(cpu_groups or {})
+            own_before = time.process_time()
             start = time.perf_counter()
             for i in range(events):
                 t = time.perf_counter()
@@ -172,6 +248,8 @@ def measure(
             time.sleep(0.1)
             done = _ledger_count(conn, last_id)
         finished = time.perf_counter()
+        cpu = cpu_used(cpu_before, cpu_snapshot(cpu_groups or {}))
+        cpu["producer"] = time.process_time() - own_before
     applied = done
     return {
         "workers": n_workers,
@@ -183,6 +261,7 @@ def measure(
         "send_seconds": sent - start,
         "enqueue_p50_ms": common.percentile(latencies, 50) * 1000,
         "enqueue_p99_ms": common.percentile(latencies, 99) * 1000,
+        "cpu_us_per_event": {k: v / max(applied, 1) * 1e6 for k, v in cpu.items()},
         "load": load,
     }
 
@@ -192,13 +271,17 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     buffered_events = 10_000 if args.quick else 50_000
     report: dict[str, Any] = {"command": command, "hardware": common.hardware(), "rows": []}
     logdir = Path(tempfile.mkdtemp(prefix="meter-bench-workers-"))
-    with bench_database(args.database_url) as db_url, redis_server() as broker_url:
+    with bench_database(args.database_url) as db_url, redis_server() as (broker_url, redis_pid):
         batch.prepare(db_url)
         report["server"] = common.server_info(db_url)
+        postgres = [postmaster_pid(db_url)]
         for n in (1, 2):
-            with workers(n, db_url, broker_url, logdir):
+            with workers(n, db_url, broker_url, logdir) as worker_pids:
+                groups = {"postgres": postgres, "workers": worker_pids, "redis": [redis_pid]}
                 for mode, count in (("single", single_events), ("buffered", buffered_events)):
-                    row = measure(db_url, broker_url, n, mode, count, timeout=300)
+                    row = measure(
+                        db_url, broker_url, n, mode, count, timeout=300, cpu_groups=groups
+                    )
                     report["rows"].append(row)
                     print(
                         f"pipeline workers={n} {mode:<8} {row['rate']:>9,.0f} ev/s "
@@ -215,7 +298,8 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
 def _table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["workers", "sending", "events", "events/s", "x one per message",
-              "enqueue p50 ms", "enqueue p99 ms"]  # fmt: skip
+              "enqueue p50 ms", "enqueue p99 ms",
+              "CPU µs/event: PostgreSQL / workers / producer / Redis"]  # fmt: skip
     single = {r["workers"]: r["rate"] for r in report["rows"] if r["mode"] == "single"}
     rows = []
     for r in report["rows"]:
@@ -234,9 +318,17 @@ def _table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 else "-",
                 f"{r['enqueue_p50_ms']:.3f}",
                 f"{r['enqueue_p99_ms']:.3f}",
+                _cpu_cell(r.get("cpu_us_per_event")),
             ]
         )
     return header, rows
+
+
+def _cpu_cell(cpu: dict[str, float] | None) -> str:
+    if not cpu:
+        return "-"
+    parts = [cpu.get(k, float("nan")) for k in ("postgres", "workers", "producer", "redis")]
+    return " / ".join(f"{v:.0f}" for v in parts) + f" (total {sum(parts):.0f})"
 
 
 def targets(report: dict[str, Any]) -> list[str]:
@@ -272,7 +364,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "worker --concurrency 2` subprocesses; the producer in the benchmark's process. "
         "events/s: from the first producer call until the last ledger row is committed.",
         _table(report),
-        "rlrrrrr",
+        "rlrrrrrr",
         targets(report),
     )
 
