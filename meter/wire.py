@@ -45,6 +45,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Final
 
+from meter import broker
+
 __all__ = [
     "APPLY_BATCH",
     "BROKER_URL_ENV",
@@ -116,6 +118,9 @@ def celery_config(broker_url: str) -> dict[str, Any]:
     """
     return {
         "broker_url": broker_url,
+        # kombu's Redis transport without a client object per publish (the worker's own
+        # builds on it)
+        "broker_transport": broker.transport_for(broker_url),
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT},
         "result_backend": broker_url,

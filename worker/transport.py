@@ -80,6 +80,9 @@ from kombu.utils.json import dumps, loads
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
+from meter import broker
+from meter.broker import is_redis_url
+
 __all__ = ["TRANSPORT", "Channel", "QoS", "Transport", "transport_for"]
 
 logger = logging.getLogger(__name__)
@@ -100,8 +103,7 @@ def transport_for(broker_url: str) -> str | None:
     ``broker_use_ssl`` too: kombu only infers TLS from the scheme for its own transport);
     ``None`` (kombu's choice by scheme) for anything else.
     """
-    scheme = broker_url.partition("://")[0].lower() if "://" in broker_url else ""
-    return TRANSPORT if scheme in ("redis", "rediss") else None
+    return TRANSPORT if is_redis_url(broker_url) else None
 
 
 class _Lua:
@@ -313,8 +315,9 @@ class QoS(kombu_redis.QoS):
             client.transaction(restore_transaction, *keys)
 
 
-class Channel(kombu_redis.Channel):
-    """kombu's Redis channel, taking messages with TAKE / BLMOVE instead of BRPOP."""
+class Channel(broker.Channel):
+    """kombu's Redis channel, taking messages with TAKE / BLMOVE instead of BRPOP (and
+    reusing one redis-py client object per pool, as the producers' does)."""
 
     QoS = QoS
 
@@ -581,7 +584,7 @@ class Channel(kombu_redis.Channel):
         self.recorded = set()
 
 
-class Transport(kombu_redis.Transport):
+class Transport(broker.Transport):
     """kombu's Redis transport with :class:`Channel`, and a sweep every second."""
 
     Channel = Channel

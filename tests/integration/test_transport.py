@@ -290,3 +290,39 @@ def test_take_hands_over_an_unreadable_message_unrecorded(
 def test_unsupported_options_are_refused(connect: Any, options: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=r"^worker\.transport: "):
         connect(**options).channel()
+
+
+def test_one_client_object_per_pool(connect: Any, broker_url: str, r: redis.Redis) -> None:
+    """Commands outside the event loop share one redis-py client while the channel's pool
+    lasts (kombu built one per command); a new pool (after a fork or a lost connection)
+    gets a new client, and the channel keeps working."""
+    channel = connect().default_channel
+    with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+        assert first is second and first.connection_pool is channel.pool
+    publish(broker_url, {"n": 1})
+    message = channel.basic_get(Q)
+    message.ack()
+    with channel.conn_or_acquire() as third:
+        assert third is first
+    channel._disconnect_pools()
+    with channel.conn_or_acquire() as fresh:
+        assert fresh is not first and fresh.connection_pool is channel.pool
+    publish(broker_url, {"n": 2})
+    message = channel.basic_get(Q)
+    assert message.payload == {"n": 2}
+    message.ack()
+    assert records(r) == {"unacked": {}, "index": set(), "owner": {}}
+
+
+def test_the_producers_channel_reuses_its_client_too(broker_url: str, r: redis.Redis) -> None:
+    from meter import broker
+
+    with Connection(broker_url, transport=broker.TRANSPORT) as conn:
+        channel = conn.default_channel
+        producer = conn.Producer()
+        for n in range(3):
+            producer.publish({"n": n}, exchange=QUEUE.exchange, routing_key=Q, declare=[QUEUE])
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second
+    assert [loads(m)["body"] for m in r.lrange(Q, 0, -1)]  # published, as kombu's transport does
+    assert r.llen(Q) == 3
