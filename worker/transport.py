@@ -7,7 +7,9 @@ whatever ``acks_late`` says (kombu #305, #1836; celery #4354, #7950). And what *
 comes back only after ``visibility_timeout`` (an hour in Meter, since it must outlast the
 longest ETA a worker holds unacknowledged).
 
-What this transport changes (everything else is kombu's, message format included):
+What this transport changes (everything else is kombu's, message format included, apart
+from the one redis-py client object per pool it shares with the producers' transport,
+:mod:`meter.broker`):
 
 1. **Take = one atomic server-side step.** A Lua script (``TAKE``) pops the next message and,
    in the same script, records it in kombu's ``unacked`` hash and ``unacked_index`` and
