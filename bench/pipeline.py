@@ -39,6 +39,7 @@ import psycopg
 
 from bench import batch, common
 from bench.sql_ops import bench_database
+from meter.embedded import proc_stat
 
 REPO: Final = Path(__file__).resolve().parent.parent
 TARGET_RATE: Final = 20_000
@@ -51,17 +52,15 @@ BATCH_SIZE: Final = 1000
 _TICKS: Final = os.sysconf("SC_CLK_TCK")
 
 
-def _stat(pid: int) -> list[str] | None:
-    """The fields of ``/proc/<pid>/stat`` after the command name, or None if it is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
+def _ppid(pid: int) -> int | None:
+    fields = proc_stat(pid)
+    return None if fields is None else int(fields[1])
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` so far (0 once it is gone)."""
-    fields = _stat(pid)
+    """User + system CPU time of ``pid``, all its threads (a worker's heartbeat, the
+    producer's linger thread; ``schedstat`` would count the main thread only); 0 once gone."""
+    fields = proc_stat(pid)
     return 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / _TICKS
 
 
@@ -70,9 +69,8 @@ def _with_children(pids: Sequence[int]) -> list[int]:
     parents = set(pids)
     children = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and (fields := _stat(int(entry))) is not None:
-            if int(fields[1]) in parents:
-                children.append(int(entry))
+        if entry.isdigit() and _ppid(int(entry)) in parents:
+            children.append(int(entry))
     return [*pids, *children]
 
 
@@ -98,9 +96,9 @@ def postmaster_pid(db_url: str) -> int:
     with psycopg.connect(db_url, autocommit=True) as conn:
         row = conn.execute("SELECT pg_backend_pid()").fetchone()
     assert row is not None
-    fields = _stat(int(row[0]))
-    assert fields is not None
-    return int(fields[1])
+    ppid = _ppid(int(row[0]))
+    assert ppid is not None
+    return ppid
 
 
 # ------------------------------------------------------------------ servers and workers

@@ -71,6 +71,15 @@ def free_port(host: str = HOST) -> int:
         return int(sock.getsockname()[1])
 
 
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, ppid, ...), or
+    None when there is no such process (or no ``/proc``)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _pid_alive(pid: int) -> bool:
     """True if ``pid`` is a live (non-zombie) process.
 
@@ -83,9 +92,8 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         pass  # exists, owned by someone else
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+    fields = proc_stat(pid)
+    if fields is None:
         return True  # no /proc (or raced with exit): trust kill(0)
     return fields[0] not in ("Z", "X")
 
