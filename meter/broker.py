@@ -12,16 +12,15 @@ from typing import Any, Final
 
 from kombu.transport import redis as kombu_redis
 
-__all__ = ["TRANSPORT", "Channel", "Transport", "is_redis_url", "transport_for"]
+__all__ = ["TRANSPORT", "Channel", "Transport", "scheme", "transport_for"]
 
 TRANSPORT: Final = "meter.broker:Transport"
 """The ``broker_transport`` setting that selects this transport."""
 
 
-def is_redis_url(broker_url: str, *, tls: bool = True) -> bool:
-    """Whether ``broker_url`` is a ``redis://`` URL (or, with ``tls``, ``rediss://``)."""
-    scheme = broker_url.partition("://")[0].lower() if "://" in broker_url else ""
-    return scheme == "redis" or (tls and scheme == "rediss")
+def scheme(broker_url: str) -> str:
+    """The URL's scheme, lower case (``''`` when it has none)."""
+    return broker_url.partition("://")[0].lower() if "://" in broker_url else ""
 
 
 def transport_for(broker_url: str) -> str | None:
@@ -31,7 +30,7 @@ def transport_for(broker_url: str) -> str | None:
     else, ``rediss://`` included: kombu infers TLS from that scheme only for its own
     transport.
     """
-    return TRANSPORT if is_redis_url(broker_url, tls=False) else None
+    return TRANSPORT if scheme(broker_url) == "redis" else None
 
 
 class Channel(kombu_redis.Channel):

@@ -83,7 +83,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from meter import broker
-from meter.broker import is_redis_url
 
 __all__ = ["TRANSPORT", "Channel", "QoS", "Transport", "transport_for"]
 
@@ -105,7 +104,7 @@ def transport_for(broker_url: str) -> str | None:
     ``broker_use_ssl`` too: kombu only infers TLS from the scheme for its own transport);
     ``None`` (kombu's choice by scheme) for anything else.
     """
-    return TRANSPORT if is_redis_url(broker_url) else None
+    return TRANSPORT if broker.scheme(broker_url) in ("redis", "rediss") else None
 
 
 class _Lua:
