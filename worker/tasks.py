@@ -197,6 +197,11 @@ class EventTask(Task):
         key = signing.derive_key(s.signing_secret, ns) if s.signing_secret else None
         return signing.make_auth(key, ns, event)
 
+    def wants_result(self) -> bool:
+        """Whether anyone waits for this run's outcome (else events' result documents are
+        not even fetched)."""
+        return not get_actual_ignore_result(self, self.request)
+
     def done(self, counted: int | None) -> None:
         """The task completed: forget its delivery counter, if it had one."""
         if counted is not None:
@@ -241,7 +246,7 @@ class EventTask(Task):
             kwargs=kwargs,
             task_id=task_id,
             countdown=countdown,
-            ignore_result=get_actual_ignore_result(self, request),
+            ignore_result=not self.wants_result(),
             argsrepr=f"[{event['op']} from batch {request.id}]",
             kwargsrepr=repr({k: v for k, v in kwargs.items() if k != "auth"}),
         )
@@ -324,7 +329,10 @@ class EventTask(Task):
             )  # fmt: skip
         event = _with_key(event, f"task:{self.request.id}")
         try:
-            row = db.apply_events(s.database_url, s.db_pool_size, [event], self.request.id)[0]
+            row = db.apply_events(
+                s.database_url, s.db_pool_size, [event], self.request.id,
+                results=self.wants_result(),
+            )[0]  # fmt: skip
         except Exception as exc:
             return self.failed(s, exc, _op(event, op), event, counted)
         if row["status"] == "not_found":
@@ -469,10 +477,10 @@ def apply_batch(
         )
         return _merge(outcomes, orig, _split(self, s, kept, orig, counted))
     try:
-        # Nobody waits for these outcomes: the events' result documents are not fetched.
-        wanted = not get_actual_ignore_result(self, request)
         rows = (
-            db.apply_events(s.database_url, s.db_pool_size, kept, request.id, results=wanted)
+            db.apply_events(
+                s.database_url, s.db_pool_size, kept, request.id, results=self.wants_result()
+            )
             if kept
             else []
         )
