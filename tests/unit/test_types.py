@@ -567,6 +567,36 @@ def test_loads_accepts_buffers():
     assert type(t.loads("3")) is int
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        '{"a": 1.50, "b": [1e400, -0.0, 2]}',
+        b'{"a": 1.5}',
+        bytearray(b"[0.1]"),
+        '{"a": 1.5}'.encode("utf-16"),  # json.loads detects UTF-16 and -32 in bytes
+        "[2.5]".encode("utf-32-le"),
+        b'\xef\xbb\xbf{"a": 1.5}',  # a UTF-8 BOM in bytes is skipped
+        '\ufeff{"a": 1}',  # but refused in text
+        '{"a":',
+        "NaN",
+        12,
+        None,
+    ],
+)
+def test_loads_is_json_loads_with_exact_fractions(data: object) -> None:
+    """``loads`` reuses one decoder instead of ``json.loads(..., parse_float=Decimal)``;
+    same values, same errors, whatever it is given."""
+
+    def outcome(parse: object) -> object:
+        try:
+            value = parse(data)  # type: ignore[operator]
+        except Exception as exc:  # the error itself is compared
+            return (type(exc), str(exc))
+        return repr(value)
+
+    assert outcome(t.loads) == outcome(lambda d: json.loads(d, parse_float=Decimal))
+
+
 def test_invalid_builds_a_validation_error():
     err = t.invalid("unit", "is odd")
     assert isinstance(err, ValidationError) and isinstance(err, MeterError)
