@@ -44,10 +44,16 @@ _lock = threading.Lock()
 # (or garbage-collecting) them would end the parent's sessions on the shared sockets.
 _inherited: list[ConnectionPool[Any]] = []
 
-# {result}: the column, or NULL when nobody waits for the results (apply_events(results=
-# False)): parsing every event's document was the largest part of a worker's own CPU.
 _SQL_APPLY_EVENTS: Final = (
-    "SELECT idx, ok, status, {result}, error_sqlstate, error_message"
+    "SELECT idx, ok, status, result, error_sqlstate, error_message"
+    " FROM meter.apply_events(%s::jsonb, %s::text)"
+)
+# The same call when nobody waits for the results: each event's result document is neither
+# sent nor parsed (parsing them was the largest part of a worker's own CPU per batch).
+# Two constant texts, not one built: no SQL text here is assembled at run time
+# (tests/integration/test_hostile.py checks it).
+_SQL_APPLY_EVENTS_NO_RESULTS: Final = (
+    "SELECT idx, ok, status, NULL::jsonb AS result, error_sqlstate, error_message"
     " FROM meter.apply_events(%s::jsonb, %s::text)"
 )
 _SQL_RECORD_DEAD_LETTER: Final = (
@@ -162,7 +168,7 @@ def apply_events(
             :func:`worker.retry.is_transient`).
     """
     with _pool(url, pool_size).connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        sql = _SQL_APPLY_EVENTS.format(result="result" if results else "NULL::jsonb AS result")
+        sql = _SQL_APPLY_EVENTS if results else _SQL_APPLY_EVENTS_NO_RESULTS
         cur.execute(sql, (_jsonb(events), source))
         return cur.fetchall()
 
