@@ -769,7 +769,7 @@ def test_apply_events_and_the_worker_agree_on_what_is_transient(db):
     from worker.retry import is_transient
 
     source = db.execute(
-        "SELECT pg_get_functiondef('meter.apply_events(jsonb, text)'::regprocedure) AS src"
+        "SELECT pg_get_functiondef('meter.apply_events(jsonb, text, boolean)'::regprocedure) AS src"
     ).fetchone()["src"]
     # the one IF of the function that re-raises: its condition, evaluated over all codes
     conditions = re.findall(r"IF (v_state IN \(.*?)\s+THEN\s+RAISE;", source, re.S)

@@ -1,0 +1,237 @@
+"""``meter.apply_events``: its two paths agree, and a key claimed concurrently fails a batch.
+
+A batch takes the set-based fast path for valid consume/allocate/adjust events; a call with
+one event (a single-event task) goes to the one-by-one path, the API function of its op.
+The property test applies the same events both ways and compares everything they report
+and write.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import psycopg.errors
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from tests.examples import examples
+
+D = Decimal
+ET = "tokens"
+UNIT = "tok"
+_namespaces = itertools.count()
+_ABSENT = object()
+
+APPLY = "SELECT * FROM meter.apply_events(%s, NULL, %s) ORDER BY idx"
+
+
+# one way each to make an event invalid (the one-by-one path names the parameter)
+_CORRUPT: list[tuple[str, Any]] = [
+    ("amount", "x"), ("amount", "0"), ("amount", "1e-13"), ("user_id", " u1"),
+    ("event_type", "bad\ntype"), ("event_time", "not a time"), ("event_time", "2999-01-01"),
+    ("metadata", [1]), ("resource", "bad\tresource"), ("unknown", 1),
+]  # fmt: skip
+
+
+@st.composite
+def event(draw: st.DrawFn) -> dict[str, Any]:
+    """A consume, allocate or adjust event: mostly valid, else with one invalid field."""
+    op = draw(st.sampled_from(["consume", "allocate", "adjust"]))
+    args: dict[str, Any] = {
+        "user_id": draw(st.sampled_from(["u1", "u2"] if op == "consume" else ["u1", "u2", None])),
+        "event_type": ET,
+        "unit": UNIT,
+        "amount": draw(
+            st.sampled_from(["1.5", "2", "0.000001", "10"] + (["-1"] if op == "adjust" else []))
+        ),
+    }
+    for name, choices in (
+        ("idempotency_key", [_ABSENT, "k1", "k2", "k3", "k4"]),
+        ("event_time", [_ABSENT] if op == "adjust" else [_ABSENT, _ABSENT, "2001-03-04T05:06Z"]),
+        ("metadata", [_ABSENT, _ABSENT, {"a": 1}, None]),
+        ("resource", [_ABSENT, _ABSENT, "gpu"]),
+    ):
+        value = draw(st.sampled_from(choices))
+        if value is not _ABSENT:
+            args[name] = value
+    if draw(st.integers(0, 3)) == 0:
+        name, value = draw(st.sampled_from(_CORRUPT))
+        args[name] = value
+    return {"op": op, "args": args}
+
+
+def _written(db: psycopg.Connection[dict[str, Any]], ns: str) -> dict[str, Any]:
+    """What a namespace holds: ledger (ids and times of now aside), balances, keys, dead
+    letters."""
+    ledger = db.execute(
+        "SELECT user_id, resource, entry_type, amount, balance_after, idempotency_key,"
+        " metadata, CASE WHEN event_time < '2020-01-01' THEN event_time END AS old_time"
+        # by account, then id: a batch numbers its rows account by account, in array
+        # order within each (ids are unique, not an order across accounts)
+        " FROM meter.ledger WHERE namespace = %s ORDER BY user_id, resource, id",
+        (ns,),
+    ).fetchall()
+    accounts = db.execute(
+        "SELECT user_id, resource, balance, reserved, total_credited, total_debited"
+        " FROM meter.accounts WHERE namespace = %s ORDER BY user_id, resource",
+        (ns,),
+    ).fetchall()
+    keys = db.execute(
+        "SELECT key, operation, request_hash, result - 'entry_id' AS result"
+        " FROM meter.idempotency_keys WHERE namespace = %s ORDER BY key",
+        (ns,),
+    ).fetchall()
+    dead = db.execute(
+        "SELECT op, payload - 'namespace' AS payload, error_sqlstate, error_message"
+        " FROM meter.dead_letters WHERE namespace = %s ORDER BY dead_letter_id",
+        (ns,),
+    ).fetchall()
+    return {"ledger": ledger, "accounts": accounts, "keys": keys, "dead_letters": dead}
+
+
+def _reported(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        r = dict(r)
+        del r["idx"]
+        if isinstance(r["result"], dict):
+            r["result"] = {k: v for k, v in r["result"].items() if k != "entry_id"}
+        out.append(r)
+    return out
+
+
+@st.composite
+def events_with_repeats(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """2-12 events, some of them sent again later (replays, when keyed)."""
+    out = draw(st.lists(event(), min_size=2, max_size=10))
+    for _ in range(draw(st.integers(0, 2))):
+        again = out[draw(st.integers(0, len(out) - 1))]
+        out.insert(draw(st.integers(0, len(out))), again)
+    return out
+
+
+@settings(
+    max_examples=examples(60),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(events=events_with_repeats(), results=st.booleans())
+def test_a_batch_and_its_events_one_by_one_agree(db, events, results):
+    """The same events as one batch and as one-event calls, each set in a namespace of its
+    own: the same statuses, results (entry ids aside), errors, ledger, balances, stored
+    keys and dead letters. Valid events only, or ones refused: their effects then come in
+    array order both ways (a batch applies its fast-path events before the others)."""
+    n = next(_namespaces)
+    batch_ns, single_ns = f"b{n}", f"s{n}"
+    batch_rows = db.execute(
+        APPLY, (Jsonb([{**e, "namespace": batch_ns} for e in events]), results)
+    ).fetchall()
+    single_rows = [
+        db.execute(APPLY, (Jsonb([{**e, "namespace": single_ns}]), results)).fetchone()
+        for e in events
+    ]
+    assert [r["idx"] for r in batch_rows] == list(range(len(events)))
+    assert _reported(batch_rows) == _reported(single_rows)
+    if not results:
+        assert all(r["result"] is None for r in batch_rows + single_rows)
+    assert _written(db, batch_ns) == _written(db, single_ns)
+
+
+def test_a_key_claimed_concurrently_fails_the_batch_with_40001_and_changes_nothing(
+    db, db_url, snapshot
+):
+    """A key claimed by another transaction after the batch looked its keys up: the batch
+    waits for that transaction, then fails as a whole with a serialization failure (the
+    caller retries it) and writes nothing; retried, the event replays and the rest apply."""
+
+    def ev(user: str, key: str) -> dict[str, Any]:
+        return {"op": "allocate", "namespace": "default",
+                "args": {"user_id": user, "event_type": ET, "amount": "2", "unit": UNIT,
+                         "idempotency_key": key}}  # fmt: skip
+
+    batch = Jsonb([ev("u2", "other"), ev("u1", "shared")])
+    holder = psycopg.connect(db_url, row_factory=dict_row)
+    outcome: dict[str, Any] = {}
+    try:
+        # the holder claims "shared" and keeps its transaction open
+        holder.execute(APPLY, (Jsonb([ev("u1", "shared"), ev("u3", "x")]), True)).fetchall()
+        before = snapshot()
+
+        def run_batch() -> None:
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                outcome["pid"] = conn.info.backend_pid
+                try:
+                    conn.execute(APPLY, (batch, True)).fetchall()
+                except psycopg.Error as exc:
+                    outcome["error"] = exc
+
+        thread = threading.Thread(target=run_batch)
+        thread.start()
+        deadline = time.monotonic() + 10
+        waiting = False
+        while not waiting and time.monotonic() < deadline:
+            time.sleep(0.02)
+            row = db.execute(
+                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
+                (outcome.get("pid"),),
+            ).fetchone()
+            waiting = row is not None and row["wait_event_type"] == "Lock"
+        assert waiting, "the batch never waited for the holder's claim"
+        holder.commit()
+        thread.join(10)
+        assert not thread.is_alive()
+    finally:
+        holder.close()
+    err = outcome.get("error")
+    assert isinstance(err, psycopg.errors.SerializationFailure), err
+    assert "claimed concurrently" in str(err)
+    after = snapshot()
+    # nothing of the failed batch: only the holder's committed claim is new
+    assert after["ledger"] != before["ledger"]  # the holder's two rows, now committed
+    assert not [r for r in after["ledger"] if "other" in r or "u2" in r]
+    assert not [r for r in after["idempotency_keys"] if "other" in r]
+    rows = db.execute(APPLY, (batch, True)).fetchall()
+    assert [r["status"] for r in rows] == ["applied", "replayed"]
+    balances = db.execute(
+        "SELECT user_id, balance FROM meter.accounts WHERE namespace = 'default' ORDER BY 1"
+    ).fetchall()
+    assert balances == [
+        {"user_id": "u1", "balance": D(2)},
+        {"user_id": "u2", "balance": D(2)},
+        {"user_id": "u3", "balance": D(2)},
+    ]
+
+
+def test_a_unique_violation_of_another_table_is_not_taken_for_a_key_claim(db):
+    """Only the key table's primary key means "claimed concurrently"; the trap re-raises
+    any other unique violation as it is (here: a ledger id taken ahead of the sequence)."""
+    when = "2020-05-05T00:00:00Z"
+
+    def events(*users: str) -> Jsonb:
+        return Jsonb([
+            {"op": "allocate", "namespace": "default",
+             "args": {"user_id": u, "event_type": ET, "amount": "1", "unit": UNIT,
+                      "idempotency_key": f"k-{u}", "event_time": when}}
+            for u in users
+        ])  # fmt: skip
+
+    db.execute(APPLY, (events("first"), False)).fetchall()  # its month's partition
+    taken = db.execute("SELECT last_value + 2 AS id FROM meter.ledger_id_seq").fetchone()["id"]
+    db.execute(
+        "INSERT INTO meter.ledger (id, namespace, account_id, user_id, event_type, resource,"
+        " unit, entry_type, amount, balance_after, event_time)"
+        " VALUES (%s, 'default', -1, 'zz', %s, '', %s, 'allocation', 1, 1, %s)",
+        (taken, ET, UNIT, when),
+    )
+    with pytest.raises(psycopg.errors.UniqueViolation) as exc:
+        db.execute(APPLY, (events("a", "b", "c"), False)).fetchall()
+    assert "ledger" in str(exc.value)
+    assert exc.value.diag.constraint_name != "idempotency_keys_pkey"
