@@ -340,7 +340,9 @@ BEGIN
     WHERE o->>'status' = 'error';
 
     RETURN QUERY
-    SELECT (o->>'idx')::integer, (o->>'ok')::boolean, o->>'status', o->'result',
+    SELECT (o->>'idx')::integer, (o->>'ok')::boolean, o->>'status',
+           -- SQL NULL, not a JSON null the client would parse, when no results were asked
+           CASE WHEN p_results THEN o->'result' END,
            o->>'error_sqlstate', o->>'error_message'
     FROM unnest(v_out) o
     ORDER BY 1;
