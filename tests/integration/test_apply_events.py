@@ -31,8 +31,7 @@ _namespaces = itertools.count()
 _ABSENT = object()
 
 APPLY = (
-    "SELECT *, result IS NOT NULL AS has_result FROM meter.apply_events(%s, NULL, %s)"
-    " ORDER BY idx"
+    "SELECT *, result IS NOT NULL AS has_result FROM meter.apply_events(%s, NULL, %s) ORDER BY idx"
 )
 
 
