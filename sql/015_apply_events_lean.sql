@@ -63,6 +63,9 @@ BEGIN
     IF jsonb_array_length(p_events) > 100000 THEN
         PERFORM meter._fail('MT001', 'events', 'at most 100000 events per call');
     END IF;
+    IF p_results IS NULL THEN
+        PERFORM meter._fail('MT001', 'results', 'must be true or false, got NULL');
+    END IF;
 
     -- namespaces the caller may write, checked once each (materialized: a qual pushed down
     -- into the scan would run the privilege look-up once per event)

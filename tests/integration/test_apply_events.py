@@ -238,3 +238,17 @@ def test_a_unique_violation_of_another_table_is_not_taken_for_a_key_claim(db):
         db.execute(APPLY, (events("a", "b", "c"), False)).fetchall()
     assert "ledger" in str(exc.value)
     assert exc.value.diag.constraint_name != "idempotency_keys_pkey"
+
+
+def test_results_null_is_refused_and_changes_nothing(db, snapshot):
+    """``results`` is true or false; NULL is refused, naming it, before any event applies."""
+    events = Jsonb(
+        [{"op": "allocate", "namespace": "default",
+          "args": {"user_id": "u1", "event_type": ET, "amount": "1", "unit": UNIT}}]
+    )  # fmt: skip
+    before = snapshot()
+    with pytest.raises(psycopg.Error) as exc:
+        db.execute(APPLY, (events, None)).fetchall()
+    assert exc.value.sqlstate == "MT001"
+    assert str(exc.value).startswith("results: must be true or false")
+    assert snapshot() == before
