@@ -762,7 +762,9 @@ class MeterProducer:
     def _publish(
         self, name: str, events: list[dict[str, Any]], task_id: str, want: bool, argsrepr: str
     ) -> None:
-        payload: Any = events if name == wire.APPLY_BATCH else events[0]
+        # A batch travels as the JSON text apply_events takes (meter.wire: the worker passes
+        # it on as it came); a single event as its object.
+        payload: Any = wire.dumps(events) if name == wire.APPLY_BATCH else events[0]
         try:
             self._app.send_task(
                 name,

@@ -22,7 +22,12 @@ Tasks (all JSON, one queue :data:`QUEUE`):
     ``orphan_since`` is set by the worker itself when it retries a commit or release whose
     reservation does not exist yet.
 ``meter.apply_batch(events, auth=None)``
-    many events applied in one database transaction.
+    many events applied in one database transaction. ``events`` is the JSON text of their
+    array (:func:`dumps`), exactly what ``meter.apply_events`` takes: the worker checks
+    it and, unless it must change an event, passes the text on as it came, and Celery
+    decodes one string per message instead of every event's objects (twice: once in the
+    worker's consumer, once in its pool process). A JSON array in its place (as sent
+    before) is applied the same way.
 
 ``auth`` is ``{"namespace": ns, "mac": hex}``: the one namespace every event of the message
 must name, and its HMAC-SHA256 with that namespace's key (:mod:`meter.signing`; ``mac``
@@ -39,6 +44,7 @@ event's.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from datetime import datetime
@@ -46,6 +52,7 @@ from decimal import Decimal
 from typing import Any, Final
 
 from meter import broker
+from meter import types as t
 
 __all__ = [
     "APPLY_BATCH",
@@ -163,3 +170,20 @@ def decode_outcome(op: str, result: Any) -> Any:
         elif key == "expires_at" and isinstance(value, str):
             out[key] = datetime.fromisoformat(value)
     return out
+
+
+def dumps(value: Any) -> str:
+    """JSON text of ``value``, as :func:`meter.types.dumps` writes it, faster.
+
+    Events are plain JSON values (object keys str, amounts strings), for which the C
+    encoder gives the same text several times faster than the exact pure-Python one
+    (about 20 ms less per 1000 events). What it cannot write the same way (a ``Decimal``,
+    another Mapping type) makes it raise TypeError, and a NUL escape would be refused by
+    ``jsonb``: those go to :func:`meter.types.dumps`, which is exact for Decimal and names
+    what it refuses (ValueError, TypeError).
+    """
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return t.dumps(value)
+    return t.dumps(value) if "\\u0000" in text else text

@@ -9,7 +9,6 @@ below is one statement, hence one transaction.
 
 from __future__ import annotations
 
-import json
 import threading
 from datetime import datetime
 from typing import Any, Final
@@ -20,6 +19,7 @@ from psycopg.types.json import Jsonb, set_json_loads
 from psycopg_pool import ConnectionPool
 
 from meter import types as t
+from meter import wire
 
 __all__ = [
     "apply_events",
@@ -127,41 +127,25 @@ def close_all() -> None:
         pool.close()
 
 
-def _dumps(value: Any) -> str:
-    """JSON text of ``value``, as :func:`meter.types.dumps` writes it, faster.
-
-    Events arrive JSON-decoded from the message (object keys are str, amounts strings),
-    so the C encoder gives the same text several times faster than the exact pure-Python
-    one (about 20 ms less per 1000 events). What it cannot write the same way (a
-    ``Decimal``, another Mapping type) makes it raise TypeError, and a NUL escape would
-    be refused by ``jsonb``: those go to ``meter.types.dumps``, which is exact for Decimal
-    and names what it refuses.
-    """
-    try:
-        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError):
-        return t.dumps(value)
-    return t.dumps(value) if "\\u0000" in text else text
-
-
 def _jsonb(value: Any) -> Jsonb:
-    return Jsonb(_dumps(value), dumps=_as_is)
+    return Jsonb(wire.dumps(value), dumps=_as_is)
 
 
 def apply_events(
     url: str,
     pool_size: int,
-    events: list[Any],
+    events: list[Any] | str,
     source: str | None = None,
     *,
     results: bool = True,
 ) -> list[dict[str, Any]]:
     """``meter.apply_events(events, source)`` in one transaction; one row per event, by index.
 
+    ``events``: the events, or the JSON text of their array, sent to the server as it is.
     ``source`` (the task id) makes a redelivered batch's dead letters count attempts on the
     rows recorded the first time instead of adding new ones. ``results=False``: every
     row's ``result`` is ``None`` (the events apply the same; only the documents that would
-    report their balances are not fetched).
+    report their balances are not built).
 
     Raises:
         psycopg.Error, PoolTimeout: the whole call failed (classify with
@@ -169,8 +153,29 @@ def apply_events(
     """
     with _pool(url, pool_size).connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         sql = _SQL_APPLY_EVENTS if results else _SQL_APPLY_EVENTS_NO_RESULTS
-        cur.execute(sql, (_jsonb(events), source))
+        param = Jsonb(events, dumps=_as_is) if isinstance(events, str) else _jsonb(events)
+        cur.execute(sql, (param, source))
         return cur.fetchall()
+
+
+def _storable(payload: Any) -> Jsonb:
+    """A dead letter's payload as ``jsonb``, whatever it holds.
+
+    What ``jsonb`` cannot store (a NUL character, a lone surrogate, a value JSON has no
+    form for), only a crafted message can carry; it is kept as its ``ascii()`` text under
+    ``"unstorable"``, so that the dead letter is recorded rather than retried until the
+    message is dropped. Such an event can never be applied anyway.
+    """
+    try:
+        text = wire.dumps(payload)
+        text.encode("utf-8")  # a lone surrogate: psycopg could not send it
+    except (TypeError, ValueError, RecursionError):
+        try:
+            shown = ascii(payload)
+        except RecursionError:
+            shown = "<nested too deeply to show>"
+        return Jsonb({"unstorable": shown[:100_000]}, dumps=wire.dumps)
+    return Jsonb(text, dumps=_as_is)
 
 
 def record_dead_letter(
@@ -192,7 +197,7 @@ def record_dead_letter(
     with _pool(url, pool_size).connection() as conn:
         row = conn.execute(
             _SQL_RECORD_DEAD_LETTER,
-            (op, _jsonb(payload), sqlstate, message, source, namespace),
+            (op, _storable(payload), sqlstate, message, source, namespace),
         ).fetchone()
     assert row is not None
     return int(row[0])

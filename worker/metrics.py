@@ -247,7 +247,10 @@ def _on_postrun(
         m.latency.labels(name).observe(time.perf_counter() - started)
     m.tasks.labels(name, state or "UNKNOWN").inc()
     if state == "SUCCESS" and name.startswith("meter.") and name not in _periodic_tasks(task.app):
-        m.observe_outcomes(name, args, retval)
+        # apply_batch leaves its events parsed on the request (its message carries them as
+        # JSON text): counted by op without parsing them again
+        parsed = getattr(task.request, "meter_events", None)
+        m.observe_outcomes(name, args if parsed is None else (parsed,), retval)
 
 
 @task_retry.connect

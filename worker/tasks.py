@@ -46,6 +46,7 @@ from celery.exceptions import Reject
 from celery.utils.log import get_task_logger
 
 from meter import signing, wire
+from meter import types as t
 from worker import db, deliveries
 from worker.retry import backoff, is_transient, sqlstate_of
 from worker.settings import Settings
@@ -428,7 +429,8 @@ def apply_batch(
 ) -> list[Outcome] | Outcome:
     """Apply many events in one transaction (``meter.apply_events``); their outcomes.
 
-    A bad event is dead-lettered alone by the SQL while the others apply. An event whose
+    ``events``: the JSON text of their array (what producers send, :mod:`meter.wire`), or
+    the array itself. A bad event is dead-lettered alone by the SQL while the others apply. An event whose
     reservation is not there yet is handed to a single-event task (outcome ``deferred``).
     A batch that cannot be applied as a whole (a permanent error of the call, or too many
     deliveries) is split into single-event tasks, so each event meets its own fate.
@@ -437,7 +439,17 @@ def apply_batch(
     s = self.settings()
     counted = self.count_delivery(s)
     request = self.request
-    ns, refusal = self.authorize(s, events, auth)
+    ns, refusal = self.authorize(s, events, auth)  # the signature covers the text as sent
+    text = events if isinstance(events, str) else None
+    if text is not None and refusal is None:
+        try:
+            events = t.loads(text)
+        except (ValueError, RecursionError):
+            return self.dead_letter(
+                s, "apply_batch", text, "MT001",
+                "message: apply_batch's events are not valid JSON text", counted,
+            )  # fmt: skip
+    request.meter_events = events  # for the metrics (worker/metrics.py), parsed once
     if refusal is None and ns is not None and s.signing_secret and isinstance(events, list):
         # Signed: the signer crafted a message for another tenant; none of it is applied.
         other = next((e for e in events if _names_other(e, ns)), None)
@@ -471,15 +483,26 @@ def apply_batch(
         else:
             orig.append(i)
     kept = [_with_key(events[i], f"task:{request.id}:{i}") for i in orig]
+    # Nothing refused or keyed: the text goes to the server as it came, not re-serialised.
+    # (Not with a NUL escape, which jsonb refuses: the events then fail one by one.)
+    as_sent = (
+        text
+        if text is not None
+        and len(kept) == len(events)
+        and all(k is e for k, e in zip(kept, events, strict=True))
+        and "\\u0000" not in text
+        else None
+    )
     if counted is not None and counted >= s.max_deliveries:
         logger.error(
             "batch %s delivered %d times without completing: splitting it", request.id, counted
         )
         return _merge(outcomes, orig, _split(self, s, kept, orig, counted))
     try:
+        payload = as_sent if as_sent is not None else kept
         rows = (
             db.apply_events(
-                s.database_url, s.db_pool_size, kept, request.id, results=self.wants_result()
+                s.database_url, s.db_pool_size, payload, request.id, results=self.wants_result()
             )
             if kept
             else []

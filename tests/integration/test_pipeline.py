@@ -340,6 +340,89 @@ def test_a_message_that_is_not_a_batch_is_a_dead_letter(pipeline, db):
     assert dead_letters(db)[0]["payload"] == {"op": "consume"}
 
 
+def test_a_batch_message_carries_its_events_as_json_text(make_producer, broker_url):
+    """What a producer publishes for a batch: the JSON text of its events, which the worker
+    can pass to ``apply_events`` as it is (no worker here: the message stays queued)."""
+    from kombu import Connection
+
+    p = make_producer(batch_size=2, linger_ms=60_000)
+    a = p.consume("u1", ET, "1.5", UNIT, metadata={"ratio": D("0.1")})
+    b = p.allocate("u2", ET, 3, UNIT)
+    with Connection(broker_url) as conn:
+        message = conn.default_channel.basic_get(wire.QUEUE, no_ack=True)
+    assert message is not None and message.headers["task"] == wire.APPLY_BATCH
+    (text,), kwargs, _ = message.decode()
+    assert isinstance(text, str)
+    assert text == wire.dumps(json.loads(text, parse_float=D))  # its canonical text
+    events = json.loads(text, parse_float=D)
+    assert [e["args"]["idempotency_key"] for e in events] == [a.idempotency_key, b.idempotency_key]
+    assert events[0]["args"]["metadata"] == {"ratio": D("0.1")}  # exact, a JSON number
+    assert '"ratio":0.1' in text
+    assert kwargs["auth"]["namespace"] == "default"
+
+
+def test_a_batch_as_json_text_applies_and_keys_its_keyless_events(pipeline, client, db):
+    """A batch sent as JSON text (the producers' form): events without a key get their
+    task's; a bad event is a dead letter alone; text that is not JSON is one dead letter."""
+    events = [
+        {"op": "allocate", "namespace": "default",
+         "args": {"user_id": "u1", "event_type": ET, "amount": "4", "unit": UNIT}},
+        {"op": "consume", "namespace": "default",
+         "args": {"user_id": "u1", "event_type": ET, "amount": "lots", "unit": UNIT}},
+        {"op": "consume", "namespace": "default",
+         "args": {"user_id": "u1", "event_type": ET, "amount": "1", "unit": UNIT,
+                  "idempotency_key": "own"}},
+    ]  # fmt: skip
+    task_id = str(uuid.uuid4())
+    outcomes = send_raw(pipeline, wire.APPLY_BATCH, json.dumps(events), task_id=task_id).get(
+        timeout=15
+    )
+    assert [o["status"] for o in outcomes] == ["applied", "error", "applied"]
+    assert balance(client)["balance"] == D(3)
+    keys = db.execute(
+        "SELECT idempotency_key FROM meter.ledger WHERE namespace = 'default' ORDER BY id"
+    ).fetchall()
+    assert [k["idempotency_key"] for k in keys] == [f"task:{task_id}:0", "own"]
+    # delivered again (same task id): replayed, nothing doubles
+    pipeline.AsyncResult(task_id).forget()  # so that get() waits for this delivery
+    again = send_raw(pipeline, wire.APPLY_BATCH, json.dumps(events), task_id=task_id).get(
+        timeout=15
+    )
+    assert [o["status"] for o in again] == ["replayed", "error", "replayed"]
+    assert balance(client)["balance"] == D(3)
+    outcome = send_raw(pipeline, wire.APPLY_BATCH, "[{").get(timeout=15)
+    assert outcome["status"] == "error" and outcome["error_sqlstate"] == "MT001"
+    assert "not valid JSON text" in outcome["error_message"]
+    assert [r["payload"] for r in dead_letters(db) if r["op"] == "apply_batch"] == ["[{"]
+
+
+def test_a_batch_as_text_with_a_nul_escape_is_split_not_sent_as_it_came(pipeline, client, db):
+    """jsonb refuses the NUL escape: such a text is not passed on as it came; the batch is
+    split and each event meets its own fate, the NUL one as a dead letter."""
+    events = [
+        {"op": "allocate", "namespace": "default",
+         "args": {"user_id": "u1", "event_type": ET, "amount": "4", "unit": UNIT,
+                  "idempotency_key": "good"}},
+        {"op": "allocate", "namespace": "default",
+         "args": {"user_id": "u1", "event_type": ET, "amount": "1", "unit": UNIT,
+                  "idempotency_key": "nul", "metadata": {"x": "a\u0000b"}}},
+    ]  # fmt: skip
+    outcomes = send_raw(pipeline, wire.APPLY_BATCH, json.dumps(events)).get(timeout=15)
+    assert [o["status"] for o in outcomes] == ["deferred", "deferred"]
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not (
+        balance(client)["balance"] == D(4) and len(dead_letters(db)) == 1
+    ):
+        time.sleep(0.1)
+    assert balance(client)["balance"] == D(4)
+    # jsonb cannot hold the NUL: the dead letter keeps the event's ascii() text instead of
+    # failing to record it (which would retry it until the message was dropped)
+    (letter,) = dead_letters(db)
+    assert set(letter["payload"]) == {"unstorable"}
+    assert "'nul'" in letter["payload"]["unstorable"]
+    assert "a\\x00b" in letter["payload"]["unstorable"]
+
+
 # ------------------------------------------------------------------ ordering
 
 
