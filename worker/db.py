@@ -178,6 +178,20 @@ def _storable(payload: Any) -> Jsonb:
     return Jsonb(text, dumps=_as_is)
 
 
+def _text(value: str | None) -> str | None:
+    """``value`` as text PostgreSQL can store: a NUL character or a lone surrogate (which
+    only a crafted message carries) is written as its backslash escape."""
+    if value is None:
+        return None
+    if "\x00" in value:
+        value = value.replace("\x00", "\\x00")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
 def record_dead_letter(
     url: str,
     pool_size: int,
@@ -192,12 +206,17 @@ def record_dead_letter(
     """``meter.record_dead_letter``: store an event that can never succeed; its id.
 
     The same ``source`` (the Celery task id) recorded again counts an attempt instead of
-    adding a row, so a redelivered message does not duplicate its dead letter.
+    adding a row, so a redelivered message does not duplicate its dead letter. What
+    PostgreSQL cannot store (a NUL, a lone surrogate) is escaped, and a namespace holding
+    one is filed with the operators (``''``): else the record would fail every time and
+    the message be dropped once its retries ran out.
     """
+    if _text(namespace) != namespace:  # no tenant's: a crafted message's; the operators'
+        namespace = ""
     with _pool(url, pool_size).connection() as conn:
         row = conn.execute(
             _SQL_RECORD_DEAD_LETTER,
-            (op, _storable(payload), sqlstate, message, source, namespace),
+            (_text(op), _storable(payload), sqlstate, _text(message), _text(source), namespace),
         ).fetchone()
     assert row is not None
     return int(row[0])
