@@ -423,23 +423,27 @@ def test_a_batch_as_text_with_a_nul_escape_is_split_not_sent_as_it_came(pipeline
     assert "a\\x00b" in letter["payload"]["unstorable"]
 
 
-def test_a_crafted_event_with_a_nul_in_its_namespace_or_op_is_still_a_dead_letter(pipeline, db):
-    """PostgreSQL cannot store a NUL in text: the dead letter escapes it (and files a
-    namespace holding one with the operators) instead of failing to be recorded, which
-    retried it until the message was dropped."""
+def test_a_crafted_event_postgresql_cannot_store_is_still_a_dead_letter(pipeline, db):
+    """PostgreSQL stores no NUL and no lone surrogate: the dead letter escapes them (and
+    files a namespace holding one with the operators) instead of failing to be recorded,
+    which retried it until the message was dropped."""
     crafted = [
         ("meter.allocate", {"op": "allocate", "namespace": "a\x00b",
                             "args": {"user_id": "u1", "event_type": ET, "amount": "1",
                                      "unit": UNIT}}),
         ("meter.apply_batch", [{"op": "drop\x00", "namespace": "default", "args": {}}]),
+        # a lone surrogate, in a batch's text: jsonb refuses it, the batch is split
+        ("meter.apply_batch", '[{"op": "consume", "namespace": "\\ud800", "args": {}}]'),
     ]  # fmt: skip
     for name, payload in crafted:
         pipeline.send_task(name, args=(payload,), task_id=str(uuid.uuid4()))
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and len(dead_letters(db)) < 2:
+    while time.monotonic() < deadline and len(dead_letters(db)) < 3:
         time.sleep(0.1)
     letters = {r["op"]: r for r in dead_letters(db)}
-    assert set(letters) == {"allocate", "drop\\x00"}
+    assert set(letters) == {"allocate", "drop\\x00", "consume"}
+    assert letters["consume"]["namespace"] == ""
+    assert "\\ud800" in letters["consume"]["payload"]["unstorable"]
     assert letters["allocate"]["namespace"] == ""
     assert "a\\x00b" in letters["allocate"]["payload"]["unstorable"]
     assert letters["drop\\x00"]["namespace"] == "default"
