@@ -199,8 +199,8 @@ class EventTask(Task):
         return signing.make_auth(key, ns, event)
 
     def wants_result(self) -> bool:
-        """Whether anyone waits for this run's outcome (else events' result documents are
-        not even fetched)."""
+        """Whether anyone waits for this run's outcome (else the SQL does not even build
+        the events' result documents)."""
         return not get_actual_ignore_result(self, self.request)
 
     def done(self, counted: int | None) -> None:
@@ -430,8 +430,9 @@ def apply_batch(
     """Apply many events in one transaction (``meter.apply_events``); their outcomes.
 
     ``events``: the JSON text of their array (what producers send, :mod:`meter.wire`), or
-    the array itself. A bad event is dead-lettered alone by the SQL while the others apply. An event whose
-    reservation is not there yet is handed to a single-event task (outcome ``deferred``).
+    the array itself. A bad event is dead-lettered alone by the SQL while the others
+    apply. An event whose reservation is not there yet is handed to a single-event task
+    (outcome ``deferred``).
     A batch that cannot be applied as a whole (a permanent error of the call, or too many
     deliveries) is split into single-event tasks, so each event meets its own fate.
     A batch refused for its tenancy (module docstring) is one dead letter, applied nowhere.
@@ -484,13 +485,11 @@ def apply_batch(
             orig.append(i)
     kept = [_with_key(events[i], f"task:{request.id}:{i}") for i in orig]
     # Nothing refused or keyed: the text goes to the server as it came, not re-serialised.
-    # (Not with a NUL escape, which jsonb refuses: the events then fail one by one.)
     as_sent = (
         text
         if text is not None
-        and len(kept) == len(events)
+        and not outcomes
         and all(k is e for k, e in zip(kept, events, strict=True))
-        and "\\u0000" not in text
         else None
     )
     if counted is not None and counted >= s.max_deliveries:
