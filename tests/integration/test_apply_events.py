@@ -197,10 +197,14 @@ def test_a_key_claimed_concurrently_fails_the_batch_with_40001_and_changes_nothi
     assert isinstance(err, psycopg.errors.SerializationFailure), err
     assert "claimed concurrently" in str(err)
     after = snapshot()
-    # nothing of the failed batch: only the holder's committed claim is new
-    assert after["ledger"] != before["ledger"]  # the holder's two rows, now committed
-    assert not [r for r in after["ledger"] if "other" in r or "u2" in r]
-    assert not [r for r in after["idempotency_keys"] if "other" in r]
+    # nothing of the failed batch: only the holder's two events (u1, u3), now committed
+    written = ("ledger", "accounts", "idempotency_keys")
+    for table in written:
+        assert len(after[table]) == len(before[table]) + 2, table
+        assert not [r for r in after[table] if "other" in r or "u2" in r], table
+    assert {k: v for k, v in after.items() if k not in written} == {
+        k: v for k, v in before.items() if k not in written
+    }
     rows = db.execute(APPLY, (batch, True)).fetchall()
     assert [r["status"] for r in rows] == ["applied", "replayed"]
     balances = db.execute(
@@ -213,7 +217,7 @@ def test_a_key_claimed_concurrently_fails_the_batch_with_40001_and_changes_nothi
     ]
 
 
-def test_a_unique_violation_of_another_table_is_not_taken_for_a_key_claim(db):
+def test_a_unique_violation_of_another_table_is_not_taken_for_a_key_claim(db, snapshot):
     """Only the key table's primary key means "claimed concurrently"; the trap re-raises
     any other unique violation as it is (here: a ledger id taken ahead of the sequence)."""
     when = "2020-05-05T00:00:00Z"
@@ -234,10 +238,12 @@ def test_a_unique_violation_of_another_table_is_not_taken_for_a_key_claim(db):
         " VALUES (%s, 'default', -1, 'zz', %s, '', %s, 'allocation', 1, 1, %s)",
         (taken, ET, UNIT, when),
     )
+    before = snapshot()
     with pytest.raises(psycopg.errors.UniqueViolation) as exc:
         db.execute(APPLY, (events("a", "b", "c"), False)).fetchall()
     assert "ledger" in str(exc.value)
     assert exc.value.diag.constraint_name != "idempotency_keys_pkey"
+    assert snapshot() == before
 
 
 def test_results_null_is_refused_and_changes_nothing(db, snapshot):

@@ -361,7 +361,7 @@ def test_a_batch_message_carries_its_events_as_json_text(make_producer, broker_u
     assert kwargs["auth"]["namespace"] == "default"
 
 
-def test_a_batch_as_json_text_applies_and_keys_its_keyless_events(pipeline, client, db):
+def test_a_batch_as_json_text_applies_and_keys_its_keyless_events(pipeline, client, db, snapshot):
     """A batch sent as JSON text (the producers' form): events without a key get their
     task's; a bad event is a dead letter alone; text that is not JSON is one dead letter."""
     events = [
@@ -390,15 +390,19 @@ def test_a_batch_as_json_text_applies_and_keys_its_keyless_events(pipeline, clie
     )
     assert [o["status"] for o in again] == ["replayed", "error", "replayed"]
     assert balance(client)["balance"] == D(3)
+    before = snapshot()
     outcome = send_raw(pipeline, wire.APPLY_BATCH, "[{").get(timeout=15)
     assert outcome["status"] == "error" and outcome["error_sqlstate"] == "MT001"
     assert "not valid JSON text" in outcome["error_message"]
     assert [r["payload"] for r in dead_letters(db) if r["op"] == "apply_batch"] == ["[{"]
+    after = snapshot()  # only its dead letter is new
+    assert len(after.pop("dead_letters")) == len(before.pop("dead_letters")) + 1
+    assert after == before
 
 
-def test_a_batch_as_text_with_a_nul_escape_is_split_not_sent_as_it_came(pipeline, client, db):
-    """jsonb refuses the NUL escape: such a text is not passed on as it came; the batch is
-    split and each event meets its own fate, the NUL one as a dead letter."""
+def test_a_batch_as_text_with_a_nul_escape_is_split(pipeline, client, db):
+    """jsonb refuses the NUL escape, so the server refuses the text as a whole: the batch
+    is split and each event meets its own fate, the NUL one as a dead letter."""
     events = [
         {"op": "allocate", "namespace": "default",
          "args": {"user_id": "u1", "event_type": ET, "amount": "4", "unit": UNIT,
@@ -423,7 +427,7 @@ def test_a_batch_as_text_with_a_nul_escape_is_split_not_sent_as_it_came(pipeline
     assert "a\\x00b" in letter["payload"]["unstorable"]
 
 
-def test_a_crafted_event_postgresql_cannot_store_is_still_a_dead_letter(pipeline, db):
+def test_a_crafted_event_postgresql_cannot_store_is_still_a_dead_letter(pipeline, db, snapshot):
     """PostgreSQL stores no NUL and no lone surrogate: the dead letter escapes them (and
     files a namespace holding one with the operators) instead of failing to be recorded,
     which retried it until the message was dropped."""
@@ -435,11 +439,15 @@ def test_a_crafted_event_postgresql_cannot_store_is_still_a_dead_letter(pipeline
         # a lone surrogate, in a batch's text: jsonb refuses it, the batch is split
         ("meter.apply_batch", '[{"op": "consume", "namespace": "\\ud800", "args": {}}]'),
     ]  # fmt: skip
+    before = snapshot()
     for name, payload in crafted:
         pipeline.send_task(name, args=(payload,), task_id=str(uuid.uuid4()))
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and len(dead_letters(db)) < 3:
         time.sleep(0.1)
+    after = snapshot()  # nothing applied: three dead letters, nothing else
+    assert len(after.pop("dead_letters")) == len(before.pop("dead_letters")) + 3
+    assert after == before
     letters = {r["op"]: r for r in dead_letters(db)}
     assert set(letters) == {"allocate", "drop\\x00", "consume"}
     assert letters["consume"]["namespace"] == ""
