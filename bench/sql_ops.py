@@ -426,20 +426,49 @@ def server_info(conninfo: str) -> dict[str, str]:
 
 
 def hardware() -> dict[str, Any]:
-    """CPU count and model, RAM: the context every number here needs."""
-    model = "unknown"
+    """CPU count and model, one core's speed, RAM: the context every number here needs.
+
+    A virtual machine's CPU name often hides its generation ("AMD EPYC"), so the family
+    and model numbers are kept too, and ``calibration_ms`` (:func:`calibration_ms`) tells
+    a faster core from a slower one: figures from machines whose calibration differs
+    are not comparable.
+    """
+    fields: dict[str, str] = {}
     mem_gib = float("nan")
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+            name, _, value = line.partition(":")
+            name = name.strip()
+            if name in ("model name", "cpu family", "model") and name not in fields:
+                fields[name] = value.strip()
+            if not line.strip() and fields:
+                break  # the first processor's block is enough
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
                 mem_gib = int(line.split()[1]) / 1024 / 1024
                 break
-    return {"nproc": os.cpu_count(), "cpu_model": model, "ram_gib": round(mem_gib, 1)}
+    model = fields.get("model name", "unknown")
+    if "cpu family" in fields and "model" in fields:
+        model += f", family {fields['cpu family']} model {fields['model']}"
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "ram_gib": round(mem_gib, 1),
+        "calibration_ms": round(calibration_ms(), 1),
+    }
+
+
+def calibration_ms() -> float:
+    """Milliseconds one core takes for a fixed pure-Python loop, best of five runs."""
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        total = 0
+        for i in range(1_000_000):
+            total += i % 7
+        best = min(best, time.perf_counter() - start)
+    return best * 1000
 
 
 # ------------------------------------------------------------------------------ results
@@ -570,11 +599,18 @@ def render_text(report: Report) -> str:
     return "\n".join([*head, *lines, "", *target_lines(report)])
 
 
+def calibration_text(hw: dict[str, Any]) -> str:
+    """``hardware()``'s core speed, as the environment lines show it."""
+    value = hw.get("calibration_ms")
+    return f"Python loop {'not timed' if value is None else f'{value:g} ms'}"
+
+
 def _environment_line(meta: dict[str, Any]) -> str:
     hw = meta["hardware"]
     srv = meta["server"]
     return (
-        f"{hw['nproc']} CPUs ({hw['cpu_model']}), {hw['ram_gib']} GiB RAM; "
+        f"{hw['nproc']} CPUs ({hw['cpu_model']}; {calibration_text(hw)}), "
+        f"{hw['ram_gib']} GiB RAM; "
         f"PostgreSQL {srv['server_version']} ({meta['server_kind']}; fsync={srv['fsync']}, "
         f"synchronous_commit={srv['synchronous_commit']}, "
         f"full_page_writes={srv['full_page_writes']}, wal_sync_method={srv['wal_sync_method']}, "
