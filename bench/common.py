@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from bench.sql_ops import calibration_text, hardware, server_info
+from bench.sql_ops import hardware, machine_text, server_info
 
 __all__ = [
     "DEFAULT_MARKDOWN",
@@ -61,9 +61,7 @@ def fmt_rate(value: float) -> str:
 
 def environment_line(hw: dict[str, Any], srv: dict[str, str] | None, load: Sequence[float]) -> str:
     """One line naming the machine, the server settings and the load during the run."""
-    parts = [
-        f"{hw['nproc']} CPUs ({hw['cpu_model']}; {calibration_text(hw)}), {hw['ram_gib']} GiB RAM"
-    ]
+    parts = [machine_text(hw)]
     if srv:
         parts.append(
             f"PostgreSQL {srv['server_version']} (fsync={srv['fsync']}, "

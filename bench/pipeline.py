@@ -185,7 +185,7 @@ def _wait_ready(broker_url: str, n: int, timeout: float = 90.0) -> None:
         app.close()
 
 
-def _ledger_count(conn: psycopg.Connection[Any], after_id: int = 0) -> int:
+def _ledger_count(conn: psycopg.Connection[Any], after_id: int) -> int:
     """Ledger rows of the benchmark's namespace with an id above ``after_id``: what a run
     applied, counted once at its end (an index range on the primary key)."""
     row = conn.execute(

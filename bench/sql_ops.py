@@ -599,18 +599,19 @@ def render_text(report: Report) -> str:
     return "\n".join([*head, *lines, "", *target_lines(report)])
 
 
-def calibration_text(hw: dict[str, Any]) -> str:
-    """``hardware()``'s core speed, as the environment lines show it."""
-    value = hw.get("calibration_ms")
-    return f"Python loop {'not timed' if value is None else f'{value:g} ms'}"
+def machine_text(hw: dict[str, Any]) -> str:
+    """``hardware()`` as every environment line starts."""
+    return (
+        f"{hw['nproc']} CPUs ({hw['cpu_model']}; Python loop {hw['calibration_ms']:g} ms), "
+        f"{hw['ram_gib']} GiB RAM"
+    )
 
 
 def _environment_line(meta: dict[str, Any]) -> str:
     hw = meta["hardware"]
     srv = meta["server"]
     return (
-        f"{hw['nproc']} CPUs ({hw['cpu_model']}; {calibration_text(hw)}), "
-        f"{hw['ram_gib']} GiB RAM; "
+        f"{machine_text(hw)}; "
         f"PostgreSQL {srv['server_version']} ({meta['server_kind']}; fsync={srv['fsync']}, "
         f"synchronous_commit={srv['synchronous_commit']}, "
         f"full_page_writes={srv['full_page_writes']}, wal_sync_method={srv['wal_sync_method']}, "
