@@ -217,10 +217,11 @@ class MeterClient:
 
     Parameters:
         conn: a conninfo string or URL (the client builds and owns a thread-safe
-            ``ConnectionPool`` of autocommit connections), a ``psycopg_pool.ConnectionPool``
-            (borrowed per call; thread-safe) or a ``psycopg.Connection`` (each call runs
-            inside ``conn.transaction()``: its own transaction, or a savepoint of the caller's
-            open transaction; as thread-safe as that connection).
+            ``ConnectionPool`` of autocommit connections, opened as calls need them), a
+            ``psycopg_pool.ConnectionPool`` (borrowed per call; thread-safe) or a
+            ``psycopg.Connection`` (each call runs inside ``conn.transaction()``: its own
+            transaction, or a savepoint of the caller's open transaction; as thread-safe as
+            that connection).
         namespace: the tenant every call acts on.
         max_size: the maximum size of the pool built from a conninfo.
         timeout: seconds a call waits for a connection of the pool built from a conninfo
@@ -268,9 +269,16 @@ class MeterClient:
                 conninfo_to_dict(conn)  # a malformed conninfo is a caller error, found here
             except psycopg.ProgrammingError as exc:
                 raise t.invalid("conn", f"invalid conninfo: {str(exc).strip()}") from None
+            # The pool starts empty and connects on first use. With a connection opening
+            # at construction, a call made at once waits for it and, by waiting, makes
+            # the pool open a second one; the pool hands its connections out first in,
+            # first out, so a client used by one thread would then alternate between two
+            # server backends for good (measured: about 12% fewer get_balance calls per
+            # second with eight such clients). An idle connection is closed after
+            # psycopg_pool's max_idle (10 minutes); the next call opens a fresh one.
             self._pool = ConnectionPool(
                 conn,
-                min_size=1,
+                min_size=0,
                 max_size=max_size,
                 kwargs={"autocommit": True},
                 configure=_configure_adapters,

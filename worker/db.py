@@ -97,9 +97,12 @@ def _pool(url: str, size: int) -> ConnectionPool[Any]:
         with _lock:
             pool = _pools.get(url)
             if pool is None:
+                # Empty at first, as MeterClient's pool (see there): the first task would
+                # otherwise wait for an opening connection and so open a second one, and
+                # a process running one task at a time would alternate between the two.
                 pool = ConnectionPool(
                     url,
-                    min_size=1,
+                    min_size=0,
                     max_size=max(size, 1),
                     kwargs={"autocommit": True, "application_name": "meter-worker"},
                     configure=_configure,

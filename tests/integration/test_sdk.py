@@ -164,6 +164,17 @@ def test_close_releases_connections(db_url, db):
     assert _wait_backends(db, base) == base
 
 
+def test_a_client_called_from_one_thread_holds_one_connection(db_url, db):
+    # Called at once after construction, as applications do: the first call must not
+    # leave the pool with a second connection that it would then alternate with.
+    base = other_backends(db)
+    with meter.MeterClient(db_url) as c:
+        c.allocate(U, ET, D("5"), UNIT)
+        for _ in range(50):
+            assert c.get_balance(U, ET, UNIT)["balance"] == D("5")
+        assert other_backends(db) == base + 1
+
+
 def test_close_does_not_close_callers_connection(db_url):
     with psycopg.connect(db_url, autocommit=True) as conn:
         with meter.MeterClient(conn) as c:
