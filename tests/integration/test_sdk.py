@@ -175,6 +175,36 @@ def test_a_client_called_from_one_thread_holds_one_connection(db_url, db):
         assert other_backends(db) == base + 1
 
 
+def test_a_client_keeps_its_connection_between_calls(db_url, monkeypatch):
+    with meter.MeterClient(db_url) as c:
+        for _ in range(20):
+            c.get_balance(U, ET, UNIT)
+        # the first call's connection went back to the pool; the second's was kept
+        assert c._pool.get_stats()["requests_num"] == 2
+    monkeypatch.setattr("meter.client._KEEP_FOR", 0.0)  # due back at once, every time
+    with meter.MeterClient(db_url) as c:
+        for _ in range(20):
+            c.get_balance(U, ET, UNIT)
+        assert c._pool.get_stats()["requests_num"] == 20
+
+
+def test_a_kept_connection_that_died_fails_one_call_and_is_replaced(db_url, db):
+    with meter.MeterClient(db_url) as c:
+        c.allocate(U, ET, D("5"), UNIT)
+        c.get_balance(U, ET, UNIT)  # this call's connection is the one kept
+        killed = db.execute(
+            "SELECT pg_terminate_backend(pid) AS ok FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND backend_type = 'client backend'"
+        ).fetchall()
+        assert [r["ok"] for r in killed] == [True]
+        with pytest.raises(MeterConnectionError):
+            c.consume(U, ET, D("2"), UNIT)
+        assert c.consume(U, ET, D("2"), UNIT)["balance"] == D("3")
+    assert db.execute("SELECT balance FROM meter.accounts").fetchone()["balance"] == D("3")
+    assert db.execute("SELECT count(*) AS n FROM meter.ledger").fetchone()["n"] == 2
+
+
 def test_close_does_not_close_callers_connection(db_url):
     with psycopg.connect(db_url, autocommit=True) as conn:
         with meter.MeterClient(conn) as c:
