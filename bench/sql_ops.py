@@ -17,7 +17,8 @@ process); the baselines through plain psycopg with the same settings (autocommit
 prepared after psycopg's ``prepare_threshold`` executions, which the warm-up covers).
 
 Every configuration runs in fresh worker *processes* (the GIL would cap threads well below
-8 busy connections). Each worker connects, warms up (``--warmup`` seconds), waits at a
+8 busy connections), forked from one pre-loaded process (``--start-method``, see
+``client_context``). Each worker connects, warms up (``--warmup`` seconds), waits at a
 barrier so that all start together, runs for ``--seconds`` and reports its count; the
 per-worker rates are summed. A ``CHECKPOINT`` precedes each configuration so that no
 checkpoint lands inside one measurement. Configurations are interleaved (baseline, then
@@ -649,7 +650,8 @@ def render_markdown_section(report: Report) -> str:
         "",
         f"- Machine: {_environment_line(meta)}.",
         f"- {meta['seconds']:g} s per configuration after {meta['warmup']:g} s of warm-up, "
-        f"{meta['repeat']} round(s); one worker process per connection, rates summed. "
+        f"{meta['repeat']} round(s); one worker process per connection (started by "
+        f"{meta.get('start_method', 'spawn')}), rates summed. "
         f"{noise}.",
         "- Meter operations through `MeterClient` (one per worker); baselines through plain "
         "psycopg, same settings (autocommit, prepared statements).",
@@ -727,9 +729,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--start-method",
-        choices=("spawn", "fork", "forkserver"),
-        default="spawn",
-        help="multiprocessing start method (spawn)",
+        choices=("forkserver", "spawn", "fork"),
+        default="forkserver",
+        help="how the worker processes start (forkserver; see client_context)",
     )
     p.add_argument("--seed", type=int, default=1, help="random seed for account choice (1)")
     args = p.parse_args(argv)
@@ -743,9 +745,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def client_context(method: str) -> BaseContext:
+    """The multiprocessing context that starts the worker (client) processes.
+
+    ``forkserver``, the default, forks every worker from one process that has imported
+    psycopg and meter, the way prefork application servers (gunicorn, uWSGI, Celery's
+    prefork pool) start theirs; all workers then share one address-space layout.
+    ``spawn`` starts each as a new interpreter, with a layout of its own (ASLR). On this
+    benchmark's 2-CPU machines, where eight workers share the CPUs with their eight server
+    backends, that alone doubled the workers' user CPU per call (for ``SELECT 1`` and for
+    ``get_balance`` alike; the same with ASLR off under ``setarch -R`` as with fork), which
+    is a cost of running independent interpreters on a crowded CPU, not of the operation.
+    """
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(["psycopg", "psycopg_pool", "meter", "bench.sql_ops"])
+    return ctx
+
+
 def run(args: argparse.Namespace, command: str) -> Report:
     """Prepare the server and measure every configuration, ``args.repeat`` times."""
-    ctx = mp.get_context(args.start_method)
+    ctx = client_context(args.start_method)
     ops = [op for op in OPS if op in args.ops]
     with bench_database(args.database_url) as conninfo:
         prepare(conninfo)
