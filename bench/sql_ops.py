@@ -651,7 +651,7 @@ def render_markdown_section(report: Report) -> str:
         f"- Machine: {_environment_line(meta)}.",
         f"- {meta['seconds']:g} s per configuration after {meta['warmup']:g} s of warm-up, "
         f"{meta['repeat']} round(s); one worker process per connection (started by "
-        f"{meta.get('start_method', 'spawn')}), rates summed. "
+        f"{meta['start_method']}), rates summed. "
         f"{noise}.",
         "- Meter operations through `MeterClient` (one per worker); baselines through plain "
         "psycopg, same settings (autocommit, prepared statements).",
