@@ -283,8 +283,9 @@ class MeterClient:
             # the pool open a second one; the pool hands its connections out first in,
             # first out, so a client used by one thread would then alternate between two
             # server backends for good (measured: about 12% fewer get_balance calls per
-            # second with eight such clients). An idle connection is closed after
-            # psycopg_pool's max_idle (10 minutes); the next call opens a fresh one.
+            # second with eight such clients). The pool closes what it has held idle for
+            # psycopg_pool's max_idle (10 minutes), not the connection the client keeps
+            # between calls (see _run_pooled), which stays open as min_size=1 kept one.
             self._pool = ConnectionPool(
                 conn,
                 min_size=0,
