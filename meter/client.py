@@ -15,8 +15,10 @@ input raises :class:`~meter.errors.ValidationError` and never reaches the databa
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -82,6 +84,10 @@ _PROBE_AFTER: Final = 1.0
 # between calls (see MeterClient._run_pooled); at most this often it goes back through the
 # pool, which then applies its max_lifetime.
 _KEEP_FOR: Final = 60.0
+
+# What MeterClients held when this process was forked from their creator: the parent's
+# pools and connections, never used here. Referenced so that no finaliser touches them.
+_inherited: list[object] = []
 
 
 # ---------------------------------------------------------------------------- statements
@@ -217,6 +223,12 @@ def _account(
     ]
 
 
+def _after_fork_in_child(ref: weakref.ReferenceType[MeterClient]) -> None:
+    client = ref()
+    if client is not None:
+        client._after_fork()
+
+
 class MeterClient:
     """Synchronous client of a Meter database, scoped to one namespace (tenant).
 
@@ -278,25 +290,12 @@ class MeterClient:
                 conninfo_to_dict(conn)  # a malformed conninfo is a caller error, found here
             except psycopg.ProgrammingError as exc:
                 raise t.invalid("conn", f"invalid conninfo: {str(exc).strip()}") from None
-            # The pool starts empty and connects on first use. With a connection opening
-            # at construction, a call made at once waits for it and, by waiting, makes
-            # the pool open a second one; the pool hands its connections out first in,
-            # first out, so a client used by one thread would then alternate between two
-            # server backends for good (measured: about 12% fewer get_balance calls per
-            # second with eight such clients). The pool closes what it has held idle for
-            # psycopg_pool's max_idle (10 minutes), not the connection the client keeps
-            # between calls (see _run_pooled), which stays open as min_size=1 kept one.
-            self._pool = ConnectionPool(
-                conn,
-                min_size=0,
-                max_size=max_size,
-                kwargs={"autocommit": True},
-                configure=_configure_adapters,
-                timeout=self._timeout,
-                name=f"meter:{self._namespace[:64]}",
-                open=True,
-            )
+            self._conninfo = conn
+            self._max_size = max_size
+            self._pool = self._new_pool()
             self._owns_pool = True
+            ref = weakref.ref(self)
+            os.register_at_fork(after_in_child=lambda: _after_fork_in_child(ref))
         elif isinstance(conn, ConnectionPool):
             self._pool = conn
         elif isinstance(conn, psycopg.Connection):
@@ -343,6 +342,44 @@ class MeterClient:
         kind = "pool" if self._pool is not None else "connection"
         state = " closed" if self._closed else ""
         return f"<MeterClient namespace={self._namespace!r} {kind}{state}>"
+
+    def _new_pool(self) -> ConnectionPool[Any]:
+        # The pool starts empty and connects on first use. With a connection opening at
+        # construction, a call made at once waits for it and, by waiting, makes the pool
+        # open a second one; the pool hands its connections out first in, first out, so a
+        # client used by one thread would then alternate between two server backends for
+        # good (measured: about 12% fewer get_balance calls per second with eight such
+        # clients). The pool closes what it has held idle for psycopg_pool's max_idle (10
+        # minutes), not the connection the client keeps between calls (see _run_pooled),
+        # which stays open as min_size=1 kept one.
+        return ConnectionPool(
+            self._conninfo,
+            min_size=0,
+            max_size=self._max_size,
+            kwargs={"autocommit": True},
+            configure=_configure_adapters,
+            timeout=self._timeout,
+            name=f"meter:{self._namespace[:64]}",
+            open=True,
+        )
+
+    def _after_fork(self) -> None:
+        """In a child forked after this client was built: a pool of the child's own.
+
+        The inherited pool and kept connection share their sockets with the parent (and
+        every sibling), and the pool's threads did not survive the fork: used here, they
+        would mix up the processes' replies or wait for a connection forever. They are
+        left alone, unclosed, since closing would end the parent's sessions.
+        """
+        _inherited.extend([self._pool, *self._kept])
+        self._kept = []
+        self._keep_until = 0.0
+        self._cursors = {}
+        self._seen_connect_errors = 0
+        self._actor_lock = threading.Lock()  # a lock held by another thread at the fork
+        self._conn_lock = threading.RLock()  # stays held in the child for good
+        if not self._closed:
+            self._pool = self._new_pool()
 
     # -------------------------------------------------------------------- execution
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -186,6 +187,39 @@ def test_a_client_keeps_its_connection_between_calls(db_url, monkeypatch):
         for _ in range(20):
             c.get_balance(U, ET, UNIT)
         assert c._pool.get_stats()["requests_num"] == 20
+
+
+@pytest.mark.timeout(120)  # on the inherited pool it hung until killed
+def test_a_forked_child_uses_connections_of_its_own(db_url, db):
+    # As under gunicorn --preload: the client is built, and used, before the fork.
+    base = other_backends(db)
+    with meter.MeterClient(db_url) as c:
+        c.allocate(U, ET, D("5"), UNIT)  # the parent now holds a connection
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report through the pipe, never return into pytest
+            try:
+                c.consume(U, ET, D("1"), UNIT)
+                with psycopg.connect(db_url, autocommit=True) as probe:
+                    n = probe.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname ="
+                        " current_database() AND pid <> pg_backend_pid()"
+                        " AND backend_type = 'client backend'"
+                    ).fetchone()[0]
+                os.write(w, f"backends {n}".encode())
+            except BaseException as exc:
+                os.write(w, repr(exc).encode()[:1000])
+            finally:
+                os._exit(0)
+        os.close(w)
+        for _ in range(50):  # the parent goes on with its own connection meanwhile
+            assert c.get_balance(U, ET, UNIT)["available"] in (D("5"), D("4"))
+        os.waitpid(pid, 0)
+        with os.fdopen(r, "rb") as pipe:
+            # the test's own connection (db), the parent's, the child's
+            assert pipe.read().decode() == f"backends {base + 3}"
+        assert c.get_balance(U, ET, UNIT)["balance"] == D("4")
+    assert db.execute("SELECT count(*) AS n FROM meter.ledger").fetchone()["n"] == 2
 
 
 def test_a_kept_connection_that_died_fails_one_call_and_is_replaced(db_url, db):
