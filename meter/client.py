@@ -249,6 +249,10 @@ class MeterClient:
         ValidationError: for an invalid namespace, a malformed conninfo, ``conn`` of another
             type, or a bad ``max_size`` or ``timeout``.
 
+    Built from a conninfo, a client may be built before ``fork`` and used on both sides:
+    a forked child gets a pool of its own (the inherited connections are left to the
+    parent).
+
     Each method is one statement in one transaction that sets the tenant and the actor
     context (:meth:`set_actor`) transaction-locally. Quantities are ``Decimal``. Errors:
     ``ValidationError`` (bad argument, raised before any database access),
