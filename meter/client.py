@@ -80,14 +80,10 @@ _RETRIES: Final = 3
 # instead of after the whole pool timeout).
 _PROBE_AFTER: Final = 1.0
 
-# How long the client's own pool may go without seeing the connection a client keeps
-# between calls (see MeterClient._run_pooled); at most this often it goes back through the
-# pool, which then applies its max_lifetime.
+# How long a connection may stay out of the client's own pool, kept from one call to the
+# next (see MeterClient._run_own_pool), before it goes back: the pool then applies its
+# max_lifetime to it.
 _KEEP_FOR: Final = 60.0
-
-# What MeterClients held when this process was forked from their creator: the parent's
-# pools and connections, never used here. Referenced so that no finaliser touches them.
-_inherited: list[object] = []
 
 
 # ---------------------------------------------------------------------------- statements
@@ -223,12 +219,6 @@ def _account(
     ]
 
 
-def _after_fork_in_child(ref: weakref.ReferenceType[MeterClient]) -> None:
-    client = ref()
-    if client is not None:
-        client._after_fork()
-
-
 class MeterClient:
     """Synchronous client of a Meter database, scoped to one namespace (tenant).
 
@@ -281,10 +271,14 @@ class MeterClient:
         self._owns_pool = False
         self._conn_lock = threading.RLock()
         self._seen_connect_errors = 0
-        # The connection kept between calls (own pool only; at most one, bar a race that
-        # the next calls undo) and when it must next go back through the pool.
-        self._kept: list[psycopg.Connection[Any]] = []
-        self._keep_until = 0.0
+        # Own pool only: the connection kept from one call to the next, when it must go
+        # back to the pool, and how many calls are under way; guarded by _keep_lock.
+        self._keep_lock = threading.Lock()
+        self._kept: psycopg.Connection[Any] | None = None
+        self._kept_until = 0.0
+        self._busy = 0
+        # Set in a forked child: the pool is the parent's (see _after_fork).
+        self._pool_inherited = False
         # One cursor per connection, kept: a new cursor starts with empty adapter caches,
         # which costs more per call than the statement's own client-side work. Keyed by
         # id(connection); an entry is valid only while its cursor's connection is that one.
@@ -298,8 +292,7 @@ class MeterClient:
             self._max_size = max_size
             self._pool = self._new_pool()
             self._owns_pool = True
-            ref = weakref.ref(self)
-            os.register_at_fork(after_in_child=lambda: _after_fork_in_child(ref))
+            _clients_with_own_pool.add(self)
         elif isinstance(conn, ConnectionPool):
             self._pool = conn
         elif isinstance(conn, psycopg.Connection):
@@ -324,11 +317,14 @@ class MeterClient:
 
         Idempotent. Later calls raise ``MeterConnectionError``.
         """
-        self._closed = True
+        with self._keep_lock:
+            self._closed = True
+            kept, self._kept = self._kept, None
         self._cursors.clear()
-        if self._owns_pool and self._pool is not None:
-            while self._kept:
-                self._pool.putconn(self._kept.pop())
+        # An inherited pool is the parent's: closing it would end the parent's sessions.
+        if self._owns_pool and self._pool is not None and not self._pool_inherited:
+            if kept is not None:
+                self._pool.putconn(kept)
             self._pool.close()
 
     def __enter__(self) -> Self:
@@ -354,7 +350,7 @@ class MeterClient:
         # client used by one thread would then alternate between two server backends for
         # good (measured: about 12% fewer get_balance calls per second with eight such
         # clients). The pool closes what it has held idle for psycopg_pool's max_idle (10
-        # minutes), not the connection the client keeps between calls (see _run_pooled),
+        # minutes), not the connection the client keeps between calls (see _run_own_pool),
         # which stays open as min_size=1 kept one.
         return ConnectionPool(
             self._conninfo,
@@ -368,22 +364,32 @@ class MeterClient:
         )
 
     def _after_fork(self) -> None:
-        """In a child forked after this client was built: a pool of the child's own.
+        """In a child forked after this client was built: forget the parent's connections.
 
         The inherited pool and kept connection share their sockets with the parent (and
         every sibling), and the pool's threads did not survive the fork: used here, they
         would mix up the processes' replies or wait for a connection forever. They are
-        left alone, unclosed, since closing would end the parent's sessions.
+        left alone, unclosed (closing would end the parent's sessions); the child's first
+        call builds a pool of its own (_renew_pool).
         """
-        _inherited.extend([self._pool, *self._kept])
-        self._kept = []
-        self._keep_until = 0.0
+        _inherited.append(self._kept)
+        self._kept = None
+        self._busy = 0
+        self._pool_inherited = True
         self._cursors = {}
         self._seen_connect_errors = 0
-        self._actor_lock = threading.Lock()  # a lock held by another thread at the fork
-        self._conn_lock = threading.RLock()  # stays held in the child for good
-        if not self._closed:
-            self._pool = self._new_pool()
+        # Locks another thread held at the fork stay held in the child for good.
+        self._keep_lock = threading.Lock()
+        self._actor_lock = threading.Lock()
+        self._conn_lock = threading.RLock()
+
+    def _renew_pool(self) -> None:
+        """Replace the inherited pool with one of this process's own (see _after_fork)."""
+        with self._keep_lock:
+            if self._pool_inherited:
+                _inherited.append(self._pool)
+                self._pool = self._new_pool()  # if this fails, the next call tries again
+                self._pool_inherited = False
 
     # -------------------------------------------------------------------- execution
 
@@ -402,7 +408,9 @@ class MeterClient:
             try:
                 if self._conn is not None:
                     return self._run_on_callers_connection(self._conn, query, args)
-                return self._run_pooled(query, args)
+                if self._owns_pool:
+                    return self._run_own_pool(query, args)
+                return self._run_borrowed(query, args)
             except psycopg.Error as exc:
                 # A deadlock, or an idempotency key claimed concurrently by another path
                 # (40001): the call was its own transaction and was rolled back whole, so
@@ -445,42 +453,60 @@ class MeterClient:
         self._cursors[id(conn)] = cur
         return cur
 
-    def _run_pooled(self, query: str, args: Sequence[Any]) -> list[Row]:
-        """On a connection of the pool: the one this client kept, else one from the pool.
+    def _run_borrowed(self, query: str, args: Sequence[Any]) -> list[Row]:
+        """On a connection borrowed from the caller's pool for this call."""
+        pool = self._pool
+        assert pool is not None
+        conn = self._getconn(pool)
+        try:
+            return self._run_idle(conn, query, args)
+        finally:
+            pool.putconn(conn)  # resets (or discards) a connection left in a bad state
+
+    def _run_own_pool(self, query: str, args: Sequence[Any]) -> list[Row]:
+        """On the connection kept from the last call, else on one from the client's pool.
 
         Taking a connection from psycopg_pool and giving it back costs more client CPU per
         call than the rest of the SDK's own work (measured with eight busy clients on two
-        CPUs: ~6 of get_balance's ~37 µs), so a client that owns its pool keeps the
-        connection of a call that went well for the next call. ``list.pop`` and ``append``
-        are atomic, so two threads never share it. Whatever failed goes back to the pool,
-        which resets or discards it.
+        CPUs: ~6 of get_balance's ~37 µs), so the connection of a call that went well is
+        kept for the next call -- but only when no other call is under way: a call waiting
+        for a connection is served only by one given back to the pool. A kept connection
+        goes back to the pool at the latest _KEEP_FOR after it left it; whatever failed
+        goes back at once, and the pool resets or discards it.
         """
+        if self._pool_inherited:
+            self._renew_pool()
         pool = self._pool
         assert pool is not None
-        kept = self._kept
-        try:
-            conn = kept.pop()
-        except IndexError:
-            conn = self._getconn(pool)
+        with self._keep_lock:
+            self._busy += 1
+            conn, until = self._kept, self._kept_until
+            self._kept = None
         ok = False
         try:
+            if conn is None:
+                conn = self._getconn(pool)
+                until = time.monotonic() + _KEEP_FOR
             rows = self._run_idle(conn, query, args)
             ok = True
             return rows
         finally:
-            if (
-                ok
-                and self._owns_pool
-                and not kept
-                and not self._closed
-                and conn.pgconn.transaction_status == TransactionStatus.IDLE
-                and time.monotonic() < self._keep_until
-            ):
-                kept.append(conn)
-            else:
+            keep = False
+            with self._keep_lock:
+                self._busy -= 1
+                if (
+                    ok
+                    and self._busy == 0
+                    and self._kept is None
+                    and not self._closed
+                    and conn is not None
+                    and conn.pgconn.transaction_status == TransactionStatus.IDLE
+                    and time.monotonic() < until
+                ):
+                    self._kept, self._kept_until = conn, until
+                    keep = True
+            if not keep and conn is not None:
                 pool.putconn(conn)  # resets (or discards) a connection left in a bad state
-                if ok and self._owns_pool:
-                    self._keep_until = time.monotonic() + _KEEP_FOR
 
     def _run_idle(
         self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]
@@ -1155,3 +1181,20 @@ class MeterClient:
                 t.check_limit(limit, "limit"),
             ],
         )
+
+
+# ------------------------------------------------------------------------------- fork
+
+# Clients that built their own pool; after a fork each forgets the parent's connections.
+_clients_with_own_pool: weakref.WeakSet[MeterClient] = weakref.WeakSet()
+# What they held when the process was forked: the parent's pools and connections, never
+# used here. Referenced so that no finaliser touches them.
+_inherited: list[object] = []
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_clients_with_own_pool):
+        client._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

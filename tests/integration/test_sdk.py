@@ -180,8 +180,8 @@ def test_a_client_keeps_its_connection_between_calls(db_url, monkeypatch):
     with meter.MeterClient(db_url) as c:
         for _ in range(20):
             c.get_balance(U, ET, UNIT)
-        # the first call's connection went back to the pool; the second's was kept
-        assert c._pool.get_stats()["requests_num"] == 2
+        # the first call's connection was kept, and served the other nineteen
+        assert c._pool.get_stats()["requests_num"] == 1
     monkeypatch.setattr("meter.client._KEEP_FOR", 0.0)  # due back at once, every time
     with meter.MeterClient(db_url) as c:
         for _ in range(20):
@@ -206,6 +206,7 @@ def test_a_forked_child_uses_connections_of_its_own(db_url, db):
                         " current_database() AND pid <> pg_backend_pid()"
                         " AND backend_type = 'client backend'"
                     ).fetchone()[0]
+                c.close()  # must leave the parent's connections alone
                 os.write(w, f"backends {n}".encode())
             except BaseException as exc:
                 os.write(w, repr(exc).encode()[:1000])
@@ -220,6 +221,54 @@ def test_a_forked_child_uses_connections_of_its_own(db_url, db):
             assert pipe.read().decode() == f"backends {base + 3}"
         assert c.get_balance(U, ET, UNIT)["balance"] == D("4")
     assert db.execute("SELECT count(*) AS n FROM meter.ledger").fetchone()["n"] == 2
+
+
+def test_more_threads_than_connections_all_get_served(db_url):
+    # A kept connection must not bypass a call waiting for one from the pool.
+    threads, calls = 3, 300
+    with meter.MeterClient(db_url, max_size=1, timeout=10) as c:
+        c.allocate(U, ET, D("5"), UNIT)
+        barrier = threading.Barrier(threads)
+
+        def work(_):
+            barrier.wait()
+            slowest = 0.0
+            for _ in range(calls):
+                started = time.monotonic()
+                assert c.get_balance(U, ET, UNIT)["balance"] == D("5")
+                slowest = max(slowest, time.monotonic() - started)
+            return slowest
+
+        with ThreadPoolExecutor(threads) as ex:
+            slowest = list(ex.map(work, range(threads)))
+    assert max(slowest) < 2.0, slowest
+
+
+def test_close_while_threads_call_leaves_no_connection_open(db_url, db):
+    base = other_backends(db)
+    c = meter.MeterClient(db_url, max_size=4)
+    c.allocate(U, ET, D("5"), UNIT)
+    outcomes: list[str] = []
+
+    def work():
+        try:
+            while True:
+                c.get_balance(U, ET, UNIT)
+        except MeterConnectionError:
+            outcomes.append("closed")
+        except Exception as exc:  # a pool closed under a call in flight
+            outcomes.append(type(exc).__name__)
+
+    workers = [threading.Thread(target=work) for _ in range(4)]
+    for w in workers:
+        w.start()
+    time.sleep(0.3)
+    c.close()
+    for w in workers:
+        w.join(timeout=30)
+    assert not any(w.is_alive() for w in workers)
+    assert len(outcomes) == 4
+    assert _wait_backends(db, base) == base
 
 
 def test_a_kept_connection_that_died_fails_one_call_and_is_replaced(db_url, db):
