@@ -81,8 +81,8 @@ _RETRIES: Final = 3
 _PROBE_AFTER: Final = 1.0
 
 # How long a connection may stay out of the client's own pool, kept from one call to the
-# next (see MeterClient._run_own_pool), before it goes back: the pool then applies its
-# max_lifetime to it.
+# next (see MeterClient._run_own_pool): the first call to end after that gives it back, and
+# the pool then applies its max_lifetime to it.
 _KEEP_FOR: Final = 60.0
 
 
@@ -317,15 +317,16 @@ class MeterClient:
 
         Idempotent. Later calls raise ``MeterConnectionError``.
         """
-        with self._keep_lock:
+        with self._keep_lock:  # read together with _renew_pool's changes
             self._closed = True
             kept, self._kept = self._kept, None
+            pool, inherited = self._pool, self._pool_inherited
         self._cursors.clear()
         # An inherited pool is the parent's: closing it would end the parent's sessions.
-        if self._owns_pool and self._pool is not None and not self._pool_inherited:
+        if self._owns_pool and pool is not None and not inherited:
             if kept is not None:
-                self._pool.putconn(kept)
-            self._pool.close()
+                pool.putconn(kept)
+            pool.close()
 
     def __enter__(self) -> Self:
         return self
@@ -386,6 +387,8 @@ class MeterClient:
     def _renew_pool(self) -> None:
         """Replace the inherited pool with one of this process's own (see _after_fork)."""
         with self._keep_lock:
+            if self._closed:  # close() ran after the call's own check: build nothing
+                raise MeterConnectionError("the MeterClient is closed")
             if self._pool_inherited:
                 _inherited.append(self._pool)
                 self._pool = self._new_pool()  # if this fails, the next call tries again
@@ -478,12 +481,15 @@ class MeterClient:
             self._renew_pool()
         pool = self._pool
         assert pool is not None
-        with self._keep_lock:
-            self._busy += 1
-            conn, until = self._kept, self._kept_until
-            self._kept = None
-        ok = False
+        conn: psycopg.Connection[Any] | None = None
+        until = 0.0
+        counted = ok = keep = False
         try:
+            with self._keep_lock:
+                self._busy += 1
+                counted = True
+                conn, until = self._kept, self._kept_until
+                self._kept = None
             if conn is None:
                 conn = self._getconn(pool)
                 until = time.monotonic() + _KEEP_FOR
@@ -491,22 +497,26 @@ class MeterClient:
             ok = True
             return rows
         finally:
-            keep = False
-            with self._keep_lock:
-                self._busy -= 1
-                if (
-                    ok
-                    and self._busy == 0
-                    and self._kept is None
-                    and not self._closed
-                    and conn is not None
-                    and conn.pgconn.transaction_status == TransactionStatus.IDLE
-                    and time.monotonic() < until
-                ):
-                    self._kept, self._kept_until = conn, until
-                    keep = True
-            if not keep and conn is not None:
-                pool.putconn(conn)  # resets (or discards) a connection left in a bad state
+            # Nested so that an exception raised here by a signal handler (Ctrl-C) still
+            # gives the connection back: a lost connection is a pool slot lost for good.
+            try:
+                with self._keep_lock:
+                    if counted:
+                        self._busy -= 1
+                    if (
+                        ok
+                        and self._busy == 0
+                        and self._kept is None
+                        and not self._closed
+                        and conn is not None
+                        and conn.pgconn.transaction_status == TransactionStatus.IDLE
+                        and time.monotonic() < until
+                    ):
+                        self._kept, self._kept_until = conn, until
+                        keep = True
+            finally:
+                if not keep and conn is not None:
+                    pool.putconn(conn)  # resets (or discards) a connection in a bad state
 
     def _run_idle(
         self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]

@@ -241,7 +241,7 @@ def test_more_threads_than_connections_all_get_served(db_url):
 
         with ThreadPoolExecutor(threads) as ex:
             slowest = list(ex.map(work, range(threads)))
-    assert max(slowest) < 2.0, slowest
+    assert max(slowest) < 5.0, slowest  # the pool's timeout (10 s) is far off
 
 
 def test_close_while_threads_call_leaves_no_connection_open(db_url, db):
