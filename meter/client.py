@@ -373,8 +373,9 @@ class MeterClient:
         left alone, unclosed (closing would end the parent's sessions); the child's first
         call builds a pool of its own (_renew_pool).
         """
-        _inherited.append(self._kept)
-        self._kept = None
+        if self._kept is not None:
+            _inherited.append(self._kept)
+            self._kept = None
         self._busy = 0
         self._pool_inherited = True
         self._cursors = {}
@@ -474,8 +475,8 @@ class MeterClient:
         CPUs: ~6 of get_balance's ~37 µs), so the connection of a call that went well is
         kept for the next call -- but only when no other call is under way: a call waiting
         for a connection is served only by one given back to the pool. A kept connection
-        goes back to the pool at the latest _KEEP_FOR after it left it; whatever failed
-        goes back at once, and the pool resets or discards it.
+        goes back at the end of its first call more than _KEEP_FOR after it left the pool;
+        whatever failed goes back at once, and the pool resets or discards it.
         """
         if self._pool_inherited:
             self._renew_pool()
