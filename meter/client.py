@@ -391,9 +391,15 @@ class MeterClient:
             if self._closed:  # close() ran after the call's own check: build nothing
                 raise MeterConnectionError("the MeterClient is closed")
             if self._pool_inherited:
+                try:
+                    pool = self._new_pool()
+                except RuntimeError as exc:  # no thread for the pool's workers
+                    # The inherited pool stays in place: the next call tries again.
+                    raise MeterConnectionError(
+                        f"could not open a connection pool in this process: {exc}"
+                    ) from exc
                 _inherited.append(self._pool)
-                self._pool = self._new_pool()  # if this fails, the next call tries again
-                self._pool_inherited = False
+                self._pool, self._pool_inherited = pool, False
 
     # -------------------------------------------------------------------- execution
 

@@ -223,6 +223,44 @@ def test_a_forked_child_uses_connections_of_its_own(db_url, db):
     assert db.execute("SELECT count(*) AS n FROM meter.ledger").fetchone()["n"] == 2
 
 
+@pytest.mark.timeout(120)
+def test_a_forked_child_that_cannot_build_its_pool_gets_a_meter_error(db_url, db, monkeypatch):
+    from meter import client as client_module
+
+    with meter.MeterClient(db_url) as c:
+        c.allocate(U, ET, D("5"), UNIT)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                def no_thread(*args, **kwargs):
+                    raise RuntimeError("can't start new thread")
+
+                monkeypatch.setattr(client_module, "ConnectionPool", no_thread)
+                try:
+                    c.consume(U, ET, D("1"), UNIT)
+                    outcome = "no error"
+                except MeterConnectionError as exc:
+                    outcome = f"MeterConnectionError: {exc}"
+                monkeypatch.undo()
+                after = c.consume(U, ET, D("1"), UNIT)["balance"]  # the next call tries again
+                c.close()
+                os.write(w, f"{outcome} | {after}".encode())
+            except BaseException as exc:
+                os.write(w, repr(exc).encode()[:1000])
+            finally:
+                os._exit(0)
+        os.close(w)
+        os.waitpid(pid, 0)
+        with os.fdopen(r, "rb") as pipe:
+            assert pipe.read().decode() == (
+                "MeterConnectionError: could not open a connection pool in this process:"
+                " can't start new thread | 4"
+            )
+        assert c.get_balance(U, ET, UNIT)["balance"] == D("4")  # the parent's pool still works
+    assert db.execute("SELECT count(*) AS n FROM meter.ledger").fetchone()["n"] == 2
+
+
 def test_more_threads_than_connections_all_get_served(db_url):
     # A kept connection must not bypass a call waiting for one from the pool.
     threads, calls = 3, 300
