@@ -233,6 +233,7 @@ def test_a_forked_child_that_cannot_build_its_pool_gets_a_meter_error(db_url, db
         pid = os.fork()
         if pid == 0:
             try:
+
                 def no_thread(*args, **kwargs):
                     raise RuntimeError("can't start new thread")
 
