@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from types import TracebackType
-from typing import Any, Final, NamedTuple, Self
+from typing import Any, Final, NamedTuple, Self, cast
 
 import psycopg
 from psycopg.abc import AdaptContext
@@ -84,6 +84,12 @@ _PROBE_AFTER: Final = 1.0
 # next (see MeterClient._run_own_pool): the first call to end after that gives it back, and
 # the pool then applies its max_lifetime to it.
 _KEEP_FOR: Final = 60.0
+
+# A connection of the client's own pool that has sat idle longer than this (seconds) is
+# checked with one round trip before a call uses it: after a server restart, a failover or
+# an idle-session timeout it is dead, and the call would fail. Checked, a dead one is
+# replaced before anything is sent (HikariCP's aliveBypassWindow, 500 ms, is the model).
+_CHECK_IDLE_AFTER: Final = 1.0
 
 
 # ---------------------------------------------------------------------------- statements
@@ -188,6 +194,31 @@ def _configure_adapters(context: AdaptContext) -> None:
         context.adapters.register_loader(_NUMERIC_OID, loader)
 
 
+class _PooledConnection(psycopg.Connection[Any]):
+    """A connection of a MeterClient's own pool: knows since when it has been idle."""
+
+    idle_since: float
+
+
+def _configure_own(conn: _PooledConnection) -> None:
+    _configure_adapters(conn)
+    conn.idle_since = time.monotonic()
+
+
+def _check_if_idle(conn: _PooledConnection) -> None:
+    """Raise when ``conn`` has been idle past _CHECK_IDLE_AFTER and fails a round trip."""
+    if time.monotonic() - conn.idle_since > _CHECK_IDLE_AFTER:
+        ConnectionPool.check_connection(conn)
+
+
+def _responds(conn: _PooledConnection) -> bool:
+    try:
+        ConnectionPool.check_connection(conn)
+    except psycopg.Error:
+        return False
+    return True
+
+
 def _as_is(text: str) -> str:
     return text
 
@@ -239,9 +270,10 @@ class MeterClient:
         ValidationError: for an invalid namespace, a malformed conninfo, ``conn`` of another
             type, or a bad ``max_size`` or ``timeout``.
 
-    Built from a conninfo, a client may be built before ``fork`` and used on both sides:
-    a forked child gets a pool of its own (the inherited connections are left to the
-    parent).
+    Built from a conninfo, a client checks a connection that has been idle for more than a
+    second before using it, so a database restart does not fail the next call; and it may
+    be built before ``fork`` and used on both sides: a forked child gets a pool of its own
+    (the inherited connections are left to the parent).
 
     Each method is one statement in one transaction that sets the tenant and the actor
     context (:meth:`set_actor`) transaction-locally. Quantities are ``Decimal``. Errors:
@@ -274,7 +306,7 @@ class MeterClient:
         # Own pool only: the connection kept from one call to the next, when it must go
         # back to the pool, and how many calls are under way; guarded by _keep_lock.
         self._keep_lock = threading.Lock()
-        self._kept: psycopg.Connection[Any] | None = None
+        self._kept: _PooledConnection | None = None
         self._kept_until = 0.0
         self._busy = 0
         # Set in a forked child: the pool is the parent's (see _after_fork).
@@ -357,8 +389,10 @@ class MeterClient:
             self._conninfo,
             min_size=0,
             max_size=self._max_size,
+            connection_class=_PooledConnection,
             kwargs={"autocommit": True},
-            configure=_configure_adapters,
+            configure=_configure_own,
+            check=_check_if_idle,  # for a kept connection, _run_own_pool checks
             timeout=self._timeout,
             name=f"meter:{self._namespace[:64]}",
             open=True,
@@ -482,13 +516,14 @@ class MeterClient:
         kept for the next call -- but only when no other call is under way: a call waiting
         for a connection is served only by one given back to the pool. A kept connection
         goes back at the end of its first call more than _KEEP_FOR after it left the pool;
-        whatever failed goes back at once, and the pool resets or discards it.
+        whatever failed goes back at once, and the pool resets or discards it. A connection
+        idle past _CHECK_IDLE_AFTER is checked first, kept or from the pool (_check_if_idle).
         """
         if self._pool_inherited:
             self._renew_pool()
         pool = self._pool
         assert pool is not None
-        conn: psycopg.Connection[Any] | None = None
+        conn: _PooledConnection | None = None
         until = 0.0
         counted = ok = keep = False
         try:
@@ -497,8 +532,15 @@ class MeterClient:
                 counted = True
                 conn, until = self._kept, self._kept_until
                 self._kept = None
+            if (
+                conn is not None
+                and time.monotonic() - conn.idle_since > _CHECK_IDLE_AFTER
+                and not _responds(conn)
+            ):
+                pool.putconn(conn)  # the pool discards a dead connection
+                conn = None
             if conn is None:
-                conn = self._getconn(pool)
+                conn = cast(_PooledConnection, self._getconn(pool))
                 until = time.monotonic() + _KEEP_FOR
             rows = self._run_idle(conn, query, args)
             ok = True
@@ -507,6 +549,9 @@ class MeterClient:
             # Nested so that an exception raised here by a signal handler (Ctrl-C) still
             # gives the connection back: a lost connection is a pool slot lost for good.
             try:
+                now = time.monotonic()
+                if conn is not None:
+                    conn.idle_since = now
                 with self._keep_lock:
                     if counted:
                         self._busy -= 1
@@ -517,7 +562,7 @@ class MeterClient:
                         and not self._closed
                         and conn is not None
                         and conn.pgconn.transaction_status == TransactionStatus.IDLE
-                        and time.monotonic() < until
+                        and now < until
                     ):
                         self._kept, self._kept_until = conn, until
                         keep = True

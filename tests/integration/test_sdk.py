@@ -15,6 +15,7 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool
 
 import meter
+from meter import client as client_module
 from meter.errors import (
     IdempotencyConflictError,
     MeterConnectionError,
@@ -225,8 +226,6 @@ def test_a_forked_child_uses_connections_of_its_own(db_url, db):
 
 @pytest.mark.timeout(120)
 def test_a_forked_child_that_cannot_build_its_pool_gets_a_meter_error(db_url, db, monkeypatch):
-    from meter import client as client_module
-
     with meter.MeterClient(db_url) as c:
         c.allocate(U, ET, D("5"), UNIT)
         r, w = os.pipe()
@@ -308,7 +307,10 @@ def test_close_while_threads_call_leaves_no_connection_open(db_url, db):
     assert _wait_backends(db, base) == base
 
 
-def test_a_kept_connection_that_died_fails_one_call_and_is_replaced(db_url, db):
+def test_a_kept_connection_that_died_fails_one_call_and_is_replaced(db_url, db, monkeypatch):
+    # Used again at once, a connection is not checked first: the call that finds it dead
+    # fails (it cannot know whether the server ran it), the next one reconnects.
+    monkeypatch.setattr(client_module, "_CHECK_IDLE_AFTER", 3600.0)
     with meter.MeterClient(db_url) as c:
         c.allocate(U, ET, D("5"), UNIT)
         c.get_balance(U, ET, UNIT)  # this call's connection is the one kept
@@ -323,6 +325,65 @@ def test_a_kept_connection_that_died_fails_one_call_and_is_replaced(db_url, db):
         assert c.consume(U, ET, D("2"), UNIT)["balance"] == D("3")
     assert db.execute("SELECT balance FROM meter.accounts").fetchone()["balance"] == D("3")
     assert db.execute("SELECT count(*) AS n FROM meter.ledger").fetchone()["n"] == 2
+
+
+def _kill_other_backends(db) -> int:
+    return len(
+        db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND backend_type = 'client backend'"
+        ).fetchall()
+    )
+
+
+def test_a_kept_connection_that_died_while_idle_is_replaced_before_the_call(
+    db_url, db, monkeypatch
+):
+    # As after a server restart or an idle-session timeout: the check finds it dead before
+    # anything is sent, so the call goes through on a new connection.
+    monkeypatch.setattr(client_module, "_CHECK_IDLE_AFTER", 0.0)
+    with meter.MeterClient(db_url) as c:
+        c.allocate(U, ET, D("5"), UNIT)
+        assert _kill_other_backends(db) == 1
+        assert c.consume(U, ET, D("2"), UNIT)["balance"] == D("3")
+    assert db.execute("SELECT balance FROM meter.accounts").fetchone()["balance"] == D("3")
+    assert db.execute("SELECT count(*) AS n FROM meter.ledger").fetchone()["n"] == 2
+
+
+def test_a_pooled_connection_that_died_while_idle_is_replaced_before_the_call(
+    db_url, db, monkeypatch
+):
+    monkeypatch.setattr(client_module, "_CHECK_IDLE_AFTER", 0.0)
+    monkeypatch.setattr(client_module, "_KEEP_FOR", 0.0)  # every call gives it back
+    with meter.MeterClient(db_url) as c:
+        c.allocate(U, ET, D("5"), UNIT)
+        assert c._kept is None
+        assert _kill_other_backends(db) == 1
+        assert c.consume(U, ET, D("2"), UNIT)["balance"] == D("3")
+    assert db.execute("SELECT balance FROM meter.accounts").fetchone()["balance"] == D("3")
+    assert db.execute("SELECT count(*) AS n FROM meter.ledger").fetchone()["n"] == 2
+
+
+def test_only_a_connection_idle_past_the_window_is_checked(db_url, monkeypatch):
+    checks = []
+    check = ConnectionPool.check_connection
+
+    def counted(conn):
+        checks.append(conn)
+        check(conn)
+
+    monkeypatch.setattr(ConnectionPool, "check_connection", staticmethod(counted))
+    monkeypatch.setattr(client_module, "_CHECK_IDLE_AFTER", 0.3)
+    with meter.MeterClient(db_url) as c:
+        for _ in range(20):
+            c.get_balance(U, ET, UNIT)
+        assert checks == []  # busy: no round trip added
+        time.sleep(0.4)
+        c.get_balance(U, ET, UNIT)
+        assert len(checks) == 1
+        c.get_balance(U, ET, UNIT)
+        assert len(checks) == 1
 
 
 def test_close_does_not_close_callers_connection(db_url):
