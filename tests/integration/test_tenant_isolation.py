@@ -120,6 +120,40 @@ def test_pipeline_functions_refuse_another_tenant(app_conn, db, b_dead_letter, s
     assert snapshot() == before
 
 
+def test_a_tenant_cannot_file_a_dead_letter_with_the_operators(app_conn, db, snapshot):
+    # '' (and NULL) would be the operators' namespace: a tenant's letter stays its own
+    run(app_conn, "SELECT meter.set_tenant('a')")
+    payload = psycopg.types.json.Jsonb(_event("b"))
+    for ns in ("", None):
+        run(
+            app_conn,
+            "SELECT meter.record_dead_letter('allocate', %(p)s, 'MT001', 'x', NULL, %(ns)s)",
+            {"p": payload, "ns": ns},
+        )
+    letters = db.execute(
+        "SELECT dead_letter_id AS id, namespace FROM meter.dead_letters"
+    ).fetchall()
+    assert [d["namespace"] for d in letters] == ["a", "a"]
+    before = snapshot()
+    for d in letters:  # its event names b: never applied, whoever retries it
+        (row,) = run(db, "SELECT * FROM meter.retry_dead_letter(%(id)s)", {"id": d["id"]})
+        assert (row["ok"], row["error_sqlstate"]) == (False, "MT004")
+    assert {k: v for k, v in snapshot().items() if k != "dead_letters"} == {
+        k: v for k, v in before.items() if k != "dead_letters"
+    }
+    assert db.execute("SELECT count(*) AS n FROM meter.accounts").fetchone()["n"] == 0
+
+
+def test_dead_letters_need_a_tenant_for_the_app_role(app_conn, db, b_dead_letter, snapshot):
+    # No tenant set: refused loudly, b's dead letter neither discarded nor applied.
+    before = snapshot()
+    params = {"dl": b_dead_letter, "ns": None}
+    assert outcome(app_conn, PIPELINE_CALLS["discard_dead_letter"], params) == "MT004"
+    assert outcome(app_conn, PIPELINE_CALLS["retry_dead_letter"], params) == "MT004"
+    assert outcome(app_conn, PIPELINE_CALLS["record_dead_letter"], params) == "MT004"
+    assert snapshot() == before
+
+
 def test_apply_events_as_another_tenant_applies_nothing_there(app_conn, db, snapshot):
     run(app_conn, "SELECT meter.set_tenant('a')")
     before = snapshot()
@@ -131,12 +165,24 @@ def test_apply_events_as_another_tenant_applies_nothing_there(app_conn, db, snap
         (False, "error", "MT004")
     ] * 3
     after = snapshot()
-    # nothing in any tenant table; the refusals are on record as the operators' dead letters
+    # nothing in any tenant table; the refusals are on record as a's own dead letters
     assert {k: v for k, v in after.items() if k != "dead_letters"} == {
         k: v for k, v in before.items() if k != "dead_letters"
     }
-    letters = db.execute("SELECT namespace, error_sqlstate FROM meter.dead_letters").fetchall()
-    assert letters == [{"namespace": "", "error_sqlstate": "MT004"}] * 3
+    letters = db.execute(
+        "SELECT dead_letter_id AS id, namespace, error_sqlstate FROM meter.dead_letters"
+    ).fetchall()
+    assert [(d["namespace"], d["error_sqlstate"]) for d in letters] == [("a", "MT004")] * 3
+    assert len(run(app_conn, "SELECT * FROM meter.list_dead_letters('dead', 100, 'a')")) == 3
+    # retried, by a or by an operator, they still write nothing into b
+    for d in letters:
+        for conn in (app_conn, db):
+            (row,) = run(conn, "SELECT * FROM meter.retry_dead_letter(%(id)s)", {"id": d["id"]})
+            assert (row["ok"], row["status"], row["error_sqlstate"]) == (False, "error", "MT004")
+            assert "never retried" in row["error_message"]
+    assert {k: v for k, v in snapshot().items() if k != "dead_letters"} == {
+        k: v for k, v in before.items() if k != "dead_letters"
+    }
     assert db.execute("SELECT count(*) AS n FROM meter.accounts").fetchone()["n"] == 0
 
 
@@ -291,7 +337,7 @@ def test_unsigned_or_missigned_producer_is_refused(
     assert tenant_tables(snapshot) == before
 
 
-def test_crafted_messages_cannot_write_into_another_tenant(signed_pipeline, db, snapshot):
+def test_crafted_messages_cannot_write_into_another_tenant(signed_pipeline, db, db_url, snapshot):
     """A holder of a's key signs messages whose events name b: all refused, whole."""
     app = signed_pipeline
     ka = signing.derive_key(SECRET, "a")
@@ -324,6 +370,12 @@ def test_crafted_messages_cannot_write_into_another_tenant(signed_pipeline, db, 
     letters = eventually(lambda: (rows := dead_letters(db)) and len(rows) >= 7 and rows)
     assert {(d["namespace"], d["error_sqlstate"]) for d in letters} == {("", "MT004")}
     assert len(letters) == 7
+    assert tenant_tables(snapshot) == before
+    # an operator retrying them all (`meter dead-letters retry --all`) applies none
+    result = CliRunner().invoke(
+        cli, ["dead-letters", "retry", "--all", "--database-url", db_url], catch_exceptions=False
+    )
+    assert "retried 0 of 7" in result.output, result.output
     assert tenant_tables(snapshot) == before
 
 
