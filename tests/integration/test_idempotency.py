@@ -6,8 +6,12 @@ import time
 from datetime import UTC, datetime
 from decimal import Decimal
 
+import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
+from psycopg.types.json import Jsonb
 
+from meter import MeterClient
 from meter.errors import IdempotencyConflictError, ValidationError
 
 D = Decimal
@@ -382,4 +386,34 @@ def test_late_commit_replay(client, db, snapshot):
         assert again[col] == first[col], col
     with pytest.raises(IdempotencyConflictError):
         client.commit(r["reservation_id"], D("4"))
+    assert snapshot() == before
+
+
+# ---------------------------------------------------------------- the session's settings
+
+
+def test_replay_does_not_depend_on_the_sessions_datestyle(client, db_url, snapshot):
+    # The fingerprint of an explicit event_time is text: it must not follow DateStyle.
+    t = datetime(2024, 5, 10, 12, 0, 0, 500000, tzinfo=UTC)
+    first_c = client.consume(U, ET, D("5"), UNIT, idempotency_key="k-c", event_time=t)
+    first_a = client.allocate(U, ET, D("7"), UNIT, idempotency_key="k-a", event_time=t)
+    before = snapshot()
+    other = make_conninfo(db_url, options="-c datestyle=SQL,DMY")
+    with psycopg.connect(other) as conn:  # the setting took: dates print the SQL way
+        assert conn.execute("SELECT '2024-05-10'::date::text").fetchone() == ("10/05/2024",)
+    with MeterClient(other) as c2:
+        assert c2.consume(U, ET, D("5"), UNIT, idempotency_key="k-c", event_time=t) == first_c
+        assert c2.allocate(U, ET, D("7"), UNIT, idempotency_key="k-a", event_time=t) == first_a
+    args = {"user_id": U, "event_type": ET, "unit": UNIT, "event_time": t.isoformat()}
+    events = [
+        {"op": "consume", "namespace": "default",
+         "args": {**args, "amount": "5", "idempotency_key": "k-c"}},
+        {"op": "allocate", "namespace": "default",
+         "args": {**args, "amount": "7", "idempotency_key": "k-a"}},
+    ]  # fmt: skip
+    with psycopg.connect(other, autocommit=True) as conn:  # a batch: the set-based path
+        rows = conn.execute(
+            "SELECT status, error_message FROM meter.apply_events(%s)", (Jsonb(events),)
+        ).fetchall()
+    assert rows == [("replayed", None), ("replayed", None)]
     assert snapshot() == before
