@@ -177,6 +177,27 @@ def test_open_period_repeat_returns_first_result_and_writes_nothing(client, snap
     assert bal(client)["balance"] == D("70")
 
 
+def test_open_period_repeat_after_the_config_changed_returns_first_result(client, snapshot):
+    # The repeat's own arguments decide, not the account's configuration now.
+    config(client, D("100"))
+    assert client.open_period(U, ET, UNIT, None, JAN1) == D("100")
+    config(client, D("200"))
+    before = snapshot()
+    assert client.open_period(U, ET, UNIT, None, JAN1) == D("100")
+    assert snapshot() == before
+    with pytest.raises(IdempotencyConflictError):  # an explicit other amount still conflicts
+        client.open_period(U, ET, UNIT, None, JAN1, D("200"))
+    assert snapshot() == before
+
+
+def test_open_period_repeat_without_allocation_replays_an_explicit_open(client, snapshot):
+    config(client, D("100"))
+    assert client.open_period(U, ET, UNIT, None, JAN1, D("40")) == D("40")
+    before = snapshot()
+    assert client.open_period(U, ET, UNIT, None, JAN1) == D("40")  # as beat's roll would
+    assert snapshot() == before
+
+
 def test_open_period_repeat_with_other_allocation_conflicts(client, snapshot):
     config(client, D("100"))
     client.open_period(U, ET, UNIT, None, JAN1)
@@ -403,17 +424,6 @@ def test_full_month_cycle(client, db):
         D("1000"),
         False,
     )
-
-
-def test_open_period_repeat_after_config_change_conflicts(client, snapshot):
-    config(client, D("100"))
-    assert client.open_period(U, ET, UNIT, None, JAN1) == D("100")
-    config(client, D("200"))
-    before = snapshot()
-    with pytest.raises(IdempotencyConflictError):
-        client.open_period(U, ET, UNIT, None, JAN1)  # effective allocation is now 200
-    assert snapshot() == before
-    assert client.open_period(U, ET, UNIT, None, JAN1, D("100")) == D("100")
 
 
 @pytest.mark.parametrize("interval", ["0 days", "-1 month", "-7 days"])
