@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, date, datetime
 from decimal import Decimal
 
@@ -434,3 +435,17 @@ def test_set_period_config_refuses_non_positive_interval(client, snapshot, inter
         client.set_period_config(U, ET, UNIT, None, JAN1, D("10"), None, period_interval=interval)
     assert ei.value.parameter == "period_interval" or "period_interval" in str(ei.value)
     assert snapshot() == before
+
+
+def test_close_expires_what_an_expired_hold_no_longer_reserves(client, db):
+    # carry_over_limit 0: nothing may survive the close, an unswept expired hold included
+    config(client, D("100"), D("0"))
+    client.open_period(U, ET, UNIT, None, JAN1)
+    hold = client.reserve(U, ET, D("30"), UNIT, ttl_seconds=1)
+    while db.execute("SELECT now() < %s AS w", (hold["expires_at"],)).fetchone()["w"]:
+        time.sleep(0.05)
+    closed = client.close_period(U, ET, UNIT, None, date(2024, 1, 31))
+    assert closed == {"expired": D("100"), "carried_over": D("0"), "new_balance": D("0")}
+    assert client.release_expired_reservations() == 0
+    assert bal(client) == {"balance": D("0"), "reserved": D("0"), "available": D("0")}
+    assert client.reconcile() == []

@@ -735,3 +735,50 @@ def test_the_reservations_table_refuses_an_inconsistent_hold(client, db, snapsho
         "SELECT status FROM meter.reservations WHERE reservation_id = %s", (ids["active"],)
     ).fetchone()
     assert list(status.values()) == ["expired"]
+
+
+# ---------------------------------------------------------------- holds past their TTL
+
+
+def _expired_hold(client, db, amount="30"):
+    """An active hold whose TTL has passed, not swept yet."""
+    r = client.reserve(U, ET, D(amount), UNIT, ttl_seconds=1)
+    wait_until_expired(db, r["expires_at"])
+    assert reservation_row(db, r["reservation_id"])["status"] == "active"
+    return r["reservation_id"]
+
+
+def test_checked_consume_is_not_refused_for_an_expired_hold(client, db):
+    client.allocate(U, ET, 100, UNIT)
+    rid = _expired_hold(client, db)
+    r = client.consume(U, ET, D("80"), UNIT, check_balance=True)
+    assert (r["success"], r["balance"], r["available"]) == (True, D("20"), D("20"))
+    hold = reservation_row(db, rid)
+    assert hold["status"] == "expired"
+    assert hold["completed_actor"] == {"actor_id": "system:expiry"}
+    assert balance(client) == {"balance": D("20"), "reserved": D("0"), "available": D("20")}
+    assert client.release_expired_reservations() == 0
+    assert client.reconcile() == []
+
+
+def test_reserve_is_granted_past_an_expired_hold(client, db):
+    client.allocate(U, ET, 100, UNIT)
+    rid = _expired_hold(client, db)
+    r = client.reserve(U, ET, D("80"), UNIT)
+    assert (r["granted"], r["available"]) == (True, D("20"))
+    assert reservation_row(db, rid)["status"] == "expired"
+    assert balance(client)["reserved"] == D("80")
+    assert client.reconcile() == []
+
+
+def test_a_refusal_still_refuses_once_expired_holds_are_gone(client, db, snapshot):
+    client.allocate(U, ET, 100, UNIT)
+    rid = _expired_hold(client, db)
+    r = client.consume(U, ET, D("101"), UNIT, check_balance=True)
+    assert (r["success"], r["balance"], r["available"]) == (False, D("100"), D("100"))
+    assert reservation_row(db, rid)["status"] == "expired"  # what the sweep would have done
+    before = snapshot()
+    assert client.reserve(U, ET, D("101"), UNIT)["granted"] is False
+    assert client.consume(U, ET, D("101"), UNIT, check_balance=True)["success"] is False
+    assert snapshot() == before
+    assert client.reconcile() == []
