@@ -495,3 +495,90 @@ def test_reserve_commit_release_traffic_with_sweep_never_deadlocks(db_url, clien
         b = client.get_balance(u, ET, UNIT)
         assert b == {"balance": GRANT - consumed[u], "reserved": D("0"), "available": b["balance"]}
     assert client.get_stats()["active_reservations"] == 0
+
+
+def _waiting_on_a_lock(db, pid: int) -> bool:
+    row = db.execute(
+        "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)
+    ).fetchone()
+    return row is not None and row["wait_event_type"] == "Lock"
+
+
+def _until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_batch_that_commits_a_hold_never_deadlocks_with_the_sweep(db_url, client, db):
+    # The batch's fast path locks ux; its one-by-one events then commit R1. The sweep locks
+    # R1 (expired) and then needs ux. A third session holds an advisory lock that the batch
+    # meets in between, so the sweep runs exactly there.
+    client.allocate("ux", ET, 100, UNIT)
+    hold = client.reserve("ux", ET, 10, UNIT, ttl_seconds=1, reservation_id="R1")
+    _until(lambda: not db.execute("SELECT now() < %s AS w", (hold["expires_at"],)).fetchone()["w"])
+    events = [
+        {"op": "consume", "namespace": "default",
+         "args": {"user_id": "ux", "event_type": ET, "amount": "1", "unit": UNIT}},
+        {"op": "consume", "namespace": "default",
+         "args": {"user_id": "uy", "event_type": ET, "amount": "1", "unit": UNIT}},
+        {"op": "reserve", "namespace": "default",
+         "args": {"user_id": "uz", "event_type": ET, "amount": "1", "unit": UNIT,
+                  "reservation_id": "BLOCK"}},
+        {"op": "commit", "namespace": "default",
+         "args": {"reservation_id": "R1", "actual_amount": "5"}},
+    ]  # fmt: skip
+    errors: dict[str, BaseException] = {}
+    results: dict[str, Any] = {}
+    with (
+        psycopg.connect(db_url) as blocker,
+        psycopg.connect(db_url, autocommit=True) as batch_conn,
+        psycopg.connect(db_url, autocommit=True) as sweep_conn,
+    ):
+        blocker.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended("
+            "'reservation' || chr(31) || 'default' || chr(31) || 'BLOCK', 0))"
+        )
+
+        def batch() -> None:
+            try:
+                results["batch"] = batch_conn.execute(
+                    "SELECT idx, status, error_sqlstate FROM meter.apply_events(%s)",
+                    (psycopg.types.json.Jsonb(events),),
+                ).fetchall()
+            except BaseException as exc:
+                errors["batch"] = exc
+
+        def sweep() -> None:
+            try:
+                results["sweep"] = sweep_conn.execute(
+                    "SELECT meter.release_expired_reservations('default')"
+                ).fetchone()[0]
+            except BaseException as exc:
+                errors["sweep"] = exc
+
+        tb = threading.Thread(target=batch)
+        tb.start()
+        _until(lambda: _waiting_on_a_lock(db, batch_conn.info.backend_pid))
+        ts = threading.Thread(target=sweep)
+        ts.start()
+        _until(lambda: not ts.is_alive() or _waiting_on_a_lock(db, sweep_conn.info.backend_pid))
+        blocker.commit()  # the batch goes on
+        tb.join(30)
+        ts.join(30)
+    assert errors == {}
+    assert results["sweep"] in (0, 1)
+    statuses = {r[0]: (r[1], r[2]) for r in results["batch"]}
+    assert statuses[0] == statuses[1] == ("applied", None)
+    assert statuses[3] == ("applied", None)  # a late commit: the sweep had expired R1
+    assert (
+        db.execute("SELECT status FROM meter.reservations WHERE reservation_id = 'R1'").fetchone()[
+            "status"
+        ]
+        == "committed"
+    )
+    assert client.get_balance("ux", ET, UNIT) == {
+        "balance": D("94"), "reserved": D("0"), "available": D("94"),
+    }  # fmt: skip
+    assert client.reconcile() == []
