@@ -7,7 +7,9 @@ and rolled as of a chosen instant.
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -597,7 +599,25 @@ def test_tasks_take_the_time_as_an_argument_and_record_their_runs(client, db, ma
     assert recorded["meter.retention"]["last_result"] == {"dropped": []}
 
 
-def test_a_transient_failure_defers_the_run_with_one_warning(db, maint_url, caplog):
+@pytest.fixture
+def task_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """caplog that sees Celery's task loggers (worker.schedule logs through celery.task).
+
+    An in-process worker of an earlier test may have set up Celery's logging, which stops
+    ``celery.task`` propagating to the root logger and raises its level to ERROR.
+    """
+    task_logger = logging.getLogger("celery.task")
+    propagate, level = task_logger.propagate, task_logger.level
+    task_logger.propagate = True
+    task_logger.setLevel(logging.NOTSET)
+    try:
+        yield caplog
+    finally:
+        task_logger.propagate = propagate
+        task_logger.setLevel(level)
+
+
+def test_a_transient_failure_defers_the_run_with_one_warning(db, maint_url, task_logs):
     from worker.app import make_app
     from worker.schedule import MaintenanceDeferred
 
@@ -605,6 +625,7 @@ def test_a_transient_failure_defers_the_run_with_one_warning(db, maint_url, capl
     url = maint_url + ("&" if "?" in maint_url else "?") + "options=-c%20lock_timeout%3D200"
     app = make_app(broker_url="redis://127.0.0.1:9/0", database_url=url, env={})
     task = app.tasks["meter.release_expired"]
+    caplog = task_logs
     caplog.set_level("INFO")
     with psycopg.connect(db.info.dsn, autocommit=False) as holder:
         holder.execute("LOCK TABLE meter.reservations IN ACCESS EXCLUSIVE MODE")
@@ -636,10 +657,11 @@ def test_a_transient_failure_defers_the_run_with_one_warning(db, maint_url, capl
 
 @pytest.mark.parametrize("transient", [True, False], ids=["transient", "other"])
 def test_a_run_that_cannot_be_recorded_still_reports_its_own_failure(
-    transient, monkeypatch, caplog
+    transient, monkeypatch, task_logs
 ):
     """The database gone for the run and for its record: the task's own error decides the
     outcome (deferred or raised as is), and the lost record is one more log line."""
+    caplog = task_logs
     from meter.embedded import free_port
     from worker.schedule import MaintenanceDeferred, _recorded
     from worker.settings import Settings
