@@ -253,7 +253,10 @@ class MeterProducer:
     :class:`EventHandle` without waiting for the database. ``idempotency_key`` is generated
     (uuid4) when not given, so a message delivered twice is applied once. The producer is
     thread-safe and reuses broker connections from a pool. Broker failures raise
-    ``MeterConnectionError``.
+    ``MeterConnectionError``, and a call that raises has enqueued nothing, in either mode: in
+    buffered mode the call whose event fills the batch sends it, and if that fails, its own
+    event is dropped (the others stay buffered for the next attempt), so retrying the call
+    cannot double it.
     """
 
     def __init__(
@@ -734,12 +737,18 @@ class MeterProducer:
                 full, self._batch = batch, None
         if full is not None:
             # Sent by the caller that filled it: back-pressure instead of an unbounded buffer.
+            # If that fails, this call raises, so its own event must not stay buffered: the
+            # caller, with no handle and no key, would send it again (a second key).
             with self._send_lock:
-                self._send_batch(full)
+                self._send_batch(full, own=index)
         return EventHandle(self, op, key, rid, batch.task_id, want, batch, index)
 
-    def _send_batch(self, batch: _Batch) -> None:
-        """Publish a buffered batch; on failure put its events back at the buffer's head."""
+    def _send_batch(self, batch: _Batch, own: int | None = None) -> None:
+        """Publish a buffered batch; on failure put its events back at the buffer's head.
+
+        ``own``: the index of the event of the call that is sending, which raises: that
+        event is left out of what goes back (the call failed, so it enqueued nothing).
+        """
         try:
             self._publish(
                 wire.APPLY_BATCH,
@@ -749,13 +758,16 @@ class MeterProducer:
                 f"<{len(batch.events)} events>",
             )
         except BaseException:
-            with self._lock:
-                if self._batch is None:
-                    self._batch = batch
-                else:  # newer events arrived meanwhile: keep the failed ones first
-                    batch.events.extend(self._batch.events)
-                    batch.want_result = batch.want_result or self._batch.want_result
-                    self._batch = batch
+            if own is not None:
+                del batch.events[own]
+            if batch.events:
+                with self._lock:
+                    if self._batch is None:
+                        self._batch = batch
+                    else:  # newer events arrived meanwhile: keep the failed ones first
+                        batch.events.extend(self._batch.events)
+                        batch.want_result = batch.want_result or self._batch.want_result
+                        self._batch = batch
             raise
         batch.sent = True
 

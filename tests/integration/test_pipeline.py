@@ -24,7 +24,12 @@ from click.testing import CliRunner
 
 from meter import wire
 from meter.cli import main as cli
-from meter.errors import IdempotencyConflictError, NotFoundError, ValidationError
+from meter.errors import (
+    IdempotencyConflictError,
+    MeterConnectionError,
+    NotFoundError,
+    ValidationError,
+)
 from worker import db as worker_db
 
 D = Decimal
@@ -969,3 +974,31 @@ def test_a_batch_nobody_waits_for_applies_without_fetching_its_results(db, db_ur
         {"user_id": "u1", "balance": D("1.5")},
         {"user_id": "u2", "balance": D("1.5")},
     ]
+
+
+def test_a_buffered_call_that_raises_has_enqueued_nothing(
+    pipeline, make_producer, client, monkeypatch
+):
+    # The call whose event fills the batch sends it; the broker refuses once. The call
+    # raises, so the caller retries it (with a new generated key): its first event must not
+    # have stayed in the buffer, or the retry doubles it.
+    from kombu.exceptions import OperationalError as KombuOperationalError
+
+    client.allocate("u1", ET, 100, UNIT)
+    p = make_producer(batch_size=2, linger_ms=60_000)
+    p.consume("u1", ET, 5, UNIT)
+    real = p._app.send_task
+
+    def refused(*args, **kwargs):
+        raise KombuOperationalError("Error 111 connecting to the broker: Connection refused")
+
+    monkeypatch.setattr(p._app, "send_task", refused)
+    with pytest.raises(MeterConnectionError):
+        p.consume("u1", ET, 7, UNIT)
+    monkeypatch.setattr(p._app, "send_task", real)
+    p.consume("u1", ET, 7, UNIT)  # the retry fills the batch again: 5 and 7 go
+    eventually(lambda: balance(client)["balance"] == D(88), timeout=10)
+    p.flush()
+    time.sleep(0.5)
+    assert balance(client)["balance"] == D(88)
+    assert client.get_usage("u1", None, None)[0]["event_count"] == 2
