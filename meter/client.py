@@ -205,13 +205,10 @@ def _configure_own(conn: _PooledConnection) -> None:
     conn.idle_since = time.monotonic()
 
 
-def _check_if_idle(conn: _PooledConnection) -> None:
-    """Raise when ``conn`` has been idle past _CHECK_IDLE_AFTER and fails a round trip."""
-    if time.monotonic() - conn.idle_since > _CHECK_IDLE_AFTER:
-        ConnectionPool.check_connection(conn)
-
-
-def _responds(conn: _PooledConnection) -> bool:
+def _usable(conn: _PooledConnection) -> bool:
+    """False when ``conn`` has been idle past _CHECK_IDLE_AFTER and fails a round trip."""
+    if time.monotonic() - conn.idle_since <= _CHECK_IDLE_AFTER:
+        return True
     try:
         ConnectionPool.check_connection(conn)
     except psycopg.Error:
@@ -392,7 +389,9 @@ class MeterClient:
             connection_class=_PooledConnection,
             kwargs={"autocommit": True},
             configure=_configure_own,
-            check=_check_if_idle,  # for a kept connection, _run_own_pool checks
+            # No check= here: psycopg_pool waits 1, 2, 4... s between discarding dead
+            # connections, so a pool full of them stalled a call for up to its timeout.
+            # _run_own_pool checks, and discards dead ones without waiting.
             timeout=self._timeout,
             name=f"meter:{self._namespace[:64]}",
             open=True,
@@ -517,7 +516,8 @@ class MeterClient:
         for a connection is served only by one given back to the pool. A kept connection
         goes back at the end of its first call more than _KEEP_FOR after it left the pool;
         whatever failed goes back at once, and the pool resets or discards it. A connection
-        idle past _CHECK_IDLE_AFTER is checked first, kept or from the pool (_check_if_idle).
+        idle past _CHECK_IDLE_AFTER is checked first, kept or from the pool (_usable); a dead
+        one is discarded and the next taken at once, and a new connection needs no check.
         """
         if self._pool_inherited:
             self._renew_pool()
@@ -532,15 +532,16 @@ class MeterClient:
                 counted = True
                 conn, until = self._kept, self._kept_until
                 self._kept = None
-            if (
-                conn is not None
-                and time.monotonic() - conn.idle_since > _CHECK_IDLE_AFTER
-                and not _responds(conn)
-            ):
+            if conn is not None and not _usable(conn):
                 pool.putconn(conn)  # the pool discards a dead connection
                 conn = None
             if conn is None:
-                conn = cast(_PooledConnection, self._getconn(pool))
+                # Ends: each dead connection is discarded, and a new one is fresh.
+                while conn is None:
+                    conn = cast(_PooledConnection, self._getconn(pool))
+                    if not _usable(conn):
+                        pool.putconn(conn)  # the pool discards a dead connection
+                        conn = None
                 until = time.monotonic() + _KEEP_FOR
             rows = self._run_idle(conn, query, args)
             ok = True

@@ -365,6 +365,22 @@ def test_a_pooled_connection_that_died_while_idle_is_replaced_before_the_call(
     assert db.execute("SELECT count(*) AS n FROM meter.ledger").fetchone()["n"] == 2
 
 
+def test_a_pool_full_of_dead_connections_is_replaced_without_waiting(db_url, db, monkeypatch):
+    # After a server restart every idle connection of the pool is dead: each is discarded
+    # at once (psycopg_pool's own check waits 1, 2, 4... s between them).
+    monkeypatch.setattr(client_module, "_CHECK_IDLE_AFTER", 0.0)
+    with meter.MeterClient(db_url, max_size=6, timeout=30) as c:
+        c.allocate(U, ET, D("5"), UNIT)  # its connection is kept
+        taken = [c._pool.getconn() for _ in range(5)]  # five more, idle in the pool
+        for conn in taken:
+            c._pool.putconn(conn)
+        assert _kill_other_backends(db) == 6
+        started = time.monotonic()
+        assert c.consume(U, ET, D("2"), UNIT)["balance"] == D("3")
+        assert time.monotonic() - started < 3.0
+    assert db.execute("SELECT count(*) AS n FROM meter.ledger").fetchone()["n"] == 2
+
+
 def test_only_a_connection_idle_past_the_window_is_checked(db_url, monkeypatch):
     checks = []
     check = ConnectionPool.check_connection
