@@ -15,19 +15,27 @@
 --   call), then the account: the sweep's order, and it never waits on a hold, so it cannot
 --   deadlock with a caller holding the account either.
 -- - A checked consume (meter._apply) or a reserve that is refused expires the account's
---   due holds and tries once more. The call that succeeds pays nothing.
--- - close_period expires them before it reads what is available.
+--   due holds, if that frees enough for it, and tries once more: a refusal still changes
+--   nothing (SPEC: a refused consume "changes nothing"). The call that succeeds at once
+--   pays nothing.
+-- - close_period expires them before it reads what is available (not on a repeat, which
+--   changes nothing).
 -- Migrations once applied are never edited, so the three functions are replaced whole;
 -- only the lines marked by the comments above changed.
 
--- Expire the active holds of one account whose TTL has passed; true when there were any.
+-- Expire the active holds of one account whose TTL has passed, when that frees enough:
+-- with p_needed, only if available would then reach p_needed (otherwise nothing changes);
+-- with p_needed NULL, always. True when it expired any.
 -- Locks: those holds (SKIP LOCKED), then the account.
 CREATE FUNCTION meter._expire_due(p_namespace text, p_user_id text, p_event_type text,
-                                  p_resource text, p_unit text) RETURNS boolean
+                                  p_resource text, p_unit text, p_needed numeric)
+RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
     v_account bigint;
+    v_ids text[];
     v_total numeric;
+    v_available numeric;
 BEGIN
     SELECT a.account_id INTO v_account FROM meter.accounts a
     WHERE a.namespace = p_namespace AND coalesce(a.user_id, '') = coalesce(p_user_id, '')
@@ -36,29 +44,30 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    WITH due AS (
-        SELECT r.reservation_id FROM meter.reservations r
-        WHERE r.namespace = p_namespace AND r.account_id = v_account AND r.status = 'active'
-          AND r.expires_at <= now()
-        FOR UPDATE SKIP LOCKED
-    ), expired AS (
-        UPDATE meter.reservations r
-        SET status = 'expired', completed_at = now(),
-            completed_actor = '{"actor_id": "system:expiry"}'::jsonb
-        FROM due
-        WHERE r.namespace = p_namespace AND r.reservation_id = due.reservation_id
-        RETURNING r.amount
-    )
-    SELECT sum(e.amount) INTO v_total FROM expired e;
+    SELECT array_agg(d.reservation_id), sum(d.amount) INTO v_ids, v_total
+    FROM (SELECT r.reservation_id, r.amount FROM meter.reservations r
+          WHERE r.namespace = p_namespace AND r.account_id = v_account
+            AND r.status = 'active' AND r.expires_at <= now()
+          FOR UPDATE SKIP LOCKED) d;
     IF v_total IS NULL THEN
         RETURN false;
     END IF;
+    SELECT a.balance - a.reserved INTO v_available FROM meter.accounts a
+    WHERE a.namespace = p_namespace AND a.account_id = v_account
+    FOR UPDATE;
+    IF p_needed IS NOT NULL AND v_available + v_total < p_needed THEN
+        RETURN false;  -- still not enough: a refusal changes nothing
+    END IF;
+    UPDATE meter.reservations r
+    SET status = 'expired', completed_at = now(),
+        completed_actor = '{"actor_id": "system:expiry"}'::jsonb
+    WHERE r.namespace = p_namespace AND r.reservation_id = ANY (v_ids);
     UPDATE meter.accounts a SET reserved = a.reserved - v_total, updated_at = now()
     WHERE a.namespace = p_namespace AND a.account_id = v_account;
     RETURN true;
 END
 $$;
-REVOKE EXECUTE ON FUNCTION meter._expire_due(text, text, text, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION meter._expire_due(text, text, text, text, text, numeric) FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION meter._apply(p_namespace text, p_user_id text, p_event_type text,
                              p_resource text, p_unit text, p_entry_type text, p_amount numeric,
@@ -104,7 +113,7 @@ BEGIN
         IF p_min_available IS NOT NULL THEN
             -- refused: holds past their TTL reserve nothing any more; once, expire them
             EXIT WHEN v_swept OR NOT meter._expire_due(p_namespace, p_user_id, p_event_type,
-                                                       p_resource, p_unit);
+                                                       p_resource, p_unit, p_min_available);
             v_swept := true;
             CONTINUE;
         END IF;
@@ -154,7 +163,7 @@ BEGIN
     EXIT WHEN entry_id IS NOT NULL;
     IF p_min_available IS NOT NULL THEN
         EXIT WHEN v_swept OR NOT meter._expire_due(p_namespace, p_user_id, p_event_type,
-                                                   p_resource, p_unit);
+                                                   p_resource, p_unit, p_min_available);
         v_swept := true;
         CONTINUE;
     END IF;
@@ -283,7 +292,7 @@ BEGIN
         -- not granted: holds past their TTL reserve nothing any more; once, expire them
         EXIT WHEN balance IS NOT NULL OR v_swept
                   OR NOT meter._expire_due(p_namespace, p_user_id, p_event_type, v_resource,
-                                           p_unit);
+                                           p_unit, v_amount);
         v_swept := true;
     END LOOP;
     IF v_lost THEN
@@ -335,9 +344,6 @@ BEGIN
     v_time := meter._ledger_time('period_end',
         (p_period_end + 1)::timestamp AT TIME ZONE 'UTC' - interval '1 microsecond');
 
-    -- Holds past their TTL reserve nothing any more: expire them first (reservations before
-    -- the account, the sweep's lock order), or their amount would survive the close.
-    PERFORM meter._expire_due(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
     v_acc := meter._lock_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
     IF v_acc.account_id IS NULL THEN
         PERFORM meter._fail('MT003', 'user_id',
@@ -354,6 +360,11 @@ BEGIN
         new_balance := v_period.close_balance;
         RETURN NEXT;
         RETURN;
+    END IF;
+    -- Holds past their TTL reserve nothing any more: expire them (SKIP LOCKED, so taking
+    -- them after the account waits on nothing), or their amount would survive the close.
+    IF meter._expire_due(p_namespace, p_user_id, p_event_type, v_resource, p_unit, NULL) THEN
+        v_acc := meter._lock_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
     END IF;
 
     v_available := v_acc.balance - v_acc.reserved;

@@ -449,3 +449,16 @@ def test_close_expires_what_an_expired_hold_no_longer_reserves(client, db):
     assert client.release_expired_reservations() == 0
     assert bal(client) == {"balance": D("0"), "reserved": D("0"), "available": D("0")}
     assert client.reconcile() == []
+
+
+def test_a_repeated_close_leaves_an_expired_hold_alone(client, db, snapshot):
+    config(client, D("100"))
+    client.open_period(U, ET, UNIT, None, JAN1)
+    first = client.close_period(U, ET, UNIT, None, date(2024, 1, 31))
+    client.allocate(U, ET, D("10"), UNIT)
+    hold = client.reserve(U, ET, D("4"), UNIT, ttl_seconds=1)
+    while db.execute("SELECT now() < %s AS w", (hold["expires_at"],)).fetchone()["w"]:
+        time.sleep(0.05)
+    before = snapshot()
+    assert client.close_period(U, ET, UNIT, None, date(2024, 1, 31)) == first
+    assert snapshot() == before
