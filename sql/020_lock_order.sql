@@ -12,12 +12,13 @@
 -- Now, when a batch has events for the one-by-one path, it takes the whole batch's locks
 -- before anything else: advisory locks of reservation ids, then of idempotency keys (in
 -- hash order), the reservations it commits or releases (in key order), then every existing
--- account of the batch in key order. The sweep locks its accounts in key order too. What
--- remains: accounts a batch creates are locked when created; two transactions creating the
+-- account of the batch in key order. The sweep locks its accounts in key order too, and so
+-- does roll_periods, which holds every account it rolls until it commits (in account_id
+-- order, it deadlocked with the key-ordered sweep: found by review). What remains: accounts a batch creates are locked when created; two transactions creating the
 -- same new accounts in opposite orders can still meet the deadlock detector (40P01, retried
 -- by the SDK and the worker), as before.
--- Migrations once applied are never edited, so both functions are replaced whole; only
--- step 2b of apply_events and the sweep's ORDER BY are new.
+-- Migrations once applied are never edited, so the three functions are replaced whole;
+-- only step 2b of apply_events and the ORDER BY of the sweep and of roll_periods are new.
 
 CREATE OR REPLACE FUNCTION meter.apply_events(p_events jsonb, p_source text DEFAULT NULL,
                                    p_results boolean DEFAULT true)
@@ -458,3 +459,160 @@ $$;
 
 REVOKE EXECUTE ON FUNCTION meter.apply_events(jsonb, text, boolean) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meter.release_expired_reservations(text, integer) FROM PUBLIC;
+
+-- roll_periods: its accounts in key order, as everyone else takes them.
+CREATE OR REPLACE FUNCTION meter.roll_periods(p_namespace text DEFAULT NULL,
+                                   p_now timestamptz DEFAULT now(),
+                                   p_batch_size integer DEFAULT 100)
+RETURNS TABLE (namespace text, user_id text, event_type text, resource text, unit text,
+               status text, closed_period_end date, expired numeric, carried_over numeric,
+               opened_period_start date, allocation numeric, balance numeric, error text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_now timestamptz;
+    v_today date;
+    v_steps integer := 0;
+    v_start date;
+    v_month date;
+    v_cand record;
+    v_acc meter.accounts;
+    v_next date;
+    v_close record;
+    v_prior meter.periods;
+    v_done boolean;
+    v_actor text := current_setting('meter.actor_id', true);
+BEGIN
+    IF p_namespace IS NULL THEN
+        PERFORM meter._require_maintenance('rolling every namespace');
+    ELSE
+        PERFORM meter._guard(p_namespace);
+    END IF;
+    v_now := meter._now(p_now);
+    IF p_batch_size IS NULL OR p_batch_size < 1 OR p_batch_size > 10000 THEN
+        PERFORM meter._fail('MT001', 'batch_size', format('must be between 1 and 10000, got %s',
+                                                          coalesce(p_batch_size::text, 'NULL')));
+    END IF;
+    v_today := (v_now AT TIME ZONE 'UTC')::date;
+
+    PERFORM pg_advisory_xact_lock(19782, 1);
+
+    IF coalesce(v_actor, '') = '' THEN
+        PERFORM set_config('meter.actor_id', 'system:periods', true);
+    END IF;
+
+    FOR v_cand IN
+        SELECT a.namespace, a.account_id, a.user_id, a.event_type, a.resource, a.unit
+        FROM meter.accounts a
+        WHERE a.period_allocation IS NOT NULL AND a.period_interval IS NOT NULL
+          AND a.period_start <= v_today AND (p_namespace IS NULL OR a.namespace = p_namespace)
+          AND ((a.period_start + a.period_interval)::date <= v_today
+               OR NOT EXISTS (SELECT 1 FROM meter.periods p
+                              WHERE p.namespace = a.namespace AND p.account_id = a.account_id
+                                AND p.period_start = a.period_start
+                                AND p.opened_at IS NOT NULL))
+        ORDER BY a.namespace, coalesce(a.user_id, ''), a.event_type, a.resource, a.unit
+    LOOP
+        EXIT WHEN v_steps >= p_batch_size;
+        LOOP
+            EXIT WHEN v_steps >= p_batch_size;
+            v_done := false;
+            namespace := v_cand.namespace; user_id := v_cand.user_id;
+            event_type := v_cand.event_type; resource := v_cand.resource; unit := v_cand.unit;
+            status := 'rolled'; error := NULL;
+            closed_period_end := NULL; expired := NULL; carried_over := NULL;
+            opened_period_start := NULL; allocation := NULL; balance := NULL;
+            -- One step per subtransaction: a step that fails is undone alone (the account's
+            -- earlier steps stand), reported, and the account left for the next call.
+            BEGIN
+                -- The partitions this step dates rows in, before the account is locked (as
+                -- every writer does): the months of its current period's first and last
+                -- day and of the next period's first day, as read without the lock. Should
+                -- the locked figures differ (a concurrent set_period_config), open/close
+                -- create what is missing themselves.
+                SELECT a.period_start, (a.period_start + a.period_interval)::date
+                INTO v_start, v_next FROM meter.accounts a
+                WHERE a.namespace = v_cand.namespace AND a.account_id = v_cand.account_id;
+                FOREACH v_month IN ARRAY ARRAY[v_start, v_next - 1, v_next] LOOP
+                    IF v_month <= v_today AND to_regclass(
+                           format('meter.ledger_%s', to_char(v_month, 'YYYY_MM'))) IS NULL THEN
+                        PERFORM meter.create_partition(extract(year FROM v_month)::integer,
+                                                       extract(month FROM v_month)::integer);
+                    END IF;
+                END LOOP;
+                SELECT * INTO v_acc FROM meter.accounts a
+                WHERE a.namespace = v_cand.namespace AND a.account_id = v_cand.account_id
+                FOR UPDATE;
+                IF v_acc.period_allocation IS NULL OR v_acc.period_interval IS NULL
+                   OR v_acc.period_start > v_today THEN
+                    v_done := true;
+                ELSIF NOT EXISTS (SELECT 1 FROM meter.periods p
+                                  WHERE p.namespace = v_acc.namespace
+                                    AND p.account_id = v_acc.account_id
+                                    AND p.period_start = v_acc.period_start
+                                    AND p.opened_at IS NOT NULL) THEN
+                    -- 1. the current period was configured but never opened
+                    status := 'opened';
+                    opened_period_start := v_acc.period_start;
+                    allocation := v_acc.period_allocation;
+                    balance := meter.open_period(v_acc.user_id, v_acc.event_type, v_acc.unit,
+                                                 v_acc.resource, v_acc.period_start, NULL,
+                                                 v_acc.namespace);
+                ELSE
+                    -- 2. the current period has ended: close it, open the next
+                    v_next := (v_acc.period_start + v_acc.period_interval)::date;
+                    IF v_next > v_today THEN
+                        v_done := true;
+                    ELSE
+                        SELECT * INTO v_close
+                        FROM meter.close_period(v_acc.user_id, v_acc.event_type, v_acc.unit,
+                                                v_acc.resource, v_next - 1, v_acc.namespace);
+                        closed_period_end := v_next - 1;
+                        expired := v_close.expired;
+                        carried_over := v_close.carried_over;
+                        opened_period_start := v_next;
+                        -- The next period opened by hand already: keep it (open_period with
+                        -- the configured allocation would conflict with another one) and
+                        -- make it the current period.
+                        SELECT * INTO v_prior FROM meter.periods p
+                        WHERE p.namespace = v_acc.namespace AND p.account_id = v_acc.account_id
+                          AND p.period_start = v_next AND p.opened_at IS NOT NULL;
+                        IF FOUND THEN
+                            allocation := v_prior.allocation;
+                            UPDATE meter.accounts a SET period_start = v_next, updated_at = now()
+                            WHERE a.namespace = v_acc.namespace
+                              AND a.account_id = v_acc.account_id
+                            RETURNING a.balance INTO balance;
+                        ELSE
+                            allocation := v_acc.period_allocation;
+                            balance := meter.open_period(v_acc.user_id, v_acc.event_type,
+                                                         v_acc.unit, v_acc.resource, v_next,
+                                                         NULL, v_acc.namespace);
+                        END IF;
+                    END IF;
+                END IF;
+            EXCEPTION WHEN OTHERS THEN
+                -- Transient failures (deadlock, serialization, lock timeout, cancel, resources,
+                -- connection) abort the call: the caller retries it. Anything else is this
+                -- account's.
+                IF left(SQLSTATE, 2) IN ('40', '53', '55', '57', '08', '58', 'XX') THEN
+                    RAISE;
+                END IF;
+                status := 'error';
+                closed_period_end := NULL; expired := NULL; carried_over := NULL;
+                opened_period_start := NULL; allocation := NULL; balance := NULL;
+                error := SQLSTATE || ' ' || SQLERRM;
+                v_steps := v_steps + 1;
+                RETURN NEXT;
+                EXIT;
+            END;
+            EXIT WHEN v_done;
+            v_steps := v_steps + 1;
+            RETURN NEXT;
+        END LOOP;
+    END LOOP;
+
+    IF coalesce(v_actor, '') = '' THEN
+        PERFORM set_config('meter.actor_id', coalesce(v_actor, ''), true);
+    END IF;
+END
+$$;

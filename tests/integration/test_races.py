@@ -14,6 +14,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -581,4 +582,49 @@ def test_a_batch_that_commits_a_hold_never_deadlocks_with_the_sweep(db_url, clie
     assert client.get_balance("ux", ET, UNIT) == {
         "balance": D("94"), "reserved": D("0"), "available": D("94"),
     }  # fmt: skip
+    assert client.reconcile() == []
+
+
+def test_the_sweep_and_the_period_roll_never_deadlock(db_url, client, db):
+    # b is created first (smaller account_id), a has the smaller key: both must take them
+    # in the same order. A third session holds a while both start.
+    start = (datetime.now(UTC).date().replace(day=1) - timedelta(days=1)).replace(day=1)
+    holds = []
+    for user in ("b", "a"):
+        client.set_period_config(user, ET, UNIT, None, start, 5, None)
+        client.allocate(user, ET, 10, UNIT)
+        holds.append(client.reserve(user, ET, 1, UNIT, ttl_seconds=1)["expires_at"])
+    _until(lambda: not db.execute("SELECT now() < %s AS w", (max(holds),)).fetchone()["w"])
+    errors: dict[str, BaseException] = {}
+    with (
+        psycopg.connect(db_url) as holder,
+        psycopg.connect(db_url, autocommit=True) as sweep_conn,
+        psycopg.connect(db_url, autocommit=True) as roll_conn,
+    ):
+        holder.execute("SELECT 1 FROM meter.accounts WHERE user_id = 'a' FOR UPDATE")
+
+        def call(name: str, conn: psycopg.Connection[Any], sql: str) -> None:
+            try:
+                conn.execute(sql).fetchall()
+            except BaseException as exc:
+                errors[name] = exc
+
+        threads = []
+        for name, conn, sql in (
+            ("sweep", sweep_conn, "SELECT meter.release_expired_reservations('default')"),
+            ("roll", roll_conn, "SELECT * FROM meter.roll_periods('default')"),
+        ):
+            threads.append(threading.Thread(target=call, args=(name, conn, sql)))
+            threads[-1].start()
+            _until(lambda c=conn: _waiting_on_a_lock(db, c.info.backend_pid))
+        holder.commit()
+        for th in threads:
+            th.join(30)
+    assert errors == {}
+    assert (
+        db.execute(
+            "SELECT count(*) AS n FROM meter.reservations WHERE status = 'active'"
+        ).fetchone()["n"]
+        == 0
+    )
     assert client.reconcile() == []
