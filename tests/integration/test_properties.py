@@ -430,21 +430,21 @@ class LedgerMachine(RuleBasedStateMachine):
             with pytest.raises(NotFoundError):
                 self.c.open_period(*args, allocation=allocation)
             return
-        effective = allocation if allocation is not None else a.config_allocation
-        if effective is None:
-            if (acct, start) in self.opens:
-                return  # conflict or validation error: both right
-            with pytest.raises(ValidationError):
-                self.c.open_period(*args, allocation=None)
-            return
         if (acct, start) in self.opens:
+            # a repeat: without an allocation it replays, whatever the configuration says
+            # now; an explicit one must be the allocation the period was opened with
             first_effective, first_result = self.opens[(acct, start)]
-            if effective == first_effective:
+            if allocation is None or allocation == first_effective:
                 assert self.c.open_period(*args, allocation=allocation) == first_result
                 event("open: replayed")
             else:
                 with pytest.raises(IdempotencyConflictError):
                     self.c.open_period(*args, allocation=allocation)
+            return
+        effective = allocation if allocation is not None else a.config_allocation
+        if effective is None:
+            with pytest.raises(ValidationError):
+                self.c.open_period(*args, allocation=None)
             return
         r = self.c.open_period(*args, allocation=allocation)
         a.balance += effective
