@@ -32,6 +32,7 @@ import re
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from decimal import Decimal
@@ -253,10 +254,11 @@ class MeterProducer:
     :class:`EventHandle` without waiting for the database. ``idempotency_key`` is generated
     (uuid4) when not given, so a message delivered twice is applied once. The producer is
     thread-safe and reuses broker connections from a pool. Broker failures raise
-    ``MeterConnectionError``, and a call that raises has enqueued nothing, in either mode: in
-    buffered mode the call whose event fills the batch sends it, and if that fails, its own
-    event is dropped (the others stay buffered for the next attempt), so retrying the call
-    cannot double it.
+    ``MeterConnectionError``, and a recording call (``consume``, ``allocate``...) that raises
+    has enqueued nothing, in either mode: in buffered mode the call whose event fills the
+    batch sends it, and if that fails, its own event is dropped (the others stay buffered
+    for the next attempt), so retrying the call cannot double it. ``send_many`` sends chunk
+    by chunk: the chunks sent before a failure stay sent.
     """
 
     def __init__(
@@ -300,12 +302,15 @@ class MeterProducer:
         self._app = Celery("meter-producer", set_as_current=False)
         self._app.conf.update(wire.celery_config(self._broker_url))
         self._closed = False
-        # Buffered mode: _lock guards _batch; _send_lock serialises sending, so flush()
-        # returns only after every batch taken before it has reached the broker.
+        # Buffered mode: _lock guards _batch (the open batch) and _unsent (full batches the
+        # broker refused, oldest first, each kept whole so its handles stay valid);
+        # _send_lock serialises sending, so flush() returns only after every batch taken
+        # before it has reached the broker.
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._batch: _Batch | None = None
+        self._unsent: deque[_Batch] = deque()
         self._linger_thread: threading.Thread | None = None
         self._atexit: Callable[[], None] | None = None
         if self._buffered:
@@ -338,9 +343,14 @@ class MeterProducer:
         if not self._buffered:
             return
         with self._send_lock:
-            with self._lock:
-                batch, self._batch = self._batch, None
-            if batch is not None:
+            while True:
+                with self._lock:
+                    if self._unsent:
+                        batch = self._unsent.popleft()
+                    elif self._batch is not None:
+                        batch, self._batch = self._batch, None
+                    else:
+                        return
                 self._send_batch(batch)
 
     def close(self) -> None:
@@ -744,10 +754,12 @@ class MeterProducer:
         return EventHandle(self, op, key, rid, batch.task_id, want, batch, index)
 
     def _send_batch(self, batch: _Batch, own: int | None = None) -> None:
-        """Publish a buffered batch; on failure put its events back at the buffer's head.
+        """Publish a buffered batch; on failure keep it, first in line for the next send.
 
         ``own``: the index of the event of the call that is sending, which raises: that
-        event is left out of what goes back (the call failed, so it enqueued nothing).
+        event (the batch's last) is left out of what is kept (the call failed, so it
+        enqueued nothing). The batch is kept whole otherwise, never merged with another:
+        the handles of its events hold it and their index in it.
         """
         try:
             self._publish(
@@ -762,12 +774,7 @@ class MeterProducer:
                 del batch.events[own]
             if batch.events:
                 with self._lock:
-                    if self._batch is None:
-                        self._batch = batch
-                    else:  # newer events arrived meanwhile: keep the failed ones first
-                        batch.events.extend(self._batch.events)
-                        batch.want_result = batch.want_result or self._batch.want_result
-                        self._batch = batch
+                    self._unsent.appendleft(batch)
             raise
         batch.sent = True
 
@@ -807,6 +814,8 @@ class MeterProducer:
         """(stop?, seconds until the open batch is due); called with _lock held."""
         if self._closed:
             return True, None
+        if self._unsent:
+            return False, 0.0  # refused by the broker before: try again now
         if self._batch is None:
             return False, None
         return False, self._batch.created + self._linger - time.monotonic()
@@ -817,6 +826,7 @@ class MeterProducer:
         self._send_lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._batch = None
+        self._unsent = deque()
         self._linger_thread = None
 
     # ------------------------------------------------------------------ results

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -1002,3 +1003,31 @@ def test_a_buffered_call_that_raises_has_enqueued_nothing(
     time.sleep(0.5)
     assert balance(client)["balance"] == D(88)
     assert client.get_usage("u1", None, None)[0]["event_count"] == 2
+
+
+def test_events_buffered_while_a_send_fails_keep_their_handles(
+    pipeline, make_producer, client, monkeypatch
+):
+    # While the call that filled a batch is failing to send it, another thread buffers an
+    # event into the next batch: every handle must still reach its own result.
+    from kombu.exceptions import OperationalError as KombuOperationalError
+
+    client.allocate("u1", ET, 100, UNIT)
+    p = make_producer(batch_size=2, linger_ms=60_000, results=True)
+    first = p.consume("u1", ET, 1, UNIT)
+    real = p._app.send_task
+    meanwhile: list[Any] = []
+
+    def refused(*args, **kwargs):
+        t = threading.Thread(target=lambda: meanwhile.append(p.consume("u1", ET, 3, UNIT)))
+        t.start()
+        t.join()
+        raise KombuOperationalError("Error 111 connecting to the broker: Connection refused")
+
+    monkeypatch.setattr(p._app, "send_task", refused)
+    with pytest.raises(MeterConnectionError):
+        p.consume("u1", ET, 2, UNIT)  # fills the batch; not enqueued
+    monkeypatch.setattr(p._app, "send_task", real)
+    assert meanwhile[0].wait(timeout=20)["balance"] in (D(96), D(98))
+    assert first.wait(timeout=20)["success"] is True
+    eventually(lambda: balance(client)["balance"] == D(96), timeout=10)
