@@ -20,8 +20,33 @@
 --   pays nothing.
 -- - close_period expires them before it reads what is available (not on a repeat, which
 --   changes nothing).
--- Migrations once applied are never edited, so the three functions are replaced whole;
--- only the lines marked by the comments above changed.
+-- - A refusal reports `available` without expired holds (meter._peek), so the figure it
+--   gives is what a next call can really have.
+-- Migrations once applied are never edited, so the functions are replaced whole; only
+-- the lines marked by the comments above changed.
+
+-- The account's current figures, unlocked (for reporting a refusal): zeros when unknown.
+-- `reserved` leaves out holds past their TTL, which reserve nothing any more.
+CREATE OR REPLACE FUNCTION meter._peek(p_namespace text, p_user_id text, p_event_type text,
+                                       p_resource text, p_unit text,
+                                       OUT known boolean, OUT balance numeric,
+                                       OUT reserved numeric)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    SELECT true, a.balance,
+           a.reserved - coalesce((SELECT sum(r.amount) FROM meter.reservations r
+                                  WHERE r.namespace = a.namespace
+                                    AND r.account_id = a.account_id
+                                    AND r.status = 'active' AND r.expires_at <= now()), 0)
+    INTO known, balance, reserved
+    FROM meter.accounts a
+    WHERE a.namespace = p_namespace AND coalesce(a.user_id, '') = coalesce(p_user_id, '')
+      AND a.event_type = p_event_type AND a.resource = p_resource AND a.unit = p_unit;
+    IF NOT FOUND THEN
+        known := false; balance := 0; reserved := 0;
+    END IF;
+END
+$$;
 
 -- Expire the active holds of one account whose TTL has passed, when that frees enough:
 -- with p_needed, only if available would then reach p_needed (otherwise nothing changes);

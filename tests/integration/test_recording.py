@@ -782,3 +782,14 @@ def test_a_refusal_that_expired_holds_would_not_save_changes_nothing(client, db,
     assert reservation_row(db, rid)["status"] == "active"
     assert client.release_expired_reservations() == 1
     assert client.reconcile() == []
+
+
+def test_a_refusal_reports_what_is_available_without_expired_holds(client, db):
+    client.allocate(U, ET, 100, UNIT)
+    _expired_hold(client, db, "60")
+    client.reserve(U, ET, D("30"), UNIT)  # still active
+    r = client.consume(U, ET, D("80"), UNIT, check_balance=True)
+    assert (r["success"], r["balance"], r["available"]) == (False, D("100"), D("70"))
+    assert client.reserve(U, ET, D("80"), UNIT)["available"] == D("70")
+    assert client.consume(U, ET, D("70"), UNIT, check_balance=True)["success"] is True
+    assert client.reconcile() == []
