@@ -349,3 +349,36 @@ def test_drop_old_partitions_default_keeps_24_months(client, db):
     assert (cp["balance"], cp["entries"]) == (D("4"), 1)
     assert client.reconcile() == []
     assert client.get_balance("u1", ET, UNIT)["balance"] == D("12")
+
+
+def test_two_callers_creating_one_month_both_succeed(db_url, db):
+    # Both wait on the month's lock while a third session holds it; the one served second
+    # must find the partition the first created (it used to fail with 42P07).
+    from concurrent.futures import ThreadPoolExecutor
+
+    from meter import MeterClient
+
+    when = datetime(2019, 5, 17, 12, tzinfo=UTC)
+    assert "ledger_2019_05" not in ledger_partitions(db)
+    with psycopg.connect(db_url) as holder:
+        holder.execute("SELECT pg_advisory_xact_lock(19781, 201905)")
+
+        def consume(user: str) -> Decimal:
+            with MeterClient(db_url) as c:
+                return c.consume(user, "tokens", 1, "tok", event_time=when)["balance"]
+
+        with ThreadPoolExecutor(2) as ex:
+            futures = [ex.submit(consume, u) for u in ("u1", "u2")]
+            deadline = datetime.now(UTC) + timedelta(seconds=10)
+            while (
+                db.execute(
+                    "SELECT count(*) AS n FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'"
+                ).fetchone()["n"]
+                < 2
+            ):
+                assert datetime.now(UTC) < deadline, "the two calls never waited"
+            holder.commit()
+            assert [f.result(timeout=30) for f in futures] == [Decimal(-1), Decimal(-1)]
+    assert "ledger_2019_05" in ledger_partitions(db)
+    assert db.execute("SELECT count(*) AS n FROM meter.ledger_2019_05").fetchone()["n"] == 2
