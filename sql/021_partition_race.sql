@@ -1,4 +1,5 @@
--- Two callers creating the same ledger partition no longer fail one of them.
+-- Two callers creating the same ledger partition no longer fail one of them, and creating
+-- one no longer stops every other writer.
 --
 -- Why: create_partition takes the month's advisory lock, then checks again that the
 -- partition is missing. But the check reads the catalog through the snapshot the statement
@@ -9,9 +10,15 @@
 -- month another transaction was creating at the same moment: an error the caller cannot
 -- act on (SPEC 3.5).
 --
+-- Also: the partition was created as `PARTITION OF meter.ledger`, which holds ACCESS
+-- EXCLUSIVE on the whole ledger until the creating transaction ends: every writer waited
+-- for it, and one holding an account that transaction then needed deadlocked with it (seen
+-- by review under load). The table is now created alone and attached, which takes SHARE
+-- UPDATE EXCLUSIVE on the ledger: writers and readers go on.
+--
 -- Now a duplicate_table at creation means another caller created it: returns NULL, as the
 -- check would have. Migrations once applied are never edited, so the function is replaced
--- whole; only the exception block is new.
+-- whole; only the creation (exception block, LIKE, ATTACH) is new.
 
 CREATE OR REPLACE FUNCTION meter.create_partition(p_year integer, p_month integer) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -37,11 +44,19 @@ BEGIN
     END IF;
     v_from := make_timestamptz(p_year, p_month, 1, 0, 0, 0, 'UTC');
     BEGIN
-        EXECUTE format('CREATE TABLE meter.%I PARTITION OF meter.ledger FOR VALUES FROM (%L) TO (%L)',
-                       v_name, v_from, v_from + interval '1 month');
+        EXECUTE format('CREATE TABLE meter.%I (LIKE meter.ledger INCLUDING DEFAULTS '
+                       'INCLUDING CONSTRAINTS)', v_name);
     EXCEPTION WHEN duplicate_table THEN
         RETURN NULL;  -- created by the caller we waited for (see above)
     END;
+    -- Attached rather than created as PARTITION OF: that takes ACCESS EXCLUSIVE on the
+    -- ledger until this transaction ends, blocking every writer meanwhile (and a writer
+    -- holding an account this transaction then needs was a deadlock). ATTACH takes SHARE
+    -- UPDATE EXCLUSIVE, which writers and readers pass; the table is empty, so its check
+    -- of the bounds costs nothing, and the ledger's indexes, constraint and row trigger
+    -- come to it as with PARTITION OF.
+    EXECUTE format('ALTER TABLE meter.ledger ATTACH PARTITION meter.%I FOR VALUES FROM (%L) TO (%L)',
+                   v_name, v_from, v_from + interval '1 month');
     EXECUTE format('CREATE TRIGGER ledger_no_truncate BEFORE TRUNCATE ON meter.%I '
                    'FOR EACH STATEMENT EXECUTE FUNCTION meter._refuse_change()', v_name);
     RETURN v_name;

@@ -382,3 +382,22 @@ def test_two_callers_creating_one_month_both_succeed(db_url, db):
             assert [f.result(timeout=30) for f in futures] == [Decimal(-1), Decimal(-1)]
     assert "ledger_2019_05" in ledger_partitions(db)
     assert db.execute("SELECT count(*) AS n FROM meter.ledger_2019_05").fetchone()["n"] == 2
+
+
+def test_creating_a_month_does_not_stop_other_writers(db_url, db, client):
+    # The creating transaction stays open; a write into another month goes on meanwhile.
+    client.allocate("u1", "tokens", 5, "tok")  # this month's partition exists
+    with psycopg.connect(db_url) as creator:
+        assert creator.execute("SELECT meter.create_partition(1998, 7)").fetchone() == (
+            "ledger_1998_07",
+        )
+        with psycopg.connect(db_url, autocommit=True) as writer:
+            writer.execute("SET lock_timeout = '3s'")
+            writer.execute("SELECT meter.set_tenant('default')")
+            row = writer.execute(
+                "SELECT success FROM meter.consume('u1', 'tokens', 1, 'tok')"
+            ).fetchone()
+            assert row == (True,)
+        creator.commit()
+    assert "ledger_1998_07" in ledger_partitions(db)
+    assert client.get_balance("u1", "tokens", "tok")["balance"] == Decimal(4)
