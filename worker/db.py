@@ -268,7 +268,10 @@ def ensure_partitions(url: str, pool_size: int, months_ahead: int) -> list[str]:
 def drop_old_partitions(url: str, pool_size: int, older_than_months: int) -> list[str]:
     """``meter.drop_old_partitions``: fold the months older than ``older_than_months`` into
     the retention checkpoints and drop them; the names dropped."""
-    with _pool(url, pool_size).connection() as conn:
+    with _pool(url, pool_size).connection() as conn, conn.transaction():
+        # The SQL refuses any other level (its fold must see what it drops), whatever the
+        # database's default_transaction_isolation says.
+        conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
         return [str(row[0]) for row in conn.execute(_SQL_DROP_OLD_PARTITIONS, (older_than_months,))]
 
 

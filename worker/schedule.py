@@ -213,8 +213,9 @@ def roll_periods(self: Task, now: str | None = None) -> dict[str, int]:
                         step["namespace"], step["user_id"], step["event_type"],
                         step["resource"], step["unit"], step["error"],
                     )  # fmt: skip
-            progressed = any(step["status"] != "error" for step in steps)
-            if len(steps) < s.roll_batch or not progressed:
+            # Failed steps do not count toward the batch (they come back at every call).
+            done = sum(step["status"] != "error" for step in steps)
+            if done < s.roll_batch:
                 break
         if counts["opened"] or counts["rolled"]:
             logger.info("rolled periods: %s", counts)

@@ -401,3 +401,30 @@ def test_creating_a_month_does_not_stop_other_writers(db_url, db, client):
         creator.commit()
     assert "ledger_1998_07" in ledger_partitions(db)
     assert client.get_balance("u1", "tokens", "tok")["balance"] == Decimal(4)
+
+
+def test_drop_old_partitions_refuses_other_isolation_levels(client, db, db_url, snapshot):
+    # Its fold must see every row it drops; at REPEATABLE READ or SERIALIZABLE the snapshot
+    # predates the partition's lock.
+    client.allocate("u1", ET, 10, UNIT, event_time=mid_month(2019, 1))
+    before, parts = snapshot(), ledger_partitions(db)
+    for level in ("repeatable read", "serializable"):
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(f"SET default_transaction_isolation = '{level}'")
+            with pytest.raises(psycopg.Error) as ei:
+                conn.execute("SELECT * FROM meter.drop_old_partitions(1)")
+            assert ei.value.sqlstate == "MT001"
+            assert "READ COMMITTED" in str(ei.value)
+    assert ledger_partitions(db) == parts
+    assert snapshot() == before
+
+
+def test_the_worker_drops_at_read_committed_whatever_the_default(client, db, db_url):
+    from worker import db as wdb
+
+    client.allocate("u1", ET, 10, UNIT, event_time=mid_month(2019, 1))
+    url = db_url + ("&" if "?" in db_url else "?")
+    url += "options=-c%20default_transaction_isolation%3Dserializable"
+    assert wdb.drop_old_partitions(url, 1, 1) == ["ledger_2019_01"]
+    assert client.reconcile() == []
+    assert client.get_balance("u1", ET, UNIT)["balance"] == D(10)

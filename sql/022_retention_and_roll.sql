@@ -1,0 +1,271 @@
+-- Retention and the period roll, mended (found by an audit, each reproduced).
+--
+-- 1. drop_old_partitions at REPEATABLE READ or SERIALIZABLE (a database whose
+--    default_transaction_isolation says so) folded the partition through a snapshot older
+--    than the partition's lock: a row committed while it waited was dropped without being
+--    folded, and reconcile() reported the balance off by its amount. It now refuses to run
+--    at any level but READ COMMITTED (MT001), and the worker calls it in an explicit READ
+--    COMMITTED transaction.
+-- 2. roll_periods counted an account whose step fails as a step, and such an account fails
+--    at every call and sorts where its key puts it: with roll_batch of them first (one
+--    tenant's broken configurations), no account after them was ever rolled. A failed step
+--    no longer counts.
+-- 3. set_period_config accepted a period start before 1900, which no ledger row can carry,
+--    so the account failed at every roll; it is refused (MT001) like an event_time before
+--    1900.
+-- Migrations once applied are never edited, so the three functions are replaced whole; only
+-- the lines these comments name changed.
+
+CREATE OR REPLACE FUNCTION meter.drop_old_partitions(p_older_than_months integer DEFAULT 24)
+RETURNS SETOF text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_cutoff timestamptz;
+    v_part record;
+    v_upper timestamptz;
+BEGIN
+    -- The fold must see every row the drop removes. At REPEATABLE READ or SERIALIZABLE its
+    -- snapshot is older than the partition's lock: a row committed while this call waited
+    -- for that lock would be dropped without being folded.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        PERFORM meter._fail('MT001', 'transaction_isolation',
+            format('drop_old_partitions must run at READ COMMITTED, not %s',
+                   upper(current_setting('transaction_isolation'))));
+    END IF;
+    IF p_older_than_months IS NULL OR p_older_than_months < 1 THEN
+        PERFORM meter._fail('MT001', 'older_than_months',
+            format('must be at least 1, got %s', coalesce(p_older_than_months::text, 'NULL')));
+    END IF;
+    -- One dropper at a time; writers are kept out of each partition by its lock below.
+    PERFORM pg_advisory_xact_lock(19781, 0);
+    v_cutoff := (date_trunc('month', now() AT TIME ZONE 'UTC')
+                 - make_interval(months => p_older_than_months)) AT TIME ZONE 'UTC';
+    FOR v_part IN
+        SELECT c.relname,
+               make_timestamptz(substr(c.relname, 8, 4)::integer, substr(c.relname, 13, 2)::integer,
+                                1, 0, 0, 0, 'UTC') AS month_start
+        FROM pg_inherits i
+        JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = 'meter.ledger'::regclass
+          AND c.relname ~ '^ledger_[0-9]{4}_[0-9]{2}$'
+        ORDER BY c.relname
+    LOOP
+        v_upper := v_part.month_start + interval '1 month';
+        CONTINUE WHEN v_upper > v_cutoff;
+        EXECUTE format('LOCK TABLE meter.%I IN ACCESS EXCLUSIVE MODE', v_part.relname);
+        EXECUTE format(
+            'INSERT INTO meter.ledger_checkpoints AS c (namespace, account_id, balance, entries, through)
+             SELECT namespace, account_id, sum(amount), count(*), %L::timestamptz
+             FROM meter.%I GROUP BY namespace, account_id
+             ON CONFLICT (namespace, account_id) DO UPDATE
+             SET balance = c.balance + excluded.balance,
+                 entries = c.entries + excluded.entries,
+                 through = greatest(c.through, excluded.through),
+                 updated_at = now()', v_upper, v_part.relname);
+        EXECUTE format('DROP TABLE meter.%I', v_part.relname);
+        RETURN NEXT v_part.relname;
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION meter.roll_periods(p_namespace text DEFAULT NULL,
+                                   p_now timestamptz DEFAULT now(),
+                                   p_batch_size integer DEFAULT 100)
+RETURNS TABLE (namespace text, user_id text, event_type text, resource text, unit text,
+               status text, closed_period_end date, expired numeric, carried_over numeric,
+               opened_period_start date, allocation numeric, balance numeric, error text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_now timestamptz;
+    v_today date;
+    v_steps integer := 0;
+    v_start date;
+    v_month date;
+    v_cand record;
+    v_acc meter.accounts;
+    v_next date;
+    v_close record;
+    v_prior meter.periods;
+    v_done boolean;
+    v_actor text := current_setting('meter.actor_id', true);
+BEGIN
+    IF p_namespace IS NULL THEN
+        PERFORM meter._require_maintenance('rolling every namespace');
+    ELSE
+        PERFORM meter._guard(p_namespace);
+    END IF;
+    v_now := meter._now(p_now);
+    IF p_batch_size IS NULL OR p_batch_size < 1 OR p_batch_size > 10000 THEN
+        PERFORM meter._fail('MT001', 'batch_size', format('must be between 1 and 10000, got %s',
+                                                          coalesce(p_batch_size::text, 'NULL')));
+    END IF;
+    v_today := (v_now AT TIME ZONE 'UTC')::date;
+
+    PERFORM pg_advisory_xact_lock(19782, 1);
+
+    IF coalesce(v_actor, '') = '' THEN
+        PERFORM set_config('meter.actor_id', 'system:periods', true);
+    END IF;
+
+    FOR v_cand IN
+        SELECT a.namespace, a.account_id, a.user_id, a.event_type, a.resource, a.unit
+        FROM meter.accounts a
+        WHERE a.period_allocation IS NOT NULL AND a.period_interval IS NOT NULL
+          AND a.period_start <= v_today AND (p_namespace IS NULL OR a.namespace = p_namespace)
+          AND ((a.period_start + a.period_interval)::date <= v_today
+               OR NOT EXISTS (SELECT 1 FROM meter.periods p
+                              WHERE p.namespace = a.namespace AND p.account_id = a.account_id
+                                AND p.period_start = a.period_start
+                                AND p.opened_at IS NOT NULL))
+        ORDER BY a.namespace, coalesce(a.user_id, ''), a.event_type, a.resource, a.unit
+    LOOP
+        EXIT WHEN v_steps >= p_batch_size;
+        LOOP
+            EXIT WHEN v_steps >= p_batch_size;
+            v_done := false;
+            namespace := v_cand.namespace; user_id := v_cand.user_id;
+            event_type := v_cand.event_type; resource := v_cand.resource; unit := v_cand.unit;
+            status := 'rolled'; error := NULL;
+            closed_period_end := NULL; expired := NULL; carried_over := NULL;
+            opened_period_start := NULL; allocation := NULL; balance := NULL;
+            -- One step per subtransaction: a step that fails is undone alone (the account's
+            -- earlier steps stand), reported, and the account left for the next call.
+            BEGIN
+                -- The partitions this step dates rows in, before the account is locked (as
+                -- every writer does): the months of its current period's first and last
+                -- day and of the next period's first day, as read without the lock. Should
+                -- the locked figures differ (a concurrent set_period_config), open/close
+                -- create what is missing themselves.
+                SELECT a.period_start, (a.period_start + a.period_interval)::date
+                INTO v_start, v_next FROM meter.accounts a
+                WHERE a.namespace = v_cand.namespace AND a.account_id = v_cand.account_id;
+                FOREACH v_month IN ARRAY ARRAY[v_start, v_next - 1, v_next] LOOP
+                    IF v_month <= v_today AND to_regclass(
+                           format('meter.ledger_%s', to_char(v_month, 'YYYY_MM'))) IS NULL THEN
+                        PERFORM meter.create_partition(extract(year FROM v_month)::integer,
+                                                       extract(month FROM v_month)::integer);
+                    END IF;
+                END LOOP;
+                SELECT * INTO v_acc FROM meter.accounts a
+                WHERE a.namespace = v_cand.namespace AND a.account_id = v_cand.account_id
+                FOR UPDATE;
+                IF v_acc.period_allocation IS NULL OR v_acc.period_interval IS NULL
+                   OR v_acc.period_start > v_today THEN
+                    v_done := true;
+                ELSIF NOT EXISTS (SELECT 1 FROM meter.periods p
+                                  WHERE p.namespace = v_acc.namespace
+                                    AND p.account_id = v_acc.account_id
+                                    AND p.period_start = v_acc.period_start
+                                    AND p.opened_at IS NOT NULL) THEN
+                    -- 1. the current period was configured but never opened
+                    status := 'opened';
+                    opened_period_start := v_acc.period_start;
+                    allocation := v_acc.period_allocation;
+                    balance := meter.open_period(v_acc.user_id, v_acc.event_type, v_acc.unit,
+                                                 v_acc.resource, v_acc.period_start, NULL,
+                                                 v_acc.namespace);
+                ELSE
+                    -- 2. the current period has ended: close it, open the next
+                    v_next := (v_acc.period_start + v_acc.period_interval)::date;
+                    IF v_next > v_today THEN
+                        v_done := true;
+                    ELSE
+                        SELECT * INTO v_close
+                        FROM meter.close_period(v_acc.user_id, v_acc.event_type, v_acc.unit,
+                                                v_acc.resource, v_next - 1, v_acc.namespace);
+                        closed_period_end := v_next - 1;
+                        expired := v_close.expired;
+                        carried_over := v_close.carried_over;
+                        opened_period_start := v_next;
+                        -- The next period opened by hand already: keep it (open_period with
+                        -- the configured allocation would conflict with another one) and
+                        -- make it the current period.
+                        SELECT * INTO v_prior FROM meter.periods p
+                        WHERE p.namespace = v_acc.namespace AND p.account_id = v_acc.account_id
+                          AND p.period_start = v_next AND p.opened_at IS NOT NULL;
+                        IF FOUND THEN
+                            allocation := v_prior.allocation;
+                            UPDATE meter.accounts a SET period_start = v_next, updated_at = now()
+                            WHERE a.namespace = v_acc.namespace
+                              AND a.account_id = v_acc.account_id
+                            RETURNING a.balance INTO balance;
+                        ELSE
+                            allocation := v_acc.period_allocation;
+                            balance := meter.open_period(v_acc.user_id, v_acc.event_type,
+                                                         v_acc.unit, v_acc.resource, v_next,
+                                                         NULL, v_acc.namespace);
+                        END IF;
+                    END IF;
+                END IF;
+            EXCEPTION WHEN OTHERS THEN
+                -- Transient failures (deadlock, serialization, lock timeout, cancel, resources,
+                -- connection) abort the call: the caller retries it. Anything else is this
+                -- account's.
+                IF left(SQLSTATE, 2) IN ('40', '53', '55', '57', '08', '58', 'XX') THEN
+                    RAISE;
+                END IF;
+                status := 'error';
+                closed_period_end := NULL; expired := NULL; carried_over := NULL;
+                opened_period_start := NULL; allocation := NULL; balance := NULL;
+                error := SQLSTATE || ' ' || SQLERRM;
+                -- not counted as a step: accounts that fail at every call must not use up
+                -- the batch of the ones after them
+                RETURN NEXT;
+                EXIT;
+            END;
+            EXIT WHEN v_done;
+            v_steps := v_steps + 1;
+            RETURN NEXT;
+        END LOOP;
+    END LOOP;
+
+    IF coalesce(v_actor, '') = '' THEN
+        PERFORM set_config('meter.actor_id', coalesce(v_actor, ''), true);
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION meter.set_period_config(p_user_id text, p_event_type text, p_unit text,
+                                        p_resource text, p_period_start date,
+                                        p_period_allocation numeric,
+                                        p_carry_over_limit numeric DEFAULT NULL,
+                                        p_namespace text DEFAULT 'default',
+                                        p_period_interval interval DEFAULT '1 month')
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_resource text := meter._resource(p_resource);
+    v_allocation numeric;
+    v_limit numeric;
+    v_interval interval := meter._period_interval(p_period_interval);
+    v_acc meter.accounts;
+BEGIN
+    PERFORM meter._guard(p_namespace);
+    PERFORM meter._ident('user_id', p_user_id, 256, true),
+            meter._ident('event_type', p_event_type, 256),
+            meter._ident('unit', p_unit, 64);
+    IF p_period_start IS NULL OR NOT isfinite(p_period_start) THEN
+        PERFORM meter._fail('MT001', 'period_start', 'is required (a finite date)');
+    END IF;
+    IF p_period_start < date '1900-01-01' THEN  -- no ledger row can be dated before 1900
+        PERFORM meter._fail('MT001', 'period_start',
+                            format('%s is before 1900', to_char(p_period_start, 'YYYY-MM-DD')));
+    END IF;
+    v_allocation := meter._amount('period_allocation', p_period_allocation, 'nonnegative');
+    IF p_carry_over_limit IS NOT NULL THEN
+        v_limit := meter._amount('carry_over_limit', p_carry_over_limit, 'nonnegative');
+    END IF;
+
+    PERFORM meter._create_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
+    v_acc := meter._lock_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
+    UPDATE meter.accounts a
+    SET period_start = p_period_start, period_allocation = v_allocation,
+        carry_over_limit = v_limit, period_interval = v_interval, updated_at = now()
+    WHERE a.namespace = p_namespace AND a.account_id = v_acc.account_id;
+    INSERT INTO meter.period_config_changes
+        (namespace, account_id, user_id, event_type, resource, unit, period_start,
+         period_allocation, carry_over_limit, period_interval, actor)
+    VALUES (p_namespace, v_acc.account_id, p_user_id, p_event_type, v_resource, p_unit,
+            p_period_start, v_allocation, v_limit, v_interval, meter._actor());
+END
+$$;
