@@ -17,8 +17,12 @@
 -- order, it deadlocked with the key-ordered sweep: found by review). What remains: accounts a batch creates are locked when created; two transactions creating the
 -- same new accounts in opposite orders can still meet the deadlock detector (40P01, retried
 -- by the SDK and the worker), as before.
+-- roll_periods also no longer counts a failed step toward its batch: an account that fails
+-- at every call (one tenant's broken configurations) used up the batch of every account
+-- after it in key order (found by an audit; see also 022).
 -- Migrations once applied are never edited, so the three functions are replaced whole;
--- only step 2b of apply_events and the ORDER BY of the sweep and of roll_periods are new.
+-- only step 2b of apply_events, the ORDER BY of the sweep and of roll_periods, and the
+-- count of roll_periods' failed steps are new.
 
 CREATE OR REPLACE FUNCTION meter.apply_events(p_events jsonb, p_source text DEFAULT NULL,
                                    p_results boolean DEFAULT true)
@@ -601,7 +605,8 @@ BEGIN
                 closed_period_end := NULL; expired := NULL; carried_over := NULL;
                 opened_period_start := NULL; allocation := NULL; balance := NULL;
                 error := SQLSTATE || ' ' || SQLERRM;
-                v_steps := v_steps + 1;
+                -- not counted as a step: accounts that fail at every call must not use up
+                -- the batch of the ones after them
                 RETURN NEXT;
                 EXIT;
             END;
