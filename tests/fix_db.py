@@ -26,6 +26,7 @@ import itertools
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -182,6 +183,14 @@ def cloned_database(admin: psycopg.Connection[Any], template: str, name: str) ->
         yield
     finally:
         admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+
+
+def wait_until_expired(db: psycopg.Connection[Any], expires_at: Any, timeout: float = 10.0) -> None:
+    """Wait until the database clock reaches ``expires_at`` (a hold expired, not swept)."""
+    deadline = time.monotonic() + timeout
+    while db.execute("SELECT now() < %s AS w", (expires_at,)).fetchone()["w"]:  # type: ignore[index]
+        assert time.monotonic() < deadline, "reservation did not expire in time"
+        time.sleep(0.05)
 
 
 def ledger_partitions(db: psycopg.Connection[Any]) -> set[str]:

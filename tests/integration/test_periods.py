@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, date, datetime
 from decimal import Decimal
 
 import pytest
 
 from meter.errors import IdempotencyConflictError, NotFoundError, ValidationError
+from tests.fix_db import wait_until_expired
 
 D = Decimal
 U = "u1"
@@ -442,8 +442,7 @@ def test_close_expires_what_an_expired_hold_no_longer_reserves(client, db):
     config(client, D("100"), D("0"))
     client.open_period(U, ET, UNIT, None, JAN1)
     hold = client.reserve(U, ET, D("30"), UNIT, ttl_seconds=1)
-    while db.execute("SELECT now() < %s AS w", (hold["expires_at"],)).fetchone()["w"]:
-        time.sleep(0.05)
+    wait_until_expired(db, hold["expires_at"])
     closed = client.close_period(U, ET, UNIT, None, date(2024, 1, 31))
     assert closed == {"expired": D("100"), "carried_over": D("0"), "new_balance": D("0")}
     assert client.release_expired_reservations() == 0
@@ -457,8 +456,7 @@ def test_a_repeated_close_leaves_an_expired_hold_alone(client, db, snapshot):
     first = client.close_period(U, ET, UNIT, None, date(2024, 1, 31))
     client.allocate(U, ET, D("10"), UNIT)
     hold = client.reserve(U, ET, D("4"), UNIT, ttl_seconds=1)
-    while db.execute("SELECT now() < %s AS w", (hold["expires_at"],)).fetchone()["w"]:
-        time.sleep(0.05)
+    wait_until_expired(db, hold["expires_at"])
     before = snapshot()
     assert client.close_period(U, ET, UNIT, None, date(2024, 1, 31)) == first
     assert snapshot() == before

@@ -9,6 +9,7 @@ from decimal import Decimal
 import pytest
 
 from meter.errors import ValidationError
+from tests.fix_db import wait_until_expired
 
 D = Decimal
 U = "u1"
@@ -77,13 +78,6 @@ ALL_KINDS = {
     "period.close",
     "period.config",
 }
-
-
-def wait_until_expired(db, expires_at, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while db.execute("SELECT now() < %s AS w", (expires_at,)).fetchone()["w"]:
-        assert time.monotonic() < deadline, "reservation did not expire in time"
-        time.sleep(0.05)
 
 
 def many_allocations(db, n, user_id=U):

@@ -24,6 +24,8 @@ from psycopg.rows import dict_row
 
 from meter import MeterClient
 from meter.errors import IdempotencyConflictError
+from tests.fix_db import wait_until_expired
+from tests.integration.test_pipeline import eventually
 
 D = Decimal
 ET = "tokens"
@@ -505,20 +507,13 @@ def _waiting_on_a_lock(db, pid: int) -> bool:
     return row is not None and row["wait_event_type"] == "Lock"
 
 
-def _until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 def test_a_batch_that_commits_a_hold_never_deadlocks_with_the_sweep(db_url, client, db):
     # The batch's fast path locks ux; its one-by-one events then commit R1. The sweep locks
     # R1 (expired) and then needs ux. A third session holds an advisory lock that the batch
     # meets in between, so the sweep runs exactly there.
     client.allocate("ux", ET, 100, UNIT)
     hold = client.reserve("ux", ET, 10, UNIT, ttl_seconds=1, reservation_id="R1")
-    _until(lambda: not db.execute("SELECT now() < %s AS w", (hold["expires_at"],)).fetchone()["w"])
+    wait_until_expired(db, hold["expires_at"])
     events = [
         {"op": "consume", "namespace": "default",
          "args": {"user_id": "ux", "event_type": ET, "amount": "1", "unit": UNIT}},
@@ -561,10 +556,10 @@ def test_a_batch_that_commits_a_hold_never_deadlocks_with_the_sweep(db_url, clie
 
         tb = threading.Thread(target=batch)
         tb.start()
-        _until(lambda: _waiting_on_a_lock(db, batch_conn.info.backend_pid))
+        eventually(lambda: _waiting_on_a_lock(db, batch_conn.info.backend_pid))
         ts = threading.Thread(target=sweep)
         ts.start()
-        _until(lambda: not ts.is_alive() or _waiting_on_a_lock(db, sweep_conn.info.backend_pid))
+        eventually(lambda: not ts.is_alive() or _waiting_on_a_lock(db, sweep_conn.info.backend_pid))
         blocker.commit()  # the batch goes on
         tb.join(30)
         ts.join(30)
@@ -594,7 +589,7 @@ def test_the_sweep_and_the_period_roll_never_deadlock(db_url, client, db):
         client.set_period_config(user, ET, UNIT, None, start, 5, None)
         client.allocate(user, ET, 10, UNIT)
         holds.append(client.reserve(user, ET, 1, UNIT, ttl_seconds=1)["expires_at"])
-    _until(lambda: not db.execute("SELECT now() < %s AS w", (max(holds),)).fetchone()["w"])
+    wait_until_expired(db, max(holds))
     errors: dict[str, BaseException] = {}
     with (
         psycopg.connect(db_url) as holder,
@@ -616,7 +611,7 @@ def test_the_sweep_and_the_period_roll_never_deadlock(db_url, client, db):
         ):
             threads.append(threading.Thread(target=call, args=(name, conn, sql)))
             threads[-1].start()
-            _until(lambda c=conn: _waiting_on_a_lock(db, c.info.backend_pid))
+            eventually(lambda c=conn: _waiting_on_a_lock(db, c.info.backend_pid))
         holder.commit()
         for th in threads:
             th.join(30)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 
 from meter.errors import IdempotencyConflictError, NotFoundError, ValidationError
+from tests.fix_db import wait_until_expired
 
 D = Decimal
 U = "u1"
@@ -44,14 +44,6 @@ def reservation_row(db, reservation_id):
 
 def count(db, sql, params=()):
     return db.execute(f"SELECT count(*) AS n FROM ({sql}) q", params).fetchone()["n"]
-
-
-def wait_until_expired(db, expires_at, timeout=10.0):
-    """Wait until the database clock reaches ``expires_at`` (hold expired, not swept)."""
-    deadline = time.monotonic() + timeout
-    while db.execute("SELECT now() < %s AS w", (expires_at,)).fetchone()["w"]:
-        assert time.monotonic() < deadline, "reservation did not expire in time"
-        time.sleep(0.05)
 
 
 def balance(client, user_id=U, event_type=ET, unit=UNIT, resource=None):
