@@ -22,6 +22,23 @@
 -- Migrations once applied are never edited (the runner checks their checksums), so the
 -- functions are replaced here.
 
+-- The tenant whose dead letters the caller may handle: its tenant, or NULL (every
+-- namespace) for a privileged role with none; MT004 for anyone else.
+CREATE FUNCTION meter._dead_letter_scope() RETURNS text
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_tenant text := nullif(current_setting('meter.tenant', true), '');
+BEGIN
+    IF v_tenant IS NULL AND NOT meter._is_privileged(session_user) THEN
+        RAISE EXCEPTION 'namespace: no tenant is set for role %', session_user
+            USING ERRCODE = 'MT004', COLUMN = 'namespace',
+                  HINT = 'Call meter.set_tenant(''<namespace>'') first.';
+    END IF;
+    RETURN v_tenant;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meter._dead_letter_scope() FROM PUBLIC;
+
 CREATE OR REPLACE FUNCTION meter.record_dead_letter(p_op text, p_payload jsonb,
                                                     p_error_sqlstate text, p_error_message text,
                                                     p_source text DEFAULT NULL,
@@ -31,16 +48,10 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_id bigint;
     v_namespace text := coalesce(p_namespace, '');
-    v_tenant text := nullif(current_setting('meter.tenant', true), '');
 BEGIN
     IF v_namespace = '' THEN
-        IF v_tenant IS NOT NULL THEN
-            v_namespace := v_tenant;  -- a tenant's dead letters stay in its namespace
-        ELSIF NOT meter._is_privileged(session_user) THEN
-            RAISE EXCEPTION 'namespace: no tenant is set for role %', session_user
-                USING ERRCODE = 'MT004', COLUMN = 'namespace',
-                      HINT = 'Call meter.set_tenant(''<namespace>'') first.';
-        END IF;
+        -- a tenant's dead letters stay in its namespace; '' is a privileged role's
+        v_namespace := coalesce(meter._dead_letter_scope(), '');
     ELSIF NOT meter._tenant_ok(v_namespace) THEN
         PERFORM meter._guard(v_namespace);
     END IF;
@@ -61,23 +72,6 @@ BEGIN
     RETURN v_id;
 END
 $$;
-
--- The tenant whose dead letters the caller may handle: its tenant, or NULL (every
--- namespace) for a privileged role with none; MT004 for anyone else.
-CREATE FUNCTION meter._dead_letter_scope() RETURNS text
-LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    v_tenant text := nullif(current_setting('meter.tenant', true), '');
-BEGIN
-    IF v_tenant IS NULL AND NOT meter._is_privileged(session_user) THEN
-        RAISE EXCEPTION 'namespace: no tenant is set for role %', session_user
-            USING ERRCODE = 'MT004', COLUMN = 'namespace',
-                  HINT = 'Call meter.set_tenant(''<namespace>'') first.';
-    END IF;
-    RETURN v_tenant;
-END
-$$;
-REVOKE EXECUTE ON FUNCTION meter._dead_letter_scope() FROM PUBLIC;
 
 -- Re-apply a dead letter's payload. On success it is marked 'retried'; otherwise its
 -- attempts grow and it stays 'dead'. An event that names a namespace other than the one
