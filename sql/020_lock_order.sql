@@ -47,6 +47,7 @@ DECLARE
     v_keys text[];
     v_constraint text;
     v_lock record;
+    v_locking jsonb[];
     v_actor text := nullif(current_setting('meter.actor_id', true), '');
     v_behalf text := nullif(current_setting('meter.on_behalf_of', true), '');
     v_reason text := nullif(current_setting('meter.reason', true), '');
@@ -185,26 +186,27 @@ BEGIN
         --     hold a key's lock while they wait for its account). Accounts created by the
         --     batch are new to it alone.
         IF v_slow IS NOT NULL THEN
+            -- the one-by-one events that may take locks: those of namespaces allowed here
+            SELECT array_agg(p_events->s.i) INTO v_locking FROM unnest(v_slow) s(i)
+            WHERE p_events->s.i->>'namespace' = ANY (v_allowed);
             FOR v_lock IN
                 SELECT DISTINCT n.kind_order, n.kind, n.ns, n.name,
                        hashtextextended(n.kind || chr(31) || n.ns || chr(31) || n.name, 0) AS h
                 FROM (SELECT 0 AS kind_order, 'reservation' AS kind, e->>'namespace' AS ns,
                              e->'args'->>'reservation_id' AS name
-                      FROM unnest(v_slow) s(i), LATERAL (SELECT p_events->s.i AS e) x
-                      WHERE e->>'op' = 'reserve'
+                      FROM unnest(v_locking) e WHERE e->>'op' = 'reserve'
                       UNION ALL
                       SELECT 1, 'key', e->>'namespace', e->'args'->>'idempotency_key'
-                      FROM unnest(v_slow) s(i), LATERAL (SELECT p_events->s.i AS e) x) n
-                WHERE n.ns = ANY (v_allowed) AND n.name IS NOT NULL
+                      FROM unnest(v_locking) e) n
+                WHERE n.name IS NOT NULL
                 ORDER BY n.kind_order, h
             LOOP
                 PERFORM meter._lock_key(v_lock.ns, v_lock.kind, v_lock.name);
             END LOOP;
             PERFORM 1 FROM meter.reservations r
             WHERE (r.namespace, r.reservation_id) IN (
-                SELECT e->>'namespace', e->'args'->>'reservation_id'
-                FROM unnest(v_slow) s(i), LATERAL (SELECT p_events->s.i AS e) x
-                WHERE e->>'op' IN ('commit', 'release') AND e->>'namespace' = ANY (v_allowed))
+                SELECT e->>'namespace', e->'args'->>'reservation_id' FROM unnest(v_locking) e
+                WHERE e->>'op' IN ('commit', 'release'))
             ORDER BY r.namespace, r.reservation_id
             FOR UPDATE;
             PERFORM 1 FROM meter.accounts a
@@ -219,9 +221,8 @@ BEGIN
                 SELECT r.namespace, coalesce(r.user_id, ''), r.event_type, r.resource, r.unit
                 FROM meter.reservations r
                 WHERE (r.namespace, r.reservation_id) IN (
-                    SELECT e->>'namespace', e->'args'->>'reservation_id'
-                    FROM unnest(v_slow) s(i), LATERAL (SELECT p_events->s.i AS e) x
-                    WHERE e->>'op' IN ('commit', 'release') AND e->>'namespace' = ANY (v_allowed)))
+                    SELECT e->>'namespace', e->'args'->>'reservation_id' FROM unnest(v_locking) e
+                    WHERE e->>'op' IN ('commit', 'release')))
             ORDER BY a.namespace, coalesce(a.user_id, ''), a.event_type, a.resource, a.unit
             FOR UPDATE OF a;
         END IF;
