@@ -195,9 +195,11 @@ def _configure_adapters(context: AdaptContext) -> None:
 
 
 class _PooledConnection(psycopg.Connection[Any]):
-    """A connection of a MeterClient's own pool: knows since when it has been idle."""
+    """A connection of a MeterClient's own pool: since when it has been idle, and until
+    when a client may keep it from one call to the next (see MeterClient._run_own_pool)."""
 
     idle_since: float
+    keep_until: float
 
 
 def _configure_own(conn: _PooledConnection) -> None:
@@ -300,11 +302,10 @@ class MeterClient:
         self._owns_pool = False
         self._conn_lock = threading.RLock()
         self._seen_connect_errors = 0
-        # Own pool only: the connection kept from one call to the next, when it must go
-        # back to the pool, and how many calls are under way; guarded by _keep_lock.
+        # Own pool only: the connection kept from one call to the next (it carries until
+        # when: keep_until) and how many calls are under way; guarded by _keep_lock.
         self._keep_lock = threading.Lock()
         self._kept: _PooledConnection | None = None
-        self._kept_until = 0.0
         self._busy = 0
         # Set in a forked child: the pool is the parent's (see _after_fork).
         self._pool_inherited = False
@@ -524,25 +525,19 @@ class MeterClient:
         pool = self._pool
         assert pool is not None
         conn: _PooledConnection | None = None
-        until = 0.0
         counted = ok = keep = False
         try:
             with self._keep_lock:
                 self._busy += 1
                 counted = True
-                conn, until = self._kept, self._kept_until
-                self._kept = None
-            if conn is not None and not _usable(conn):
-                pool.putconn(conn)  # the pool discards a dead connection
-                conn = None
-            if conn is None:
-                # Ends: each dead connection is discarded, and a new one is fresh.
-                while conn is None:
-                    conn = cast(_PooledConnection, self._getconn(pool))
-                    if not _usable(conn):
-                        pool.putconn(conn)  # the pool discards a dead connection
-                        conn = None
-                until = time.monotonic() + _KEEP_FOR
+                conn, self._kept = self._kept, None
+            # Ends: each dead connection is discarded, and a new one is fresh.
+            while conn is None or not _usable(conn):
+                if conn is not None:
+                    pool.putconn(conn)  # the pool discards a dead connection
+                    conn = None
+                conn = cast(_PooledConnection, self._getconn(pool))
+                conn.keep_until = time.monotonic() + _KEEP_FOR
             rows = self._run_idle(conn, query, args)
             ok = True
             return rows
@@ -563,9 +558,9 @@ class MeterClient:
                         and not self._closed
                         and conn is not None
                         and conn.pgconn.transaction_status == TransactionStatus.IDLE
-                        and now < until
+                        and now < conn.keep_until
                     ):
-                        self._kept, self._kept_until = conn, until
+                        self._kept = conn
                         keep = True
             finally:
                 if not keep and conn is not None:
