@@ -861,7 +861,8 @@ class MeterClient:
             user_id, event_type, unit, resource: the account key (``user_id=None``: pool).
 
         Returns:
-            ``{"balance", "reserved", "available": Decimal}``.
+            ``{"balance", "reserved", "available": Decimal}``; ``reserved`` counts only
+            holds not past their TTL, swept or not.
 
         Raises:
             ValidationError, MeterConnectionError, MeterError.
@@ -878,7 +879,8 @@ class MeterClient:
 
         Returns:
             The ``meter.accounts`` row as a dict (balance, reserved, totals, period
-            settings, timestamps...), or ``None``.
+            settings, timestamps...), or ``None``. ``reserved`` counts only holds not
+            past their TTL, swept or not.
 
         Raises:
             ValidationError, MeterConnectionError, MeterError.

@@ -639,6 +639,39 @@ def test_audit_filters(client, db):
     assert view(limit=2) == view()[:2]
 
 
+def test_reads_leave_out_holds_past_their_ttl_before_the_sweep(client, db, snapshot):
+    # Appendix C: a hold is expired once now() >= expires_at, swept or not. A read that
+    # still counted it said `available` 0 where a checked consume then took 10.
+    client.allocate(U, ET, D("10"), UNIT)
+    client.allocate(U, "images", D("5"), UNIT)
+    kept = client.reserve(U, ET, D("4"), UNIT, ttl_seconds=300)
+    due = client.reserve(U, ET, D("6"), UNIT, ttl_seconds=1)
+    client.reserve(U, "images", D("5"), UNIT, ttl_seconds=1)
+    wait_until_expired(db, due["expires_at"])
+    before = snapshot()
+
+    assert client.get_balance(U, ET, UNIT) == {
+        "balance": D("10"),
+        "reserved": D("4"),
+        "available": D("6"),
+    }
+    assert client.get_account(U, ET, UNIT)["reserved"] == D("4")
+    by_type = {r["event_type"]: r for r in client.get_user_balances(U)}
+    assert (by_type[ET]["reserved"], by_type[ET]["available"]) == (D("4"), D("6"))
+    assert (by_type["images"]["reserved"], by_type["images"]["available"]) == (D("0"), D("5"))
+    stats = client.get_stats()
+    assert (stats["active_reservations"], stats["total_reserved"]) == (1, D("4"))
+    # reads change nothing: the sweep still owns the transition
+    assert snapshot() == before
+
+    # what the read promised, a checked consume gets
+    assert client.consume(U, ET, D("6"), UNIT, check_balance=True)["success"] is True
+    assert client.release(kept["reservation_id"]) is True
+    assert client.release_expired_reservations() == 1
+    assert client.get_balance(U, "images", UNIT)["available"] == D("5")
+    assert client.reconcile() == []
+
+
 def test_audit_is_namespace_scoped(client, make_client):
     make_client(namespace="other").allocate(U, ET, D("1"), UNIT)
     assert client.get_audit_events() == []
