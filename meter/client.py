@@ -1005,7 +1005,9 @@ class MeterClient:
 
         Parameters:
             user_id, event_type, unit, resource: the account key (``user_id=None``: pool).
-            period_start: the first day of the current period.
+            period_start: the first day of the current period. Beat's roll-over starts
+                later periods this many intervals on, so monthly periods keep its day
+                where a month has it (from Jan 31: Feb 28, Mar 31, Apr 30).
             period_allocation: what each period grants, >= 0.
             carry_over_limit: the most that rolls into the next period, >= 0 (``None``:
                 everything carries over).

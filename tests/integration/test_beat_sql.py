@@ -179,6 +179,82 @@ def test_roll_keeps_a_next_period_opened_by_hand(client, db):
     assert roll(db) == []
 
 
+def test_monthly_periods_keep_the_day_they_were_configured_on(client, db):
+    # Jan 31 + 1 month is Feb 28; the next period starts Mar 31, not Feb 28 + 1 month.
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 1, 31), D("10"), D("0"))
+    steps = roll(db, now=datetime(2025, 6, 15, tzinfo=UTC))
+    assert [(s["closed_period_end"], s["opened_period_start"]) for s in steps] == [
+        (None, date(2025, 1, 31)),
+        (date(2025, 2, 27), date(2025, 2, 28)),
+        (date(2025, 3, 30), date(2025, 3, 31)),
+        (date(2025, 4, 29), date(2025, 4, 30)),
+        (date(2025, 5, 30), date(2025, 5, 31)),
+    ]
+    assert client.get_account("u1", ET, UNIT)["period_start"] == date(2025, 5, 31)
+    # May 31's period ends Jun 29; Jun 30's ends Jul 30 (and not Jul 29)
+    assert roll(db, now=datetime(2025, 6, 29, 23, tzinfo=UTC)) == []
+    assert [s["opened_period_start"] for s in roll(db, now=datetime(2025, 6, 30, tzinfo=UTC))] == [
+        date(2025, 6, 30)
+    ]
+    assert roll(db, now=datetime(2025, 7, 30, 23, tzinfo=UTC)) == []
+    assert [s["opened_period_start"] for s in roll(db, now=datetime(2025, 7, 31, tzinfo=UTC))] == [
+        date(2025, 7, 31)
+    ]
+    # quarterly from Nov 30: Feb 28, then May 30 (not May 28)
+    client.set_period_config("u2", ET, UNIT, None, date(2024, 11, 30), D("1"), None, "3 months")
+    steps = roll(db, now=datetime(2025, 9, 1, tzinfo=UTC))
+    assert [s["opened_period_start"] for s in steps if s["user_id"] == "u2"] == [
+        date(2024, 11, 30),
+        date(2025, 2, 28),
+        date(2025, 5, 30),
+        date(2025, 8, 30),
+    ]
+    assert client.reconcile() == []
+
+
+def next_start(db: psycopg.Connection[Any], user: str, start: date, interval: str) -> date:
+    return db.execute(
+        "SELECT meter._next_period_start(a.namespace, a.account_id, %s, %s::interval) AS d"
+        " FROM meter.accounts a WHERE a.user_id = %s",
+        (start, interval, user),
+    ).fetchone()["d"]
+
+
+@pytest.mark.parametrize(
+    ("configured", "interval", "start", "expected"),
+    [
+        (date(2025, 1, 31), "1 month", date(2025, 2, 28), date(2025, 3, 31)),
+        (date(2025, 1, 31), "1 month", date(2025, 4, 30), date(2025, 5, 31)),
+        (date(2025, 1, 30), "1 month", date(2025, 2, 28), date(2025, 3, 30)),
+        (date(2024, 2, 29), "1 year", date(2027, 2, 28), date(2028, 2, 29)),
+        # a day that no month cuts: start + interval
+        (date(2025, 1, 15), "1 month", date(2025, 2, 15), date(2025, 3, 15)),
+        # off the grid (opened by hand on another day): start + interval
+        (date(2025, 1, 31), "1 month", date(2025, 2, 15), date(2025, 3, 15)),
+        (date(2025, 1, 31), "2 months", date(2025, 4, 30), date(2025, 6, 30)),
+        # before the configured start
+        (date(2025, 5, 31), "1 month", date(2025, 2, 28), date(2025, 3, 28)),
+        # days are never cut
+        (date(2025, 1, 31), "7 days", date(2025, 2, 28), date(2025, 3, 7)),
+    ],
+)
+def test_next_period_start_follows_the_configured_grid(
+    client, db, configured, interval, start, expected
+):
+    client.set_period_config("u1", ET, UNIT, None, configured, D("1"), None, interval)
+    assert next_start(db, "u1", start, interval) == expected
+
+
+def test_next_period_start_follows_the_latest_configuration(client, db):
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 1, 31), D("1"), None)
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 2, 28), D("1"), None)
+    # re-anchored on the 28th: a slide to the 28th is what was asked for
+    assert next_start(db, "u1", date(2025, 2, 28), "1 month") == date(2025, 3, 28)
+    # an account never configured has no grid
+    client.allocate("u2", ET, D("1"), UNIT)
+    assert next_start(db, "u2", date(2025, 2, 28), "1 month") == date(2025, 3, 28)
+
+
 def test_roll_ignores_unconfigured_and_future_accounts(client, db):
     t = today(db)
     client.allocate("plain", ET, D("5"), UNIT)
