@@ -212,6 +212,60 @@ def test_monthly_periods_keep_the_day_they_were_configured_on(client, db):
     assert client.reconcile() == []
 
 
+def test_a_late_roll_closes_each_period_as_it_stood_at_its_end(client, db):
+    # Two accounts, the same configuration and the same usage (150 dated in m1). One is
+    # rolled on time, before that usage arrives; the other only today, after it.
+    t = today(db)
+    m0, m1, m2 = (month_start(t, back) for back in (2, 1, 0))
+    client.set_period_config("on_time", ET, UNIT, None, m0, D("100"), D("50"))
+    roll(db, now=first_instant(m1))
+    client.set_period_config("late", ET, UNIT, None, m0, D("100"), D("50"))
+    for user in ("on_time", "late"):
+        client.consume(user, ET, D("150"), UNIT, event_time=first_instant(m1) + timedelta(days=5))
+    roll(db)
+
+    # m0 left 100 unused (50 expire, 50 carry); m1 used all it had; m2 opens with 100.
+    for user in ("on_time", "late"):
+        assert client.get_balance(user, ET, UNIT)["balance"] == D("100"), user
+        assert [(p["period_end"], p["expired"], p["carried_over"]) for p in periods(db, user)] == [
+            (m1 - timedelta(days=1), D("50"), D("50")),
+            (m2 - timedelta(days=1), D("0"), D("0")),
+            (None, None, None),
+        ], user
+    assert ledger(db, "late") == ledger(db, "on_time")
+    assert client.reconcile() == []
+
+
+def test_a_late_roll_counts_the_holds_that_held_at_the_period_end(client, db):
+    t = today(db)
+    yesterday = t - timedelta(days=1)
+    for user in ("committed", "active"):
+        client.set_period_config(user, ET, UNIT, None, yesterday, D("10"), D("0"), "1 day")
+    roll(db, now=first_instant(yesterday) + timedelta(hours=1))
+    holds = {
+        u: client.reserve(u, ET, D("4"), UNIT)["reservation_id"] for u in ("committed", "active")
+    }
+    # made yesterday at noon, while the period ran
+    db.execute(
+        "UPDATE meter.reservations SET created_at = %s",
+        (first_instant(yesterday) + timedelta(hours=12),),
+    )
+    client.commit(holds["committed"], D("3"))  # its usage is dated today
+    roll(db)
+
+    # At the period's end 10 were there and 4 held: 6 expire in both. The usage of 3 is
+    # today's, out of today's allocation.
+    for user in ("committed", "active"):
+        assert periods(db, user)[0]["expired"] == D("6"), user
+    assert client.get_balance("committed", ET, UNIT)["balance"] == D("11")
+    assert client.get_balance("active", ET, UNIT) == {
+        "balance": D("14"),
+        "reserved": D("4"),
+        "available": D("10"),
+    }
+    assert client.reconcile() == []
+
+
 def next_start(db: psycopg.Connection[Any], user: str, start: date, interval: str) -> date:
     return db.execute(
         "SELECT meter._next_period_start(a.namespace, a.account_id, %s, %s::interval) AS d"

@@ -121,7 +121,9 @@ def test_beat_runs_every_maintenance_task(
     assert hold["granted"]
 
     def released() -> bool:
-        return client.get_balance("h", ET, UNIT)["available"] == D("50")
+        # the stored figure: reads leave out a hold past its TTL before the sweep's turn
+        account = db.execute("SELECT reserved FROM meter.accounts WHERE user_id = 'h'")
+        return account.fetchone()["reserved"] == D("0")
 
     eventually(released, timeout=20, what="the 2-second hold released by beat")
     status = db.execute(
@@ -184,6 +186,7 @@ def test_beat_runs_every_maintenance_task(
 
 def test_the_sweep_does_not_wait_behind_a_backlog_of_events(
     client: Any,
+    db: psycopg.Connection[Any],
     crash_redis: Any,
     start_worker: Callable[..., WorkerProcess],
     start_beat: Callable[..., BeatProcess],
@@ -210,7 +213,9 @@ def test_the_sweep_does_not_wait_behind_a_backlog_of_events(
     beat.wait_ready()
 
     def released() -> bool:
-        return client.get_balance("h", ET, UNIT)["available"] == D("50")
+        # the stored figure: reads leave out a hold past its TTL before the sweep's turn
+        account = db.execute("SELECT reserved FROM meter.accounts WHERE user_id = 'h'")
+        return account.fetchone()["reserved"] == D("0")
 
     eventually(released, timeout=30, what="the expired hold swept")
     assert queue.llen(wire.QUEUE) > backlog // 2, "the sweep waited for the backlog to drain"

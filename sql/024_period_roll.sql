@@ -1,23 +1,39 @@
--- Monthly periods keep the day they were configured on.
+-- The period roll: monthly periods keep their day, and a late roll closes a period as it
+-- stood at its end.
 --
--- Why: roll_periods started each period at the previous start plus the interval. A month
--- is cut short where the next month has fewer days, and the cut stuck: configured on
--- Jan 31, periods began on Feb 28, then Mar 28, Apr 28 and the 28th ever after, so every
--- period from March on began up to three days early. A billing user expects the anchor
--- to hold (Jan 31, Feb 28, Mar 31, Apr 30), as a subscription's billing day does.
+-- 1. Monthly periods keep the day they were configured on.
+--    Why: roll_periods started each period at the previous start plus the interval. A
+--    month is cut short where the next month has fewer days, and the cut stuck: configured
+--    on Jan 31, periods began on Feb 28, then Mar 28, Apr 28 and the 28th ever after, so
+--    every period from March on began up to three days early. A billing user expects the
+--    anchor to hold (Jan 31, Feb 28, Mar 31, Apr 30), as a subscription's billing day does.
+--    Now the next start is the account's latest configured start (the anchor, in
+--    meter.period_config_changes) plus a whole number of intervals, not the previous start
+--    plus one. Only a start on the last day of its month can differ, so only such a start
+--    looks the configuration up (by the new index). A current period off that grid (opened
+--    by hand on another day) is followed, as before, by its start plus the interval. Day
+--    intervals never cut. An account that already slid (to Mar 28, say) is off the grid
+--    and keeps its day: the migration moves no one's billing day.
 --
--- Now the next start is computed from the account's latest configuration (its
--- period_start, the anchor, in meter.period_config_changes) plus a whole number of
--- intervals, not from the previous period. Only a start on the last day of its month can
--- differ, so only such a start looks the configuration up (by the new index). A current
--- period that is off that grid, because it was opened by hand on another day, is followed
--- as before by its start plus the interval. Day intervals never cut, so they are unchanged.
+-- 2. A roll that comes late closes each period as it stood at its end (found by an audit,
+--    reproduced).
+--    Why: close_period expires what is available now. Rolled on time, now is the period's
+--    end. But a roll that catches up (beat was down) closed each missed period with the
+--    balance of today, later periods' usage included: with 100 a month, carry-over limit
+--    50, 100 unused in September and 150 used in October, the on-time roll ends November
+--    at 100 and the late one at 150, 50 units that no period granted.
+--    Now roll_periods closes through meter._close_period with p_as_of_end, which takes
+--    what was available at the period's last instant by the ledger's event times: the
+--    balance less what is dated after the end, less the holds made by the end that still
+--    held then (active now, or committed after it). Rolled on time this is the figure of
+--    before, but for a hold released or expired between the end and the roll, whose
+--    amount is available (as before, when the release came first). A call of close_period
+--    is unchanged: SPEC 3.4 has it expire what is available now.
 --
--- Accounts configured before this migration follow the grid from their next period on;
--- one that already slid (to Mar 28, say) is off the grid and keeps its day: the
--- migration does not move anyone's billing day.
--- Migrations once applied are never edited, so roll_periods is replaced whole; only the
--- two places that compute the next start changed (and a comment on its candidate filter).
+-- Migrations once applied are never edited, so close_period and roll_periods are replaced
+-- whole: close_period's body moved to meter._close_period (only the block under
+-- p_as_of_end is new), and roll_periods changed where it computes the next start and
+-- where it closes.
 
 CREATE INDEX period_config_changes_account
     ON meter.period_config_changes (namespace, account_id, change_id);
@@ -57,6 +73,138 @@ BEGIN
 END
 $$;
 REVOKE EXECUTE ON FUNCTION meter._next_period_start(text, bigint, date, interval) FROM PUBLIC;
+
+-- close_period's body, with one choice: what is available. p_as_of_end false (a call of
+-- close_period): what is available now, as SPEC 3.4 says. True (roll_periods): what was
+-- available at the period's end. Locks: as close_period (holds past their TTL with SKIP
+-- LOCKED, then the account).
+CREATE FUNCTION meter._close_period(p_user_id text, p_event_type text, p_unit text,
+                                    p_resource text, p_period_end date, p_namespace text,
+                                    p_as_of_end boolean)
+RETURNS TABLE (expired numeric, carried_over numeric, new_balance numeric)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_resource text := meter._resource(p_resource);
+    v_time timestamptz;
+    v_acc meter.accounts;
+    v_period meter.periods;
+    v_available numeric;
+    v_at_end numeric;
+    v_held numeric;
+    v_carry numeric := 0;
+    v_expired numeric := 0;
+    v_balance numeric;
+    v_post record;
+BEGIN
+    PERFORM meter._guard(p_namespace);
+    PERFORM meter._ident('user_id', p_user_id, 256, true),
+            meter._ident('event_type', p_event_type, 256),
+            meter._ident('unit', p_unit, 64);
+    IF p_period_end IS NULL OR NOT isfinite(p_period_end) THEN
+        PERFORM meter._fail('MT001', 'period_end', 'is required (a finite date)');
+    END IF;
+    v_time := meter._ledger_time('period_end',
+        (p_period_end + 1)::timestamp AT TIME ZONE 'UTC' - interval '1 microsecond');
+
+    v_acc := meter._lock_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
+    IF v_acc.account_id IS NULL THEN
+        PERFORM meter._fail('MT003', 'user_id',
+            format('no account (%s, %s, %s, %s) in namespace %s',
+                   coalesce(p_user_id, 'pool'), p_event_type, v_resource, p_unit, p_namespace));
+    END IF;
+
+    SELECT * INTO v_period FROM meter.periods p
+    WHERE p.namespace = p_namespace AND p.account_id = v_acc.account_id
+      AND p.period_end = p_period_end;
+    IF FOUND THEN
+        expired := v_period.expired;
+        carried_over := v_period.carried_over;
+        new_balance := v_period.close_balance;
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    -- Holds past their TTL reserve nothing any more: expire them (SKIP LOCKED, so taking
+    -- them after the account waits on nothing), or their amount would survive the close.
+    IF meter._expire_due(p_namespace, p_user_id, p_event_type, v_resource, p_unit, NULL) THEN
+        v_acc := meter._lock_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
+    END IF;
+
+    v_available := v_acc.balance - v_acc.reserved;
+    IF p_as_of_end THEN
+        -- What the period left unused at its end, by the ledger's event times: the balance
+        -- without what is dated after the end (the later periods' allocations and usage),
+        -- less the holds made by the end that still held then: those active now, and
+        -- those committed after the end (their usage is dated after it).
+        SELECT v_acc.balance - coalesce(sum(l.amount), 0),
+               coalesce(sum(r.amount) FILTER (WHERE r.created_at <= v_time
+                                                AND r.expires_at > v_time), 0)
+        INTO v_at_end, v_held
+        FROM meter.ledger l
+        LEFT JOIN meter.reservations r
+               ON r.namespace = l.namespace AND r.reservation_id = l.reservation_id
+        WHERE l.namespace = p_namespace AND l.account_id = v_acc.account_id
+          AND l.event_time > v_time;
+        v_held := v_held + (SELECT coalesce(sum(r.amount), 0) FROM meter.reservations r
+                            WHERE r.namespace = p_namespace
+                              AND r.account_id = v_acc.account_id AND r.status = 'active'
+                              AND r.created_at <= v_time AND r.expires_at > v_time);
+        v_available := v_at_end - v_held;
+    END IF;
+    v_balance := v_acc.balance;
+    IF v_available > 0 THEN
+        v_carry := CASE WHEN v_acc.carry_over_limit IS NULL THEN v_available
+                        ELSE least(v_available, v_acc.carry_over_limit) END;
+        v_post := meter._post(p_namespace, v_acc.account_id, 'expiration', -v_available,
+                              v_time, NULL, jsonb_build_object('period_end', p_period_end));
+        v_balance := v_post.balance;
+        IF v_carry > 0 THEN
+            v_post := meter._post(p_namespace, v_acc.account_id, 'carry_over', v_carry,
+                                  v_time, NULL, jsonb_build_object('period_end', p_period_end));
+            v_balance := v_post.balance;
+        END IF;
+        v_expired := v_available - v_carry;
+    END IF;
+    expired := v_expired;
+    carried_over := v_carry;
+    new_balance := v_balance;
+
+    -- Record the close on the period it ends (the latest open one starting on or before
+    -- p_period_end), or on a new row when no open was recorded.
+    UPDATE meter.periods p
+    SET period_end = p_period_end, expired = v_expired, carried_over = v_carry,
+        close_balance = v_balance, closed_at = now(), closed_actor = meter._actor()
+    WHERE p.namespace = p_namespace AND p.period_id = (
+        SELECT q.period_id FROM meter.periods q
+        WHERE q.namespace = p_namespace AND q.account_id = v_acc.account_id
+          AND q.period_end IS NULL AND q.period_start <= p_period_end
+        ORDER BY q.period_start DESC LIMIT 1);
+    IF NOT FOUND THEN
+        INSERT INTO meter.periods
+            (namespace, account_id, user_id, event_type, resource, unit, period_end, expired,
+             carried_over, close_balance, closed_at, closed_actor)
+        VALUES (p_namespace, v_acc.account_id, p_user_id, p_event_type, v_resource, p_unit,
+                p_period_end, v_expired, v_carry, v_balance, now(),
+                meter._actor());
+    END IF;
+    RETURN NEXT;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meter._close_period(text, text, text, text, date, text, boolean)
+    FROM PUBLIC;
+
+-- Close a billing period (SPEC 3.4): expire what is available above the carry-over limit,
+-- carry the rest. Unchanged; the body moved to meter._close_period.
+CREATE OR REPLACE FUNCTION meter.close_period(p_user_id text, p_event_type text, p_unit text,
+                                   p_resource text, p_period_end date,
+                                   p_namespace text DEFAULT 'default')
+RETURNS TABLE (expired numeric, carried_over numeric, new_balance numeric)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY SELECT * FROM meter._close_period(p_user_id, p_event_type, p_unit,
+                                                   p_resource, p_period_end, p_namespace,
+                                                   false);
+END
+$$;
 
 CREATE OR REPLACE FUNCTION meter.roll_periods(p_namespace text DEFAULT NULL,
                                    p_now timestamptz DEFAULT now(),
@@ -167,8 +315,9 @@ BEGIN
                         v_done := true;
                     ELSE
                         SELECT * INTO v_close
-                        FROM meter.close_period(v_acc.user_id, v_acc.event_type, v_acc.unit,
-                                                v_acc.resource, v_next - 1, v_acc.namespace);
+                        FROM meter._close_period(v_acc.user_id, v_acc.event_type,
+                                                 v_acc.unit, v_acc.resource, v_next - 1,
+                                                 v_acc.namespace, true);
                         closed_period_end := v_next - 1;
                         expired := v_close.expired;
                         carried_over := v_close.carried_over;
