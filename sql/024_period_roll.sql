@@ -1,5 +1,5 @@
--- The period roll: monthly periods keep their day, and a late roll closes a period as it
--- stood at its end.
+-- The period roll: monthly periods keep their day, a late roll closes each period as it
+-- stood at its end, and a roll through recorded periods only replays them.
 --
 -- 1. Monthly periods keep the day they were configured on.
 --    Why: roll_periods started each period at the previous start plus the interval. A
@@ -7,80 +7,111 @@
 --    on Jan 31, periods began on Feb 28, then Mar 28, Apr 28 and the 28th ever after, so
 --    every period from March on began up to three days early. A billing user expects the
 --    anchor to hold (Jan 31, Feb 28, Mar 31, Apr 30), as a subscription's billing day does.
---    Now the next start is the account's latest configured start (the anchor, in
---    meter.period_config_changes) plus a whole number of intervals, not the previous start
---    plus one. Only a start on the last day of its month can differ, so only such a start
---    looks the configuration up (by the new index). A current period off that grid (opened
---    by hand on another day) is followed, as before, by its start plus the interval. Day
---    intervals never cut. An account that already slid (to Mar 28, say) is off the grid
---    and keeps its day: the migration moves no one's billing day.
+--    Now meter._next_period_start gives the account's latest configured start (the anchor,
+--    in meter.period_config_changes) plus a whole number of intervals. Only a start on the
+--    last day of its month can differ from start + interval, so only such a start looks
+--    the configuration up (by the new index). A period off that grid (opened by hand on
+--    another day) is followed, as before, by its start plus the interval. Day intervals
+--    never cut.
 --
--- 2. A roll that comes late closes each period as it stood at its end (found by an audit,
---    reproduced).
+-- 2. What is recorded wins (found by review, reproduced). A configuration re-applied with
+--    an earlier start makes the roll walk through recorded periods again. Where its rule
+--    for the next start differs from the one that made them (the old slide to the 28th, a
+--    new interval, periods opened or closed by hand), it closed and opened periods on top
+--    of them: 200 units granted twice. A period that was closed now ends where it was
+--    closed, and a later period already opened before the computed start is the next one;
+--    the walk only replays them. An account that slid under the old rule keeps its day:
+--    the migration moves no one's billing day.
+--
+-- 3. A roll closes each period as it stood at its end (found by an audit, reproduced).
 --    Why: close_period expires what is available now. Rolled on time, now is the period's
 --    end. But a roll that catches up (beat was down) closed each missed period with the
 --    balance of today, later periods' usage included: with 100 a month, carry-over limit
 --    50, 100 unused in September and 150 used in October, the on-time roll ends November
 --    at 100 and the late one at 150, 50 units that no period granted.
---    Now roll_periods closes through meter._close_period with p_as_of_end, which takes
---    what was available at the period's last instant by the ledger's event times: the
---    balance less what is dated after the end, less the holds made by the end that still
---    held then (active now, or committed after it). Rolled on time this is the figure of
---    before, but for a hold released or expired between the end and the roll, whose
---    amount is available (as before, when the release came first). A call of close_period
---    is unchanged: SPEC 3.4 has it expire what is available now.
+--    Now roll_periods closes through meter._close_period with p_later, the sum of the
+--    ledger dated after the period's end: what was available is the balance less that,
+--    less what the holds made by the end still held at it (not past their TTL, not yet
+--    committed, released or expired; found by the new index). A catch-up sums each ledger
+--    row once, not once per period. A call of close_period is unchanged: SPEC 3.4 has it
+--    expire what is available now.
+--
+-- 4. The roll's candidates are exact: an account whose period has not ended is not locked
+--    (review: from Sep 30, start + 1 month is Oct 30 but the period runs to Oct 30, and
+--    every roll on that day locked each such account in a subtransaction of its own).
 --
 -- Migrations once applied are never edited, so close_period and roll_periods are replaced
--- whole: close_period's body moved to meter._close_period (only the block under
--- p_as_of_end is new), and roll_periods changed where it computes the next start and
--- where it closes.
+-- whole: close_period's body moved to meter._close_period (only the block under p_later
+-- is new); roll_periods changed in its candidate filter, where it computes the next start
+-- and where it closes.
 
 CREATE INDEX period_config_changes_account
     ON meter.period_config_changes (namespace, account_id, change_id);
+-- The holds an account had at a period's end (meter._close_period). By account_id (an
+-- identity, unique across namespaces) rather than namespace first: a plan cached while the
+-- table was empty took a (namespace, ...) index for commit's look-up by primary key, and
+-- commit then read every hold of the namespace (reserve + commit at half speed).
+CREATE INDEX reservations_account_created ON meter.reservations (account_id, created_at);
 
 -- The first day of the period after the one starting p_start, for an account whose
 -- periods last p_interval (whole days or whole months, meter._period_interval).
+-- What is recorded wins: a period that was closed ends where it was closed, and a later
+-- period already opened before the computed start is the next one, so a roll that walks
+-- through recorded periods again (a configuration re-applied with an earlier start) only
+-- replays them. Otherwise the grid of the latest configuration.
 CREATE FUNCTION meter._next_period_start(p_namespace text, p_account_id bigint,
                                          p_start date, p_interval interval)
 RETURNS date
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    v_naive date := (p_start + p_interval)::date;
+    v_next date := (p_start + p_interval)::date;
     v_step integer := (extract(year FROM p_interval) * 12 + extract(month FROM p_interval))::integer;
+    v_recorded date;
     v_anchor date;
     v_interval interval;
     v_months integer;
 BEGIN
+    SELECT p.period_end + 1 INTO v_recorded FROM meter.periods p
+    WHERE p.namespace = p_namespace AND p.account_id = p_account_id
+      AND p.period_start = p_start AND p.period_end IS NOT NULL;
+    IF v_recorded IS NOT NULL THEN
+        RETURN v_recorded;
+    END IF;
     -- Adding months cuts a day only past a shorter month's end, so a start that is not the
     -- last day of its month was not cut, and start + interval is on the grid already.
-    IF v_step = 0 OR p_start <> (date_trunc('month', p_start) + interval '1 month - 1 day')::date THEN
-        RETURN v_naive;
+    IF v_step > 0 AND p_start = (date_trunc('month', p_start) + interval '1 month - 1 day')::date THEN
+        SELECT c.period_start, c.period_interval INTO v_anchor, v_interval
+        FROM meter.period_config_changes c
+        WHERE c.namespace = p_namespace AND c.account_id = p_account_id
+        ORDER BY c.change_id DESC LIMIT 1;
+        -- an anchor whose day fits in p_start's month was not cut
+        IF v_anchor IS NOT NULL AND v_interval::text = p_interval::text AND v_anchor <= p_start
+           AND extract(day FROM v_anchor) > extract(day FROM p_start) THEN
+            v_months := (extract(year FROM p_start) * 12 + extract(month FROM p_start))::integer
+                        - (extract(year FROM v_anchor) * 12 + extract(month FROM v_anchor))::integer;
+            -- on the grid (not a period opened by hand on another day)
+            IF v_months % v_step = 0
+               AND (v_anchor + make_interval(months => v_months))::date = p_start THEN
+                v_next := (v_anchor + make_interval(months => v_months + v_step))::date;
+            END IF;
+        END IF;
     END IF;
-    SELECT c.period_start, c.period_interval INTO v_anchor, v_interval
-    FROM meter.period_config_changes c
-    WHERE c.namespace = p_namespace AND c.account_id = p_account_id
-    ORDER BY c.change_id DESC LIMIT 1;
-    IF v_anchor IS NULL OR v_interval::text <> p_interval::text OR v_anchor > p_start
-       OR extract(day FROM v_anchor) <= extract(day FROM p_start) THEN
-        RETURN v_naive;  -- no anchor, or one whose day fits: nothing was cut
-    END IF;
-    v_months := (extract(year FROM p_start) * 12 + extract(month FROM p_start))::integer
-                - (extract(year FROM v_anchor) * 12 + extract(month FROM v_anchor))::integer;
-    IF v_months % v_step <> 0 OR (v_anchor + make_interval(months => v_months))::date <> p_start THEN
-        RETURN v_naive;  -- off the grid: opened by hand on another day
-    END IF;
-    RETURN (v_anchor + make_interval(months => v_months + v_step))::date;
+    SELECT coalesce(min(p.period_start), v_next) INTO v_next FROM meter.periods p
+    WHERE p.namespace = p_namespace AND p.account_id = p_account_id
+      AND p.period_start > p_start AND p.period_start < v_next AND p.opened_at IS NOT NULL;
+    RETURN v_next;
 END
 $$;
 REVOKE EXECUTE ON FUNCTION meter._next_period_start(text, bigint, date, interval) FROM PUBLIC;
 
--- close_period's body, with one choice: what is available. p_as_of_end false (a call of
--- close_period): what is available now, as SPEC 3.4 says. True (roll_periods): what was
--- available at the period's end. Locks: as close_period (holds past their TTL with SKIP
--- LOCKED, then the account).
+-- close_period's body, with one choice: what is available. p_later NULL (a call of
+-- close_period): what is available now, as SPEC 3.4 says. Otherwise (roll_periods): what
+-- was available at the period's end, p_later being the sum of the account's ledger amounts
+-- dated after that end. Locks: as close_period (holds past their TTL with SKIP LOCKED,
+-- then the account).
 CREATE FUNCTION meter._close_period(p_user_id text, p_event_type text, p_unit text,
                                     p_resource text, p_period_end date, p_namespace text,
-                                    p_as_of_end boolean)
+                                    p_later numeric)
 RETURNS TABLE (expired numeric, carried_over numeric, new_balance numeric)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -89,8 +120,6 @@ DECLARE
     v_acc meter.accounts;
     v_period meter.periods;
     v_available numeric;
-    v_at_end numeric;
-    v_held numeric;
     v_carry numeric := 0;
     v_expired numeric := 0;
     v_balance numeric;
@@ -130,25 +159,16 @@ BEGIN
     END IF;
 
     v_available := v_acc.balance - v_acc.reserved;
-    IF p_as_of_end THEN
+    IF p_later IS NOT NULL THEN
         -- What the period left unused at its end, by the ledger's event times: the balance
-        -- without what is dated after the end (the later periods' allocations and usage),
-        -- less the holds made by the end that still held then: those active now, and
-        -- those committed after the end (their usage is dated after it).
-        SELECT v_acc.balance - coalesce(sum(l.amount), 0),
-               coalesce(sum(r.amount) FILTER (WHERE r.created_at <= v_time
-                                                AND r.expires_at > v_time), 0)
-        INTO v_at_end, v_held
-        FROM meter.ledger l
-        LEFT JOIN meter.reservations r
-               ON r.namespace = l.namespace AND r.reservation_id = l.reservation_id
-        WHERE l.namespace = p_namespace AND l.account_id = v_acc.account_id
-          AND l.event_time > v_time;
-        v_held := v_held + (SELECT coalesce(sum(r.amount), 0) FROM meter.reservations r
-                            WHERE r.namespace = p_namespace
-                              AND r.account_id = v_acc.account_id AND r.status = 'active'
-                              AND r.created_at <= v_time AND r.expires_at > v_time);
-        v_available := v_at_end - v_held;
+        -- without what is dated after the end (p_later, the caller's sum), less what the
+        -- holds made by then still held at the end: not past their TTL, and not committed,
+        -- released or expired yet (a TTL is at most a day, hence the bound on created_at).
+        SELECT v_acc.balance - p_later - coalesce(sum(r.amount), 0) INTO v_available
+        FROM meter.reservations r
+        WHERE r.namespace = p_namespace AND r.account_id = v_acc.account_id
+          AND r.created_at > v_time - interval '1 day' AND r.created_at <= v_time
+          AND r.expires_at > v_time AND (r.completed_at IS NULL OR r.completed_at > v_time);
     END IF;
     v_balance := v_acc.balance;
     IF v_available > 0 THEN
@@ -189,7 +209,7 @@ BEGIN
     RETURN NEXT;
 END
 $$;
-REVOKE EXECUTE ON FUNCTION meter._close_period(text, text, text, text, date, text, boolean)
+REVOKE EXECUTE ON FUNCTION meter._close_period(text, text, text, text, date, text, numeric)
     FROM PUBLIC;
 
 -- Close a billing period (SPEC 3.4): expire what is available above the carry-over limit,
@@ -202,7 +222,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     RETURN QUERY SELECT * FROM meter._close_period(p_user_id, p_event_type, p_unit,
                                                    p_resource, p_period_end, p_namespace,
-                                                   false);
+                                                   NULL);
 END
 $$;
 
@@ -225,6 +245,10 @@ DECLARE
     v_close record;
     v_prior meter.periods;
     v_done boolean;
+    v_later numeric;
+    v_end timestamptz;
+    v_close_end timestamptz;
+    v_posted numeric;
     v_actor text := current_setting('meter.actor_id', true);
 BEGIN
     IF p_namespace IS NULL THEN
@@ -250,16 +274,26 @@ BEGIN
         FROM meter.accounts a
         WHERE a.period_allocation IS NOT NULL AND a.period_interval IS NOT NULL
           AND a.period_start <= v_today AND (p_namespace IS NULL OR a.namespace = p_namespace)
-          -- start + interval is never later than the next start on the grid: a superset,
-          -- and the step below finds the rest not due
-          AND ((a.period_start + a.period_interval)::date <= v_today
-               OR NOT EXISTS (SELECT 1 FROM meter.periods p
-                              WHERE p.namespace = a.namespace AND p.account_id = a.account_id
-                                AND p.period_start = a.period_start
-                                AND p.opened_at IS NOT NULL))
+          AND (NOT EXISTS (SELECT 1 FROM meter.periods p
+                           WHERE p.namespace = a.namespace AND p.account_id = a.account_id
+                             AND p.period_start = a.period_start
+                             AND p.opened_at IS NOT NULL)
+               -- the next start is start + interval or later, but for recorded periods
+               -- (the current one closed, or a later one opened); only those accounts
+               -- need the exact (plpgsql) figure, and no account is locked unless due
+               OR (((a.period_start + a.period_interval)::date <= v_today
+                    OR EXISTS (SELECT 1 FROM meter.periods p
+                               WHERE p.namespace = a.namespace
+                                 AND p.account_id = a.account_id
+                                 AND p.period_start >= a.period_start
+                                 AND (p.period_start > a.period_start
+                                      OR p.period_end IS NOT NULL)))
+                   AND meter._next_period_start(a.namespace, a.account_id, a.period_start,
+                                                a.period_interval) <= v_today))
         ORDER BY a.namespace, coalesce(a.user_id, ''), a.event_type, a.resource, a.unit
     LOOP
         EXIT WHEN v_steps >= p_batch_size;
+        v_later := NULL;
         LOOP
             EXIT WHEN v_steps >= p_batch_size;
             v_done := false;
@@ -314,10 +348,34 @@ BEGIN
                     IF v_next > v_today THEN
                         v_done := true;
                     ELSE
+                        -- The sum of the ledger dated after this period's end. Summed in
+                        -- full once per account and call; for each later step, less the
+                        -- rows dated between the two ends, but for the allocation the last
+                        -- step posted there. So a catch-up reads each row once, not once
+                        -- per period. Only this call writes the account's rows meanwhile
+                        -- (it holds the account), and its close rows are dated at an end,
+                        -- never after it.
+                        v_close_end := v_next::timestamp AT TIME ZONE 'UTC'
+                                       - interval '1 microsecond';
+                        IF v_later IS NULL THEN
+                            SELECT coalesce(sum(l.amount), 0) INTO v_later FROM meter.ledger l
+                            WHERE l.namespace = v_acc.namespace
+                              AND l.account_id = v_acc.account_id
+                              AND l.event_time > v_close_end;
+                        ELSE
+                            v_later := v_later + v_posted
+                                - (SELECT coalesce(sum(l.amount), 0) FROM meter.ledger l
+                                   WHERE l.namespace = v_acc.namespace
+                                     AND l.account_id = v_acc.account_id
+                                     AND l.event_time > v_end
+                                     AND l.event_time <= v_close_end);
+                        END IF;
+                        v_end := v_close_end;
+                        v_posted := 0;
                         SELECT * INTO v_close
                         FROM meter._close_period(v_acc.user_id, v_acc.event_type,
                                                  v_acc.unit, v_acc.resource, v_next - 1,
-                                                 v_acc.namespace, true);
+                                                 v_acc.namespace, v_later);
                         closed_period_end := v_next - 1;
                         expired := v_close.expired;
                         carried_over := v_close.carried_over;
@@ -339,6 +397,7 @@ BEGIN
                             balance := meter.open_period(v_acc.user_id, v_acc.event_type,
                                                          v_acc.unit, v_acc.resource, v_next,
                                                          NULL, v_acc.namespace);
+                            v_posted := v_acc.period_allocation;  -- dated at v_next
                         END IF;
                     END IF;
                 END IF;

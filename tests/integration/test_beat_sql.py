@@ -239,30 +239,123 @@ def test_a_late_roll_closes_each_period_as_it_stood_at_its_end(client, db):
 def test_a_late_roll_counts_the_holds_that_held_at_the_period_end(client, db):
     t = today(db)
     yesterday = t - timedelta(days=1)
-    for user in ("committed", "active"):
+    users = ("committed", "committed_0", "released", "active")
+    for user in users:
         client.set_period_config(user, ET, UNIT, None, yesterday, D("10"), D("0"), "1 day")
     roll(db, now=first_instant(yesterday) + timedelta(hours=1))
-    holds = {
-        u: client.reserve(u, ET, D("4"), UNIT)["reservation_id"] for u in ("committed", "active")
-    }
+    holds = {u: client.reserve(u, ET, D("4"), UNIT)["reservation_id"] for u in users}
     # made yesterday at noon, while the period ran
     db.execute(
         "UPDATE meter.reservations SET created_at = %s",
         (first_instant(yesterday) + timedelta(hours=12),),
     )
-    client.commit(holds["committed"], D("3"))  # its usage is dated today
+    # settled today, after the period's end: the usage of 3 is dated today
+    client.commit(holds["committed"], D("3"))
+    client.commit(holds["committed_0"], D("0"))
+    client.release(holds["released"])
     roll(db)
 
-    # At the period's end 10 were there and 4 held: 6 expire in both. The usage of 3 is
-    # today's, out of today's allocation.
-    for user in ("committed", "active"):
+    # At the period's end 10 were there and 4 held, however each hold ended later: 6
+    # expire, and today's allocation of 10 comes on top of the 4.
+    for user in users:
         assert periods(db, user)[0]["expired"] == D("6"), user
     assert client.get_balance("committed", ET, UNIT)["balance"] == D("11")
+    for user in ("committed_0", "released"):
+        assert client.get_balance(user, ET, UNIT)["balance"] == D("14"), user
     assert client.get_balance("active", ET, UNIT) == {
         "balance": D("14"),
         "reserved": D("4"),
         "available": D("10"),
     }
+    assert client.reconcile() == []
+
+
+def test_a_late_roll_reads_the_ledger_after_each_end_once(client, db, make_client):
+    # Daily periods caught up over 40 days in four calls, usage on each day: every close
+    # sees only what is dated after its own end, as if each had been rolled on its day
+    # (the same account in another namespace, rolled before each day's usage).
+    t = today(db)
+    first = t - timedelta(days=40)
+    on_time = make_client(namespace="on_time")
+    for c in (client, on_time):
+        c.set_period_config("daily", ET, UNIT, None, first, D("10"), D("2"), "1 day")
+    for back in range(40, 0, -1):
+        day = t - timedelta(days=back)
+        used = D(back % 7 + 1)
+        client.consume("daily", ET, used, UNIT, event_time=first_instant(day) + timedelta(hours=9))
+        db.execute("SELECT * FROM meter.roll_periods('on_time', %s)", (first_instant(day),))
+        on_time.consume("daily", ET, used, UNIT, event_time=first_instant(day) + timedelta(hours=9))
+    db.execute("SELECT * FROM meter.roll_periods('on_time')")
+    for _ in range(4):
+        db.execute("SELECT * FROM meter.roll_periods('default', now(), 11)")
+
+    def history(namespace: str) -> list[tuple[Any, ...]]:
+        rows = db.execute(
+            "SELECT period_start, period_end, expired, carried_over FROM meter.periods"
+            " WHERE namespace = %s ORDER BY period_start",
+            (namespace,),
+        ).fetchall()
+        return [tuple(r.values()) for r in rows]
+
+    assert len(history("default")) == 41
+    assert history("default") == history("on_time")
+    assert client.get_balance("daily", ET, UNIT) == on_time.get_balance("daily", ET, UNIT)
+    assert client.reconcile() == [] and on_time.reconcile() == []
+
+
+def test_a_roll_locks_no_account_whose_period_has_not_ended(client, db, db_url):
+    # From Sep 30, start + 1 month is Oct 30 but the period ends on Oct 30 (next: Oct 31).
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 1, 31), D("1"), None)
+    assert roll(db, now=datetime(2025, 10, 1, tzinfo=UTC))[-1]["opened_period_start"] == date(
+        2025, 9, 30
+    )
+    with psycopg.connect(db_url) as other:
+        other.execute("SELECT 1 FROM meter.accounts WHERE user_id = 'u1' FOR UPDATE")
+        db.execute("SET lock_timeout = '2s'")
+        try:
+            assert roll(db, now=datetime(2025, 10, 30, 12, tzinfo=UTC)) == []
+        finally:
+            db.execute("RESET lock_timeout")
+    assert [s["opened_period_start"] for s in roll(db, now=datetime(2025, 10, 31, tzinfo=UTC))] == [
+        date(2025, 10, 31)
+    ]
+
+
+def test_a_roll_through_recorded_periods_replays_them(client, db):
+    # History made by another rule (the old roll slid to the 28th; here by hand), then the
+    # configuration re-applied with its first start: the roll walks the recorded periods
+    # again and must only replay them, not close Mar 30 and open Mar 31 on top.
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 1, 31), D("100"), None)
+    client.open_period("u1", ET, UNIT, None, date(2025, 1, 31))
+    for end, start in (
+        (date(2025, 2, 27), date(2025, 2, 28)),
+        (date(2025, 3, 27), date(2025, 3, 28)),
+    ):
+        client.close_period("u1", ET, UNIT, None, end)
+        client.open_period("u1", ET, UNIT, None, start)
+    before = ledger(db, "u1")
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 1, 31), D("100"), None)
+    steps = roll(db, now=datetime(2025, 4, 15, tzinfo=UTC))
+    assert [(s["closed_period_end"], s["opened_period_start"]) for s in steps] == [
+        (date(2025, 2, 27), date(2025, 2, 28)),
+        (date(2025, 3, 27), date(2025, 3, 28)),
+    ]
+    assert ledger(db, "u1") == before
+    assert client.get_balance("u1", ET, UNIT)["balance"] == D("300")
+    # off the grid now (the 28th): start + interval, as before
+    assert [s["opened_period_start"] for s in roll(db, now=datetime(2025, 4, 28, tzinfo=UTC))] == [
+        date(2025, 4, 28)
+    ]
+    # a new interval re-applied from the first start replays history the same way
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 1, 31), D("100"), None, "14 days")
+    before = ledger(db, "u1")
+    assert roll(db, now=datetime(2025, 5, 5, tzinfo=UTC))[-1]["opened_period_start"] == date(
+        2025, 4, 28
+    )
+    assert ledger(db, "u1") == before
+    assert [s["opened_period_start"] for s in roll(db, now=datetime(2025, 5, 12, tzinfo=UTC))] == [
+        date(2025, 5, 12)
+    ]
     assert client.reconcile() == []
 
 
