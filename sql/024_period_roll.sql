@@ -32,8 +32,9 @@
 --    Now roll_periods closes through meter._close_period with p_later, the sum of the
 --    ledger dated after the period's end: what was available is the balance less that,
 --    less what the holds made by the end still held at it (not past their TTL, not yet
---    committed, released or expired; found by the new index). A catch-up sums each ledger
---    row once, not once per period. A call of close_period is unchanged: SPEC 3.4 has it
+--    committed, released or expired; found by the new index). The period's close_balance
+--    is recorded as it stood at the end, after the close. A catch-up sums each ledger row
+--    once, not once per period. A call of close_period is unchanged: SPEC 3.4 has it
 --    expire what is available now.
 --
 -- 4. The roll's candidates are exact: an account whose period has not ended is not locked
@@ -183,6 +184,9 @@ BEGIN
             v_balance := v_post.balance;
         END IF;
         v_expired := v_available - v_carry;
+    END IF;
+    IF p_later IS NOT NULL THEN
+        v_balance := v_balance - p_later;  -- recorded as it stood at the end, after the close
     END IF;
     expired := v_expired;
     carried_over := v_carry;

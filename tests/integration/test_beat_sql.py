@@ -227,10 +227,13 @@ def test_a_late_roll_closes_each_period_as_it_stood_at_its_end(client, db):
     # m0 left 100 unused (50 expire, 50 carry); m1 used all it had; m2 opens with 100.
     for user in ("on_time", "late"):
         assert client.get_balance(user, ET, UNIT)["balance"] == D("100"), user
-        assert [(p["period_end"], p["expired"], p["carried_over"]) for p in periods(db, user)] == [
-            (m1 - timedelta(days=1), D("50"), D("50")),
-            (m2 - timedelta(days=1), D("0"), D("0")),
-            (None, None, None),
+        assert [
+            (p["period_end"], p["expired"], p["carried_over"], p["close_balance"])
+            for p in periods(db, user)
+        ] == [
+            (m1 - timedelta(days=1), D("50"), D("50"), D("50")),
+            (m2 - timedelta(days=1), D("0"), D("0"), D("0")),
+            (None, None, None, None),
         ], user
     assert ledger(db, "late") == ledger(db, "on_time")
     assert client.reconcile() == []
@@ -291,7 +294,8 @@ def test_a_late_roll_reads_the_ledger_after_each_end_once(client, db, make_clien
 
     def history(namespace: str) -> list[tuple[Any, ...]]:
         rows = db.execute(
-            "SELECT period_start, period_end, expired, carried_over FROM meter.periods"
+            "SELECT period_start, period_end, expired, carried_over, close_balance"
+            " FROM meter.periods"
             " WHERE namespace = %s ORDER BY period_start",
             (namespace,),
         ).fetchall()
