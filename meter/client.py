@@ -1007,12 +1007,15 @@ class MeterClient:
             user_id, event_type, unit, resource: the account key (``user_id=None``: pool).
             period_start: the first day of the current period. Beat's roll-over starts
                 later periods this many intervals on, so monthly periods keep its day
-                where a month has it (from Jan 31: Feb 28, Mar 31, Apr 30).
+                where a month has it (from Jan 31: Feb 28, Mar 31, Apr 30); restating
+                the current start (Apr 30) keeps that day too. A period still open
+                before a later start is closed the day before it.
             period_allocation: what each period grants, >= 0.
             carry_over_limit: the most that rolls into the next period, >= 0 (``None``:
                 everything carries over).
             period_interval: whole days or whole months (``'1 month'``, ``'7 days'``, or a
-                timedelta of whole days); ``None`` means ``'1 month'``.
+                timedelta of whole days), at most 100 years (36000 days); ``None`` means
+                ``'1 month'``.
 
         Returns:
             None.

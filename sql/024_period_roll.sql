@@ -1,5 +1,6 @@
 -- The period roll: monthly periods keep their day, a late roll closes each period as it
--- stood at its end, and a roll through recorded periods only replays them.
+-- stood at its end, a roll through recorded periods only replays them, and one tenant's
+-- configuration cannot stop the roll of the others.
 --
 -- 1. Monthly periods keep the day they were configured on.
 --    Why: roll_periods started each period at the previous start plus the interval. A
@@ -7,12 +8,15 @@
 --    on Jan 31, periods began on Feb 28, then Mar 28, Apr 28 and the 28th ever after, so
 --    every period from March on began up to three days early. A billing user expects the
 --    anchor to hold (Jan 31, Feb 28, Mar 31, Apr 30), as a subscription's billing day does.
---    Now meter._next_period_start gives the account's latest configured start (the anchor,
---    in meter.period_config_changes) plus a whole number of intervals. Only a start on the
+--    Now meter._next_period_start gives the configured start (the anchor, in
+--    meter.period_config_changes) plus a whole number of intervals. Only a start on the
 --    last day of its month can differ from start + interval, so only such a start looks
---    the configuration up (by the new index). A period off that grid (opened by hand on
---    another day) is followed, as before, by its start plus the interval. Day intervals
---    never cut.
+--    the configurations up (by the new index), newest first: one that restates the current
+--    start on its own day (to raise the allocation, as the SDK's docstring invites) says
+--    nothing of the day it was cut from, and an older one on the same grid is asked
+--    (found by the second review). A period off the grid (opened by hand on another day,
+--    or a configuration on a new day) is followed, as before, by its start plus the
+--    interval. Day intervals never cut.
 --
 -- 2. What is recorded wins (found by review, reproduced). A configuration re-applied with
 --    an earlier start makes the roll walk through recorded periods again. Where its rule
@@ -41,10 +45,44 @@
 --    (review: from Sep 30, start + 1 month is Oct 30 but the period runs to Oct 30, and
 --    every roll on that day locked each such account in a subtransaction of its own).
 --
+-- 5. A configuration moved on closes the period still open (second review, reproduced).
+--    A plan change configured from Sep 15 while the period of Sep 1 ran: the roll opened
+--    Sep 15 and never closed Sep 1, so its unused units ran on into the new period past
+--    a carry-over limit of 0. The open period now ends the day before the new start.
+--
+-- 6. Period intervals are at most 100 years (second review, reproduced). One tenant's
+--    '200000000 days' overflowed the date arithmetic of the roll's candidate query, so
+--    beat's roll failed for every tenant. meter._period_interval refuses it; an interval
+--    stored before is left out of the candidates (its next start is 'infinity').
+--
 -- Migrations once applied are never edited, so close_period and roll_periods are replaced
 -- whole: close_period's body moved to meter._close_period (only the block under p_later
--- is new); roll_periods changed in its candidate filter, where it computes the next start
--- and where it closes.
+-- is new); _period_interval gained its bound; roll_periods changed in its candidate
+-- filter, in case 1 of its step (5) and where it computes the next start and closes.
+
+-- Whether a period interval is usable for date-based periods: positive whole days or whole
+-- months, at most 100 years (a longer one overflowed the roll's date arithmetic, and the
+-- roll's candidate query failed for every tenant).
+CREATE OR REPLACE FUNCTION meter._period_interval(p_value interval) RETURNS interval
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    v interval := coalesce(p_value, interval '1 month');
+BEGIN
+    IF v <= interval '0' OR extract(epoch FROM v - date_trunc('day', v)) <> 0
+       OR (extract(year FROM v) * 12 + extract(month FROM v) > 0
+           AND extract(day FROM v) <> 0)
+       OR extract(year FROM v) * 12 + extract(month FROM v) < 0
+       OR extract(day FROM v) < 0 THEN
+        PERFORM meter._fail('MT001', 'period_interval',
+            format('must be a positive number of whole days or whole months, got %s', v));
+    END IF;
+    IF v > interval '100 years' THEN
+        PERFORM meter._fail('MT001', 'period_interval',
+                            format('must be at most 100 years (36000 days), got %s', v));
+    END IF;
+    RETURN v;
+END
+$$;
 
 CREATE INDEX period_config_changes_account
     ON meter.period_config_changes (namespace, account_id, change_id);
@@ -65,13 +103,17 @@ CREATE FUNCTION meter._next_period_start(p_namespace text, p_account_id bigint,
 RETURNS date
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    v_next date := (p_start + p_interval)::date;
+    v_next date;
     v_step integer := (extract(year FROM p_interval) * 12 + extract(month FROM p_interval))::integer;
     v_recorded date;
     v_anchor date;
     v_interval interval;
     v_months integer;
 BEGIN
+    IF p_interval >= interval '1000 years' THEN
+        RETURN 'infinity';  -- stored before intervals were bounded; date arithmetic overflows
+    END IF;
+    v_next := (p_start + p_interval)::date;
     SELECT p.period_end + 1 INTO v_recorded FROM meter.periods p
     WHERE p.namespace = p_namespace AND p.account_id = p_account_id
       AND p.period_start = p_start AND p.period_end IS NOT NULL;
@@ -81,21 +123,26 @@ BEGIN
     -- Adding months cuts a day only past a shorter month's end, so a start that is not the
     -- last day of its month was not cut, and start + interval is on the grid already.
     IF v_step > 0 AND p_start = (date_trunc('month', p_start) + interval '1 month - 1 day')::date THEN
-        SELECT c.period_start, c.period_interval INTO v_anchor, v_interval
-        FROM meter.period_config_changes c
-        WHERE c.namespace = p_namespace AND c.account_id = p_account_id
-        ORDER BY c.change_id DESC LIMIT 1;
-        -- an anchor whose day fits in p_start's month was not cut
-        IF v_anchor IS NOT NULL AND v_interval::text = p_interval::text AND v_anchor <= p_start
-           AND extract(day FROM v_anchor) > extract(day FROM p_start) THEN
+        -- The configurations, newest first, as long as p_start is on their grid: the first
+        -- whose day is later than p_start's is the day p_start was cut from. One on
+        -- p_start's own day (a change that restated the current start, say to raise the
+        -- allocation) says nothing about it, so an older one is asked.
+        FOR v_anchor, v_interval IN
+            SELECT c.period_start, c.period_interval FROM meter.period_config_changes c
+            WHERE c.namespace = p_namespace AND c.account_id = p_account_id
+            ORDER BY c.change_id DESC
+        LOOP
+            EXIT WHEN v_interval::text <> p_interval::text OR v_anchor > p_start;
             v_months := (extract(year FROM p_start) * 12 + extract(month FROM p_start))::integer
                         - (extract(year FROM v_anchor) * 12 + extract(month FROM v_anchor))::integer;
-            -- on the grid (not a period opened by hand on another day)
-            IF v_months % v_step = 0
-               AND (v_anchor + make_interval(months => v_months))::date = p_start THEN
+            -- off this grid (opened by hand on another day, or re-anchored): start + interval
+            EXIT WHEN v_months % v_step <> 0
+                      OR (v_anchor + make_interval(months => v_months))::date <> p_start;
+            IF extract(day FROM v_anchor) > extract(day FROM p_start) THEN
                 v_next := (v_anchor + make_interval(months => v_months + v_step))::date;
+                EXIT;
             END IF;
-        END IF;
+        END LOOP;
     END IF;
     SELECT coalesce(min(p.period_start), v_next) INTO v_next FROM meter.periods p
     WHERE p.namespace = p_namespace AND p.account_id = p_account_id
@@ -252,6 +299,7 @@ DECLARE
     v_later numeric;
     v_end timestamptz;
     v_close_end timestamptz;
+    v_close_to date;
     v_posted numeric;
     v_actor text := current_setting('meter.actor_id', true);
 BEGIN
@@ -285,7 +333,9 @@ BEGIN
                -- the next start is start + interval or later, but for recorded periods
                -- (the current one closed, or a later one opened); only those accounts
                -- need the exact (plpgsql) figure, and no account is locked unless due
-               OR (((a.period_start + a.period_interval)::date <= v_today
+               OR ((CASE WHEN a.period_interval < interval '1000 years'  -- no overflow
+                         THEN (a.period_start + a.period_interval)::date <= v_today
+                         ELSE false END
                     OR EXISTS (SELECT 1 FROM meter.periods p
                                WHERE p.namespace = a.namespace
                                  AND p.account_id = a.account_id
@@ -311,7 +361,8 @@ BEGIN
             BEGIN
                 -- The partitions this step dates rows in, before the account is locked (as
                 -- every writer does): the months of its current period's first and last
-                -- day and of the next period's first day, as read without the lock. Should
+                -- day, of the day before it (case 1 below) and of the next period's first
+                -- day, as read without the lock. Should
                 -- the locked figures differ (a concurrent set_period_config), open/close
                 -- create what is missing themselves.
                 SELECT a.period_start,
@@ -319,7 +370,7 @@ BEGIN
                                                 a.period_interval)
                 INTO v_start, v_next FROM meter.accounts a
                 WHERE a.namespace = v_cand.namespace AND a.account_id = v_cand.account_id;
-                FOREACH v_month IN ARRAY ARRAY[v_start, v_next - 1, v_next] LOOP
+                FOREACH v_month IN ARRAY ARRAY[v_start - 1, v_start, v_next - 1, v_next] LOOP
                     IF v_month <= v_today AND to_regclass(
                            format('meter.ledger_%s', to_char(v_month, 'YYYY_MM'))) IS NULL THEN
                         PERFORM meter.create_partition(extract(year FROM v_month)::integer,
@@ -329,6 +380,7 @@ BEGIN
                 SELECT * INTO v_acc FROM meter.accounts a
                 WHERE a.namespace = v_cand.namespace AND a.account_id = v_cand.account_id
                 FOR UPDATE;
+                v_close_to := NULL;  -- the last day of the period this step closes
                 IF v_acc.period_allocation IS NULL OR v_acc.period_interval IS NULL
                    OR v_acc.period_start > v_today THEN
                     v_done := true;
@@ -337,13 +389,16 @@ BEGIN
                                     AND p.account_id = v_acc.account_id
                                     AND p.period_start = v_acc.period_start
                                     AND p.opened_at IS NOT NULL) THEN
-                    -- 1. the current period was configured but never opened
-                    status := 'opened';
-                    opened_period_start := v_acc.period_start;
-                    allocation := v_acc.period_allocation;
-                    balance := meter.open_period(v_acc.user_id, v_acc.event_type, v_acc.unit,
-                                                 v_acc.resource, v_acc.period_start, NULL,
-                                                 v_acc.namespace);
+                    -- 1. the configured period was never opened: open it. A period still
+                    --    open from before it (the configuration moved the start on) ends the
+                    --    day before, and is closed first: its unused units would otherwise
+                    --    run on into the new period past the carry-over limit.
+                    v_next := v_acc.period_start;
+                    SELECT v_next - 1 INTO v_close_to FROM meter.periods p
+                    WHERE p.namespace = v_acc.namespace AND p.account_id = v_acc.account_id
+                      AND p.opened_at IS NOT NULL AND p.period_end IS NULL
+                      AND p.period_start < v_next
+                    LIMIT 1;
                 ELSE
                     -- 2. the current period has ended: close it, open the next
                     v_next := meter._next_period_start(v_acc.namespace, v_acc.account_id,
@@ -352,6 +407,12 @@ BEGIN
                     IF v_next > v_today THEN
                         v_done := true;
                     ELSE
+                        v_close_to := v_next - 1;
+                    END IF;
+                END IF;
+                IF NOT v_done THEN
+                    status := CASE WHEN v_close_to IS NULL THEN 'opened' ELSE 'rolled' END;
+                    IF v_close_to IS NOT NULL THEN
                         -- The sum of the ledger dated after this period's end. Summed in
                         -- full once per account and call; for each later step, less the
                         -- rows dated between the two ends, but for the allocation the last
@@ -359,7 +420,7 @@ BEGIN
                         -- per period. Only this call writes the account's rows meanwhile
                         -- (it holds the account), and its close rows are dated at an end,
                         -- never after it.
-                        v_close_end := v_next::timestamp AT TIME ZONE 'UTC'
+                        v_close_end := (v_close_to + 1)::timestamp AT TIME ZONE 'UTC'
                                        - interval '1 microsecond';
                         IF v_later IS NULL THEN
                             SELECT coalesce(sum(l.amount), 0) INTO v_later FROM meter.ledger l
@@ -375,34 +436,34 @@ BEGIN
                                      AND l.event_time <= v_close_end);
                         END IF;
                         v_end := v_close_end;
-                        v_posted := 0;
                         SELECT * INTO v_close
                         FROM meter._close_period(v_acc.user_id, v_acc.event_type,
-                                                 v_acc.unit, v_acc.resource, v_next - 1,
+                                                 v_acc.unit, v_acc.resource, v_close_to,
                                                  v_acc.namespace, v_later);
-                        closed_period_end := v_next - 1;
+                        closed_period_end := v_close_to;
                         expired := v_close.expired;
                         carried_over := v_close.carried_over;
-                        opened_period_start := v_next;
-                        -- The next period opened by hand already: keep it (open_period with
-                        -- the configured allocation would conflict with another one) and
-                        -- make it the current period.
-                        SELECT * INTO v_prior FROM meter.periods p
-                        WHERE p.namespace = v_acc.namespace AND p.account_id = v_acc.account_id
-                          AND p.period_start = v_next AND p.opened_at IS NOT NULL;
-                        IF FOUND THEN
-                            allocation := v_prior.allocation;
-                            UPDATE meter.accounts a SET period_start = v_next, updated_at = now()
-                            WHERE a.namespace = v_acc.namespace
-                              AND a.account_id = v_acc.account_id
-                            RETURNING a.balance INTO balance;
-                        ELSE
-                            allocation := v_acc.period_allocation;
-                            balance := meter.open_period(v_acc.user_id, v_acc.event_type,
-                                                         v_acc.unit, v_acc.resource, v_next,
-                                                         NULL, v_acc.namespace);
-                            v_posted := v_acc.period_allocation;  -- dated at v_next
-                        END IF;
+                    END IF;
+                    v_posted := 0;
+                    opened_period_start := v_next;
+                    -- The next period opened by hand already: keep it (open_period with
+                    -- the configured allocation would conflict with another one) and
+                    -- make it the current period.
+                    SELECT * INTO v_prior FROM meter.periods p
+                    WHERE p.namespace = v_acc.namespace AND p.account_id = v_acc.account_id
+                      AND p.period_start = v_next AND p.opened_at IS NOT NULL;
+                    IF FOUND THEN
+                        allocation := v_prior.allocation;
+                        UPDATE meter.accounts a SET period_start = v_next, updated_at = now()
+                        WHERE a.namespace = v_acc.namespace
+                          AND a.account_id = v_acc.account_id
+                        RETURNING a.balance INTO balance;
+                    ELSE
+                        allocation := v_acc.period_allocation;
+                        balance := meter.open_period(v_acc.user_id, v_acc.event_type,
+                                                     v_acc.unit, v_acc.resource, v_next,
+                                                     NULL, v_acc.namespace);
+                        v_posted := v_acc.period_allocation;  -- dated at v_next
                     END IF;
                 END IF;
             EXCEPTION WHEN OTHERS THEN

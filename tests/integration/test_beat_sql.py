@@ -363,6 +363,59 @@ def test_a_roll_through_recorded_periods_replays_them(client, db):
     assert client.reconcile() == []
 
 
+def test_raising_the_allocation_at_the_current_start_keeps_the_day(client, db):
+    # SDK docstring: period_start is the first day of the current period. Restating it
+    # (Apr 30, cut from the 31st) to raise the allocation keeps the 31st.
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 1, 31), D("100"), D("0"))
+    roll(db, now=datetime(2025, 5, 15, tzinfo=UTC))
+    assert client.get_account("u1", ET, UNIT)["period_start"] == date(2025, 4, 30)
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 4, 30), D("200"), D("0"))
+    assert roll(db, now=datetime(2025, 5, 30, tzinfo=UTC)) == []
+    steps = roll(db, now=datetime(2025, 7, 31, tzinfo=UTC))
+    assert [(s["opened_period_start"], s["allocation"]) for s in steps] == [
+        (date(2025, 5, 31), D("200")),
+        (date(2025, 6, 30), D("200")),
+        (date(2025, 7, 31), D("200")),
+    ]
+
+
+def test_a_configuration_moved_on_closes_the_period_still_open(client, db):
+    # A plan change from Sep 15: the period opened Sep 1 ends Sep 14, and with limit 0
+    # nothing of it runs on into the new one.
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 8, 1), D("100"), D("0"))
+    roll(db, now=datetime(2025, 9, 10, tzinfo=UTC))
+    client.consume("u1", ET, D("30"), UNIT, event_time=datetime(2025, 9, 5, tzinfo=UTC))
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 9, 15), D("200"), D("0"))
+    steps = roll(db, now=datetime(2025, 9, 15, 1, tzinfo=UTC))
+    assert [
+        (s["status"], s["closed_period_end"], s["expired"], s["opened_period_start"], s["balance"])
+        for s in steps
+    ] == [("rolled", date(2025, 9, 14), D("70"), date(2025, 9, 15), D("200"))]
+    assert [(p["period_start"], p["period_end"]) for p in periods(db, "u1")] == [
+        (date(2025, 8, 1), date(2025, 8, 31)),
+        (date(2025, 9, 1), date(2025, 9, 14)),
+        (date(2025, 9, 15), None),
+    ]
+    assert client.reconcile() == []
+
+
+def test_an_interval_stored_too_long_stops_only_its_own_account(client, db):
+    # Before 024 a tenant could store '200000000 days'; the roll's date arithmetic
+    # overflowed in its candidate query and no tenant's periods rolled.
+    client.set_period_config("long", ET, UNIT, None, date(2025, 1, 31), D("10"), None)
+    db.execute(
+        "UPDATE meter.accounts SET period_interval = '200000000 days' WHERE user_id = 'long'"
+    )
+    client.open_period("long", ET, UNIT, None, date(2025, 1, 31))
+    client.set_period_config("other", ET, UNIT, None, date(2025, 1, 1), D("10"), None)
+    steps = roll(db, now=datetime(2025, 3, 1, tzinfo=UTC))
+    assert [(s["user_id"], s["opened_period_start"]) for s in steps] == [
+        ("other", date(2025, 1, 1)),
+        ("other", date(2025, 2, 1)),
+        ("other", date(2025, 3, 1)),
+    ]
+
+
 def next_start(db: psycopg.Connection[Any], user: str, start: date, interval: str) -> date:
     return db.execute(
         "SELECT meter._next_period_start(a.namespace, a.account_id, %s, %s::interval) AS d"
@@ -396,14 +449,22 @@ def test_next_period_start_follows_the_configured_grid(
     assert next_start(db, "u1", start, interval) == expected
 
 
-def test_next_period_start_follows_the_latest_configuration(client, db):
+def test_next_period_start_keeps_the_day_through_restated_starts(client, db):
     client.set_period_config("u1", ET, UNIT, None, date(2025, 1, 31), D("1"), None)
-    client.set_period_config("u1", ET, UNIT, None, date(2025, 2, 28), D("1"), None)
-    # re-anchored on the 28th: a slide to the 28th is what was asked for
-    assert next_start(db, "u1", date(2025, 2, 28), "1 month") == date(2025, 3, 28)
+    # the current start restated (to raise the allocation, say): still the 31st
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 2, 28), D("2"), None)
+    assert next_start(db, "u1", date(2025, 2, 28), "1 month") == date(2025, 3, 31)
+    # a start off the old grid moves the day: the 28th from then on
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 3, 28), D("2"), None)
+    assert next_start(db, "u1", date(2025, 3, 28), "1 month") == date(2025, 4, 28)
+    assert next_start(db, "u1", date(2025, 4, 30), "1 month") == date(2025, 5, 30)
+    # another interval starts its own grid
+    client.set_period_config("u2", ET, UNIT, None, date(2025, 1, 31), D("1"), None)
+    client.set_period_config("u2", ET, UNIT, None, date(2025, 2, 28), D("1"), None, "2 months")
+    assert next_start(db, "u2", date(2025, 2, 28), "2 months") == date(2025, 4, 28)
     # an account never configured has no grid
-    client.allocate("u2", ET, D("1"), UNIT)
-    assert next_start(db, "u2", date(2025, 2, 28), "1 month") == date(2025, 3, 28)
+    client.allocate("u3", ET, D("1"), UNIT)
+    assert next_start(db, "u3", date(2025, 2, 28), "1 month") == date(2025, 3, 28)
 
 
 def test_roll_ignores_unconfigured_and_future_accounts(client, db):

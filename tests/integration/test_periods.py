@@ -427,8 +427,10 @@ def test_full_month_cycle(client, db):
     )
 
 
-@pytest.mark.parametrize("interval", ["0 days", "-1 month", "-7 days"])
-def test_set_period_config_refuses_non_positive_interval(client, snapshot, interval):
+@pytest.mark.parametrize(
+    "interval", ["0 days", "-1 month", "-7 days", "101 years", "36501 days", "200000000 days"]
+)
+def test_set_period_config_refuses_a_non_positive_or_too_long_interval(client, snapshot, interval):
     client.allocate(U, ET, D("1"), UNIT)
     before = snapshot()
     with pytest.raises(ValidationError) as ei:
