@@ -1,6 +1,7 @@
 -- The period roll: monthly periods keep their day, a late roll closes each period as it
--- stood at its end, a roll through recorded periods only replays them, and one tenant's
--- configuration cannot stop the roll of the others.
+-- stood at its end, a roll through recorded periods only replays them, a configuration's
+-- start neither skips nor repeats periods, and one tenant's configuration cannot stop the
+-- roll of the others.
 --
 -- 1. Monthly periods keep the day they were configured on.
 --    Why: roll_periods started each period at the previous start plus the interval. A
@@ -12,9 +13,10 @@
 --    meter.period_config_changes) plus a whole number of intervals. Only a start on the
 --    last day of its month can differ from start + interval, so only such a start looks
 --    the configurations up (by the new index), newest first: one that restates the current
---    start on its own day (to raise the allocation, as the SDK's docstring invites) says
---    nothing of the day it was cut from, and an older one on the same grid is asked
---    (found by the second review). A period off the grid (opened by hand on another day,
+--    start on its own day, a month's last day (to raise the allocation, as the SDK's
+--    docstring invites), says nothing of the day it was cut from, and an older one on the
+--    same grid is asked (found by the second review; the third found that a configuration
+--    on another day, Mar 28, must end the search: it chose its day). A period off the grid (opened by hand on another day,
 --    or a configuration on a new day) is followed, as before, by its start plus the
 --    interval. Day intervals never cut.
 --
@@ -36,7 +38,8 @@
 --    Now roll_periods closes through meter._close_period with p_later, the sum of the
 --    ledger dated after the period's end: what was available is the balance less that,
 --    less what the holds made by the end still held at it (not past their TTL, not yet
---    committed, released or expired; found by the new index). The period's close_balance
+--    committed, released or expired; found by the new index; the window in seconds, as a
+--    day on a timestamptz follows the session's TimeZone). The period's close_balance
 --    is recorded as it stood at the end, after the close. A catch-up sums each ledger row
 --    once, not once per period. A call of close_period is unchanged: SPEC 3.4 has it
 --    expire what is available now.
@@ -55,10 +58,20 @@
 --    beat's roll failed for every tenant. meter._period_interval refuses it; an interval
 --    stored before is left out of the candidates (its next start is 'infinity').
 --
+-- 7. Starts that would skip or repeat periods (third review, reproduced).
+--    - set_period_config refuses a start past the next start of the period still open:
+--      the periods between would never open (Sep 1 open, a start on Nov 15: October's
+--      allocation lost, and a late roll differed from an on-time one). A start up to
+--      that next start is a plan change at the period's end or in its middle.
+--    - A start rewound inside recorded periods, on a day no period started on (Aug 15 in a
+--      closed August): the roll opened it, granting its days twice. What is recorded wins:
+--      the latest period opened becomes current again, and the roll goes on from it.
+--
 -- Migrations once applied are never edited, so close_period and roll_periods are replaced
 -- whole: close_period's body moved to meter._close_period (only the block under p_later
--- is new); _period_interval gained its bound; roll_periods changed in its candidate
--- filter, in case 1 of its step (5) and where it computes the next start and closes.
+-- is new); _period_interval gained its bound; set_period_config its refusal (7);
+-- roll_periods changed in its candidate filter, in cases 0 and 1 of its step (7, 5) and
+-- where it computes the next start and closes.
 
 -- Whether a period interval is usable for date-based periods: positive whole days or whole
 -- months, at most 100 years (a longer one overflowed the roll's date arithmetic, and the
@@ -81,6 +94,74 @@ BEGIN
                             format('must be at most 100 years (36000 days), got %s', v));
     END IF;
     RETURN v;
+END
+$$;
+
+-- set_period_config (022's), and one refusal more: a start past the next start of the
+-- period still open (item 7).
+CREATE OR REPLACE FUNCTION meter.set_period_config(p_user_id text, p_event_type text, p_unit text,
+                                        p_resource text, p_period_start date,
+                                        p_period_allocation numeric,
+                                        p_carry_over_limit numeric DEFAULT NULL,
+                                        p_namespace text DEFAULT 'default',
+                                        p_period_interval interval DEFAULT '1 month')
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_resource text := meter._resource(p_resource);
+    v_allocation numeric;
+    v_limit numeric;
+    v_interval interval := meter._period_interval(p_period_interval);
+    v_acc meter.accounts;
+    v_open date;
+    v_due date;
+BEGIN
+    PERFORM meter._guard(p_namespace);
+    PERFORM meter._ident('user_id', p_user_id, 256, true),
+            meter._ident('event_type', p_event_type, 256),
+            meter._ident('unit', p_unit, 64);
+    IF p_period_start IS NULL OR NOT isfinite(p_period_start) THEN
+        PERFORM meter._fail('MT001', 'period_start', 'is required (a finite date)');
+    END IF;
+    IF p_period_start < date '1900-01-01' THEN  -- no ledger row can be dated before 1900
+        PERFORM meter._fail('MT001', 'period_start',
+                            format('%s is before 1900', to_char(p_period_start, 'YYYY-MM-DD')));
+    END IF;
+    v_allocation := meter._amount('period_allocation', p_period_allocation, 'nonnegative');
+    IF p_carry_over_limit IS NOT NULL THEN
+        v_limit := meter._amount('carry_over_limit', p_carry_over_limit, 'nonnegative');
+    END IF;
+
+    PERFORM meter._create_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
+    v_acc := meter._lock_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
+    -- A start past the next start of the period still open would leave the periods between
+    -- unopened (their allocations lost): roll up to there first.
+    SELECT p.period_start INTO v_open FROM meter.periods p
+    WHERE p.namespace = p_namespace AND p.account_id = v_acc.account_id
+      AND p.opened_at IS NOT NULL AND p.period_end IS NULL AND p.period_start < p_period_start
+    ORDER BY p.period_start DESC LIMIT 1;
+    IF v_open IS NOT NULL AND v_acc.period_interval IS NOT NULL THEN
+        v_due := meter._next_period_start(p_namespace, v_acc.account_id, v_open,
+                                          v_acc.period_interval);
+        IF p_period_start > v_due THEN
+            PERFORM meter._fail('MT001', 'period_start',
+                format('%s is after %s, when the next period after the one open since %s '
+                       'starts: a later start would skip the periods between; choose a '
+                       'start no later than %s, or set it once the periods have rolled '
+                       'up to it', to_char(p_period_start, 'YYYY-MM-DD'),
+                       to_char(v_due, 'YYYY-MM-DD'), to_char(v_open, 'YYYY-MM-DD'),
+                       to_char(v_due, 'YYYY-MM-DD')));
+        END IF;
+    END IF;
+    UPDATE meter.accounts a
+    SET period_start = p_period_start, period_allocation = v_allocation,
+        carry_over_limit = v_limit, period_interval = v_interval, updated_at = now()
+    WHERE a.namespace = p_namespace AND a.account_id = v_acc.account_id;
+    INSERT INTO meter.period_config_changes
+        (namespace, account_id, user_id, event_type, resource, unit, period_start,
+         period_allocation, carry_over_limit, period_interval, actor)
+    VALUES (p_namespace, v_acc.account_id, p_user_id, p_event_type, v_resource, p_unit,
+            p_period_start, v_allocation, v_limit, v_interval, meter._actor());
 END
 $$;
 
@@ -142,6 +223,9 @@ BEGIN
                 v_next := (v_anchor + make_interval(months => v_months + v_step))::date;
                 EXIT;
             END IF;
+            -- only a month's last day can restate a start that was cut; a configuration on
+            -- another day chose that day (Mar 28: the 28th from then on)
+            EXIT WHEN v_anchor <> (date_trunc('month', v_anchor) + interval '1 month - 1 day')::date;
         END LOOP;
     END IF;
     SELECT coalesce(min(p.period_start), v_next) INTO v_next FROM meter.periods p
@@ -211,11 +295,12 @@ BEGIN
         -- What the period left unused at its end, by the ledger's event times: the balance
         -- without what is dated after the end (p_later, the caller's sum), less what the
         -- holds made by then still held at the end: not past their TTL, and not committed,
-        -- released or expired yet (a TTL is at most a day, hence the bound on created_at).
+        -- released or expired yet (a TTL is at most 86400 s, hence the bound on created_at;
+        -- in seconds, since a day on a timestamptz follows the session's TimeZone).
         SELECT v_acc.balance - p_later - coalesce(sum(r.amount), 0) INTO v_available
         FROM meter.reservations r
         WHERE r.namespace = p_namespace AND r.account_id = v_acc.account_id
-          AND r.created_at > v_time - interval '1 day' AND r.created_at <= v_time
+          AND r.created_at > v_time - interval '86400 seconds' AND r.created_at <= v_time
           AND r.expires_at > v_time AND (r.completed_at IS NULL OR r.completed_at > v_time);
     END IF;
     v_balance := v_acc.balance;
@@ -296,6 +381,7 @@ DECLARE
     v_close record;
     v_prior meter.periods;
     v_done boolean;
+    v_again boolean;
     v_later numeric;
     v_end timestamptz;
     v_close_end timestamptz;
@@ -351,6 +437,7 @@ BEGIN
         LOOP
             EXIT WHEN v_steps >= p_batch_size;
             v_done := false;
+            v_again := false;
             namespace := v_cand.namespace; user_id := v_cand.user_id;
             event_type := v_cand.event_type; resource := v_cand.resource; unit := v_cand.unit;
             status := 'rolled'; error := NULL;
@@ -388,6 +475,29 @@ BEGIN
                                   WHERE p.namespace = v_acc.namespace
                                     AND p.account_id = v_acc.account_id
                                     AND p.period_start = v_acc.period_start
+                                    AND p.opened_at IS NOT NULL)
+                      AND EXISTS (SELECT 1 FROM meter.periods p
+                                  WHERE p.namespace = v_acc.namespace
+                                    AND p.account_id = v_acc.account_id
+                                    AND p.opened_at IS NOT NULL
+                                    AND (p.period_start > v_acc.period_start
+                                         OR p.period_end >= v_acc.period_start)) THEN
+                    -- 0. the configured start lies inside recorded periods (a rewind to a
+                    --    day no period started on): what is recorded wins. The latest
+                    --    period opened is current again, and the roll goes on from it;
+                    --    opening the configured start would grant its days twice.
+                    UPDATE meter.accounts a
+                    SET period_start = (SELECT max(p.period_start) FROM meter.periods p
+                                        WHERE p.namespace = v_acc.namespace
+                                          AND p.account_id = v_acc.account_id
+                                          AND p.opened_at IS NOT NULL),
+                        updated_at = now()
+                    WHERE a.namespace = v_acc.namespace AND a.account_id = v_acc.account_id;
+                    v_again := true;
+                ELSIF NOT EXISTS (SELECT 1 FROM meter.periods p
+                                  WHERE p.namespace = v_acc.namespace
+                                    AND p.account_id = v_acc.account_id
+                                    AND p.period_start = v_acc.period_start
                                     AND p.opened_at IS NOT NULL) THEN
                     -- 1. the configured period was never opened: open it. A period still
                     --    open from before it (the configuration moved the start on) ends the
@@ -410,7 +520,7 @@ BEGIN
                         v_close_to := v_next - 1;
                     END IF;
                 END IF;
-                IF NOT v_done THEN
+                IF NOT v_done AND NOT v_again THEN
                     status := CASE WHEN v_close_to IS NULL THEN 'opened' ELSE 'rolled' END;
                     IF v_close_to IS NOT NULL THEN
                         -- The sum of the ledger dated after this period's end. Summed in
@@ -483,6 +593,7 @@ BEGIN
                 EXIT;
             END;
             EXIT WHEN v_done;
+            CONTINUE WHEN v_again;  -- not a step: nothing was written but the current start
             v_steps := v_steps + 1;
             RETURN NEXT;
         END LOOP;

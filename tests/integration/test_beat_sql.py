@@ -416,6 +416,66 @@ def test_an_interval_stored_too_long_stops_only_its_own_account(client, db):
     ]
 
 
+def test_a_start_rewound_inside_recorded_periods_grants_nothing_twice(client, db):
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 8, 1), D("100"), D("0"))
+    roll(db, now=datetime(2025, 9, 2, tzinfo=UTC))
+    before = ledger(db, "u1")
+    # Aug 15 is inside August, which was closed: no period started on it
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 8, 15), D("100"), D("0"))
+    assert roll(db, now=datetime(2025, 9, 2, tzinfo=UTC)) == []
+    assert ledger(db, "u1") == before
+    assert client.get_account("u1", ET, UNIT)["period_start"] == date(2025, 9, 1)
+    steps = roll(db, now=datetime(2025, 10, 1, tzinfo=UTC))
+    assert [(s["closed_period_end"], s["opened_period_start"]) for s in steps] == [
+        (date(2025, 9, 30), date(2025, 10, 1))
+    ]
+    assert [p["period_start"] for p in periods(db, "u1")] == [
+        date(2025, 8, 1),
+        date(2025, 9, 1),
+        date(2025, 10, 1),
+    ]
+    assert client.get_balance("u1", ET, UNIT)["balance"] == D("100")
+
+
+def test_set_period_config_refuses_a_start_that_would_skip_periods(client, db, snapshot):
+    # The period of Sep 1 is open; its successor starts Oct 1. A start on Nov 15 would
+    # leave October unopened.
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 9, 1), D("100"), D("0"))
+    roll(db, now=datetime(2025, 9, 10, tzinfo=UTC))
+    before = snapshot()
+    with pytest.raises(ValidationError) as ei:
+        client.set_period_config("u1", ET, UNIT, None, date(2025, 11, 15), D("200"), D("0"))
+    assert ei.value.parameter == "period_start"
+    assert "2025-10-01" in str(ei.value)
+    assert snapshot() == before
+    # up to the next start is a plan change at a period's end, or in its middle
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 10, 1), D("200"), D("0"))
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 9, 20), D("200"), D("0"))
+
+
+def test_the_hold_window_at_a_period_end_does_not_follow_the_time_zone(client, db):
+    # A 24 h hold made 00:30 UTC on Mar 8 2026 holds at that day's end. In New York the
+    # clocks moved that day, so its calendar day before the end is 23 hours long.
+    client.set_period_config("u1", ET, UNIT, None, date(2026, 3, 8), D("100"), D("0"), "1 day")
+    roll(db, now=datetime(2026, 3, 8, 1, tzinfo=UTC))
+    hold = client.reserve("u1", ET, D("40"), UNIT)
+    db.execute(
+        "UPDATE meter.reservations SET created_at = %s, expires_at = %s, ttl_seconds = 86400"
+        " WHERE reservation_id = %s",
+        (
+            datetime(2026, 3, 8, 0, 30, tzinfo=UTC),
+            datetime(2026, 3, 9, 0, 30, tzinfo=UTC),
+            hold["reservation_id"],
+        ),
+    )
+    db.execute("SET TimeZone = 'America/New_York'")
+    try:
+        steps = roll(db, now=datetime(2026, 3, 9, tzinfo=UTC))
+    finally:
+        db.execute("RESET TimeZone")
+    assert (steps[0]["closed_period_end"], steps[0]["expired"]) == (date(2026, 3, 8), D("60"))
+
+
 def next_start(db: psycopg.Connection[Any], user: str, start: date, interval: str) -> date:
     return db.execute(
         "SELECT meter._next_period_start(a.namespace, a.account_id, %s, %s::interval) AS d"
@@ -454,9 +514,10 @@ def test_next_period_start_keeps_the_day_through_restated_starts(client, db):
     # the current start restated (to raise the allocation, say): still the 31st
     client.set_period_config("u1", ET, UNIT, None, date(2025, 2, 28), D("2"), None)
     assert next_start(db, "u1", date(2025, 2, 28), "1 month") == date(2025, 3, 31)
-    # a start off the old grid moves the day: the 28th from then on
+    # a start off the old grid moves the day: the 28th from then on, Februaries included
     client.set_period_config("u1", ET, UNIT, None, date(2025, 3, 28), D("2"), None)
     assert next_start(db, "u1", date(2025, 3, 28), "1 month") == date(2025, 4, 28)
+    assert next_start(db, "u1", date(2026, 2, 28), "1 month") == date(2026, 3, 28)
     assert next_start(db, "u1", date(2025, 4, 30), "1 month") == date(2025, 5, 30)
     # another interval starts its own grid
     client.set_period_config("u2", ET, UNIT, None, date(2025, 1, 31), D("1"), None)
