@@ -67,6 +67,19 @@
 --      closed August): the roll opened it, granting its days twice. What is recorded wins:
 --      the latest period opened becomes current again, and the roll goes on from it.
 --
+-- 8. The fourth review, reproduced:
+--    - The same set_period_config made twice was refused: a pending configuration (a later
+--      start) ended the grid search. Pending configurations, and ones whose start never
+--      became a period (item 7's rewinds), are passed over.
+--    - A restatement on Feb 28 did not reach the 31st grid (Feb 28 + 2 months is Apr 28):
+--      a month's last day is on the grid of every month's last day.
+--    - The refusal of item 7 read a pending configuration's interval, and missed periods
+--      closed by hand: it now reads the latest period opened before the start, closed or
+--      not, and the interval it was opened under.
+--    - A period left open because the next was opened by hand early had its units taken by
+--      that next period's close; a later walk through it (a configuration re-applied)
+--      closed it again, expiring them twice. The walk now only moves on past it.
+--
 -- Migrations once applied are never edited, so close_period and roll_periods are replaced
 -- whole: close_period's body moved to meter._close_period (only the block under p_later
 -- is new); _period_interval gained its bound; set_period_config its refusal (7);
@@ -114,6 +127,8 @@ DECLARE
     v_interval interval := meter._period_interval(p_period_interval);
     v_acc meter.accounts;
     v_open date;
+    v_opened_at timestamptz;
+    v_open_interval interval;
     v_due date;
 BEGIN
     PERFORM meter._guard(p_namespace);
@@ -136,13 +151,19 @@ BEGIN
     v_acc := meter._lock_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
     -- A start past the next start of the period still open would leave the periods between
     -- unopened (their allocations lost): roll up to there first.
-    SELECT p.period_start INTO v_open FROM meter.periods p
+    -- The latest period opened before that start, closed or not, and the interval it was
+    -- opened under (not a pending configuration's).
+    SELECT p.period_start, p.opened_at INTO v_open, v_opened_at FROM meter.periods p
     WHERE p.namespace = p_namespace AND p.account_id = v_acc.account_id
-      AND p.opened_at IS NOT NULL AND p.period_end IS NULL AND p.period_start < p_period_start
+      AND p.opened_at IS NOT NULL AND p.period_start < p_period_start
     ORDER BY p.period_start DESC LIMIT 1;
     IF v_open IS NOT NULL AND v_acc.period_interval IS NOT NULL THEN
+        SELECT c.period_interval INTO v_open_interval FROM meter.period_config_changes c
+        WHERE c.namespace = p_namespace AND c.account_id = v_acc.account_id
+          AND c.changed_at <= v_opened_at
+        ORDER BY c.change_id DESC LIMIT 1;
         v_due := meter._next_period_start(p_namespace, v_acc.account_id, v_open,
-                                          v_acc.period_interval);
+                                          coalesce(v_open_interval, v_acc.period_interval));
         IF p_period_start > v_due THEN
             PERFORM meter._fail('MT001', 'period_start',
                 format('%s is after %s, when the next period after the one open since %s '
@@ -190,6 +211,7 @@ DECLARE
     v_anchor date;
     v_interval interval;
     v_months integer;
+    v_month_end boolean;
 BEGIN
     IF p_interval >= interval '1000 years' THEN
         RETURN 'infinity';  -- stored before intervals were bounded; date arithmetic overflows
@@ -205,27 +227,38 @@ BEGIN
     -- last day of its month was not cut, and start + interval is on the grid already.
     IF v_step > 0 AND p_start = (date_trunc('month', p_start) + interval '1 month - 1 day')::date THEN
         -- The configurations, newest first, as long as p_start is on their grid: the first
-        -- whose day is later than p_start's is the day p_start was cut from. One on
-        -- p_start's own day (a change that restated the current start, say to raise the
-        -- allocation) says nothing about it, so an older one is asked.
+        -- whose day is later than p_start's is the day p_start was cut from. One on a
+        -- month's last day (a change that restated a cut start, say to raise the
+        -- allocation) says nothing about it, so an older one is asked; one on another day
+        -- chose that day (Mar 28: the 28th from then on). A configuration of a later start
+        -- (pending), or one whose start never became a period (rewound into recorded
+        -- periods, which won), says nothing of p_start's grid and is passed over.
         FOR v_anchor, v_interval IN
             SELECT c.period_start, c.period_interval FROM meter.period_config_changes c
             WHERE c.namespace = p_namespace AND c.account_id = p_account_id
             ORDER BY c.change_id DESC
         LOOP
-            EXIT WHEN v_interval::text <> p_interval::text OR v_anchor > p_start;
+            EXIT WHEN v_interval::text <> p_interval::text;
+            CONTINUE WHEN v_anchor > p_start
+                          OR NOT EXISTS (SELECT 1 FROM meter.periods p
+                                         WHERE p.namespace = p_namespace
+                                           AND p.account_id = p_account_id
+                                           AND p.period_start = v_anchor
+                                           AND p.opened_at IS NOT NULL);
             v_months := (extract(year FROM p_start) * 12 + extract(month FROM p_start))::integer
                         - (extract(year FROM v_anchor) * 12 + extract(month FROM v_anchor))::integer;
-            -- off this grid (opened by hand on another day, or re-anchored): start + interval
+            v_month_end := v_anchor = (date_trunc('month', v_anchor)
+                                       + interval '1 month - 1 day')::date;
+            -- off this grid (opened by hand on another day): start + interval. A month's
+            -- last day is on the grid of every month's last day, which p_start is.
             EXIT WHEN v_months % v_step <> 0
-                      OR (v_anchor + make_interval(months => v_months))::date <> p_start;
+                      OR (NOT v_month_end
+                          AND (v_anchor + make_interval(months => v_months))::date <> p_start);
             IF extract(day FROM v_anchor) > extract(day FROM p_start) THEN
                 v_next := (v_anchor + make_interval(months => v_months + v_step))::date;
                 EXIT;
             END IF;
-            -- only a month's last day can restate a start that was cut; a configuration on
-            -- another day chose that day (Mar 28: the 28th from then on)
-            EXIT WHEN v_anchor <> (date_trunc('month', v_anchor) + interval '1 month - 1 day')::date;
+            EXIT WHEN NOT v_month_end;
         END LOOP;
     END IF;
     SELECT coalesce(min(p.period_start), v_next) INTO v_next FROM meter.periods p
@@ -516,12 +549,26 @@ BEGIN
                                                        v_acc.period_interval);
                     IF v_next > v_today THEN
                         v_done := true;
-                    ELSE
+                    ELSIF EXISTS (SELECT 1 FROM meter.periods p
+                                  WHERE p.namespace = v_acc.namespace
+                                    AND p.account_id = v_acc.account_id
+                                    AND p.period_start = v_acc.period_start
+                                    AND p.period_end IS NOT NULL)  -- closed: a replay
+                          OR NOT EXISTS (SELECT 1 FROM meter.periods p
+                                         WHERE p.namespace = v_acc.namespace
+                                           AND p.account_id = v_acc.account_id
+                                           AND p.period_start >= v_next
+                                           AND p.period_end IS NOT NULL) THEN
                         v_close_to := v_next - 1;
                     END IF;
+                    -- else this period was never closed but a later one was: the next was
+                    -- opened by hand while this one ran, and its close took this one's
+                    -- units. A walk through recorded periods (a configuration re-applied)
+                    -- only moves on; closing now would expire them a second time.
                 END IF;
                 IF NOT v_done AND NOT v_again THEN
-                    status := CASE WHEN v_close_to IS NULL THEN 'opened' ELSE 'rolled' END;
+                    status := CASE WHEN v_close_to IS NULL AND v_next = v_acc.period_start
+                                   THEN 'opened' ELSE 'rolled' END;
                     IF v_close_to IS NOT NULL THEN
                         -- The sum of the ledger dated after this period's end. Summed in
                         -- full once per account and call; for each later step, less the

@@ -453,6 +453,46 @@ def test_set_period_config_refuses_a_start_that_would_skip_periods(client, db, s
     client.set_period_config("u1", ET, UNIT, None, date(2025, 9, 20), D("200"), D("0"))
 
 
+def test_the_refusal_reads_the_open_period_s_own_interval_and_closed_periods(client, db, snapshot):
+    # (a) a pending configuration's interval does not widen the limit
+    client.set_period_config("a", ET, UNIT, None, date(2025, 9, 1), D("100"), D("0"))
+    # (b) a period closed by hand before the roll still has a successor due
+    client.set_period_config("b", ET, UNIT, None, date(2025, 9, 1), D("100"), D("0"))
+    roll(db, now=datetime(2025, 9, 1, 1, tzinfo=UTC))
+    client.close_period("b", ET, UNIT, None, date(2025, 9, 30))
+    client.set_period_config("a", ET, UNIT, None, date(2025, 10, 1), D("100"), D("0"), "3 months")
+    before = snapshot()
+    for user, start in (("a", date(2025, 11, 15)), ("b", date(2025, 12, 15))):
+        with pytest.raises(ValidationError) as ei:
+            client.set_period_config(user, ET, UNIT, None, start, D("100"), D("0"))
+        assert ei.value.parameter == "period_start"
+        assert "2025-10-01" in str(ei.value), user
+    assert snapshot() == before
+
+
+def test_a_walk_past_a_period_opened_by_hand_early_expires_nothing_twice(client, db):
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 9, 1), D("100"), D("50"))
+    roll(db, now=datetime(2025, 9, 1, 0, 1, tzinfo=UTC))
+    client.open_period("u1", ET, UNIT, None, date(2025, 10, 1))  # before the roll came
+    roll(db, now=datetime(2025, 11, 1, tzinfo=UTC))
+    before = ledger(db, "u1")
+    # provisioning re-applies the configuration: the walk passes September again
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 9, 1), D("100"), D("50"))
+    roll(db, now=datetime(2025, 11, 5, tzinfo=UTC))
+    assert ledger(db, "u1") == before
+    assert client.get_account("u1", ET, UNIT)["period_start"] == date(2025, 11, 1)
+
+
+def test_a_rewound_start_that_gave_way_keeps_the_day(client, db):
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 1, 31), D("100"), D("0"))
+    roll(db, now=datetime(2025, 4, 1, tzinfo=UTC))
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 3, 10), D("200"), D("0"))
+    starts = []
+    for day in (datetime(2025, 4, 2), datetime(2025, 5, 1), datetime(2025, 6, 1)):
+        starts += [s["opened_period_start"] for s in roll(db, now=day.replace(tzinfo=UTC))]
+    assert starts == [date(2025, 4, 30), date(2025, 5, 31)]
+
+
 def test_the_hold_window_at_a_period_end_does_not_follow_the_time_zone(client, db):
     # A 24 h hold made 00:30 UTC on Mar 8 2026 holds at that day's end. In New York the
     # clocks moved that day, so its calendar day before the end is 23 hours long.
@@ -506,22 +546,34 @@ def test_next_period_start_follows_the_configured_grid(
     client, db, configured, interval, start, expected
 ):
     client.set_period_config("u1", ET, UNIT, None, configured, D("1"), None, interval)
+    client.open_period("u1", ET, UNIT, None, configured)  # what the roll does first
     assert next_start(db, "u1", start, interval) == expected
 
 
 def test_next_period_start_keeps_the_day_through_restated_starts(client, db):
+    def opened(user: str, *days: int) -> list[date]:
+        return [s["opened_period_start"] for s in roll(db, now=datetime(*days, tzinfo=UTC))]
+
     client.set_period_config("u1", ET, UNIT, None, date(2025, 1, 31), D("1"), None)
-    # the current start restated (to raise the allocation, say): still the 31st
+    assert opened("u1", 2025, 3, 5) == [date(2025, 1, 31), date(2025, 2, 28)]
+    # the current start restated (to raise the allocation, say): still the 31st, also
+    # for a second account with the same change made at the end of February
     client.set_period_config("u1", ET, UNIT, None, date(2025, 2, 28), D("2"), None)
-    assert next_start(db, "u1", date(2025, 2, 28), "1 month") == date(2025, 3, 31)
-    # a start off the old grid moves the day: the 28th from then on, Februaries included
-    client.set_period_config("u1", ET, UNIT, None, date(2025, 3, 28), D("2"), None)
-    assert next_start(db, "u1", date(2025, 3, 28), "1 month") == date(2025, 4, 28)
+    assert opened("u1", 2025, 5, 5) == [date(2025, 3, 31), date(2025, 4, 30)]
+    assert next_start(db, "u1", date(2025, 4, 30), "1 month") == date(2025, 5, 31)
+    # the same call again is accepted (a pending start says nothing of the grid)
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 5, 31), D("3"), None)
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 5, 31), D("3"), None)
+    assert opened("u1", 2025, 5, 31) == [date(2025, 5, 31)]
+    # a start on another day moves the day: the 28th from then on, Februaries included
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 6, 28), D("3"), None)
+    assert opened("u1", 2026, 3, 1)[:2] == [date(2025, 6, 28), date(2025, 7, 28)]
+    assert client.get_account("u1", ET, UNIT)["period_start"] == date(2026, 2, 28)
     assert next_start(db, "u1", date(2026, 2, 28), "1 month") == date(2026, 3, 28)
-    assert next_start(db, "u1", date(2025, 4, 30), "1 month") == date(2025, 5, 30)
     # another interval starts its own grid
     client.set_period_config("u2", ET, UNIT, None, date(2025, 1, 31), D("1"), None)
     client.set_period_config("u2", ET, UNIT, None, date(2025, 2, 28), D("1"), None, "2 months")
+    client.open_period("u2", ET, UNIT, None, date(2025, 2, 28))
     assert next_start(db, "u2", date(2025, 2, 28), "2 months") == date(2025, 4, 28)
     # an account never configured has no grid
     client.allocate("u3", ET, D("1"), UNIT)
