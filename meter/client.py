@@ -1010,7 +1010,9 @@ class MeterClient:
                 where a month has it (from Jan 31: Feb 28, Mar 31, Apr 30); restating
                 the current start (Apr 30) keeps that day too. A period still open
                 before a later start is closed the day before it; a start past that
-                period's next start is refused (the periods between would never open).
+                period's next start is refused (the periods between would never open);
+                a start before the latest period opened (the first start, re-applied)
+                leaves the current period as it is.
             period_allocation: what each period grants, >= 0.
             carry_over_limit: the most that rolls into the next period, >= 0 (``None``:
                 everything carries over).

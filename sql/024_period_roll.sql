@@ -80,9 +80,25 @@
 --      that next period's close; a later walk through it (a configuration re-applied)
 --      closed it again, expiring them twice. The walk now only moves on past it.
 --
+-- 9. The fifth review simulated a year of billing traffic (signups on any day, plan
+--    changes, nightly re-provisioning, beat outages) against a model of on-time rolling:
+--    no unit lost, doubled or invented, no period skipped or repeated. It found, and this
+--    fixes:
+--    - set_period_config with a start before the latest period opened (a configuration
+--      re-applied with its first start, nightly) sent the roll back through every
+--      recorded period, each reported as 'rolled' (304 for a daily account) though
+--      nothing was written. Such a start now leaves the roll at the earliest period from
+--      it on that is still open, else at the latest opened; and a walk step that writes
+--      nothing (a start stored before 024) is neither counted nor reported.
+--    - The refusal of item 7 read the interval a period was opened under, not the one the
+--      roll goes by after a restatement (monthly restated as annual: every later start was
+--      refused until the year ended). It reads the latest configuration of a start up to
+--      the open period's.
+--
 -- Migrations once applied are never edited, so close_period and roll_periods are replaced
 -- whole: close_period's body moved to meter._close_period (only the block under p_later
--- is new); _period_interval gained its bound; set_period_config its refusal (7);
+-- is new); _period_interval gained its bound; set_period_config its refusal (7) and where
+-- it leaves the current start (9);
 -- roll_periods changed in its candidate filter, in cases 0 and 1 of its step (7, 5) and
 -- where it computes the next start and closes.
 
@@ -127,8 +143,8 @@ DECLARE
     v_interval interval := meter._period_interval(p_period_interval);
     v_acc meter.accounts;
     v_open date;
-    v_opened_at timestamptz;
     v_open_interval interval;
+    v_current date;
     v_due date;
 BEGIN
     PERFORM meter._guard(p_namespace);
@@ -151,16 +167,17 @@ BEGIN
     v_acc := meter._lock_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
     -- A start past the next start of the period still open would leave the periods between
     -- unopened (their allocations lost): roll up to there first.
-    -- The latest period opened before that start, closed or not, and the interval it was
-    -- opened under (not a pending configuration's).
-    SELECT p.period_start, p.opened_at INTO v_open, v_opened_at FROM meter.periods p
+    -- The latest period opened before that start, closed or not, and the interval the roll
+    -- goes by from it: the latest configuration of a start up to it (a restatement's, not a
+    -- pending one's).
+    SELECT p.period_start INTO v_open FROM meter.periods p
     WHERE p.namespace = p_namespace AND p.account_id = v_acc.account_id
       AND p.opened_at IS NOT NULL AND p.period_start < p_period_start
     ORDER BY p.period_start DESC LIMIT 1;
     IF v_open IS NOT NULL AND v_acc.period_interval IS NOT NULL THEN
         SELECT c.period_interval INTO v_open_interval FROM meter.period_config_changes c
         WHERE c.namespace = p_namespace AND c.account_id = v_acc.account_id
-          AND c.changed_at <= v_opened_at
+          AND c.period_start <= v_open
         ORDER BY c.change_id DESC LIMIT 1;
         v_due := meter._next_period_start(p_namespace, v_acc.account_id, v_open,
                                           coalesce(v_open_interval, v_acc.period_interval));
@@ -174,8 +191,19 @@ BEGIN
                        to_char(v_due, 'YYYY-MM-DD')));
         END IF;
     END IF;
+    -- A start before the latest period opened (a configuration re-applied with its first
+    -- start, nightly, say) leaves the roll where the recorded periods have it: at the
+    -- earliest period from that start on that is still open (one left open when the next
+    -- was opened by hand, for the roll to close), else at the latest opened. Walking the
+    -- roll back through every recorded period only replayed them, at a cost that grew with
+    -- the account's age.
+    SELECT coalesce(min(p.period_start) FILTER (WHERE p.period_end IS NULL),
+                    max(p.period_start))
+    INTO v_current FROM meter.periods p
+    WHERE p.namespace = p_namespace AND p.account_id = v_acc.account_id
+      AND p.opened_at IS NOT NULL AND p.period_start >= p_period_start;
     UPDATE meter.accounts a
-    SET period_start = p_period_start, period_allocation = v_allocation,
+    SET period_start = coalesce(v_current, p_period_start), period_allocation = v_allocation,
         carry_over_limit = v_limit, period_interval = v_interval, updated_at = now()
     WHERE a.namespace = p_namespace AND a.account_id = v_acc.account_id;
     INSERT INTO meter.period_config_changes
@@ -549,22 +577,33 @@ BEGIN
                                                        v_acc.period_interval);
                     IF v_next > v_today THEN
                         v_done := true;
-                    ELSIF EXISTS (SELECT 1 FROM meter.periods p
-                                  WHERE p.namespace = v_acc.namespace
-                                    AND p.account_id = v_acc.account_id
-                                    AND p.period_start = v_acc.period_start
-                                    AND p.period_end IS NOT NULL)  -- closed: a replay
-                          OR NOT EXISTS (SELECT 1 FROM meter.periods p
-                                         WHERE p.namespace = v_acc.namespace
-                                           AND p.account_id = v_acc.account_id
-                                           AND p.period_start >= v_next
-                                           AND p.period_end IS NOT NULL) THEN
+                    ELSIF (EXISTS (SELECT 1 FROM meter.periods p
+                                   WHERE p.namespace = v_acc.namespace
+                                     AND p.account_id = v_acc.account_id
+                                     AND p.period_start = v_acc.period_start
+                                     AND p.period_end IS NOT NULL)
+                           OR EXISTS (SELECT 1 FROM meter.periods p
+                                      WHERE p.namespace = v_acc.namespace
+                                        AND p.account_id = v_acc.account_id
+                                        AND p.period_start >= v_next
+                                        AND p.period_end IS NOT NULL))
+                          AND EXISTS (SELECT 1 FROM meter.periods p
+                                      WHERE p.namespace = v_acc.namespace
+                                        AND p.account_id = v_acc.account_id
+                                        AND p.period_start = v_next
+                                        AND p.opened_at IS NOT NULL) THEN
+                        -- A walk through recorded periods (a start stored before 024, or a
+                        -- period left open when the next was opened by hand): this period
+                        -- was closed, or a later one was (whose close took this one's
+                        -- units: closing it now would expire them twice), and the next is
+                        -- open. Nothing to write: move on, not a step, not reported.
+                        UPDATE meter.accounts a SET period_start = v_next, updated_at = now()
+                        WHERE a.namespace = v_acc.namespace
+                          AND a.account_id = v_acc.account_id;
+                        v_again := true;
+                    ELSE
                         v_close_to := v_next - 1;
                     END IF;
-                    -- else this period was never closed but a later one was: the next was
-                    -- opened by hand while this one ran, and its close took this one's
-                    -- units. A walk through recorded periods (a configuration re-applied)
-                    -- only moves on; closing now would expire them a second time.
                 END IF;
                 IF NOT v_done AND NOT v_again THEN
                     status := CASE WHEN v_close_to IS NULL AND v_next = v_acc.period_start

@@ -326,9 +326,7 @@ def test_a_roll_locks_no_account_whose_period_has_not_ended(client, db, db_url):
 
 
 def test_a_roll_through_recorded_periods_replays_them(client, db):
-    # History made by another rule (the old roll slid to the 28th; here by hand), then the
-    # configuration re-applied with its first start: the roll walks the recorded periods
-    # again and must only replay them, not close Mar 30 and open Mar 31 on top.
+    # History made by another rule (the old roll slid to the 28th; here by hand).
     client.set_period_config("u1", ET, UNIT, None, date(2025, 1, 31), D("100"), None)
     client.open_period("u1", ET, UNIT, None, date(2025, 1, 31))
     for end, start in (
@@ -338,29 +336,28 @@ def test_a_roll_through_recorded_periods_replays_them(client, db):
         client.close_period("u1", ET, UNIT, None, end)
         client.open_period("u1", ET, UNIT, None, start)
     before = ledger(db, "u1")
+    # The configuration re-applied with its first start (nightly provisioning, say) leaves
+    # the roll at the current period: nothing to walk again.
     client.set_period_config("u1", ET, UNIT, None, date(2025, 1, 31), D("100"), None)
-    steps = roll(db, now=datetime(2025, 4, 15, tzinfo=UTC))
-    assert [(s["closed_period_end"], s["opened_period_start"]) for s in steps] == [
-        (date(2025, 2, 27), date(2025, 2, 28)),
-        (date(2025, 3, 27), date(2025, 3, 28)),
-    ]
+    assert client.get_account("u1", ET, UNIT)["period_start"] == date(2025, 3, 28)
+    assert roll(db, now=datetime(2025, 4, 15, tzinfo=UTC)) == []
+    # A start stored back there before 024: the walk replays the recorded periods (not Mar
+    # 30/31 on top of them), writes nothing and reports nothing.
+    db.execute("UPDATE meter.accounts SET period_start = '2025-01-31' WHERE user_id = 'u1'")
+    assert roll(db, now=datetime(2025, 4, 15, tzinfo=UTC)) == []
     assert ledger(db, "u1") == before
+    assert client.get_account("u1", ET, UNIT)["period_start"] == date(2025, 3, 28)
     assert client.get_balance("u1", ET, UNIT)["balance"] == D("300")
     # off the grid now (the 28th): start + interval, as before
     assert [s["opened_period_start"] for s in roll(db, now=datetime(2025, 4, 28, tzinfo=UTC))] == [
         date(2025, 4, 28)
     ]
-    # a new interval re-applied from the first start replays history the same way
+    # a new interval re-applied from the first start: from the current period on
     client.set_period_config("u1", ET, UNIT, None, date(2025, 1, 31), D("100"), None, "14 days")
-    before = ledger(db, "u1")
-    assert roll(db, now=datetime(2025, 5, 5, tzinfo=UTC))[-1]["opened_period_start"] == date(
-        2025, 4, 28
-    )
-    assert ledger(db, "u1") == before
+    assert roll(db, now=datetime(2025, 5, 5, tzinfo=UTC)) == []
     assert [s["opened_period_start"] for s in roll(db, now=datetime(2025, 5, 12, tzinfo=UTC))] == [
         date(2025, 5, 12)
     ]
-    assert client.reconcile() == []
 
 
 def test_raising_the_allocation_at_the_current_start_keeps_the_day(client, db):
@@ -468,6 +465,32 @@ def test_the_refusal_reads_the_open_period_s_own_interval_and_closed_periods(cli
         assert ei.value.parameter == "period_start"
         assert "2025-10-01" in str(ei.value), user
     assert snapshot() == before
+
+
+def test_the_refusal_goes_by_a_restated_interval(client, db):
+    # monthly, then restated as annual at the current start: the period of Mar 1 runs a
+    # year, so an upgrade on Jun 15 skips nothing
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 1, 1), D("100"), D("0"))
+    roll(db, now=datetime(2025, 3, 10, tzinfo=UTC))
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 3, 1), D("1200"), D("0"), "1 year")
+    assert roll(db, now=datetime(2025, 4, 2, tzinfo=UTC)) == []
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 6, 15), D("2400"), D("0"), "1 year")
+    steps = roll(db, now=datetime(2025, 6, 15, 1, tzinfo=UTC))
+    assert [(s["closed_period_end"], s["opened_period_start"]) for s in steps] == [
+        (date(2025, 6, 14), date(2025, 6, 15))
+    ]
+
+
+def test_nightly_reprovisioning_walks_and_reports_nothing(client, db):
+    t = today(db)
+    first = t - timedelta(days=30)
+    client.set_period_config("u1", ET, UNIT, None, first, D("10"), D("5"), "1 day")
+    roll(db)
+    before = ledger(db, "u1")
+    client.set_period_config("u1", ET, UNIT, None, first, D("10"), D("5"), "1 day")
+    assert client.get_account("u1", ET, UNIT)["period_start"] == t
+    assert roll(db) == []
+    assert ledger(db, "u1") == before
 
 
 def test_a_walk_past_a_period_opened_by_hand_early_expires_nothing_twice(client, db):
