@@ -623,3 +623,36 @@ def test_the_sweep_and_the_period_roll_never_deadlock(db_url, client, db):
         == 0
     )
     assert client.reconcile() == []
+
+
+RECORD_DEAD_LETTER = (
+    "SELECT meter.record_dead_letter('consume', '{}'::jsonb, 'MT002', 'key reused',"
+    " 'task-1/0', 'default')"
+)
+
+
+def test_two_deliveries_dead_lettering_one_message_at_once_file_one_letter(db, db_url):
+    # A Redis restart can hand an unacknowledged message to a second worker while the
+    # first still runs it. Both file its dead letter at once: one letter, two attempts
+    # (not a unique violation that the second worker then files as a second letter).
+    outcome: dict[str, Any] = {}
+    with psycopg.connect(db_url) as first, psycopg.connect(db_url, autocommit=True) as second:
+
+        def deliver_again() -> None:
+            try:
+                outcome["id"] = second.execute(RECORD_DEAD_LETTER).fetchone()[0]
+            except psycopg.Error as exc:
+                outcome["error"] = exc
+
+        with first.transaction():
+            first_id = first.execute(RECORD_DEAD_LETTER).fetchone()[0]
+            racer = threading.Thread(target=deliver_again)
+            racer.start()
+            time.sleep(0.5)
+            assert racer.is_alive(), outcome  # waits for the first delivery's letter
+        racer.join(10)
+    assert outcome == {"id": first_id}
+    rows = db.execute(
+        "SELECT dead_letter_id, attempts FROM meter.dead_letters WHERE source = 'task-1/0'"
+    ).fetchall()
+    assert [(r["dead_letter_id"], r["attempts"]) for r in rows] == [(first_id, 2)]
