@@ -16,9 +16,9 @@
 --    start on its own day, a month's last day (to raise the allocation, as the SDK's
 --    docstring invites), says nothing of the day it was cut from, and an older one on the
 --    same grid is asked (found by the second review; the third found that a configuration
---    on another day, Mar 28, must end the search: it chose its day). A period off the grid (opened by hand on another day,
---    or a configuration on a new day) is followed, as before, by its start plus the
---    interval. Day intervals never cut.
+--    on another day, Mar 28, must end the search: it chose its day). A period off the
+--    grid (opened by hand on another day, or a configuration on a new day) is followed, as
+--    before, by its start plus the interval. Day intervals never cut.
 --
 -- 2. What is recorded wins (found by review, reproduced). A configuration re-applied with
 --    an earlier start makes the roll walk through recorded periods again. Where its rule
