@@ -94,6 +94,11 @@
 --      roll goes by after a restatement (monthly restated as annual: every later start was
 --      refused until the year ended). It reads the latest configuration of a start up to
 --      the open period's.
+--    A sixth review found the move-on of item 8 incomplete: with a period opened by hand
+--    that skipped one (Nov 1 while Sep 1 ran) and closed by hand, a re-applied
+--    configuration made the roll close September again (its units expired twice) and open
+--    October. A period never closed while a later one was now moves the roll on to the
+--    earliest period opened after it, whether or not its computed next start was opened.
 --
 -- Migrations once applied are never edited, so close_period and roll_periods are replaced
 -- whole: close_period's body moved to meter._close_period (only the block under p_later
@@ -577,26 +582,45 @@ BEGIN
                                                        v_acc.period_interval);
                     IF v_next > v_today THEN
                         v_done := true;
-                    ELSIF (EXISTS (SELECT 1 FROM meter.periods p
-                                   WHERE p.namespace = v_acc.namespace
-                                     AND p.account_id = v_acc.account_id
-                                     AND p.period_start = v_acc.period_start
-                                     AND p.period_end IS NOT NULL)
-                           OR EXISTS (SELECT 1 FROM meter.periods p
+                    ELSIF NOT EXISTS (SELECT 1 FROM meter.periods p
                                       WHERE p.namespace = v_acc.namespace
                                         AND p.account_id = v_acc.account_id
-                                        AND p.period_start >= v_next
-                                        AND p.period_end IS NOT NULL))
+                                        AND p.period_start = v_acc.period_start
+                                        AND p.period_end IS NOT NULL)
+                          AND EXISTS (SELECT 1 FROM meter.periods p
+                                      WHERE p.namespace = v_acc.namespace
+                                        AND p.account_id = v_acc.account_id
+                                        AND p.period_start > v_acc.period_start
+                                        AND p.period_end IS NOT NULL) THEN
+                        -- This period was never closed but a later one was: a later period
+                        -- was opened by hand while this one ran, and its close took this
+                        -- one's units. Closing it now would expire them twice, and opening
+                        -- the periods between would grant days nobody opened: move on to
+                        -- the earliest period opened after it. Nothing is written: not a
+                        -- step, not reported.
+                        UPDATE meter.accounts a
+                        SET period_start = (SELECT min(p.period_start) FROM meter.periods p
+                                            WHERE p.namespace = v_acc.namespace
+                                              AND p.account_id = v_acc.account_id
+                                              AND p.period_start > v_acc.period_start
+                                              AND p.opened_at IS NOT NULL),
+                            updated_at = now()
+                        WHERE a.namespace = v_acc.namespace
+                          AND a.account_id = v_acc.account_id;
+                        v_again := true;
+                    ELSIF EXISTS (SELECT 1 FROM meter.periods p
+                                  WHERE p.namespace = v_acc.namespace
+                                    AND p.account_id = v_acc.account_id
+                                    AND p.period_start = v_acc.period_start
+                                    AND p.period_end IS NOT NULL)
                           AND EXISTS (SELECT 1 FROM meter.periods p
                                       WHERE p.namespace = v_acc.namespace
                                         AND p.account_id = v_acc.account_id
                                         AND p.period_start = v_next
                                         AND p.opened_at IS NOT NULL) THEN
-                        -- A walk through recorded periods (a start stored before 024, or a
-                        -- period left open when the next was opened by hand): this period
-                        -- was closed, or a later one was (whose close took this one's
-                        -- units: closing it now would expire them twice), and the next is
-                        -- open. Nothing to write: move on, not a step, not reported.
+                        -- A walk through recorded periods (a start stored before 024): this
+                        -- period was closed and the next is open. Nothing to write: move
+                        -- on, not a step, not reported.
                         UPDATE meter.accounts a SET period_start = v_next, updated_at = now()
                         WHERE a.namespace = v_acc.namespace
                           AND a.account_id = v_acc.account_id;

@@ -506,6 +506,27 @@ def test_a_walk_past_a_period_opened_by_hand_early_expires_nothing_twice(client,
     assert client.get_account("u1", ET, UNIT)["period_start"] == date(2025, 11, 1)
 
 
+def test_a_period_skipped_by_hand_is_neither_closed_again_nor_opened(client, db):
+    # Two identical accounts; an operator opens Nov 1 by hand (skipping October) while
+    # September runs, and closes November by hand. Only one then gets its unchanged
+    # configuration re-applied: both must end with the same ledger.
+    for user in ("reapplied", "control"):
+        client.set_period_config(user, ET, UNIT, None, date(2025, 9, 1), D("100"), D("0"))
+    roll(db, now=datetime(2025, 9, 2, tzinfo=UTC))
+    for user in ("reapplied", "control"):
+        client.open_period(user, ET, UNIT, None, date(2025, 11, 1))
+        client.close_period(user, ET, UNIT, None, date(2025, 11, 30))
+    client.set_period_config("reapplied", ET, UNIT, None, date(2025, 9, 1), D("100"), D("0"))
+    roll(db, now=datetime(2025, 12, 15, tzinfo=UTC))
+    assert [(e, a, t.date()) for e, a, t in ledger(db, "reapplied")] == [
+        (e, a, t.date()) for e, a, t in ledger(db, "control")
+    ]
+    assert [p["period_start"] for p in periods(db, "reapplied")] == [
+        p["period_start"] for p in periods(db, "control")
+    ]
+    assert client.reconcile() == []
+
+
 def test_a_rewound_start_that_gave_way_keeps_the_day(client, db):
     client.set_period_config("u1", ET, UNIT, None, date(2025, 1, 31), D("100"), D("0"))
     roll(db, now=datetime(2025, 4, 1, tzinfo=UTC))
