@@ -55,8 +55,8 @@
 --
 -- 6. Period intervals are at most 100 years (second review, reproduced). One tenant's
 --    '200000000 days' overflowed the date arithmetic of the roll's candidate query, so
---    beat's roll failed for every tenant. meter._period_interval refuses it; an interval
---    stored before is left out of the candidates (its next start is 'infinity').
+--    beat's roll failed for every tenant. set_period_config refuses it; an interval stored
+--    before is left out of the candidates (its next start is 'infinity').
 --
 -- 7. Starts that would skip or repeat periods (third review, reproduced).
 --    - set_period_config refuses a start past the next start of the period still open:
@@ -102,37 +102,13 @@
 --
 -- Migrations once applied are never edited, so close_period and roll_periods are replaced
 -- whole: close_period's body moved to meter._close_period (only the block under p_later
--- is new); _period_interval gained its bound; set_period_config its refusal (7) and where
--- it leaves the current start (9);
--- roll_periods changed in its candidate filter, in cases 0 and 1 of its step (7, 5) and
--- where it computes the next start and closes.
+-- is new); set_period_config gained its refusals (6, 7) and where it leaves the current
+-- start (9); roll_periods changed in its candidate filter, in cases 0 and 1 of its step
+-- (7, 5) and where it computes the next start and closes.
 
--- Whether a period interval is usable for date-based periods: positive whole days or whole
--- months, at most 100 years (a longer one overflowed the roll's date arithmetic, and the
--- roll's candidate query failed for every tenant).
-CREATE OR REPLACE FUNCTION meter._period_interval(p_value interval) RETURNS interval
-LANGUAGE plpgsql IMMUTABLE AS $$
-DECLARE
-    v interval := coalesce(p_value, interval '1 month');
-BEGIN
-    IF v <= interval '0' OR extract(epoch FROM v - date_trunc('day', v)) <> 0
-       OR (extract(year FROM v) * 12 + extract(month FROM v) > 0
-           AND extract(day FROM v) <> 0)
-       OR extract(year FROM v) * 12 + extract(month FROM v) < 0
-       OR extract(day FROM v) < 0 THEN
-        PERFORM meter._fail('MT001', 'period_interval',
-            format('must be a positive number of whole days or whole months, got %s', v));
-    END IF;
-    IF v > interval '100 years' THEN
-        PERFORM meter._fail('MT001', 'period_interval',
-                            format('must be at most 100 years (36000 days), got %s', v));
-    END IF;
-    RETURN v;
-END
-$$;
-
--- set_period_config (022's), and one refusal more: a start past the next start of the
--- period still open (item 7).
+-- set_period_config (022's), with two refusals more: an interval over 100 years (item 6)
+-- and a start past the next start of the period still open (item 7); and where it leaves
+-- the current start (item 9).
 CREATE OR REPLACE FUNCTION meter.set_period_config(p_user_id text, p_event_type text, p_unit text,
                                         p_resource text, p_period_start date,
                                         p_period_allocation numeric,
@@ -156,6 +132,11 @@ BEGIN
     PERFORM meter._ident('user_id', p_user_id, 256, true),
             meter._ident('event_type', p_event_type, 256),
             meter._ident('unit', p_unit, 64);
+    IF v_interval > interval '100 years' THEN  -- longer overflowed the roll's date arithmetic
+        PERFORM meter._fail('MT001', 'period_interval',
+                            format('must be at most 100 years (36000 days), got %s',
+                                   v_interval));
+    END IF;
     IF p_period_start IS NULL OR NOT isfinite(p_period_start) THEN
         PERFORM meter._fail('MT001', 'period_start', 'is required (a finite date)');
     END IF;
@@ -171,10 +152,9 @@ BEGIN
     PERFORM meter._create_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
     v_acc := meter._lock_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
     -- A start past the next start of the period still open would leave the periods between
-    -- unopened (their allocations lost): roll up to there first.
-    -- The latest period opened before that start, closed or not, and the interval the roll
-    -- goes by from it: the latest configuration of a start up to it (a restatement's, not a
-    -- pending one's).
+    -- unopened (their allocations lost). That next start is reckoned from the latest period
+    -- opened before the start, closed or not, with the interval the roll goes by from it:
+    -- the latest configuration of a start up to it (a restatement's, not a pending one's).
     SELECT p.period_start INTO v_open FROM meter.periods p
     WHERE p.namespace = p_namespace AND p.account_id = v_acc.account_id
       AND p.opened_at IS NOT NULL AND p.period_start < p_period_start
