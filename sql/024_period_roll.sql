@@ -238,7 +238,7 @@ BEGIN
     END IF;
     -- Adding months cuts a day only past a shorter month's end, so a start that is not the
     -- last day of its month was not cut, and start + interval is on the grid already.
-    IF v_step > 0 AND p_start = (date_trunc('month', p_start) + interval '1 month - 1 day')::date THEN
+    IF v_step > 0 AND extract(day FROM p_start + 1) = 1 THEN
         -- The configurations, newest first, as long as p_start is on their grid: the first
         -- whose day is later than p_start's is the day p_start was cut from. One on a
         -- month's last day (a change that restated a cut start, say to raise the
@@ -260,8 +260,7 @@ BEGIN
                                            AND p.opened_at IS NOT NULL);
             v_months := (extract(year FROM p_start) * 12 + extract(month FROM p_start))::integer
                         - (extract(year FROM v_anchor) * 12 + extract(month FROM v_anchor))::integer;
-            v_month_end := v_anchor = (date_trunc('month', v_anchor)
-                                       + interval '1 month - 1 day')::date;
+            v_month_end := extract(day FROM v_anchor + 1) = 1;
             -- off this grid (opened by hand on another day): start + interval. A month's
             -- last day is on the grid of every month's last day, which p_start is.
             EXIT WHEN v_months % v_step <> 0
@@ -432,6 +431,9 @@ DECLARE
     v_end timestamptz;
     v_close_end timestamptz;
     v_close_to date;
+    v_move_to date;
+    v_opened boolean;
+    v_current_end date;
     v_posted numeric;
     v_actor text := current_setting('meter.actor_id', true);
 BEGIN
@@ -514,47 +516,42 @@ BEGIN
                 WHERE a.namespace = v_cand.namespace AND a.account_id = v_cand.account_id
                 FOR UPDATE;
                 v_close_to := NULL;  -- the last day of the period this step closes
+                v_move_to := NULL;   -- where the roll moves on writing nothing (not a step)
+                SELECT p.opened_at IS NOT NULL, p.period_end INTO v_opened, v_current_end
+                FROM meter.periods p
+                WHERE p.namespace = v_acc.namespace AND p.account_id = v_acc.account_id
+                  AND p.period_start = v_acc.period_start;
                 IF v_acc.period_allocation IS NULL OR v_acc.period_interval IS NULL
                    OR v_acc.period_start > v_today THEN
                     v_done := true;
-                ELSIF NOT EXISTS (SELECT 1 FROM meter.periods p
-                                  WHERE p.namespace = v_acc.namespace
-                                    AND p.account_id = v_acc.account_id
-                                    AND p.period_start = v_acc.period_start
-                                    AND p.opened_at IS NOT NULL)
-                      AND EXISTS (SELECT 1 FROM meter.periods p
-                                  WHERE p.namespace = v_acc.namespace
-                                    AND p.account_id = v_acc.account_id
-                                    AND p.opened_at IS NOT NULL
-                                    AND (p.period_start > v_acc.period_start
-                                         OR p.period_end >= v_acc.period_start)) THEN
-                    -- 0. the configured start lies inside recorded periods (a rewind to a
-                    --    day no period started on): what is recorded wins. The latest
-                    --    period opened is current again, and the roll goes on from it;
-                    --    opening the configured start would grant its days twice.
-                    UPDATE meter.accounts a
-                    SET period_start = (SELECT max(p.period_start) FROM meter.periods p
-                                        WHERE p.namespace = v_acc.namespace
-                                          AND p.account_id = v_acc.account_id
-                                          AND p.opened_at IS NOT NULL),
-                        updated_at = now()
-                    WHERE a.namespace = v_acc.namespace AND a.account_id = v_acc.account_id;
-                    v_again := true;
-                ELSIF NOT EXISTS (SELECT 1 FROM meter.periods p
-                                  WHERE p.namespace = v_acc.namespace
-                                    AND p.account_id = v_acc.account_id
-                                    AND p.period_start = v_acc.period_start
-                                    AND p.opened_at IS NOT NULL) THEN
-                    -- 1. the configured period was never opened: open it. A period still
-                    --    open from before it (the configuration moved the start on) ends the
-                    --    day before, and is closed first: its unused units would otherwise
-                    --    run on into the new period past the carry-over limit.
-                    v_next := v_acc.period_start;
-                    SELECT v_next - 1 INTO v_close_to FROM meter.periods p
-                    WHERE p.namespace = v_acc.namespace AND p.account_id = v_acc.account_id
-                      AND p.opened_at IS NOT NULL AND p.period_end IS NULL
-                      AND p.period_start < v_next
-                    LIMIT 1;
+                ELSIF NOT coalesce(v_opened, false) THEN
+                    IF EXISTS (SELECT 1 FROM meter.periods p
+                               WHERE p.namespace = v_acc.namespace
+                                 AND p.account_id = v_acc.account_id
+                                 AND p.opened_at IS NOT NULL
+                                 AND (p.period_start > v_acc.period_start
+                                      OR p.period_end >= v_acc.period_start)) THEN
+                        -- 0. the configured start lies inside recorded periods (a rewind to
+                        --    a day no period started on): what is recorded wins. The latest
+                        --    period opened is current again, and the roll goes on from it;
+                        --    opening the configured start would grant its days twice.
+                        SELECT max(p.period_start) INTO v_move_to FROM meter.periods p
+                        WHERE p.namespace = v_acc.namespace
+                          AND p.account_id = v_acc.account_id AND p.opened_at IS NOT NULL;
+                    ELSE
+                        -- 1. the configured period was never opened: open it. A period
+                        --    still open from before it (the configuration moved the start
+                        --    on) ends the day before, and is closed first: its unused units
+                        --    would otherwise run on into the new period past the carry-over
+                        --    limit.
+                        v_next := v_acc.period_start;
+                        SELECT v_next - 1 INTO v_close_to FROM meter.periods p
+                        WHERE p.namespace = v_acc.namespace
+                          AND p.account_id = v_acc.account_id
+                          AND p.opened_at IS NOT NULL AND p.period_end IS NULL
+                          AND p.period_start < v_next
+                        LIMIT 1;
+                    END IF;
                 ELSE
                     -- 2. the current period has ended: close it, open the next
                     v_next := meter._next_period_start(v_acc.namespace, v_acc.account_id,
@@ -562,54 +559,40 @@ BEGIN
                                                        v_acc.period_interval);
                     IF v_next > v_today THEN
                         v_done := true;
-                    ELSIF NOT EXISTS (SELECT 1 FROM meter.periods p
-                                      WHERE p.namespace = v_acc.namespace
-                                        AND p.account_id = v_acc.account_id
-                                        AND p.period_start = v_acc.period_start
-                                        AND p.period_end IS NOT NULL)
+                    ELSIF v_current_end IS NULL
                           AND EXISTS (SELECT 1 FROM meter.periods p
                                       WHERE p.namespace = v_acc.namespace
                                         AND p.account_id = v_acc.account_id
                                         AND p.period_start > v_acc.period_start
                                         AND p.period_end IS NOT NULL) THEN
-                        -- This period was never closed but a later one was: a later period
-                        -- was opened by hand while this one ran, and its close took this
-                        -- one's units. Closing it now would expire them twice, and opening
-                        -- the periods between would grant days nobody opened: move on to
-                        -- the earliest period opened after it. Nothing is written: not a
-                        -- step, not reported.
-                        UPDATE meter.accounts a
-                        SET period_start = (SELECT min(p.period_start) FROM meter.periods p
-                                            WHERE p.namespace = v_acc.namespace
-                                              AND p.account_id = v_acc.account_id
-                                              AND p.period_start > v_acc.period_start
-                                              AND p.opened_at IS NOT NULL),
-                            updated_at = now()
-                        WHERE a.namespace = v_acc.namespace
-                          AND a.account_id = v_acc.account_id;
-                        v_again := true;
-                    ELSIF EXISTS (SELECT 1 FROM meter.periods p
-                                  WHERE p.namespace = v_acc.namespace
-                                    AND p.account_id = v_acc.account_id
-                                    AND p.period_start = v_acc.period_start
-                                    AND p.period_end IS NOT NULL)
+                        -- Never closed, but a later period was: it was opened by hand while
+                        -- this one ran, and its close took this one's units. Closing this
+                        -- one now would expire them twice, and opening the periods between
+                        -- would grant days nobody opened: move on to the earliest period
+                        -- opened after it.
+                        SELECT min(p.period_start) INTO v_move_to FROM meter.periods p
+                        WHERE p.namespace = v_acc.namespace
+                          AND p.account_id = v_acc.account_id
+                          AND p.period_start > v_acc.period_start AND p.opened_at IS NOT NULL;
+                    ELSIF v_current_end IS NOT NULL
                           AND EXISTS (SELECT 1 FROM meter.periods p
                                       WHERE p.namespace = v_acc.namespace
                                         AND p.account_id = v_acc.account_id
                                         AND p.period_start = v_next
                                         AND p.opened_at IS NOT NULL) THEN
-                        -- A walk through recorded periods (a start stored before 024): this
-                        -- period was closed and the next is open. Nothing to write: move
-                        -- on, not a step, not reported.
-                        UPDATE meter.accounts a SET period_start = v_next, updated_at = now()
-                        WHERE a.namespace = v_acc.namespace
-                          AND a.account_id = v_acc.account_id;
-                        v_again := true;
+                        -- a walk through recorded periods (a start stored before 024): this
+                        -- one was closed and the next is open
+                        v_move_to := v_next;
                     ELSE
                         v_close_to := v_next - 1;
                     END IF;
                 END IF;
-                IF NOT v_done AND NOT v_again THEN
+                IF v_move_to IS NOT NULL THEN
+                    -- nothing to write but the current start: not a step, not reported
+                    UPDATE meter.accounts a SET period_start = v_move_to, updated_at = now()
+                    WHERE a.namespace = v_acc.namespace AND a.account_id = v_acc.account_id;
+                    v_again := true;
+                ELSIF NOT v_done THEN
                     status := CASE WHEN v_close_to IS NULL AND v_next = v_acc.period_start
                                    THEN 'opened' ELSE 'rolled' END;
                     IF v_close_to IS NOT NULL THEN
