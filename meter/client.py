@@ -1011,7 +1011,9 @@ class MeterClient:
                 the current start (Apr 30) keeps that day too. A period still open
                 before a later start is closed the day before it; a start past that
                 period's next start is refused (the periods between would never open);
-                a start before the latest period opened (the first start, re-applied)
+                should the account's roll be behind (beat down), such a start first rolls
+                its periods up to today, as beat would have, and is then judged again; a
+                start before the latest period opened (the first start, re-applied)
                 leaves the current period as it is.
             period_allocation: what each period grants, >= 0.
             carry_over_limit: the most that rolls into the next period, >= 0 (``None``:

@@ -18,6 +18,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from meter import MeterClient
 from meter.errors import ValidationError
 from tests.fix_db import ledger_partitions
 from worker import db as wdb
@@ -435,36 +436,251 @@ def test_a_start_rewound_inside_recorded_periods_grants_nothing_twice(client, db
 
 
 def test_set_period_config_refuses_a_start_that_would_skip_periods(client, db, snapshot):
-    # The period of Sep 1 is open; its successor starts Oct 1. A start on Nov 15 would
-    # leave October unopened.
-    client.set_period_config("u1", ET, UNIT, None, date(2025, 9, 1), D("100"), D("0"))
-    roll(db, now=datetime(2025, 9, 10, tzinfo=UTC))
+    # This month's period is open; its successor starts on the 1st of next month, not due
+    # yet. A start on the 15th of the month after would leave next month unopened.
+    t = today(db)
+    this, nxt, after = (month_start(t, back) for back in (0, -1, -2))
+    client.set_period_config("u1", ET, UNIT, None, this, D("100"), D("0"))
+    roll(db)
     before = snapshot()
     with pytest.raises(ValidationError) as ei:
-        client.set_period_config("u1", ET, UNIT, None, date(2025, 11, 15), D("200"), D("0"))
+        client.set_period_config("u1", ET, UNIT, None, after + timedelta(days=14), D("200"), D("0"))
     assert ei.value.parameter == "period_start"
-    assert "2025-10-01" in str(ei.value)
+    assert nxt.isoformat() in str(ei.value)
     assert snapshot() == before
     # up to the next start is a plan change at a period's end, or in its middle
-    client.set_period_config("u1", ET, UNIT, None, date(2025, 10, 1), D("200"), D("0"))
-    client.set_period_config("u1", ET, UNIT, None, date(2025, 9, 20), D("200"), D("0"))
+    client.set_period_config("u1", ET, UNIT, None, nxt, D("200"), D("0"))
+    client.set_period_config("u1", ET, UNIT, None, this + timedelta(days=5), D("200"), D("0"))
 
 
 def test_the_refusal_reads_the_open_period_s_own_interval_and_closed_periods(client, db, snapshot):
+    t = today(db)
     # (a) a pending configuration's interval does not widen the limit
-    client.set_period_config("a", ET, UNIT, None, date(2025, 9, 1), D("100"), D("0"))
+    client.set_period_config("a", ET, UNIT, None, t, D("100"), D("0"), "1 day")
     # (b) a period closed by hand before the roll still has a successor due
-    client.set_period_config("b", ET, UNIT, None, date(2025, 9, 1), D("100"), D("0"))
-    roll(db, now=datetime(2025, 9, 1, 1, tzinfo=UTC))
-    client.close_period("b", ET, UNIT, None, date(2025, 9, 30))
-    client.set_period_config("a", ET, UNIT, None, date(2025, 10, 1), D("100"), D("0"), "3 months")
+    client.set_period_config("b", ET, UNIT, None, t, D("100"), D("0"), "1 day")
+    roll(db)
+    client.close_period("b", ET, UNIT, None, t)
+    client.set_period_config("a", ET, UNIT, None, t + timedelta(days=1), D("100"), D("0"), "3 days")
     before = snapshot()
-    for user, start in (("a", date(2025, 11, 15)), ("b", date(2025, 12, 15))):
+    for user in ("a", "b"):
         with pytest.raises(ValidationError) as ei:
-            client.set_period_config(user, ET, UNIT, None, start, D("100"), D("0"))
+            client.set_period_config(
+                user, ET, UNIT, None, t + timedelta(days=2), D("100"), D("0"), "1 day"
+            )
         assert ei.value.parameter == "period_start"
-        assert "2025-10-01" in str(ei.value), user
+        assert (t + timedelta(days=1)).isoformat() in str(ei.value), user
     assert snapshot() == before
+
+
+def ledger_with_actors(db: psycopg.Connection[Any], user: str) -> list[tuple[Any, ...]]:
+    rows = db.execute(
+        "SELECT entry_type, amount, event_time, actor_id FROM meter.ledger"
+        " WHERE user_id = %s ORDER BY event_time, id",
+        (user,),
+    ).fetchall()
+    return [tuple(r.values()) for r in rows]
+
+
+def test_set_period_config_catches_up_a_late_roll_first(client, db):
+    # Two identical accounts, monthly since two months back. The roll reaches "a_on_time"
+    # (batch 2: its two steps) but not "b_late", as when beat is down. A plan change from
+    # the 15th of this month is within the limit for the first; for the second it looked
+    # past one (its open period's successor is two months old) and was refused. It now
+    # rolls "b_late" up to today first, and both end alike.
+    t = today(db)
+    m2, m1, m0 = (month_start(t, back) for back in (2, 1, 0))
+    for user in ("a_on_time", "b_late"):
+        client.set_period_config(user, ET, UNIT, None, m2, D("100"), D("30"))
+    roll(db, now=first_instant(m2) + timedelta(days=1))
+    for user in ("a_on_time", "b_late"):
+        client.consume(user, ET, D("20"), UNIT, event_time=first_instant(m2) + timedelta(days=3))
+    steps = roll(db, batch=2)
+    assert [(s["user_id"], s["opened_period_start"]) for s in steps] == [
+        ("a_on_time", m1),
+        ("a_on_time", m0),
+    ]
+    change = (m0 + timedelta(days=14), D("200"), D("30"))
+    client.set_period_config("a_on_time", ET, UNIT, None, *change)
+    client.set_period_config("b_late", ET, UNIT, None, *change)
+    assert [p["period_start"] for p in periods(db, "b_late")] == [m2, m1, m0]
+
+    roll(db)  # the change's start, when it has come: the same for both
+    assert ledger_with_actors(db, "b_late") == ledger_with_actors(db, "a_on_time")
+    assert periods(db, "b_late") == periods(db, "a_on_time")
+    keys = ("period_start", "period_allocation", "balance", "total_credited", "total_debited")
+    late, on_time = (client.get_account(u, ET, UNIT) for u in ("b_late", "a_on_time"))
+    assert [late[k] for k in keys] == [on_time[k] for k in keys]
+    assert late["period_allocation"] == D("200")
+    assert roll(db) == []
+    assert client.reconcile() == []
+
+
+def test_a_catch_up_that_still_refuses_changes_nothing(client, db, snapshot):
+    # The roll catches the account up to this month; the start, past next month's first
+    # day (not due), would still skip next month: refused, and the roll undone with it.
+    t = today(db)
+    m2, nxt, after = (month_start(t, back) for back in (2, -1, -2))
+    client.set_period_config("u1", ET, UNIT, None, m2, D("100"), D("30"))
+    roll(db, now=first_instant(m2) + timedelta(days=1))
+    before = snapshot()
+    with pytest.raises(ValidationError) as ei:
+        client.set_period_config("u1", ET, UNIT, None, after + timedelta(days=14), D("1"), None)
+    assert ei.value.parameter == "period_start"
+    assert nxt.isoformat() in str(ei.value)
+    assert snapshot() == before
+
+
+def test_a_start_past_a_due_pending_configuration_is_judged_after_it_opens(client, db):
+    # Weekly since three days ago; a change from yesterday is pending (due, not rolled):
+    # "a_on_time" gets it rolled, "b_late" does not. A change from six days on is within
+    # the limit once yesterday's period is open, and was refused while it was not.
+    t = today(db)
+    for user in ("a_on_time", "b_late"):
+        client.set_period_config(
+            user, ET, UNIT, None, t - timedelta(days=3), D("100"), D("0"), "7 days"
+        )
+    roll(db)
+    for user in ("a_on_time", "b_late"):
+        client.set_period_config(
+            user, ET, UNIT, None, t - timedelta(days=1), D("50"), D("0"), "7 days"
+        )
+    assert [s["user_id"] for s in roll(db, batch=1)] == ["a_on_time"]
+    for user in ("a_on_time", "b_late"):
+        client.set_period_config(
+            user, ET, UNIT, None, t + timedelta(days=6), D("70"), D("0"), "7 days"
+        )
+    assert ledger_with_actors(db, "b_late") == ledger_with_actors(db, "a_on_time")
+    assert periods(db, "b_late") == periods(db, "a_on_time")
+    assert [p["period_start"] for p in periods(db, "b_late")] == [
+        t - timedelta(days=3),
+        t - timedelta(days=1),
+    ]
+
+
+def test_a_catch_up_is_recorded_as_the_roll_s(client, db):
+    # The caller's actor, on_behalf_of and reason are its own call's (the configuration
+    # change); the periods the catch-up rolls are the roll's, as beat would have written them.
+    t = today(db)
+    m2, m0 = month_start(t, 2), month_start(t, 0)
+    client.set_period_config("u1", ET, UNIT, None, m2, D("100"), D("30"))
+    roll(db, now=first_instant(m2) + timedelta(days=1))
+    client.set_actor(actor_id="alice", request_id="req-7", on_behalf_of="bob", reason="upgrade")
+    client.set_period_config("u1", ET, UNIT, None, m0 + timedelta(days=14), D("200"), D("30"))
+    rows = db.execute(
+        "SELECT entry_type, actor_id, on_behalf_of, reason, request_id FROM meter.ledger"
+        " WHERE user_id = 'u1' AND event_time > %s ORDER BY event_time, id",
+        (first_instant(m2),),
+    ).fetchall()
+    assert [r["entry_type"] for r in rows] == [
+        "expiration", "carry_over", "allocation", "expiration", "carry_over", "allocation"
+    ]  # fmt: skip
+    assert {(r["actor_id"], r["on_behalf_of"], r["reason"], r["request_id"]) for r in rows} == {
+        ("system:periods", None, None, "req-7")
+    }
+    change = db.execute(
+        "SELECT actor FROM meter.period_config_changes WHERE user_id = 'u1'"
+        " ORDER BY change_id DESC LIMIT 1"
+    ).fetchone()
+    assert change["actor"] == {
+        "actor_id": "alice", "request_id": "req-7", "on_behalf_of": "bob", "reason": "upgrade"
+    }  # fmt: skip
+
+
+def test_a_catch_up_in_a_transaction_holding_the_account_does_not_deadlock_the_roll(
+    client, db, db_url
+):
+    # The caller's own transaction holds the account (a consume) while beat's roll waits
+    # for it; the caller then changes the configuration, which catches the account up.
+    # Neither may fail: the catch-up takes no lock the roll holds. (The months exist: a
+    # month the roll creates stays locked until it commits, and a transaction holding an
+    # account can wait on it, as any that creates a month under account locks.)
+    t = today(db)
+    m2, m1, m0 = (month_start(t, back) for back in (2, 1, 0))
+    for month in (month_start(t, 3), m2, m1, m0):
+        db.execute("SELECT meter.create_partition(%s, %s)", (month.year, month.month))
+    for user in ("a_other", "u1"):
+        client.set_period_config(user, ET, UNIT, None, m2, D("100"), D("0"))
+    roll(db, now=first_instant(m2) + timedelta(days=1))
+    outcome: dict[str, Any] = {}
+
+    def beat() -> None:
+        try:
+            with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+                outcome["roll"] = roll(conn)
+        except BaseException as exc:
+            outcome["roll"] = exc
+
+    with psycopg.connect(db_url, row_factory=dict_row) as app:
+        app.execute("SELECT 1")  # a transaction of the caller's: the SDK's calls nest in it
+        MeterClient(app).consume("u1", ET, D("1"), UNIT)
+        thread = threading.Thread(target=beat)
+        thread.start()
+        thread.join(1.0)
+        assert thread.is_alive()  # the roll waits for u1
+        # this month's start, restated: past the limit until the account is caught up
+        MeterClient(app).set_period_config("u1", ET, UNIT, None, m0, D("200"), D("0"))
+        app.commit()
+    thread.join(30)
+    assert not isinstance(outcome["roll"], BaseException), outcome["roll"]
+    assert [p["period_start"] for p in periods(db, "u1")] == [m2, m1, m0]
+    assert [p["period_start"] for p in periods(db, "a_other")] == [m2, m1, m0]
+    assert client.reconcile() == []
+
+
+def test_a_refusal_says_why_the_catch_up_failed(client, db, snapshot):
+    t = today(db)
+    m2 = month_start(t, 2)
+    client.set_period_config("u1", ET, UNIT, None, m2, D("100"), D("0"))
+    roll(db, now=first_instant(m2) + timedelta(days=1))
+    # the roll fails for this account (a failure injected where it records periods)
+    db.execute(
+        "CREATE FUNCTION public.fail_roll() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$BEGIN RAISE EXCEPTION 'injected failure'; END$$"
+    )
+    db.execute(
+        "CREATE TRIGGER fail_roll BEFORE INSERT OR UPDATE ON meter.periods"
+        " FOR EACH ROW EXECUTE FUNCTION public.fail_roll()"
+    )
+    assert [s["status"] for s in roll(db)] == ["error"]
+    before = snapshot()
+    with pytest.raises(ValidationError) as ei:
+        client.set_period_config("u1", ET, UNIT, None, t, D("100"), D("0"))
+    assert ei.value.parameter == "period_start"
+    assert "rolling this account up to today failed: P0001 injected failure" in str(ei.value)
+    assert snapshot() == before
+
+
+def test_a_catch_up_waits_for_a_roll_under_way_and_repeats_nothing(client, db, db_url):
+    # A roll holds its lock until it commits; a set_period_config that catches the same
+    # account up waits for it, then finds nothing left to roll.
+    t = today(db)
+    m2, m1, m0 = (month_start(t, back) for back in (2, 1, 0))
+    client.set_period_config("u1", ET, UNIT, None, m2, D("100"), D("30"))
+    roll(db, now=first_instant(m2) + timedelta(days=1))
+    errors: list[BaseException] = []
+
+    def change() -> None:
+        try:
+            client.set_period_config(
+                "u1", ET, UNIT, None, m0 + timedelta(days=14), D("200"), D("30")
+            )
+        except BaseException as exc:
+            errors.append(exc)
+
+    with psycopg.connect(db_url, row_factory=dict_row) as held:
+        assert [s["opened_period_start"] for s in roll(held)] == [m1, m0]
+        thread = threading.Thread(target=change)
+        thread.start()
+        thread.join(1.0)
+        assert thread.is_alive()  # waiting for the roll
+        held.commit()
+    thread.join(30)
+    assert errors == []
+    assert [p["period_start"] for p in periods(db, "u1")] == [m2, m1, m0]
+    assert [e for e, _, _ in ledger(db, "u1")].count("allocation") == 3
+    assert client.get_account("u1", ET, UNIT)["period_allocation"] == D("200")
+    assert client.reconcile() == []
 
 
 def test_the_refusal_goes_by_a_restated_interval(client, db):
