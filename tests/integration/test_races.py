@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from meter import MeterClient
 from meter.errors import IdempotencyConflictError
@@ -656,3 +657,48 @@ def test_two_deliveries_dead_lettering_one_message_at_once_file_one_letter(db, d
         "SELECT dead_letter_id, attempts FROM meter.dead_letters WHERE source = 'task-1/0'"
     ).fetchall()
     assert [(r["dead_letter_id"], r["attempts"]) for r in rows] == [(first_id, 2)]
+
+
+@pytest.mark.parametrize(
+    "op, args",
+    [
+        ("consume", {"amount": "3", "idempotency_key": "dup-c"}),
+        ("allocate", {"amount": "3", "idempotency_key": "dup-a"}),
+        ("reserve", {"amount": "3", "reservation_id": "dup-r"}),
+    ],
+)
+def test_a_delivery_that_waited_for_the_same_event_is_reported_replayed(
+    db_url, client, db, op, args
+):
+    # Two deliveries of one event at once (a redelivery, two worker children): the second
+    # waits for the first's key lock and replays its result. It used to be reported
+    # 'applied' (its look-up came before the lock), though nothing was applied twice.
+    client.allocate("u1", ET, 10, UNIT)
+    event = {
+        "op": op,
+        "namespace": "default",
+        "args": {"user_id": "u1", "event_type": ET, "unit": UNIT, **args},
+    }
+    apply = "SELECT status FROM meter.apply_events(%s)"
+    second: dict[str, Any] = {}
+
+    def deliver_again(conn: psycopg.Connection[Any]) -> None:
+        try:
+            second["status"] = [r["status"] for r in conn.execute(apply, (Jsonb([event]),))]
+        except BaseException as exc:
+            second["status"] = exc
+
+    with (
+        psycopg.connect(db_url, row_factory=dict_row) as first,
+        psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as other,
+    ):
+        assert [r["status"] for r in first.execute(apply, (Jsonb([event]),))] == ["applied"]
+        thread = threading.Thread(target=deliver_again, args=(other,))
+        thread.start()
+        eventually(lambda: _waiting_on_a_lock(db, other.info.backend_pid))
+        first.commit()
+        thread.join(30)
+    assert second["status"] == ["replayed"]
+    assert len(ledger(db, "u1")) == (1 if op == "reserve" else 2)
+    if op == "reserve":
+        assert client.get_balance("u1", ET, UNIT)["reserved"] == D("3")
