@@ -22,13 +22,22 @@
 -- meter._roll_account, which both call. The limit the refusal reads (the next start after
 -- the latest period opened before the start) moved into meter._period_start_limit, read
 -- once without locks to decide whether to roll, and again under the account's lock to
--- decide. The catch-up takes no lock of its own before the steps: each step creates the
--- months it dates rows in, then locks the account and decides on what it reads under that
--- lock, so a roll_periods under way on the account is waited for, and one that comes later
--- finds nothing to do (a first version took roll_periods' advisory lock: a caller holding
--- the account in its own transaction could then deadlock with beat's roll, found by
--- review). The steps are recorded as the roll's: actor 'system:periods', no on_behalf_of
--- or reason (the caller's request_id kept, to find them by).
+-- decide. Locks (two reviews): the catch-up first creates every month the roll may date
+-- rows in, then runs the steps, each of which locks the account and decides on what it
+-- reads under that lock; a roll_periods under way on the account is waited for there, and
+-- one that comes later finds nothing to do. It takes no roll lock: a first version took
+-- roll_periods' advisory lock after the account locks a caller may hold, and deadlocked
+-- with beat's roll; a second created months as its steps went, under the account's lock,
+-- and deadlocked with a beat that had created one and waited for the account. A caller
+-- that already holds the account in its own transaction can still deadlock with a beat
+-- that is creating a month the catch-up needs (40P01; the SDK retries it only for calls
+-- that are their own transaction), as any transaction that creates a month while holding
+-- account locks. A start past today plus the longest interval the account was configured
+-- with (3 days more) is refused without a catch-up: no roll up to today could accept it,
+-- and one account years behind would be rolled, then rolled back, at every retry. The
+-- steps are recorded as the roll's: actor 'system:periods', no on_behalf_of or reason
+-- (the caller's request_id kept, to find them by). A refusal after a catch-up reads the
+-- periods as rolled (and then undone with it).
 --
 -- Not changed: a start the limit accepts does not roll first, so a configuration made
 -- while the roll is behind acts on the periods as last rolled. A change from the due next
@@ -36,10 +45,11 @@
 -- the new allocation to that period, where rolled first it would give it from the next.
 -- A configuration whose start is due but not yet opened, replaced by one with a later
 -- start the limit accepts, never opens its periods (rolled first, they would have opened,
--- and the later start might have been refused). Rolling first on every call would settle
--- these, but the period tests drive time
--- through roll_periods' p_now, which set_period_config does not take; scheduled
--- configuration changes (an effective time) are not built.
+-- and the later start might have been refused): in a review's random scenarios, about one
+-- in five configurations made while the roll was behind ended otherwise than rolled first.
+-- Rolling first on every call would settle these, but the period tests drive time through
+-- roll_periods' p_now, which set_period_config does not take; scheduled configuration
+-- changes (an effective time) are not built.
 -- Migrations once applied are never edited, so roll_periods and set_period_config are
 -- replaced whole; their other lines are 024's.
 
@@ -412,6 +422,8 @@ DECLARE
     v_behalf text;
     v_reason text;
     v_roll_error text;
+    v_from date;
+    v_month date;
 BEGIN
     PERFORM meter._guard(p_namespace);
     PERFORM meter._ident('user_id', p_user_id, 256, true),
@@ -437,24 +449,44 @@ BEGIN
     -- A start refused while the account's roll is behind (beat down, or not yet round) may
     -- be refused only because the roll has not come: roll this account up to today first,
     -- as beat would have, then judge it (below, under the account's lock). The roll's
-    -- steps lock the account themselves, after the months they date rows in, so this
-    -- comes before the account is locked here; they are recorded as the roll's
+    -- steps lock the account themselves, so this comes before the account is locked here,
+    -- and the months they date rows in before that; they are recorded as the roll's
     -- ('system:periods'; the caller's request_id kept, to find them by).
     SELECT a.account_id INTO v_account FROM meter.accounts a
     WHERE a.namespace = p_namespace AND coalesce(a.user_id, '') = coalesce(p_user_id, '')
       AND a.event_type = p_event_type AND a.resource = v_resource AND a.unit = p_unit;
-    IF p_period_start > meter._period_start_limit(p_namespace, v_account, p_period_start)
-       AND EXISTS (  -- behind: roll_periods' candidate test, for this account
-           SELECT 1 FROM meter.accounts a
-           WHERE a.namespace = p_namespace AND a.account_id = v_account
-             AND a.period_allocation IS NOT NULL AND a.period_interval IS NOT NULL
-             AND a.period_start <= v_today
-             AND (NOT EXISTS (SELECT 1 FROM meter.periods p
-                              WHERE p.namespace = a.namespace AND p.account_id = a.account_id
-                                AND p.period_start = a.period_start
-                                AND p.opened_at IS NOT NULL)
-                  OR meter._next_period_start(a.namespace, a.account_id, a.period_start,
-                                              a.period_interval) <= v_today)) THEN
+    SELECT a.period_start INTO v_from FROM meter.accounts a
+    WHERE a.namespace = p_namespace AND a.account_id = v_account
+      AND p_period_start > meter._period_start_limit(p_namespace, v_account, p_period_start)
+      -- behind: roll_periods' candidate test, for this account
+      AND a.period_allocation IS NOT NULL AND a.period_interval IS NOT NULL
+      AND a.period_start <= v_today
+      AND (NOT EXISTS (SELECT 1 FROM meter.periods p
+                       WHERE p.namespace = a.namespace AND p.account_id = a.account_id
+                         AND p.period_start = a.period_start AND p.opened_at IS NOT NULL)
+           OR meter._next_period_start(a.namespace, a.account_id, a.period_start,
+                                       a.period_interval) <= v_today)
+      -- and a start that a roll up to today could accept: none past today plus the longest
+      -- interval the account was configured with (3 days more for a month's end), else a
+      -- refusal would first roll, for nothing, what may be years of periods
+      AND p_period_start <= (v_today + greatest(a.period_interval,
+                                                (SELECT max(c.period_interval)
+                                                 FROM meter.period_config_changes c
+                                                 WHERE c.namespace = a.namespace
+                                                   AND c.account_id = a.account_id)))::date + 3;
+    IF FOUND THEN
+        -- Every month the roll may date rows in, before any step locks the account: a step
+        -- that created one under the account's lock could deadlock with beat's roll, which
+        -- creates months as it goes and then waits for the account.
+        FOR v_month IN
+            SELECT generate_series(greatest(date_trunc('month', v_from - 1), '1900-01-01'),
+                                   date_trunc('month', v_today), interval '1 month')::date
+        LOOP
+            IF to_regclass(format('meter.ledger_%s', to_char(v_month, 'YYYY_MM'))) IS NULL THEN
+                PERFORM meter.create_partition(extract(year FROM v_month)::integer,
+                                               extract(month FROM v_month)::integer);
+            END IF;
+        END LOOP;
         v_behalf := current_setting('meter.on_behalf_of', true);
         v_reason := current_setting('meter.reason', true);
         PERFORM set_config('meter.actor_id', 'system:periods', true),

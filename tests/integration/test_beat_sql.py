@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -21,6 +21,7 @@ from psycopg.rows import dict_row
 from meter import MeterClient
 from meter.errors import ValidationError
 from tests.fix_db import ledger_partitions
+from tests.integration.test_pipeline import eventually
 from worker import db as wdb
 
 D = Decimal
@@ -520,14 +521,31 @@ def test_a_catch_up_that_still_refuses_changes_nothing(client, db, snapshot):
     # The roll catches the account up to this month; the start, past next month's first
     # day (not due), would still skip next month: refused, and the roll undone with it.
     t = today(db)
-    m2, nxt, after = (month_start(t, back) for back in (2, -1, -2))
+    m2, nxt = month_start(t, 2), month_start(t, -1)
     client.set_period_config("u1", ET, UNIT, None, m2, D("100"), D("30"))
     roll(db, now=first_instant(m2) + timedelta(days=1))
     before = snapshot()
     with pytest.raises(ValidationError) as ei:
-        client.set_period_config("u1", ET, UNIT, None, after + timedelta(days=14), D("1"), None)
+        client.set_period_config("u1", ET, UNIT, None, nxt + timedelta(days=1), D("1"), None)
     assert ei.value.parameter == "period_start"
-    assert nxt.isoformat() in str(ei.value)
+    assert f"no later than {nxt.isoformat()}" in str(ei.value)  # as rolled up to today
+    assert snapshot() == before
+
+
+def test_a_start_no_roll_could_accept_is_refused_without_one(client, db, snapshot):
+    # Daily since 300 days back and never rolled since: a start 40 days on is past today
+    # plus the longest interval configured, so no roll could accept it. It is refused as
+    # the periods stand (naming tomorrow of 300 days back), without rolling them first.
+    t = today(db)
+    first = t - timedelta(days=300)
+    client.set_period_config("u1", ET, UNIT, None, first, D("1"), None, "1 day")
+    roll(db, now=first_instant(first) + timedelta(hours=1))
+    before = snapshot()
+    with pytest.raises(ValidationError) as ei:
+        client.set_period_config(
+            "u1", ET, UNIT, None, t + timedelta(days=40), D("1"), None, "1 day"
+        )
+    assert f"no later than {(first + timedelta(days=1)).isoformat()}" in str(ei.value)
     assert snapshot() == before
 
 
@@ -625,6 +643,84 @@ def test_a_catch_up_in_a_transaction_holding_the_account_does_not_deadlock_the_r
     assert not isinstance(outcome["roll"], BaseException), outcome["roll"]
     assert [p["period_start"] for p in periods(db, "u1")] == [m2, m1, m0]
     assert [p["period_start"] for p in periods(db, "a_other")] == [m2, m1, m0]
+    assert client.reconcile() == []
+
+
+def waiting_on_lock(db: psycopg.Connection[Any], statement: str, event: str) -> bool:
+    """Whether a session running ``statement`` waits for a lock of kind ``event``."""
+    rows = db.execute(
+        "SELECT 1 FROM pg_stat_activity"
+        " WHERE wait_event_type = 'Lock' AND wait_event = %s AND query LIKE %s",
+        (event, f"%{statement}%"),
+    ).fetchall()
+    return bool(rows)
+
+
+def blocked_by(db: psycopg.Connection[Any], waiter: str, holder: str) -> bool:
+    """Whether the session running ``waiter`` waits for a lock the one running ``holder`` has."""
+    row = db.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity w, pg_stat_activity h"
+        "  WHERE w.query LIKE %s AND h.query LIKE %s"
+        "    AND h.pid = ANY (pg_blocking_pids(w.pid))) AS blocked",
+        (f"%{waiter}%", f"%{holder}%"),
+    ).fetchone()
+    return bool(row["blocked"])
+
+
+def test_a_catch_up_creates_its_months_before_it_locks_the_account(client, db, db_url):
+    # Last month's partition is missing (the one before exists). The catch-up of "u1" is paused in its first step
+    # (a trigger waits on a lock the test holds), holding u1. Beat's roll creates last
+    # month for "a_other", then waits for u1. Had the catch-up created last month only in
+    # its second step, under u1's lock, it would wait for beat: a deadlock. It creates its
+    # months first, so beat waits for it instead, and both finish.
+    t = today(db)
+    m3, m2, m1, m0 = (month_start(t, back) for back in (3, 2, 1, 0))
+    for user in ("a_other", "u1"):
+        client.set_period_config(user, ET, UNIT, None, m3, D("100"), D("0"))
+    roll(db, now=first_instant(m3) + timedelta(days=1))
+    db.execute("SELECT meter.create_partition(%s, %s)", (m2.year, m2.month))
+    assert f"ledger_{m1:%Y_%m}" not in ledger_partitions(db)
+    db.execute(
+        "CREATE FUNCTION public.pause_u1() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$BEGIN IF NEW.user_id = 'u1' THEN PERFORM pg_advisory_xact_lock(4242); END IF;"
+        " RETURN NEW; END$$"
+    )
+    db.execute(
+        "CREATE TRIGGER pause_u1 AFTER INSERT ON meter.periods"
+        " FOR EACH ROW EXECUTE FUNCTION public.pause_u1()"
+    )
+    outcome: dict[str, Any] = {}
+
+    def run(name: str, call: Callable[[psycopg.Connection[Any]], Any]) -> threading.Thread:
+        def target() -> None:
+            try:
+                with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+                    outcome[name] = call(conn)
+            except BaseException as exc:
+                outcome[name] = exc
+
+        thread = threading.Thread(target=target)
+        thread.start()
+        return thread
+
+    with psycopg.connect(db_url, row_factory=dict_row) as pause:
+        pause.execute("SELECT pg_advisory_xact_lock(4242)")
+        change = run(  # in SQL: the SDK would retry a deadlock and hide it
+            "change",
+            lambda conn: conn.execute(
+                "SELECT meter.set_period_config('u1', %s, %s, NULL, %s, 200, 0)", (ET, UNIT, m0)
+            ),
+        )
+        eventually(lambda: waiting_on_lock(db, "set_period_config", "advisory"))
+        beat = run("roll", roll)
+        eventually(lambda: blocked_by(db, "roll_periods", "set_period_config"))
+        pause.commit()
+    change.join(30)
+    beat.join(30)
+    assert not isinstance(outcome.get("change"), BaseException), outcome
+    assert not isinstance(outcome.get("roll"), BaseException), outcome
+    for user in ("a_other", "u1"):
+        assert [p["period_start"] for p in periods(db, user)] == [m3, m2, m1, m0]
     assert client.reconcile() == []
 
 
