@@ -1,4 +1,4 @@
--- A replayed event is reported as replayed even when its first delivery was still running.
+-- A delivery that waited for the same event is reported replayed, not applied.
 --
 -- Why (found by a failed `make test`, then reproduced): meter._apply_one, the one-by-one
 -- path of apply_events (every single-event task), decided 'replayed' or 'applied' by
@@ -9,13 +9,41 @@
 -- one claim), but was reported 'applied'. The units were right; the task's status, the
 -- producer's result and the worker's meter_events_total were not.
 --
--- Now the look-up comes after the locks the API function takes first: the key's (and for
--- a reserve with a client-chosen id, the id's, before it), so a delivery that waited sees
--- the first one committed. The API function takes the same locks again, which a
--- transaction already holding them gets at once. Nothing else changes.
--- Migrations once applied are never edited, so 008's function is replaced whole.
+-- Now meter._replay, which looks a key up under its lock, says so when it replays (the
+-- transaction-local setting meter.replayed), and _apply_one reports what it said. A
+-- reserve's client-chosen id is looked up after taking the id's lock, which reserve takes
+-- first too. A first version locked the key in _apply_one before the call (review: that
+-- came before the month lock consume, allocate and adjust take first, a deadlock with a
+-- direct call dated in a new month; it let one tenant's event wait on another's key; and
+-- a batch's fast path, which claims keys without that lock, could still slip between
+-- look-up and call). _apply_one now checks the tenant before it locks anything.
+-- Migrations once applied are never edited, so 004's _replay and 008's _apply_one are
+-- replaced whole; only the lines these comments name changed.
 
--- Apply one event through its op's API function. Returns {status, result}: status
+-- Lock an idempotency key and return its stored result (004's), saying when it replays.
+CREATE OR REPLACE FUNCTION meter._replay(p_namespace text, p_key text, p_operation text,
+                                         p_request_hash text) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v meter.idempotency_keys;
+BEGIN
+    PERFORM meter._lock_key(p_namespace, 'key', p_key);
+    SELECT * INTO v FROM meter.idempotency_keys k
+    WHERE k.namespace = p_namespace AND k.key = p_key;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF v.operation <> p_operation OR v.request_hash <> p_request_hash THEN
+        RAISE EXCEPTION 'idempotency_key: % was already used for a different % request',
+                        quote_literal(p_key), v.operation
+            USING ERRCODE = 'MT002', COLUMN = 'idempotency_key';
+    END IF;
+    PERFORM set_config('meter.replayed', 'on', true);  -- for meter._apply_one's status
+    RETURN v.result;
+END
+$$;
+
+-- Apply one event through its op's API function (008's). Returns {status, result}: status
 -- 'applied', 'replayed', 'refused' or 'not_found'. Raises what the function raises.
 CREATE OR REPLACE FUNCTION meter._apply_one(p_event jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
@@ -44,17 +72,18 @@ BEGIN
         PERFORM meter._fail('MT001', 'args', format('%s does not take %s', v_op, v_bad));
     END IF;
     v_meta := CASE WHEN jsonb_typeof(a->'metadata') = 'null' THEN NULL ELSE a->'metadata' END;
-    -- Whether the event was seen before is read under the locks the API function takes
-    -- (the same, in the same order; taken again there at no cost), so a delivery that
-    -- waited for a concurrent one of the same event sees it committed.
+    -- Whether the event was seen before is decided under the lock its API function takes:
+    -- a delivery that waited for a concurrent one of the same event then sees it
+    -- committed. A reserve's client-chosen id is locked here first, as reserve does first
+    -- (it dates no ledger row, so no month lock comes before it), and only for the
+    -- caller's own tenant. An idempotency key's replay is reported by meter._replay itself,
+    -- under the key's lock, through meter.replayed: locking the key here would come before
+    -- the month lock that consume, allocate and adjust take first (a deadlock).
+    PERFORM meter._guard(v_ns);
     IF v_op = 'reserve' AND a->>'reservation_id' IS NOT NULL THEN
         PERFORM meter._lock_key(v_ns, 'reservation', a->>'reservation_id');
     END IF;
-    IF a->>'idempotency_key' IS NOT NULL THEN
-        PERFORM meter._lock_key(v_ns, 'key', a->>'idempotency_key');
-        v_seen := EXISTS (SELECT 1 FROM meter.idempotency_keys k
-                          WHERE k.namespace = v_ns AND k.key = a->>'idempotency_key');
-    END IF;
+    PERFORM set_config('meter.replayed', '', true);
 
     CASE v_op
     WHEN 'consume' THEN
@@ -65,20 +94,23 @@ BEGIN
                            a->>'idempotency_key', meter._time('event_time', a->>'event_time'),
                            v_meta, v_ns) r;
         v_status := CASE WHEN NOT (v_result->>'success')::boolean THEN 'refused'
-                         WHEN v_seen THEN 'replayed' ELSE 'applied' END;
+                         WHEN v_seen OR current_setting('meter.replayed', true) = 'on'
+                              THEN 'replayed' ELSE 'applied' END;
     WHEN 'allocate' THEN
         SELECT to_jsonb(r) INTO v_result
         FROM meter.allocate(a->>'user_id', a->>'event_type', meter._num('amount', a->>'amount'),
                             a->>'unit', a->>'resource', a->>'idempotency_key',
                             meter._time('event_time', a->>'event_time'), v_meta, v_ns) r;
-        v_status := CASE WHEN v_seen THEN 'replayed' ELSE 'applied' END;
+        v_status := CASE WHEN v_seen OR current_setting('meter.replayed', true) = 'on'
+                              THEN 'replayed' ELSE 'applied' END;
     WHEN 'adjust' THEN
         SELECT to_jsonb(r) INTO v_result
         FROM meter.adjust(a->>'user_id', a->>'event_type', meter._num('amount', a->>'amount'),
                           a->>'unit', a->>'resource',
                           meter._int('reference_id', a->>'reference_id'),
                           a->>'idempotency_key', v_meta, v_ns) r;
-        v_status := CASE WHEN v_seen THEN 'replayed' ELSE 'applied' END;
+        v_status := CASE WHEN v_seen OR current_setting('meter.replayed', true) = 'on'
+                              THEN 'replayed' ELSE 'applied' END;
     WHEN 'reserve' THEN
         IF a->>'reservation_id' IS NOT NULL THEN
             v_seen := v_seen OR EXISTS (SELECT 1 FROM meter.reservations r
@@ -91,7 +123,8 @@ BEGIN
                            coalesce(meter._int('ttl_seconds', a->>'ttl_seconds')::integer, 300),
                            a->>'idempotency_key', v_meta, v_ns, a->>'reservation_id') r;
         v_status := CASE WHEN NOT (v_result->>'granted')::boolean THEN 'refused'
-                         WHEN v_seen THEN 'replayed' ELSE 'applied' END;
+                         WHEN v_seen OR current_setting('meter.replayed', true) = 'on'
+                              THEN 'replayed' ELSE 'applied' END;
     WHEN 'commit' THEN
         SELECT to_jsonb(r) INTO v_result
         FROM meter.commit(a->>'reservation_id',

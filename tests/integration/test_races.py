@@ -702,3 +702,49 @@ def test_a_delivery_that_waited_for_the_same_event_is_reported_replayed(
     assert len(ledger(db, "u1")) == (1 if op == "reserve" else 2)
     if op == "reserve":
         assert client.get_balance("u1", ET, UNIT)["reserved"] == D("3")
+
+
+def test_a_single_event_task_takes_the_month_lock_before_the_key_lock(db_url, client, db):
+    # A session creates a new month (a backdated consume) and holds it; a single-event
+    # batch dated in that month with key K waits for it; the session then uses K itself.
+    # The batch must not hold K's lock while it waits for the month (a deadlock): it takes
+    # the locks in the API functions' order, the month first.
+    event = {
+        "op": "consume",
+        "namespace": "default",
+        "args": {"user_id": "u1", "event_type": ET, "unit": UNIT, "amount": "1",
+                 "idempotency_key": "K", "event_time": "2020-01-15T00:00:00Z"},
+    }  # fmt: skip
+    outcome: dict[str, Any] = {}
+
+    def deliver(conn: psycopg.Connection[Any]) -> None:
+        try:
+            outcome["batch"] = [
+                r["status"]
+                for r in conn.execute(
+                    "SELECT status FROM meter.apply_events(%s)", (Jsonb([event]),)
+                )
+            ]
+        except BaseException as exc:
+            outcome["batch"] = exc
+
+    with (
+        psycopg.connect(db_url, row_factory=dict_row) as first,
+        psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as other,
+    ):
+        backdated = datetime(2020, 1, 10, tzinfo=UTC)
+        first.execute("SELECT 1")  # the caller's transaction: the SDK's call nests in it
+        MeterClient(first).consume("u1", ET, 1, UNIT, idempotency_key="other", event_time=backdated)
+        thread = threading.Thread(target=deliver, args=(other,))
+        thread.start()
+        eventually(lambda: _waiting_on_a_lock(db, other.info.backend_pid))
+        reply = first.execute(
+            "SELECT success FROM meter.consume('u1', %s, 1, %s, NULL, false, 'K',"
+            " '2020-01-15Z', NULL, 'default')",
+            (ET, UNIT),
+        ).fetchall()
+        first.commit()
+        thread.join(30)
+    assert reply == [{"success": True}]
+    assert outcome["batch"] == ["replayed"]
+    assert len([r for r in ledger(db, "u1") if r["idempotency_key"] == "K"]) == 1
