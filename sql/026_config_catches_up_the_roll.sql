@@ -22,21 +22,24 @@
 -- meter._roll_account, which both call. The limit the refusal reads (the next start after
 -- the latest period opened before the start) moved into meter._period_start_limit, read
 -- once without locks to decide whether to roll, and again under the account's lock to
--- decide. Locks (two reviews): the catch-up first creates every month the roll may date
--- rows in, then runs the steps, each of which locks the account and decides on what it
--- reads under that lock; a roll_periods under way on the account is waited for there, and
--- one that comes later finds nothing to do. It takes no roll lock: a first version took
--- roll_periods' advisory lock after the account locks a caller may hold, and deadlocked
--- with beat's roll; a second created months as its steps went, under the account's lock,
--- and deadlocked with a beat that had created one and waited for the account. A caller
--- that already holds the account in its own transaction can still deadlock with a beat
--- that is creating a month the catch-up needs (40P01; the SDK retries it only for calls
--- that are their own transaction), as any transaction that creates a month while holding
--- account locks. A start past today plus the longest interval the account was configured
--- with (3 days more) is refused without a catch-up: no roll up to today could accept it,
--- and one account years behind would be rolled, then rolled back, at every retry. The
--- steps are recorded as the roll's: actor 'system:periods', no on_behalf_of or reason
--- (the caller's request_id kept, to find them by). A refusal after a catch-up reads the
+-- decide. Locks (three reviews): the catch-up first creates the months the roll will date
+-- rows in (each period's first day and the day before it, on the densest grid the account
+-- was configured with, from its configured start or the latest period opened if that is
+-- earlier, the roll moving back to it), then runs the steps, each of which locks the
+-- account and decides on what it reads under that lock; a roll_periods under way on the
+-- account is waited for there, and one that comes later finds nothing to do. It takes no
+-- roll lock: a first version took roll_periods' advisory lock after the account locks a
+-- caller may hold, and deadlocked with beat's roll; a second created months as its steps
+-- went, under the account's lock, and deadlocked with a beat that had created one and
+-- waited for the account. A caller that already holds the account in its own transaction
+-- can still deadlock with a beat that is creating a month the catch-up needs (40P01; the
+-- SDK retries it only for calls that are their own transaction), as any transaction that
+-- creates a month while holding account locks. A start past today plus the longest interval the account was configured
+-- with (3 days more; compared as dates, as an interval counts a month as 30 days; intervals
+-- stored before 024's bound left out) is refused without a catch-up: no roll up to today
+-- could accept it, and an account years behind would be rolled, then rolled back, at every
+-- retry. The steps are recorded as the roll's: actor 'system:periods', no on_behalf_of or
+-- reason (the caller's request_id kept, to find them by). A refusal after a catch-up reads the
 -- periods as rolled (and then undone with it).
 --
 -- Not changed: a start the limit accepts does not roll first, so a configuration made
@@ -424,6 +427,8 @@ DECLARE
     v_roll_error text;
     v_from date;
     v_month date;
+    v_step interval;
+    v_reach date;
 BEGIN
     PERFORM meter._guard(p_namespace);
     PERFORM meter._ident('user_id', p_user_id, 256, true),
@@ -455,7 +460,22 @@ BEGIN
     SELECT a.account_id INTO v_account FROM meter.accounts a
     WHERE a.namespace = p_namespace AND coalesce(a.user_id, '') = coalesce(p_user_id, '')
       AND a.event_type = p_event_type AND a.resource = v_resource AND a.unit = p_unit;
-    SELECT a.period_start INTO v_from FROM meter.accounts a
+    -- The intervals the account was configured with (the roll goes by one of them), but
+    -- those stored before intervals were bounded: their date arithmetic overflows.
+    SELECT min(i.iv), max((v_today + i.iv)::date) INTO v_step, v_reach
+    FROM (SELECT a.period_interval FROM meter.accounts a
+          WHERE a.namespace = p_namespace AND a.account_id = v_account
+          UNION ALL
+          SELECT c.period_interval FROM meter.period_config_changes c
+          WHERE c.namespace = p_namespace AND c.account_id = v_account) i(iv)
+    WHERE i.iv <= interval '100 years';
+    -- Where the roll goes on from: the configured start, or the latest period opened when
+    -- that start lies inside recorded periods (the roll moves back to it).
+    SELECT least(a.period_start, (SELECT max(p.period_start) FROM meter.periods p
+                                  WHERE p.namespace = a.namespace
+                                    AND p.account_id = a.account_id
+                                    AND p.opened_at IS NOT NULL))
+    INTO v_from FROM meter.accounts a
     WHERE a.namespace = p_namespace AND a.account_id = v_account
       AND p_period_start > meter._period_start_limit(p_namespace, v_account, p_period_start)
       -- behind: roll_periods' candidate test, for this account
@@ -467,20 +487,22 @@ BEGIN
            OR meter._next_period_start(a.namespace, a.account_id, a.period_start,
                                        a.period_interval) <= v_today)
       -- and a start that a roll up to today could accept: none past today plus the longest
-      -- interval the account was configured with (3 days more for a month's end), else a
-      -- refusal would first roll, for nothing, what may be years of periods
-      AND p_period_start <= (v_today + greatest(a.period_interval,
-                                                (SELECT max(c.period_interval)
-                                                 FROM meter.period_config_changes c
-                                                 WHERE c.namespace = a.namespace
-                                                   AND c.account_id = a.account_id)))::date + 3;
+      -- interval the account was configured with (3 days more for a month's end; compared
+      -- as dates, since intervals compare a month as 30 days), else a refusal would first
+      -- roll, for nothing, what may be years of periods
+      AND p_period_start <= v_reach + 3;
     IF FOUND THEN
-        -- Every month the roll may date rows in, before any step locks the account: a step
-        -- that created one under the account's lock could deadlock with beat's roll, which
-        -- creates months as it goes and then waits for the account.
+        -- The months the roll's steps date rows in (each period's first day and the day
+        -- before it, on the densest grid the account had), created before any step locks
+        -- the account: a step that created one under the account's lock could deadlock
+        -- with beat's roll, which creates months as it goes and then waits for accounts.
+        -- A step still creates what this missed (a period opened by hand off the grid).
         FOR v_month IN
-            SELECT generate_series(greatest(date_trunc('month', v_from - 1), '1900-01-01'),
-                                   date_trunc('month', v_today), interval '1 month')::date
+            SELECT DISTINCT date_trunc('month', b.day)::date
+            FROM generate_series(v_from, v_today, v_step) d(start),
+                 LATERAL (VALUES (d.start::date - 1), (d.start::date)) b(day)
+            WHERE b.day >= date '1900-01-01'
+            ORDER BY 1
         LOOP
             IF to_regclass(format('meter.ledger_%s', to_char(v_month, 'YYYY_MM'))) IS NULL THEN
                 PERFORM meter.create_partition(extract(year FROM v_month)::integer,

@@ -646,6 +646,37 @@ def test_a_catch_up_in_a_transaction_holding_the_account_does_not_deadlock_the_r
     assert client.reconcile() == []
 
 
+def test_the_catch_up_bound_compares_intervals_as_dates(client, db):
+    # Configured '361 days' a year ago, restated as '1 year': a start a year from today is
+    # within reach of a roll up to today. As intervals, '1 year' (360 days) is less than
+    # '361 days', and a bound taken that way refused the start without catching up.
+    t = today(db)
+    s = date(t.year - 1, t.month, min(t.day, 28))
+    client.set_period_config("u1", ET, UNIT, None, s, D("10"), None, "361 days")
+    roll(db, now=first_instant(s) + timedelta(hours=1))
+    client.set_period_config("u1", ET, UNIT, None, s, D("10"), None, "1 year")
+    start = date(s.year + 2, s.month, s.day)
+    client.set_period_config("u1", ET, UNIT, None, start, D("20"), None, "1 year")
+    assert [p["period_start"] for p in periods(db, "u1")] == [s, date(s.year + 1, s.month, s.day)]
+    assert client.get_account("u1", ET, UNIT)["period_start"] == start
+
+
+def test_a_catch_up_passes_over_an_interval_stored_too_long(client, db):
+    # An interval stored before intervals were bounded (024), in an older configuration,
+    # must not overflow the catch-up's date arithmetic.
+    t = today(db)
+    m2, m1, m0 = (month_start(t, back) for back in (2, 1, 0))
+    client.set_period_config("u1", ET, UNIT, None, m2, D("10"), None)
+    roll(db, now=first_instant(m2) + timedelta(days=1))
+    client.set_period_config("u1", ET, UNIT, None, m2, D("10"), None)  # restated
+    db.execute(
+        "UPDATE meter.period_config_changes SET period_interval = '200000000 days'"
+        " WHERE change_id = (SELECT min(change_id) FROM meter.period_config_changes)"
+    )
+    client.set_period_config("u1", ET, UNIT, None, m0, D("10"), None)
+    assert [p["period_start"] for p in periods(db, "u1")] == [m2, m1, m0]
+
+
 def waiting_on_lock(db: psycopg.Connection[Any], statement: str, event: str) -> bool:
     """Whether a session running ``statement`` waits for a lock of kind ``event``."""
     rows = db.execute(
