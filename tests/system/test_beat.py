@@ -200,7 +200,7 @@ def test_the_sweep_does_not_wait_behind_a_backlog_of_events(
     client.allocate("h", ET, D("50"), UNIT)
     hold = client.reserve("h", ET, D("20"), UNIT, ttl_seconds=1)
     assert hold["granted"]
-    backlog = 1500
+    backlog = 3000  # the sweep came after ~750 events drained (2 children, this machine)
     with MeterProducer(crash_redis.url()) as producer:  # one message per event: slow to drain
         for i in range(backlog):
             producer.consume(f"b{i % 50}", ET, 1, UNIT)
