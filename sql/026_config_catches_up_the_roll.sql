@@ -18,29 +18,32 @@
 -- begun), and a refusal still changes nothing, the roll it began included (one
 -- transaction). Should the roll fail for the account, the refusal says why.
 --
--- How: roll_periods' loop over one account's steps moved, unchanged, into
--- meter._roll_account, which both call. The limit the refusal reads (the next start after
--- the latest period opened before the start) moved into meter._period_start_limit, read
--- once without locks to decide whether to roll, and again under the account's lock to
--- decide. Locks (three reviews): the catch-up first creates the months the roll will date
--- rows in (each period's first day and the day before it, on the densest grid the account
--- was configured with, from its configured start or the latest period opened if that is
--- earlier, the roll moving back to it), then runs the steps, each of which locks the
--- account and decides on what it reads under that lock; a roll_periods under way on the
--- account is waited for there, and one that comes later finds nothing to do. It takes no
--- roll lock: a first version took roll_periods' advisory lock after the account locks a
--- caller may hold, and deadlocked with beat's roll; a second created months as its steps
--- went, under the account's lock, and deadlocked with a beat that had created one and
--- waited for the account. A caller that already holds the account in its own transaction
--- can still deadlock with a beat that is creating a month the catch-up needs (40P01; the
--- SDK retries it only for calls that are their own transaction), as any transaction that
--- creates a month while holding account locks. A start past today plus the longest interval the account was configured
--- with (3 days more; compared as dates, as an interval counts a month as 30 days; intervals
--- stored before 024's bound left out) is refused without a catch-up: no roll up to today
--- could accept it, and an account years behind would be rolled, then rolled back, at every
--- retry. The steps are recorded as the roll's: actor 'system:periods', no on_behalf_of or
--- reason (the caller's request_id kept, to find them by). A refusal after a catch-up reads the
--- periods as rolled (and then undone with it).
+-- How: roll_periods' loop over one account's steps moved into meter._roll_account, which
+-- both call, with one change (found by review): a step no longer asks for the month of a
+-- day before 1900, so that a period configured from 1900-01-01 (the earliest start
+-- set_period_config accepts) rolls instead of failing at every call. The limit the refusal
+-- reads (the next start after the latest period opened before the start) moved into
+-- meter._period_start_limit, read once without locks to decide whether to roll, and again
+-- under the account's lock to decide. Locks (three reviews): the catch-up first creates the
+-- months the roll will date rows in (each period's first day and the day before it, on the
+-- densest grid the account was configured with, from its configured start or the latest
+-- period opened if that is earlier, the roll moving back to it), then runs the steps, each
+-- of which locks the account and decides on what it reads under that lock; a roll_periods
+-- under way on the account is waited for there, and one that comes later finds nothing to
+-- do. It takes no roll lock: a first version took roll_periods' advisory lock after the
+-- account locks a caller may hold, and deadlocked with beat's roll; a second created months
+-- as its steps went, under the account's lock, and deadlocked with a beat that had created
+-- one and waited for the account. A caller that already holds the account in its own
+-- transaction can still deadlock with a beat that is creating a month the catch-up needs
+-- (40P01; the SDK retries it only for calls that are their own transaction), as any
+-- transaction that creates a month while holding account locks. A start past today plus the
+-- longest interval the account was configured with (3 days more; compared as dates, as an
+-- interval counts a month as 30 days; intervals stored before 024's bound left out) is
+-- refused without a catch-up: no roll up to today could accept it, and an account years
+-- behind would be rolled, then rolled back, at every retry. The steps are recorded as the
+-- roll's: actor 'system:periods', no on_behalf_of or reason (the caller's request_id kept,
+-- to find them by). A refusal after a catch-up reads the periods as rolled (and then undone
+-- with it).
 --
 -- Not changed: a start the limit accepts does not roll first, so a configuration made
 -- while the roll is behind acts on the periods as last rolled. A change from the due next
@@ -88,11 +91,11 @@ END
 $$;
 REVOKE EXECUTE ON FUNCTION meter._period_start_limit(text, bigint, date) FROM PUBLIC;
 
--- One account's roll (roll_periods' loop, 024's): steps until its current period has not
--- ended by p_today, p_budget steps were taken, or a step failed (reported with status
--- 'error', the account left for the next call). Each step is a subtransaction.
--- Locks: per step, the months it dates rows in, then the account (held to commit), and it
--- decides on what it reads under that lock. The caller sets the actor.
+-- One account's roll (roll_periods' loop, 024's, but for months before 1900): steps until
+-- its current period has not ended by p_today, p_budget steps were taken, or a step failed
+-- (reported with status 'error', the account left for the next call). Each step is a
+-- subtransaction. Locks: per step, the months it dates rows in, then the account (held to
+-- commit), and it decides on what it reads under that lock. The caller sets the actor.
 CREATE FUNCTION meter._roll_account(p_namespace text, p_account_id bigint, p_today date,
                                     p_budget integer)
 RETURNS TABLE (namespace text, user_id text, event_type text, resource text, unit text,
@@ -149,7 +152,8 @@ BEGIN
             INTO v_start, v_next FROM meter.accounts a
             WHERE a.namespace = v_cand.namespace AND a.account_id = v_cand.account_id;
             FOREACH v_month IN ARRAY ARRAY[v_start - 1, v_start, v_next - 1, v_next] LOOP
-                IF v_month <= p_today AND to_regclass(
+                -- (none before 1900: no row is dated there, and no period ends there)
+                IF v_month <= p_today AND v_month >= date '1900-01-01' AND to_regclass(
                        format('meter.ledger_%s', to_char(v_month, 'YYYY_MM'))) IS NULL THEN
                     PERFORM meter.create_partition(extract(year FROM v_month)::integer,
                                                    extract(month FROM v_month)::integer);

@@ -997,6 +997,16 @@ def break_config(client, db, user: str) -> None:
     db.execute("UPDATE meter.accounts SET period_start = '1850-01-01' WHERE user_id = %s", (user,))
 
 
+def test_a_period_configured_from_1900_rolls(client, db):
+    # The earliest start set_period_config accepts. The day before it is in 1899, where no
+    # row can be dated and no period can end: the roll no longer asks for its month.
+    client.set_period_config("u1", ET, UNIT, None, date(1900, 1, 1), D("10"), None, "100 years")
+    assert [(s["status"], s["opened_period_start"], s["error"]) for s in roll(db)] == [
+        ("opened", date(1900, 1, 1), None),
+        ("rolled", date(2000, 1, 1), None),
+    ]
+
+
 def test_set_period_config_refuses_a_start_before_1900(client, snapshot):
     before = snapshot()
     with pytest.raises(ValidationError) as ei:
