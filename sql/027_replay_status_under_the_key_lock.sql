@@ -16,7 +16,8 @@
 -- came before the month lock consume, allocate and adjust take first, a deadlock with a
 -- direct call dated in a new month; it let one tenant's event wait on another's key; and
 -- a batch's fast path, which claims keys without that lock, could still slip between
--- look-up and call). _apply_one now checks the tenant before it locks anything.
+-- look-up and call). _apply_one now checks the tenant before it locks a reservation id
+-- (the API functions check it themselves otherwise, so other events pay nothing more).
 -- Migrations once applied are never edited, so 004's _replay and 008's _apply_one are
 -- replaced whole; only the lines these comments name changed.
 
@@ -79,8 +80,8 @@ BEGIN
     -- caller's own tenant. An idempotency key's replay is reported by meter._replay itself,
     -- under the key's lock, through meter.replayed: locking the key here would come before
     -- the month lock that consume, allocate and adjust take first (a deadlock).
-    PERFORM meter._guard(v_ns);
     IF v_op = 'reserve' AND a->>'reservation_id' IS NOT NULL THEN
+        PERFORM meter._guard(v_ns);
         PERFORM meter._lock_key(v_ns, 'reservation', a->>'reservation_id');
     END IF;
     PERFORM set_config('meter.replayed', '', true);
