@@ -694,7 +694,8 @@ class MeterClient:
             idempotency_key, event_time, metadata: as for :meth:`allocate`.
 
         Returns:
-            ``{"success": bool, "balance", "available": Decimal, "entry_id": int | None}``.
+            ``{"success": bool, "balance", "available": Decimal, "entry_id": int | None}``;
+            ``available`` leaves out holds past their TTL, swept or not.
 
         Raises:
             ValidationError, IdempotencyConflictError, MeterConnectionError, MeterError.
@@ -738,7 +739,8 @@ class MeterClient:
 
         Returns:
             ``{"granted": bool, "reservation_id": str | None, "balance", "available":
-            Decimal, "expires_at": datetime | None}``.
+            Decimal, "expires_at": datetime | None}``; ``available`` leaves out holds past
+            their TTL, swept or not.
 
         Raises:
             ValidationError, IdempotencyConflictError, MeterConnectionError, MeterError.

@@ -6,6 +6,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from psycopg.types.json import Jsonb
 
 from meter.errors import IdempotencyConflictError, NotFoundError, ValidationError
 from tests.fix_db import wait_until_expired
@@ -784,4 +785,80 @@ def test_a_refusal_reports_what_is_available_without_expired_holds(client, db):
     assert (r["success"], r["balance"], r["available"]) == (False, D("100"), D("70"))
     assert client.reserve(U, ET, D("80"), UNIT)["available"] == D("70")
     assert client.consume(U, ET, D("70"), UNIT, check_balance=True)["success"] is True
+    assert client.reconcile() == []
+
+
+def _stored_reserved(db):
+    return account_rows(db)[0]["reserved"]
+
+
+@pytest.mark.parametrize("check_balance", [False, True])
+def test_a_consume_reports_available_without_expired_holds(client, db, check_balance):
+    """Appendix C: a hold past its TTL reserves nothing, swept or not; a write's result
+    says so as get_balance does, and a replay returns the same figures (028)."""
+    client.allocate(U, ET, 100, UNIT)
+    rid = _expired_hold(client, db, "30")
+    client.reserve(U, ET, D("20"), UNIT)  # still active
+    r = client.consume(U, ET, D("10"), UNIT, check_balance=check_balance, idempotency_key="c1")
+    assert (r["success"], r["balance"], r["available"]) == (True, D("90"), D("70"))
+    assert balance(client) == {"balance": D("90"), "reserved": D("20"), "available": D("70")}
+    assert client.consume(U, ET, D("2"), UNIT, check_balance=check_balance)["available"] == D("68")
+    # the stored figures are the sweep's to change, as for the reads
+    assert reservation_row(db, rid)["status"] == "active"
+    assert _stored_reserved(db) == D("50")
+    assert client.consume(U, ET, D("10"), UNIT, check_balance=check_balance,
+                          idempotency_key="c1") == r  # fmt: skip
+    assert client.release_expired_reservations() == 1
+    assert client.consume(U, ET, D("10"), UNIT, check_balance=check_balance,
+                          idempotency_key="c1") == r  # fmt: skip
+    assert client.reconcile() == []
+
+
+def test_a_reserve_reports_available_without_expired_holds(client, db):
+    client.allocate(U, ET, 100, UNIT)
+    _expired_hold(client, db, "30")
+    r = client.reserve(U, ET, D("20"), UNIT, idempotency_key="r1", reservation_id="h1")
+    assert (r["granted"], r["balance"], r["available"]) == (True, D("100"), D("80"))
+    assert balance(client)["available"] == D("80")
+    assert _stored_reserved(db) == D("50")
+    # replays, by the hold's id and by the key, return what the first call did
+    assert client.reserve(U, ET, D("20"), UNIT, idempotency_key="r1", reservation_id="h1") == r
+    assert reservation_row(db, "h1")["reserve_result"]["available"] == 80
+    key = db.execute("SELECT result FROM meter.idempotency_keys WHERE key = 'r1'").fetchone()
+    assert D(str(key["result"]["available"])) == D("80")
+    assert client.reserve(U, ET, D("5"), UNIT)["available"] == D("75")
+    assert client.release_expired_reservations() == 1
+    assert client.reconcile() == []
+
+
+def test_a_batch_reports_available_without_expired_holds(client, db):
+    """apply_events' batch path (two events or more), and its replay."""
+    client.allocate(U, ET, 100, UNIT)
+    client.allocate("u2", ET, 100, UNIT)
+    _expired_hold(client, db, "30")
+    client.reserve(U, ET, D("20"), UNIT)  # still active
+    events = Jsonb([
+        {"op": "consume", "namespace": "default",
+         "args": {"user_id": U, "event_type": ET, "unit": UNIT, "amount": "10",
+                  "idempotency_key": "b1"}},
+        {"op": "consume", "namespace": "default",
+         "args": {"user_id": "u2", "event_type": ET, "unit": UNIT, "amount": "1"}},
+        {"op": "consume", "namespace": "default",
+         "args": {"user_id": U, "event_type": ET, "unit": UNIT, "amount": "5"}},
+        {"op": "allocate", "namespace": "default",
+         "args": {"user_id": U, "event_type": ET, "unit": UNIT, "amount": "1",
+                  "idempotency_key": "b2"}},
+    ])  # fmt: skip
+    apply = "SELECT idx, status, result FROM meter.apply_events(%s) ORDER BY idx"
+    rows = db.execute(apply, (events,)).fetchall()
+    assert [r["status"] for r in rows] == ["applied"] * 4
+    assert [D(str(r["result"].get("available"))) for r in rows[:3]] == [D("70"), D("99"), D("65")]
+    assert balance(client)["available"] == D("66")
+    assert _stored_reserved(db) == D("50")
+    again = db.execute(apply, (events,)).fetchall()
+    assert [r["status"] for r in again] == ["replayed", "applied", "applied", "replayed"]
+    assert again[0]["result"] == rows[0]["result"]
+    assert again[3]["result"] == rows[3]["result"]
+    assert client.consume(U, ET, D("10"), UNIT, idempotency_key="b1")["available"] == D("70")
+    assert client.release_expired_reservations() == 1
     assert client.reconcile() == []
