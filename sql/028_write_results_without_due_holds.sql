@@ -34,11 +34,16 @@ CREATE FUNCTION meter._due_held_at(p_namespace text, p_user_id text, p_event_typ
                                    p_resource text, p_unit text)
 RETURNS numeric
 LANGUAGE sql STABLE AS $$
+    -- the account first, as a value: joined, the planner may scan the namespace's active
+    -- holds by expires_at alone and filter them by account
     SELECT coalesce(sum(r.amount), 0)
-    FROM meter.accounts a
-    JOIN meter.reservations r ON r.namespace = a.namespace AND r.account_id = a.account_id
-    WHERE a.namespace = p_namespace AND coalesce(a.user_id, '') = coalesce(p_user_id, '')
-      AND a.event_type = p_event_type AND a.resource = p_resource AND a.unit = p_unit
+    FROM meter.reservations r
+    WHERE r.namespace = p_namespace
+      AND r.account_id = (SELECT a.account_id FROM meter.accounts a
+                          WHERE a.namespace = p_namespace
+                            AND coalesce(a.user_id, '') = coalesce(p_user_id, '')
+                            AND a.event_type = p_event_type AND a.resource = p_resource
+                            AND a.unit = p_unit)
       AND r.status = 'active' AND r.expires_at <= now()
 $$;
 REVOKE EXECUTE ON FUNCTION meter._due_held_at(text, text, text, text, text) FROM PUBLIC;
