@@ -21,8 +21,10 @@
 -- that moves `reserved` also updates the account, so none can commit in between.
 --
 -- Cost: nothing for an account without holds (reserved = 0) or, for reserve, without
--- other holds; otherwise one look-up of 023's partial index by account; a second write
--- only when a hold past its TTL is there.
+-- other holds; otherwise one look-up of 023's partial index per account (per call, or per
+-- distinct account of a batch), which sums the account's holds past their TTL as the
+-- reads do. Only when there are any: a second version of the key row (and of the hold's
+-- row, for reserve) that the restated result writes.
 --
 -- Migrations once applied are never edited, so 004's consume (with 017's datestyle),
 -- 019's reserve and 020's apply_events are replaced whole; only the lines marked 028
@@ -70,11 +72,22 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_due jsonb;  -- {"<idx>": amount} for the events whose account has holds past their TTL
 BEGIN
-    SELECT jsonb_object_agg(h->>'idx', d.due) INTO v_due
-    FROM jsonb_array_elements(p_held) h
-    CROSS JOIN LATERAL (SELECT meter._due_held(h->>'namespace', (h->>'account_id')::bigint)
-                               AS due) d
-    WHERE d.due > 0;
+    -- one index probe per account, not per event: a batch's events share accounts, and
+    -- while beat is down an account's due holds pile up (materialized: inlined, the
+    -- planner probed once per event again)
+    WITH h AS (
+        SELECT e->>'idx' AS idx, e->>'namespace' AS ns, (e->>'account_id')::bigint AS account_id
+        FROM jsonb_array_elements(p_held) e
+    ), due AS MATERIALIZED (
+        SELECT a.ns, a.account_id, d.due
+        FROM (SELECT DISTINCT h.ns, h.account_id FROM h) a
+        CROSS JOIN LATERAL (SELECT sum(r.amount) AS due FROM meter.reservations r
+                            WHERE r.namespace = a.ns AND r.account_id = a.account_id
+                              AND r.status = 'active' AND r.expires_at <= now()) d
+        WHERE d.due > 0
+    )
+    SELECT jsonb_object_agg(h.idx, due.due) INTO v_due
+    FROM h JOIN due ON due.ns = h.ns AND due.account_id = h.account_id;
     IF v_due IS NULL THEN
         RETURN p_out;
     END IF;
