@@ -832,33 +832,39 @@ def test_a_reserve_reports_available_without_expired_holds(client, db):
 
 
 def test_a_batch_reports_available_without_expired_holds(client, db):
-    """apply_events' batch path (two events or more), and its replay."""
+    """apply_events' batch path (two events or more), and its replay: each account's own
+    holds past their TTL, once per event whatever the number of events on the account."""
     client.allocate(U, ET, 100, UNIT)
     client.allocate("u2", ET, 100, UNIT)
+    client.allocate("u3", ET, 50, UNIT)
+    client.reserve("u3", ET, D("7"), UNIT, ttl_seconds=1)  # past its TTL with u1's below
     _expired_hold(client, db, "30")
     client.reserve(U, ET, D("20"), UNIT)  # still active
-    events = Jsonb([
-        {"op": "consume", "namespace": "default",
-         "args": {"user_id": U, "event_type": ET, "unit": UNIT, "amount": "10",
-                  "idempotency_key": "b1"}},
-        {"op": "consume", "namespace": "default",
-         "args": {"user_id": "u2", "event_type": ET, "unit": UNIT, "amount": "1"}},
-        {"op": "consume", "namespace": "default",
-         "args": {"user_id": U, "event_type": ET, "unit": UNIT, "amount": "5"}},
-        {"op": "allocate", "namespace": "default",
-         "args": {"user_id": U, "event_type": ET, "unit": UNIT, "amount": "1",
-                  "idempotency_key": "b2"}},
-    ])  # fmt: skip
+
+    def consume(user, amount, key=None):
+        args = {"user_id": user, "event_type": ET, "unit": UNIT, "amount": amount}
+        if key:
+            args["idempotency_key"] = key
+        return {"op": "consume", "namespace": "default", "args": args}
+
+    allocate = {"op": "allocate", "namespace": "default",
+                "args": {"user_id": U, "event_type": ET, "unit": UNIT, "amount": "1",
+                         "idempotency_key": "b2"}}  # fmt: skip
+    events = Jsonb([consume(U, "10", "b1"), consume("u2", "1"), consume(U, "5"), allocate,
+                    consume("u3", "3", "b3")])  # fmt: skip
     apply = "SELECT idx, status, result FROM meter.apply_events(%s) ORDER BY idx"
     rows = db.execute(apply, (events,)).fetchall()
-    assert [r["status"] for r in rows] == ["applied"] * 4
-    assert [D(str(r["result"].get("available"))) for r in rows[:3]] == [D("70"), D("99"), D("65")]
+    assert [r["status"] for r in rows] == ["applied"] * 5
+    available = [D(str(r["result"].get("available"))) for r in rows if r["idx"] != 3]
+    assert available == [D("70"), D("99"), D("65"), D("47")]
     assert balance(client)["available"] == D("66")
+    assert balance(client, "u3")["available"] == D("47")
     assert _stored_reserved(db) == D("50")
     again = db.execute(apply, (events,)).fetchall()
-    assert [r["status"] for r in again] == ["replayed", "applied", "applied", "replayed"]
-    assert again[0]["result"] == rows[0]["result"]
-    assert again[3]["result"] == rows[3]["result"]
+    assert [r["status"] for r in again] == ["replayed", "applied", "applied", "replayed",
+                                            "replayed"]  # fmt: skip
+    assert [again[i]["result"] for i in (0, 3, 4)] == [rows[i]["result"] for i in (0, 3, 4)]
     assert client.consume(U, ET, D("10"), UNIT, idempotency_key="b1")["available"] == D("70")
-    assert client.release_expired_reservations() == 1
+    assert client.consume("u3", ET, D("3"), UNIT, idempotency_key="b3")["available"] == D("47")
+    assert client.release_expired_reservations() == 2
     assert client.reconcile() == []
