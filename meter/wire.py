@@ -17,11 +17,11 @@ offset.
 
 Tasks (all JSON, one queue :data:`QUEUE`):
 
-``meter.<op>(event, orphan_since=None, auth=None)``
+``meter.<op>(event, orphan_since=None, verdict=None, auth=None)``
     one event (``op`` is consume, reserve, commit, release, allocate or adjust);
     ``orphan_since`` is set by the worker itself when it retries a commit or release whose
-    reservation does not exist yet.
-``meter.apply_batch(events, auth=None)``
+    reservation does not exist yet, ``verdict`` when it retries recording a dead letter.
+``meter.apply_batch(events, verdict=None, auth=None)``
     many events applied in one database transaction. ``events`` is the JSON text of their
     array (:func:`dumps`), exactly what ``meter.apply_events`` takes: the worker checks
     it and, unless it must change an event, passes the text on as it came, and Celery
