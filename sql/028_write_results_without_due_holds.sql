@@ -62,7 +62,7 @@ LANGUAGE sql AS $$
 $$;
 REVOKE EXECUTE ON FUNCTION meter._restate_claim(text, text, text, numeric) FROM PUBLIC;
 
--- apply_events' batch path: p_held lists the events written on accounts with holds
+-- apply_events' batch path: p_held lists the consumes written on accounts with holds
 -- ({idx, namespace, account_id, key}). For those whose account has holds past their TTL,
 -- add their amount to the result's `available` and take it out of the key's stored
 -- `reserved`. Returns p_out, restated.
@@ -669,10 +669,12 @@ BEGIN
                                                             'entry_id', p.entry_id)
                                      ELSE jsonb_build_object('balance', p.balance_after,
                                                              'entry_id', p.entry_id) END)),
-                       -- 028: the events on accounts with holds, for _restate_due_holds
+                       -- 028: the consumes on accounts with holds, for _restate_due_holds
+                       -- (only consume reports `available`; allocate and adjust store
+                       -- `reserved` as their single calls do, without restating it)
                        jsonb_agg(jsonb_build_object('idx', p.idx, 'namespace', p.namespace,
                                                     'account_id', p.account_id, 'key', p.key))
-                           FILTER (WHERE p.reserved > 0)
+                           FILTER (WHERE p.reserved > 0 AND p.op = 'consume')
                 INTO v_out, v_held
                 FROM posted p;
             EXCEPTION WHEN unique_violation THEN

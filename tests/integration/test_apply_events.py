@@ -99,6 +99,27 @@ def _written(db: psycopg.Connection[dict[str, Any]], ns: str) -> dict[str, Any]:
     return {"ledger": ledger, "accounts": accounts, "keys": keys, "dead_letters": dead}
 
 
+def _hold_some(db: psycopg.Connection[dict[str, Any]], ns: str) -> None:
+    """u1: 100 allocated, a hold of 30 past its TTL and an active one of 20; u2: 50, a hold
+    of 5 past its TTL. (The TTLs are moved back, so as not to wait a second per example.)"""
+    for user, amount in (("u1", 100), ("u2", 50)):
+        db.execute(
+            "SELECT meter.allocate(%s, %s, %s, %s, p_namespace => %s)", (user, ET, amount, UNIT, ns)
+        )
+    for user, amount, due in (("u1", 30, True), ("u1", 20, False), ("u2", 5, True)):
+        rid = f"{ns}-{user}-{amount}"
+        db.execute(
+            "SELECT meter.reserve(%s, %s, %s, %s, p_namespace => %s, p_reservation_id => %s)",
+            (user, ET, amount, UNIT, ns, rid),
+        )
+        if due:
+            db.execute(
+                "UPDATE meter.reservations SET expires_at = now() - interval '1 second'"
+                " WHERE namespace = %s AND reservation_id = %s",
+                (ns, rid),
+            )
+
+
 def _reported(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
@@ -125,14 +146,19 @@ def events_with_repeats(draw: st.DrawFn) -> list[dict[str, Any]]:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(events=events_with_repeats(), results=st.booleans())
-def test_a_batch_and_its_events_one_by_one_agree(db, events, results):
+@given(events=events_with_repeats(), results=st.booleans(), holds=st.booleans())
+def test_a_batch_and_its_events_one_by_one_agree(db, events, results, holds):
     """The same events as one batch and as one-event calls, each set in a namespace of its
     own: the same statuses, results (entry ids aside), errors, ledger, balances, stored
     keys and dead letters. Valid events only, or ones refused: their effects then come in
-    array order both ways (a batch applies its fast-path events before the others)."""
+    array order both ways (a batch applies its fast-path events before the others). With
+    ``holds``, both namespaces start with the same holds, active and past their TTL (028:
+    both paths report ``available`` without the latter, and store the same results)."""
     n = next(_namespaces)
     batch_ns, single_ns = f"b{n}", f"s{n}"
+    if holds:
+        for ns in (batch_ns, single_ns):
+            _hold_some(db, ns)
     batch_rows = db.execute(
         APPLY, (Jsonb([{**e, "namespace": batch_ns} for e in events]), results)
     ).fetchall()
