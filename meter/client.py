@@ -1014,9 +1014,11 @@ class MeterClient:
                 before a later start is closed the day before it; a start past that
                 period's next start is refused (the periods between would never open);
                 should the account's roll be behind (beat down), such a start first rolls
-                its periods up to today, as beat would have, and is then judged again; a
-                start before the latest period opened (the first start, re-applied)
-                leaves the current period as it is.
+                its periods up to today, as beat would have, and is then judged again. So
+                does any start while the configured start is due but not opened yet, so
+                that its period opens before the change replaces it. A start before the
+                latest period opened (the first start, re-applied) leaves the current
+                period as it is.
             period_allocation: what each period grants, >= 0.
             carry_over_limit: the most that rolls into the next period, >= 0 (``None``:
                 everything carries over).

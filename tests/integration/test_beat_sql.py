@@ -517,6 +517,37 @@ def test_set_period_config_catches_up_a_late_roll_first(client, db):
     assert client.reconcile() == []
 
 
+def test_a_due_configured_start_opens_before_a_change_replaces_it(client, db, snapshot):
+    # Two identical accounts, monthly from the first of this month (due). The roll reaches
+    # "a_on_time" (batch 1) but not "b_late", as when beat is down. A change from tomorrow,
+    # within the limit for both, used to replace b_late's configuration before its first
+    # period ever opened: that period's allocation was never granted. Now the change rolls
+    # the due start first (029), and both end alike.
+    t = today(db)
+    m0 = month_start(t, 0)
+    for user in ("a_on_time", "b_late"):
+        client.set_period_config(user, ET, UNIT, None, m0, D("100"), D("30"))
+    assert [s["user_id"] for s in roll(db, batch=1)] == ["a_on_time"]
+    # a start past the next one is refused for both, and the roll it began is undone
+    before = snapshot()
+    for user in ("a_on_time", "b_late"):
+        with pytest.raises(ValidationError) as ei:
+            client.set_period_config(user, ET, UNIT, None, month_start(t, -2), D("1"), None)
+        assert ei.value.parameter == "period_start"
+    assert snapshot() == before
+    change = (t + timedelta(days=1), D("200"), D("30"))
+    client.set_period_config("a_on_time", ET, UNIT, None, *change)
+    client.set_period_config("b_late", ET, UNIT, None, *change)
+    assert [p["period_start"] for p in periods(db, "b_late")] == [m0]
+    assert ledger_with_actors(db, "b_late") == ledger_with_actors(db, "a_on_time")
+    assert periods(db, "b_late") == periods(db, "a_on_time")
+    keys = ("period_start", "period_allocation", "balance", "total_credited", "total_debited")
+    late, on_time = (client.get_account(u, ET, UNIT) for u in ("b_late", "a_on_time"))
+    assert [late[k] for k in keys] == [on_time[k] for k in keys]
+    assert late["balance"] == D("100")
+    assert client.reconcile() == []
+
+
 def test_a_catch_up_that_still_refuses_changes_nothing(client, db, snapshot):
     # The roll catches the account up to this month; the start, past next month's first
     # day (not due), would still skip next month: refused, and the roll undone with it.
@@ -948,17 +979,27 @@ def test_next_period_start_keeps_the_day_through_restated_starts(client, db):
     client.set_period_config("u1", ET, UNIT, None, date(2025, 2, 28), D("2"), None)
     assert opened("u1", 2025, 5, 5) == [date(2025, 3, 31), date(2025, 4, 30)]
     assert next_start(db, "u1", date(2025, 4, 30), "1 month") == date(2025, 5, 31)
-    # the same call again is accepted (a pending start says nothing of the grid)
+    # the same call again is accepted (a pending start says nothing of the grid). The
+    # start is due by the database's clock, so the second call rolls it first (029), as
+    # beat would have by now: on the 31st, where the month has one
     client.set_period_config("u1", ET, UNIT, None, date(2025, 5, 31), D("3"), None)
     client.set_period_config("u1", ET, UNIT, None, date(2025, 5, 31), D("3"), None)
-    assert opened("u1", 2025, 5, 31) == [date(2025, 5, 31)]
+    starts = [r["period_start"] for r in db.execute(
+        "SELECT period_start FROM meter.periods WHERE user_id = 'u1' AND opened_at IS NOT NULL"
+        " AND period_start BETWEEN '2025-05-01' AND '2025-08-31' ORDER BY 1"
+    )]  # fmt: skip
+    assert starts == [date(2025, 5, 31), date(2025, 6, 30), date(2025, 7, 31), date(2025, 8, 31)]
     # a start on another day moves the day: the 28th from then on, Februaries included
-    client.set_period_config("u1", ET, UNIT, None, date(2025, 6, 28), D("3"), None)
-    assert opened("u1", 2026, 3, 1)[:2] == [date(2025, 6, 28), date(2025, 7, 28)]
-    assert client.get_account("u1", ET, UNIT)["period_start"] == date(2026, 2, 28)
-    assert next_start(db, "u1", date(2026, 2, 28), "1 month") == date(2026, 3, 28)
+    # (u4: u1 has now rolled up to today)
+    client.set_period_config("u4", ET, UNIT, None, date(2025, 5, 31), D("3"), None)
+    assert opened("u4", 2025, 5, 31) == [date(2025, 5, 31)]
+    client.set_period_config("u4", ET, UNIT, None, date(2025, 6, 28), D("3"), None)
+    assert opened("u4", 2026, 3, 1)[:2] == [date(2025, 6, 28), date(2025, 7, 28)]
+    assert client.get_account("u4", ET, UNIT)["period_start"] == date(2026, 2, 28)
+    assert next_start(db, "u4", date(2026, 2, 28), "1 month") == date(2026, 3, 28)
     # another interval starts its own grid
     client.set_period_config("u2", ET, UNIT, None, date(2025, 1, 31), D("1"), None)
+    roll(db, now=datetime(2025, 2, 1, tzinfo=UTC))  # on time: else the next call rolls it (029)
     client.set_period_config("u2", ET, UNIT, None, date(2025, 2, 28), D("1"), None, "2 months")
     client.open_period("u2", ET, UNIT, None, date(2025, 2, 28))
     assert next_start(db, "u2", date(2025, 2, 28), "2 months") == date(2025, 4, 28)
