@@ -1015,10 +1015,11 @@ class MeterClient:
                 period's next start is refused (the periods between would never open);
                 should the account's roll be behind (beat down), such a start first rolls
                 its periods up to today, as beat would have, and is then judged again. So
-                does any start while the configured start is due but not opened yet, so
-                that its period opens before the change replaces it. A start before the
-                latest period opened (the first start, re-applied) leaves the current
-                period as it is.
+                does any start while the configured start, set before it began, is due
+                but not opened yet, so that its period opens before the change replaces
+                it (a backdated start replaced before beat came round is taken as
+                corrected). A start before the latest period opened (the first start,
+                re-applied) leaves the current period as it is.
             period_allocation: what each period grants, >= 0.
             carry_over_limit: the most that rolls into the next period, >= 0 (``None``:
                 everything carries over).

@@ -1,7 +1,7 @@
--- set_period_config rolls a due configured start first, whatever the new start.
+-- set_period_config rolls a due start first when it was configured ahead of time.
 --
 -- Why (listed as not built since 026; found by 026's second review, in random scenarios):
--- a configuration whose start is due but not opened yet (beat down, or not yet round),
+-- a configuration whose start was due but not opened yet (beat down, or not yet round),
 -- replaced by one whose start the limit accepts, never opened its periods. Example: a plan
 -- from Oct 1 set in September, beat down over Oct 1, a change from Oct 15 made on Oct 10:
 -- the period from Oct 1 never opened, and its allocation was never granted. Had beat
@@ -10,17 +10,25 @@
 --
 -- Now set_period_config rolls the account up to today first (026's catch-up, unchanged:
 -- months created before any account lock, steps recorded as the roll's, no lock of its
--- own) also when the configured start is due and not opened, whatever the new start; it
--- then judges the new start against the periods recorded, as when beat had rolled first.
--- A start past today plus the longest interval is not exempt here: rolled first, the due
--- period opens and such a start is refused (as on time), where before it was accepted and
--- the due period lost. A refusal still changes nothing, the roll included.
+-- own) also when the configured start is due and not opened, and that start was
+-- configured before it began (a period_config_changes row with it, changed_at before its
+-- 00:00 UTC), whatever the new start; it then judges the new start against the periods
+-- recorded, as when beat had rolled first. Such a start past the limit is then refused (as
+-- on time), even past 026's reach bound. A refusal still changes nothing, the roll
+-- included.
+--
+-- Only a start configured ahead (review of a first version that rolled any due start):
+-- a backdated start (set after it began) replaced before beat came round is taken as a
+-- correction, as before: rolling it first granted every backdated period on the spot, and
+-- a start years back rolled for minutes (a daily one from 1990: 325 s, then refused at the
+-- step budget, at every retry), holding the ledger's partition lock and meeting beat's
+-- roll in deadlocks. A start configured ahead is at most as far behind as beat's outage.
 --
 -- Still not changed (026's header): when the configured period is open and only its next
 -- start is due, a start the limit accepts does not roll first; a change from that due next
 -- start itself (00:00 on a renewal day, or Oct 1 with beat down since Sep 1) gives the new
 -- allocation to the open period, where rolled first it would give it from the next.
--- Rolling first in that case too broke nine more period tests, which drive time through
+-- Rolling first in that case too broke nine period tests, which drive time through
 -- roll_periods' p_now in the past of the database clock that set_period_config reads.
 -- Migrations once applied are never edited, so 026's set_period_config is replaced whole;
 -- only the catch-up's condition and its comments changed.
@@ -104,21 +112,31 @@ BEGIN
     WHERE a.namespace = p_namespace AND a.account_id = v_account
       AND a.period_allocation IS NOT NULL AND a.period_interval IS NOT NULL
       AND a.period_start <= v_today
-      AND (-- 029: the configured start is due and not opened (whatever the new start: this
-           -- configuration replaces it, and beat would have opened it by now)
-           NOT EXISTS (SELECT 1 FROM meter.periods p
-                       WHERE p.namespace = a.namespace AND p.account_id = a.account_id
-                         AND p.period_start = a.period_start AND p.opened_at IS NOT NULL)
+      AND (-- 029: the configured start is due and not opened, and was configured before it
+           -- began (whatever the new start: beat owed it a period by now). A backdated
+           -- start replaced before beat came round is taken as corrected instead.
+           (NOT EXISTS (SELECT 1 FROM meter.periods p
+                        WHERE p.namespace = a.namespace AND p.account_id = a.account_id
+                          AND p.period_start = a.period_start AND p.opened_at IS NOT NULL)
+            AND EXISTS (SELECT 1 FROM meter.period_config_changes c
+                        WHERE c.namespace = a.namespace AND c.account_id = a.account_id
+                          AND c.period_start = a.period_start
+                          AND c.changed_at < a.period_start::timestamp AT TIME ZONE 'UTC'))
            -- 026: the start would be refused, and the roll is behind (roll_periods'
-           -- candidate test, whose other half is the line above), and a roll up to today
+           -- candidate test), and a roll up to today
            -- could accept it: none past today plus the longest interval the account was
            -- configured with (3 days more for a month's end; compared as dates, since
            -- intervals compare a month as 30 days), else a refusal would first roll, for
            -- nothing, what may be years of periods
            OR (p_period_start > meter._period_start_limit(p_namespace, v_account,
                                                           p_period_start)
-               AND meter._next_period_start(a.namespace, a.account_id, a.period_start,
-                                            a.period_interval) <= v_today
+               AND (NOT EXISTS (SELECT 1 FROM meter.periods p
+                                WHERE p.namespace = a.namespace
+                                  AND p.account_id = a.account_id
+                                  AND p.period_start = a.period_start
+                                  AND p.opened_at IS NOT NULL)
+                    OR meter._next_period_start(a.namespace, a.account_id, a.period_start,
+                                                a.period_interval) <= v_today)
                AND p_period_start <= v_reach + 3));
     IF FOUND THEN
         -- The months the roll's steps date rows in (each period's first day and the day

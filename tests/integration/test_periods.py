@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from decimal import Decimal
 
 import pytest
@@ -72,11 +72,9 @@ def test_set_period_config_creates_account_and_stores_config(client, db):
 
 
 def test_set_period_config_interval_and_update(client, db):
-    # starts not due yet: a due one would be rolled first (029), which the roll tests cover
-    later = date.today() + timedelta(days=40)
-    client.set_period_config(U, ET, UNIT, None, later, D("100"), D("20"))
+    config(client, D("100"), D("20"))
     client.set_period_config(
-        U, ET, UNIT, None, later + timedelta(days=3), D("7"), None, period_interval="7 days"
+        U, ET, UNIT, None, date(2024, 3, 4), D("7"), None, period_interval="7 days"
     )
     row = db.execute(
         "SELECT period_start::date AS ps, period_allocation AS pa, carry_over_limit AS col,"
@@ -84,7 +82,7 @@ def test_set_period_config_interval_and_update(client, db):
         " FROM meter.accounts WHERE user_id = %s",
         (U,),
     ).fetchone()
-    assert row == {"ps": later + timedelta(days=3), "pa": D("7"), "col": None, "weekly": True}
+    assert row == {"ps": date(2024, 3, 4), "pa": D("7"), "col": None, "weekly": True}
     assert len(db.execute("SELECT * FROM meter.accounts").fetchall()) == 1
 
 

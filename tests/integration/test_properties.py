@@ -408,16 +408,11 @@ class LedgerMachine(RuleBasedStateMachine):
         limit=st.one_of(st.none(), st.just(ZERO), amounts),
     )
     def set_period_config(self, acct, allocation, limit):
-        a = self.accounts[acct]
-        if a.config_allocation is not None and (acct, PERIOD_STARTS[0]) not in self.opens:
-            # The configured start (2025) is due by the database's clock and not opened:
-            # a change would roll it up to today first, as beat would have (029), which
-            # this model of a beat that never runs does not follow.
-            return
         r = self.c.set_period_config(
             acct[0], ET, UNIT, acct[1], PERIOD_STARTS[0], allocation, carry_over_limit=limit
         )
         assert r is None
+        a = self.accounts[acct]
         a.exists = True
         a.config_allocation, a.config_limit = allocation, limit
 
