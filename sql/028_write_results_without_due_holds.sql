@@ -20,6 +20,9 @@
 -- holds, and could subtract a hold the sweep had already taken out. Every change to a hold
 -- that moves `reserved` also updates the account, so none can commit in between.
 --
+-- The figure is the one refusals report (019's meter._peek: the account by key, less its
+-- holds past their TTL); a batch sums them with 023's meter._due_held, once per account.
+--
 -- Cost: nothing for an account without holds (reserved = 0) or, for reserve, without
 -- other holds; otherwise one look-up of 023's partial index per account (per call, or per
 -- distinct account of a batch), which sums the account's holds past their TTL as the
@@ -29,26 +32,6 @@
 -- Migrations once applied are never edited, so 004's consume (with 017's datestyle),
 -- 019's reserve and 020's apply_events are replaced whole; only the lines marked 028
 -- changed.
-
--- The amount held by the active holds past their TTL of the account with this key (023's
--- meter._due_held, by key).
-CREATE FUNCTION meter._due_held_at(p_namespace text, p_user_id text, p_event_type text,
-                                   p_resource text, p_unit text)
-RETURNS numeric
-LANGUAGE sql STABLE AS $$
-    -- the account first, as a value: joined, the planner may scan the namespace's active
-    -- holds by expires_at alone and filter them by account
-    SELECT coalesce(sum(r.amount), 0)
-    FROM meter.reservations r
-    WHERE r.namespace = p_namespace
-      AND r.account_id = (SELECT a.account_id FROM meter.accounts a
-                          WHERE a.namespace = p_namespace
-                            AND coalesce(a.user_id, '') = coalesce(p_user_id, '')
-                            AND a.event_type = p_event_type AND a.resource = p_resource
-                            AND a.unit = p_unit)
-      AND r.status = 'active' AND r.expires_at <= now()
-$$;
-REVOKE EXECUTE ON FUNCTION meter._due_held_at(text, text, text, text, text) FROM PUBLIC;
 
 -- Set one figure of an idempotency key's stored result, which this transaction claimed:
 -- a replay returns what the first call returned. Without a key, nothing.
@@ -79,15 +62,12 @@ BEGIN
         SELECT e->>'idx' AS idx, e->>'namespace' AS ns, (e->>'account_id')::bigint AS account_id
         FROM jsonb_array_elements(p_held) e
     ), due AS MATERIALIZED (
-        SELECT a.ns, a.account_id, d.due
+        SELECT a.ns, a.account_id, meter._due_held(a.ns, a.account_id) AS due
         FROM (SELECT DISTINCT h.ns, h.account_id FROM h) a
-        CROSS JOIN LATERAL (SELECT sum(r.amount) AS due FROM meter.reservations r
-                            WHERE r.namespace = a.ns AND r.account_id = a.account_id
-                              AND r.status = 'active' AND r.expires_at <= now()) d
-        WHERE d.due > 0
     )
     SELECT jsonb_object_agg(h.idx, due.due) INTO v_due
-    FROM h JOIN due ON due.ns = h.ns AND due.account_id = h.account_id;
+    FROM h JOIN due ON due.ns = h.ns AND due.account_id = h.account_id
+    WHERE due.due > 0;
     IF v_due IS NULL THEN
         RETURN p_out;
     END IF;
@@ -130,7 +110,6 @@ DECLARE
     v_replay jsonb;
     v_post record;
     v_peek record;
-    v_due numeric;
 BEGIN
     -- Fast path: every check in one expression. Otherwise one by one, for the refusal.
     IF meter._fast_ok(p_namespace, p_user_id, false, p_event_type, p_unit, p_resource)
@@ -185,11 +164,11 @@ BEGIN
     entry_id := v_post.entry_id;
     IF v_post.reserved > 0 THEN
         -- 028: holds past their TTL reserve nothing; the stored result says the same
-        v_due := meter._due_held_at(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
-        IF v_due > 0 THEN
-            available := available + v_due;
+        v_peek := meter._peek(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
+        IF v_peek.reserved < v_post.reserved THEN
+            available := v_post.balance - v_peek.reserved;
             PERFORM meter._restate_claim(p_namespace, p_idempotency_key, 'reserved',
-                                         v_post.reserved - v_due);
+                                         v_peek.reserved);
         END IF;
     END IF;
     RETURN NEXT;
@@ -219,9 +198,6 @@ DECLARE
     v_peek record;
     v_lost boolean;
     v_swept boolean := false;
-    v_account bigint;
-    v_reserved numeric;
-    v_due numeric;
 BEGIN
     -- Fast path: every check in one expression. Otherwise one by one, for the refusal.
     IF meter._fast_ok(p_namespace, p_user_id, false, p_event_type, p_unit, p_resource)
@@ -308,9 +284,9 @@ BEGIN
             ON CONFLICT DO NOTHING
             RETURNING 1
         )
-        SELECT acc.balance, acc.balance - acc.reserved, acc.account_id, acc.reserved,
+        SELECT acc.balance, acc.balance - acc.reserved,
                p_idempotency_key IS NOT NULL AND NOT EXISTS (SELECT FROM claim)
-        INTO balance, available, v_account, v_reserved, v_lost FROM acc, hold;
+        INTO balance, available, v_lost FROM acc, hold;
         -- not granted: holds past their TTL reserve nothing any more; once, expire them
         EXIT WHEN balance IS NOT NULL OR v_swept
                   OR NOT meter._expire_due(p_namespace, p_user_id, p_event_type, v_resource,
@@ -333,12 +309,12 @@ BEGIN
         RETURN NEXT;
         RETURN;
     END IF;
-    IF v_reserved > v_amount THEN
+    IF balance - available > v_amount THEN
         -- 028: other holds; those past their TTL reserve nothing, and the stored results
         -- (the hold's, the key's) say the same
-        v_due := meter._due_held(p_namespace, v_account);
-        IF v_due > 0 THEN
-            available := available + v_due;
+        v_peek := meter._peek(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
+        IF balance - v_peek.reserved > available THEN
+            available := balance - v_peek.reserved;
             UPDATE meter.reservations h
             SET reserve_result = h.reserve_result || jsonb_build_object('available', available)
             WHERE h.namespace = p_namespace AND h.reservation_id = v_id;

@@ -109,32 +109,30 @@ BEGIN
                                     AND p.account_id = a.account_id
                                     AND p.opened_at IS NOT NULL))
     INTO v_from FROM meter.accounts a
+    CROSS JOIN LATERAL (SELECT NOT EXISTS (SELECT 1 FROM meter.periods p
+                                           WHERE p.namespace = a.namespace
+                                             AND p.account_id = a.account_id
+                                             AND p.period_start = a.period_start
+                                             AND p.opened_at IS NOT NULL) AS unopened) u
     WHERE a.namespace = p_namespace AND a.account_id = v_account
       AND a.period_allocation IS NOT NULL AND a.period_interval IS NOT NULL
       AND a.period_start <= v_today
       AND (-- 029: the configured start is due and not opened, and was configured before it
            -- began (whatever the new start: beat owed it a period by now). A backdated
            -- start replaced before beat came round is taken as corrected instead.
-           (NOT EXISTS (SELECT 1 FROM meter.periods p
-                        WHERE p.namespace = a.namespace AND p.account_id = a.account_id
-                          AND p.period_start = a.period_start AND p.opened_at IS NOT NULL)
+           (u.unopened
             AND EXISTS (SELECT 1 FROM meter.period_config_changes c
                         WHERE c.namespace = a.namespace AND c.account_id = a.account_id
                           AND c.period_start = a.period_start
                           AND c.changed_at < a.period_start::timestamp AT TIME ZONE 'UTC'))
            -- 026: the start would be refused, and the roll is behind (roll_periods'
-           -- candidate test), and a roll up to today
-           -- could accept it: none past today plus the longest interval the account was
-           -- configured with (3 days more for a month's end; compared as dates, since
+           -- candidate test), and a roll up to today could accept it: none past today
+           -- plus the longest interval the account was configured with (3 days more for a month's end; compared as dates, since
            -- intervals compare a month as 30 days), else a refusal would first roll, for
            -- nothing, what may be years of periods
            OR (p_period_start > meter._period_start_limit(p_namespace, v_account,
                                                           p_period_start)
-               AND (NOT EXISTS (SELECT 1 FROM meter.periods p
-                                WHERE p.namespace = a.namespace
-                                  AND p.account_id = a.account_id
-                                  AND p.period_start = a.period_start
-                                  AND p.opened_at IS NOT NULL)
+               AND (u.unopened
                     OR meter._next_period_start(a.namespace, a.account_id, a.period_start,
                                                 a.period_interval) <= v_today)
                AND p_period_start <= v_reach + 3));
