@@ -12,6 +12,7 @@ from meter.errors import (
     MeterConnectionError,
     MeterError,
     NotFoundError,
+    PublishError,
     TenantError,
     ValidationError,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "MeterConnectionError",
     "MeterError",
     "NotFoundError",
+    "PublishError",
     "TenantError",
     "ValidationError",
     "__version__",

@@ -17,6 +17,7 @@ __all__ = [
     "MeterConnectionError",
     "MeterError",
     "NotFoundError",
+    "PublishError",
     "TenantError",
     "ValidationError",
     "from_psycopg",
@@ -97,6 +98,27 @@ class TenantError(MeterError):
 
 class MeterConnectionError(MeterError):
     """The database cannot be reached."""
+
+
+class PublishError(MeterConnectionError):
+    """The broker did not confirm a message: it may have been enqueued or not."""
+
+    events: list[dict[str, Any]]
+    """What is in doubt, as :meth:`meter.producer.MeterProducer.send_many` items, each with
+    the idempotency key (and reservation id) it was sent with: sending them again through
+    a producer of the same namespace applies each once, whether the broker took the first
+    message or not. A new call without those keys would be a second event."""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        events: list[dict[str, Any]] | None = None,
+        sqlstate: str | None = None,
+        parameter: str | None = None,
+    ) -> None:
+        super().__init__(message, sqlstate=sqlstate, parameter=parameter)
+        self.events = [] if events is None else events
 
 
 _BY_SQLSTATE: dict[str, type[MeterError]] = {

@@ -27,6 +27,7 @@ identifiers. A producer created with ``results=True``, or a call passing
 from __future__ import annotations
 
 import atexit
+import copy
 import os
 import re
 import threading
@@ -45,7 +46,13 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 
 from meter import signing, wire
 from meter import types as t
-from meter.errors import MeterConnectionError, MeterError, ValidationError, from_sqlstate
+from meter.errors import (
+    MeterConnectionError,
+    MeterError,
+    PublishError,
+    ValidationError,
+    from_sqlstate,
+)
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "EventHandle", "MeterProducer"]
 
@@ -216,6 +223,15 @@ def _put_time(args: dict[str, Any], event_time: object) -> None:
         args["event_time"] = checked.isoformat()
 
 
+def _resendable(event: Mapping[str, Any]) -> dict[str, Any]:
+    """An event as built for the wire, turned back into a ``send_many`` item: the same
+    call with the key (and reservation id) it was sent with."""
+    item: dict[str, Any] = {"op": event["op"], **copy.deepcopy(event["args"])}
+    if "event_time" in item:
+        item["event_time"] = datetime.fromisoformat(item["event_time"])
+    return item
+
+
 # uuid4 text without building a UUID object (half the cost of str(uuid.uuid4()), once
 # per event): 122 random bits, the version nibble 4 and the RFC 4122 variant 10xx.
 _VARIANT_NIBBLE: Final = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
@@ -253,12 +269,18 @@ class MeterProducer:
     same way (``ValidationError`` at once, nothing enqueued), and return an
     :class:`EventHandle` without waiting for the database. ``idempotency_key`` is generated
     (uuid4) when not given, so a message delivered twice is applied once. The producer is
-    thread-safe and reuses broker connections from a pool. Broker failures raise
-    ``MeterConnectionError``, and a recording call (``consume``, ``allocate``...) that raises
-    has enqueued nothing, in either mode: in buffered mode the call whose event fills the
-    batch sends it, and if that fails, its own event is dropped (the others stay buffered
-    for the next attempt), so retrying the call cannot double it. ``send_many`` sends chunk
-    by chunk: the chunks sent before a failure stay sent.
+    thread-safe and reuses broker connections from a pool.
+
+    Broker failures raise :class:`~meter.errors.PublishError` (a ``MeterConnectionError``):
+    the broker did not confirm the message, which may or may not have reached it (a reply
+    lost after the broker took it looks like a refusal). Its ``events`` hold what is in
+    doubt, each with the key it was sent with, so ``send_many(exc.events)`` applies each
+    once either way; calling the method again without that key would be a second event
+    if the first message had got through. In buffered mode the call whose event fills
+    the batch sends it; if that fails, its own event is taken out of the buffer (it is
+    ``exc.events``) and the others stay buffered for the next attempt. ``send_many`` sends
+    chunk by chunk: the chunks confirmed before a failure stay sent, and ``exc.events``
+    holds the rest.
     """
 
     def __init__(
@@ -337,8 +359,10 @@ class MeterProducer:
         Returns once they are in the broker, including a batch another thread was sending.
 
         Raises:
-            MeterConnectionError: the broker could not be reached; the events stay in the
-                buffer and the next flush tries again.
+            PublishError: the broker did not confirm a batch; the events stay in the buffer
+                and the next flush sends them again (with their keys: applied once).
+                ``exc.events`` lists every buffered event, for a caller that will not
+                flush again (``close()`` raising it drops the buffer).
         """
         if not self._buffered:
             return
@@ -351,12 +375,21 @@ class MeterProducer:
                         batch, self._batch = self._batch, None
                     else:
                         return
-                self._send_batch(batch)
+                try:
+                    self._send_batch(batch)
+                except PublishError as exc:
+                    exc.events = self._buffered_events()
+                    raise
 
     def close(self) -> None:
         """Flush the buffer, stop the linger thread and release the broker connections.
 
         Idempotent. Later calls raise ``MeterConnectionError``.
+
+        Raises:
+            PublishError: the broker did not confirm the last batches. The producer is
+                closed all the same and its buffer dropped: ``exc.events`` is what it held
+                (keep them, or send them again through another producer).
         """
         if self._closed:
             return
@@ -414,7 +447,8 @@ class MeterProducer:
         ``want_result`` overrides the producer's ``results`` for this event.
 
         Raises:
-            ValidationError, MeterConnectionError.
+            ValidationError; PublishError (the event is in doubt: resend ``exc.events``);
+            MeterConnectionError (the producer is closed: nothing was sent).
         """
         args, key, rid = self._consume_args(
             user_id, event_type, amount, unit, resource, check_balance, idempotency_key,
@@ -438,7 +472,8 @@ class MeterProducer:
         """Enqueue an allocation; parameters as :meth:`meter.MeterClient.allocate`.
 
         Raises:
-            ValidationError, MeterConnectionError.
+            ValidationError; PublishError (the event is in doubt: resend ``exc.events``);
+            MeterConnectionError (the producer is closed: nothing was sent).
         """
         args, key, rid = self._allocate_args(
             user_id, event_type, amount, unit, resource, idempotency_key, event_time, metadata
@@ -466,7 +501,8 @@ class MeterProducer:
         The hold's TTL counts from when a worker applies the reserve.
 
         Raises:
-            ValidationError, MeterConnectionError.
+            ValidationError; PublishError (the event is in doubt: resend ``exc.events``);
+            MeterConnectionError (the producer is closed: nothing was sent).
         """
         args, key, rid = self._reserve_args(
             user_id, event_type, amount, unit, resource, ttl_seconds, idempotency_key,
@@ -488,7 +524,8 @@ class MeterProducer:
         been applied (up to the worker's ``METER_ORPHAN_HORIZON_SECONDS``).
 
         Raises:
-            ValidationError, MeterConnectionError.
+            ValidationError; PublishError (the event is in doubt: resend ``exc.events``);
+            MeterConnectionError (the producer is closed: nothing was sent).
         """
         args, key, rid = self._commit_args(reservation_id, actual_amount, metadata)
         return self._submit("commit", args, key, rid, want_result)
@@ -499,7 +536,8 @@ class MeterProducer:
         Like commit, a release arriving before its reserve waits for it.
 
         Raises:
-            ValidationError, MeterConnectionError.
+            ValidationError; PublishError (the event is in doubt: resend ``exc.events``);
+            MeterConnectionError (the producer is closed: nothing was sent).
         """
         args, key, rid = self._release_args(reservation_id)
         return self._submit("release", args, key, rid, want_result)
@@ -520,7 +558,8 @@ class MeterProducer:
         """Enqueue an adjustment; parameters as :meth:`meter.MeterClient.adjust`.
 
         Raises:
-            ValidationError, MeterConnectionError.
+            ValidationError; PublishError (the event is in doubt: resend ``exc.events``);
+            MeterConnectionError (the producer is closed: nothing was sent).
         """
         args, key, rid = self._adjust_args(
             user_id, event_type, amount, unit, resource, reference_id, idempotency_key,
@@ -546,9 +585,9 @@ class MeterProducer:
         Raises:
             ValidationError: an event is invalid (the message starts with
                 ``events[i]:``); nothing was sent.
-            MeterConnectionError: the broker could not be reached; chunks already sent
-                stay sent (their events are applied; sending again is safe only with the
-                same idempotency keys).
+            PublishError: the broker did not confirm a chunk; the chunks confirmed before it
+                stay sent, and ``exc.events`` holds that chunk's events and all after it,
+                with their keys: ``send_many(exc.events)`` applies each once.
         """
         self._check_open()
         want = self._results if want_result is None else t.check_bool(want_result, "want_result")
@@ -582,7 +621,15 @@ class MeterProducer:
             batch.events = [
                 {"op": op, "namespace": self._namespace, "args": args} for op, args, _, _ in chunk
             ]
-            self._publish(wire.APPLY_BATCH, batch.events, task_id, want, f"<{len(chunk)} events>")
+            try:
+                self._publish(
+                    wire.APPLY_BATCH, batch.events, task_id, want, f"<{len(chunk)} events>"
+                )
+            except PublishError as exc:
+                exc.events = [
+                    _resendable({"op": op, "args": args}) for op, args, _, _ in built[start:]
+                ]
+                raise
             handles.extend(
                 EventHandle(self, op, key, rid, task_id, want, batch, i)
                 for i, (op, _, key, rid) in enumerate(chunk)
@@ -769,9 +816,12 @@ class MeterProducer:
                 batch.want_result,
                 f"<{len(batch.events)} events>",
             )
-        except BaseException:
+        except BaseException as exc:
             if own is not None:
-                del batch.events[own]
+                mine = batch.events.pop(own)
+                if isinstance(exc, PublishError):
+                    # The others stay buffered, sent again with their keys by the next send.
+                    exc.events = [_resendable(mine)]
             if batch.events:
                 with self._lock:
                     self._unsent.appendleft(batch)
@@ -797,7 +847,12 @@ class MeterProducer:
                 kwargsrepr="{}",
             )
         except KombuOperationalError as exc:
-            raise MeterConnectionError(f"cannot reach the broker: {exc}") from exc
+            # Maybe enqueued: the broker may have taken the message and the reply been lost
+            # (kombu republishes the same message on a connection error, then gives up).
+            raise PublishError(
+                f"the broker did not confirm the message: {exc}",
+                events=[_resendable(event) for event in events],
+            ) from exc
 
     # ------------------------------------------------------------------ buffering
 
@@ -809,6 +864,12 @@ class MeterProducer:
                 daemon=True,
             )  # fmt: skip
             self._linger_thread.start()
+
+    def _buffered_events(self) -> list[dict[str, Any]]:
+        """Every event the buffer holds, oldest first, as ``send_many`` items."""
+        with self._lock:
+            batches = [*self._unsent, *([self._batch] if self._batch is not None else [])]
+            return [_resendable(event) for batch in batches for event in batch.events]
 
     def _due_batch(self) -> tuple[bool, float | None]:
         """(stop?, seconds until the open batch is due); called with _lock held."""

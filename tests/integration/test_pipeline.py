@@ -12,6 +12,7 @@ import re
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -29,6 +30,7 @@ from meter.errors import (
     IdempotencyConflictError,
     MeterConnectionError,
     NotFoundError,
+    PublishError,
     ValidationError,
 )
 from worker import db as worker_db
@@ -1031,3 +1033,131 @@ def test_events_buffered_while_a_send_fails_keep_their_handles(
     assert meanwhile[0].wait(timeout=20)["balance"] in (D(96), D(98))
     assert first.wait(timeout=20)["success"] is True
     eventually(lambda: balance(client)["balance"] == D(96), timeout=10)
+
+
+def _taken_then_lost(real: Callable[..., Any], fail: Callable[[int], bool] = bool) -> Any:
+    """A send_task that hands the message to the broker, then raises as a lost reply does.
+
+    ``fail(n)``: whether the n-th call (from 1) raises after sending.
+    """
+    from kombu.exceptions import OperationalError as KombuOperationalError
+
+    calls = 0
+
+    def send(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        result = real(*args, **kwargs)
+        if fail(calls):
+            raise KombuOperationalError("Error 104 while reading from the broker: reset by peer")
+        return result
+
+    return send
+
+
+def _settled(client: Any, db: psycopg.Connection[Any], expected: Decimal) -> Counter[str]:
+    """Wait for the balance, give stray deliveries time to land; the ledger's keys."""
+    eventually(lambda: balance(client)["balance"] == expected, timeout=20)
+    time.sleep(0.5)
+    assert balance(client)["balance"] == expected
+    return Counter(row["idempotency_key"] for row in ledger(db))
+
+
+def test_events_in_doubt_sent_again_with_their_keys_apply_once(
+    pipeline, make_producer, client, db, monkeypatch
+):
+    # The broker takes every message but the producer sees an error, as when the reply to
+    # a publish is lost. What each PublishError says is in doubt, sent again, must not
+    # double: the events carry the keys they were first sent with.
+    client.allocate("u1", ET, 100, UNIT, idempotency_key="grant")
+    direct = make_producer()
+    monkeypatch.setattr(direct._app, "send_task", _taken_then_lost(direct._app.send_task))
+    with pytest.raises(PublishError) as consumed:
+        direct.consume("u1", ET, 5, UNIT)
+    with pytest.raises(PublishError) as reserved:
+        direct.reserve("u1", ET, 10, UNIT, ttl_seconds=600)
+    many = make_producer(chunk_size=2)
+    monkeypatch.setattr(
+        many._app, "send_task", _taken_then_lost(many._app.send_task, lambda n: n == 2)
+    )
+    events = [
+        {"op": "consume", "user_id": "u1", "event_type": ET, "amount": n, "unit": UNIT,
+         "metadata": {"n": n}, "event_time": datetime.now(UTC) - timedelta(minutes=n)}
+        for n in (1, 2, 3, 4, 6)
+    ]  # fmt: skip
+    with pytest.raises(PublishError) as chunked:
+        many.send_many(events)
+    # what is in doubt: the call's own event; from the failed chunk on
+    (consume,) = consumed.value.events
+    assert consume["op"] == "consume" and consume["amount"] == "5" and consume["idempotency_key"]
+    (reserve,) = reserved.value.events
+    assert reserve["op"] == "reserve" and reserve["reservation_id"]
+    assert [e["metadata"] for e in chunked.value.events] == [{"n": 3}, {"n": 4}, {"n": 6}]
+    assert chunked.value.events[0]["event_time"] == events[2]["event_time"]
+
+    again = make_producer(results=True)
+    handles = again.send_many(
+        [*consumed.value.events, *reserved.value.events, *chunked.value.events]
+    )
+    for handle in handles:
+        handle.wait(timeout=20)  # raises if the event was refused
+    keys = _settled(client, db, D(100) - 5 - (1 + 2 + 3 + 4 + 6))
+    assert keys[consume["idempotency_key"]] == 1
+    assert sorted(keys.values()) == [1] * 7  # the grant, 5, and the five of send_many
+    holds = db.execute("SELECT reservation_id, amount FROM meter.reservations").fetchall()
+    assert holds == [{"reservation_id": reserve["reservation_id"], "amount": D(10)}]
+    assert balance(client)["reserved"] == D(10)
+
+
+def test_a_buffered_event_in_doubt_is_its_callers_to_send_again(
+    pipeline, make_producer, client, db, monkeypatch
+):
+    # The call that fills the batch sends it; the broker takes it, the reply is lost. The
+    # other events stay buffered (sent again by the next flush, with their keys); the
+    # call's own event is the PublishError's, for the caller to send again.
+    client.allocate("u1", ET, 100, UNIT, idempotency_key="grant")
+    p = make_producer(batch_size=2, linger_ms=60_000)
+    first = p.consume("u1", ET, 1, UNIT)
+    real = p._app.send_task
+    monkeypatch.setattr(p._app, "send_task", _taken_then_lost(real))
+    with pytest.raises(PublishError) as doubt:
+        p.consume("u1", ET, 2, UNIT)
+    (mine,) = doubt.value.events
+    assert mine["amount"] == "2" and mine["idempotency_key"] != first.idempotency_key
+    monkeypatch.setattr(p._app, "send_task", real)
+    p.flush()  # the first event again
+    p.send_many(doubt.value.events)
+    keys = _settled(client, db, D(97))
+    assert keys == Counter({"grant": 1, first.idempotency_key: 1, mine["idempotency_key"]: 1})
+
+
+def test_close_that_cannot_send_hands_over_the_buffer(
+    pipeline, make_producer, client, db, monkeypatch
+):
+    # close() drops the buffer when the broker refuses it: the error must carry what the
+    # buffer held, so that nothing recorded is lost.
+    from kombu.exceptions import OperationalError as KombuOperationalError
+
+    client.allocate("u1", ET, 100, UNIT, idempotency_key="grant")
+    p = make_producer(batch_size=10, linger_ms=60_000)
+    handles = [p.consume("u1", ET, n, UNIT) for n in (1, 2)]
+    handles.append(p.reserve("u1", ET, 4, UNIT, reservation_id="r-buffered"))
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise KombuOperationalError("Error 111 connecting to the broker: Connection refused")
+
+    monkeypatch.setattr(p._app, "send_task", refused)
+    with pytest.raises(PublishError) as dropped:
+        p.close()
+    held = dropped.value.events
+    assert [e.get("idempotency_key", e.get("reservation_id")) for e in held] == [
+        h.idempotency_key for h in handles
+    ]
+    with pytest.raises(MeterConnectionError, match="closed"):
+        p.consume("u1", ET, 1, UNIT)
+    make_producer().send_many(held)
+    keys = _settled(client, db, D(97))
+    assert keys == Counter(
+        {"grant": 1, handles[0].idempotency_key: 1, handles[1].idempotency_key: 1}
+    )
+    assert balance(client)["reserved"] == D(4)

@@ -15,6 +15,7 @@ from meter.errors import (
     MeterConnectionError,
     MeterError,
     NotFoundError,
+    PublishError,
     TenantError,
     ValidationError,
     from_psycopg,
@@ -28,7 +29,7 @@ SUBCLASSES = [
     TenantError,
     MeterConnectionError,
 ]
-ALL = [MeterError, *SUBCLASSES]
+ALL = [MeterError, *SUBCLASSES, PublishError]
 
 
 @dataclass
@@ -63,6 +64,8 @@ def test_hierarchy():
     # distinct classes: catching one does not catch another
     assert len(set(SUBCLASSES)) == len(SUBCLASSES)
     assert not issubclass(MeterConnectionError, ValidationError)
+    # a broker that did not confirm is a connection failure, caught as one
+    assert PublishError.__bases__ == (MeterConnectionError,)
 
 
 @pytest.mark.parametrize("cls", ALL)
@@ -256,3 +259,12 @@ def test_from_sqlstate_reported_as_data(sqlstate, cls):
     assert type(err) is cls
     assert (err.sqlstate, err.parameter, str(err)) == (sqlstate, "unit", "unit: must not be empty")
     assert str(from_sqlstate(sqlstate, None)) == cls.__doc__  # the default message
+
+
+def test_publish_error_carries_its_events_across_pickling():
+    events = [{"op": "consume", "user_id": "u1", "amount": "5", "idempotency_key": "k"}]
+    err = PublishError("the broker did not confirm the message", events=events)
+    assert err.events == events and PublishError().events == []
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is PublishError
+    assert (str(back), back.events) == ("the broker did not confirm the message", events)

@@ -163,3 +163,40 @@ def test_generated_ids_are_uuid4():
         assert str(u) == text and u.version == 4 and u.variant == uuid.RFC_4122
     # every variant nibble occurs (the two free bits are random)
     assert {text[19] for text in ids} == set("89ab")
+
+
+RESEND_CALLS = [
+    ("consume", {"user_id": "u1", "event_type": "tok", "amount": Decimal("1.50"), "unit": "t",
+                 "resource": "gpt", "check_balance": True,
+                 "event_time": datetime.fromisoformat("2026-11-27T10:00:00.123456-05:00"),
+                 "metadata": {"a": [1, Decimal("0.1"), None], "b": {"c": "d"}}}),
+    ("allocate", {"user_id": None, "event_type": "tok", "amount": 7, "unit": "t",
+                  "idempotency_key": "grant-1"}),
+    ("adjust", {"user_id": "u1", "event_type": "tok", "amount": "-2", "unit": "t",
+                "reference_id": 12}),
+    ("reserve", {"user_id": "u1", "event_type": "tok", "amount": 3, "unit": "t",
+                 "ttl_seconds": 60}),
+    ("reserve", {"user_id": "u1", "event_type": "tok", "amount": 3, "unit": "t",
+                 "idempotency_key": "hold-1", "reservation_id": "r-1"}),
+    ("commit", {"reservation_id": "r-1", "actual_amount": 0, "metadata": {"x": 1}}),
+    ("release", {"reservation_id": "r-1"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("op", "params"), RESEND_CALLS, ids=[op for op, _ in RESEND_CALLS])
+def test_an_event_in_doubt_resends_as_the_same_event(op, params):
+    """What a PublishError hands back, passed to send_many, builds the very event that was
+    sent: same arguments, same key (a generated one included)."""
+    from meter.producer import MeterProducer, _resendable
+
+    producer = MeterProducer("redis://127.0.0.1:1/0")  # never connects: nothing is sent
+    try:
+        args, key, rid = producer._builders[op](producer, **params)
+        item = _resendable({"op": op, "namespace": "default", "args": args})
+        assert item.pop("op") == op
+        again = producer._builders[op](producer, **item)
+        assert again == (args, key, rid)
+        item["metadata"] = "changed"  # a copy: the sent event is not touched
+        assert args.get("metadata") != "changed"
+    finally:
+        producer.close()
