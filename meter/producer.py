@@ -63,6 +63,12 @@ MAX_CHUNK_SIZE: Final = 10000
 DEFAULT_BATCH_SIZE: Final = 500
 DEFAULT_LINGER_MS: Final = 50
 DEFAULT_TTL_SECONDS: Final = 300
+BROKER_TIMEOUT_SECONDS: Final = 5.0
+"""How long one attempt to connect to the broker or publish may wait for it. Without it, a
+broker that stops answering without closing the connection (paused, failed over, cut off
+by a firewall) blocks the call for good; with it, the call ends in a
+:class:`~meter.errors.PublishError` after Celery's publish retries, some five times this
+(measured: 25.6 s for a paused Redis)."""
 
 Amount = int | Decimal | str | float
 
@@ -150,6 +156,8 @@ class EventHandle:
         Raises:
             RuntimeError: the event was sent without results.
             TimeoutError: no outcome within ``timeout``.
+            PublishError: the event was still buffered and the flush that sends it failed
+                (as :meth:`MeterProducer.flush`).
             ValidationError, IdempotencyConflictError, NotFoundError, TenantError,
             MeterError: the event can never be applied; it is in the dead letters.
         """
@@ -226,7 +234,11 @@ def _put_time(args: dict[str, Any], event_time: object) -> None:
 def _resendable(event: Mapping[str, Any]) -> dict[str, Any]:
     """An event as built for the wire, turned back into a ``send_many`` item: the same
     call with the key (and reservation id) it was sent with."""
-    item: dict[str, Any] = {"op": event["op"], **copy.deepcopy(event["args"])}
+    try:
+        args = copy.deepcopy(event["args"])
+    except RecursionError:  # metadata nested deeper than deepcopy goes (the JSON limit is not)
+        args = dict(event["args"])
+    item: dict[str, Any] = {"op": event["op"], **args}
     if "event_time" in item:
         item["event_time"] = datetime.fromisoformat(item["event_time"])
     return item
@@ -271,9 +283,10 @@ class MeterProducer:
     (uuid4) when not given, so a message delivered twice is applied once. The producer is
     thread-safe and reuses broker connections from a pool.
 
-    Broker failures raise :class:`~meter.errors.PublishError` (a ``MeterConnectionError``):
-    the broker did not confirm the message, which may or may not have reached it (a reply
-    lost after the broker took it looks like a refusal). Its ``events`` hold what is in
+    Broker failures raise :class:`~meter.errors.PublishError` (a ``MeterConnectionError``;
+    a broker that stops answering, after about 5 x :data:`BROKER_TIMEOUT_SECONDS`): the
+    broker did not confirm the message, which may or may not have reached it (a reply lost
+    after the broker took it looks like a refusal). Its ``events`` hold what is in
     doubt, each with the key it was sent with, so ``send_many(exc.events)`` applies each
     once either way; calling the method again without that key would be a second event
     if the first message had got through. In buffered mode the call whose event fills
@@ -322,7 +335,13 @@ class MeterProducer:
         )
         self._broker_url = wire.broker_url_from_env(broker_url)
         self._app = Celery("meter-producer", set_as_current=False)
-        self._app.conf.update(wire.celery_config(self._broker_url))
+        config = wire.celery_config(self._broker_url)
+        config["broker_transport_options"] = {
+            **config["broker_transport_options"],
+            "socket_timeout": BROKER_TIMEOUT_SECONDS,
+            "socket_connect_timeout": BROKER_TIMEOUT_SECONDS,
+        }
+        self._app.conf.update(config)
         self._closed = False
         # Buffered mode: _lock guards _batch (the open batch) and _unsent (full batches the
         # broker refused, oldest first, each kept whole so its handles stay valid);
@@ -361,11 +380,20 @@ class MeterProducer:
         Raises:
             PublishError: the broker did not confirm a batch; the events stay in the buffer
                 and the next flush sends them again (with their keys: applied once).
-                ``exc.events`` lists every buffered event, for a caller that will not
-                flush again (``close()`` raising it drops the buffer).
+                ``exc.events`` lists the events buffered (and not being sent by another
+                call) when it failed, for a caller that will not flush again
+                (``close()`` raising it empties the buffer).
         """
         if not self._buffered:
             return
+        try:
+            self._flush()
+        except PublishError as exc:
+            exc.events = self._buffered_events()
+            raise
+
+    def _flush(self) -> None:
+        """flush() without building ``exc.events`` (the linger thread retries on its own)."""
         with self._send_lock:
             while True:
                 with self._lock:
@@ -375,30 +403,32 @@ class MeterProducer:
                         batch, self._batch = self._batch, None
                     else:
                         return
-                try:
-                    self._send_batch(batch)
-                except PublishError as exc:
-                    exc.events = self._buffered_events()
-                    raise
+                self._send_batch(batch)
 
     def close(self) -> None:
         """Flush the buffer, stop the linger thread and release the broker connections.
 
-        Idempotent. Later calls raise ``MeterConnectionError``.
+        Idempotent. Later recording calls raise ``MeterConnectionError``.
 
         Raises:
             PublishError: the broker did not confirm the last batches. The producer is
-                closed all the same and its buffer dropped: ``exc.events`` is what it held
+                closed all the same and its buffer emptied: ``exc.events`` is what it held
                 (keep them, or send them again through another producer).
         """
-        if self._closed:
-            return
+        with self._lock:
+            if self._closed:
+                return
+            # Closed first: no call buffers an event that this flush would not see.
+            self._closed = True
+            self._wakeup.notify_all()
         try:
             self.flush()
+        except PublishError:
+            with self._lock:  # handed over in the error: nothing here sends them any more
+                self._unsent.clear()
+                self._batch = None
+            raise
         finally:
-            with self._lock:
-                self._closed = True
-                self._wakeup.notify_all()
             if self._atexit is not None:
                 atexit.unregister(self._atexit)
                 self._atexit = None
@@ -824,7 +854,12 @@ class MeterProducer:
                     exc.events = [_resendable(mine)]
             if batch.events:
                 with self._lock:
-                    self._unsent.appendleft(batch)
+                    # A batch its filler held while close() flushed: nobody sends it again.
+                    orphaned = own is not None and self._closed
+                    if not orphaned:
+                        self._unsent.appendleft(batch)
+                if orphaned and isinstance(exc, PublishError):
+                    exc.events += [_resendable(event) for event in batch.events]
             raise
         batch.sent = True
 
@@ -846,7 +881,10 @@ class MeterProducer:
                 argsrepr=argsrepr,
                 kwargsrepr="{}",
             )
-        except KombuOperationalError as exc:
+        # RuntimeError: Celery subscribes to the result in Redis before it publishes, and
+        # gives up on a broken subscription with one (nothing was sent then; sending the
+        # events again is as safe as ever).
+        except (KombuOperationalError, RuntimeError) as exc:
             # Maybe enqueued: the broker may have taken the message and the reply been lost
             # (kombu republishes the same message on a connection error, then gives up).
             raise PublishError(
@@ -867,9 +905,10 @@ class MeterProducer:
 
     def _buffered_events(self) -> list[dict[str, Any]]:
         """Every event the buffer holds, oldest first, as ``send_many`` items."""
-        with self._lock:
+        with self._lock:  # a snapshot; the events themselves are never changed
             batches = [*self._unsent, *([self._batch] if self._batch is not None else [])]
-            return [_resendable(event) for batch in batches for event in batch.events]
+            events = [event for batch in batches for event in batch.events]
+        return [_resendable(event) for event in events]
 
     def _due_batch(self) -> tuple[bool, float | None]:
         """(stop?, seconds until the open batch is due); called with _lock held."""
@@ -959,7 +998,7 @@ def _linger_loop(ref: weakref.ReferenceType[MeterProducer]) -> None:
                 due = True
         if due:
             try:
-                producer.flush()
+                producer._flush()
             except Exception:  # broker down: the events are back in the buffer; retry later
                 time.sleep(min(producer._linger, 1.0))
         del producer  # no strong reference while looping: an abandoned producer is collected

@@ -982,9 +982,10 @@ def test_a_batch_nobody_waits_for_applies_without_fetching_its_results(db, db_ur
 def test_a_buffered_call_that_raises_has_enqueued_nothing(
     pipeline, make_producer, client, monkeypatch
 ):
-    # The call whose event fills the batch sends it; the broker refuses once. The call
-    # raises, so the caller retries it (with a new generated key): its first event must not
-    # have stayed in the buffer, or the retry doubles it.
+    # The call whose event fills the batch sends it; the broker refuses once (takes
+    # nothing). A caller that calls again without the key the PublishError offers gets a
+    # new generated key: the first event must not have stayed in the buffer as well, or
+    # that retry doubles it.
     from kombu.exceptions import OperationalError as KombuOperationalError
 
     client.allocate("u1", ET, 100, UNIT)
@@ -1161,3 +1162,59 @@ def test_close_that_cannot_send_hands_over_the_buffer(
         {"grant": 1, handles[0].idempotency_key: 1, handles[1].idempotency_key: 1}
     )
     assert balance(client)["reserved"] == D(4)
+
+
+def test_a_broker_that_stops_answering_leaves_the_publish_in_doubt(tmp_path):
+    # A paused Redis keeps its connections open: without a socket timeout the publish
+    # would wait for good. It must give up with the event and its key, and whatever the
+    # broker took meanwhile carries that key.
+    import base64
+    import os
+    import signal
+
+    from meter.embedded import EmbeddedRedis
+    from meter.producer import BROKER_TIMEOUT_SECONDS, MeterProducer
+
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        running = server._running()
+        assert running is not None
+        pid = running[0]
+        producer = MeterProducer(server.url(), "default")
+        try:
+            producer.consume("u1", ET, 1, UNIT, idempotency_key="before")
+            outcome: list[BaseException] = []
+
+            def publish() -> None:
+                try:
+                    producer.consume("u1", ET, 2, UNIT)
+                except BaseException as exc:  # checked below
+                    outcome.append(exc)
+
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                call = threading.Thread(target=publish, daemon=True)
+                call.start()
+                call.join(timeout=8 * BROKER_TIMEOUT_SECONDS)
+                waited = time.monotonic() - started
+                assert not call.is_alive(), f"the publish still waits after {waited:.0f} s"
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert waited >= BROKER_TIMEOUT_SECONDS
+            (doubt,) = outcome
+            assert isinstance(doubt, PublishError), doubt
+            (event,) = doubt.events
+            assert event["amount"] == "2"
+            client = redis.Redis.from_url(server.url())
+            try:
+                messages = [json.loads(m) for m in client.lrange(wire.QUEUE, 0, -1)]
+            finally:
+                client.close()
+            keys = {
+                json.loads(base64.b64decode(m["body"]))[0][0]["args"]["idempotency_key"]
+                for m in messages
+            }
+            assert "before" in keys and keys <= {"before", event["idempotency_key"]}, keys
+            print(f"gave up after {waited:.1f} s; {len(messages)} messages in the queue")
+        finally:
+            producer.close()

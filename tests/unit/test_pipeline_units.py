@@ -200,3 +200,108 @@ def test_an_event_in_doubt_resends_as_the_same_event(op, params):
         assert args.get("metadata") != "changed"
     finally:
         producer.close()
+
+
+def test_an_event_in_doubt_nested_deeper_than_deepcopy_still_comes_back():
+    from meter.producer import _resendable
+
+    metadata: dict[str, object] = {}
+    inner = metadata
+    for _ in range(600):  # within the metadata limits, beyond copy.deepcopy's recursion
+        inner["a"] = {}
+        inner = inner["a"]  # type: ignore[assignment]
+    item = _resendable({"op": "consume", "args": {"amount": "1", "metadata": metadata}})
+    assert item["metadata"] is metadata and item["amount"] == "1"
+
+
+def test_close_racing_calls_that_fill_batches_hands_every_event_back():
+    """Batches taken by the calls that filled them while close() flushes (the broker
+    refusing): each event comes back in exactly one PublishError; none stays behind in
+    the closed producer, where nothing would send it."""
+    import threading
+    import time
+
+    from kombu.exceptions import OperationalError as KombuOperationalError
+
+    from meter.errors import PublishError
+    from meter.producer import MeterProducer
+
+    producer = MeterProducer("redis://127.0.0.1:1/0", batch_size=2, linger_ms=3_600_000)
+    sending, release = threading.Event(), threading.Event()
+
+    def refused(*args: object, **kwargs: object) -> None:
+        sending.set()
+        release.wait(timeout=30)
+        raise KombuOperationalError("Error 111 connecting to the broker: Connection refused")
+
+    producer._app.send_task = refused  # type: ignore[method-assign]
+    handed: list[str] = []
+    errors: list[BaseException] = []
+
+    def record(key: str) -> None:
+        try:
+            producer.consume("u1", "tokens", 1, "tok", idempotency_key=key)
+        except PublishError as exc:
+            handed.extend(e["idempotency_key"] for e in exc.events)
+        except BaseException as exc:  # checked below
+            errors.append(exc)
+
+    def close() -> None:
+        try:
+            producer.close()
+        except PublishError as exc:
+            handed.extend(e["idempotency_key"] for e in exc.events)
+
+    producer.consume("u1", "tokens", 1, "tok", idempotency_key="k0")
+    a = threading.Thread(target=record, args=("k1",))  # fills [k0, k1] and sends it
+    a.start()
+    assert sending.wait(timeout=10)
+    producer.consume("u1", "tokens", 1, "tok", idempotency_key="k2")
+    c = threading.Thread(target=record, args=("k3",))  # fills [k2, k3]; waits to send
+    c.start()
+    deadline = time.monotonic() + 10
+    while producer._batch is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    d = threading.Thread(target=close)
+    d.start()
+    while not producer._closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # c and close() wait for the send lock
+    release.set()
+    for thread in (a, c, d):
+        thread.join(timeout=30)
+    assert errors == []
+    assert sorted(handed) == ["k0", "k1", "k2", "k3"]
+    assert not producer._unsent and producer._batch is None
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        "kombu.exceptions.OperationalError",
+        # Celery subscribes to the result before publishing; a broken subscription
+        "builtins.RuntimeError",
+    ],
+)
+def test_a_failed_close_hands_the_buffer_over_and_keeps_nothing(failure):
+    import importlib
+
+    from meter.errors import PublishError
+    from meter.producer import MeterProducer
+
+    module, name = failure.rsplit(".", 1)
+    error = getattr(importlib.import_module(module), name)
+    producer = MeterProducer("redis://127.0.0.1:1/0", batch_size=10, linger_ms=3_600_000)
+    sent: list[object] = []
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise error("Retry limit exceeded while trying to reconnect to the Celery result store")
+
+    producer._app.send_task = refused  # type: ignore[method-assign]
+    producer.consume("u1", "tokens", 1, "tok", idempotency_key="k0", want_result=True)
+    with pytest.raises(PublishError) as dropped:
+        producer.close()
+    assert [e["idempotency_key"] for e in dropped.value.events] == ["k0"]
+    producer._app.send_task = lambda *a, **k: sent.append(k)  # type: ignore[method-assign]
+    producer.flush()  # handed over: not sent a second time behind the caller's back
+    assert sent == []
