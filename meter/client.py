@@ -278,7 +278,10 @@ class MeterClient:
     context (:meth:`set_actor`) transaction-locally. Quantities are ``Decimal``. Errors:
     ``ValidationError`` (bad argument, raised before any database access),
     ``IdempotencyConflictError``, ``NotFoundError``, ``TenantError``,
-    ``MeterConnectionError``, otherwise ``MeterError``.
+    ``MeterConnectionError``, otherwise ``MeterError``. A write that raises
+    ``MeterConnectionError`` may have committed before the connection broke: only a call
+    made again with the same idempotency key (for commit and release, the reservation id)
+    is sure to count once.
     """
 
     def __init__(
