@@ -824,8 +824,8 @@ class MeterProducer:
                 full, self._batch = batch, None
         if full is not None:
             # Sent by the caller that filled it: back-pressure instead of an unbounded buffer.
-            # If that fails, this call raises, so its own event must not stay buffered: the
-            # caller, with no handle and no key, would send it again (a second key).
+            # If that fails, this call raises with its own event in the error (no handle):
+            # the event is the caller's to send again, so it does not stay buffered too.
             with self._send_lock:
                 self._send_batch(full, own=index)
         return EventHandle(self, op, key, rid, batch.task_id, want, batch, index)
@@ -834,8 +834,8 @@ class MeterProducer:
         """Publish a buffered batch; on failure keep it, first in line for the next send.
 
         ``own``: the index of the event of the call that is sending, which raises: that
-        event (the batch's last) is left out of what is kept (the call failed, so it
-        enqueued nothing). The batch is kept whole otherwise, never merged with another:
+        event (the batch's last) is left out of what is kept and goes in the error's
+        ``events`` instead. The batch is kept whole otherwise, never merged with another:
         the handles of its events hold it and their index in it.
         """
         try:
