@@ -22,6 +22,7 @@ import psycopg
 import psycopg.errors
 import pytest
 import redis
+from celery import states
 from click.testing import CliRunner
 
 from meter import wire
@@ -204,10 +205,26 @@ def test_wait_raises_the_mapped_error_of_a_dead_letter(pipeline, make_producer, 
     assert rows[0]["payload"]["args"]["amount"] == "2"
 
 
-def _resend(app: Any, name: str, event: dict[str, Any], task_id: str) -> dict[str, Any]:
-    """Deliver the same message (same task id, same payload) again; its outcome."""
-    app.AsyncResult(task_id).forget()  # so that get() waits for this delivery's outcome
-    return send_raw(app, name, event, task_id=task_id).get(timeout=15)
+def _resend(app: Any, name: str, payload: Any, task_id: str) -> Any:
+    """Deliver the same message (same task id, same payload) again; its outcome.
+
+    Read from the stored result, not with ``AsyncResult.get()``: Celery's Redis result
+    consumer may hand a ``get()`` on this task id the result message published by the
+    previous delivery. That message stays unread on the consumer's pub/sub connection when
+    the previous ``get()`` found the result already stored (the worker was faster than the
+    caller, as under load), and ``forget()`` does not drop it. Deleting the stored result
+    before sending makes the next one stored this delivery's.
+    """
+    app.backend.forget(task_id)
+    send_raw(app, name, payload, task_id=task_id)
+
+    def stored() -> dict[str, Any] | None:
+        meta = app.backend.get_task_meta(task_id, cache=False)
+        return meta if meta["status"] in states.READY_STATES else None
+
+    meta = eventually(stored, timeout=15)
+    assert meta["status"] == states.SUCCESS, meta
+    return meta["result"]
 
 
 OPS_TWICE = [
@@ -392,10 +409,7 @@ def test_a_batch_as_json_text_applies_and_keys_its_keyless_events(pipeline, clie
     ).fetchall()
     assert [k["idempotency_key"] for k in keys] == [f"task:{task_id}:0", "own"]
     # delivered again (same task id): replayed, nothing doubles
-    pipeline.AsyncResult(task_id).forget()  # so that get() waits for this delivery
-    again = send_raw(pipeline, wire.APPLY_BATCH, json.dumps(events), task_id=task_id).get(
-        timeout=15
-    )
+    again = _resend(pipeline, wire.APPLY_BATCH, json.dumps(events), task_id)
     assert [o["status"] for o in again] == ["replayed", "error", "replayed"]
     assert balance(client)["balance"] == D(3)
     before = snapshot()
