@@ -63,12 +63,16 @@ MAX_CHUNK_SIZE: Final = 10000
 DEFAULT_BATCH_SIZE: Final = 500
 DEFAULT_LINGER_MS: Final = 50
 DEFAULT_TTL_SECONDS: Final = 300
-BROKER_TIMEOUT_SECONDS: Final = 5.0
-"""How long one attempt to connect to the broker or publish may wait for it. Without it, a
-broker that stops answering without closing the connection (paused, failed over, cut off
-by a firewall) blocks the call for good; with it, the call ends in a
-:class:`~meter.errors.PublishError` after Celery's publish retries, some five times this
-(measured: 25.6 s for a paused Redis)."""
+BROKER_TIMEOUT_SECONDS: Final = 30
+"""Default ``broker_timeout``: how long one publish (sending the message included) may wait
+for the broker. Without a limit, a broker that stops answering without closing the
+connection (paused, failed over, cut off by a firewall) blocks the call for good; with
+one, the call ends in a :class:`~meter.errors.PublishError` after Celery's publish
+retries, some five times the limit (measured: 5.1 s with a limit of 1 s, a paused Redis).
+It bounds the size of a message too: raise it to send large batches over a slow link."""
+
+BROKER_CONNECT_TIMEOUT_SECONDS: Final = 5
+"""How long connecting to the broker may take."""
 
 Amount = int | Decimal | str | float
 
@@ -271,6 +275,8 @@ class MeterProducer:
         signing_key: the namespace's signing key (``meter keys derive NAMESPACE``; default
             ``$METER_PRODUCER_KEY``). Every message is signed with it (:mod:`meter.signing`);
             workers with ``METER_SIGNING_SECRET`` set refuse unsigned messages.
+        broker_timeout: seconds one publish may wait for the broker (1..3600; default
+            :data:`BROKER_TIMEOUT_SECONDS`).
 
     Durability: in direct mode (neither ``batch_size`` nor ``linger_ms``) an event is in the
     broker when the call returns. In buffered mode, **events in the buffer are lost if the
@@ -284,7 +290,9 @@ class MeterProducer:
     thread-safe and reuses broker connections from a pool.
 
     Broker failures raise :class:`~meter.errors.PublishError` (a ``MeterConnectionError``;
-    a broker that stops answering, after about 5 x :data:`BROKER_TIMEOUT_SECONDS`): the
+    a broker that stops answering, after about 5 x ``broker_timeout``, for messages sent
+    without results; with results, Celery first subscribes to the result through the
+    result backend's connection, which this does not bound): the
     broker did not confirm the message, which may or may not have reached it (a reply lost
     after the broker took it looks like a refusal). Its ``events`` hold what is in
     doubt, each with the key it was sent with, so ``send_many(exc.events)`` applies each
@@ -306,8 +314,10 @@ class MeterProducer:
         results: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         signing_key: str | None = None,
+        broker_timeout: int = BROKER_TIMEOUT_SECONDS,
     ) -> None:
         self._namespace: str = _ident(namespace, "namespace")
+        timeout = t.check_int(broker_timeout, "broker_timeout", min_value=1, max_value=3600)
         if signing_key is None:
             signing_key = os.environ.get(signing.KEY_ENV) or None
         if signing_key is not None and (not isinstance(signing_key, str) or not signing_key):
@@ -338,8 +348,8 @@ class MeterProducer:
         config = wire.celery_config(self._broker_url)
         config["broker_transport_options"] = {
             **config["broker_transport_options"],
-            "socket_timeout": BROKER_TIMEOUT_SECONDS,
-            "socket_connect_timeout": BROKER_TIMEOUT_SECONDS,
+            "socket_timeout": timeout,
+            "socket_connect_timeout": min(timeout, BROKER_CONNECT_TIMEOUT_SECONDS),
         }
         self._app.conf.update(config)
         self._closed = False
@@ -386,24 +396,31 @@ class MeterProducer:
         """
         if not self._buffered:
             return
-        try:
-            self._flush()
-        except PublishError as exc:
-            exc.events = self._buffered_events()
-            raise
+        with self._send_lock:
+            try:
+                self._send_buffer()
+            except PublishError as exc:
+                # Still under _send_lock: no other sender holds a batch taken from the
+                # buffer, so the list misses nothing that a failed send puts back later.
+                exc.events = self._buffered_events()
+                raise
 
     def _flush(self) -> None:
         """flush() without building ``exc.events`` (the linger thread retries on its own)."""
         with self._send_lock:
-            while True:
-                with self._lock:
-                    if self._unsent:
-                        batch = self._unsent.popleft()
-                    elif self._batch is not None:
-                        batch, self._batch = self._batch, None
-                    else:
-                        return
-                self._send_batch(batch)
+            self._send_buffer()
+
+    def _send_buffer(self) -> None:
+        """Send every buffered batch, oldest first; called with _send_lock held."""
+        while True:
+            with self._lock:
+                if self._unsent:
+                    batch = self._unsent.popleft()
+                elif self._batch is not None:
+                    batch, self._batch = self._batch, None
+                else:
+                    return
+            self._send_batch(batch)
 
     def close(self) -> None:
         """Flush the buffer, stop the linger thread and release the broker connections.
@@ -422,12 +439,17 @@ class MeterProducer:
             self._closed = True
             self._wakeup.notify_all()
         try:
-            self.flush()
-        except PublishError:
-            with self._lock:  # handed over in the error: nothing here sends them any more
-                self._unsent.clear()
-                self._batch = None
-            raise
+            with self._send_lock:
+                try:
+                    self._send_buffer()
+                except PublishError as exc:
+                    # The list and the emptying together under _send_lock: a linger thread
+                    # or flush() waiting for the lock then finds nothing to take (and lose).
+                    exc.events = self._buffered_events()
+                    with self._lock:
+                        self._unsent.clear()
+                        self._batch = None
+                    raise
         finally:
             if self._atexit is not None:
                 atexit.unregister(self._atexit)
@@ -859,7 +881,8 @@ class MeterProducer:
                     if not orphaned:
                         self._unsent.appendleft(batch)
                 if orphaned and isinstance(exc, PublishError):
-                    exc.events += [_resendable(event) for event in batch.events]
+                    # in the batch's order: its other events came before the caller's own
+                    exc.events = [_resendable(event) for event in batch.events] + exc.events
             raise
         batch.sent = True
 
@@ -885,6 +908,8 @@ class MeterProducer:
         # gives up on a broken subscription with one (nothing was sent then; sending the
         # events again is as safe as ever).
         except (KombuOperationalError, RuntimeError) as exc:
+            if isinstance(exc, (RecursionError, NotImplementedError)):
+                raise  # a RuntimeError of our own making, not the broker's
             # Maybe enqueued: the broker may have taken the message and the reply been lost
             # (kombu republishes the same message on a connection error, then gives up).
             raise PublishError(

@@ -1187,13 +1187,13 @@ def test_a_broker_that_stops_answering_leaves_the_publish_in_doubt(tmp_path):
     import signal
 
     from meter.embedded import EmbeddedRedis
-    from meter.producer import BROKER_TIMEOUT_SECONDS, MeterProducer
+    from meter.producer import MeterProducer
 
     with EmbeddedRedis(tmp_path / "redis") as server:
         running = server._running()
         assert running is not None
         pid = running[0]
-        producer = MeterProducer(server.url(), "default")
+        producer = MeterProducer(server.url(), "default", broker_timeout=1)
         try:
             producer.consume("u1", ET, 1, UNIT, idempotency_key="before")
             outcome: list[BaseException] = []
@@ -1209,12 +1209,12 @@ def test_a_broker_that_stops_answering_leaves_the_publish_in_doubt(tmp_path):
                 started = time.monotonic()
                 call = threading.Thread(target=publish, daemon=True)
                 call.start()
-                call.join(timeout=8 * BROKER_TIMEOUT_SECONDS)
+                call.join(timeout=30)
                 waited = time.monotonic() - started
                 assert not call.is_alive(), f"the publish still waits after {waited:.0f} s"
             finally:
                 os.kill(pid, signal.SIGCONT)
-            assert waited >= BROKER_TIMEOUT_SECONDS
+            assert waited >= 1
             (doubt,) = outcome
             assert isinstance(doubt, PublishError), doubt
             (event,) = doubt.events

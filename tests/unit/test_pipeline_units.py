@@ -305,3 +305,90 @@ def test_a_failed_close_hands_the_buffer_over_and_keeps_nothing(failure):
     producer._app.send_task = lambda *a, **k: sent.append(k)  # type: ignore[method-assign]
     producer.flush()  # handed over: not sent a second time behind the caller's back
     assert sent == []
+
+
+@pytest.mark.parametrize("value", [0, -1, 3601, 2.5, "30", None])
+def test_a_bad_broker_timeout_is_refused_by_name(value):
+    from meter.producer import MeterProducer
+
+    with pytest.raises(ValidationError, match=r"^broker_timeout: ") as info:
+        MeterProducer("redis://127.0.0.1:1/0", broker_timeout=value)
+    assert info.value.parameter == "broker_timeout"
+
+
+def test_the_broker_timeout_reaches_the_producers_connections_only():
+    from meter import wire
+    from meter.producer import BROKER_CONNECT_TIMEOUT_SECONDS, MeterProducer
+
+    producer = MeterProducer("redis://127.0.0.1:1/0", broker_timeout=7)
+    try:
+        options = producer.app.conf.broker_transport_options
+        assert options["socket_timeout"] == 7
+        assert options["socket_connect_timeout"] == min(7, BROKER_CONNECT_TIMEOUT_SECONDS)
+    finally:
+        producer.close()
+    shared = wire.celery_config("redis://127.0.0.1:1/0")["broker_transport_options"]
+    assert "socket_timeout" not in shared  # the worker's consumer keeps kombu's own checks
+
+
+def test_close_racing_the_linger_thread_hands_every_event_back():
+    """close() fails to send while the linger thread waits to send the same buffer: the
+    events must come back in close()'s error, not stay in the closed producer. (The
+    linger thread is held just before its flush; if it could take the batch close() put
+    back before close() lists the buffer, they would be in neither place.)"""
+    import threading
+
+    from kombu.exceptions import OperationalError as KombuOperationalError
+
+    from meter.errors import PublishError
+    from meter.producer import MeterProducer
+
+    producer = MeterProducer("redis://127.0.0.1:1/0", batch_size=100, linger_ms=50)
+    at_flush, go_linger = threading.Event(), threading.Event()
+    linger_sending, listed = threading.Event(), threading.Event()
+    real_flush, real_list = producer._flush, producer._buffered_events
+
+    def held_flush() -> None:
+        if threading.current_thread().name == "meter-producer-linger" and not at_flush.is_set():
+            at_flush.set()
+            go_linger.wait(10)
+        real_flush()
+
+    def listed_after_the_linger_thread_sends() -> list[dict[str, object]]:
+        if threading.current_thread().name == "closer":
+            linger_sending.wait(1)  # the order that lost events, when it can happen
+            events = real_list()
+            listed.set()
+            return events
+        return real_list()
+
+    def refused(*args: object, **kwargs: object) -> None:
+        if threading.current_thread().name == "closer":
+            go_linger.set()
+        else:  # the linger thread's send, holding the batch while close() lists the buffer
+            linger_sending.set()
+            listed.wait(2)
+        raise KombuOperationalError("Error 111 connecting to the broker: Connection refused")
+
+    producer._flush = held_flush  # type: ignore[method-assign]
+    producer._buffered_events = listed_after_the_linger_thread_sends  # type: ignore[method-assign]
+    producer._app.send_task = refused  # type: ignore[method-assign]
+    handles = [
+        producer.consume("u1", "tokens", 1, "tok", idempotency_key=f"k{i}") for i in range(3)
+    ]
+    assert at_flush.wait(5)
+    handed: list[str] = []
+
+    def close() -> None:
+        try:
+            producer.close()
+        except PublishError as exc:
+            handed.extend(e["idempotency_key"] for e in exc.events)
+
+    closer = threading.Thread(target=close, name="closer")
+    closer.start()
+    closer.join(timeout=15)
+    assert producer._linger_thread is not None
+    producer._linger_thread.join(timeout=5)
+    assert handed == [h.idempotency_key for h in handles]
+    assert not producer._unsent and producer._batch is None
