@@ -68,7 +68,8 @@ BROKER_TIMEOUT_SECONDS: Final = 30
 for the broker. Without a limit, a broker that stops answering without closing the
 connection (paused, failed over, cut off by a firewall) blocks the call for good; with
 one, the call ends in a :class:`~meter.errors.PublishError` after Celery's publish
-retries, some five times the limit (measured: 5.1 s with a limit of 1 s, a paused Redis).
+retries, some five times the limit (measured: 5.1-5.6 s with a limit of 1 s, a paused
+Redis).
 It bounds the size of a message too: raise it to send large batches over a slow link."""
 
 BROKER_CONNECT_TIMEOUT_SECONDS: Final = 5
@@ -394,33 +395,36 @@ class MeterProducer:
                 call) when it failed, for a caller that will not flush again
                 (``close()`` raising it empties the buffer).
         """
-        if not self._buffered:
-            return
+        if self._buffered:
+            self._flush(hand_over=True)
+
+    def _flush(self, *, hand_over: bool = False, empty: bool = False) -> None:
+        """Send every buffered batch, oldest first.
+
+        On a PublishError, ``hand_over`` lists the buffer in ``exc.events`` (the linger
+        thread, which retries on its own, does not), and ``empty`` then drops it (close).
+        Both under _send_lock: no other sender then holds a batch taken from the buffer, so
+        the list misses nothing that a failed send puts back later.
+        """
         with self._send_lock:
             try:
-                self._send_buffer()
+                while True:
+                    with self._lock:
+                        if self._unsent:
+                            batch = self._unsent.popleft()
+                        elif self._batch is not None:
+                            batch, self._batch = self._batch, None
+                        else:
+                            return
+                    self._send_batch(batch)
             except PublishError as exc:
-                # Still under _send_lock: no other sender holds a batch taken from the
-                # buffer, so the list misses nothing that a failed send puts back later.
-                exc.events = self._buffered_events()
+                if hand_over:
+                    exc.events = self._buffered_events()
+                    if empty:
+                        with self._lock:
+                            self._unsent.clear()
+                            self._batch = None
                 raise
-
-    def _flush(self) -> None:
-        """flush() without building ``exc.events`` (the linger thread retries on its own)."""
-        with self._send_lock:
-            self._send_buffer()
-
-    def _send_buffer(self) -> None:
-        """Send every buffered batch, oldest first; called with _send_lock held."""
-        while True:
-            with self._lock:
-                if self._unsent:
-                    batch = self._unsent.popleft()
-                elif self._batch is not None:
-                    batch, self._batch = self._batch, None
-                else:
-                    return
-            self._send_batch(batch)
 
     def close(self) -> None:
         """Flush the buffer, stop the linger thread and release the broker connections.
@@ -439,17 +443,7 @@ class MeterProducer:
             self._closed = True
             self._wakeup.notify_all()
         try:
-            with self._send_lock:
-                try:
-                    self._send_buffer()
-                except PublishError as exc:
-                    # The list and the emptying together under _send_lock: a linger thread
-                    # or flush() waiting for the lock then finds nothing to take (and lose).
-                    exc.events = self._buffered_events()
-                    with self._lock:
-                        self._unsent.clear()
-                        self._batch = None
-                    raise
+            self._flush(hand_over=True, empty=True)
         finally:
             if self._atexit is not None:
                 atexit.unregister(self._atexit)
@@ -829,7 +823,11 @@ class MeterProducer:
         if not self._buffered:
             self._check_open()
             task_id = _new_id()
-            self._publish(wire.task_name(op), [event], task_id, want, f"[{op} {key}]")
+            try:
+                self._publish(wire.task_name(op), [event], task_id, want, f"[{op} {key}]")
+            except PublishError as exc:
+                exc.events = [_resendable(event)]
+                raise
             return EventHandle(self, op, key, rid, task_id, want)
         full: _Batch | None = None
         with self._lock:
@@ -869,20 +867,20 @@ class MeterProducer:
                 f"<{len(batch.events)} events>",
             )
         except BaseException as exc:
-            if own is not None:
-                mine = batch.events.pop(own)
-                if isinstance(exc, PublishError):
-                    # The others stay buffered, sent again with their keys by the next send.
-                    exc.events = [_resendable(mine)]
-            if batch.events:
+            if own is None:
                 with self._lock:
-                    # A batch its filler held while close() flushed: nobody sends it again.
-                    orphaned = own is not None and self._closed
-                    if not orphaned:
-                        self._unsent.appendleft(batch)
-                if orphaned and isinstance(exc, PublishError):
-                    # in the batch's order: its other events came before the caller's own
-                    exc.events = [_resendable(event) for event in batch.events] + exc.events
+                    self._unsent.appendleft(batch)  # exc.events: set by _flush
+                raise
+            mine = batch.events.pop(own)
+            with self._lock:
+                # The others stay buffered and go again with their keys, unless close()
+                # flushed while this call held them: then nobody would send them again.
+                orphaned = self._closed
+                if batch.events and not orphaned:
+                    self._unsent.appendleft(batch)
+            if isinstance(exc, PublishError):
+                doubt = [*batch.events, mine] if orphaned else [mine]
+                exc.events = [_resendable(event) for event in doubt]
             raise
         batch.sent = True
 
@@ -912,10 +910,8 @@ class MeterProducer:
                 raise  # a RuntimeError of our own making, not the broker's
             # Maybe enqueued: the broker may have taken the message and the reply been lost
             # (kombu republishes the same message on a connection error, then gives up).
-            raise PublishError(
-                f"the broker did not confirm the message: {exc}",
-                events=[_resendable(event) for event in events],
-            ) from exc
+            # The caller says which events are in doubt (exc.events).
+            raise PublishError(f"the broker did not confirm the message: {exc}") from exc
 
     # ------------------------------------------------------------------ buffering
 
