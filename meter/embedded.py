@@ -545,12 +545,28 @@ def _redis_ping(port: int, timeout: float = 1.0) -> str:
     return reply.decode(errors="replace").strip()
 
 
+_AOF_FILE = "appendonly.aof"
+_TORN_AOF = "Unexpected end of file reading the append only file"
+"""What Redis logs when it refuses an AOF whose last write is torn (``aof-load-truncated
+no``)."""
+
+
 class EmbeddedRedis:
     """A persistent Redis (the Celery broker) with its data in ``data_dir``.
 
     Durability settings match what the pipeline relies on: AOF on with ``everysec`` fsync
     (a broker crash loses at most a second), no RDB snapshots, and ``noeviction`` so a full
     broker refuses writes rather than silently dropping queued usage.
+
+    A crash can leave the AOF's last write torn. Redis's own repair of that at load
+    (``aof-load-truncated yes``) is unsafe: a write torn inside a ``MULTI`` block (a Lua
+    script's effects, a transaction) is cut back only to its last whole command, which
+    leaves a ``MULTI`` without ``EXEC`` in the file. Everything the restarted server then
+    appends is read at the next load as part of that transaction and dropped with it:
+    acknowledged messages lost (valkey-io/valkey#4342, unfixed in the Redis 6.2 we ship).
+    So the server runs with ``aof-load-truncated no``, refuses a torn file, and
+    :meth:`start` cuts the tail with ``redis-check-aof --fix``, which cuts a torn
+    transaction whole, and starts it again (see :meth:`_repair_torn_aof`).
 
     Parameters:
         data_dir: Redis's ``--dir``; holds the AOF, log, pid and port files.
@@ -611,7 +627,7 @@ class EmbeddedRedis:
                 self._port = running[1]
                 self._started_here = False
             else:
-                self._spawn()
+                self._spawn_and_load()
                 self._started_here = True
         self._wait_ready()
         return self
@@ -671,7 +687,56 @@ class EmbeddedRedis:
             return None
         return pid, port
 
-    def _spawn(self) -> None:
+    def _spawn_and_load(self) -> None:
+        """Spawn the server and wait until it has loaded its data; repair a torn AOF once."""
+        log_size = self._log_size()
+        pid = self._spawn()
+        try:
+            self._wait_ready(pid)
+        except EmbeddedServerError:
+            if _pid_alive(pid) or _TORN_AOF not in self._log_since(log_size):
+                raise
+            self._repair_torn_aof()
+            self._wait_ready(self._spawn())
+
+    def _repair_torn_aof(self) -> None:
+        """Cut the AOF's torn last write with Redis's own ``redis-check-aof --fix``.
+
+        It keeps the file up to the last whole command outside any ``MULTI`` block, so a
+        torn transaction goes whole (none of it was acknowledged: Redis answers after the
+        write). ``redis-server`` is also ``redis-check-aof`` when called by that name.
+        What it cut is noted in the server's log.
+        """
+        aof = self.data_dir / _AOF_FILE
+        result = subprocess.run(
+            ["redis-check-aof", "--fix", str(aof)],
+            executable=str(redis_server_path()),
+            input="y\n",  # its "Continue? [y/N]"
+            capture_output=True,
+            text=True,
+            timeout=self.startup_timeout,
+            check=False,
+        )
+        report = " | ".join(line for line in result.stdout.splitlines() if line.strip())
+        with open(self.log_path, "a") as log:
+            log.write(f"meter: redis-check-aof --fix {aof} (exit {result.returncode}): {report}\n")
+        if result.returncode != 0:
+            raise EmbeddedServerError(
+                f"Redis refused {aof} (its last write is torn) and redis-check-aof could not "
+                f"repair it (exit {result.returncode}):\n{result.stdout}{result.stderr}"
+            )
+
+    def _log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def _log_since(self, offset: int) -> str:
+        with contextlib.suppress(OSError), open(self.log_path, errors="replace") as fh:
+            fh.seek(offset)
+            return fh.read()
+        return ""
+
+    def _spawn(self) -> int:
+        """Start the daemon; return its pid once it listens (it may still be loading)."""
         attempts = 1 if self._requested_port is not None else 5
         for attempt in range(attempts):
             port = self._requested_port or free_port()
@@ -682,6 +747,7 @@ class EmbeddedRedis:
                 "--port", str(port),
                 "--appendonly", "yes",
                 "--appendfsync", self.appendfsync,
+                "--aof-load-truncated", "no",  # a torn AOF is repaired by start()
                 "--maxmemory-policy", "noeviction",
                 "--dir", str(self.data_dir),
                 "--save", "",
@@ -689,7 +755,7 @@ class EmbeddedRedis:
                 "--pidfile", str(self._pid_file),
                 "--logfile", str(self.log_path),
             ]  # fmt: skip
-            log_size = self.log_path.stat().st_size if self.log_path.exists() else 0
+            log_size = self._log_size()
             result = subprocess.run(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -699,15 +765,12 @@ class EmbeddedRedis:
                 check=False,
                 cwd=self.data_dir,
             )
-            if result.returncode == 0 and self._wait_pid_file(log_size):
+            pid = self._wait_pid_file(log_size) if result.returncode == 0 else None
+            if pid is not None:
                 self._port_file.write_text(f"{port}\n")
                 self._port = port
-                return
-            new_log = ""
-            with contextlib.suppress(OSError), open(self.log_path, errors="replace") as fh:
-                fh.seek(log_size)
-                new_log = fh.read()
-            if "Address already in use" in new_log and attempt + 1 < attempts:
+                return pid
+            if "Address already in use" in self._log_since(log_size) and attempt + 1 < attempts:
                 continue
             raise EmbeddedServerError(
                 f"redis-server in {self.data_dir} did not start on port {port} (exit {result.returncode}):\n"
@@ -715,8 +778,9 @@ class EmbeddedRedis:
                 f"--- log tail ({self.log_path}) ---\n{_log_tail(self.log_path)}"
             )
 
-    def _wait_pid_file(self, log_size: int) -> bool:
-        """Wait for the daemon's pid file (written once it listens) or a fatal log line.
+    def _wait_pid_file(self, log_size: int) -> int | None:
+        """The daemon's pid, once it has written its pid file (it then listens), or None
+        after a fatal log line or the deadline.
 
         redis-server forks before binding, so its exit status says nothing about a port
         that was taken; the log does.
@@ -724,17 +788,16 @@ class EmbeddedRedis:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(FileNotFoundError, ValueError):
-                return _pid_alive(int(self._pid_file.read_text().strip()))
-            with contextlib.suppress(OSError), open(self.log_path, errors="replace") as fh:
-                fh.seek(log_size)
-                new_log = fh.read()
-                if "aborting" in new_log or "# Fatal" in new_log or "FATAL" in new_log:
-                    return False
+                return int(self._pid_file.read_text().strip())
+            new_log = self._log_since(log_size)
+            if "aborting" in new_log or "# Fatal" in new_log or "FATAL" in new_log:
+                return None
             time.sleep(0.02)
-        return False
+        return None
 
-    def _wait_ready(self) -> None:
-        """Poll PING until ``+PONG`` (not ``-LOADING``); raise with the log tail at the deadline."""
+    def _wait_ready(self, pid: int | None = None) -> None:
+        """Poll PING until ``+PONG`` (not ``-LOADING``); raise with the log tail at the
+        deadline, or as soon as the server ``pid`` (when given) has exited."""
         deadline = time.monotonic() + self.startup_timeout
         last = ""
         while time.monotonic() < deadline:
@@ -744,6 +807,11 @@ class EmbeddedRedis:
                     return
             except OSError as exc:
                 last = str(exc)
+            if pid is not None and not _pid_alive(pid):
+                raise EmbeddedServerError(
+                    f"Redis in {self.data_dir} (pid {pid}) exited while starting\n"
+                    f"--- log tail ({self.log_path}) ---\n{_log_tail(self.log_path)}"
+                )
             time.sleep(0.05)
         raise EmbeddedServerError(
             f"Redis in {self.data_dir} on port {self._port} did not answer PING within "

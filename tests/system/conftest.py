@@ -1,7 +1,8 @@
 """System-test fixtures: real ``celery -A worker worker`` processes, a Redis they can lose.
 
 ``crash_redis``   function  a Redis of the test's own (``CrashableRedis``: AOF,
-                            ``appendfsync always``) that the test may SIGKILL and restart.
+                            ``appendfsync always``) that the test may SIGKILL and restart;
+                            its log is kept as ``redis.log`` in the test's ``tmp_path``.
 ``worker_env``    function  the environment of a worker: ``METER_BROKER_URL`` on
                             ``crash_redis``, ``METER_DATABASE_URL`` the test database as the
                             maintenance role (what workers run as), fast orphan settings.
@@ -15,6 +16,7 @@ experiments, such as running the crash tests against kombu's stock transport.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -29,7 +31,7 @@ from tests.system.harness import CrashableRedis, WorkerProcess
 
 
 @pytest.fixture
-def crash_redis() -> Iterator[CrashableRedis]:
+def crash_redis(tmp_path: Path) -> Iterator[CrashableRedis]:
     base = Path(tempfile.mkdtemp(prefix="meter-system-redis-"))
     server = CrashableRedis(base / "data")
     try:
@@ -39,6 +41,9 @@ def crash_redis() -> Iterator[CrashableRedis]:
         try:
             server.stop()
         finally:
+            # its log outlives the data: what each start loaded, cut or refused
+            with contextlib.suppress(OSError):
+                shutil.copy(base / "data" / "redis.log", tmp_path / "redis.log")
             shutil.rmtree(base, ignore_errors=True)
 
 

@@ -97,6 +97,13 @@ class CrashableRedis:
     def stop(self) -> None:
         EmbeddedRedis(self.data_dir, port=self.port).stop()
 
+    def log_lines(self, *needles: str) -> list[str]:
+        """The lines of Redis's log (every start of this server) holding one of ``needles``:
+        AOF repairs, truncations, refusals."""
+        log = self.data_dir / "redis.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return [line for line in text.splitlines() if any(n in line for n in needles)]
+
 
 def _pythonpath(env: Mapping[str, str]) -> str:
     """The repository first (``-A worker``), then any path the caller gives."""

@@ -645,6 +645,8 @@ def test_chaos(
             print(f"--- log of {beats[-1].name} ---\n{beats[-1].tail(30)}")
 
     events = sum(n for kind, n in model.sent.items())
+    # torn AOF tails cut at a restart (meter.embedded.EmbeddedRedis._repair_torn_aof)
+    repairs = crash_redis.log_lines("meter: redis-check-aof")
     print(
         f"\nchaos: {chaos:.0f} s of faults, {events} events sent (each counted once its "
         f"producer call returned: {dict(sorted(model.sent.items()))}), {model.resends} "
@@ -652,11 +654,14 @@ def test_chaos(
         f"was down; faults: {dict(controller.faults)}; drained in {drain:.1f} s; "
         f"lost {figures['lost']}, doubled {figures['doubled']}, unexpected "
         f"{figures['unexpected']}, wrong accounts {figures['wrong_accounts']}, reconcile "
-        f"{len(reconcile)} issues, stale holds {stale}, dead letters {sum(dead.values())} "
+        f"{len(reconcile)} issues, stale holds {stale}, torn AOF tails cut {len(repairs)}, "
+        f"dead letters {sum(dead.values())} "
         f"for {model.invalid.total()} invalid events ({late} given-up commits and "
         f"releases settled by their late reserve); broker left {broker}, other lists {stray}"
     )
     if figures["missing"]:  # what was lost, and which faults were near when it was sent
+        aof = ("Truncating", "Revert", "Unexpected end", "Bad file", "meter: redis-check-aof")
+        print("redis log, loading the AOF:", *crash_redis.log_lines(*aof)[-20:], sep="\n  ")
         for key in figures["missing"]:
             kind, at, task_id = model.when.get(key, ("?", 0.0, "?"))
             near = [f"{k} {b - at:+.1f}..{e - at:+.1f} s" for b, e, k in controller.log

@@ -18,11 +18,13 @@ seeded generator, and the figures are printed (``pytest -s``).
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
 import time
 from contextlib import suppress
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -31,6 +33,7 @@ import redis
 from kombu import Connection, Exchange, Queue
 
 from meter import wire
+from meter.embedded import EmbeddedServerError
 from meter.producer import MeterProducer
 from tests.system.harness import (
     ET,
@@ -240,3 +243,66 @@ def test_kombu_consumer_sigkilled_in_a_tight_loop(crash_redis: CrashableRedis) -
         assert client.llen(name) == 0
     finally:
         client.close()
+
+
+def _aof(server: CrashableRedis) -> Path:
+    return server.data_dir / "appendonly.aof"
+
+
+def test_a_write_torn_inside_a_transaction_costs_no_later_write(
+    crash_redis: CrashableRedis,
+) -> None:
+    """A SIGKILL can leave the AOF's last write short. When that write is a transaction
+    (a take by the workers' Lua script, an ack), Redis's own repair at load cuts back only
+    to the last whole command inside it, leaving a ``MULTI`` without ``EXEC``. Everything
+    the next server acknowledges then lands inside that transaction and is dropped at the
+    restart after (valkey-io/valkey#4342): the chaos test's seed 83 lost 57 events so.
+    The embedded server refuses the torn file and cuts the whole transaction instead."""
+    client = redis.Redis.from_url(crash_redis.url())
+    client.lpush("q", "before")
+    with client.pipeline(transaction=True) as tx:  # MULTI, LPUSH, HSET, EXEC in one write
+        tx.lpush("q", "in-the-torn-transaction")
+        tx.hset("unacked", "tag", "in-the-torn-transaction")
+        tx.execute()
+    client.close()
+    crash_redis.kill()
+    whole = _aof(crash_redis).read_bytes()
+    assert whole.endswith(b"*1\r\n$4\r\nEXEC\r\n")
+    # the kill cut the transaction's write inside its HSET: MULTI and LPUSH are whole
+    torn = len(whole) - len(b"*1\r\n$4\r\nEXEC\r\n") - 10
+    os.truncate(_aof(crash_redis), torn)
+
+    crash_redis.start()
+    client = redis.Redis.from_url(crash_redis.url())
+    assert client.lrange("q", 0, -1) == [b"before"]  # none of the transaction
+    assert client.lpush("q", "acknowledged-after") == 2
+    client.close()
+    crash_redis.kill()
+    crash_redis.start()  # before the fix: the acknowledged write is gone here
+    client = redis.Redis.from_url(crash_redis.url())
+    try:
+        assert client.lrange("q", 0, -1) == [b"acknowledged-after", b"before"]
+        assert not client.exists("unacked")
+    finally:
+        client.close()
+    log = (crash_redis.data_dir / "redis.log").read_text(errors="replace")
+    assert log.count("meter: redis-check-aof --fix") == 1  # only the torn file: not the clean one
+    assert "Successfully truncated AOF" in log
+
+
+def test_a_corrupt_aof_is_refused_and_left_as_it_is(crash_redis: CrashableRedis) -> None:
+    """Only a torn last write is cut; damage inside the file stops the start, and the file
+    stays as it was for a person to look at."""
+    client = redis.Redis.from_url(crash_redis.url())
+    for n in range(3):
+        client.lpush("q", f"m{n}")
+    client.close()
+    crash_redis.kill()
+    data = _aof(crash_redis).read_bytes()
+    damaged = data.replace(b"$2\r\nm1\r\n", b"$2\r\nm1XX\r\n", 1)  # not RESP any more
+    assert damaged != data
+    _aof(crash_redis).write_bytes(damaged)
+    with pytest.raises(EmbeddedServerError, match="exited while starting") as refused:
+        crash_redis.start()
+    assert "Bad file format" in str(refused.value)
+    assert _aof(crash_redis).read_bytes() == damaged
