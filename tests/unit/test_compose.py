@@ -73,6 +73,8 @@ def test_redis_is_persistent_and_never_evicts() -> None:
     options = dict(zip(command[1::2], command[2::2], strict=False))
     assert options["--appendonly"] == "yes"
     assert options["--maxmemory-policy"] == "noeviction"
+    # Redis's own cut of a torn AOF can lose later writes (docs/reliability.md)
+    assert options["--aof-load-truncated"] == "no"
     assert any(v.endswith(":/data") for v in redis["volumes"])
     # the transport needs Redis >= 6.2 (BLMOVE)
     major, minor = (int(x) for x in redis["image"].split(":")[1].split(".")[:2])
