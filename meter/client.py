@@ -75,6 +75,15 @@ _COLUMNS: dict[str, tuple[str, ...]] = {}
 _RETRY_SQLSTATES: Final = frozenset({"40001", "40P01"})
 _RETRIES: Final = 3
 
+# A call that is safe to run again (a read, a write carrying its key) and whose connection
+# broke under it is run again this often, each time on another connection.
+_RECONNECTS: Final = 2
+
+_IN_DOUBT: Final = (
+    "; the write may have committed before the connection broke, so it is not run again: "
+    "only a call with an idempotency key (for reserve, a reservation id) is safe to repeat"
+)
+
 # How long a call waits for a pooled connection before checking, with one direct connection
 # attempt, whether the database is reachable at all (so that a down database fails fast
 # instead of after the whole pool timeout).
@@ -101,9 +110,10 @@ class _Statement(NamedTuple):
     function: str
     plain: str  # meter.ctx(namespace): no actor context
     with_actor: str  # meter.ctx(namespace, actor_id, request_id, on_behalf_of, reason)
+    reads: bool  # changes nothing: running it again after a lost connection is safe
 
 
-def _statement(function: str, *params: str) -> _Statement:
+def _statement(function: str, *params: str, reads: bool = False) -> _Statement:
     """``SELECT * FROM meter.<function>(p_<name> => %s::<type>, ..., p_namespace => ctx)``.
 
     ``params`` are ``"name type"`` pairs, in the order the values are passed.
@@ -116,6 +126,7 @@ def _statement(function: str, *params: str) -> _Statement:
         function,
         head + "meter.ctx(%s))",
         head + "meter.ctx(%s, %s, %s, %s, %s))",
+        reads,
     )
 
 
@@ -144,17 +155,22 @@ _SQL_ADJUST = _statement(
     "user_id text", "event_type text", "amount numeric", "unit text", "resource text",
     "reference_id bigint", "idempotency_key text", "metadata jsonb",
 )  # fmt: skip
-_SQL_GET_BALANCE = _statement("get_balance", *_ACCOUNT)
-_SQL_GET_ACCOUNT = _statement("get_account", *_ACCOUNT)
-_SQL_GET_USER_BALANCES = _statement("get_user_balances", "user_id text")
+_SQL_GET_BALANCE = _statement("get_balance", *_ACCOUNT, reads=True)
+_SQL_GET_ACCOUNT = _statement("get_account", *_ACCOUNT, reads=True)
+_SQL_GET_USER_BALANCES = _statement("get_user_balances", "user_id text", reads=True)
 _SQL_GET_LEDGER = _statement(
-    "get_ledger", *_ACCOUNT, "start_time timestamptz", "end_time timestamptz", "limit integer"
+    "get_ledger",
+    *_ACCOUNT,
+    "start_time timestamptz",
+    "end_time timestamptz",
+    "limit integer",
+    reads=True,
 )
 _SQL_GET_USAGE = _statement(
-    "get_usage", "user_id text", "start_time timestamptz", "end_time timestamptz"
+    "get_usage", "user_id text", "start_time timestamptz", "end_time timestamptz", reads=True
 )
 _SQL_GET_NAMESPACE_USAGE = _statement(
-    "get_namespace_usage", "start_time timestamptz", "end_time timestamptz"
+    "get_namespace_usage", "start_time timestamptz", "end_time timestamptz", reads=True
 )
 _SQL_SET_PERIOD_CONFIG = _statement(
     "set_period_config",
@@ -164,12 +180,12 @@ _SQL_SET_PERIOD_CONFIG = _statement(
 _SQL_OPEN_PERIOD = _statement("open_period", *_ACCOUNT, "period_start date", "allocation numeric")
 _SQL_CLOSE_PERIOD = _statement("close_period", *_ACCOUNT, "period_end date")
 _SQL_RELEASE_EXPIRED = _statement("release_expired_reservations", "batch_size integer")
-_SQL_RECONCILE = _statement("reconcile")
-_SQL_GET_STATS = _statement("get_stats")
+_SQL_RECONCILE = _statement("reconcile", reads=True)
+_SQL_GET_STATS = _statement("get_stats", reads=True)
 _SQL_GET_AUDIT_EVENTS = _statement(
     "get_audit_events",
     "user_id text", "actor_id text", "kinds text[]", "start_time timestamptz",
-    "end_time timestamptz", "limit integer",
+    "end_time timestamptz", "limit integer", reads=True,
 )  # fmt: skip
 
 
@@ -278,10 +294,15 @@ class MeterClient:
     context (:meth:`set_actor`) transaction-locally. Quantities are ``Decimal``. Errors:
     ``ValidationError`` (bad argument, raised before any database access),
     ``IdempotencyConflictError``, ``NotFoundError``, ``TenantError``,
-    ``MeterConnectionError``, otherwise ``MeterError``. A write that raises
-    ``MeterConnectionError`` may have committed before the connection broke: only a call
-    made again with the same idempotency key (for commit and release, the reservation id)
-    is sure to count once.
+    ``MeterConnectionError``, otherwise ``MeterError``.
+
+    A call whose connection breaks under it (the reply lost, perhaps after the commit) is
+    run again on another connection, up to twice, when that cannot count twice: reads, and
+    writes carrying an idempotency key (reserve: or a reservation id; commit: always),
+    which replay their first result. Other writes (keyless ones, ``release``) raise
+    ``MeterConnectionError`` saying they may have committed: only a call made again with
+    an idempotency key is sure to count once. Nothing is run again inside a caller's open
+    transaction, which the broken connection has lost whole.
     """
 
     def __init__(
@@ -440,8 +461,14 @@ class MeterClient:
 
     # -------------------------------------------------------------------- execution
 
-    def _run(self, stmt: _Statement, params: list[Any]) -> list[Row]:
-        """Execute ``stmt`` with ``params`` plus the ctx arguments; return the rows."""
+    def _run(self, stmt: _Statement, params: list[Any], *, keyed: bool = False) -> list[Row]:
+        """Execute ``stmt`` with ``params`` plus the ctx arguments; return the rows.
+
+        ``keyed``: the write carries what makes running it twice count once (an
+        idempotency key, a reservation id); with a read, such a call whose connection broke
+        under it runs again on another connection (not on a caller's connection, which is
+        the caller's to recover). Other writes raise: they may have committed.
+        """
         if self._closed:
             raise MeterConnectionError("the MeterClient is closed")
         actor = self._actor
@@ -451,6 +478,12 @@ class MeterClient:
         else:
             query = stmt.with_actor
             args = [*params, self._namespace, *actor]
+        # Inside a caller's open transaction a broken connection loses the whole of it: the
+        # call cannot have committed on its own.
+        own_transaction = (
+            self._conn is None or self._conn.info.transaction_status == TransactionStatus.IDLE
+        )
+        reconnects = 0
         for attempt in range(_RETRIES + 1):
             try:
                 if self._conn is not None:
@@ -459,6 +492,18 @@ class MeterClient:
                     return self._run_own_pool(query, args)
                 return self._run_borrowed(query, args)
             except psycopg.Error as exc:
+                error = from_psycopg(exc)
+                # The connection broke (not: none could be had in time). A read or a keyed
+                # write is run again on another connection; a keyed write that committed
+                # replays its first result.
+                lost = isinstance(error, MeterConnectionError) and not isinstance(exc, PoolTimeout)
+                if lost and own_transaction and not (stmt.reads or keyed):
+                    raise MeterConnectionError(
+                        error.message + _IN_DOUBT, sqlstate=error.sqlstate
+                    ) from exc
+                if lost and self._conn is None and reconnects < _RECONNECTS:
+                    reconnects += 1
+                    continue
                 # A deadlock, or an idempotency key claimed concurrently by another path
                 # (40001): the call was its own transaction and was rolled back whole, so
                 # running it again is safe -- and replays the key. Not inside a caller's
@@ -471,7 +516,7 @@ class MeterClient:
                     )
                 )
                 if not retryable or attempt == _RETRIES:
-                    raise from_psycopg(exc) from exc
+                    raise error from exc
                 time.sleep(0.005 * 2**attempt)
         raise AssertionError("unreachable")
 
@@ -624,8 +669,8 @@ class MeterClient:
                 f"cannot connect to the database: {str(exc).strip()}"
             ) from exc
 
-    def _one(self, stmt: _Statement, params: list[Any]) -> Row:
-        rows = self._run(stmt, params)
+    def _one(self, stmt: _Statement, params: list[Any], *, keyed: bool = False) -> Row:
+        rows = self._run(stmt, params, keyed=keyed)
         if not rows:  # the API functions always return a row; be loud if one did not
             raise MeterError(f"meter.{stmt.function} returned no row")
         return rows[0]
@@ -673,6 +718,7 @@ class MeterClient:
                 t.check_timestamp(event_time, "event_time"),
                 _jsonb(metadata),
             ],
+            keyed=idempotency_key is not None,
         )
 
     def consume(
@@ -716,6 +762,7 @@ class MeterClient:
                 t.check_timestamp(event_time, "event_time"),
                 _jsonb(metadata),
             ],
+            keyed=idempotency_key is not None,
         )
 
     def reserve(
@@ -761,6 +808,7 @@ class MeterClient:
                 _jsonb(metadata),
                 _ident(reservation_id, "reservation_id", nullable=True),
             ],
+            keyed=idempotency_key is not None or reservation_id is not None,
         )
 
     def commit(
@@ -792,6 +840,7 @@ class MeterClient:
                 t.to_amount(actual_amount, "actual_amount", sign="nonnegative"),
                 _jsonb(metadata),
             ],
+            keyed=True,
         )
 
     def release(self, reservation_id: str) -> bool:
@@ -853,6 +902,7 @@ class MeterClient:
                 _ident(idempotency_key, "idempotency_key", nullable=True),
                 _jsonb(metadata),
             ],
+            keyed=idempotency_key is not None,
         )
 
     # -------------------------------------------------------------------- queries

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from datetime import UTC, date, datetime
 from decimal import Decimal
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool
 
@@ -572,3 +575,130 @@ def test_conninfo_client_is_thread_safe(db_url, db):
         ).fetchall()
     ]
     assert balances == [D("1000") - k for k in range(threads * per_thread + 1)]
+
+
+# ---------------------------------------------------------------- a reply lost after the commit
+
+
+class ReplyCutter:
+    """A TCP proxy in front of PostgreSQL that, once told a statement, lets it through and
+    cuts the connection instead of handing back its reply: a network failing after the
+    commit. The cut waits for ReadyForQuery, which the server sends after it committed."""
+
+    READY = b"Z\x00\x00\x00\x05"
+
+    def __init__(self, upstream: str) -> None:
+        info = conninfo_to_dict(upstream)
+        self.upstream = (info.get("host") or "127.0.0.1", int(info.get("port") or 5432))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = make_conninfo(upstream, host="127.0.0.1", port=self.listener.getsockname()[1])
+        self.needle = b"\x00"  # matches no statement
+        self.armed = False
+        self.seen = 0  # statements holding the needle since it was set
+        self.cuts = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut_reply_to(self, needle: bytes) -> None:
+        """Cut the reply to the next statement holding ``needle``; count them all."""
+        self.needle, self.seen, self.armed = needle, 0, True
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            cut = threading.Event()
+            threading.Thread(target=self._up, args=(client, server, cut), daemon=True).start()
+            threading.Thread(target=self._down, args=(server, client, cut), daemon=True).start()
+
+    def _up(self, client: socket.socket, server: socket.socket, cut: threading.Event) -> None:
+        with suppress(OSError):
+            while data := client.recv(65536):
+                if self.needle in data:
+                    self.seen += 1
+                    if self.armed:
+                        self.armed = False
+                        cut.set()
+                server.sendall(data)
+
+    def _down(self, server: socket.socket, client: socket.socket, cut: threading.Event) -> None:
+        held = b""
+        with suppress(OSError):
+            while data := server.recv(65536):
+                if not cut.is_set():
+                    client.sendall(data)
+                    continue
+                held += data
+                if self.READY in held:  # committed; the client never hears of it
+                    self.cuts += 1
+                    break
+        for s in (client, server):
+            with suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def cutter(db_url):
+    proxy = ReplyCutter(db_url)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+def ledger_rows(db, key=None):
+    return db.execute(
+        "SELECT id AS entry_id, amount FROM meter.ledger"
+        + (" WHERE idempotency_key = %s" if key else " ORDER BY id"),
+        (key,) if key else (),
+    ).fetchall()
+
+
+def test_keyed_writes_whose_reply_was_lost_run_again_and_count_once(cutter, db):
+    # A write that carries its key replays on another connection: the caller gets the
+    # first result, the ledger one row.
+    with meter.MeterClient(cutter.url) as c:
+        c.allocate(U, ET, D("100"), UNIT, idempotency_key="grant")
+        cutter.cut_reply_to(b"meter.consume(")
+        got = c.consume(U, ET, D("7"), UNIT, idempotency_key="k1")
+        assert (cutter.seen, cutter.cuts) == (2, 1)  # run twice, the first reply lost
+        [row] = ledger_rows(db, "k1")
+        assert got["entry_id"] == row["entry_id"] and got["balance"] == D("93")
+
+        cutter.cut_reply_to(b"meter.reserve(")
+        held = c.reserve(U, ET, D("10"), UNIT, reservation_id="r1")
+        assert held["granted"] and held["reservation_id"] == "r1" and cutter.seen == 2
+        assert db.execute("SELECT count(*) AS n FROM meter.reservations").fetchone()["n"] == 1
+
+        cutter.cut_reply_to(b"meter.commit(")
+        done = c.commit("r1", D("4"))
+        assert done["success"] and done["consumed"] == D("4") and done["status"] == "replayed"
+        assert cutter.seen == 2
+
+        cutter.cut_reply_to(b"meter.get_balance(")
+        assert c.get_balance(U, ET, UNIT)["balance"] == D("89")
+        assert (cutter.seen, cutter.cuts) == (2, 4)
+    assert [r["amount"] for r in ledger_rows(db)] == [D("100"), D("-7"), D("-4")]
+
+
+def test_a_keyless_write_whose_reply_was_lost_is_reported_in_doubt(cutter, db):
+    # Without a key a second run would be a second event: the call raises, and says so.
+    with meter.MeterClient(cutter.url) as c:
+        c.allocate(U, ET, D("100"), UNIT)
+        cutter.cut_reply_to(b"meter.consume(")
+        with pytest.raises(MeterConnectionError, match="may have committed") as lost:
+            c.consume(U, ET, D("7"), UNIT)
+        assert "idempotency key" in str(lost.value)
+        assert (cutter.seen, cutter.cuts) == (1, 1)
+        # it had committed: once, and only once
+        assert [r["amount"] for r in ledger_rows(db)] == [D("100"), D("-7")]
+        cutter.cut_reply_to(b"meter.release(")
+        with pytest.raises(MeterConnectionError, match="may have committed"):
+            c.release("no-such-hold")  # its answer would differ the second time
+        assert (cutter.seen, cutter.cuts) == (1, 2)
