@@ -26,6 +26,7 @@ import fcntl
 import importlib.util
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -549,6 +550,68 @@ _AOF_FILE = "appendonly.aof"
 _TORN_AOF = "Unexpected end of file reading the append only file"
 """What Redis logs when it refuses an AOF whose last write is torn (``aof-load-truncated
 no``)."""
+_MAX_TORN_BYTES = 64 * 1024 * 1024
+"""More than this to cut is not one torn write: left to a person."""
+
+
+def _resp_command(buf: bytes, pos: int) -> tuple[bytes, int] | bool:
+    """The command (upper-case name, end offset) that starts at ``pos`` of an AOF; ``True``
+    when ``buf`` ends before it does (a torn write), ``False`` when it is not RESP."""
+
+    def header(prefix: int, at: int) -> tuple[int, int] | bool:
+        if at >= len(buf):
+            return True
+        if buf[at] != prefix:
+            return False
+        end = buf.find(b"\r\n", at)
+        digits = buf[at + 1 : end if end >= 0 else len(buf)]
+        if end < 0:  # torn inside the line: what is there must be a number's start
+            return digits.rstrip(b"\r").isdigit() or not digits.rstrip(b"\r")
+        return (int(digits), end + 2) if digits.isdigit() else False
+
+    argc = header(ord("*"), pos)
+    if isinstance(argc, bool):
+        return argc
+    count, at = argc
+    name = b""
+    for i in range(count):
+        arg = header(ord("$"), at)
+        if isinstance(arg, bool):
+            return arg
+        size, at = arg
+        if at + size + 2 > len(buf):
+            return buf[at + size : at + size + 2] in (b"", b"\r")
+        if buf[at + size : at + size + 2] != b"\r\n":
+            return False
+        if i == 0:
+            name = buf[at : at + size].upper()
+        at += size + 2
+    return name, at
+
+
+def torn_write(tail: bytes) -> str | None:
+    """What ``tail``, the part of an AOF after the last whole command outside a transaction,
+    is: ``"command"`` (one command cut short), ``"transaction"`` (a ``MULTI``, whole commands
+    without ``EXEC``, perhaps one cut short: a transaction's write cut short), or None for
+    anything else -- damage, or more than one write (a ``MULTI``/``EXEC``/``SELECT`` inside,
+    as a restart leaves after a dangling ``MULTI``), which no repair may cut blind.
+    """
+    names: list[bytes] = []
+    pos = 0
+    while pos < len(tail):
+        parsed = _resp_command(tail, pos)
+        if parsed is False:
+            return None
+        if parsed is True:
+            break
+        assert not isinstance(parsed, bool)
+        name, pos = parsed
+        names.append(name)
+    if not names:
+        return "command" if tail else None
+    if names[0] != b"MULTI" or any(n in (b"MULTI", b"EXEC", b"SELECT") for n in names[1:]):
+        return None
+    return "transaction"
 
 
 class EmbeddedRedis:
@@ -564,9 +627,9 @@ class EmbeddedRedis:
     leaves a ``MULTI`` without ``EXEC`` in the file. Everything the restarted server then
     appends is read at the next load as part of that transaction and dropped with it:
     acknowledged messages lost (valkey-io/valkey#4342, unfixed in the Redis 6.2 we ship).
-    So the server runs with ``aof-load-truncated no``, refuses a torn file, and
-    :meth:`start` cuts the tail with ``redis-check-aof --fix``, which cuts a torn
-    transaction whole, and starts it again (see :meth:`_repair_torn_aof`).
+    So the server runs with ``aof-load-truncated no`` and refuses a torn file; :meth:`start`
+    then cuts the torn write, a torn transaction whole, and starts it again, and leaves any
+    other damage for a person (see :meth:`_repair_torn_aof`).
 
     Parameters:
         data_dir: Redis's ``--dir``; holds the AOF, log, pid and port files.
@@ -700,30 +763,49 @@ class EmbeddedRedis:
             self._wait_ready(self._spawn())
 
     def _repair_torn_aof(self) -> None:
-        """Cut the AOF's torn last write with Redis's own ``redis-check-aof --fix``.
+        """Cut the AOF's torn last write, a torn transaction whole.
 
-        It keeps the file up to the last whole command outside any ``MULTI`` block, so a
-        torn transaction goes whole (none of it was acknowledged: Redis answers after the
-        write). ``redis-server`` is also ``redis-check-aof`` when called by that name.
-        What it cut is noted in the server's log.
+        Redis's own ``redis-check-aof`` (``redis-server`` under that name) finds the last
+        whole command outside any ``MULTI`` block, reading past an RDB preamble. What follows
+        is cut only if it is one write cut short (:func:`torn_write`): none of it was
+        acknowledged, since Redis answers after the write. Anything else -- damage inside
+        the file, or a ``MULTI`` left dangling by an older repair with later writes after
+        it -- stops the start and leaves the file as it is. What was cut is noted in the
+        server's log.
         """
         aof = self.data_dir / _AOF_FILE
-        result = subprocess.run(
-            ["redis-check-aof", "--fix", str(aof)],
-            executable=str(redis_server_path()),
-            input="y\n",  # its "Continue? [y/N]"
-            capture_output=True,
-            text=True,
-            timeout=self.startup_timeout,
-            check=False,
-        )
-        report = " | ".join(line for line in result.stdout.splitlines() if line.strip())
-        with open(self.log_path, "a") as log:
-            log.write(f"meter: redis-check-aof --fix {aof} (exit {result.returncode}): {report}\n")
-        if result.returncode != 0:
+        try:
+            check = subprocess.run(
+                ["redis-check-aof", str(aof)],
+                executable=str(redis_server_path()),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=max(self.startup_timeout, 60.0),
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise EmbeddedServerError(f"redis-check-aof {aof} did not finish: {exc}") from None
+        report = " | ".join(line.strip() for line in check.stdout.splitlines() if line.strip())
+        found = re.search(r"ok_up_to=(\d+)", check.stdout)
+        keep = int(found.group(1)) if found and check.returncode != 0 else None
+        size = aof.stat().st_size
+        kind = None
+        if keep is not None and 0 < size - keep <= _MAX_TORN_BYTES:
+            with open(aof, "rb") as fh:
+                fh.seek(keep)
+                kind = torn_write(fh.read())
+        if kind is None:
+            with open(self.log_path, "a") as log:
+                log.write(f"meter: left {aof} as it is, not one torn write: {report}\n")
             raise EmbeddedServerError(
-                f"Redis refused {aof} (its last write is torn) and redis-check-aof could not "
-                f"repair it (exit {result.returncode}):\n{result.stdout}{result.stderr}"
+                f"Redis refused {aof} and its end is not one torn write, so it was left as "
+                f"it is for a person to look at (redis-check-aof: {report})"
+            )
+        os.truncate(aof, keep)
+        with open(self.log_path, "a") as log:
+            log.write(
+                f"meter: cut a torn {kind} ({size - keep} bytes at offset {keep}) from {aof}\n"
             )
 
     def _log_size(self) -> int:
@@ -805,6 +887,8 @@ class EmbeddedRedis:
                 last = _redis_ping(self.port)
                 if last == "+PONG":
                     return
+                if last.startswith("-LOADING"):  # progress: a large AOF takes its time
+                    deadline = max(deadline, time.monotonic() + self.startup_timeout)
             except OSError as exc:
                 last = str(exc)
             if pid is not None and not _pid_alive(pid):

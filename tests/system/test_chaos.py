@@ -646,7 +646,7 @@ def test_chaos(
 
     events = sum(n for kind, n in model.sent.items())
     # torn AOF tails cut at a restart (meter.embedded.EmbeddedRedis._repair_torn_aof)
-    repairs = crash_redis.log_lines("meter: redis-check-aof")
+    repairs = crash_redis.log_lines("meter: cut a torn")
     print(
         f"\nchaos: {chaos:.0f} s of faults, {events} events sent (each counted once its "
         f"producer call returned: {dict(sorted(model.sent.items()))}), {model.resends} "
@@ -660,7 +660,7 @@ def test_chaos(
         f"releases settled by their late reserve); broker left {broker}, other lists {stray}"
     )
     if figures["missing"]:  # what was lost, and which faults were near when it was sent
-        aof = ("Truncating", "Revert", "Unexpected end", "Bad file", "meter: redis-check-aof")
+        aof = ("Truncating", "Revert", "Unexpected end", "Bad file", "meter: ")
         print("redis log, loading the AOF:", *crash_redis.log_lines(*aof)[-20:], sep="\n  ")
         for key in figures["missing"]:
             kind, at, task_id = model.when.get(key, ("?", 0.0, "?"))

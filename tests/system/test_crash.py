@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import signal
 import subprocess
 import sys
 import threading
@@ -34,7 +36,7 @@ import redis
 from kombu import Connection, Exchange, Queue
 
 from meter import wire
-from meter.embedded import EmbeddedServerError
+from meter.embedded import EmbeddedRedis, EmbeddedServerError
 from meter.producer import MeterProducer
 from tests.system.harness import (
     ET,
@@ -287,8 +289,63 @@ def test_a_write_torn_inside_a_transaction_costs_no_later_write(
     finally:
         client.close()
     log = (crash_redis.data_dir / "redis.log").read_text(errors="replace")
-    assert log.count("meter: redis-check-aof --fix") == 1  # only the torn file: not the clean one
-    assert "Successfully truncated AOF" in log
+    assert log.count("meter: cut a torn transaction") == 1  # the torn file, not the clean one
+    assert log.count("meter: ") == 1
+
+
+def _torn(server: CrashableRedis, *commands: bytes, cut: int = 5) -> bytes:
+    """Kill ``server``, then end its AOF with ``commands`` and the first bytes of one more
+    (``cut`` short): what a SIGKILL during one write leaves. The file's new content."""
+    server.kill()
+    tail = b"".join(commands) + _resp(b"SET", b"torn", b"value")[:-cut]
+    with open(_aof(server), "ab") as fh:
+        fh.write(tail)
+    return _aof(server).read_bytes()
+
+
+def _resp(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+def test_a_dangling_multi_from_an_older_repair_is_left_for_a_person(
+    crash_redis: CrashableRedis,
+) -> None:
+    """A file that Redis's own cut already damaged: a ``MULTI`` left without ``EXEC``, a
+    restart's writes after it (``SELECT`` first), then a torn write. Cutting back to the
+    last whole command outside a transaction would drop the acknowledged writes after the
+    ``MULTI``: the start stops instead, and the file stays as it is."""
+    client = redis.Redis.from_url(crash_redis.url())
+    client.rpush("q", "a")
+    client.close()
+    damaged = _torn(
+        crash_redis,
+        _resp(b"MULTI"), _resp(b"RPUSH", b"q", b"in-the-torn-transaction"),
+        _resp(b"SELECT", b"0"), _resp(b"RPUSH", b"q", b"acknowledged-after"),
+    )  # fmt: skip
+    with pytest.raises(EmbeddedServerError, match="not one torn write"):
+        crash_redis.start()
+    assert _aof(crash_redis).read_bytes() == damaged
+    assert crash_redis.log_lines("meter: left")
+
+
+def test_damage_before_a_torn_write_is_left_for_a_person(crash_redis: CrashableRedis) -> None:
+    """Redis skips the two bytes after each value unread, so a damaged ``\\r\\n`` inside the
+    file still reads as a torn end; what lies between the damage and the end is not one
+    write, and is not cut."""
+    client = redis.Redis.from_url(crash_redis.url())
+    for n in range(10):
+        client.rpush("q", f"m{n}")
+    client.close()
+    crash_redis.kill()
+    data = _aof(crash_redis).read_bytes()
+    damaged = data.replace(b"$2\r\nm3\r\n", b"$2\r\nm3XX", 1)
+    assert damaged != data
+    _aof(crash_redis).write_bytes(damaged)
+    crash_redis.start()  # Redis reads past the damage: no refusal yet
+    damaged = _torn(crash_redis)
+    with pytest.raises(EmbeddedServerError, match="not one torn write"):
+        crash_redis.start()
+    assert _aof(crash_redis).read_bytes() == damaged
 
 
 def test_a_corrupt_aof_is_refused_and_left_as_it_is(crash_redis: CrashableRedis) -> None:
@@ -310,6 +367,7 @@ def test_a_corrupt_aof_is_refused_and_left_as_it_is(crash_redis: CrashableRedis)
 
 
 TEAR_ROUNDS = int(os.environ.get("METER_TEAR_ROUNDS", "25"))
+TEAR_ROUNDS_MAX = 150  # rounds until a torn transaction has been cut at least once
 
 
 def test_redis_sigkilled_while_writing_transactions_keeps_every_acknowledged_write(
@@ -323,7 +381,8 @@ def test_redis_sigkilled_while_writing_transactions_keeps_every_acknowledged_wri
     torn transaction thus first takes only plain writes, which Redis's own cut would have
     put inside the dangling ``MULTI``. 80 rounds: with Redis's own cut, 1,852 of 114,326
     acknowledged writes lost; with the repair, 0 of 112,198 (6 torn tails cut).
-    ``METER_TEAR_ROUNDS`` (default 25, ~16 s) sets the rounds; a soak: 200.
+    ``METER_TEAR_ROUNDS`` (default 25, ~16 s) sets the rounds, a soak: 200; the test
+    goes on, up to 150 rounds, until a torn transaction has been cut at least once.
     """
     rng = random.Random(83)
     acked: list[int] = []  # plain writes Redis answered
@@ -360,7 +419,10 @@ def test_redis_sigkilled_while_writing_transactions_keeps_every_acknowledged_wri
     for w in writers:
         w.start()
     try:
-        for _ in range(TEAR_ROUNDS):
+        while crash_redis.kills < TEAR_ROUNDS or (
+            not crash_redis.log_lines("meter: cut a torn transaction")
+            and crash_redis.kills < max(TEAR_ROUNDS, TEAR_ROUNDS_MAX)
+        ):
             time.sleep(rng.uniform(0.1, 1.0))
             crash_redis.kill()
             # The killed server's AOF-rewrite child, if one ran, outlives it for a moment
@@ -376,13 +438,13 @@ def test_redis_sigkilled_while_writing_transactions_keeps_every_acknowledged_wri
     finally:
         client.close()
     lost = [n for n in acked if n not in kept]
-    cut = crash_redis.log_lines("meter: redis-check-aof")
+    cut = crash_redis.log_lines("meter: cut a torn")
     print(
-        f"\ntorn transactions: {TEAR_ROUNDS} SIGKILLs, {transactions} transactions, "
+        f"\ntorn transactions: {crash_redis.kills} SIGKILLs, {transactions} transactions, "
         f"{len(acked)} plain writes acknowledged, {len(lost)} lost; torn tails cut: {len(cut)}"
     )
-    assert crash_redis.kills == TEAR_ROUNDS
     assert transactions > 0 and len(acked) > 1000
+    assert any("torn transaction" in line for line in cut), cut  # the case was met
     assert lost == [], f"{len(lost)} acknowledged writes lost, first {lost[:5]}"
 
 
@@ -394,3 +456,39 @@ def _started(server: CrashableRedis) -> bool:
             raise
         return False
     return True
+
+
+def test_a_load_longer_than_the_startup_timeout_is_waited_for(tmp_path: Path) -> None:
+    """``-LOADING`` is progress: a large AOF with a torn transaction at its end loads, is
+    refused, repaired and loaded again, however long that takes past ``startup_timeout``
+    (before, the start gave up while Redis was still loading, and never repaired)."""
+    server = EmbeddedRedis(tmp_path / "redis", appendfsync="always").start()
+    os.kill(int((tmp_path / "redis" / "redis.pid").read_text()), signal.SIGKILL)
+    eventually(lambda: _redis_gone(server), 30, 0.05, "redis exit")
+    n = 400_000  # small commands: loading them one by one takes ~0.5 s
+    with open(tmp_path / "redis" / "appendonly.aof", "ab") as fh:
+        fh.write(_resp(b"SELECT", b"0"))
+        fh.write(b"".join(_resp(b"SET", b"k%d" % i, b"v") for i in range(n)))
+        fh.write(_resp(b"MULTI") + _resp(b"SET", b"torn", b"value")[:-4])
+    slow = EmbeddedRedis(tmp_path / "redis", appendfsync="always", startup_timeout=0.1)
+    try:
+        slow.start()
+        client = redis.Redis.from_url(slow.url())
+        assert client.dbsize() == n and not client.exists("torn")
+        client.close()
+    finally:
+        slow.stop()
+    log = (tmp_path / "redis" / "redis.log").read_text()
+    loads = [
+        float(s) for s in re.findall(r"DB loaded from append only file: ([\d.]+) seconds", log)
+    ]
+    assert loads and max(loads) > 0.1, loads  # the load did outlast the timeout
+    assert "meter: cut a torn transaction" in log
+
+
+def _redis_gone(server: EmbeddedRedis) -> bool:
+    try:
+        redis.Redis.from_url(server.url(), socket_connect_timeout=0.2).ping()
+    except redis.ConnectionError:
+        return True
+    return False

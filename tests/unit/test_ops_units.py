@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from meter.embedded import EmbeddedRedis
+from meter.embedded import EmbeddedRedis, torn_write
 from meter.status import redact
 from worker.metrics import metrics_port
 
@@ -90,3 +90,37 @@ def test_property_scale_refuses_what_is_not_a_whole_number(monkeypatch, raw: str
         _scale()
     monkeypatch.setenv("METER_PROPERTY_SCALE", "40")
     assert _scale() == 40
+
+
+def _resp(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+MULTI, SET = _resp(b"MULTI"), _resp(b"SET", b"k", b"value")
+
+
+@pytest.mark.parametrize(
+    ("tail", "kind"),
+    [
+        (SET[:-1], "command"),  # cut before the last \n
+        (SET[:-2], "command"),
+        (SET[:-7], "command"),  # inside the value
+        (SET[:3], "command"),  # inside the count line: "*3\r"
+        (b"*", "command"),
+        (MULTI + SET + SET[:9], "transaction"),
+        (MULTI + SET, "transaction"),  # ended between commands, no EXEC
+        (MULTI[:-3], "command"),  # the MULTI itself cut short
+        (MULTI + _resp(b"multi") + SET[:5], None),  # a MULTI inside: not one write
+        (MULTI + SET + _resp(b"EXEC") + SET[:5], None),
+        (MULTI + SET + _resp(b"SELECT", b"0") + SET[:5], None),  # a restart's first write
+        (SET + SET[:5], None),  # a whole command first: not where a torn write starts
+        (b"$3\r\nSET\r\n", None),  # not a command
+        (b"*1\r\n$5\r\nMULTI\r\nXX", None),  # damage
+        (SET.replace(b"value\r\n", b"valueXX"), None),  # a value not followed by \r\n
+        (b"*x\r\n", None),
+        (b"*-1\r\n", None),
+        (b"", None),
+    ],
+)
+def test_torn_write_tells_one_cut_short_write_from_damage(tail: bytes, kind: str | None) -> None:
+    assert torn_write(tail) == kind
