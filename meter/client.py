@@ -31,7 +31,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import Format, TransactionStatus
 from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb, set_json_loads
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
 
 from meter import types as t
 from meter.errors import MeterConnectionError, MeterError, ValidationError, from_psycopg
@@ -79,10 +79,21 @@ _RETRIES: Final = 3
 # broke under it is run again this often, each time on another connection.
 _RECONNECTS: Final = 2
 
-_IN_DOUBT: Final = (
-    "; the write may have committed before the connection broke, so it is not run again: "
-    "only a call with an idempotency key (for reserve, a reservation id) is safe to repeat"
+_IN_DOUBT: Final = "; the call may have committed before the connection broke"
+_ONLY_KEYED: Final = (
+    ", so it is not run again: only a call with an idempotency key (for reserve, a "
+    "reservation id) is safe to repeat"
 )
+_SAME_KEY: Final = (
+    "; an earlier attempt may have committed: calling again with the same idempotency key "
+    "(reservation id) replays it"
+)
+
+# Raised by a pool before anything is sent: nothing can have run.
+_NOTHING_SENT: Final = (PoolTimeout, PoolClosed, TooManyRequests)
+# idle_session_timeout: the server ended the session while it sat idle, so the call that
+# finds it so was never run.
+_NOT_RUN_SQLSTATES: Final = frozenset({"57P05"})
 
 # How long a call waits for a pooled connection before checking, with one direct connection
 # attempt, whether the database is reachable at all (so that a down database fails fast
@@ -111,6 +122,7 @@ class _Statement(NamedTuple):
     plain: str  # meter.ctx(namespace): no actor context
     with_actor: str  # meter.ctx(namespace, actor_id, request_id, on_behalf_of, reason)
     reads: bool  # changes nothing: running it again after a lost connection is safe
+    counts: bool  # takes an idempotency key: run twice without one, it counts twice
 
 
 def _statement(function: str, *params: str, reads: bool = False) -> _Statement:
@@ -127,6 +139,7 @@ def _statement(function: str, *params: str, reads: bool = False) -> _Statement:
         head + "meter.ctx(%s))",
         head + "meter.ctx(%s, %s, %s, %s, %s))",
         reads,
+        "idempotency_key text" in params,
     )
 
 
@@ -223,9 +236,11 @@ def _configure_own(conn: _PooledConnection) -> None:
     conn.idle_since = time.monotonic()
 
 
-def _usable(conn: _PooledConnection) -> bool:
-    """False when ``conn`` has been idle past _CHECK_IDLE_AFTER and fails a round trip."""
-    if time.monotonic() - conn.idle_since <= _CHECK_IDLE_AFTER:
+def _usable(conn: psycopg.Connection[Any], *, always: bool = False) -> bool:
+    """False when ``conn`` fails a round trip; checked only when it has been idle past
+    _CHECK_IDLE_AFTER, or ``always`` (after another connection was found broken)."""
+    idle_since = getattr(conn, "idle_since", float("-inf"))  # a caller's pool: unknown
+    if not always and time.monotonic() - idle_since <= _CHECK_IDLE_AFTER:
         return True
     try:
         ConnectionPool.check_connection(conn)
@@ -297,12 +312,15 @@ class MeterClient:
     ``MeterConnectionError``, otherwise ``MeterError``.
 
     A call whose connection breaks under it (the reply lost, perhaps after the commit) is
-    run again on another connection, up to twice, when that cannot count twice: reads, and
-    writes carrying an idempotency key (reserve: or a reservation id; commit: always),
-    which replay their first result. Other writes (keyless ones, ``release``) raise
+    run again on another connection, checked first, up to twice, when that cannot count
+    twice: reads, and writes carrying an idempotency key (reserve: or a reservation id;
+    commit: always), which replay their first result (a replayed commit reports status
+    ``replayed``). Other writes (keyless ones, ``release``, the period calls) raise
     ``MeterConnectionError`` saying they may have committed: only a call made again with
-    an idempotency key is sure to count once. Nothing is run again inside a caller's open
-    transaction, which the broken connection has lost whole.
+    an idempotency key is sure to count once. A session the server ended while it sat idle
+    (``idle_session_timeout``) ran nothing: any call is run again. Nothing is run again
+    inside a caller's open transaction, which the broken connection has lost whole, nor on
+    a caller's ``psycopg.Connection``, nor after the pool raised (closed, timed out).
     """
 
     def __init__(
@@ -483,26 +501,36 @@ class MeterClient:
         own_transaction = (
             self._conn is None or self._conn.info.transaction_status == TransactionStatus.IDLE
         )
-        reconnects = 0
-        for attempt in range(_RETRIES + 1):
+        retries = reconnects = 0
+        check = False  # after a lost connection the next one is checked before use
+        while True:
             try:
                 if self._conn is not None:
                     return self._run_on_callers_connection(self._conn, query, args)
                 if self._owns_pool:
-                    return self._run_own_pool(query, args)
-                return self._run_borrowed(query, args)
+                    return self._run_own_pool(query, args, check=check)
+                return self._run_borrowed(query, args, check=check)
             except psycopg.Error as exc:
                 error = from_psycopg(exc)
-                # The connection broke (not: none could be had in time). A read or a keyed
-                # write is run again on another connection; a keyed write that committed
-                # replays its first result.
-                lost = isinstance(error, MeterConnectionError) and not isinstance(exc, PoolTimeout)
-                if lost and own_transaction and not (stmt.reads or keyed):
-                    raise MeterConnectionError(
-                        error.message + _IN_DOUBT, sqlstate=error.sqlstate
-                    ) from exc
-                if lost and self._conn is None and reconnects < _RECONNECTS:
+                # The connection broke under the call (not: the pool had none to give, nor:
+                # the server had closed an idle session). A read or a keyed write is run
+                # again on another connection; a keyed write that committed replays its
+                # first result. Another write may have committed: it raises, saying so.
+                not_run = isinstance(exc, _NOTHING_SENT) or exc.sqlstate in _NOT_RUN_SQLSTATES
+                lost = isinstance(error, MeterConnectionError) and not not_run
+                repeatable = stmt.reads or keyed or not_run
+                if lost and own_transaction and not repeatable:
+                    message = error.message + _IN_DOUBT + (_ONLY_KEYED if stmt.counts else "")
+                    raise MeterConnectionError(message, sqlstate=error.sqlstate) from exc
+                if (
+                    isinstance(error, MeterConnectionError)
+                    and repeatable
+                    and self._conn is None
+                    and not isinstance(exc, _NOTHING_SENT)
+                    and reconnects < _RECONNECTS
+                ):
                     reconnects += 1
+                    check = True
                     continue
                 # A deadlock, or an idempotency key claimed concurrently by another path
                 # (40001): the call was its own transaction and was rolled back whole, so
@@ -515,10 +543,15 @@ class MeterClient:
                         and self._conn.autocommit
                     )
                 )
-                if not retryable or attempt == _RETRIES:
-                    raise error from exc
-                time.sleep(0.005 * 2**attempt)
-        raise AssertionError("unreachable")
+                if retryable and retries < _RETRIES:
+                    time.sleep(0.005 * 2**retries)
+                    retries += 1
+                    continue
+                if reconnects and keyed and isinstance(error, MeterConnectionError):
+                    raise MeterConnectionError(
+                        error.message + _SAME_KEY, sqlstate=error.sqlstate
+                    ) from exc
+                raise error from exc
 
     def _execute(self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]) -> list[Row]:
         # Tuple rows turned into dicts here: the column names are fixed per statement, so
@@ -545,17 +578,22 @@ class MeterClient:
         self._cursors[id(conn)] = cur
         return cur
 
-    def _run_borrowed(self, query: str, args: Sequence[Any]) -> list[Row]:
-        """On a connection borrowed from the caller's pool for this call."""
+    def _run_borrowed(self, query: str, args: Sequence[Any], *, check: bool = False) -> list[Row]:
+        """On a connection borrowed from the caller's pool for this call; ``check``: one
+        found dead first (after a restart the pool may hold several) is given back and
+        another taken, as long as the pool hands them out."""
         pool = self._pool
         assert pool is not None
         conn = self._getconn(pool)
+        while check and not _usable(conn, always=True):
+            pool.putconn(conn)  # the pool discards a dead connection
+            conn = self._getconn(pool)
         try:
             return self._run_idle(conn, query, args)
         finally:
             pool.putconn(conn)  # resets (or discards) a connection left in a bad state
 
-    def _run_own_pool(self, query: str, args: Sequence[Any]) -> list[Row]:
+    def _run_own_pool(self, query: str, args: Sequence[Any], *, check: bool = False) -> list[Row]:
         """On the connection kept from the last call, else on one from the client's pool.
 
         Taking a connection from psycopg_pool and giving it back costs more client CPU per
@@ -580,7 +618,7 @@ class MeterClient:
                 counted = True
                 conn, self._kept = self._kept, None
             # Ends: each dead connection is discarded, and a new one is fresh.
-            while conn is None or not _usable(conn):
+            while conn is None or not _usable(conn, always=check):
                 if conn is not None:
                     pool.putconn(conn)  # the pool discards a dead connection
                     conn = None

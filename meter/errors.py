@@ -129,8 +129,9 @@ _BY_SQLSTATE: dict[str, type[MeterError]] = {
 }
 
 # Errors meaning "the connection is gone", whatever the statement was:
-# class 08 (connection exception) and the server shutting down or starting up.
-_CONNECTION_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
+# class 08 (connection exception), the server shutting down or starting up, and a session
+# it ended for sitting idle (idle_session_timeout).
+_CONNECTION_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57P05"})
 
 
 def _is_connection_failure(exc: BaseException, sqlstate: str | None) -> bool:

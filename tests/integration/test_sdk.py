@@ -702,3 +702,42 @@ def test_a_keyless_write_whose_reply_was_lost_is_reported_in_doubt(cutter, db):
         with pytest.raises(MeterConnectionError, match="may have committed"):
             c.release("no-such-hold")  # its answer would differ the second time
         assert (cutter.seen, cutter.cuts) == (1, 2)
+
+
+def test_a_pool_that_sends_nothing_is_not_reported_in_doubt(db_url, db):
+    # A closed pool raises before anything reaches the server: no doubt to report.
+    pool = ConnectionPool(db_url, min_size=1, max_size=1, open=True)
+    c = meter.MeterClient(pool)
+    c.allocate(U, ET, D("5"), UNIT)
+    pool.close()
+    with pytest.raises(MeterConnectionError) as refused:
+        c.consume(U, ET, D("1"), UNIT)
+    assert "may have committed" not in str(refused.value)
+    assert [r["amount"] for r in ledger_rows(db)] == [D("5")]
+
+
+def test_a_session_the_server_ended_while_idle_is_replaced_and_the_call_run(
+    db_url, db, monkeypatch
+):
+    # idle_session_timeout: the server ends the session; the next call on it was never run,
+    # so even a keyless write is run on another connection, once.
+    monkeypatch.setattr(client_module, "_CHECK_IDLE_AFTER", 3600.0)
+    name = db.execute("SELECT current_database() AS d").fetchone()["d"]
+    db.execute(f'ALTER DATABASE "{name}" SET idle_session_timeout = 200')
+    with meter.MeterClient(db_url) as c:
+        c.allocate(U, ET, D("5"), UNIT)
+        time.sleep(0.6)  # the kept connection's session ends meanwhile
+        assert c.consume(U, ET, D("2"), UNIT)["balance"] == D("3")
+        time.sleep(0.6)
+        assert c.get_balance(U, ET, UNIT)["balance"] == D("3")
+    assert [r["amount"] for r in ledger_rows(db)] == [D("5"), D("-2")]
+
+
+def test_a_read_after_a_restart_skips_every_dead_connection_of_a_callers_pool(db_url, db):
+    with ConnectionPool(db_url, min_size=4, max_size=4, open=True) as pool:
+        pool.wait()
+        c = meter.MeterClient(pool)
+        c.allocate(U, ET, D("5"), UNIT)
+        assert _kill_other_backends(db) == 4  # as a database restart would
+        assert c.get_balance(U, ET, UNIT)["balance"] == D("5")
+        c.close()
