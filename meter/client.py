@@ -85,15 +85,14 @@ _ONLY_KEYED: Final = (
     "reservation id) is safe to repeat"
 )
 _SAME_KEY: Final = (
-    "; an earlier attempt may have committed: calling again with the same idempotency key "
-    "(reservation id) replays it"
+    "; the call may have committed before the connection broke: calling again with the "
+    "same idempotency key (reservation id) replays it"
 )
+
+_NONE_USABLE: Final = "no usable connection: each one the pool gave failed a round trip"
 
 # Raised by a pool before anything is sent: nothing can have run.
 _NOTHING_SENT: Final = (PoolTimeout, PoolClosed, TooManyRequests)
-# idle_session_timeout: the server ended the session while it sat idle, so the call that
-# finds it so was never run.
-_NOT_RUN_SQLSTATES: Final = frozenset({"57P05"})
 
 # How long a call waits for a pooled connection before checking, with one direct connection
 # attempt, whether the database is reachable at all (so that a down database fails fast
@@ -317,10 +316,9 @@ class MeterClient:
     commit: always), which replay their first result (a replayed commit reports status
     ``replayed``). Other writes (keyless ones, ``release``, the period calls) raise
     ``MeterConnectionError`` saying they may have committed: only a call made again with
-    an idempotency key is sure to count once. A session the server ended while it sat idle
-    (``idle_session_timeout``) ran nothing: any call is run again. Nothing is run again
-    inside a caller's open transaction, which the broken connection has lost whole, nor on
-    a caller's ``psycopg.Connection``, nor after the pool raised (closed, timed out).
+    an idempotency key is sure to count once. Nothing is run again inside a caller's open
+    transaction, which the broken connection has lost whole, nor on a caller's
+    ``psycopg.Connection``, nor after the pool raised (closed, timed out).
     """
 
     def __init__(
@@ -503,6 +501,7 @@ class MeterClient:
         )
         retries = reconnects = 0
         check = False  # after a lost connection the next one is checked before use
+        in_doubt = False  # a write of its own transaction lost its connection
         while True:
             try:
                 if self._conn is not None:
@@ -512,26 +511,30 @@ class MeterClient:
                 return self._run_borrowed(query, args, check=check)
             except psycopg.Error as exc:
                 error = from_psycopg(exc)
-                # The connection broke under the call (not: the pool had none to give, nor:
-                # the server had closed an idle session). A read or a keyed write is run
-                # again on another connection; a keyed write that committed replays its
-                # first result. Another write may have committed: it raises, saying so.
-                not_run = isinstance(exc, _NOTHING_SENT) or exc.sqlstate in _NOT_RUN_SQLSTATES
-                lost = isinstance(error, MeterConnectionError) and not not_run
-                repeatable = stmt.reads or keyed or not_run
-                if lost and own_transaction and not repeatable:
-                    message = error.message + _IN_DOUBT + (_ONLY_KEYED if stmt.counts else "")
-                    raise MeterConnectionError(message, sqlstate=error.sqlstate) from exc
+                # The connection broke under the call (not: the pool refused before sending
+                # anything), which may have run and committed, the reply lost. Even an
+                # idle-session timeout (57P05) may come after the statement ran: psycopg
+                # can make a round trip of its own after the result. A read or a keyed
+                # write is run again on another connection; a keyed write that committed
+                # replays its first result. Any other write raises, saying so.
+                lost = isinstance(error, MeterConnectionError) and not isinstance(
+                    exc, _NOTHING_SENT
+                )
+                in_doubt = in_doubt or (lost and own_transaction and not stmt.reads)
                 if (
-                    isinstance(error, MeterConnectionError)
-                    and repeatable
+                    lost
+                    and (stmt.reads or keyed)
                     and self._conn is None
-                    and not isinstance(exc, _NOTHING_SENT)
                     and reconnects < _RECONNECTS
                 ):
                     reconnects += 1
                     check = True
                     continue
+                if in_doubt and isinstance(error, MeterConnectionError):
+                    hint = _SAME_KEY if keyed else _IN_DOUBT + (_ONLY_KEYED if stmt.counts else "")
+                    raise MeterConnectionError(
+                        error.message + hint, sqlstate=error.sqlstate
+                    ) from exc
                 # A deadlock, or an idempotency key claimed concurrently by another path
                 # (40001): the call was its own transaction and was rolled back whole, so
                 # running it again is safe -- and replays the key. Not inside a caller's
@@ -547,10 +550,6 @@ class MeterClient:
                     time.sleep(0.005 * 2**retries)
                     retries += 1
                     continue
-                if reconnects and keyed and isinstance(error, MeterConnectionError):
-                    raise MeterConnectionError(
-                        error.message + _SAME_KEY, sqlstate=error.sqlstate
-                    ) from exc
                 raise error from exc
 
     def _execute(self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]) -> list[Row]:
@@ -585,8 +584,12 @@ class MeterClient:
         pool = self._pool
         assert pool is not None
         conn = self._getconn(pool)
+        dead = 0
         while check and not _usable(conn, always=True):
             pool.putconn(conn)  # the pool discards a dead connection
+            dead += 1
+            if dead > pool.max_size:
+                raise PoolTimeout(_NONE_USABLE)  # nothing sent
             conn = self._getconn(pool)
         try:
             return self._run_idle(conn, query, args)
@@ -617,11 +620,16 @@ class MeterClient:
                 self._busy += 1
                 counted = True
                 conn, self._kept = self._kept, None
-            # Ends: each dead connection is discarded, and a new one is fresh.
+            # Ends: each dead connection is discarded, and a new one is fresh (checked
+            # too after a lost connection: then as many as the pool holds, and one more).
+            dead = 0
             while conn is None or not _usable(conn, always=check):
                 if conn is not None:
                     pool.putconn(conn)  # the pool discards a dead connection
                     conn = None
+                    dead += 1
+                    if dead > pool.max_size:
+                        raise PoolTimeout(_NONE_USABLE)  # nothing sent
                 conn = cast(_PooledConnection, self._getconn(pool))
                 conn.keep_until = time.monotonic() + _KEEP_FOR
             rows = self._run_idle(conn, query, args)

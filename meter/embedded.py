@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.util
+import mmap
 import os
 import pwd
 import re
@@ -550,11 +551,11 @@ _AOF_FILE = "appendonly.aof"
 _TORN_AOF = "Unexpected end of file reading the append only file"
 """What Redis logs when it refuses an AOF whose last write is torn (``aof-load-truncated
 no``)."""
-_MAX_TORN_BYTES = 64 * 1024 * 1024
-"""More than this to cut is not one torn write: left to a person."""
+_CHECK_BYTES_PER_SECOND = 50 * 1024 * 1024
+"""The slowest ``redis-check-aof`` we allow for (it reads ~200 MB/s here)."""
 
 
-def _resp_command(buf: bytes, pos: int) -> tuple[bytes, int] | bool:
+def _resp_command(buf: bytes | mmap.mmap, pos: int) -> tuple[bytes, int] | bool:
     """The command (upper-case name, end offset) that starts at ``pos`` of an AOF; ``True``
     when ``buf`` ends before it does (a torn write), ``False`` when it is not RESP."""
 
@@ -589,17 +590,18 @@ def _resp_command(buf: bytes, pos: int) -> tuple[bytes, int] | bool:
     return name, at
 
 
-def torn_write(tail: bytes) -> str | None:
-    """What ``tail``, the part of an AOF after the last whole command outside a transaction,
-    is: ``"command"`` (one command cut short), ``"transaction"`` (a ``MULTI``, whole commands
-    without ``EXEC``, perhaps one cut short: a transaction's write cut short), or None for
-    anything else -- damage, or more than one write (a ``MULTI``/``EXEC``/``SELECT`` inside,
-    as a restart leaves after a dangling ``MULTI``), which no repair may cut blind.
+def torn_write(aof: bytes | mmap.mmap, start: int = 0) -> str | None:
+    """What ``aof[start:]``, the part of an AOF after the last whole command outside a
+    transaction, is: ``"command"`` (one command cut short), ``"transaction"`` (a ``MULTI``,
+    whole commands without ``EXEC``, perhaps one cut short: a transaction's write cut short),
+    or None for anything else -- damage, or more than one write (a ``MULTI``/``EXEC``/
+    ``SELECT`` inside, as a restart leaves after a dangling ``MULTI``; a script that switches
+    databases writes a ``SELECT`` there too), which no repair may cut blind.
     """
     names: list[bytes] = []
-    pos = 0
-    while pos < len(tail):
-        parsed = _resp_command(tail, pos)
+    pos = start
+    while pos < len(aof):
+        parsed = _resp_command(aof, pos)
         if parsed is False:
             return None
         if parsed is True:
@@ -608,7 +610,7 @@ def torn_write(tail: bytes) -> str | None:
         name, pos = parsed
         names.append(name)
     if not names:
-        return "command" if tail else None
+        return "command" if len(aof) > start else None
     if names[0] != b"MULTI" or any(n in (b"MULTI", b"EXEC", b"SELECT") for n in names[1:]):
         return None
     return "transaction"
@@ -770,10 +772,11 @@ class EmbeddedRedis:
         is cut only if it is one write cut short (:func:`torn_write`): none of it was
         acknowledged, since Redis answers after the write. Anything else -- damage inside
         the file, or a ``MULTI`` left dangling by an older repair with later writes after
-        it -- stops the start and leaves the file as it is. What was cut is noted in the
-        server's log.
+        it -- stops the start and leaves the file as it is. What was cut is kept beside the
+        file (``appendonly.aof.cut-<time>-<offset>``) and noted in the server's log.
         """
         aof = self.data_dir / _AOF_FILE
+        size = aof.stat().st_size
         try:
             check = subprocess.run(
                 ["redis-check-aof", str(aof)],
@@ -781,31 +784,48 @@ class EmbeddedRedis:
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 text=True,
-                timeout=max(self.startup_timeout, 60.0),
+                timeout=max(self.startup_timeout, 60.0, size / _CHECK_BYTES_PER_SECOND),
                 check=False,
             )
         except subprocess.TimeoutExpired as exc:
             raise EmbeddedServerError(f"redis-check-aof {aof} did not finish: {exc}") from None
-        report = " | ".join(line.strip() for line in check.stdout.splitlines() if line.strip())
+        report = " | ".join(
+            line.strip()
+            for line in check.stdout.splitlines()
+            if line.strip() and "--fix" not in line  # its advice is what we must not do blind
+        )
         found = re.search(r"ok_up_to=(\d+)", check.stdout)
         keep = int(found.group(1)) if found and check.returncode != 0 else None
-        size = aof.stat().st_size
         kind = None
-        if keep is not None and 0 < size - keep <= _MAX_TORN_BYTES:
-            with open(aof, "rb") as fh:
-                fh.seek(keep)
-                kind = torn_write(fh.read())
-        if kind is None:
+        if keep is not None and keep < size:
+            with open(aof, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                kind = torn_write(m, keep)
+        if kind is None or keep is None:
             with open(self.log_path, "a") as log:
                 log.write(f"meter: left {aof} as it is, not one torn write: {report}\n")
-            raise EmbeddedServerError(
-                f"Redis refused {aof} and its end is not one torn write, so it was left as "
-                f"it is for a person to look at (redis-check-aof: {report})"
+            where = (
+                f"the {size - keep} bytes after offset {keep} (where redis-check-aof finds the "
+                f"last whole command outside a transaction) are not one write cut short"
+                if keep is not None
+                else "redis-check-aof found no place to cut"
             )
+            raise EmbeddedServerError(
+                f"Redis refused {aof}: {where}, so it was left as it is for a person to look "
+                f"at (redis-check-aof: {report}). If you are sure those bytes are a torn last "
+                f"write, keep a copy of the file and cut them (truncate -s OFFSET FILE); "
+                f"`redis-check-aof --fix` cuts back to the first problem it meets, which may "
+                f"be earlier."
+            )
+        # What is cut is kept beside the file, in case it was not what it seemed.
+        cut = aof.with_name(f"{aof.name}.cut-{time.strftime('%Y%m%dT%H%M%S')}-{keep}")
+        with open(aof, "rb") as src, open(cut, "wb") as dst:
+            src.seek(keep)
+            shutil.copyfileobj(src, dst)
         os.truncate(aof, keep)
         with open(self.log_path, "a") as log:
             log.write(
-                f"meter: cut a torn {kind} ({size - keep} bytes at offset {keep}) from {aof}\n"
+                f"meter: cut a torn {kind} ({size - keep} bytes at offset {keep}) from {aof}; "
+                f"the bytes are in {cut.name}\n"
             )
 
     def _log_size(self) -> int:
