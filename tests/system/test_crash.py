@@ -306,6 +306,21 @@ def _torn(server: CrashableRedis, *commands: bytes, cut: int = 5) -> bytes:
     return _aof(server).read_bytes()
 
 
+def _damaged(server: CrashableRedis, values: int, old: bytes, new: bytes) -> bytes:
+    """Push ``values`` values (m0, m1...), kill ``server`` and replace ``old`` by ``new`` in
+    its AOF; the file's new content."""
+    client = redis.Redis.from_url(server.url())
+    for n in range(values):
+        client.rpush("q", f"m{n}")
+    client.close()
+    server.kill()
+    data = _aof(server).read_bytes()
+    damaged = data.replace(old, new, 1)
+    assert damaged != data
+    _aof(server).write_bytes(damaged)
+    return damaged
+
+
 def _resp(*args: bytes) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
 
@@ -335,15 +350,7 @@ def test_damage_before_a_torn_write_is_left_for_a_person(crash_redis: CrashableR
     """Redis skips the two bytes after each value unread, so a damaged ``\\r\\n`` inside the
     file still reads as a torn end; what lies between the damage and the end is not one
     write, and is not cut."""
-    client = redis.Redis.from_url(crash_redis.url())
-    for n in range(10):
-        client.rpush("q", f"m{n}")
-    client.close()
-    crash_redis.kill()
-    data = _aof(crash_redis).read_bytes()
-    damaged = data.replace(b"$2\r\nm3\r\n", b"$2\r\nm3XX", 1)
-    assert damaged != data
-    _aof(crash_redis).write_bytes(damaged)
+    _damaged(crash_redis, 10, b"$2\r\nm3\r\n", b"$2\r\nm3XX")
     crash_redis.start()  # Redis reads past the damage: no refusal yet
     damaged = _torn(crash_redis)
     with pytest.raises(EmbeddedServerError, match="not one write cut short"):
@@ -354,15 +361,7 @@ def test_damage_before_a_torn_write_is_left_for_a_person(crash_redis: CrashableR
 def test_a_corrupt_aof_is_refused_and_left_as_it_is(crash_redis: CrashableRedis) -> None:
     """Only a torn last write is cut; damage inside the file stops the start, and the file
     stays as it was for a person to look at."""
-    client = redis.Redis.from_url(crash_redis.url())
-    for n in range(3):
-        client.lpush("q", f"m{n}")
-    client.close()
-    crash_redis.kill()
-    data = _aof(crash_redis).read_bytes()
-    damaged = data.replace(b"$2\r\nm1\r\n", b"$2\r\nm1XX\r\n", 1)  # not RESP any more
-    assert damaged != data
-    _aof(crash_redis).write_bytes(damaged)
+    damaged = _damaged(crash_redis, 3, b"$2\r\nm1\r\n", b"$2\r\nm1XX\r\n")  # not RESP
     with pytest.raises(EmbeddedServerError, match="exited while starting") as refused:
         crash_redis.start()
     assert "Bad file format" in str(refused.value)
