@@ -85,8 +85,7 @@ _ONLY_KEYED: Final = (
     "reservation id) is safe to repeat"
 )
 _SAME_KEY: Final = (
-    "; the call may have committed before the connection broke: calling again with the "
-    "same idempotency key (reservation id) replays it"
+    _IN_DOUBT + ": calling again with the same idempotency key (reservation id) replays it"
 )
 
 _NONE_USABLE: Final = "no usable connection: each one the pool gave failed a round trip"

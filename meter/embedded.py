@@ -688,12 +688,12 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with _dir_lock(self.data_dir):
             running = self._running()
-            if running is not None:
-                self._port = running[1]
-                self._started_here = False
-            else:
-                self._spawn_and_load()
+            if running is None:
+                self._spawn_and_load()  # waits until it has loaded
                 self._started_here = True
+                return self
+            self._port = running[1]
+            self._started_here = False
         self._wait_ready()
         return self
 
@@ -801,8 +801,7 @@ class EmbeddedRedis:
             with open(aof, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
                 kind = torn_write(m, keep)
         if kind is None or keep is None:
-            with open(self.log_path, "a") as log:
-                log.write(f"meter: left {aof} as it is, not one torn write: {report}\n")
+            self._note(f"left {aof} as it is, not one torn write: {report}")
             where = (
                 f"the {size - keep} bytes after offset {keep} (where redis-check-aof finds the "
                 f"last whole command outside a transaction) are not one write cut short"
@@ -822,11 +821,15 @@ class EmbeddedRedis:
             src.seek(keep)
             shutil.copyfileobj(src, dst)
         os.truncate(aof, keep)
+        self._note(
+            f"cut a torn {kind} ({size - keep} bytes at offset {keep}) from {aof}; "
+            f"the bytes are in {cut.name}"
+        )
+
+    def _note(self, line: str) -> None:
+        """A line of ours in the server's log, after Redis's own."""
         with open(self.log_path, "a") as log:
-            log.write(
-                f"meter: cut a torn {kind} ({size - keep} bytes at offset {keep}) from {aof}; "
-                f"the bytes are in {cut.name}\n"
-            )
+            log.write(f"meter: {line}\n")
 
     def _log_size(self) -> int:
         return self.log_path.stat().st_size if self.log_path.exists() else 0
