@@ -84,7 +84,7 @@ class _Batch:
     __slots__ = ("created", "events", "outcome", "sent", "task_id", "want_result")
 
     def __init__(self, task_id: str | None = None) -> None:
-        self.task_id = task_id or _new_id()
+        self.task_id = task_id or t.new_id()
         self.events: list[dict[str, Any]] = []
         self.created = time.monotonic()
         self.want_result = False
@@ -247,16 +247,6 @@ def _resendable(event: Mapping[str, Any]) -> dict[str, Any]:
     if "event_time" in item:
         item["event_time"] = datetime.fromisoformat(item["event_time"])
     return item
-
-
-# uuid4 text without building a UUID object (half the cost of str(uuid.uuid4()), once
-# per event): 122 random bits, the version nibble 4 and the RFC 4122 variant 10xx.
-_VARIANT_NIBBLE: Final = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
-
-
-def _new_id() -> str:
-    h = os.urandom(16).hex()
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT_NIBBLE[h[16]]}{h[17:20]}-{h[20:]}"
 
 
 class MeterProducer:
@@ -660,7 +650,7 @@ class MeterProducer:
         handles: list[EventHandle] = []
         for start in range(0, len(built), self._chunk_size):
             chunk = built[start : start + self._chunk_size]
-            task_id = _new_id()
+            task_id = t.new_id()
             batch = _Batch(task_id)
             batch.sent = True
             batch.want_result = want
@@ -699,7 +689,7 @@ class MeterProducer:
         event_time: datetime | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], str, None]:
-        key = _ident(idempotency_key, "idempotency_key", nullable=True) or _new_id()
+        key = _ident(idempotency_key, "idempotency_key", nullable=True) or t.new_id()
         args = _account_args(user_id, event_type, amount, unit, resource, "positive", pool=False)
         args["idempotency_key"] = key
         if t.check_bool(check_balance, "check_balance"):
@@ -719,7 +709,7 @@ class MeterProducer:
         event_time: datetime | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], str, None]:
-        key = _ident(idempotency_key, "idempotency_key", nullable=True) or _new_id()
+        key = _ident(idempotency_key, "idempotency_key", nullable=True) or t.new_id()
         args = _account_args(user_id, event_type, amount, unit, resource, "positive", pool=True)
         args["idempotency_key"] = key
         _put_time(args, event_time)
@@ -737,7 +727,7 @@ class MeterProducer:
         idempotency_key: str | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], str, None]:
-        key = _ident(idempotency_key, "idempotency_key", nullable=True) or _new_id()
+        key = _ident(idempotency_key, "idempotency_key", nullable=True) or t.new_id()
         args = _account_args(user_id, event_type, amount, unit, resource, "nonzero", pool=True)
         args["idempotency_key"] = key
         ref = t.check_int(
@@ -764,7 +754,7 @@ class MeterProducer:
         metadata: dict[str, Any] | None = None,
         reservation_id: str | None = None,
     ) -> tuple[dict[str, Any], str, str]:
-        rid = _ident(reservation_id, "reservation_id", nullable=True) or _new_id()
+        rid = _ident(reservation_id, "reservation_id", nullable=True) or t.new_id()
         key = _ident(idempotency_key, "idempotency_key", nullable=True)
         args = _account_args(user_id, event_type, amount, unit, resource, "positive", pool=False)
         args["reservation_id"] = rid
@@ -822,7 +812,7 @@ class MeterProducer:
         event = {"op": op, "namespace": self._namespace, "args": args}
         if not self._buffered:
             self._check_open()
-            task_id = _new_id()
+            task_id = t.new_id()
             try:
                 self._publish(wire.task_name(op), [event], task_id, want, f"[{op} {key}]")
             except PublishError as exc:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from datetime import date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from json.encoder import encode_basestring
-from typing import Any, Literal, overload
+from typing import Any, Final, Literal, overload
 
 from meter.errors import ValidationError
 
@@ -38,6 +39,7 @@ __all__ = [
     "dumps",
     "invalid",
     "loads",
+    "new_id",
     "to_amount",
 ]
 
@@ -572,3 +574,14 @@ def check_metadata(value: object, name: str = "metadata") -> str | None:
     if size > MAX_METADATA_BYTES:
         raise invalid(name, f"must be at most {MAX_METADATA_BYTES} bytes as JSON text, got {size}")
     return text
+
+
+# uuid4 text without building a UUID object (half the cost of str(uuid.uuid4()), once
+# per event): 122 random bits, the version nibble 4 and the RFC 4122 variant 10xx.
+_VARIANT_NIBBLE: Final = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
+
+
+def new_id() -> str:
+    """A random (version 4) UUID as text: a generated idempotency key, reservation or task id."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT_NIBBLE[h[16]]}{h[17:20]}-{h[20:]}"

@@ -154,9 +154,9 @@ def test_the_producers_amount_shortcut_agrees_with_to_amount(text, sign):
 def test_generated_ids_are_uuid4():
     import uuid
 
-    from meter.producer import _new_id
+    from meter.types import new_id
 
-    ids = [_new_id() for _ in range(2000)]
+    ids = [new_id() for _ in range(2000)]
     assert len(set(ids)) == len(ids)
     for text in ids:
         u = uuid.UUID(text)
