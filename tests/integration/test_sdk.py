@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from datetime import UTC, date, datetime
@@ -702,6 +704,80 @@ def test_a_keyless_write_whose_reply_was_lost_is_reported_in_doubt(cutter, db):
         with pytest.raises(MeterConnectionError, match="may have committed"):
             c.release("no-such-hold")  # its answer would differ the second time
         assert (cutter.seen, cutter.cuts) == (1, 2)
+
+
+def test_a_reserve_without_key_or_id_whose_reply_was_lost_runs_again_and_holds_once(cutter, db):
+    # The client gives such a hold its id, so the second run replays the first.
+    with meter.MeterClient(cutter.url) as c:
+        c.allocate(U, ET, D("100"), UNIT, idempotency_key="grant")
+        cutter.cut_reply_to(b"meter.reserve(")
+        held = c.reserve(U, ET, D("10"), UNIT)
+        assert (cutter.seen, cutter.cuts) == (2, 1)
+        assert held["granted"] and held["available"] == D("90")
+    [hold] = db.execute("SELECT reservation_id, amount FROM meter.reservations").fetchall()
+    assert hold == {"reservation_id": held["reservation_id"], "amount": D("10")}
+    account = db.execute("SELECT reserved FROM meter.accounts").fetchone()
+    assert account["reserved"] == D("10")
+
+
+def test_generated_keys_make_keyless_writes_run_again_and_count_once(cutter, db):
+    with meter.MeterClient(cutter.url, generate_keys=True) as c:
+        cutter.cut_reply_to(b"meter.allocate(")
+        assert c.allocate(U, ET, D("100"), UNIT)["balance"] == D("100")
+        cutter.cut_reply_to(b"meter.consume(")
+        assert c.consume(U, ET, D("7"), UNIT)["balance"] == D("93")
+        cutter.cut_reply_to(b"meter.adjust(")
+        assert c.adjust(U, ET, D("2"), UNIT)["balance"] == D("95")
+        assert (cutter.seen, cutter.cuts) == (2, 3)
+        # two equal calls are two events: each call has a key of its own
+        c.consume(U, ET, D("1"), UNIT)
+        c.consume(U, ET, D("1"), UNIT)
+        # a caller's key is used as it is
+        c.consume(U, ET, D("1"), UNIT, idempotency_key="mine")
+        c.consume(U, ET, D("1"), UNIT, idempotency_key="mine")
+    rows = db.execute("SELECT amount, idempotency_key FROM meter.ledger ORDER BY id").fetchall()
+    assert [r["amount"] for r in rows] == [D("100"), D("-7"), D("2"), D("-1"), D("-1"), D("-1")]
+    keys = [r["idempotency_key"] for r in rows]
+    assert keys[-1] == "mine" and len(set(keys)) == len(keys)
+    assert all(uuid.UUID(k).version == 4 for k in keys[:-1])
+
+
+def test_a_write_that_cannot_be_run_again_names_the_key_that_replays_it(cutter, db_url, db):
+    # On a caller's connection nothing is run again; the error says how to replay the call,
+    # with the key the client generated, and that replays it: it counts once.
+    conn = psycopg.connect(cutter.url, autocommit=True)
+    try:
+        c = meter.MeterClient(conn, generate_keys=True)
+        c.allocate(U, ET, D("100"), UNIT)
+        cutter.cut_reply_to(b"meter.consume(")
+        with pytest.raises(MeterConnectionError, match="may have committed") as lost:
+            c.consume(U, ET, D("7"), UNIT)
+    finally:
+        conn.close()
+    [(_, key)] = re.findall(
+        r"calling again with (idempotency_key)='([^']+)' replays it", str(lost.value)
+    )
+    with meter.MeterClient(db_url) as again:
+        assert again.consume(U, ET, D("7"), UNIT, idempotency_key=key)["balance"] == D("93")
+    assert [r["amount"] for r in ledger_rows(db)] == [D("100"), D("-7")]
+
+
+def test_client_arguments_are_checked_by_name(db_url):
+    for kwargs, parameter in [
+        ({"namespace": ""}, "namespace"),
+        ({"max_size": 0}, "max_size"),
+        ({"timeout": 0}, "timeout"),
+        ({"timeout": True}, "timeout"),
+        ({"generate_keys": "yes"}, "generate_keys"),
+        ({"generate_keys": 1}, "generate_keys"),
+    ]:
+        with pytest.raises(ValidationError) as refused:
+            meter.MeterClient(db_url, **kwargs)
+        assert refused.value.parameter == parameter, kwargs
+    for conn in ("dbname='unterminated", 42):
+        with pytest.raises(ValidationError) as refused:
+            meter.MeterClient(conn)
+        assert refused.value.parameter == "conn"
 
 
 def test_a_pool_that_sends_nothing_is_not_reported_in_doubt(db_url, db):
