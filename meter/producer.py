@@ -344,6 +344,9 @@ class MeterProducer:
         }
         self._app.conf.update(config)
         self._closed = False
+        # Set when the first close() has finished; a close() made meanwhile waits for it.
+        self._close_done = threading.Event()
+        self._closer: threading.Thread | None = None
         # Buffered mode: _lock guards _batch (the open batch) and _unsent (full batches the
         # broker refused, oldest first, each kept whole so its handles stay valid);
         # _send_lock serialises sending, so flush() returns only after every batch taken
@@ -419,7 +422,9 @@ class MeterProducer:
     def close(self) -> None:
         """Flush the buffer, stop the linger thread and release the broker connections.
 
-        Idempotent. Later recording calls raise ``MeterConnectionError``.
+        Idempotent. Later recording calls raise ``MeterConnectionError``. A ``close()``
+        made while another one is under way returns once that one has finished: what it
+        could not send is in that call's error.
 
         Raises:
             PublishError: the broker did not confirm the last batches. The producer is
@@ -427,21 +432,32 @@ class MeterProducer:
                 (keep them, or send them again through another producer).
         """
         with self._lock:
-            if self._closed:
-                return
-            # Closed first: no call buffers an event that this flush would not see.
-            self._closed = True
-            self._wakeup.notify_all()
+            closer = self._closer
+            if closer is None:
+                # Closed first: no call buffers an event that this flush would not see.
+                self._closed = True
+                self._closer = threading.current_thread()
+                self._wakeup.notify_all()
+        if closer is not None:
+            # Returning before the first close() has sent the buffer would tell this caller
+            # "sent" too early. (Not from the closing thread itself: a handler run inside
+            # that close() would wait for itself.)
+            if closer is not threading.current_thread():
+                self._close_done.wait()
+            return
         try:
             self._flush(hand_over=True, empty=True)
         finally:
-            if self._atexit is not None:
-                atexit.unregister(self._atexit)
-                self._atexit = None
-            thread = self._linger_thread
-            if thread is not None and thread is not threading.current_thread():
-                thread.join(timeout=5)
-            self._app.close()
+            try:
+                if self._atexit is not None:
+                    atexit.unregister(self._atexit)
+                    self._atexit = None
+                thread = self._linger_thread
+                if thread is not None and thread is not threading.current_thread():
+                    thread.join(timeout=5)
+                self._app.close()
+            finally:
+                self._close_done.set()
 
     def __enter__(self) -> Self:
         return self

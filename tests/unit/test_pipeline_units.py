@@ -276,6 +276,39 @@ def test_close_racing_calls_that_fill_batches_hands_every_event_back():
     assert not producer._unsent and producer._batch is None
 
 
+def test_a_close_made_while_another_sends_returns_after_it():
+    """Two close() calls at once: the second must not return while the first is still
+    sending the buffer, or its caller would take "returned" for "sent"."""
+    import threading
+
+    from meter.producer import MeterProducer
+
+    producer = MeterProducer("redis://127.0.0.1:1/0", batch_size=10, linger_ms=3_600_000)
+    sending, release = threading.Event(), threading.Event()
+    sent: list[str] = []
+
+    def slow(*args: object, **kwargs: object) -> None:
+        sending.set()
+        release.wait(timeout=30)
+        sent.append("k0" if "k0" in repr(kwargs) else repr(kwargs))
+
+    producer._app.send_task = slow  # type: ignore[method-assign]
+    producer.consume("u1", "tokens", 1, "tok", idempotency_key="k0")
+    returned: list[list[str]] = []
+    first = threading.Thread(target=producer.close)
+    second = threading.Thread(target=lambda: (producer.close(), returned.append(list(sent))))
+    first.start()
+    assert sending.wait(timeout=10)
+    second.start()
+    second.join(timeout=0.5)
+    assert second.is_alive() and returned == []  # still waiting for the first
+    release.set()
+    for thread in (first, second):
+        thread.join(timeout=30)
+    assert returned == [["k0"]]  # it returned once the event had been sent
+    producer.close()  # and a later close() returns at once
+
+
 @pytest.mark.parametrize(
     "failure",
     [
