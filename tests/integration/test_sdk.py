@@ -754,12 +754,48 @@ def test_a_write_that_cannot_be_run_again_names_the_key_that_replays_it(cutter, 
             c.consume(U, ET, D("7"), UNIT)
     finally:
         conn.close()
-    [(_, key)] = re.findall(
-        r"calling again with (idempotency_key)='([^']+)' replays it", str(lost.value)
+    [key] = re.findall(
+        r"calling again with the same idempotency_key='([^']+)' replays it", str(lost.value)
     )
     with meter.MeterClient(db_url) as again:
         assert again.consume(U, ET, D("7"), UNIT, idempotency_key=key)["balance"] == D("93")
     assert [r["amount"] for r in ledger_rows(db)] == [D("100"), D("-7")]
+
+
+def test_a_reserve_with_a_key_and_an_id_is_named_by_both(cutter, db_url, db):
+    # Its fingerprint covers both: the id alone would be refused as another reservation.
+    conn = psycopg.connect(cutter.url, autocommit=True)
+    try:
+        c = meter.MeterClient(conn)
+        c.allocate(U, ET, D("100"), UNIT)
+        cutter.cut_reply_to(b"meter.reserve(")
+        with pytest.raises(MeterConnectionError) as lost:
+            c.reserve(U, ET, D("10"), UNIT, idempotency_key="k", reservation_id="r")
+    finally:
+        conn.close()
+    assert "calling again with the same idempotency_key='k', reservation_id='r' replays it" in (
+        str(lost.value)
+    )
+    with meter.MeterClient(db_url) as again:
+        held = again.reserve(U, ET, D("10"), UNIT, idempotency_key="k", reservation_id="r")
+        assert held["granted"] and held["available"] == D("90")
+    assert db.execute("SELECT count(*) AS n FROM meter.reservations").fetchone()["n"] == 1
+
+
+def test_period_calls_whose_reply_was_lost_run_again_and_count_once(cutter, db):
+    # open_period and close_period replay by account and date.
+    with meter.MeterClient(cutter.url) as c:
+        c.set_period_config(U, ET, UNIT, None, date(2026, 1, 1), D("100"), D("0"))
+        cutter.cut_reply_to(b"meter.open_period(")
+        assert c.open_period(U, ET, UNIT, None, date(2026, 1, 1)) == D("100")
+        c.consume(U, ET, D("30"), UNIT)
+        cutter.cut_reply_to(b"meter.close_period(")
+        closed = c.close_period(U, ET, UNIT, None, date(2026, 1, 31))
+        assert (closed["expired"], closed["new_balance"]) == (D("70"), D("0"))
+        assert (cutter.seen, cutter.cuts) == (2, 2)
+    assert [r["amount"] for r in ledger_rows(db)] == [D("100"), D("-30"), D("-70")]
+    [period] = db.execute("SELECT allocation, expired FROM meter.periods").fetchall()
+    assert period == {"allocation": D("100"), "expired": D("70")}
 
 
 def test_client_arguments_are_checked_by_name(db_url):
@@ -770,6 +806,7 @@ def test_client_arguments_are_checked_by_name(db_url):
         ({"timeout": True}, "timeout"),
         ({"generate_keys": "yes"}, "generate_keys"),
         ({"generate_keys": 1}, "generate_keys"),
+        ({"max_size": 0, "generate_keys": 1}, "max_size"),  # in the signature's order
     ]:
         with pytest.raises(ValidationError) as refused:
             meter.MeterClient(db_url, **kwargs)
