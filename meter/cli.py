@@ -387,6 +387,121 @@ def reconcile(database_url: str | None, namespace: str, as_json: bool) -> None:
         raise SystemExit(EXIT_PROBLEMS)
 
 
+def _account_write_options(func: F) -> F:
+    """The options of a hand-made ledger entry (``grant``, ``adjust``): the account, the
+    amount, who and why (both required: the audit trail must say), and the key."""
+    options = [
+        database_url_option,
+        click.option(
+            "--namespace", default="default", show_default=True, help="The tenant to write in."
+        ),
+        click.option("--user", default=None, help="The user whose account it is."),
+        click.option("--pool", is_flag=True, help="The namespace pool's account (not --user)."),
+        click.option("--event-type", required=True, help="The account's event type."),
+        click.option("--unit", required=True, help="The account's unit."),
+        click.option("--resource", default=None, help="The account's resource, if any."),
+        click.option("--actor", "actor_id", required=True, help="Who does this (audit trail)."),
+        click.option("--reason", required=True, help="Why: a ticket, a note (audit trail)."),
+        click.option("--on-behalf-of", default=None, help="Whom it is done for (audit trail)."),
+        click.option(
+            "--idempotency-key",
+            default=None,
+            help="Makes running the command again count once (default: a new one, printed).",
+        ),
+        json_option,
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _write_by_hand(
+    what: str,
+    write: Callable[[Any, str | None, str], dict[str, Any]],
+    *,
+    database_url: str | None,
+    namespace: str,
+    user: str | None,
+    pool: bool,
+    actor_id: str,
+    reason: str,
+    on_behalf_of: str | None,
+    idempotency_key: str | None,
+    as_json: bool,
+) -> None:
+    """Run ``write(client, user_id, key)`` with the actor context set; print the entry and
+    the key that makes running the command again count once."""
+    from meter import types as t
+
+    if (user is None) == (not pool):
+        raise click.UsageError("give either --user or --pool")
+    key = t.new_id() if idempotency_key is None else idempotency_key
+    with _client(database_url, namespace) as client:
+        client.set_actor(actor_id=actor_id, reason=reason, on_behalf_of=on_behalf_of)
+        result = write(client, user, key)
+    if as_json:
+        _emit_json({**result, "idempotency_key": key})
+        return
+    who = "the pool" if pool else repr(user)
+    console.print(
+        f"{what} for {escape(who)} in namespace {escape(namespace)!r}: balance "
+        f"{result['balance']}, ledger entry {result['entry_id']}."
+        + (
+            f" To run this again without counting it twice, pass --idempotency-key {escape(key)}"
+            if idempotency_key is None
+            else " (If this key was used before, nothing new was written: that is the first"
+            " run's result.)"
+        )
+    )
+
+
+@main.command()
+@_account_write_options
+@click.option("--amount", required=True, help="How much to add (> 0).")
+def grant(amount: str, event_type: str, unit: str, resource: str | None, **common: Any) -> None:
+    """Add quota or credits to an account by hand (a ledger allocation).
+
+    Every grant is recorded with --actor and --reason; its idempotency key is printed, so
+    that a grant whose outcome you did not see can be run again and count once.
+    """
+    _write_by_hand(
+        f"granted {amount} {unit} ({event_type})",
+        lambda client, user_id, key: client.allocate(
+            user_id, event_type, amount, unit, resource, idempotency_key=key
+        ),
+        **common,
+    )
+
+
+@main.command()
+@_account_write_options
+@click.option(
+    "--amount", required=True, help="The signed correction: --amount=-5 takes 5 away; not 0."
+)
+@click.option(
+    "--reference-id", type=int, default=None, help="The ledger entry this corrects, if any."
+)
+def adjust(
+    amount: str,
+    event_type: str,
+    unit: str,
+    resource: str | None,
+    reference_id: int | None,
+    **common: Any,
+) -> None:
+    """Correct an account by hand (a ledger adjustment, either sign): a refund, a fix.
+
+    Recorded with --actor and --reason; its idempotency key is printed, as for grant.
+    """
+    _write_by_hand(
+        f"adjusted by {amount} {unit} ({event_type})",
+        lambda client, user_id, key: client.adjust(
+            user_id, event_type, amount, unit, resource, reference_id, idempotency_key=key
+        ),
+        **common,
+    )
+
+
 @main.command()
 @database_url_option
 @broker_url_option

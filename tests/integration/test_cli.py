@@ -1,4 +1,5 @@
-"""The read and check commands of ``meter`` against a real database (and Redis, worker).
+"""The read, check and by-hand commands of ``meter`` against a real database (and Redis,
+worker).
 
 Every command is run through click's ``CliRunner`` with ``METER_DATABASE_URL`` set, once
 for people (a table) and once with ``--json`` (exact figures), and its exit status is
@@ -8,6 +9,7 @@ checked against the documented meaning: 0 ok, 1 problems found, 2 usage, 3 canno
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from decimal import Decimal as D
 from typing import Any
@@ -119,6 +121,73 @@ def test_usage_errors_and_unreachable_database(env: dict[str, str]) -> None:
     gone = {"METER_DATABASE_URL": UNREACHABLE_DB}
     for command in (["balance", "alice"], ["reconcile"], ["ledger", "alice"], ["migrate"]):
         assert run(gone, *command).exit_code == EXIT_UNREACHABLE, command
+
+
+WHO = ("--actor", "ops:ana", "--reason", "ticket 7")
+LLM = ("--event-type", "llm", "--unit", "tokens")
+
+
+def test_grant_and_adjust_by_hand_record_who_and_why(
+    env: dict[str, str], alice: None, client: Any
+) -> None:
+    granted = run(env, "grant", "--user", "alice", *LLM, "--amount", "100", *WHO)
+    assert granted.exit_code == 0, granted.output
+    assert "balance 1098.4" in granted.output
+    [key] = re.findall(r"--idempotency-key (\S+)", granted.output)
+    # run again with the printed key: a replay, nothing new
+    again = as_json(
+        run(env, "grant", "--user", "alice", *LLM, "--amount", "100", *WHO,
+            "--idempotency-key", key, "--json")
+    )  # fmt: skip
+    assert again["balance"] == D("1098.4") and again["idempotency_key"] == key
+    fix = as_json(
+        run(env, "adjust", "--user", "alice", *LLM, "--amount=-0.4", *WHO, "--reference-id",
+            str(again["entry_id"]), "--on-behalf-of", "alice", "--json")
+    )  # fmt: skip
+    assert fix["balance"] == D("1098") and fix["idempotency_key"] != key
+    pool = as_json(run(env, "grant", "--pool", *LLM, "--amount", "5", *WHO, "--json"))
+    assert pool["balance"] == D(5)
+
+    assert client.get_balance("alice", "llm", "tokens")["balance"] == D("1098")
+    events = client.get_audit_events(actor_id="ops:ana")
+    assert sorted((e["kind"], e["amount"], e["user_id"]) for e in events) == [
+        ("ledger.adjustment", D("-0.4"), "alice"),
+        ("ledger.allocation", D(5), None),
+        ("ledger.allocation", D(100), "alice"),
+    ]
+    assert {(e["reason"], e["on_behalf_of"]) for e in events} == {
+        ("ticket 7", None), ("ticket 7", "alice")
+    }  # fmt: skip
+
+
+def test_grant_and_adjust_refusals_change_nothing(
+    env: dict[str, str], alice: None, snapshot: Any
+) -> None:
+    before = snapshot()
+    grant = ("grant", "--user", "alice", *LLM)
+    for args, status, says in [
+        ((*grant, "--amount", "1"), EXIT_USAGE, "--actor"),  # who and why are required
+        ((*grant, "--amount", "1", "--actor", "ops:ana"), EXIT_USAGE, "--reason"),
+        (("grant", "--user", "alice", "--pool", *LLM, "--amount", "1", *WHO), EXIT_USAGE,
+         "either --user or --pool"),
+        ((*grant, "--amount", "0", *WHO), EXIT_USAGE, "amount"),
+        ((*grant, "--amount", "NaN", *WHO), EXIT_USAGE, "amount"),
+        ((*grant, "--amount", "1", "--actor", " ana", "--reason", "x"), EXIT_USAGE, "actor_id"),
+        (("adjust", "--user", "alice", *LLM, "--amount", "0", *WHO), EXIT_USAGE, "amount"),
+        (("adjust", "--user", "alice", *LLM, "--amount", "1", *WHO, "--reference-id",
+          "999999"), EXIT_PROBLEMS, "reference_id"),
+    ]:  # fmt: skip
+        result = run(env, *args)
+        assert result.exit_code == status and says in result.output, (args, result.output)
+    assert snapshot() == before
+    first = run(env, *grant, "--amount", "1", *WHO, "--idempotency-key", "g1")
+    assert first.exit_code == 0
+    after = snapshot()
+    other = run(env, *grant, "--amount", "2", *WHO, "--idempotency-key", "g1")
+    assert other.exit_code == EXIT_PROBLEMS and "idempotency_key" in other.output
+    assert snapshot() == after
+    gone = run({"METER_DATABASE_URL": UNREACHABLE_DB}, *grant, "--amount", "1", *WHO)
+    assert gone.exit_code == EXIT_UNREACHABLE
 
 
 def test_status_unreachable_is_exit_3(env: dict[str, str]) -> None:
