@@ -43,6 +43,7 @@ from typing import Any, Final, Self
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from kombu.exceptions import OperationalError as KombuOperationalError
+from redis.exceptions import RedisError
 
 from meter import signing, wire
 from meter import types as t
@@ -74,6 +75,16 @@ It bounds the size of a message too: raise it to send large batches over a slow 
 
 BROKER_CONNECT_TIMEOUT_SECONDS: Final = 5
 """How long connecting to the broker may take."""
+
+# How the producer's result backend (the broker's Redis) reconnects: Celery's default, 20
+# tries a second apart, would make a paused Redis hold a publish with results, or a wait(),
+# for 20 x broker_timeout. These 3 tries still ride out a restart of some 6 s.
+_RESULT_RETRY_POLICY: Final = {
+    "max_retries": 3,
+    "interval_start": 0,
+    "interval_step": 2,
+    "interval_max": 4,
+}
 
 Amount = int | Decimal | str | float
 
@@ -151,7 +162,9 @@ class EventHandle:
         this may wait for the reserve.
 
         Parameters:
-            timeout: seconds to wait in all (``None``: forever).
+            timeout: seconds to wait in all (``None``: forever). While the broker's Redis
+                does not answer, the wait can last up to some 4 x the producer's
+                ``broker_timeout`` longer, and then raises ``MeterConnectionError``.
 
         Returns:
             The SQL result as ``MeterClient`` returns it: a dict with ``Decimal``
@@ -161,6 +174,8 @@ class EventHandle:
         Raises:
             RuntimeError: the event was sent without results.
             TimeoutError: no outcome within ``timeout``.
+            MeterConnectionError: the outcome could not be read: the broker's Redis did not
+                answer (the event was sent; wait again later).
             PublishError: the event was still buffered and the flush that sends it failed
                 (as :meth:`MeterProducer.flush`).
             ValidationError, IdempotencyConflictError, NotFoundError, TenantError,
@@ -281,9 +296,8 @@ class MeterProducer:
     thread-safe and reuses broker connections from a pool.
 
     Broker failures raise :class:`~meter.errors.PublishError` (a ``MeterConnectionError``;
-    a broker that stops answering, after about 5 x ``broker_timeout``, for messages sent
-    without results; with results, Celery first subscribes to the result through the
-    result backend's connection, which this does not bound): the
+    a broker that stops answering, after about 5 x ``broker_timeout``; with results, about
+    4 x ``broker_timeout`` more, as Celery first subscribes to the result): the
     broker did not confirm the message, which may or may not have reached it (a reply lost
     after the broker took it looks like a refusal). Its ``events`` hold what is in
     doubt, each with the key it was sent with, so ``send_many(exc.events)`` applies each
@@ -341,6 +355,14 @@ class MeterProducer:
             **config["broker_transport_options"],
             "socket_timeout": timeout,
             "socket_connect_timeout": min(timeout, BROKER_CONNECT_TIMEOUT_SECONDS),
+        }
+        # The same bounds for the result backend: a publish with results subscribes to its
+        # result first, and wait() reads it, both through the backend's own connections.
+        config["redis_socket_timeout"] = timeout
+        config["redis_socket_connect_timeout"] = min(timeout, BROKER_CONNECT_TIMEOUT_SECONDS)
+        config["result_backend_transport_options"] = {
+            **config["result_backend_transport_options"],
+            "retry_policy": dict(_RESULT_RETRY_POLICY),
         }
         self._app.conf.update(config)
         self._closed = False
@@ -985,6 +1007,15 @@ class MeterProducer:
             value = async_result.get(timeout=remaining, propagate=False)
         except CeleryTimeoutError:
             raise TimeoutError(f"no outcome for task {task_id} yet") from None
+        # The result backend could not be reached (Celery gives up on it with a bare
+        # RuntimeError after its retries). The event was sent; only its outcome is unknown.
+        except (RuntimeError, RedisError, KombuOperationalError) as exc:
+            if isinstance(exc, (RecursionError, NotImplementedError)):
+                raise
+            raise MeterConnectionError(
+                f"the outcome of task {task_id} could not be read (the event was sent; "
+                f"wait again once the broker answers): {str(exc).strip()}"
+            ) from exc
         if isinstance(value, BaseException) or async_result.state != "SUCCESS":
             raise MeterError(f"task {task_id} failed: {value!r}")
         return value

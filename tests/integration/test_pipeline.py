@@ -1178,6 +1178,73 @@ def test_close_that_cannot_send_hands_over_the_buffer(
     assert balance(client)["reserved"] == D(4)
 
 
+def test_with_results_a_broker_that_stops_answering_ends_the_publish_and_the_wait(tmp_path):
+    # With results, Celery subscribes to the result (publish) and reads it (wait) through
+    # the result backend's own connections: a paused Redis held both for 20 x 120 s.
+    import os
+    import signal
+
+    from celery import Celery
+
+    from meter.embedded import EmbeddedRedis
+    from meter.producer import MeterProducer
+
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        running = server._running()
+        assert running is not None
+        pid = running[0]
+        producer = MeterProducer(server.url(), "default", broker_timeout=1, results=True)
+        try:
+            sent = producer.consume("u1", ET, 1, UNIT, idempotency_key="sent")
+            outcomes: dict[str, BaseException] = {}
+
+            def call(name: str, fn: Callable[[], Any]) -> threading.Thread:
+                def run() -> None:
+                    try:
+                        fn()
+                    except BaseException as exc:  # checked below
+                        outcomes[name] = exc
+
+                thread = threading.Thread(target=run, daemon=True)
+                thread.start()
+                return thread
+
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                calls = [
+                    call("wait", lambda: sent.wait(timeout=5)),
+                    call("publish", lambda: producer.consume("u1", ET, 2, UNIT)),
+                ]
+                for thread in calls:
+                    thread.join(timeout=60)
+                waited = time.monotonic() - started
+                assert not any(t.is_alive() for t in calls), f"still waiting after {waited:.0f} s"
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert isinstance(outcomes["wait"], MeterConnectionError), outcomes
+            assert "the event was sent" in str(outcomes["wait"])
+            doubt = outcomes["publish"]
+            assert isinstance(doubt, PublishError), outcomes
+            assert [e["amount"] for e in doubt.events] == ["2"]
+
+            # Redis answers again: the same producer waits for an outcome, as a worker
+            # stores it (here stored by hand: no worker runs on this Redis).
+            backend = Celery("results", set_as_current=False)
+            backend.conf.update(wire.celery_config(server.url()))
+            outcome = {"ok": True, "status": "applied", "result": {
+                "success": True, "balance": "-1", "available": "-1", "entry_id": 1}}  # fmt: skip
+            timer = threading.Timer(
+                0.5, backend.backend.store_result, (sent.task_id, outcome, "SUCCESS")
+            )
+            timer.start()
+            assert sent.wait(timeout=10)["balance"] == Decimal(-1)
+            timer.join()
+            print(f"publish and wait gave up within {waited:.1f} s")
+        finally:
+            producer.close()
+
+
 def test_a_broker_that_stops_answering_leaves_the_publish_in_doubt(tmp_path):
     # A paused Redis keeps its connections open: without a socket timeout the publish
     # would wait for good. It must give up with the event and its key, and whatever the
