@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import click
 from rich.console import Console
@@ -251,7 +251,9 @@ def balance(database_url: str | None, namespace: str, user: str, as_json: bool) 
         _emit_json(rows)
         return
     if not rows:
-        console.print(f"no accounts for {escape(user)!r} in namespace {escape(namespace)!r}")
+        console.print(
+            f"no accounts for {escape(repr(user))} in namespace {escape(repr(namespace))}"
+        )
         return
     _print_table(
         _table(
@@ -285,7 +287,7 @@ def usage(
         _emit_json(rows)
         return
     if not rows:
-        console.print(f"no usage for {escape(user)!r} in namespace {escape(namespace)!r}")
+        console.print(f"no usage for {escape(repr(user))} in namespace {escape(repr(namespace))}")
         return
     span = f"{_cell(start) if start else '…'} to {_cell(end) if end else '…'}"
     _print_table(
@@ -345,7 +347,9 @@ def ledger(
         _emit_json(entries)
         return
     if not entries:
-        console.print(f"no ledger entries for {escape(user)!r} in namespace {escape(namespace)!r}")
+        console.print(
+            f"no ledger entries for {escape(repr(user))} in namespace {escape(repr(namespace))}"
+        )
         return
     _print_table(
         _table(
@@ -372,7 +376,7 @@ def reconcile(database_url: str | None, namespace: str, as_json: bool) -> None:
     if as_json:
         _emit_json(issues)
     elif not issues:
-        console.print(f"namespace {escape(namespace)!r}: every account reconciles")
+        console.print(f"namespace {escape(repr(namespace))}: every account reconciles")
     else:
         _print_table(
             _table(
@@ -385,6 +389,12 @@ def reconcile(database_url: str | None, namespace: str, as_json: bool) -> None:
         )
     if issues:
         raise SystemExit(EXIT_PROBLEMS)
+
+
+def _not_empty(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise click.BadParameter("must not be empty")
+    return value
 
 
 def _account_write_options(func: F) -> F:
@@ -400,13 +410,25 @@ def _account_write_options(func: F) -> F:
         click.option("--event-type", required=True, help="The account's event type."),
         click.option("--unit", required=True, help="The account's unit."),
         click.option("--resource", default=None, help="The account's resource, if any."),
-        click.option("--actor", "actor_id", required=True, help="Who does this (audit trail)."),
-        click.option("--reason", required=True, help="Why: a ticket, a note (audit trail)."),
+        click.option(
+            "--actor",
+            "actor_id",
+            required=True,
+            callback=_not_empty,
+            help="Who does this (audit trail).",
+        ),
+        click.option(
+            "--reason",
+            required=True,
+            callback=_not_empty,
+            help="Why: a ticket, a note (audit trail).",
+        ),
         click.option("--on-behalf-of", default=None, help="Whom it is done for (audit trail)."),
         click.option(
             "--idempotency-key",
             default=None,
-            help="Makes running the command again count once (default: a new one, printed).",
+            help="Makes running the command again count once (default: a new one, printed on "
+            "stderr before anything is written).",
         ),
         json_option,
     ]
@@ -416,8 +438,10 @@ def _account_write_options(func: F) -> F:
 
 
 def _write_by_hand(
-    what: str,
-    write: Callable[[Any, str | None, str], dict[str, Any]],
+    what: Callable[[Any], str],
+    amount: str,
+    sign: Literal["positive", "nonzero"],
+    write: Callable[[Any, str | None, Any, str], dict[str, Any]],
     *,
     database_url: str | None,
     namespace: str,
@@ -429,30 +453,37 @@ def _write_by_hand(
     idempotency_key: str | None,
     as_json: bool,
 ) -> None:
-    """Run ``write(client, user_id, key)`` with the actor context set; print the entry and
-    the key that makes running the command again count once."""
+    """Run ``write(client, user_id, amount, key)`` with the actor context set, and print
+    the entry. A generated key is printed (stderr) before anything is written, so that a
+    command whose outcome was not seen can be run again with it and count once."""
     from meter import types as t
 
     if (user is None) == (not pool):
         raise click.UsageError("give either --user or --pool")
+    with _cli_errors():
+        quantity = t.to_amount(amount, "amount", sign=sign)
     key = t.new_id() if idempotency_key is None else idempotency_key
+    if idempotency_key is None:
+        err_console.print(
+            f"idempotency key {key} (to run this again without counting it twice: "
+            f"--idempotency-key {key})",
+            markup=False,
+        )
     with _client(database_url, namespace) as client:
         client.set_actor(actor_id=actor_id, reason=reason, on_behalf_of=on_behalf_of)
-        result = write(client, user, key)
+        result = write(client, user, quantity, key)
     if as_json:
         _emit_json({**result, "idempotency_key": key})
         return
     who = "the pool" if pool else repr(user)
+    # markup=False: the names are the caller's, and may hold rich's [brackets]
     console.print(
-        f"{what} for {escape(who)} in namespace {escape(namespace)!r}: balance "
-        f"{result['balance']}, ledger entry {result['entry_id']}."
-        + (
-            f" To run this again without counting it twice, pass --idempotency-key {escape(key)}"
-            if idempotency_key is None
-            else " (If this key was used before, nothing new was written: that is the first"
-            " run's result.)"
-        )
-    )
+        f"{what(quantity)} for {who} in namespace {namespace!r}: balance "
+        f"{result['balance']}, ledger entry {result['entry_id']}, idempotency key {key}"
+        + ("" if idempotency_key is None else " (if it was used before, nothing new was "
+           "written: this is the first run's result)"),
+        markup=False,
+    )  # fmt: skip
 
 
 @main.command()
@@ -465,9 +496,11 @@ def grant(amount: str, event_type: str, unit: str, resource: str | None, **commo
     that a grant whose outcome you did not see can be run again and count once.
     """
     _write_by_hand(
-        f"granted {amount} {unit} ({event_type})",
-        lambda client, user_id, key: client.allocate(
-            user_id, event_type, amount, unit, resource, idempotency_key=key
+        lambda quantity: f"granted {quantity} {unit} ({event_type})",
+        amount,
+        "positive",
+        lambda client, user_id, quantity, key: client.allocate(
+            user_id, event_type, quantity, unit, resource, idempotency_key=key
         ),
         **common,
     )
@@ -479,7 +512,10 @@ def grant(amount: str, event_type: str, unit: str, resource: str | None, **commo
     "--amount", required=True, help="The signed correction: --amount=-5 takes 5 away; not 0."
 )
 @click.option(
-    "--reference-id", type=int, default=None, help="The ledger entry this corrects, if any."
+    "--reference-id",
+    type=click.IntRange(min=1),
+    default=None,
+    help="The ledger entry (of this namespace) this corrects, if any.",
 )
 def adjust(
     amount: str,
@@ -494,9 +530,11 @@ def adjust(
     Recorded with --actor and --reason; its idempotency key is printed, as for grant.
     """
     _write_by_hand(
-        f"adjusted by {amount} {unit} ({event_type})",
-        lambda client, user_id, key: client.adjust(
-            user_id, event_type, amount, unit, resource, reference_id, idempotency_key=key
+        lambda quantity: f"adjusted by {quantity} {unit} ({event_type})",
+        amount,
+        "nonzero",
+        lambda client, user_id, quantity, key: client.adjust(
+            user_id, event_type, quantity, unit, resource, reference_id, idempotency_key=key
         ),
         **common,
     )
@@ -909,7 +947,7 @@ def periods_show(
         return
     who = "the pool" if pool else repr(user)
     if not rows:
-        console.print(f"no periods for {escape(who)} in namespace {escape(namespace)!r}")
+        console.print(f"no periods for {escape(who)} in namespace {escape(repr(namespace))}")
         return
     _print_table(
         _table(

@@ -327,9 +327,10 @@ class MeterClient:
     replayed commit reports status ``replayed``), and when they cannot be run again their
     ``MeterConnectionError`` names the arguments that replay them. Other writes (keyless
     ones, ``release``, ``set_period_config``) raise ``MeterConnectionError`` saying they may
-    have committed: only a call made again with an idempotency key is sure to count once. Nothing is run again inside a caller's open transaction, which the
-    broken connection has lost whole, nor on a caller's ``psycopg.Connection``, nor after
-    the pool raised (closed, timed out).
+    have committed: only a call made again with an idempotency key is sure to count once.
+    Nothing is run again inside a caller's open transaction, which the broken connection
+    has lost whole, nor on a caller's ``psycopg.Connection``, nor after the pool raised
+    (closed, timed out).
     """
 
     def __init__(
@@ -1210,9 +1211,11 @@ class MeterClient:
             [
                 *_account(user_id, event_type, unit, resource),
                 start := t.check_date(period_start, "period_start"),
-                t.to_amount(allocation, "allocation", nullable=True, sign="nonnegative"),
+                grant := t.to_amount(allocation, "allocation", nullable=True, sign="nonnegative"),
             ],
-            replay=_replayed_by(period_start=start.isoformat()),
+            replay=_replayed_by(
+                period_start=start.isoformat(), allocation=None if grant is None else str(grant)
+            ),
         )
         return value if isinstance(value, Decimal) else Decimal(value)
 

@@ -133,7 +133,8 @@ def test_grant_and_adjust_by_hand_record_who_and_why(
     granted = run(env, "grant", "--user", "alice", *LLM, "--amount", "100", *WHO)
     assert granted.exit_code == 0, granted.output
     assert "balance 1098.4" in granted.output
-    [key] = re.findall(r"--idempotency-key (\S+)", granted.output)
+    [key] = re.findall(r"ledger entry \d+, idempotency key (\S+)$", granted.stdout.strip())
+    assert f"idempotency key {key} " in granted.stderr  # printed before the write
     # run again with the printed key: a replay, nothing new
     again = as_json(
         run(env, "grant", "--user", "alice", *LLM, "--amount", "100", *WHO,
@@ -173,6 +174,10 @@ def test_grant_and_adjust_refusals_change_nothing(
         ((*grant, "--amount", "0", *WHO), EXIT_USAGE, "amount"),
         ((*grant, "--amount", "NaN", *WHO), EXIT_USAGE, "amount"),
         ((*grant, "--amount", "1", "--actor", " ana", "--reason", "x"), EXIT_USAGE, "actor_id"),
+        ((*grant, "--amount", "1", "--actor", "", "--reason", "x"), EXIT_USAGE, "--actor"),
+        ((*grant, "--amount", "1", "--actor", "ana", "--reason", " "), EXIT_USAGE, "--reason"),
+        (("adjust", "--user", "alice", *LLM, "--amount", "1", *WHO, "--reference-id", "0"),
+         EXIT_USAGE, "--reference-id"),
         (("adjust", "--user", "alice", *LLM, "--amount", "0", *WHO), EXIT_USAGE, "amount"),
         (("adjust", "--user", "alice", *LLM, "--amount", "1", *WHO, "--reference-id",
           "999999"), EXIT_PROBLEMS, "reference_id"),
@@ -187,7 +192,17 @@ def test_grant_and_adjust_refusals_change_nothing(
     assert other.exit_code == EXIT_PROBLEMS and "idempotency_key" in other.output
     assert snapshot() == after
     gone = run({"METER_DATABASE_URL": UNREACHABLE_DB}, *grant, "--amount", "1", *WHO)
-    assert gone.exit_code == EXIT_UNREACHABLE
+    assert gone.exit_code == EXIT_UNREACHABLE and "idempotency key" in gone.stderr
+
+
+def test_grant_prints_names_as_they_are(env: dict[str, str], client: Any) -> None:
+    # Names are the caller's: rich markup in them ([/], [bold]) is printed, not run.
+    odd = ("--user", "[bold]al", "--event-type", "gpu[/]", "--unit", "{x}")
+    result = run(env, "grant", *odd, "--amount", "+5.50", *WHO, "--namespace", "a[b]")
+    assert result.exit_code == 0, result.output
+    assert "granted 5.5 {x} (gpu[/]) for '[bold]al' in namespace 'a[b]'" in result.stdout
+    taken = run(env, "adjust", *odd, "--amount", "-5", *WHO, "--namespace", "a[b]", "--json")
+    assert as_json(taken)["balance"] == D("0.50")
 
 
 def test_status_unreachable_is_exit_3(env: dict[str, str]) -> None:

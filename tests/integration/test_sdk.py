@@ -798,6 +798,29 @@ def test_period_calls_whose_reply_was_lost_run_again_and_count_once(cutter, db):
     assert period == {"allocation": D("100"), "expired": D("70")}
 
 
+def test_a_period_opened_again_after_its_configuration_changed_replays_the_first_opening(
+    cutter, db_url, db
+):
+    # Between the lost reply and the second run the configured allocation changes: the
+    # second run must replay the opening (100), not open with the new figure.
+    with meter.MeterClient(cutter.url) as c, meter.MeterClient(db_url) as admin:
+        c.set_period_config(U, ET, UNIT, None, date(2026, 1, 1), D("100"), D("0"))
+        run_own_pool = c._run_own_pool
+
+        def change_between(query: str, args: list, *, check: bool) -> list:
+            if check:  # the second run, on a checked connection
+                admin.set_period_config(U, ET, UNIT, None, date(2026, 1, 1), D("200"), D("0"))
+            return run_own_pool(query, args, check=check)
+
+        c._run_own_pool = change_between  # type: ignore[method-assign]
+        cutter.cut_reply_to(b"meter.open_period(")
+        assert c.open_period(U, ET, UNIT, None, date(2026, 1, 1)) == D("100")
+        assert (cutter.seen, cutter.cuts) == (2, 1)
+    assert [r["amount"] for r in ledger_rows(db)] == [D("100")]
+    [period] = db.execute("SELECT allocation FROM meter.periods").fetchall()
+    assert period["allocation"] == D("100")
+
+
 def test_client_arguments_are_checked_by_name(db_url):
     for kwargs, parameter in [
         ({"namespace": ""}, "namespace"),
