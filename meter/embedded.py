@@ -553,6 +553,8 @@ _TORN_AOF = "Unexpected end of file reading the append only file"
 no``)."""
 _CHECK_BYTES_PER_SECOND = 50 * 1024 * 1024
 """The slowest ``redis-check-aof`` we allow for (it reads ~200 MB/s here)."""
+REDIS_STOP_TIMEOUT = 30.0
+"""The least time :meth:`EmbeddedRedis.stop` gives the server to exit."""
 
 
 def _resp_command(buf: bytes | mmap.mmap, pos: int) -> tuple[bytes, int] | bool:
@@ -639,7 +641,8 @@ class EmbeddedRedis:
         appendfsync: ``everysec`` (default) or ``always`` (every write on disk before Redis
             answers it; the crash tests use it). Set at start, so no client ever writes
             under another policy.
-        startup_timeout: seconds to wait for PING to answer.
+        startup_timeout: seconds to wait for PING to answer. ``stop()`` waits at least
+            :data:`REDIS_STOP_TIMEOUT` for the server to exit (it flushes the AOF first).
     """
 
     def __init__(
@@ -710,11 +713,13 @@ class EmbeddedRedis:
             pid = running[0]
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + self.startup_timeout
+            # How fast a server starts says nothing of how long its last AOF flush takes.
+            wait = max(self.startup_timeout, REDIS_STOP_TIMEOUT)
+            deadline = time.monotonic() + wait
             while _pid_alive(pid):
                 if time.monotonic() > deadline:
                     raise EmbeddedServerError(
-                        f"Redis (pid {pid}) did not exit within {self.startup_timeout:.0f}s\n"
+                        f"Redis (pid {pid}) did not exit within {wait:.0f}s\n"
                         f"--- log tail ({self.log_path}) ---\n{_log_tail(self.log_path)}"
                     )
                 time.sleep(0.05)
