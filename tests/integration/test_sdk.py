@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from typing import Any
 
 import psycopg
 import pytest
@@ -594,8 +597,10 @@ class ReplyCutter:
         self.upstream = (info.get("host") or "127.0.0.1", int(info.get("port") or 5432))
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = make_conninfo(upstream, host="127.0.0.1", port=self.listener.getsockname()[1])
-        self.needle = b"\x00"  # matches no statement
+        self.needle = b"\xff matches no statement"
         self.armed = False
+        self.chance = 0.0  # cut_at_random
+        self.rng = random.Random(0)
         self.seen = 0  # statements holding the needle since it was set
         self.cuts = 0
         threading.Thread(target=self._accept, daemon=True).start()
@@ -603,6 +608,12 @@ class ReplyCutter:
     def cut_reply_to(self, needle: bytes) -> None:
         """Cut the reply to the next statement holding ``needle``; count them all."""
         self.needle, self.seen, self.armed = needle, 0, True
+
+    def cut_at_random(self, chance: float, rng: random.Random) -> None:
+        """Cut the reply to each statement with this chance. A statement is a message of
+        the extended protocol (Parse or Bind first), which the SDK's calls use, not the
+        pool's checks (a simple Query)."""
+        self.chance, self.rng = chance, rng
 
     def _accept(self) -> None:
         while True:
@@ -623,6 +634,8 @@ class ReplyCutter:
                     if self.armed:
                         self.armed = False
                         cut.set()
+                if self.chance and data[:1] in (b"P", b"B") and self.rng.random() < self.chance:
+                    cut.set()
                 server.sendall(data)
 
     def _down(self, server: socket.socket, client: socket.socket, cut: threading.Event) -> None:
@@ -838,6 +851,87 @@ def test_client_arguments_are_checked_by_name(db_url):
         with pytest.raises(ValidationError) as refused:
             meter.MeterClient(conn)
         assert refused.value.parameter == "conn"
+
+
+def _replaying(call: Callable[..., Any], *args: Any, read: bool = False, **kwargs: Any) -> Any:
+    """``call(*args, **kwargs)``; when it raises in doubt, call it again with the arguments
+    its error names (a generated key, a reservation id), as a caller would, until it
+    answers."""
+    replay: dict[str, str] = {}
+    for _ in range(20):
+        try:
+            return call(*args, **{**kwargs, **replay})
+        except MeterConnectionError as exc:
+            if read:
+                continue  # a read is never in doubt: read again
+            named = re.search(r"calling again with the same (.*) replays it", str(exc))
+            assert named, f"a write in doubt that names nothing to replay it: {exc}"
+            replay = dict(re.findall(r"(\w+)='([^']*)'", named.group(1)))
+    raise AssertionError("still failing after 20 tries")
+
+
+def test_replies_lost_at_random_never_lose_or_double_a_call(db_url, db):
+    # Every write replayable (generate_keys; reserve and commit by their id); replies cut
+    # at random after the commit, up to every try of a call. A model says what the ledger,
+    # the balances and each answer must be.
+    rng = random.Random(int(os.environ.get("METER_SDK_CUT_SEED", "11")))
+    cutter = ReplyCutter(db_url)
+    cutter.cut_at_random(0.3, random.Random(rng.random()))
+    accounts = ["a", "b", "c"]
+    balance = dict.fromkeys(accounts, D(0))
+    reserved = dict.fromkeys(accounts, D(0))
+    holds: dict[str, tuple[str, D]] = {}
+    rows = 0
+    try:
+        with meter.MeterClient(cutter.url, generate_keys=True, max_size=3) as c:
+            for _ in range(150):
+                user = rng.choice(accounts)
+                amount = D(rng.randint(1, 40))
+                op = rng.choice(["allocate", "consume", "adjust", "reserve", "commit", "read"])
+                available = balance[user] - reserved[user]
+                if op == "allocate":
+                    got = _replaying(c.allocate, user, ET, amount, UNIT)
+                    balance[user] += amount
+                    rows += 1
+                elif op == "consume":
+                    got = _replaying(c.consume, user, ET, amount, UNIT, check_balance=True)
+                    assert got["success"] == (available >= amount)
+                    if got["success"]:
+                        balance[user] -= amount
+                        rows += 1
+                elif op == "adjust":
+                    amount = -amount if rng.random() < 0.5 else amount
+                    got = _replaying(c.adjust, user, ET, amount, UNIT)
+                    balance[user] += amount
+                    rows += 1
+                elif op == "reserve":
+                    got = _replaying(c.reserve, user, ET, amount, UNIT)
+                    assert got["granted"] == (available >= amount)
+                    if got["granted"]:
+                        reserved[user] += amount
+                        holds[got["reservation_id"]] = (user, amount)
+                elif op == "commit" and holds:
+                    rid = rng.choice(sorted(holds))
+                    user, held = holds.pop(rid)
+                    got = _replaying(c.commit, reservation_id=rid, actual_amount=amount)
+                    assert got["status"] in ("committed", "replayed") and got["consumed"] == amount
+                    reserved[user] -= held
+                    balance[user] -= amount
+                    rows += 1
+                else:
+                    got = _replaying(c.get_balance, user, ET, UNIT, read=True)
+                    assert (got["balance"], got["reserved"]) == (balance[user], reserved[user])
+                if "balance" in got and op != "read":
+                    assert got["balance"] == balance[user], (op, got)
+            assert _replaying(c.reconcile, read=True) == []
+            for user in accounts:
+                got = _replaying(c.get_balance, user, ET, UNIT, read=True)
+                assert (got["balance"], got["reserved"]) == (balance[user], reserved[user])
+    finally:
+        cutter.close()
+    assert len(ledger_rows(db)) == rows
+    assert cutter.cuts > 20, cutter.cuts
+    print(f"{cutter.cuts} replies cut in 150 calls; {rows} ledger rows")
 
 
 def test_a_pool_that_sends_nothing_is_not_reported_in_doubt(db_url, db):
