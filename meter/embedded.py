@@ -553,8 +553,11 @@ _TORN_AOF = "Unexpected end of file reading the append only file"
 no``)."""
 _CHECK_BYTES_PER_SECOND = 50 * 1024 * 1024
 """The slowest ``redis-check-aof`` we allow for (it reads ~200 MB/s here)."""
-REDIS_STOP_TIMEOUT = 30.0
-"""The least time :meth:`EmbeddedRedis.stop` gives the server to exit."""
+REDIS_PROCESS_TIMEOUT = 30.0
+"""The least time :class:`EmbeddedRedis` gives ``redis-server`` to fork, to write its pid
+file and, at :meth:`~EmbeddedRedis.stop`, to exit, whatever ``startup_timeout`` (which
+bounds the wait for PING): how fast the server answers says nothing of how fast a loaded
+machine runs a process, nor of how long its last AOF flush takes."""
 
 
 def _resp_command(buf: bytes | mmap.mmap, pos: int) -> tuple[bytes, int] | bool:
@@ -641,8 +644,9 @@ class EmbeddedRedis:
         appendfsync: ``everysec`` (default) or ``always`` (every write on disk before Redis
             answers it; the crash tests use it). Set at start, so no client ever writes
             under another policy.
-        startup_timeout: seconds to wait for PING to answer. ``stop()`` waits at least
-            :data:`REDIS_STOP_TIMEOUT` for the server to exit (it flushes the AOF first).
+        startup_timeout: seconds to wait for PING to answer (and no less than
+            :data:`REDIS_PROCESS_TIMEOUT` for the process to start or, at ``stop()``, to
+            exit).
     """
 
     def __init__(
@@ -713,8 +717,7 @@ class EmbeddedRedis:
             pid = running[0]
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            # How fast a server starts says nothing of how long its last AOF flush takes.
-            wait = max(self.startup_timeout, REDIS_STOP_TIMEOUT)
+            wait = max(self.startup_timeout, REDIS_PROCESS_TIMEOUT)
             deadline = time.monotonic() + wait
             while _pid_alive(pid):
                 if time.monotonic() > deadline:
@@ -871,7 +874,7 @@ class EmbeddedRedis:
                 stdin=subprocess.DEVNULL,
                 capture_output=True,  # safe: the daemon closes stdio before we wait
                 text=True,
-                timeout=self.startup_timeout,
+                timeout=max(self.startup_timeout, REDIS_PROCESS_TIMEOUT),
                 check=False,
                 cwd=self.data_dir,
             )
@@ -895,7 +898,7 @@ class EmbeddedRedis:
         redis-server forks before binding, so its exit status says nothing about a port
         that was taken; the log does.
         """
-        deadline = time.monotonic() + self.startup_timeout
+        deadline = time.monotonic() + max(self.startup_timeout, REDIS_PROCESS_TIMEOUT)
         while time.monotonic() < deadline:
             with contextlib.suppress(FileNotFoundError, ValueError):
                 return int(self._pid_file.read_text().strip())

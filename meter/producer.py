@@ -43,7 +43,8 @@ from typing import Any, Final, Self
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from kombu.exceptions import OperationalError as KombuOperationalError
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from meter import signing, wire
 from meter import types as t
@@ -77,8 +78,9 @@ BROKER_CONNECT_TIMEOUT_SECONDS: Final = 5
 """How long connecting to the broker may take."""
 
 # How the producer's result backend (the broker's Redis) reconnects: Celery's default, 20
-# tries a second apart, would make a paused Redis hold a publish with results, or a wait(),
-# for 20 x broker_timeout. These 3 tries still ride out a restart of some 6 s.
+# retries a second apart, would make a paused Redis hold a publish with results, or a
+# wait(), for 20 x broker_timeout. These 3 retries (4 tries) still ride out a restart of
+# some 6 s.
 _RESULT_RETRY_POLICY: Final = {
     "max_retries": 3,
     "interval_start": 0,
@@ -162,9 +164,10 @@ class EventHandle:
         this may wait for the reserve.
 
         Parameters:
-            timeout: seconds to wait in all (``None``: forever). While the broker's Redis
-                does not answer, the wait can last up to some 4 x the producer's
-                ``broker_timeout`` longer, and then raises ``MeterConnectionError``.
+            timeout: seconds to wait in all (``None``: forever). A wait that starts while
+                the broker's Redis does not answer raises ``MeterConnectionError`` after
+                some 4 x the producer's ``broker_timeout``, possibly past ``timeout``; one
+                already waiting when Redis stops answering ends at ``timeout``.
 
         Returns:
             The SQL result as ``MeterClient`` returns it: a dict with ``Decimal``
@@ -369,6 +372,7 @@ class MeterProducer:
         # Set when the first close() has finished; a close() made meanwhile waits for it.
         self._close_done = threading.Event()
         self._closer: threading.Thread | None = None
+        self._close_error: BaseException | None = None  # what the first close() raised
         # Buffered mode: _lock guards _batch (the open batch) and _unsent (full batches the
         # broker refused, oldest first, each kept whole so its handles stay valid);
         # _send_lock serialises sending, so flush() returns only after every batch taken
@@ -445,8 +449,9 @@ class MeterProducer:
         """Flush the buffer, stop the linger thread and release the broker connections.
 
         Idempotent. Later recording calls raise ``MeterConnectionError``. A ``close()``
-        made while another one is under way returns once that one has finished: what it
-        could not send is in that call's error.
+        made while another one is under way returns once that one has finished, or raises
+        ``MeterConnectionError`` if that one failed: what it could not send is in that
+        call's error.
 
         Raises:
             PublishError: the broker did not confirm the last batches. The producer is
@@ -463,12 +468,23 @@ class MeterProducer:
         if closer is not None:
             # Returning before the first close() has sent the buffer would tell this caller
             # "sent" too early. (Not from the closing thread itself: a handler run inside
-            # that close() would wait for itself.)
-            if closer is not threading.current_thread():
-                self._close_done.wait()
+            # that close() would wait for itself; nor for a thread that is gone, as the
+            # closer is in a child forked while it closed.)
+            concurrent = not self._close_done.is_set()
+            while closer is not threading.current_thread() and closer.is_alive():
+                if self._close_done.wait(0.1):
+                    break
+            if concurrent and self._close_error is not None:
+                raise MeterConnectionError(
+                    "the MeterProducer was being closed by another thread, which could not "
+                    f"send everything: its error holds the events ({self._close_error})"
+                )
             return
         try:
             self._flush(hand_over=True, empty=True)
+        except BaseException as exc:
+            self._close_error = exc
+            raise
         finally:
             try:
                 if self._atexit is not None:
@@ -1008,10 +1024,13 @@ class MeterProducer:
         except CeleryTimeoutError:
             raise TimeoutError(f"no outcome for task {task_id} yet") from None
         # The result backend could not be reached (Celery gives up on it with a bare
-        # RuntimeError after its retries). The event was sent; only its outcome is unknown.
-        except (RuntimeError, RedisError, KombuOperationalError) as exc:
-            if isinstance(exc, (RecursionError, NotImplementedError)):
-                raise
+        # RuntimeError after its retries, raised from the connection error). The event was
+        # sent; only its outcome is unknown.
+        except (RuntimeError, RedisConnectionError, RedisTimeoutError) as exc:
+            if isinstance(exc, RuntimeError) and not isinstance(
+                exc.__cause__, (RedisConnectionError, RedisTimeoutError, OSError)
+            ):
+                raise  # not the connection's: "never call result.get() within a task", ...
             raise MeterConnectionError(
                 f"the outcome of task {task_id} could not be read (the event was sent; "
                 f"wait again once the broker answers): {str(exc).strip()}"
@@ -1024,8 +1043,8 @@ class MeterProducer:
 def _flush_ref(ref: weakref.ReferenceType[MeterProducer]) -> None:
     """atexit: send what a still-alive buffered producer holds."""
     producer = ref()
-    if producer is not None and not producer._closed:
-        producer.close()
+    if producer is not None:
+        producer.close()  # also when another thread is closing it: waits for that one
 
 
 def _reset_ref_after_fork(ref: weakref.ReferenceType[MeterProducer]) -> None:

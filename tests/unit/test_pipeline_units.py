@@ -309,6 +309,103 @@ def test_a_close_made_while_another_sends_returns_after_it():
     producer.close()  # and a later close() returns at once
 
 
+def test_a_close_made_while_another_fails_raises_too():
+    import threading
+
+    from kombu.exceptions import OperationalError as KombuOperationalError
+
+    from meter.errors import MeterConnectionError, PublishError
+    from meter.producer import MeterProducer
+
+    producer = MeterProducer("redis://127.0.0.1:1/0", batch_size=10, linger_ms=3_600_000)
+    sending, release = threading.Event(), threading.Event()
+
+    def refused(*args: object, **kwargs: object) -> None:
+        sending.set()
+        release.wait(timeout=30)
+        raise KombuOperationalError("Error 111 connecting to the broker: Connection refused")
+
+    producer._app.send_task = refused  # type: ignore[method-assign]
+    producer.consume("u1", "tokens", 1, "tok", idempotency_key="k0")
+    errors: list[BaseException] = []
+
+    def close() -> None:
+        try:
+            producer.close()
+        except BaseException as exc:  # checked below
+            errors.append(exc)
+
+    first = threading.Thread(target=close)
+    first.start()
+    assert sending.wait(timeout=10)
+    second = threading.Thread(target=close)
+    second.start()
+    second.join(timeout=0.3)
+    release.set()
+    for thread in (first, second):
+        thread.join(timeout=30)
+    [handed] = [e for e in errors if isinstance(e, PublishError)]
+    assert [e["idempotency_key"] for e in handed.events] == ["k0"]
+    [told] = [e for e in errors if not isinstance(e, PublishError)]
+    assert isinstance(told, MeterConnectionError) and "could not send everything" in str(told)
+    producer.close()  # a later close() is idempotent: it returns
+
+
+def test_a_child_forked_while_its_parent_closes_can_close():
+    """The child inherits a producer marked closed by a thread that does not exist there:
+    its close() must not wait for that thread."""
+    import os
+    import threading
+
+    from meter.producer import MeterProducer
+
+    producer = MeterProducer("redis://127.0.0.1:1/0", batch_size=10, linger_ms=3_600_000)
+    sending, release = threading.Event(), threading.Event()
+
+    def slow(*args: object, **kwargs: object) -> None:
+        sending.set()
+        release.wait(timeout=30)
+
+    producer._app.send_task = slow  # type: ignore[method-assign]
+    producer.consume("u1", "tokens", 1, "tok", idempotency_key="k0")
+    closing = threading.Thread(target=producer.close)
+    closing.start()
+    try:
+        assert sending.wait(timeout=10)
+        pid = os.fork()
+        if pid == 0:  # the child: close() within 5 s, or fail
+            done = threading.Thread(target=producer.close, daemon=True)
+            done.start()
+            done.join(timeout=5)
+            os._exit(1 if done.is_alive() else 0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        release.set()
+        closing.join(timeout=30)
+
+
+def test_wait_inside_a_task_is_not_taken_for_a_lost_connection():
+    # Celery refuses result.get() inside a task with a RuntimeError of its own; that is
+    # the caller's mistake, not a broker to wait for again.
+    from celery.result import _set_task_join_will_block, task_join_will_block
+
+    from meter.errors import MeterConnectionError
+    from meter.producer import EventHandle, MeterProducer
+
+    producer = MeterProducer("redis://127.0.0.1:1/0", results=True)
+    handle = EventHandle(producer, "consume", "k", None, "task-1", True)
+    before = task_join_will_block()
+    _set_task_join_will_block(True)
+    try:
+        with pytest.raises(RuntimeError, match="within a task") as raised:
+            handle.wait(timeout=1)
+        assert not isinstance(raised.value, MeterConnectionError)
+    finally:
+        _set_task_join_will_block(before)
+        producer.close()
+
+
 @pytest.mark.parametrize(
     "failure",
     [
