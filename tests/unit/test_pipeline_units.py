@@ -215,6 +215,28 @@ def test_an_event_in_doubt_nested_deeper_than_deepcopy_still_comes_back():
     assert item["metadata"] is metadata and item["amount"] == "1"
 
 
+class _HeldBroker:
+    """Stands in for a producer's ``send_task``: signals ``sending``, waits for
+    ``release``, then refuses (``refuse``) or records the message as sent."""
+
+    def __init__(self, producer: object, *, refuse: bool) -> None:
+        import threading
+
+        self.sending, self.release = threading.Event(), threading.Event()
+        self.refuse = refuse
+        self.sent: list[dict[str, object]] = []
+        producer._app.send_task = self  # type: ignore[attr-defined]
+
+    def __call__(self, *args: object, **kwargs: object) -> None:
+        from kombu.exceptions import OperationalError as KombuOperationalError
+
+        self.sending.set()
+        self.release.wait(timeout=30)
+        if self.refuse:
+            raise KombuOperationalError("Error 111 connecting to the broker: Connection refused")
+        self.sent.append(kwargs)
+
+
 def test_close_racing_calls_that_fill_batches_hands_every_event_back():
     """Batches taken by the calls that filled them while close() flushes (the broker
     refusing): each event comes back in exactly one PublishError; none stays behind in
@@ -222,20 +244,12 @@ def test_close_racing_calls_that_fill_batches_hands_every_event_back():
     import threading
     import time
 
-    from kombu.exceptions import OperationalError as KombuOperationalError
-
     from meter.errors import PublishError
     from meter.producer import MeterProducer
 
     producer = MeterProducer("redis://127.0.0.1:1/0", batch_size=2, linger_ms=3_600_000)
-    sending, release = threading.Event(), threading.Event()
-
-    def refused(*args: object, **kwargs: object) -> None:
-        sending.set()
-        release.wait(timeout=30)
-        raise KombuOperationalError("Error 111 connecting to the broker: Connection refused")
-
-    producer._app.send_task = refused  # type: ignore[method-assign]
+    broker = _HeldBroker(producer, refuse=True)
+    sending, release = broker.sending, broker.release
     handed: list[str] = []
     errors: list[BaseException] = []
 
@@ -284,19 +298,17 @@ def test_a_close_made_while_another_sends_returns_after_it():
     from meter.producer import MeterProducer
 
     producer = MeterProducer("redis://127.0.0.1:1/0", batch_size=10, linger_ms=3_600_000)
-    sending, release = threading.Event(), threading.Event()
-    sent: list[str] = []
-
-    def slow(*args: object, **kwargs: object) -> None:
-        sending.set()
-        release.wait(timeout=30)
-        sent.append("k0" if "k0" in repr(kwargs) else repr(kwargs))
-
-    producer._app.send_task = slow  # type: ignore[method-assign]
+    broker = _HeldBroker(producer, refuse=False)
+    sending, release = broker.sending, broker.release
     producer.consume("u1", "tokens", 1, "tok", idempotency_key="k0")
     returned: list[list[str]] = []
+
+    def close_and_look() -> None:
+        producer.close()
+        returned.append(["k0" for message in broker.sent if "k0" in repr(message)])
+
     first = threading.Thread(target=producer.close)
-    second = threading.Thread(target=lambda: (producer.close(), returned.append(list(sent))))
+    second = threading.Thread(target=close_and_look)
     first.start()
     assert sending.wait(timeout=10)
     second.start()
@@ -312,20 +324,12 @@ def test_a_close_made_while_another_sends_returns_after_it():
 def test_a_close_made_while_another_fails_raises_too():
     import threading
 
-    from kombu.exceptions import OperationalError as KombuOperationalError
-
     from meter.errors import MeterConnectionError, PublishError
     from meter.producer import MeterProducer
 
     producer = MeterProducer("redis://127.0.0.1:1/0", batch_size=10, linger_ms=3_600_000)
-    sending, release = threading.Event(), threading.Event()
-
-    def refused(*args: object, **kwargs: object) -> None:
-        sending.set()
-        release.wait(timeout=30)
-        raise KombuOperationalError("Error 111 connecting to the broker: Connection refused")
-
-    producer._app.send_task = refused  # type: ignore[method-assign]
+    broker = _HeldBroker(producer, refuse=True)
+    sending, release = broker.sending, broker.release
     producer.consume("u1", "tokens", 1, "tok", idempotency_key="k0")
     errors: list[BaseException] = []
 
@@ -360,13 +364,8 @@ def test_a_child_forked_while_its_parent_closes_can_close():
     from meter.producer import MeterProducer
 
     producer = MeterProducer("redis://127.0.0.1:1/0", batch_size=10, linger_ms=3_600_000)
-    sending, release = threading.Event(), threading.Event()
-
-    def slow(*args: object, **kwargs: object) -> None:
-        sending.set()
-        release.wait(timeout=30)
-
-    producer._app.send_task = slow  # type: ignore[method-assign]
+    broker = _HeldBroker(producer, refuse=False)
+    sending, release = broker.sending, broker.release
     producer.consume("u1", "tokens", 1, "tok", idempotency_key="k0")
     closing = threading.Thread(target=producer.close)
     closing.start()
