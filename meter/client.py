@@ -110,6 +110,15 @@ _CHECK_IDLE_AFTER: Final = 1.0
 # ---------------------------------------------------------------------------- statements
 
 
+class _FailedBeforeCommit(Exception):
+    """``error`` ended a statement run in a transaction the SDK opened on a caller's
+    connection, before its COMMIT was sent: the call cannot have committed."""
+
+    def __init__(self, error: psycopg.Error) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 class _Statement(NamedTuple):
     """One API call's SQL, in its two spellings of the ``meter.ctx`` argument."""
 
@@ -524,7 +533,8 @@ class MeterClient:
                 if self._owns_pool:
                     return self._run_own_pool(query, args, check=check)
                 return self._run_borrowed(query, args, check=check)
-            except psycopg.Error as exc:
+            except (psycopg.Error, _FailedBeforeCommit) as raised:
+                exc = raised.error if isinstance(raised, _FailedBeforeCommit) else raised
                 error = from_psycopg(exc)
                 # The connection broke under the call (not: the pool refused before sending
                 # anything), which may have run and committed, the reply lost. Even an
@@ -535,7 +545,12 @@ class MeterClient:
                 lost = isinstance(error, MeterConnectionError) and not isinstance(
                     exc, _NOTHING_SENT
                 )
-                in_doubt = in_doubt or (lost and own_transaction and not stmt.reads)
+                in_doubt = in_doubt or (
+                    lost
+                    and own_transaction
+                    and not stmt.reads
+                    and not isinstance(raised, _FailedBeforeCommit)
+                )
                 if (
                     lost
                     and (stmt.reads or replay is not None)
@@ -705,7 +720,10 @@ class MeterClient:
             if conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
                 return self._execute(conn, query, args)  # its own implicit transaction
             with conn.transaction():  # BEGIN/COMMIT, or a savepoint in the caller's one
-                return self._execute(conn, query, args)
+                try:
+                    return self._execute(conn, query, args)
+                except psycopg.Error as exc:
+                    raise _FailedBeforeCommit(exc) from exc  # COMMIT comes after this block
 
     def _getconn(self, pool: ConnectionPool[Any]) -> psycopg.Connection[Any]:
         timeout = self._timeout if self._owns_pool else pool.timeout

@@ -775,6 +775,22 @@ def test_a_write_that_cannot_be_run_again_names_the_key_that_replays_it(cutter, 
     assert [r["amount"] for r in ledger_rows(db)] == [D("100"), D("-7")]
 
 
+def test_a_statement_lost_before_the_sdks_commit_is_not_reported_in_doubt(cutter, db):
+    # On a caller's connection that is not autocommit the SDK sends BEGIN, the statement,
+    # then COMMIT: a connection lost under the statement lost an uncommitted transaction.
+    conn = psycopg.connect(cutter.url)
+    try:
+        c = meter.MeterClient(conn)
+        c.allocate(U, ET, D("100"), UNIT)
+        cutter.cut_reply_to(b"meter.consume(")
+        with pytest.raises(MeterConnectionError) as lost:
+            c.consume(U, ET, D("7"), UNIT)
+        assert "may have committed" not in str(lost.value)
+    finally:
+        conn.close()
+    assert [r["amount"] for r in ledger_rows(db)] == [D("100")]
+
+
 def test_a_reserve_with_a_key_and_an_id_is_named_by_both(cutter, db_url, db):
     # Its fingerprint covers both: the id alone would be refused as another reservation.
     conn = psycopg.connect(cutter.url, autocommit=True)
