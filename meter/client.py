@@ -253,11 +253,15 @@ def _usable(conn: psycopg.Connection[Any], *, always: bool = False) -> bool:
     return True
 
 
-def _replayed_by(**arguments: str | None) -> str | None:
-    """How the call replays: ``"name='value', ..."`` of the given arguments; ``None`` if
-    none was given (the call does not replay)."""
-    given = [f"{name}={value!r}" for name, value in arguments.items() if value is not None]
-    return ", ".join(given) or None
+def _replayed_by(**arguments: object) -> dict[str, object] | None:
+    """The arguments by which the call replays, those given; ``None`` if none was (the call
+    does not replay). Spelled out only for an error (:func:`_replay_hint`)."""
+    return {name: value for name, value in arguments.items() if value is not None} or None
+
+
+def _replay_hint(replay: dict[str, object]) -> str:
+    named = ", ".join(f"{name}={str(value)!r}" for name, value in replay.items())
+    return f": calling again with the same {named} replays it"
 
 
 def _as_is(text: str) -> str:
@@ -500,11 +504,13 @@ class MeterClient:
 
     # -------------------------------------------------------------------- execution
 
-    def _run(self, stmt: _Statement, params: list[Any], *, replay: str | None = None) -> list[Row]:
+    def _run(
+        self, stmt: _Statement, params: list[Any], *, replay: dict[str, object] | None = None
+    ) -> list[Row]:
         """Execute ``stmt`` with ``params`` plus the ctx arguments; return the rows.
 
-        ``replay``: the write replays its first result when run again, by the arguments
-        named (``"idempotency_key='k'"``: see :func:`_replayed_by`). Such a write, and a
+        ``replay``: the write replays its first result when run again, by these arguments
+        (:func:`_replayed_by`). Such a write, and a
         read, whose connection broke under it runs again on another connection (not on a
         caller's connection, which is the caller's to recover). Other writes raise: they
         may have committed.
@@ -562,7 +568,7 @@ class MeterClient:
                     continue
                 if in_doubt and isinstance(error, MeterConnectionError):
                     if replay is not None:
-                        hint = f": calling again with the same {replay} replays it"
+                        hint = _replay_hint(replay)
                     elif stmt.counts:
                         hint = _ONLY_KEYED
                     else:
@@ -753,7 +759,9 @@ class MeterClient:
                 f"cannot connect to the database: {str(exc).strip()}"
             ) from exc
 
-    def _one(self, stmt: _Statement, params: list[Any], *, replay: str | None = None) -> Row:
+    def _one(
+        self, stmt: _Statement, params: list[Any], *, replay: dict[str, object] | None = None
+    ) -> Row:
         rows = self._run(stmt, params, replay=replay)
         if not rows:  # the API functions always return a row; be loud if one did not
             raise MeterError(f"meter.{stmt.function} returned no row")
@@ -766,7 +774,9 @@ class MeterClient:
             return t.new_id()
         return key
 
-    def _scalar(self, stmt: _Statement, params: list[Any], *, replay: str | None = None) -> Any:
+    def _scalar(
+        self, stmt: _Statement, params: list[Any], *, replay: dict[str, object] | None = None
+    ) -> Any:
         return next(iter(self._one(stmt, params, replay=replay).values()))
 
     # -------------------------------------------------------------------- recording
@@ -1231,9 +1241,7 @@ class MeterClient:
                 start := t.check_date(period_start, "period_start"),
                 grant := t.to_amount(allocation, "allocation", nullable=True, sign="nonnegative"),
             ],
-            replay=_replayed_by(
-                period_start=start.isoformat(), allocation=None if grant is None else str(grant)
-            ),
+            replay=_replayed_by(period_start=start, allocation=grant),
         )
         return value if isinstance(value, Decimal) else Decimal(value)
 
@@ -1266,7 +1274,7 @@ class MeterClient:
                 *_account(user_id, event_type, unit, resource),
                 end := t.check_date(period_end, "period_end"),
             ],
-            replay=_replayed_by(period_end=end.isoformat()),
+            replay=_replayed_by(period_end=end),
         )
 
     def release_expired_reservations(self, batch_size: int = DEFAULT_BATCH_SIZE) -> int:
