@@ -36,6 +36,14 @@ from meter.errors import (
 )
 from worker import db as worker_db
 
+
+def _refused(*args: Any, **kwargs: Any) -> Any:
+    """A producer's send_task whose broker refuses the connection."""
+    from kombu.exceptions import OperationalError as KombuOperationalError
+
+    raise KombuOperationalError("Error 111 connecting to the broker: Connection refused")
+
+
 D = Decimal
 ET = "tokens"
 UNIT = "tok"
@@ -1000,17 +1008,12 @@ def test_a_buffered_call_that_raises_has_enqueued_nothing(
     # nothing). A caller that calls again without the key the PublishError offers gets a
     # new generated key: the first event must not have stayed in the buffer as well, or
     # that retry doubles it.
-    from kombu.exceptions import OperationalError as KombuOperationalError
 
     client.allocate("u1", ET, 100, UNIT)
     p = make_producer(batch_size=2, linger_ms=60_000)
     p.consume("u1", ET, 5, UNIT)
     real = p._app.send_task
-
-    def refused(*args, **kwargs):
-        raise KombuOperationalError("Error 111 connecting to the broker: Connection refused")
-
-    monkeypatch.setattr(p._app, "send_task", refused)
+    monkeypatch.setattr(p._app, "send_task", _refused)
     with pytest.raises(MeterConnectionError):
         p.consume("u1", ET, 7, UNIT)
     monkeypatch.setattr(p._app, "send_task", real)
@@ -1151,17 +1154,12 @@ def test_close_that_cannot_send_hands_over_the_buffer(
 ):
     # close() drops the buffer when the broker refuses it: the error must carry what the
     # buffer held, so that nothing recorded is lost.
-    from kombu.exceptions import OperationalError as KombuOperationalError
 
     client.allocate("u1", ET, 100, UNIT, idempotency_key="grant")
     p = make_producer(batch_size=10, linger_ms=60_000)
     handles = [p.consume("u1", ET, n, UNIT) for n in (1, 2)]
     handles.append(p.reserve("u1", ET, 4, UNIT, reservation_id="r-buffered"))
-
-    def refused(*args: Any, **kwargs: Any) -> Any:
-        raise KombuOperationalError("Error 111 connecting to the broker: Connection refused")
-
-    monkeypatch.setattr(p._app, "send_task", refused)
+    monkeypatch.setattr(p._app, "send_task", _refused)
     with pytest.raises(PublishError) as dropped:
         p.close()
     held = dropped.value.events
