@@ -355,6 +355,19 @@ class MeterClient:
         timeout: float = 30.0,
         generate_keys: bool = False,
     ) -> None:
+        # Checked in the signature's order, so the first bad argument is the one named.
+        if isinstance(conn, str):
+            try:
+                conninfo_to_dict(conn)  # a malformed conninfo is a caller error, found here
+            except psycopg.ProgrammingError as exc:
+                raise t.invalid("conn", f"invalid conninfo: {str(exc).strip()}") from None
+        elif not isinstance(conn, (ConnectionPool, psycopg.Connection)):
+            raise ValidationError(
+                "conn: must be a conninfo string, a psycopg.Connection or a "
+                f"psycopg_pool.ConnectionPool, got {type(conn).__name__}",
+                sqlstate="MT001",
+                parameter="conn",
+            )
         self._namespace: str = _ident(namespace, "namespace")
         t.check_int(max_size, "max_size", min_value=1, max_value=10000)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
@@ -381,10 +394,6 @@ class MeterClient:
         # id(connection); an entry is valid only while its cursor's connection is that one.
         self._cursors: dict[int, psycopg.Cursor[tuple[Any, ...]]] = {}
         if isinstance(conn, str):
-            try:
-                conninfo_to_dict(conn)  # a malformed conninfo is a caller error, found here
-            except psycopg.ProgrammingError as exc:
-                raise t.invalid("conn", f"invalid conninfo: {str(exc).strip()}") from None
             self._conninfo = conn
             self._max_size = max_size
             self._pool = self._new_pool()
@@ -392,15 +401,8 @@ class MeterClient:
             _clients_with_own_pool.add(self)
         elif isinstance(conn, ConnectionPool):
             self._pool = conn
-        elif isinstance(conn, psycopg.Connection):
-            self._conn = conn
         else:
-            raise ValidationError(
-                "conn: must be a conninfo string, a psycopg.Connection or a "
-                f"psycopg_pool.ConnectionPool, got {type(conn).__name__}",
-                sqlstate="MT001",
-                parameter="conn",
-            )
+            self._conn = conn
 
     # -------------------------------------------------------------------- lifecycle
 

@@ -865,7 +865,7 @@ def test_client_arguments_are_checked_by_name(db_url):
         assert refused.value.parameter == parameter, kwargs
     for conn in ("dbname='unterminated", 42):
         with pytest.raises(ValidationError) as refused:
-            meter.MeterClient(conn)
+            meter.MeterClient(conn, namespace="", max_size=0)  # conn comes first
         assert refused.value.parameter == "conn"
 
 
