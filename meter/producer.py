@@ -946,12 +946,12 @@ class MeterProducer:
                 argsrepr=argsrepr,
                 kwargsrepr="{}",
             )
-        # RuntimeError: Celery subscribes to the result in Redis before it publishes, and
-        # gives up on a broken subscription with one (nothing was sent then; sending the
-        # events again is as safe as ever).
-        except (KombuOperationalError, RuntimeError) as exc:
-            if isinstance(exc, (RecursionError, NotImplementedError)):
-                raise  # a RuntimeError of our own making, not the broker's
+        # (Celery subscribes to the result in Redis before it publishes, and gives up on a
+        # broken subscription with a RuntimeError: nothing was sent then, and sending the
+        # events again is as safe as ever.)
+        except Exception as exc:
+            if not _broker_unreachable(exc):
+                raise
             # Maybe enqueued: the broker may have taken the message and the reply been lost
             # (kombu republishes the same message on a connection error, then gives up).
             # The caller says which events are in doubt (exc.events).
@@ -1023,13 +1023,9 @@ class MeterProducer:
             value = async_result.get(timeout=remaining, propagate=False)
         except CeleryTimeoutError:
             raise TimeoutError(f"no outcome for task {task_id} yet") from None
-        # The result backend could not be reached (Celery gives up on it with a bare
-        # RuntimeError after its retries, raised from the connection error). The event was
-        # sent; only its outcome is unknown.
-        except (RuntimeError, RedisConnectionError, RedisTimeoutError) as exc:
-            if isinstance(exc, RuntimeError) and not isinstance(
-                exc.__cause__, (RedisConnectionError, RedisTimeoutError, OSError)
-            ):
+        # The event was sent; only its outcome is unknown.
+        except Exception as exc:
+            if not _broker_unreachable(exc):
                 raise  # not the connection's: "never call result.get() within a task", ...
             raise MeterConnectionError(
                 f"the outcome of task {task_id} could not be read (the event was sent; "
@@ -1038,6 +1034,19 @@ class MeterProducer:
         if isinstance(value, BaseException) or async_result.state != "SUCCESS":
             raise MeterError(f"task {task_id} failed: {value!r}")
         return value
+
+
+_UNREACHABLE: Final = (KombuOperationalError, RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def _broker_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the broker's Redis could not be reached: kombu's or redis'
+    connection errors, or the RuntimeError ("retry limit exceeded") that Celery's result
+    backend raises from one when it gives up reconnecting. Any other RuntimeError (Celery's
+    "never call result.get() within a task", a RecursionError) is not the broker's."""
+    if isinstance(exc, RuntimeError):
+        return isinstance(exc.__cause__, _UNREACHABLE)
+    return isinstance(exc, _UNREACHABLE)
 
 
 def _flush_ref(ref: weakref.ReferenceType[MeterProducer]) -> None:
