@@ -512,10 +512,9 @@ class MeterClient:
         """Execute ``stmt`` with ``params`` plus the ctx arguments; return the rows.
 
         ``replay``: the write replays its first result when run again, by these arguments
-        (:func:`_replayed_by`). Such a write, and a
-        read, whose connection broke under it runs again on another connection (not on a
-        caller's connection, which is the caller's to recover). Other writes raise: they
-        may have committed.
+        (:func:`_replayed_by`). Such a write, and a read, whose connection broke under it
+        runs again on another connection (not on a caller's connection, which is the
+        caller's to recover). Other writes raise: they may have committed.
         """
         if self._closed:
             raise MeterConnectionError("the MeterClient is closed")
@@ -582,13 +581,7 @@ class MeterClient:
                 # (40001): the call was its own transaction and was rolled back whole, so
                 # running it again is safe -- and replays the key. Not inside a caller's
                 # transaction, which is theirs to retry.
-                retryable = exc.sqlstate in _RETRY_SQLSTATES and (
-                    self._conn is None
-                    or (
-                        self._conn.info.transaction_status == TransactionStatus.IDLE
-                        and self._conn.autocommit
-                    )
-                )
+                retryable = own_transaction and exc.sqlstate in _RETRY_SQLSTATES
                 if retryable and retries < _RETRIES:
                     time.sleep(0.005 * 2**retries)
                     retries += 1
@@ -769,17 +762,17 @@ class MeterClient:
             raise MeterError(f"meter.{stmt.function} returned no row")
         return rows[0]
 
+    def _scalar(
+        self, stmt: _Statement, params: list[Any], *, replay: dict[str, object] | None = None
+    ) -> Any:
+        return next(iter(self._one(stmt, params, replay=replay).values()))
+
     def _idempotency_key(self, idempotency_key: object) -> str | None:
         """The write's key: the caller's, checked; else one generated (``generate_keys``)."""
         key = _ident(idempotency_key, "idempotency_key", nullable=True)
         if key is None and self._generate_keys:
             return t.new_id()
         return key
-
-    def _scalar(
-        self, stmt: _Statement, params: list[Any], *, replay: dict[str, object] | None = None
-    ) -> Any:
-        return next(iter(self._one(stmt, params, replay=replay).values()))
 
     # -------------------------------------------------------------------- recording
 

@@ -950,6 +950,44 @@ def test_replies_lost_at_random_never_lose_or_double_a_call(db_url, db):
     print(f"{cutter.cuts} replies cut in 150 calls; {rows} ledger rows")
 
 
+def test_a_deadlock_in_the_calls_own_transaction_is_retried_and_counts_once(db_url, db):
+    # The deadlock detector ends one side with 40P01, its transaction rolled back whole:
+    # the SDK runs it again, whether that transaction was its own on a pool, a caller's
+    # autocommit connection, or BEGIN/COMMIT it sent on a caller's connection -- but not a
+    # savepoint in the caller's open transaction, which is the caller's to retry.
+    conn = psycopg.connect(db_url)
+    clients = {
+        "pool": meter.MeterClient(db_url),
+        "autocommit": meter.MeterClient(psycopg.connect(db_url, autocommit=True)),
+        "not autocommit": meter.MeterClient(conn),
+    }
+    for name, c in clients.items():
+        execute, failed = c._execute, []
+
+        def deadlocked_once(*args: Any, execute: Any = execute, failed: list = failed) -> Any:
+            if not failed:
+                failed.append(1)
+                raise psycopg.errors.DeadlockDetected("deadlock detected")
+            return execute(*args)
+
+        c._execute = deadlocked_once  # type: ignore[method-assign]
+        assert c.allocate(U, ET, D("1"), UNIT, idempotency_key=name)["entry_id"], name
+    tries: list[int] = []
+
+    def always_deadlocked(*args: Any) -> Any:
+        tries.append(1)
+        raise psycopg.errors.DeadlockDetected("deadlock detected")
+
+    clients["not autocommit"]._execute = always_deadlocked  # type: ignore[method-assign]
+    with conn.transaction(), pytest.raises(MeterError, match="deadlock"):
+        clients["not autocommit"].allocate(U, ET, D("1"), UNIT, idempotency_key="inside")
+    assert tries == [1]  # inside the caller's transaction: not run again
+    assert [r["amount"] for r in ledger_rows(db)] == [D("1")] * 3
+    for c in clients.values():
+        c.close()
+    conn.close()
+
+
 def test_a_pool_that_sends_nothing_is_not_reported_in_doubt(db_url, db):
     # A closed pool raises before anything reaches the server: no doubt to report.
     pool = ConnectionPool(db_url, min_size=1, max_size=1, open=True)
