@@ -462,8 +462,9 @@ def _write_by_hand(
         raise click.UsageError("give either --user or --pool")
     with _cli_errors():
         quantity = t.to_amount(amount, "amount", sign=sign)
-    key = t.new_id() if idempotency_key is None else idempotency_key
-    if idempotency_key is None:
+    key = idempotency_key
+    if key is None:
+        key = t.new_id()
         err_console.print(
             f"idempotency key {key} (to run this again without counting it twice: "
             f"--idempotency-key {key})",

@@ -555,7 +555,8 @@ _CHECK_BYTES_PER_SECOND = 50 * 1024 * 1024
 """The slowest ``redis-check-aof`` we allow for (it reads ~200 MB/s here)."""
 REDIS_PROCESS_TIMEOUT = 30.0
 """The least time :class:`EmbeddedRedis` gives ``redis-server`` to fork, to write its pid
-file and, at :meth:`~EmbeddedRedis.stop`, to exit, whatever ``startup_timeout`` (which
+file and, at :meth:`~EmbeddedRedis.stop`, to exit (and ``redis-check-aof`` to read a small
+file), whatever ``startup_timeout`` (which
 bounds the wait for PING): how fast the server answers says nothing of how fast a loaded
 machine runs a process, nor of how long its last AOF flush takes."""
 
@@ -717,7 +718,7 @@ class EmbeddedRedis:
             pid = running[0]
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            wait = max(self.startup_timeout, REDIS_PROCESS_TIMEOUT)
+            wait = self._process_timeout
             deadline = time.monotonic() + wait
             while _pid_alive(pid):
                 if time.monotonic() > deadline:
@@ -772,6 +773,11 @@ class EmbeddedRedis:
             self._repair_torn_aof()
             self._wait_ready(self._spawn())
 
+    @property
+    def _process_timeout(self) -> float:
+        """How long redis-server (or redis-check-aof) may take to start, exit or run."""
+        return max(self.startup_timeout, REDIS_PROCESS_TIMEOUT)
+
     def _repair_torn_aof(self) -> None:
         """Cut the AOF's torn last write, a torn transaction whole.
 
@@ -792,7 +798,7 @@ class EmbeddedRedis:
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 text=True,
-                timeout=max(self.startup_timeout, 60.0, size / _CHECK_BYTES_PER_SECOND),
+                timeout=max(self._process_timeout, size / _CHECK_BYTES_PER_SECOND),
                 check=False,
             )
         except subprocess.TimeoutExpired as exc:
@@ -874,7 +880,7 @@ class EmbeddedRedis:
                 stdin=subprocess.DEVNULL,
                 capture_output=True,  # safe: the daemon closes stdio before we wait
                 text=True,
-                timeout=max(self.startup_timeout, REDIS_PROCESS_TIMEOUT),
+                timeout=self._process_timeout,
                 check=False,
                 cwd=self.data_dir,
             )
@@ -898,7 +904,7 @@ class EmbeddedRedis:
         redis-server forks before binding, so its exit status says nothing about a port
         that was taken; the log does.
         """
-        deadline = time.monotonic() + max(self.startup_timeout, REDIS_PROCESS_TIMEOUT)
+        deadline = time.monotonic() + self._process_timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(FileNotFoundError, ValueError):
                 return int(self._pid_file.read_text().strip())
