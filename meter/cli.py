@@ -205,6 +205,69 @@ def _client(database_url: str | None, namespace: str) -> Iterator[Any]:
             client.close()
 
 
+def _connect(database_url: str | None) -> Any:
+    """One psycopg connection to the resolved database (not autocommit), or
+    MeterConnectionError."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    from meter import types as t
+    from meter.errors import MeterConnectionError
+
+    url = resolve_database_url(database_url)
+    try:
+        given = conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        raise t.invalid("database_url", f"invalid conninfo: {str(exc).strip()}") from None
+    try:
+        # a connect_timeout of the URL's own wins
+        return psycopg.connect(
+            url, **({} if "connect_timeout" in given else {"connect_timeout": 10})
+        )
+    except psycopg.OperationalError as exc:
+        raise MeterConnectionError(f"cannot connect to the database: {str(exc).strip()}") from exc
+
+
+@contextmanager
+def _transaction(conn: Any, namespace: str) -> Iterator[Any]:
+    """A MeterClient on ``conn`` inside one open transaction, committed when the block
+    ends (rolled back if it raises); ``conn`` is closed after. Raises MeterError, not
+    psycopg's errors.
+
+    For the hand-made writes: inside the transaction a write can be asked whether it
+    replayed an earlier run (:func:`_replayed`), which a committed call can no longer say.
+    """
+    import psycopg
+
+    from meter.client import MeterClient
+    from meter.errors import from_psycopg
+
+    try:
+        with conn.transaction():
+            yield MeterClient(conn, namespace)
+    except psycopg.Error as exc:  # BEGIN or COMMIT: the calls raise MeterError
+        raise from_psycopg(exc) from exc
+    finally:
+        conn.close()
+
+
+def _replayed(conn: Any) -> bool:
+    """Whether the transaction's keyed write replayed a stored result rather than writing.
+
+    ``meter._replay`` says so in the transaction-local setting ``meter.replayed``
+    (sql/027), which lasts until the transaction ends.
+    """
+    import psycopg
+
+    from meter.errors import from_psycopg
+
+    try:
+        row = conn.execute("SELECT current_setting('meter.replayed', true) = 'on'").fetchone()
+    except psycopg.Error as exc:
+        raise from_psycopg(exc) from exc
+    return bool(row and row[0])
+
+
 def _emit_json(value: Any) -> None:
     from meter import types as t
 
@@ -457,6 +520,7 @@ def _write_by_hand(
     the entry. A generated key is printed (stderr) before anything is written, so that a
     command whose outcome was not seen can be run again with it and count once."""
     from meter import types as t
+    from meter.errors import MeterConnectionError
 
     if (user is None) == (not pool):
         raise click.UsageError("give either --user or --pool")
@@ -470,21 +534,38 @@ def _write_by_hand(
             f"--idempotency-key {key})",
             markup=False,
         )
-    with _client(database_url, namespace) as client:
-        client.set_actor(actor_id=actor_id, reason=reason, on_behalf_of=on_behalf_of)
-        result = write(client, user, quantity, key)
+    with _cli_errors():
+        conn = _connect(database_url)
+        try:
+            with _transaction(conn, namespace) as client:
+                client.set_actor(actor_id=actor_id, reason=reason, on_behalf_of=on_behalf_of)
+                result = write(client, user, quantity, key)
+                replayed = _replayed(conn)
+        except MeterConnectionError as exc:
+            # lost at the COMMIT, it may have been written: the key makes a rerun safe
+            raise MeterConnectionError(
+                f"{str(exc).strip()} (if unsure whether it was written, run the command "
+                f"again with --idempotency-key {key}: it counts once)",
+                sqlstate=exc.sqlstate,
+            ) from exc
     if as_json:
-        _emit_json({**result, "idempotency_key": key})
+        _emit_json({**result, "idempotency_key": key, "replayed": replayed})
         return
     who = "the pool" if pool else repr(user)
     # markup=False: the names are the caller's, and may hold rich's [brackets]
+    if replayed:
+        console.print(
+            f"nothing written: idempotency key {key} was used before, by an earlier run "
+            f"that {what(quantity)} for {who} in namespace {namespace!r} as ledger entry "
+            f"{result['entry_id']} (balance then {result['balance']})",
+            markup=False,
+        )
+        return
     console.print(
         f"{what(quantity)} for {who} in namespace {namespace!r}: balance "
-        f"{result['balance']}, ledger entry {result['entry_id']}, idempotency key {key}"
-        + ("" if idempotency_key is None else " (if it was used before, nothing new was "
-           "written: this is the first run's result)"),
+        f"{result['balance']}, ledger entry {result['entry_id']}, idempotency key {key}",
         markup=False,
-    )  # fmt: skip
+    )
 
 
 @main.command()

@@ -19,6 +19,7 @@ from click.testing import CliRunner, Result
 
 from meter import types as t
 from meter.cli import EXIT_PROBLEMS, EXIT_UNREACHABLE, EXIT_USAGE, main
+from tests.integration.test_sdk import ReplyCutter
 
 UNREACHABLE_DB = "postgresql://postgres@127.0.0.1:1/nothing"
 UNREACHABLE_BROKER = "redis://127.0.0.1:1/0"
@@ -133,19 +134,30 @@ def test_grant_and_adjust_by_hand_record_who_and_why(
     granted = run(env, "grant", "--user", "alice", *LLM, "--amount", "100", *WHO)
     assert granted.exit_code == 0, granted.output
     assert "balance 1098.4" in granted.output
-    [key] = re.findall(r"ledger entry \d+, idempotency key (\S+)$", granted.stdout.strip())
+    [(entry, key)] = re.findall(
+        r"ledger entry (\d+), idempotency key (\S+)$", granted.stdout.strip()
+    )
     assert f"idempotency key {key} " in granted.stderr  # printed before the write
-    # run again with the printed key: a replay, nothing new
+    assert "nothing written" not in granted.output
+    # run again with the printed key: a replay, nothing new, and it says so
+    replayed = run(env, "grant", "--user", "alice", *LLM, "--amount", "100", *WHO,
+                   "--idempotency-key", key)  # fmt: skip
+    assert replayed.exit_code == 0, replayed.output
+    assert replayed.stdout.startswith(f"nothing written: idempotency key {key} was used before")
+    assert f"as ledger entry {entry} (balance then 1098.4)" in replayed.stdout
     again = as_json(
         run(env, "grant", "--user", "alice", *LLM, "--amount", "100", *WHO,
             "--idempotency-key", key, "--json")
     )  # fmt: skip
     assert again["balance"] == D("1098.4") and again["idempotency_key"] == key
+    assert again["replayed"] is True and again["entry_id"] == int(entry)
+    assert client.get_balance("alice", "llm", "tokens")["balance"] == D("1098.4")
     fix = as_json(
         run(env, "adjust", "--user", "alice", *LLM, "--amount=-0.4", *WHO, "--reference-id",
             str(again["entry_id"]), "--on-behalf-of", "alice", "--json")
     )  # fmt: skip
     assert fix["balance"] == D("1098") and fix["idempotency_key"] != key
+    assert fix["replayed"] is False
     pool = as_json(run(env, "grant", "--pool", *LLM, "--amount", "5", *WHO, "--json"))
     assert pool["balance"] == D(5)
 
@@ -193,6 +205,35 @@ def test_grant_and_adjust_refusals_change_nothing(
     assert snapshot() == after
     gone = run({"METER_DATABASE_URL": UNREACHABLE_DB}, *grant, "--amount", "1", *WHO)
     assert gone.exit_code == EXIT_UNREACHABLE and "idempotency key" in gone.stderr
+    malformed = run({"METER_DATABASE_URL": "host=x port"}, *grant, "--amount", "1", *WHO)
+    assert malformed.exit_code == EXIT_USAGE and "database_url" in malformed.stderr
+    # a replay of a key another command used is a conflict, not a replay
+    adjusted = run(env, "adjust", "--user", "alice", *LLM, "--amount", "1", *WHO,
+                   "--idempotency-key", "g1")  # fmt: skip
+    assert adjusted.exit_code == EXIT_PROBLEMS and "idempotency_key" in adjusted.output
+    assert snapshot() == after
+
+
+def test_a_grant_whose_commit_was_not_heard_names_the_key_that_counts_it_once(
+    db_url: str, client: Any
+) -> None:
+    # The connection is cut after the server committed, before the CLI heard it: the
+    # operator is told how to find out safely, and doing so writes nothing more.
+    cutter = ReplyCutter(db_url)
+    try:
+        cutter.cut_reply_to(b"COMMIT")
+        lost = run({"METER_DATABASE_URL": cutter.url}, "grant", "--user", "bob", *LLM,
+                   "--amount", "7", *WHO)  # fmt: skip
+    finally:
+        cutter.close()
+    assert cutter.cuts == 1 and lost.exit_code == EXIT_UNREACHABLE, lost.output
+    [key] = re.findall(r"run the command again with --idempotency-key (\S+): it counts once",
+                       lost.stderr)  # fmt: skip
+    assert client.get_balance("bob", "llm", "tokens")["balance"] == D(7)  # it was written
+    again = as_json(run({"METER_DATABASE_URL": db_url}, "grant", "--user", "bob", *LLM,
+                        "--amount", "7", *WHO, "--idempotency-key", key, "--json"))  # fmt: skip
+    assert again["replayed"] is True and again["balance"] == D(7)
+    assert client.get_balance("bob", "llm", "tokens")["balance"] == D(7)
 
 
 def test_grant_prints_names_as_they_are(env: dict[str, str], client: Any) -> None:
