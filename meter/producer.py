@@ -88,6 +88,12 @@ _RESULT_RETRY_POLICY: Final = {
     "interval_max": 4,
 }
 
+# A wait hears its outcome on a subscription, and also reads the stored outcome each time it
+# starts. It starts again this often (seconds): an outcome published while the subscription
+# could not hear it (its connection broken, or silently dead) is still found, and so is a
+# Redis that stopped answering, by that read's socket timeout.
+_WAIT_SLICE: Final = 5.0
+
 Amount = int | Decimal | str | float
 
 
@@ -167,7 +173,9 @@ class EventHandle:
             timeout: seconds to wait in all (``None``: forever). A wait that starts while
                 the broker's Redis does not answer raises ``MeterConnectionError`` after
                 some 4 x the producer's ``broker_timeout``, possibly past ``timeout``; one
-                already waiting when Redis stops answering ends at ``timeout``.
+                already waiting when Redis stops answering raises it within some 5 s
+                plus ``broker_timeout`` (it reads the stored outcome every 5 s, which also
+                finds an outcome whose notification was lost).
 
         Returns:
             The SQL result as ``MeterClient`` returns it: a dict with ``Decimal``
@@ -1017,20 +1025,24 @@ class MeterProducer:
         return result
 
     def _fetch(self, task_id: str, deadline: float | None) -> Any:
-        remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
         async_result = self._app.AsyncResult(task_id)
-        try:
-            value = async_result.get(timeout=remaining, propagate=False)
-        except CeleryTimeoutError:
-            raise TimeoutError(f"no outcome for task {task_id} yet") from None
-        # The event was sent; only its outcome is unknown.
-        except Exception as exc:
-            if not _broker_unreachable(exc):
-                raise  # not the connection's: "never call result.get() within a task", ...
-            raise MeterConnectionError(
-                f"the outcome of task {task_id} could not be read (the event was sent; "
-                f"wait again once the broker answers): {str(exc).strip()}"
-            ) from exc
+        while True:  # in slices of _WAIT_SLICE, each of which reads the stored outcome first
+            remaining = None if deadline is None else deadline - time.monotonic()
+            wait = _WAIT_SLICE if remaining is None else max(min(remaining, _WAIT_SLICE), 0.001)
+            try:
+                value = async_result.get(timeout=wait, propagate=False)
+                break
+            except CeleryTimeoutError:
+                if remaining is not None and remaining <= _WAIT_SLICE:
+                    raise TimeoutError(f"no outcome for task {task_id} yet") from None
+            # The event was sent; only its outcome is unknown.
+            except Exception as exc:
+                if not _broker_unreachable(exc):
+                    raise  # not the connection's: "never call result.get() within a task"...
+                raise MeterConnectionError(
+                    f"the outcome of task {task_id} could not be read (the event was sent; "
+                    f"wait again once the broker answers): {str(exc).strip()}"
+                ) from exc
         if isinstance(value, BaseException) or async_result.state != "SUCCESS":
             raise MeterError(f"task {task_id} failed: {value!r}")
         return value

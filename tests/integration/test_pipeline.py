@@ -1243,6 +1243,73 @@ def test_with_results_a_broker_that_stops_answering_ends_the_publish_and_the_wai
             producer.close()
 
 
+def test_a_wait_without_timeout_ends_when_redis_stops_answering_and_finds_a_missed_outcome(
+    tmp_path,
+):
+    # A wait reads its outcome from a subscription. Redis stopping to answer while the wait
+    # is under way, or an outcome published while the subscription could not hear it (a
+    # connection silently dead), used to leave a wait(timeout=None) waiting for good.
+    import os
+    import signal
+
+    from celery import Celery
+
+    from meter.embedded import EmbeddedRedis
+    from meter.producer import MeterProducer
+
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        running = server._running()
+        assert running is not None
+        pid = running[0]
+        producer = MeterProducer(server.url(), "default", broker_timeout=1, results=True)
+        backend = Celery("results", set_as_current=False)
+        backend.conf.update(wire.celery_config(server.url()))
+        outcome = {"ok": True, "status": "applied", "result": {
+            "success": True, "balance": "-1", "available": "-1", "entry_id": 1}}  # fmt: skip
+        try:
+            # 1. The outcome is stored but its publication is lost: found all the same.
+            missed = producer.consume("u1", ET, 1, UNIT, idempotency_key="missed")
+            got: dict[str, Any] = {}
+            waiter = threading.Thread(
+                target=lambda: got.update(result=missed.wait(timeout=None)), daemon=True
+            )
+            waiter.start()
+            time.sleep(0.5)  # the wait is subscribed and reading
+            store = backend.backend
+            store._set = lambda key, value, expires=None: store.client.set(key, value)
+            store.store_result(missed.task_id, outcome, "SUCCESS")  # no PUBLISH
+            waiter.join(timeout=30)
+            assert not waiter.is_alive(), "a stored outcome was not found within 30 s"
+            assert got["result"]["balance"] == Decimal(-1)
+
+            # 2. Redis stops answering while a wait is under way: it ends, saying so.
+            sent = producer.consume("u1", ET, 2, UNIT, idempotency_key="sent")
+            raised: list[BaseException] = []
+
+            def wait() -> None:
+                try:
+                    sent.wait(timeout=None)
+                except BaseException as exc:  # checked below
+                    raised.append(exc)
+
+            waiter = threading.Thread(target=wait, daemon=True)
+            waiter.start()
+            time.sleep(0.5)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                waiter.join(timeout=60)
+                waited = time.monotonic() - started
+                assert not waiter.is_alive(), f"still waiting after {waited:.0f} s"
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert isinstance(raised[0], MeterConnectionError), raised
+            assert "the event was sent" in str(raised[0])
+            print(f"a wait under way gave up {waited:.1f} s after Redis stopped answering")
+        finally:
+            producer.close()
+
+
 def test_a_broker_that_stops_answering_leaves_the_publish_in_doubt(tmp_path):
     # A paused Redis keeps its connections open: without a socket timeout the publish
     # would wait for good. It must give up with the event and its key, and whatever the
