@@ -13,10 +13,11 @@ turns errors into the documented exit statuses (:data:`EXIT_OK`, :data:`EXIT_PRO
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import click
 from rich.console import Console
@@ -206,8 +207,8 @@ def _client(database_url: str | None, namespace: str) -> Iterator[Any]:
 
 
 def _connect(database_url: str | None) -> Any:
-    """One psycopg connection to the resolved database (not autocommit), or
-    MeterConnectionError."""
+    """One autocommit psycopg connection to the resolved database; ValidationError for a
+    malformed URL, MeterConnectionError when it cannot be reached."""
     import psycopg
     from psycopg.conninfo import conninfo_to_dict
 
@@ -216,56 +217,65 @@ def _connect(database_url: str | None) -> Any:
 
     url = resolve_database_url(database_url)
     try:
-        given = conninfo_to_dict(url)
-    except psycopg.ProgrammingError as exc:
-        raise t.invalid("database_url", f"invalid conninfo: {str(exc).strip()}") from None
-    try:
         # a connect_timeout of the URL's own wins
-        return psycopg.connect(
-            url, **({} if "connect_timeout" in given else {"connect_timeout": 10})
-        )
+        timeout = {} if "connect_timeout" in conninfo_to_dict(url) else {"connect_timeout": 10}
+        return psycopg.connect(url, autocommit=True, **timeout)
+    except psycopg.ProgrammingError as exc:  # the URL's syntax, or one of its values
+        raise t.invalid("database_url", f"invalid conninfo: {str(exc).strip()}") from None
     except psycopg.OperationalError as exc:
         raise MeterConnectionError(f"cannot connect to the database: {str(exc).strip()}") from exc
 
 
-@contextmanager
-def _transaction(conn: Any, namespace: str) -> Iterator[Any]:
-    """A MeterClient on ``conn`` inside one open transaction, committed when the block
-    ends (rolled back if it raises); ``conn`` is closed after. Raises MeterError, not
-    psycopg's errors.
+# Tries of a hand-made write whose transaction met a deadlock or an idempotency key claimed
+# concurrently (40P01, 40001): it was rolled back whole, so it is run again.
+_WRITE_TRIES: Final = 4
 
-    For the hand-made writes: inside the transaction a write can be asked whether it
-    replayed an earlier run (:func:`_replayed`), which a committed call can no longer say.
+
+def _write_in_transaction(
+    database_url: str | None, namespace: str, write: Callable[[Any], dict[str, Any]]
+) -> tuple[dict[str, Any], bool]:
+    """Run ``write(client)`` in one transaction of its own and return its result and
+    whether it replayed an earlier run rather than writing.
+
+    ``meter._replay`` says so in the transaction-local setting ``meter.replayed``
+    (sql/027), read before COMMIT: once committed, a call can no longer say. A database
+    with migrations not applied is refused before anything is written, as it might not
+    say. Raises MeterError, never psycopg's errors; a connection lost at COMMIT is a
+    MeterConnectionError, and the write may then have been made.
     """
     import psycopg
 
-    from meter.client import MeterClient
-    from meter.errors import from_psycopg
+    from meter.client import _RETRY_SQLSTATES, MeterClient
+    from meter.errors import MeterError, from_psycopg
+    from meter.migrate import pending
 
+    conn = _connect(database_url)
     try:
-        with conn.transaction():
-            yield MeterClient(conn, namespace)
-    except psycopg.Error as exc:  # BEGIN or COMMIT: the calls raise MeterError
+        behind = pending(conn)
+        if behind:
+            raise MeterError(
+                f"the database's schema is behind this meter ({len(behind)} migration(s) not "
+                f"applied, from {behind[0]}): run `meter migrate` first; nothing was written"
+            )
+        tries = 0
+        while True:
+            try:
+                with conn.transaction():  # BEGIN ... COMMIT; the call runs in a savepoint
+                    conn.execute("SELECT set_config('meter.replayed', '', true)")
+                    result = write(MeterClient(conn, namespace))
+                    row = conn.execute(
+                        "SELECT current_setting('meter.replayed', true) = 'on'"
+                    ).fetchone()
+                return result, bool(row and row[0])
+            except MeterError as exc:
+                tries += 1
+                if exc.sqlstate not in _RETRY_SQLSTATES or tries == _WRITE_TRIES:
+                    raise
+            time.sleep(0.005 * 2**tries)
+    except psycopg.Error as exc:  # BEGIN, COMMIT and the checks: the calls raise MeterError
         raise from_psycopg(exc) from exc
     finally:
         conn.close()
-
-
-def _replayed(conn: Any) -> bool:
-    """Whether the transaction's keyed write replayed a stored result rather than writing.
-
-    ``meter._replay`` says so in the transaction-local setting ``meter.replayed``
-    (sql/027), which lasts until the transaction ends.
-    """
-    import psycopg
-
-    from meter.errors import from_psycopg
-
-    try:
-        row = conn.execute("SELECT current_setting('meter.replayed', true) = 'on'").fetchone()
-    except psycopg.Error as exc:
-        raise from_psycopg(exc) from exc
-    return bool(row and row[0])
 
 
 def _emit_json(value: Any) -> None:
@@ -534,13 +544,14 @@ def _write_by_hand(
             f"--idempotency-key {key})",
             markup=False,
         )
+
+    def write_as_actor(client: Any) -> dict[str, Any]:
+        client.set_actor(actor_id=actor_id, reason=reason, on_behalf_of=on_behalf_of)
+        return write(client, user, quantity, key)
+
     with _cli_errors():
-        conn = _connect(database_url)
         try:
-            with _transaction(conn, namespace) as client:
-                client.set_actor(actor_id=actor_id, reason=reason, on_behalf_of=on_behalf_of)
-                result = write(client, user, quantity, key)
-                replayed = _replayed(conn)
+            result, replayed = _write_in_transaction(database_url, namespace, write_as_actor)
         except MeterConnectionError as exc:
             # lost at the COMMIT, it may have been written: the key makes a rerun safe
             raise MeterConnectionError(

@@ -24,9 +24,11 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.rows import tuple_row
 
 from meter.errors import MeterConnectionError, MeterError
 
@@ -263,6 +265,23 @@ def _describe(exc: psycopg.Error) -> str:
     if diag.context:
         parts.append(f"context: {diag.context.strip()}")
     return "\n".join(parts)
+
+
+def recorded_versions(conn: psycopg.Connection[Any]) -> set[str]:
+    """The migration versions recorded in ``conn``'s database (none for a database never
+    migrated), whatever the connection's row factory."""
+    cur = conn.cursor(row_factory=tuple_row)
+    row = cur.execute("SELECT to_regclass('meter.schema_migrations') IS NOT NULL").fetchone()
+    if row is None or not row[0]:
+        return set()
+    return {v for (v,) in cur.execute("SELECT version FROM meter.schema_migrations")}
+
+
+def pending(conn: psycopg.Connection[Any]) -> list[str]:
+    """The versions of this package's migrations not applied to ``conn``'s database, in
+    order (all of them for a database never migrated)."""
+    recorded = recorded_versions(conn)
+    return [m.version for m in discover() if m.version not in recorded]
 
 
 def schema_version(conninfo: str) -> str | None:

@@ -47,7 +47,7 @@ def redact(url: str) -> str:
 
 
 def _database(url: str) -> dict[str, Any]:
-    from meter.migrate import discover
+    from meter.migrate import discover, recorded_versions
 
     out: dict[str, Any] = {
         "url": redact(url),
@@ -67,12 +67,7 @@ def _database(url: str) -> dict[str, Any]:
     out["reachable"] = True
     available = [m.version for m in discover()]
     with conn:
-        row = conn.execute("SELECT to_regclass('meter.schema_migrations') AS t").fetchone()
-        recorded: set[str] = set()
-        if row and row["t"]:
-            recorded = {r["version"] for r in conn.execute(
-                "SELECT version FROM meter.schema_migrations"
-            )}  # fmt: skip
+        recorded = recorded_versions(conn)
         if recorded:
             out["schema_version"] = max(
                 recorded, key=lambda v: (int(v.split("_", 1)[0]) if v[:1].isdigit() else -1, v)

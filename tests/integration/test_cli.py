@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from decimal import Decimal as D
 from typing import Any
 
+import psycopg
 import pytest
 from click.testing import CliRunner, Result
 
@@ -234,6 +235,65 @@ def test_a_grant_whose_commit_was_not_heard_names_the_key_that_counts_it_once(
                         "--amount", "7", *WHO, "--idempotency-key", key, "--json"))  # fmt: skip
     assert again["replayed"] is True and again["balance"] == D(7)
     assert client.get_balance("bob", "llm", "tokens")["balance"] == D(7)
+
+
+def test_a_grant_that_meets_its_key_claimed_concurrently_runs_again_and_replays(
+    db_url: str, client: Any
+) -> None:
+    # A batch's fast path claims keys without the key's lock: a grant with the same key
+    # waits on the key row, then fails with 40001 and is rolled back whole. Run again by
+    # the command, it replays the batch's event.
+    import threading
+
+    from psycopg.types.json import Jsonb
+
+    def event(user: str, key: str) -> dict[str, Any]:
+        return {"op": "allocate", "namespace": "default",
+                "args": {"user_id": user, "event_type": "llm", "amount": "2",
+                         "unit": "tokens", "idempotency_key": key}}  # fmt: skip
+
+    holder = psycopg.connect(db_url)
+    try:
+        holder.execute(
+            "SELECT * FROM meter.apply_events(%s, NULL, true)",
+            (Jsonb([event("carol", "kb"), event("dave", "other")]),),
+        ).fetchall()
+        threading.Timer(1.0, holder.commit).start()
+        granted = run({"METER_DATABASE_URL": db_url}, "grant", "--user", "carol", *LLM,
+                      "--amount", "2", *WHO, "--idempotency-key", "kb", "--json")  # fmt: skip
+    finally:
+        holder.close()
+    assert as_json(granted)["replayed"] is True, granted.output
+    assert client.get_balance("carol", "llm", "tokens")["balance"] == D(2)
+
+
+def test_a_grant_on_a_schema_behind_the_command_or_a_bad_url_writes_nothing(
+    db_url: str, db: Any, snapshot: Any
+) -> None:
+    # Before sql/027 a replay cannot be told from a write: the command refuses to guess.
+    newest = db.execute(
+        "DELETE FROM meter.schema_migrations WHERE version = (SELECT max(version) "
+        "FROM meter.schema_migrations WHERE version ~ '^[0-9]') RETURNING version"
+    ).fetchone()["version"]
+    before = snapshot()
+    behind = run({"METER_DATABASE_URL": db_url}, "grant", "--user", "erin", *LLM,
+                 "--amount", "1", *WHO)  # fmt: skip
+    assert behind.exit_code == EXIT_PROBLEMS, behind.output
+    assert f"not applied, from {newest}): run `meter migrate` first" in behind.stderr
+    bad = run({"METER_DATABASE_URL": db_url + "?connect_timeout=abc"}, "grant", "--user",
+              "erin", *LLM, "--amount", "1", *WHO)  # fmt: skip
+    assert bad.exit_code == EXIT_USAGE and "database_url" in bad.stderr, bad.output
+    assert snapshot() == before
+
+
+def test_a_replay_setting_left_on_by_default_does_not_pass_a_write_for_a_replay(
+    db_url: str, db: Any, client: Any
+) -> None:
+    name = db.execute("SELECT current_database() AS d").fetchone()["d"]
+    db.execute(f'ALTER DATABASE "{name}" SET meter.replayed = on')
+    fresh = as_json(run({"METER_DATABASE_URL": db_url}, "grant", "--user", "frank", *LLM,
+                        "--amount", "3", *WHO, "--json"))  # fmt: skip
+    assert fresh["replayed"] is False and fresh["balance"] == D(3)
 
 
 def test_grant_prints_names_as_they_are(env: dict[str, str], client: Any) -> None:
