@@ -172,10 +172,12 @@ class EventHandle:
         Parameters:
             timeout: seconds to wait in all (``None``: forever). A wait that starts while
                 the broker's Redis does not answer raises ``MeterConnectionError`` after
-                some 4 x the producer's ``broker_timeout``, possibly past ``timeout``; one
-                already waiting when Redis stops answering raises it within some 5 s
-                plus ``broker_timeout`` (it reads the stored outcome every 5 s, which also
-                finds an outcome whose notification was lost).
+                some 4 x the producer's ``broker_timeout``, possibly past ``timeout``. A
+                wait longer than 5 s + ``broker_timeout`` (``None`` included) reads the
+                stored outcome every 5 s: it finds an outcome whose notification was
+                lost, and when Redis stops answering it raises ``MeterConnectionError``
+                within about 5 s + ``broker_timeout``, never past ``timeout``; a shorter
+                wait then ends at ``timeout``.
 
         Returns:
             The SQL result as ``MeterClient`` returns it: a dict with ``Decimal``
@@ -376,6 +378,7 @@ class MeterProducer:
             "retry_policy": dict(_RESULT_RETRY_POLICY),
         }
         self._app.conf.update(config)
+        self._broker_timeout = timeout
         self._closed = False
         # Set when the first close() has finished; a close() made meanwhile waits for it.
         self._close_done = threading.Event()
@@ -1026,29 +1029,71 @@ class MeterProducer:
 
     def _fetch(self, task_id: str, deadline: float | None) -> Any:
         async_result = self._app.AsyncResult(task_id)
-        while True:  # in slices of _WAIT_SLICE, each of which reads the stored outcome first
-            remaining = None if deadline is None else deadline - time.monotonic()
-            wait = _WAIT_SLICE if remaining is None else max(min(remaining, _WAIT_SLICE), 0.001)
-            try:
-                value = async_result.get(timeout=wait, propagate=False)
-                break
-            except CeleryTimeoutError:
-                if remaining is not None and remaining <= _WAIT_SLICE:
-                    raise TimeoutError(f"no outcome for task {task_id} yet") from None
-            # The event was sent; only its outcome is unknown.
-            except Exception as exc:
-                if not _broker_unreachable(exc):
-                    raise  # not the connection's: "never call result.get() within a task"...
-                raise MeterConnectionError(
-                    f"the outcome of task {task_id} could not be read (the event was sent; "
-                    f"wait again once the broker answers): {str(exc).strip()}"
-                ) from exc
+        try:
+            value = self._wait_for(async_result, task_id, deadline)
+        except BaseException:
+            # Celery unsubscribes from a result when its AsyncResult is collected: at any
+            # moment, in any thread, retrying for seconds if Redis is down just then (and
+            # only printing the error). A wait that did not end in an outcome leaves the
+            # subscription to its connection instead: a later wait for the task reuses it,
+            # and close() ends it.
+            async_result.backend = None
+            raise
         if isinstance(value, BaseException) or async_result.state != "SUCCESS":
             raise MeterError(f"task {task_id} failed: {value!r}")
         return value
 
+    def _wait_for(self, async_result: Any, task_id: str, deadline: float | None) -> Any:
+        """The outcome stored for ``async_result``, in slices of _WAIT_SLICE."""
+        refused = 0  # reads refused in a row: Redis restarting
+        while True:  # each slice reads the stored outcome first
+            remaining = None if deadline is None else deadline - time.monotonic()
+            # Another slice only if its read (up to broker_timeout) can end by the deadline.
+            last = remaining is not None and remaining - _WAIT_SLICE <= self._broker_timeout
+            try:
+                value = async_result.get(
+                    timeout=max(remaining, 0.001) if last and remaining is not None
+                    else _WAIT_SLICE,
+                    propagate=False,
+                )  # fmt: skip
+                break
+            except CeleryTimeoutError:
+                if last:
+                    raise TimeoutError(f"no outcome for task {task_id} yet") from None
+                refused = 0
+            # The event was sent; only its outcome is unknown.
+            except Exception as exc:
+                if not _broker_unreachable(exc):
+                    raise  # not the connection's: "never call result.get() within a task"...
+                # Refused (not: no answer): ride out a restart, as the subscription does.
+                pause = _restart_pause(refused)
+                if (
+                    isinstance(exc, RedisConnectionError)
+                    and pause is not None
+                    and (deadline is None or deadline - time.monotonic() > pause)
+                ):
+                    refused += 1
+                    time.sleep(pause)
+                    continue
+                raise MeterConnectionError(
+                    f"the outcome of task {task_id} could not be read (the event was sent; "
+                    f"wait again once the broker answers): {str(exc).strip()}"
+                ) from exc
+        return value
+
 
 _UNREACHABLE: Final = (KombuOperationalError, RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def _restart_pause(retries: int) -> float | None:
+    """Seconds to wait before retry ``retries + 1`` of a refused read, by
+    ``_RESULT_RETRY_POLICY``; None once its retries are spent."""
+    policy = _RESULT_RETRY_POLICY
+    if retries >= policy["max_retries"]:
+        return None
+    return float(
+        min(policy["interval_start"] + retries * policy["interval_step"], policy["interval_max"])
+    )
 
 
 def _broker_unreachable(exc: BaseException) -> bool:

@@ -1310,6 +1310,84 @@ def test_a_wait_without_timeout_ends_when_redis_stops_answering_and_finds_a_miss
             producer.close()
 
 
+def test_a_wait_keeps_to_its_timeout_and_rides_out_a_restart_between_its_reads(
+    tmp_path, monkeypatch
+):
+    # A wait re-reads its stored outcome every 5 s (above). That read must neither carry a
+    # wait past its own timeout when Redis stops answering, nor end a wait because Redis
+    # was restarting at that moment: the subscription rides such a restart out.
+    import os
+    import signal
+
+    from celery import Celery
+    from celery.result import AsyncResult
+
+    from meter.embedded import EmbeddedRedis, free_port
+    from meter.producer import MeterProducer
+
+    outcome = {"ok": True, "status": "applied", "result": {
+        "success": True, "balance": "-1", "available": "-1", "entry_id": 1}}  # fmt: skip
+    port = free_port()
+    servers = [EmbeddedRedis(tmp_path / "redis", port=port).start()]
+    try:
+        url = servers[0].url()
+        # 1. Redis stops answering 2 s into wait(timeout=6): TimeoutError at 6 s, not after
+        #    one more read of broker_timeout (10 s).
+        patient = MeterProducer(url, "default", broker_timeout=10, results=True)
+        try:
+            handle = patient.consume("u1", ET, 1, UNIT, idempotency_key="patient")
+            running = servers[0]._running()
+            assert running is not None
+            threading.Timer(2.0, os.kill, (running[0], signal.SIGSTOP)).start()
+            started = time.monotonic()
+            try:
+                with pytest.raises(TimeoutError):
+                    handle.wait(timeout=6)
+                waited = time.monotonic() - started
+            finally:
+                time.sleep(0.1)
+                os.kill(running[0], signal.SIGCONT)
+            assert waited < 7.5, f"wait(timeout=6) ended after {waited:.1f} s"
+        finally:
+            patient.close()
+
+        # 2. Redis is down for 1 s just as the wait's second read starts: ridden out.
+        producer = MeterProducer(url, "default", broker_timeout=1, results=True)
+        try:
+            handle = producer.consume("u1", ET, 1, UNIT, idempotency_key="restart")
+            reads: list[float] = []
+            get = AsyncResult.get
+
+            def restart_at_the_second_read(self: AsyncResult, *args: Any, **kw: Any) -> Any:
+                reads.append(time.monotonic())
+                if len(reads) == 2:
+                    servers[0].stop()
+
+                    def start() -> None:
+                        time.sleep(1.0)
+                        servers[0] = EmbeddedRedis(tmp_path / "redis", port=port).start()
+
+                    threading.Thread(target=start, daemon=True).start()
+                return get(self, *args, **kw)
+
+            monkeypatch.setattr(AsyncResult, "get", restart_at_the_second_read)
+
+            def store() -> None:
+                backend = Celery("results", set_as_current=False)
+                backend.conf.update(wire.celery_config(url))
+                backend.backend.store_result(handle.task_id, outcome, "SUCCESS")
+
+            timer = threading.Timer(8.0, store)
+            timer.start()
+            assert handle.wait(timeout=30)["balance"] == Decimal(-1)
+            timer.join()
+            assert len(reads) >= 2
+        finally:
+            producer.close()
+    finally:
+        servers[0].stop()
+
+
 def test_a_broker_that_stops_answering_leaves_the_publish_in_doubt(tmp_path):
     # A paused Redis keeps its connections open: without a socket timeout the publish
     # would wait for good. It must give up with the event and its key, and whatever the
