@@ -232,10 +232,11 @@ _WRITE_TRIES: Final = 4
 
 
 def _write_in_transaction(
-    database_url: str | None, namespace: str, write: Callable[[Any], dict[str, Any]]
+    conn: Any, namespace: str, write: Callable[[Any], dict[str, Any]]
 ) -> tuple[dict[str, Any], bool]:
-    """Run ``write(client)`` in one transaction of its own and return its result and
-    whether it replayed an earlier run rather than writing.
+    """Run ``write(client)`` in one transaction of its own on ``conn`` (from
+    :func:`_connect`; closed after) and return its result and whether it replayed an
+    earlier run rather than writing.
 
     ``meter._replay`` says so in the transaction-local setting ``meter.replayed``
     (sql/027), read before COMMIT: once committed, a call can no longer say. A database
@@ -249,7 +250,6 @@ def _write_in_transaction(
     from meter.errors import MeterError, from_psycopg
     from meter.migrate import pending
 
-    conn = _connect(database_url)
     try:
         behind = pending(conn)
         if behind:
@@ -550,8 +550,9 @@ def _write_by_hand(
         return write(client, user, quantity, key)
 
     with _cli_errors():
+        conn = _connect(database_url)  # not reached: nothing was written, no hint
         try:
-            result, replayed = _write_in_transaction(database_url, namespace, write_as_actor)
+            result, replayed = _write_in_transaction(conn, namespace, write_as_actor)
         except MeterConnectionError as exc:
             # lost at the COMMIT, it may have been written: the key makes a rerun safe
             raise MeterConnectionError(

@@ -1029,16 +1029,7 @@ class MeterProducer:
 
     def _fetch(self, task_id: str, deadline: float | None) -> Any:
         async_result = self._app.AsyncResult(task_id)
-        try:
-            value = self._wait_for(async_result, task_id, deadline)
-        except BaseException:
-            # Celery unsubscribes from a result when its AsyncResult is collected: at any
-            # moment, in any thread, retrying for seconds if Redis is down just then (and
-            # only printing the error). A wait that did not end in an outcome leaves the
-            # subscription to its connection instead: a later wait for the task reuses it,
-            # and close() ends it.
-            async_result.backend = None
-            raise
+        value = self._wait_for(async_result, task_id, deadline)
         if isinstance(value, BaseException) or async_result.state != "SUCCESS":
             raise MeterError(f"task {task_id} failed: {value!r}")
         return value

@@ -206,6 +206,7 @@ def test_grant_and_adjust_refusals_change_nothing(
     assert snapshot() == after
     gone = run({"METER_DATABASE_URL": UNREACHABLE_DB}, *grant, "--amount", "1", *WHO)
     assert gone.exit_code == EXIT_UNREACHABLE and "idempotency key" in gone.stderr
+    assert "if unsure whether it was written" not in gone.stderr  # it cannot have been
     malformed = run({"METER_DATABASE_URL": "host=x port"}, *grant, "--amount", "1", *WHO)
     assert malformed.exit_code == EXIT_USAGE and "database_url" in malformed.stderr
     # a replay of a key another command used is a conflict, not a replay

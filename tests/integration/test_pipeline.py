@@ -1179,6 +1179,7 @@ def test_close_that_cannot_send_hands_over_the_buffer(
 def test_with_results_a_broker_that_stops_answering_ends_the_publish_and_the_wait(tmp_path):
     # With results, Celery subscribes to the result (publish) and reads it (wait) through
     # the result backend's own connections: a paused Redis held both for 20 x 120 s.
+    import gc
     import os
     import signal
 
@@ -1239,6 +1240,8 @@ def test_with_results_a_broker_that_stops_answering_ends_the_publish_and_the_wai
             assert sent.wait(timeout=10)["balance"] == Decimal(-1)
             timer.join()
             print(f"publish and wait gave up within {waited:.1f} s")
+            outcomes.clear()  # the failed wait's AsyncResult is unsubscribed when collected:
+            gc.collect()  # while Redis is up
         finally:
             producer.close()
 
@@ -1249,6 +1252,7 @@ def test_a_wait_without_timeout_ends_when_redis_stops_answering_and_finds_a_miss
     # A wait reads its outcome from a subscription. Redis stopping to answer while the wait
     # is under way, or an outcome published while the subscription could not hear it (a
     # connection silently dead), used to leave a wait(timeout=None) waiting for good.
+    import gc
     import os
     import signal
 
@@ -1305,6 +1309,8 @@ def test_a_wait_without_timeout_ends_when_redis_stops_answering_and_finds_a_miss
                 os.kill(pid, signal.SIGCONT)
             assert isinstance(raised[0], MeterConnectionError), raised
             assert "the event was sent" in str(raised[0])
+            raised.clear()  # its AsyncResult is unsubscribed when collected: while Redis is up
+            gc.collect()
             print(f"a wait under way gave up {waited:.1f} s after Redis stopped answering")
         finally:
             producer.close()
@@ -1316,6 +1322,7 @@ def test_a_wait_keeps_to_its_timeout_and_rides_out_a_restart_between_its_reads(
     # A wait re-reads its stored outcome every 5 s (above). That read must neither carry a
     # wait past its own timeout when Redis stops answering, nor end a wait because Redis
     # was restarting at that moment: the subscription rides such a restart out.
+    import gc
     import os
     import signal
 
@@ -1341,15 +1348,21 @@ def test_a_wait_keeps_to_its_timeout_and_rides_out_a_restart_between_its_reads(
             threading.Timer(2.0, os.kill, (running[0], signal.SIGSTOP)).start()
             started = time.monotonic()
             try:
-                with pytest.raises(TimeoutError):
+                with pytest.raises(TimeoutError) as timed_out:
                     handle.wait(timeout=6)
                 waited = time.monotonic() - started
             finally:
                 time.sleep(0.1)
                 os.kill(running[0], signal.SIGCONT)
             assert waited < 7.5, f"wait(timeout=6) ended after {waited:.1f} s"
+            del timed_out
         finally:
             patient.close()
+        # Celery unsubscribes a result waited for in vain when the result, or the closed
+        # producer's app that keeps it, is collected: now, while Redis answers, not in the
+        # restart below or after the server stopped (it would retry, then warn)
+        del patient
+        gc.collect()
 
         # 2. Redis is down for 1 s just as the wait's second read starts: ridden out.
         producer = MeterProducer(url, "default", broker_timeout=1, results=True)
@@ -1384,8 +1397,43 @@ def test_a_wait_keeps_to_its_timeout_and_rides_out_a_restart_between_its_reads(
             assert len(reads) >= 2
         finally:
             producer.close()
+        del producer
+        gc.collect()
     finally:
         servers[0].stop()
+
+
+def test_a_wait_that_timed_out_waits_again_and_spoils_no_other_wait(tmp_path):
+    # A wait that ends without its outcome leaves Celery's bookkeeping of waiters as Celery
+    # keeps it: the outcome arriving later is read by the next wait for the task, and does
+    # not disturb a wait for another task that is reading the subscription meanwhile.
+    from celery import Celery
+
+    from meter.embedded import EmbeddedRedis
+    from meter.producer import MeterProducer
+
+    def outcome(balance: str) -> dict[str, Any]:
+        return {"ok": True, "status": "applied", "result": {
+            "success": True, "balance": balance, "available": balance, "entry_id": 1}}  # fmt: skip
+
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        producer = MeterProducer(server.url(), "default", broker_timeout=1, results=True)
+        backend = Celery("results", set_as_current=False)
+        backend.conf.update(wire.celery_config(server.url()))
+        try:
+            first = producer.consume("u1", ET, 1, UNIT, idempotency_key="first")
+            other = producer.consume("u1", ET, 2, UNIT, idempotency_key="other")
+            with pytest.raises(TimeoutError):
+                first.wait(timeout=0.5)
+            for delay, handle, balance in ((1.0, first, "-1"), (2.0, other, "-3")):
+                threading.Timer(
+                    delay, backend.backend.store_result,
+                    (handle.task_id, outcome(balance), "SUCCESS"),
+                ).start()  # fmt: skip
+            assert other.wait(timeout=10)["balance"] == Decimal(-3)
+            assert first.wait(timeout=10)["balance"] == Decimal(-1)
+        finally:
+            producer.close()
 
 
 def test_a_broker_that_stops_answering_leaves_the_publish_in_doubt(tmp_path):
