@@ -1029,15 +1029,8 @@ class MeterProducer:
 
     def _fetch(self, task_id: str, deadline: float | None) -> Any:
         async_result = self._app.AsyncResult(task_id)
-        value = self._wait_for(async_result, task_id, deadline)
-        if isinstance(value, BaseException) or async_result.state != "SUCCESS":
-            raise MeterError(f"task {task_id} failed: {value!r}")
-        return value
-
-    def _wait_for(self, async_result: Any, task_id: str, deadline: float | None) -> Any:
-        """The outcome stored for ``async_result``, in slices of _WAIT_SLICE."""
         refused = 0  # reads refused in a row: Redis restarting
-        while True:  # each slice reads the stored outcome first
+        while True:  # in slices of _WAIT_SLICE, each of which reads the stored outcome first
             remaining = None if deadline is None else deadline - time.monotonic()
             # Another slice only if its read (up to broker_timeout) can end by the deadline.
             last = remaining is not None and remaining - _WAIT_SLICE <= self._broker_timeout
@@ -1070,6 +1063,8 @@ class MeterProducer:
                     f"the outcome of task {task_id} could not be read (the event was sent; "
                     f"wait again once the broker answers): {str(exc).strip()}"
                 ) from exc
+        if isinstance(value, BaseException) or async_result.state != "SUCCESS":
+            raise MeterError(f"task {task_id} failed: {value!r}")
         return value
 
 
