@@ -248,10 +248,10 @@ def _write_in_transaction(
 
     from meter.client import _RETRY_SQLSTATES, MeterClient
     from meter.errors import MeterError, from_psycopg
-    from meter.migrate import pending
+    from meter.migrate import pending, recorded_versions
 
     try:
-        behind = pending(conn)
+        behind = pending(recorded_versions(conn))
         if behind:
             raise MeterError(
                 f"the database's schema is behind this meter ({len(behind)} migration(s) not "

@@ -277,11 +277,18 @@ def recorded_versions(conn: psycopg.Connection[Any]) -> set[str]:
     return {v for (v,) in cur.execute("SELECT version FROM meter.schema_migrations")}
 
 
-def pending(conn: psycopg.Connection[Any]) -> list[str]:
-    """The versions of this package's migrations not applied to ``conn``'s database, in
-    order (all of them for a database never migrated)."""
-    recorded = recorded_versions(conn)
+def pending(recorded: set[str]) -> list[str]:
+    """The versions of this package's migrations not among ``recorded``
+    (:func:`recorded_versions`), in order."""
     return [m.version for m in discover() if m.version not in recorded]
+
+
+def newest(versions: set[str]) -> str | None:
+    """The newest of these migration versions (None for none), by numeric prefix, not as
+    text: '1000_x' comes after '999_y'."""
+    if not versions:
+        return None
+    return max(versions, key=lambda v: (int(v.split("_", 1)[0]) if v[:1].isdigit() else -1, v))
 
 
 def schema_version(conninfo: str) -> str | None:
@@ -291,13 +298,4 @@ def schema_version(conninfo: str) -> str | None:
     except psycopg.OperationalError as exc:
         raise MeterConnectionError(f"cannot connect to the database: {exc}") from exc
     with conn:
-        row = conn.execute("SELECT to_regclass('meter.schema_migrations') IS NOT NULL").fetchone()
-        if row is None or not row[0]:
-            return None
-        versions = [
-            v for (v,) in conn.execute("SELECT version FROM meter.schema_migrations").fetchall()
-        ]
-    if not versions:
-        return None
-    # Order by the numeric prefix, not as text: '1000_x' comes after '999_y'.
-    return max(versions, key=lambda v: (int(v.split("_", 1)[0]) if v[:1].isdigit() else -1, v))
+        return newest(recorded_versions(conn))

@@ -47,7 +47,7 @@ def redact(url: str) -> str:
 
 
 def _database(url: str) -> dict[str, Any]:
-    from meter.migrate import discover, recorded_versions
+    from meter.migrate import newest, pending, recorded_versions
 
     out: dict[str, Any] = {
         "url": redact(url),
@@ -65,14 +65,10 @@ def _database(url: str) -> dict[str, Any]:
         out["error"] = _one_line(exc)
         return out
     out["reachable"] = True
-    available = [m.version for m in discover()]
     with conn:
         recorded = recorded_versions(conn)
-        if recorded:
-            out["schema_version"] = max(
-                recorded, key=lambda v: (int(v.split("_", 1)[0]) if v[:1].isdigit() else -1, v)
-            )
-        out["pending_migrations"] = [v for v in available if v not in recorded]
+        out["schema_version"] = newest(recorded)
+        out["pending_migrations"] = pending(recorded)
         if not recorded:
             return out
         try:
