@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import click
 from rich.console import Console
@@ -226,11 +226,6 @@ def _connect(database_url: str | None) -> Any:
         raise MeterConnectionError(f"cannot connect to the database: {str(exc).strip()}") from exc
 
 
-# Tries of a hand-made write whose transaction met a deadlock or an idempotency key claimed
-# concurrently (40P01, 40001): it was rolled back whole, so it is run again.
-_WRITE_TRIES: Final = 4
-
-
 def _write_in_transaction(
     conn: Any, namespace: str, write: Callable[[Any], dict[str, Any]]
 ) -> tuple[dict[str, Any], bool]:
@@ -246,7 +241,7 @@ def _write_in_transaction(
     """
     import psycopg
 
-    from meter.client import _RETRY_SQLSTATES, MeterClient
+    from meter.client import MeterClient, _retry_pause
     from meter.errors import MeterError, from_psycopg
     from meter.migrate import pending, recorded_versions
 
@@ -257,7 +252,7 @@ def _write_in_transaction(
                 f"the database's schema is behind this meter ({len(behind)} migration(s) not "
                 f"applied, from {behind[0]}): run `meter migrate` first; nothing was written"
             )
-        tries = 0
+        retries = 0
         while True:
             try:
                 with conn.transaction():  # BEGIN ... COMMIT; the call runs in a savepoint
@@ -267,11 +262,14 @@ def _write_in_transaction(
                         "SELECT current_setting('meter.replayed', true) = 'on'"
                     ).fetchone()
                 return result, bool(row and row[0])
+            # A deadlock or a key claimed concurrently rolled it back whole: run it again,
+            # as the SDK runs again a call that is its own transaction.
             except MeterError as exc:
-                tries += 1
-                if exc.sqlstate not in _RETRY_SQLSTATES or tries == _WRITE_TRIES:
+                pause = _retry_pause(exc.sqlstate, retries)
+                if pause is None:
                     raise
-            time.sleep(0.005 * 2**tries)
+                time.sleep(pause)
+                retries += 1
     except psycopg.Error as exc:  # BEGIN, COMMIT and the checks: the calls raise MeterError
         raise from_psycopg(exc) from exc
     finally:

@@ -75,6 +75,15 @@ _COLUMNS: dict[str, tuple[str, ...]] = {}
 _RETRY_SQLSTATES: Final = frozenset({"40001", "40P01"})
 _RETRIES: Final = 3
 
+
+def _retry_pause(sqlstate: str | None, retries: int) -> float | None:
+    """Seconds to wait before running again a transaction that ``sqlstate`` rolled back
+    whole, after ``retries`` retries; None when it is not to be run again."""
+    if sqlstate not in _RETRY_SQLSTATES or retries >= _RETRIES:
+        return None
+    return 0.005 * 2**retries
+
+
 # A call that is safe to run again (a read, a write carrying its key) and whose connection
 # broke under it is run again this often, each time on another connection.
 _RECONNECTS: Final = 2
@@ -581,9 +590,9 @@ class MeterClient:
                 # (40001): the call was its own transaction and was rolled back whole, so
                 # running it again is safe -- and replays the key. Not inside a caller's
                 # transaction, which is theirs to retry.
-                retryable = own_transaction and exc.sqlstate in _RETRY_SQLSTATES
-                if retryable and retries < _RETRIES:
-                    time.sleep(0.005 * 2**retries)
+                pause = _retry_pause(exc.sqlstate, retries) if own_transaction else None
+                if pause is not None:
+                    time.sleep(pause)
                     retries += 1
                     continue
                 raise error from exc
