@@ -1176,14 +1176,29 @@ def test_close_that_cannot_send_hands_over_the_buffer(
     assert balance(client)["reserved"] == D(4)
 
 
+def store_outcome(
+    broker_url: str, task_id: str, balance: str = "-1", *, publish: bool = True
+) -> None:
+    """Store an applied consume's outcome for ``task_id`` as a worker would (no worker runs
+    on the tests' own Redis); ``publish=False``: without telling the subscribers."""
+    from celery import Celery
+
+    backend = Celery("results", set_as_current=False)
+    backend.conf.update(wire.celery_config(broker_url))
+    store = backend.backend
+    if not publish:  # Celery's _set writes the key and publishes it in one pipeline
+        store._set = lambda key, value, expires=None: store.client.set(key, value)
+    outcome = {"ok": True, "status": "applied", "result": {
+        "success": True, "balance": balance, "available": balance, "entry_id": 1}}  # fmt: skip
+    store.store_result(task_id, outcome, "SUCCESS")
+
+
 def test_with_results_a_broker_that_stops_answering_ends_the_publish_and_the_wait(tmp_path):
     # With results, Celery subscribes to the result (publish) and reads it (wait) through
     # the result backend's own connections: a paused Redis held both for 20 x 120 s.
     import gc
     import os
     import signal
-
-    from celery import Celery
 
     from meter.embedded import EmbeddedRedis
     from meter.producer import MeterProducer
@@ -1229,13 +1244,7 @@ def test_with_results_a_broker_that_stops_answering_ends_the_publish_and_the_wai
 
             # Redis answers again: the same producer waits for an outcome, as a worker
             # stores it (here stored by hand: no worker runs on this Redis).
-            backend = Celery("results", set_as_current=False)
-            backend.conf.update(wire.celery_config(server.url()))
-            outcome = {"ok": True, "status": "applied", "result": {
-                "success": True, "balance": "-1", "available": "-1", "entry_id": 1}}  # fmt: skip
-            timer = threading.Timer(
-                0.5, backend.backend.store_result, (sent.task_id, outcome, "SUCCESS")
-            )
+            timer = threading.Timer(0.5, store_outcome, (server.url(), sent.task_id))
             timer.start()
             assert sent.wait(timeout=10)["balance"] == Decimal(-1)
             timer.join()
@@ -1256,8 +1265,6 @@ def test_a_wait_without_timeout_ends_when_redis_stops_answering_and_finds_a_miss
     import os
     import signal
 
-    from celery import Celery
-
     from meter.embedded import EmbeddedRedis
     from meter.producer import MeterProducer
 
@@ -1266,10 +1273,6 @@ def test_a_wait_without_timeout_ends_when_redis_stops_answering_and_finds_a_miss
         assert running is not None
         pid = running[0]
         producer = MeterProducer(server.url(), "default", broker_timeout=1, results=True)
-        backend = Celery("results", set_as_current=False)
-        backend.conf.update(wire.celery_config(server.url()))
-        outcome = {"ok": True, "status": "applied", "result": {
-            "success": True, "balance": "-1", "available": "-1", "entry_id": 1}}  # fmt: skip
         try:
             # 1. The outcome is stored but its publication is lost: found all the same.
             missed = producer.consume("u1", ET, 1, UNIT, idempotency_key="missed")
@@ -1279,9 +1282,7 @@ def test_a_wait_without_timeout_ends_when_redis_stops_answering_and_finds_a_miss
             )
             waiter.start()
             time.sleep(0.5)  # the wait is subscribed and reading
-            store = backend.backend
-            store._set = lambda key, value, expires=None: store.client.set(key, value)
-            store.store_result(missed.task_id, outcome, "SUCCESS")  # no PUBLISH
+            store_outcome(server.url(), missed.task_id, publish=False)
             waiter.join(timeout=30)
             assert not waiter.is_alive(), "a stored outcome was not found within 30 s"
             assert got["result"]["balance"] == Decimal(-1)
@@ -1326,14 +1327,11 @@ def test_a_wait_keeps_to_its_timeout_and_rides_out_a_restart_between_its_reads(
     import os
     import signal
 
-    from celery import Celery
     from celery.result import AsyncResult
 
     from meter.embedded import EmbeddedRedis, free_port
     from meter.producer import MeterProducer
 
-    outcome = {"ok": True, "status": "applied", "result": {
-        "success": True, "balance": "-1", "available": "-1", "entry_id": 1}}  # fmt: skip
     port = free_port()
     servers = [EmbeddedRedis(tmp_path / "redis", port=port).start()]
     try:
@@ -1385,12 +1383,7 @@ def test_a_wait_keeps_to_its_timeout_and_rides_out_a_restart_between_its_reads(
 
             monkeypatch.setattr(AsyncResult, "get", restart_at_the_second_read)
 
-            def store() -> None:
-                backend = Celery("results", set_as_current=False)
-                backend.conf.update(wire.celery_config(url))
-                backend.backend.store_result(handle.task_id, outcome, "SUCCESS")
-
-            timer = threading.Timer(8.0, store)
+            timer = threading.Timer(8.0, store_outcome, (url, handle.task_id))
             timer.start()
             assert handle.wait(timeout=30)["balance"] == Decimal(-1)
             timer.join()
@@ -1407,19 +1400,12 @@ def test_a_wait_that_timed_out_waits_again_and_spoils_no_other_wait(tmp_path):
     # A wait that ends without its outcome leaves Celery's bookkeeping of waiters as Celery
     # keeps it: the outcome arriving later is read by the next wait for the task, and does
     # not disturb a wait for another task that is reading the subscription meanwhile.
-    from celery import Celery
 
     from meter.embedded import EmbeddedRedis
     from meter.producer import MeterProducer
 
-    def outcome(balance: str) -> dict[str, Any]:
-        return {"ok": True, "status": "applied", "result": {
-            "success": True, "balance": balance, "available": balance, "entry_id": 1}}  # fmt: skip
-
     with EmbeddedRedis(tmp_path / "redis") as server:
         producer = MeterProducer(server.url(), "default", broker_timeout=1, results=True)
-        backend = Celery("results", set_as_current=False)
-        backend.conf.update(wire.celery_config(server.url()))
         try:
             first = producer.consume("u1", ET, 1, UNIT, idempotency_key="first")
             other = producer.consume("u1", ET, 2, UNIT, idempotency_key="other")
@@ -1427,9 +1413,8 @@ def test_a_wait_that_timed_out_waits_again_and_spoils_no_other_wait(tmp_path):
                 first.wait(timeout=0.5)
             for delay, handle, balance in ((1.0, first, "-1"), (2.0, other, "-3")):
                 threading.Timer(
-                    delay, backend.backend.store_result,
-                    (handle.task_id, outcome(balance), "SUCCESS"),
-                ).start()  # fmt: skip
+                    delay, store_outcome, (server.url(), handle.task_id, balance)
+                ).start()
             assert other.wait(timeout=10)["balance"] == Decimal(-3)
             assert first.wait(timeout=10)["balance"] == Decimal(-1)
         finally:
