@@ -393,6 +393,14 @@ class MeterProducer:
         self._wakeup = threading.Condition(self._lock)
         self._batch: _Batch | None = None
         self._unsent: deque[_Batch] = deque()
+        # The threads of calls sending the batch they filled (one entry per call), which
+        # close() waits for before it flushes: a batch such a call fails to send goes back
+        # to _unsent, where that flush finds it. _filled is notified as each one ends.
+        self._fillers: list[int] = []
+        self._filled = threading.Condition(self._lock)
+        # Set (under _lock) when close() starts its flush; a filler ending after that has
+        # nobody left to send its batch-mates.
+        self._close_flushing = False
         self._linger_thread: threading.Thread | None = None
         self._atexit: Callable[[], None] | None = None
         if self._buffered:
@@ -492,6 +500,14 @@ class MeterProducer:
                 )
             return
         try:
+            with self._lock:
+                # A call that filled a batch before this close() has taken it out of the
+                # buffer: wait until it has sent it or put it back. (Not for one on this
+                # thread: a signal handler that closes inside that call.)
+                me = threading.get_ident()
+                while any(filler != me for filler in self._fillers):
+                    self._filled.wait()
+                self._close_flushing = True
             self._flush(hand_over=True, empty=True)
         except BaseException as exc:
             self._close_error = exc
@@ -897,12 +913,18 @@ class MeterProducer:
             batch.want_result = batch.want_result or want
             if index + 1 >= self._batch_size:
                 full, self._batch = batch, None
+                self._fillers.append(threading.get_ident())
         if full is not None:
             # Sent by the caller that filled it: back-pressure instead of an unbounded buffer.
             # If that fails, this call raises with its own event in the error (no handle):
             # the event is the caller's to send again, so it does not stay buffered too.
-            with self._send_lock:
-                self._send_batch(full, own=index)
+            try:
+                with self._send_lock:
+                    self._send_batch(full, own=index)
+            finally:
+                with self._lock:
+                    self._fillers.remove(threading.get_ident())
+                    self._filled.notify_all()
         return EventHandle(self, op, key, rid, batch.task_id, want, batch, index)
 
     def _send_batch(self, batch: _Batch, own: int | None = None) -> None:
@@ -928,9 +950,10 @@ class MeterProducer:
                 raise
             mine = batch.events.pop(own)
             with self._lock:
-                # The others stay buffered and go again with their keys, unless close()
-                # flushed while this call held them: then nobody would send them again.
-                orphaned = self._closed
+                # The others stay buffered and go again with their keys: close() waits for
+                # this call before it flushes. Unless close() runs on this very thread (a
+                # signal handler inside this call) and has flushed: nobody would send them.
+                orphaned = self._close_flushing
                 if batch.events and not orphaned:
                     self._unsent.appendleft(batch)
             if isinstance(exc, PublishError):
@@ -1003,6 +1026,8 @@ class MeterProducer:
         self._wakeup = threading.Condition(self._lock)
         self._batch = None
         self._unsent = deque()
+        self._fillers = []
+        self._filled = threading.Condition(self._lock)
         self._linger_thread = None
 
     # ------------------------------------------------------------------ results

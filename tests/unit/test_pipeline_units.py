@@ -290,6 +290,58 @@ def test_close_racing_calls_that_fill_batches_hands_every_event_back():
     assert not producer._unsent and producer._batch is None
 
 
+def test_close_sends_the_batch_mates_of_a_call_that_failed_otherwise_than_by_the_broker():
+    """A call that filled a batch takes it out of the buffer to send it. If close() comes
+    meanwhile and that send fails with an error that is not the broker's (so it carries
+    no events), close() still sends the call's batch-mates: it waits for the call, which
+    puts them back first. They used to be dropped, sent by nobody."""
+    import threading
+    import time
+
+    from meter.producer import MeterProducer
+
+    producer = MeterProducer("redis://127.0.0.1:1/0", batch_size=2, linger_ms=3_600_000)
+    broker = _HeldBroker(producer, refuse=False)
+    sends = 0
+
+    def send_task(*args: object, **kwargs: object) -> None:
+        nonlocal sends
+        sends += 1
+        if sends == 1:  # the filler's send: held, then failing on its own account
+            broker.sending.set()
+            broker.release.wait(timeout=30)
+            raise ValueError("not the broker's")
+        broker.sent.append(kwargs)
+
+    producer._app.send_task = send_task  # type: ignore[method-assign]
+    producer.consume("u1", "tokens", 1, "tok", idempotency_key="k0")
+    raised: list[BaseException] = []
+
+    def fill() -> None:
+        try:
+            producer.consume("u1", "tokens", 1, "tok", idempotency_key="k1")
+        except BaseException as exc:  # checked below
+            raised.append(exc)
+
+    filler = threading.Thread(target=fill)
+    filler.start()
+    assert broker.sending.wait(timeout=10)
+    closer = threading.Thread(target=producer.close)
+    closer.start()
+    deadline = time.monotonic() + 10
+    while not producer._closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    closer.join(timeout=0.2)
+    assert closer.is_alive()  # close() waits for the filler
+    broker.release.set()
+    for thread in (filler, closer):
+        thread.join(timeout=30)
+    assert [type(exc) for exc in raised] == [ValueError]  # the filler's own event: its error
+    sent = [repr(message) for message in broker.sent]
+    assert len(sent) == 1 and "k0" in sent[0] and "k1" not in sent[0]
+    assert not producer._unsent and producer._batch is None
+
+
 def test_a_close_made_while_another_sends_returns_after_it():
     """Two close() calls at once: the second must not return while the first is still
     sending the buffer, or its caller would take "returned" for "sent"."""
