@@ -12,9 +12,11 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Mapping
 from datetime import date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
+from json.decoder import scanstring
 from json.encoder import encode_basestring
 from typing import Any, Final, Literal, overload
 
@@ -68,6 +70,22 @@ request_id, on_behalf_of and reason."""
 def invalid(name: str, problem: str) -> ValidationError:
     """Build the ValidationError for parameter ``name`` (message ``"name: problem"``)."""
     return ValidationError(f"{name}: {problem}", sqlstate="MT001", parameter=name)
+
+
+def _shown(value: object) -> str:
+    """``value`` for an error message, short: ``repr()`` up to 80 characters, and the size
+    of an integer too long to print (``str()`` of one past 4,300 digits raises)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**80:
+        return f"an integer of {Decimal(value).adjusted() + 1} digits"
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+
+
+def _digits(value: object) -> object:
+    """``str(value)``, or the int itself when too long to print (:func:`_shown` says so)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**80:
+        return value
+    return str(value)
 
 
 def _type_name(value: object) -> str:
@@ -142,7 +160,7 @@ def _to_decimal(value: object, name: str, nullable: bool) -> Decimal | None:
         )
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise invalid(name, f"must be a finite number, got {value!r}")
+            raise invalid(name, f"must be a finite number, got {_shown(value)}")
         d = Decimal(repr(value))
     elif isinstance(value, str):
         text = value.strip()
@@ -152,12 +170,12 @@ def _to_decimal(value: object, name: str, nullable: bool) -> Decimal | None:
             except (InvalidOperation, ValueError):
                 finite = True
             if not finite:
-                raise invalid(name, f"must be a finite number, got {value!r}")
-            raise invalid(name, f"must be a decimal number, got {value!r}")
+                raise invalid(name, f"must be a finite number, got {_shown(value)}")
+            raise invalid(name, f"must be a decimal number, got {_shown(value)}")
         try:
             d = Decimal(text)
         except (InvalidOperation, ValueError):  # exponent out of Decimal's range
-            raise invalid(name, f"is out of range, got {value!r}") from None
+            raise invalid(name, f"is out of range, got {_shown(value)}") from None
     else:
         d = Decimal(value)
     if not d.is_finite():
@@ -177,11 +195,11 @@ def _canonical(d: Decimal, name: str, original: object) -> Decimal:
     integer_digits = max(len(coefficient) + exponent, 0)
     fraction_digits = max(-exponent, 0)
     if integer_digits > MAX_AMOUNT_INTEGER_DIGITS or fraction_digits > MAX_AMOUNT_FRACTION_DIGITS:
-        shown = original if isinstance(original, str) else str(original)
+        shown = _shown(original if isinstance(original, str) else _digits(original))
         raise invalid(
             name,
             f"must have at most {MAX_AMOUNT_INTEGER_DIGITS} digits before the decimal point "
-            f"and {MAX_AMOUNT_FRACTION_DIGITS} after it, got {shown!r}",
+            f"and {MAX_AMOUNT_FRACTION_DIGITS} after it, got {shown}",
         )
     if exponent > 0:
         coefficient.extend([0] * exponent)
@@ -330,7 +348,7 @@ def check_int(
     if isinstance(value, bool) or not isinstance(value, int):
         raise invalid(name, f"must be an integer, got {_type_name(value)}")
     if not min_value <= value <= max_value:
-        raise invalid(name, f"must be between {min_value} and {max_value}, got {value}")
+        raise invalid(name, f"must be between {min_value} and {max_value}, got {_shown(value)}")
     return int(value)
 
 
@@ -348,7 +366,7 @@ def check_limit(value: object, name: str = "limit", *, maximum: int = MAX_LIMIT)
     if isinstance(value, bool) or not isinstance(value, int):
         raise invalid(name, f"must be an integer, got {_type_name(value)}")
     if value < 1:
-        raise invalid(name, f"must be at least 1, got {value}")
+        raise invalid(name, f"must be at least 1, got {_shown(value)}")
     return min(int(value), maximum)
 
 
@@ -492,6 +510,10 @@ def loads(data: str | bytes | bytearray | memoryview) -> Any:
     """Parse JSON text, keeping non-integer numbers exact as ``Decimal``.
 
     Accepts what :func:`json.loads` accepts (bytes in UTF-8, -16 or -32), with its errors.
+    Also what it cannot take, as PostgreSQL stores it: a document nested deeper than
+    Python's recursion allows, and integers longer than Python converts from text (4,300
+    digits; such an integer comes back as a ``Decimal``), both by
+    :func:`_decode_iteratively`.
     """
     if isinstance(data, memoryview):
         data = bytes(data)
@@ -499,7 +521,107 @@ def loads(data: str | bytes | bytearray | memoryview) -> Any:
         data = data.decode(json.detect_encoding(data), "surrogatepass")
     elif not isinstance(data, str) or data.startswith("\ufeff"):
         return json.loads(data, parse_float=Decimal)  # json's own TypeError or BOM error
-    return _DECODER.decode(data)
+    try:
+        return _DECODER.decode(data)
+    except RecursionError:
+        return _decode_iteratively(data)
+    except ValueError as exc:  # a JSONDecodeError, or int()'s limit on digits
+        if isinstance(exc, json.JSONDecodeError):
+            raise
+        return _decode_iteratively(data)
+
+
+_WHITESPACE: Final = re.compile(r"[ \t\n\r]*").match
+_NUMBER: Final = re.compile(r"(-?(?:0|[1-9]\d*))(\.\d+)?([eE][-+]?\d+)?").match
+_CONSTANTS: Final[dict[str, Any]] = {
+    "null": None,
+    "true": True,
+    "false": False,
+    "NaN": float("nan"),  # as json.loads takes them (PostgreSQL never writes them)
+    "Infinity": float("inf"),
+    "-Infinity": float("-inf"),
+}
+
+
+def _decode_iteratively(s: str) -> Any:
+    """Parse JSON text as :func:`loads` does, with a stack of its own instead of
+    recursion: jsonb accepts documents nested beyond what json's scanner can follow in
+    Python's recursion limit, and integers longer than ``int()`` converts
+    (``sys.get_int_max_str_digits()``; kept here as ``Decimal``). Slower than json's C
+    scanner: only for what that scanner cannot take."""
+    containers: list[dict[str, Any] | list[Any]] = []
+    keys: list[str] = []  # the pending key of each open object, innermost last
+    pos = 0
+
+    def key_at(pos: int) -> int:
+        pos = _WHITESPACE(s, pos).end()
+        if not s.startswith('"', pos):
+            raise json.JSONDecodeError("Expecting property name enclosed in double quotes", s, pos)
+        key, pos = scanstring(s, pos + 1)
+        keys.append(key)
+        pos = _WHITESPACE(s, pos).end()
+        if not s.startswith(":", pos):
+            raise json.JSONDecodeError("Expecting ':' delimiter", s, pos)
+        return pos + 1
+
+    while True:
+        pos = _WHITESPACE(s, pos).end()
+        char = s[pos : pos + 1]
+        value: Any
+        if char == "{":
+            if s.startswith("}", after := _WHITESPACE(s, pos + 1).end()):
+                value, pos = {}, after + 1
+            else:
+                containers.append({})
+                pos = key_at(pos + 1)
+                continue
+        elif char == "[":
+            if s.startswith("]", after := _WHITESPACE(s, pos + 1).end()):
+                value, pos = [], after + 1
+            else:
+                containers.append([])
+                pos += 1
+                continue
+        elif char == '"':
+            value, pos = scanstring(s, pos + 1)
+        elif number := _NUMBER(s, pos):
+            integer, fraction, exponent = number.groups()
+            if fraction or exponent:
+                value = Decimal(number.group())
+            else:
+                limit = sys.get_int_max_str_digits()  # 0: no limit
+                digits = len(integer) - integer.startswith("-")
+                value = int(integer) if not limit or digits <= limit else Decimal(integer)
+            pos = number.end()
+        else:
+            for text, constant in _CONSTANTS.items():
+                if s.startswith(text, pos):
+                    value, pos = constant, pos + len(text)
+                    break
+            else:
+                raise json.JSONDecodeError("Expecting value", s, pos)
+        # Put the value in its container; close every container that ends after it.
+        while True:
+            if not containers:
+                end = _WHITESPACE(s, pos).end()
+                if end != len(s):
+                    raise json.JSONDecodeError("Extra data", s, end)
+                return value
+            top = containers[-1]
+            if isinstance(top, dict):
+                top[keys.pop()] = value
+            else:
+                top.append(value)
+            pos = _WHITESPACE(s, pos).end()
+            char = s[pos : pos + 1]
+            if char == ",":
+                pos = key_at(pos + 1) if isinstance(top, dict) else pos + 1
+                break
+            if char == ("}" if isinstance(top, dict) else "]"):
+                value = containers.pop()
+                pos += 1
+                continue
+            raise json.JSONDecodeError("Expecting ',' delimiter", s, pos)
 
 
 _NUMERIC_EXPONENT_LIMIT = 70000

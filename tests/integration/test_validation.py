@@ -141,6 +141,9 @@ BAD_AMOUNTS = {
     "not-a-number": "abc",
     "empty-str": "",
     "list": [1],
+    # str() of an int past 4,300 digits raises ValueError: the message must not need it
+    "int-of-5001-digits": 10**5000,
+    "negative-int-of-5001-digits": -(10**5000),
 }
 
 
@@ -422,6 +425,31 @@ def test_metadata_multibyte_counted_in_bytes(client, snapshot):
     assert snapshot() == before
 
 
+def test_metadata_json_cannot_follow_is_read_back(client, db):
+    """jsonb takes objects nested past Python's recursion limit and integers past int()'s
+    4,300 digits (here written by SQL, as any client may, and by the SDK). The SDK's reads
+    of them used to raise RecursionError or ValueError: now every read gives them back."""
+    depth = 3000
+    deep = '{"a": ' + "[" * depth + "]" * depth + "}"
+    row = db.execute(
+        "SELECT * FROM meter.allocate(p_user_id => %s, p_event_type => %s, p_amount => 1,"
+        " p_unit => %s, p_metadata => %s::jsonb)",
+        (U, ET, UNIT, deep),
+    ).fetchone()
+    big = D("1E+5000")  # 5,001 digits as jsonb writes it, within the 64 KiB
+    client.allocate(U, ET, D("1"), UNIT, metadata={"n": big})
+    ledger = client.get_ledger(U, ET, UNIT)
+    assert ledger[0]["metadata"] == {"n": big}
+    assert ledger[1]["id"] == row["entry_id"]
+    by_entry = {event["entry_id"]: event["metadata"] for event in client.get_audit_events()}
+    assert by_entry[ledger[0]["id"]] == {"n": big}
+    for metadata in (ledger[1]["metadata"], by_entry[row["entry_id"]]):
+        value = metadata["a"]
+        for _ in range(depth - 1):  # (== on it would recurse too deeply)
+            (value,) = value
+        assert value == []
+
+
 # ---------------------------------------------------------------- event_time
 
 
@@ -471,14 +499,30 @@ def test_backdated_event_lands_in_its_own_partition(client, db, fn):
 # ---------------------------------------------------------------- ttl and limits
 
 
-@pytest.mark.parametrize("ttl", [0, -5, 86401, 10**9])
+@pytest.mark.parametrize(
+    "ttl", [0, -5, 86401, 10**9, 10**5000], ids=["0", "-5", "86401", "1e9", "1e5000"]
+)
 def test_ttl_out_of_range_refused(seeded, snapshot, ttl):
     assert_refused(lambda: invoke(seeded, "reserve", ttl_seconds=ttl), snapshot, "ttl_seconds")
 
 
-@pytest.mark.parametrize("limit", [0, -1])
+@pytest.mark.parametrize("limit", [0, -1, -(10**5000)], ids=["0", "-1", "-1e5000"])
 def test_ledger_limit_below_one_refused(seeded, snapshot, limit):
     assert_refused(lambda: invoke(seeded, "get_ledger", limit=limit), snapshot, "limit")
+
+
+@pytest.mark.parametrize(
+    ("fn", "param"),
+    [("adjust", "reference_id"), ("release_expired_reservations", "batch_size")],
+)
+def test_an_integer_too_long_to_print_is_refused_by_name(seeded, snapshot, fn, param):
+    """The refusal's message says the integer's size: ``str()`` of one past 4,300 digits
+    raises ValueError, which used to escape instead of the ValidationError."""
+    before = snapshot()
+    with pytest.raises(ValidationError, match="an integer of 5001 digits") as refused:
+        getattr(seeded, fn)(**{**CALLS.get(fn, {}), param: 10**5000})
+    assert refused.value.parameter == param
+    assert snapshot() == before
 
 
 # ---------------------------------------------------------------- the SQL layer itself

@@ -11,6 +11,8 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meter import types as t
 from meter.errors import MeterError, ValidationError
@@ -601,3 +603,46 @@ def test_invalid_builds_a_validation_error():
     err = t.invalid("unit", "is odd")
     assert isinstance(err, ValidationError) and isinstance(err, MeterError)
     assert (str(err), err.parameter, err.sqlstate) == ("unit: is odd", "unit", "MT001")
+
+
+# ---------------------------------------------------------------- reading JSON back
+
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.decimals(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_JSON_VALUES, st.sampled_from([None, 0, 2]))
+def test_the_iterative_decoder_reads_what_json_reads(value, indent):
+    text = json.dumps(value, default=str, indent=indent)
+    expected = json.loads(text, parse_float=Decimal)
+    assert repr(t._decode_iteratively(text)) == repr(expected)
+
+
+@pytest.mark.parametrize("text", ["", "[", "[1,]", '{"a" 1}', '{"a":1,}', "[1] x", "{1:2}", "[01]"])
+def test_the_iterative_decoder_refuses_what_json_refuses(text):
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+    with pytest.raises(json.JSONDecodeError):
+        t._decode_iteratively(text)
+
+
+def test_loads_reads_documents_json_cannot():
+    """jsonb stores documents nested past Python's recursion limit and integers past
+    int()'s 4,300 digits; reading such metadata back used to raise RecursionError or
+    ValueError from inside the SDK's read."""
+    depth = sys.getrecursionlimit() * 2
+    value = t.loads('{"a": ' + "[" * depth + "]" * depth + "}")["a"]
+    for _ in range(depth - 1):
+        (value,) = value
+    assert value == []
+    big = t.loads('{"n": %s, "m": [1, 2.5]}' % ("9" * 5000))
+    assert big["n"] == Decimal("9" * 5000) and big["m"] == [1, Decimal("2.5")]
+    assert t.loads('{"n": -%s}' % ("9" * 5000))["n"] == Decimal("-" + "9" * 5000)
