@@ -366,6 +366,8 @@ class MeterClient:
     ) -> None:
         # Checked in the signature's order, so the first bad argument is the one named.
         if isinstance(conn, str):
+            if "\x00" in conn:  # libpq would read up to it and connect elsewhere
+                raise t.invalid("conn", "invalid conninfo: contains a NUL character")
             try:
                 conninfo_to_dict(conn)  # a malformed conninfo is a caller error, found here
             except psycopg.ProgrammingError as exc:

@@ -859,11 +859,13 @@ def test_client_arguments_are_checked_by_name(db_url):
         ({"generate_keys": "yes"}, "generate_keys"),
         ({"generate_keys": 1}, "generate_keys"),
         ({"max_size": 0, "generate_keys": 1}, "max_size"),  # in the signature's order
+        ({"max_size": 10**5000}, "max_size"),  # too long to print: named by its size
     ]:
         with pytest.raises(ValidationError) as refused:
             meter.MeterClient(db_url, **kwargs)
         assert refused.value.parameter == parameter, kwargs
-    for conn in ("dbname='unterminated", 42):
+    # (a NUL: libpq would read the URL up to it, and connect to another server)
+    for conn in ("dbname='unterminated", 42, db_url.replace("@", "@127.0.0.1\x00", 1)):
         with pytest.raises(ValidationError) as refused:
             meter.MeterClient(conn, namespace="", max_size=0)  # conn comes first
         assert refused.value.parameter == "conn"
