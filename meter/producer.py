@@ -476,15 +476,27 @@ class MeterProducer:
             PublishError: the broker did not confirm the last batches. The producer is
                 closed all the same and its buffer emptied: ``exc.events`` is what it held
                 (keep them, or send them again through another producer).
+            MeterConnectionError: another close() failed (above); or this one was made
+                (by a signal handler) inside a call of this thread that is sending the
+                batch it filled, while another thread closes: that close() waits for the
+                call, and sends the buffer after it.
         """
         with self._lock:
             closer = self._closer
+            filling = threading.get_ident() in self._fillers
             if closer is None:
                 # Closed first: no call buffers an event that this flush would not see.
                 self._closed = True
                 self._closer = threading.current_thread()
                 self._wakeup.notify_all()
         if closer is not None:
+            if filling and closer is not threading.current_thread() and closer.is_alive():
+                # A signal handler inside a call that is sending the batch it filled: the
+                # first close() waits for that call, so waiting for it here would hang both.
+                raise MeterConnectionError(
+                    "the MeterProducer is being closed by another thread, which sends the "
+                    "buffer once the call this close() interrupted has sent its batch"
+                )
             # Returning before the first close() has sent the buffer would tell this caller
             # "sent" too early. (Not from the closing thread itself: a handler run inside
             # that close() would wait for itself; nor for a thread that is gone, as the
@@ -901,29 +913,42 @@ class MeterProducer:
                 raise
             return EventHandle(self, op, key, rid, task_id, want)
         full: _Batch | None = None
-        with self._lock:
-            self._check_open()
-            batch = self._batch
-            if batch is None:
-                batch = self._batch = _Batch()
-                self._ensure_linger_thread()
-                self._wakeup.notify()
-            index = len(batch.events)
-            batch.events.append(event)
-            batch.want_result = batch.want_result or want
-            if index + 1 >= self._batch_size:
-                full, self._batch = batch, None
-                self._fillers.append(threading.get_ident())
-        if full is not None:
-            # Sent by the caller that filled it: back-pressure instead of an unbounded buffer.
-            # If that fails, this call raises with its own event in the error (no handle):
-            # the event is the caller's to send again, so it does not stay buffered too.
-            try:
-                with self._send_lock:
-                    self._send_batch(full, own=index)
-            finally:
+        me = threading.get_ident()
+        registered = False  # set before the append: the finally then never misses an entry
+        try:
+            with self._lock:
+                self._check_open()
+                batch = self._batch
+                if batch is None:
+                    batch = self._batch = _Batch()
+                    self._ensure_linger_thread()
+                    self._wakeup.notify()
+                index = len(batch.events)
+                batch.events.append(event)
+                batch.want_result = batch.want_result or want
+                if index + 1 >= self._batch_size:
+                    full, self._batch = batch, None
+                    registered = True
+                    self._fillers.append(me)
+            if full is not None:
+                # Sent by the caller that filled it: back-pressure instead of an unbounded
+                # buffer. If that fails, this call raises with its own event in the error
+                # (no handle): the event is the caller's to send again, so it does not stay
+                # buffered too.
+                sending = False
+                try:
+                    with self._send_lock:
+                        sending = True
+                        self._send_batch(full, own=index)
+                except BaseException as exc:
+                    if not sending:  # interrupted while waiting to send (a signal handler)
+                        self._keep_batch_mates(full, index, exc)
+                    raise
+        finally:
+            if registered:
                 with self._lock:
-                    self._fillers.remove(threading.get_ident())
+                    if me in self._fillers:  # (not in a child forked during the send)
+                        self._fillers.remove(me)
                     self._filled.notify_all()
         return EventHandle(self, op, key, rid, batch.task_id, want, batch, index)
 
@@ -948,19 +973,24 @@ class MeterProducer:
                 with self._lock:
                     self._unsent.appendleft(batch)  # exc.events: set by _flush
                 raise
-            mine = batch.events.pop(own)
-            with self._lock:
-                # The others stay buffered and go again with their keys: close() waits for
-                # this call before it flushes. Unless close() runs on this very thread (a
-                # signal handler inside this call) and has flushed: nobody would send them.
-                orphaned = self._close_flushing
-                if batch.events and not orphaned:
-                    self._unsent.appendleft(batch)
-            if isinstance(exc, PublishError):
-                doubt = [*batch.events, mine] if orphaned else [mine]
-                exc.events = [_resendable(event) for event in doubt]
+            self._keep_batch_mates(batch, own, exc)
             raise
         batch.sent = True
+
+    def _keep_batch_mates(self, batch: _Batch, own: int, exc: BaseException) -> None:
+        """The call that filled ``batch`` failed to send it (``exc``): its own event
+        (``own``) is left out, the caller's to send again; the others stay buffered and go
+        again with their keys, as close() waits for this call before it flushes. Unless
+        close() runs on this very thread (a signal handler inside the call) and has
+        flushed: nobody would send them then, so a PublishError lists them too."""
+        mine = batch.events.pop(own)
+        with self._lock:
+            orphaned = self._close_flushing
+            if batch.events and not orphaned:
+                self._unsent.appendleft(batch)
+        if isinstance(exc, PublishError):
+            doubt = [*batch.events, mine] if orphaned else [mine]
+            exc.events = [_resendable(event) for event in doubt]
 
     def _publish(
         self, name: str, events: list[dict[str, Any]], task_id: str, want: bool, argsrepr: str

@@ -342,6 +342,82 @@ def test_close_sends_the_batch_mates_of_a_call_that_failed_otherwise_than_by_the
     assert not producer._unsent and producer._batch is None
 
 
+def test_a_signal_handler_closing_inside_a_fill_while_another_thread_closes():
+    """The main thread has filled a batch and waits to send it (another call is sending);
+    a thread closes, which waits for that filling call; then a signal handler on the
+    main thread calls close() too. It must not wait for the first close() (which waits
+    for it: both would hang), and the batch-mates of the interrupted call must still be
+    sent by the first close()."""
+    import signal
+    import threading
+    import time
+
+    from meter.errors import MeterConnectionError
+    from meter.producer import MeterProducer
+
+    producer = MeterProducer("redis://127.0.0.1:1/0", batch_size=2, linger_ms=3_600_000)
+    held, sending = threading.Event(), threading.Event()
+    sent: list[str] = []
+
+    def send_task(*args: object, **kwargs: object) -> None:
+        if not sending.is_set():  # the first batch's send is held
+            sending.set()
+            held.wait(timeout=30)
+        sent.append(repr(kwargs))
+
+    producer._app.send_task = send_task  # type: ignore[method-assign]
+    handled: list[BaseException] = []
+
+    def handler(signum: int, frame: object) -> None:
+        try:
+            producer.close()
+        except MeterConnectionError as exc:
+            handled.append(exc)
+            raise
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    main = threading.get_ident()
+    closer = threading.Thread(target=producer.close)
+    try:
+        producer.consume("u1", "tokens", 1, "tok", idempotency_key="a0")
+        other = threading.Thread(
+            target=producer.consume,
+            args=("u1", "tokens", 1, "tok"),
+            kwargs={"idempotency_key": "a1"},
+        )
+        other.start()
+        assert sending.wait(timeout=10)
+        producer.consume("u1", "tokens", 1, "tok", idempotency_key="b0")
+
+        def drive() -> None:
+            deadline = time.monotonic() + 10
+            while len(producer._fillers) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)  # the main thread fills [b0, b1] and waits to send it
+            closer.start()
+            while not producer._closed and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.1)  # the closer waits for the fillers
+            signal.pthread_kill(main, signal.SIGUSR1)
+            time.sleep(0.2)
+            held.set()
+
+        driver = threading.Thread(target=drive)
+        driver.start()
+        with pytest.raises(MeterConnectionError, match="being closed by another thread"):
+            producer.consume("u1", "tokens", 1, "tok", idempotency_key="b1")
+        driver.join(timeout=30)
+        other.join(timeout=30)
+        closer.join(timeout=30)
+        assert not closer.is_alive() and len(handled) == 1
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        held.set()
+    assert len(sent) == 2
+    assert "a0" in sent[0] and "a1" in sent[0]
+    assert "b0" in sent[1] and "b1" not in sent[1]  # b1's call raised: the caller's to send
+    assert not producer._unsent and producer._batch is None and producer._fillers == []
+
+
 def test_a_close_made_while_another_sends_returns_after_it():
     """Two close() calls at once: the second must not return while the first is still
     sending the buffer, or its caller would take "returned" for "sent"."""
