@@ -365,8 +365,13 @@ def test_commit_replay_with_other_metadata_conflicts(client, snapshot):
     rid = client.reserve(U, ET, D("5"), UNIT)["reservation_id"]
     client.commit(rid, D("3"), metadata={"m": 1})
     before = snapshot()
-    with pytest.raises(IdempotencyConflictError):
-        client.commit(rid, D("3"), metadata={"m": 2})
+    for metadata in ({"m": 2}, None):  # the amount is the same: the error names metadata
+        with pytest.raises(IdempotencyConflictError, match="other metadata") as conflict:
+            client.commit(rid, D("3"), metadata=metadata)
+        assert conflict.value.parameter == "metadata"
+    with pytest.raises(IdempotencyConflictError, match="actual amount 3") as conflict:
+        client.commit(rid, D("4"), metadata={"m": 1})
+    assert conflict.value.parameter == "actual_amount"
     assert snapshot() == before
 
 

@@ -16,6 +16,7 @@ from decimal import Decimal
 import psycopg
 import pytest
 
+from meter.errors import NotFoundError
 from tests.fix_db import ledger_partitions
 from tests.integration.test_pipeline import eventually
 
@@ -216,6 +217,30 @@ def test_drop_old_partitions_below_one_is_validation_error(client, db, snapshot,
     assert sqlstate_of(db, "SELECT * FROM meter.drop_old_partitions(%s::int)", (n,)) == "MT001"
     assert ledger_partitions(db) == parts
     assert snapshot() == before
+
+
+def test_an_adjust_replays_after_retention_dropped_the_entry_it_refers_to(client, db, snapshot):
+    """Its key still holds the first result: a retry (a redelivery) of the adjustment must
+    replay it. The existence check of reference_id used to come first and refuse it,
+    NotFoundError, for a write that had happened. A new adjustment is still refused."""
+    y, m = this_month(db)
+    old = add_months(y, m, -30)
+    ref = client.allocate("u1", ET, 100, UNIT, event_time=mid_month(*old))["entry_id"]
+    first = client.adjust("u1", ET, 5, UNIT, reference_id=ref, idempotency_key="adj-1")
+    db.execute("SELECT * FROM meter.drop_old_partitions(24)")
+    assert (
+        db.execute("SELECT count(*) AS n FROM meter.ledger WHERE id = %s", (ref,)).fetchone()["n"]
+        == 0
+    )
+    before = snapshot()
+    again = client.adjust("u1", ET, 5, UNIT, reference_id=ref, idempotency_key="adj-1")
+    assert again == first
+    assert snapshot() == before
+    with pytest.raises(NotFoundError) as refused:
+        client.adjust("u1", ET, 5, UNIT, reference_id=ref, idempotency_key="adj-2")
+    assert refused.value.parameter == "reference_id"
+    assert snapshot() == before
+    assert client.reconcile() == []
 
 
 def test_drop_old_partitions_folds_into_checkpoint(client, db, make_client):

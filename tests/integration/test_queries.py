@@ -691,6 +691,36 @@ def test_sweep_transitions_carry_system_expiry_actor(client, db):
     assert created["actor_id"] == "alice"
 
 
+def test_a_late_commit_after_the_sweep_keeps_the_expiry_in_the_audit(client, db):
+    """The trail shows active -> expired (system:expiry) -> committed; the commit used to
+    overwrite the expiry, leaving active -> committed."""
+    client.set_actor("alice")
+    client.allocate(U, ET, D("10"), UNIT)
+    r = client.reserve(U, ET, D("4"), UNIT, ttl_seconds=1)
+    wait_until_expired(db, r["expires_at"])
+    assert client.release_expired_reservations() == 1
+    client.set_actor("bob")
+    assert client.commit(r["reservation_id"], D("2"))["status"] == "late"
+    trail = [
+        (ev["kind"], ev["actor_id"], ev["amount"])
+        for ev in reversed(client.get_audit_events())
+        if ev["reservation_id"] == r["reservation_id"] and ev["kind"].startswith("reservation.")
+    ]
+    assert trail == [
+        ("reservation.active", "alice", D("4")),
+        ("reservation.expired", "system:expiry", D("4")),
+        ("reservation.committed", "bob", D("2")),
+    ]
+    # a hold committed in time has no expiry, and one committed late before the sweep none
+    r2 = client.reserve(U, ET, D("1"), UNIT)
+    client.commit(r2["reservation_id"], D("1"))
+    r3 = client.reserve(U, ET, D("1"), UNIT, ttl_seconds=1)
+    wait_until_expired(db, r3["expires_at"])
+    assert client.commit(r3["reservation_id"], D("1"))["status"] == "late"
+    (expired,) = client.get_audit_events(kinds=["reservation.expired"])
+    assert expired["reservation_id"] == r["reservation_id"]
+
+
 def test_release_of_expired_hold_transition_carries_system_expiry(client, db):
     client.set_actor("alice")
     client.allocate(U, ET, D("10"), UNIT)
