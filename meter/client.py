@@ -16,6 +16,7 @@ input raises :class:`~meter.errors.ValidationError` and never reaches the databa
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 import weakref
@@ -26,7 +27,8 @@ from types import TracebackType
 from typing import Any, Final, NamedTuple, Self, cast
 
 import psycopg
-from psycopg.abc import AdaptContext
+from psycopg.abc import AdaptContext, Buffer
+from psycopg.adapt import Loader
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import Format, TransactionStatus
 from psycopg.rows import tuple_row
@@ -228,12 +230,39 @@ _NUMERIC_LOADERS: Final = tuple(
 )
 
 
+_INTERVAL_OID: Final = psycopg.adapters.types["interval"].oid
+_DAYS_LOADER: Final = psycopg.adapters.get_loader(_INTERVAL_OID, Format.TEXT)
+_MONTHS = re.compile(r"\b(?:mons?|years?)\b")  # IntervalStyle postgres: '1 year 2 mons'
+
+
+class _IntervalLoader(Loader):
+    """``interval`` as a ``timedelta`` when it has no months, else as its text (``'1 mon'``).
+
+    A timedelta makes a month 30 days: ``get_account``'s ``period_interval`` passed back to
+    ``set_period_config`` would change monthly periods into 30-day ones. The text is what
+    ``set_period_config`` takes, so every interval read round-trips.
+    """
+
+    def __init__(self, oid: int, context: AdaptContext | None = None) -> None:
+        super().__init__(oid, context)
+        assert _DAYS_LOADER is not None
+        self._days = _DAYS_LOADER(oid, context)
+
+    def load(self, data: Buffer) -> timedelta | str:
+        text = bytes(data).decode()
+        if _MONTHS.search(text):
+            return text
+        return cast(timedelta, self._days.load(data))
+
+
 def _configure_adapters(context: AdaptContext) -> None:
-    """Load ``json``/``jsonb`` with exact Decimals and ``numeric`` as Decimal, whatever
-    loaders the caller's connection may have registered."""
+    """Load ``json``/``jsonb`` with exact Decimals, ``numeric`` as Decimal and ``interval``
+    without turning months into days (:class:`_IntervalLoader`), whatever loaders the
+    caller's connection may have registered."""
     set_json_loads(t.loads, context)
     for loader in _NUMERIC_LOADERS:
         context.adapters.register_loader(_NUMERIC_OID, loader)
+    context.adapters.register_loader(_INTERVAL_OID, _IntervalLoader)
 
 
 class _PooledConnection(psycopg.Connection[Any]):
@@ -1046,7 +1075,9 @@ class MeterClient:
         Returns:
             The ``meter.accounts`` row as a dict (balance, reserved, totals, period
             settings, timestamps...), or ``None``. ``reserved`` counts only holds not
-            past their TTL, swept or not.
+            past their TTL, swept or not. ``period_interval`` is a ``timedelta``, or its
+            text when it has months (``'1 mon'``): either passes back to
+            :meth:`set_period_config` unchanged.
 
         Raises:
             ValidationError, MeterConnectionError, MeterError.

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 
+from meter import MeterClient
 from meter.errors import IdempotencyConflictError, NotFoundError, ValidationError
 from tests.fix_db import wait_until_expired
 
@@ -84,6 +85,36 @@ def test_set_period_config_interval_and_update(client, db):
     ).fetchone()
     assert row == {"ps": date(2024, 3, 4), "pa": D("7"), "col": None, "weekly": True}
     assert len(db.execute("SELECT * FROM meter.accounts").fetchall()) == 1
+
+
+@pytest.mark.parametrize(
+    ("interval", "read"),
+    [
+        ("1 month", "1 mon"),
+        ("1 year 2 months", "1 year 2 mons"),
+        ("7 days", timedelta(days=7)),
+        (timedelta(days=30), timedelta(days=30)),
+    ],
+)
+def test_a_period_interval_read_back_configures_the_same_periods(client, db, interval, read):
+    """A month is not 30 days: read as a timedelta (psycopg's default), a monthly
+    interval passed back to set_period_config made the periods 30 days long. Intervals with
+    months are read as their text, which set_period_config takes."""
+    client.set_period_config(U, ET, UNIT, None, date(2024, 1, 31), D("10"), None, interval)
+    for reader in (client, MeterClient(db)):  # its own pool, and a caller's connection
+        account = reader.get_account(U, ET, UNIT)
+        assert account is not None and account["period_interval"] == read
+    client.set_period_config(
+        U, ET, UNIT, None, date(2024, 1, 31), D("10"), None, account["period_interval"]
+    )
+    (same,) = (
+        db.execute(
+            "SELECT period_interval = %s::interval AS same FROM meter.accounts", (str(read),)
+        )
+        .fetchone()
+        .values()
+    )
+    assert same
 
 
 def test_set_period_config_keeps_existing_balance(client):
