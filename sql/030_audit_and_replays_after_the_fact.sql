@@ -1,5 +1,6 @@
 -- A late commit keeps the expiry it came after; a commit conflict names what differs; an
--- adjust replays even after retention dropped the entry it refers to.
+-- adjust replays even after retention dropped the entry it refers to; an event's
+-- ttl_seconds past integer's range is refused by name.
 --
 -- Why (found by two reviews of the rules of SPEC Appendix C and section 3):
 -- 1. The audit trail lost a transition. get_audit_events builds a reservation's
@@ -18,8 +19,12 @@
 --    the adjustment (a retry, the pipeline's redelivery) was refused, NotFoundError, for
 --    a write that had happened. The check now comes after the replay, so it applies only
 --    to a new adjustment.
--- commit, get_audit_events and adjust are otherwise 004's and 005's, unchanged; so are
--- their lock orders.
+-- 4. apply_events (meter._apply_one) read an event's ttl_seconds as bigint and cast it to
+--    integer: past 2^31 the cast failed with 22003 "integer out of range", naming no
+--    parameter, in the dead letter. meter._ttl_seconds refuses it as MT001 naming
+--    ttl_seconds, with reserve's own message.
+-- commit, get_audit_events and adjust are otherwise 004's and 005's, and _apply_one 027's,
+-- unchanged; so are their lock orders.
 
 ALTER TABLE meter.reservations
     ADD COLUMN expired_at timestamptz,
@@ -298,3 +303,128 @@ REVOKE EXECUTE ON FUNCTION meter.adjust(text, text, numeric, text, text, bigint,
                                         text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION meter.get_audit_events(text, text, text[], timestamptz, timestamptz,
                                                   integer, text) FROM PUBLIC;
+
+-- An event's ttl_seconds as reserve's p_ttl_seconds (integer): out of integer's range is
+-- out of reserve's 1..86400 too, refused here with reserve's message.
+CREATE FUNCTION meter._ttl_seconds(p_value text) RETURNS integer
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    v bigint := meter._int('ttl_seconds', p_value);
+BEGIN
+    IF v NOT BETWEEN -2147483648 AND 2147483647 THEN
+        PERFORM meter._fail('MT001', 'ttl_seconds',
+                            format('must be between 1 and 86400, got %s', v));
+    END IF;
+    RETURN v::integer;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meter._ttl_seconds(text) FROM PUBLIC;
+
+-- Apply one event through its op's API function (008's). Returns {status, result}: status
+-- 'applied', 'replayed', 'refused' or 'not_found'. Raises what the function raises.
+CREATE OR REPLACE FUNCTION meter._apply_one(p_event jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_op text := p_event->>'op';
+    v_ns text := p_event->>'namespace';
+    a jsonb := p_event->'args';
+    v_meta jsonb;
+    v_bad text;
+    v_seen boolean := false;
+    v_result jsonb;
+    v_status text;
+BEGIN
+    IF jsonb_typeof(p_event) IS DISTINCT FROM 'object' THEN
+        PERFORM meter._fail('MT001', 'event', 'must be a JSON object');
+    END IF;
+    IF meter._event_args(v_op) IS NULL THEN
+        PERFORM meter._fail('MT001', 'op', format('unknown operation %s', coalesce(v_op, 'NULL')));
+    END IF;
+    IF jsonb_typeof(a) IS DISTINCT FROM 'object' THEN
+        PERFORM meter._fail('MT001', 'args', 'must be a JSON object');
+    END IF;
+    SELECT k INTO v_bad FROM jsonb_object_keys(a) k
+    WHERE k <> ALL (meter._event_args(v_op)) LIMIT 1;
+    IF v_bad IS NOT NULL THEN
+        PERFORM meter._fail('MT001', 'args', format('%s does not take %s', v_op, v_bad));
+    END IF;
+    v_meta := CASE WHEN jsonb_typeof(a->'metadata') = 'null' THEN NULL ELSE a->'metadata' END;
+    -- Whether the event was seen before is decided under the lock its API function takes:
+    -- a delivery that waited for a concurrent one of the same event then sees it
+    -- committed. A reserve's client-chosen id is locked here first, as reserve does first
+    -- (it dates no ledger row, so no month lock comes before it), and only for the
+    -- caller's own tenant. An idempotency key's replay is reported by meter._replay itself,
+    -- under the key's lock, through meter.replayed: locking the key here would come before
+    -- the month lock that consume, allocate and adjust take first (a deadlock).
+    IF v_op = 'reserve' AND a->>'reservation_id' IS NOT NULL THEN
+        PERFORM meter._guard(v_ns);
+        PERFORM meter._lock_key(v_ns, 'reservation', a->>'reservation_id');
+    END IF;
+    PERFORM set_config('meter.replayed', '', true);
+
+    CASE v_op
+    WHEN 'consume' THEN
+        SELECT to_jsonb(r) INTO v_result
+        FROM meter.consume(a->>'user_id', a->>'event_type', meter._num('amount', a->>'amount'),
+                           a->>'unit', a->>'resource',
+                           coalesce(meter._bool('check_balance', a->'check_balance'), false),
+                           a->>'idempotency_key', meter._time('event_time', a->>'event_time'),
+                           v_meta, v_ns) r;
+        v_status := CASE WHEN NOT (v_result->>'success')::boolean THEN 'refused'
+                         WHEN v_seen OR current_setting('meter.replayed', true) = 'on'
+                              THEN 'replayed' ELSE 'applied' END;
+    WHEN 'allocate' THEN
+        SELECT to_jsonb(r) INTO v_result
+        FROM meter.allocate(a->>'user_id', a->>'event_type', meter._num('amount', a->>'amount'),
+                            a->>'unit', a->>'resource', a->>'idempotency_key',
+                            meter._time('event_time', a->>'event_time'), v_meta, v_ns) r;
+        v_status := CASE WHEN v_seen OR current_setting('meter.replayed', true) = 'on'
+                              THEN 'replayed' ELSE 'applied' END;
+    WHEN 'adjust' THEN
+        SELECT to_jsonb(r) INTO v_result
+        FROM meter.adjust(a->>'user_id', a->>'event_type', meter._num('amount', a->>'amount'),
+                          a->>'unit', a->>'resource',
+                          meter._int('reference_id', a->>'reference_id'),
+                          a->>'idempotency_key', v_meta, v_ns) r;
+        v_status := CASE WHEN v_seen OR current_setting('meter.replayed', true) = 'on'
+                              THEN 'replayed' ELSE 'applied' END;
+    WHEN 'reserve' THEN
+        IF a->>'reservation_id' IS NOT NULL THEN
+            v_seen := v_seen OR EXISTS (SELECT 1 FROM meter.reservations r
+                                        WHERE r.namespace = v_ns
+                                          AND r.reservation_id = a->>'reservation_id');
+        END IF;
+        SELECT to_jsonb(r) INTO v_result
+        FROM meter.reserve(a->>'user_id', a->>'event_type', meter._num('amount', a->>'amount'),
+                           a->>'unit', a->>'resource',
+                           coalesce(meter._ttl_seconds(a->>'ttl_seconds'), 300),
+                           a->>'idempotency_key', v_meta, v_ns, a->>'reservation_id') r;
+        v_status := CASE WHEN NOT (v_result->>'granted')::boolean THEN 'refused'
+                         WHEN v_seen OR current_setting('meter.replayed', true) = 'on'
+                              THEN 'replayed' ELSE 'applied' END;
+    WHEN 'commit' THEN
+        SELECT to_jsonb(r) INTO v_result
+        FROM meter.commit(a->>'reservation_id',
+                          meter._num('actual_amount', a->>'actual_amount'), v_meta, v_ns) r;
+        v_status := CASE v_result->>'status'
+                        WHEN 'not_found' THEN 'not_found'
+                        WHEN 'replayed' THEN 'replayed'
+                        WHEN 'released' THEN 'refused'
+                        ELSE 'applied' END;
+    WHEN 'release' THEN
+        PERFORM meter._guard(v_ns);
+        PERFORM meter._ident('reservation_id', a->>'reservation_id', 128);
+        IF NOT EXISTS (SELECT 1 FROM meter.reservations r
+                       WHERE r.namespace = v_ns AND r.reservation_id = a->>'reservation_id') THEN
+            v_status := 'not_found';
+            v_result := jsonb_build_object('released', false);
+        ELSE
+            v_result := jsonb_build_object('released',
+                                           meter.release(a->>'reservation_id', v_ns));
+            v_status := CASE WHEN (v_result->>'released')::boolean THEN 'applied'
+                             ELSE 'replayed' END;
+        END IF;
+    END CASE;
+    RETURN jsonb_build_object('status', v_status, 'result', v_result);
+END
+$$;

@@ -284,3 +284,23 @@ def test_results_null_is_refused_and_changes_nothing(db, snapshot):
     assert exc.value.sqlstate == "MT001"
     assert str(exc.value).startswith("results: must be true or false")
     assert snapshot() == before
+
+
+@pytest.mark.parametrize("ttl", [86401, 2**31, 2**32, -(2**31) - 1])
+def test_a_ttl_past_integers_range_is_refused_by_name(db, snapshot, ttl):
+    """It was cast to integer and failed with 22003 "integer out of range", naming no
+    parameter in the dead letter; now every out-of-range TTL gets reserve's own refusal."""
+    events = Jsonb(
+        [{"op": "reserve", "namespace": "default",
+          "args": {"user_id": "u1", "event_type": ET, "amount": "1", "unit": UNIT,
+                   "ttl_seconds": ttl}}]
+    )  # fmt: skip
+    before = snapshot()
+    (row,) = db.execute(APPLY, (events, True)).fetchall()
+    assert (row["ok"], row["error_sqlstate"]) == (False, "MT001")
+    assert row["error_message"] == f"ttl_seconds: must be between 1 and 86400, got {ttl}"
+    after = snapshot()
+    (letter,) = after.pop("dead_letters")  # a refused event is filed, by design
+    assert "ttl_seconds" in str(letter)
+    before.pop("dead_letters")
+    assert after == before
