@@ -1257,7 +1257,11 @@ class MeterClient:
     ) -> Decimal:
         """Open a period: allocate ``allocation`` (or the configured one) at its start.
 
-        Idempotent per account and ``period_start``.
+        Idempotent per account and ``period_start``. On an account with a period
+        configuration (:meth:`set_period_config`), a period still open from before
+        ``period_start`` is closed first, at the day before, as beat's roll would close
+        it: opening the next period ahead of the roll does not carry its unused units past
+        the carry-over limit.
 
         Parameters:
             user_id, event_type, unit, resource: the account key (``user_id=None``: pool).

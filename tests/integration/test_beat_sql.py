@@ -170,14 +170,20 @@ def test_roll_keeps_a_next_period_opened_by_hand(client, db):
     m0, m1 = month_start(t, 1), month_start(t, 0)
     client.set_period_config("u1", ET, UNIT, None, m0, D("100"), D("0"))
     roll(db, now=first_instant(m0))
-    # An operator opened the next period early with a bonus allocation.
+    # An operator opened the next period early with a bonus allocation: that closed the
+    # period before it (031), as the roll would have.
     client.open_period("u1", ET, UNIT, None, m1, D("150"))
+    periods = db.execute(
+        "SELECT period_start, period_end, allocation FROM meter.periods ORDER BY period_start"
+    ).fetchall()
+    assert [tuple(p.values()) for p in periods] == [(m0, m1 - timedelta(days=1), D("100")),
+                                                    (m1, None, D("150"))]  # fmt: skip
+    # The configured start put back on the closed period: the roll moves on to the one
+    # opened by hand and keeps it (it writes nothing, so it reports no step).
     client.set_period_config("u1", ET, UNIT, None, m0, D("100"), D("0"))
-    steps = roll(db)
-    assert [(s["status"], s["opened_period_start"], s["allocation"]) for s in steps] == [
-        ("rolled", m1, D("150"))
-    ]
+    assert roll(db) == []
     assert client.get_account("u1", ET, UNIT)["period_start"] == m1
+    assert client.get_balance("u1", ET, UNIT)["balance"] == D("150")
     assert roll(db) == []
 
 
@@ -1578,3 +1584,51 @@ def test_a_run_that_cannot_be_recorded_still_reports_its_own_failure(
             "meter.release_expired failed",
             "meter.release_expired: could not record the failed run",
         ]
+
+
+def test_a_period_opened_by_hand_ahead_of_the_roll_closes_the_one_before(client, db):
+    """An application opening its periods itself, ahead of beat, on a configured account:
+    the period before is closed as the roll closes it (unused at its end, by event time,
+    expires above the limit). It used to stay open for good, its unused units running on
+    into the new period past the carry-over limit."""
+    jan, feb = date(2025, 1, 1), date(2025, 2, 1)
+    client.set_period_config("u1", ET, UNIT, None, jan, D("100"), D("0"))
+    roll(db, first_instant(date(2025, 1, 15)))  # opens January: 100
+    client.consume("u1", ET, 30, UNIT, event_time=datetime(2025, 1, 10, tzinfo=UTC))
+    client.consume("u1", ET, 5, UNIT, event_time=datetime(2025, 2, 3, tzinfo=UTC))  # February's
+    # 70 unused at January's end; without the close, 165 would be available
+    assert client.open_period("u1", ET, UNIT, None, feb) == D("95")
+    (january,) = db.execute(
+        "SELECT period_end, expired, carried_over FROM meter.periods"
+        " WHERE user_id = 'u1' AND period_start = %s",
+        (jan,),
+    ).fetchall()
+    assert january == {"period_end": date(2025, 1, 31), "expired": D("70"), "carried_over": 0}
+    assert ledger(db, "u1") == [
+        ("allocation", D("100"), first_instant(jan)),
+        ("consumption", D("-30"), datetime(2025, 1, 10, tzinfo=UTC)),
+        ("expiration", D("-70"), last_instant(date(2025, 1, 31))),
+        ("allocation", D("100"), first_instant(feb)),
+        ("consumption", D("-5"), datetime(2025, 2, 3, tzinfo=UTC)),
+    ]
+    # the roll and a close by hand of the same day find it done
+    assert [r for r in roll(db, first_instant(date(2025, 2, 15))) if r["user_id"] == "u1"] == []
+    again = client.close_period("u1", ET, UNIT, None, date(2025, 1, 31))
+    assert (again["expired"], again["carried_over"]) == (D("70"), 0)
+    assert client.get_balance("u1", ET, UNIT)["balance"] == D("95")
+    # the roll closes February at its end as usual: 95 unused, expired
+    (step,) = [r for r in roll(db, first_instant(date(2025, 3, 2))) if r["user_id"] == "u1"]
+    assert (step["closed_period_end"], step["expired"]) == (date(2025, 2, 28), D("95"))
+    assert client.reconcile() == []
+
+
+def test_a_period_opened_by_hand_on_an_account_without_configuration_closes_nothing(client, db):
+    """Periods kept by hand entirely: their caller closes when it chooses."""
+    client.allocate("u2", ET, 50, UNIT)
+    client.open_period("u2", ET, UNIT, None, date(2025, 1, 1), D("10"))
+    assert client.open_period("u2", ET, UNIT, None, date(2025, 2, 1), D("10")) == D("70")
+    ends = db.execute(
+        "SELECT period_end FROM meter.periods WHERE user_id = 'u2' ORDER BY period_start"
+    ).fetchall()
+    assert ends == [{"period_end": None}, {"period_end": None}]
+    assert client.reconcile() == []

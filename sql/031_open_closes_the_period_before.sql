@@ -1,0 +1,132 @@
+-- Opening a period by hand closes the period still open before it, on an account the roll
+-- keeps.
+--
+-- Why (found by a review of the SPEC's period rules): open_period makes the period it
+-- opens the account's current one (accounts.period_start). On an account with a period
+-- configuration, the roll then takes that period for the current one, and it never closed
+-- the period before: an application opening its periods itself at 00:00 on the 1st, ahead
+-- of beat, left each ended period open, its unused units running on into the next past
+-- the carry-over limit (limit 0, 70 unused, allocation 100: 170 available, not 100), until
+-- the next close took them. Periods opened by hand were listed as not built since 024.
+--
+-- Now open_period, on an account with period_allocation and period_interval configured,
+-- first closes a period opened before p_period_start and not closed, at the day before,
+-- as the roll closes (meter._close_period with p_later: what was unused at the end, by
+-- event time, less what holds made by then still held). Its rows are dated at that end;
+-- a close_period of that day afterwards replays it. An account without a configuration
+-- (periods kept by hand entirely) is unchanged: its caller closes when it chooses. The
+-- roll never meets such a period when it opens one itself (it closes first), so its steps
+-- are unchanged.
+--
+-- Locks: the month of the close's rows (when a close looks likely, read without a lock),
+-- then the account, then (in the close) holds past their TTL with SKIP LOCKED, as
+-- close_period. open_period is otherwise 018's.
+
+CREATE OR REPLACE FUNCTION meter.open_period(p_user_id text, p_event_type text, p_unit text,
+                                  p_resource text, p_period_start date,
+                                  p_allocation numeric DEFAULT NULL,
+                                  p_namespace text DEFAULT 'default')
+RETURNS numeric
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_resource text := meter._resource(p_resource);
+    v_allocation numeric;
+    v_time timestamptz;
+    v_acc meter.accounts;
+    v_period meter.periods;
+    v_post record;
+    v_entry bigint;
+    v_balance numeric;
+    v_close_to date := p_period_start - 1;
+    v_close_end timestamptz;
+    v_later numeric;
+BEGIN
+    PERFORM meter._guard(p_namespace);
+    PERFORM meter._ident('user_id', p_user_id, 256, true),
+            meter._ident('event_type', p_event_type, 256),
+            meter._ident('unit', p_unit, 64);
+    IF p_period_start IS NULL OR NOT isfinite(p_period_start) THEN
+        PERFORM meter._fail('MT001', 'period_start', 'is required (a finite date)');
+    END IF;
+    IF p_allocation IS NOT NULL THEN
+        v_allocation := meter._amount('allocation', p_allocation, 'nonnegative');
+    END IF;
+    v_time := meter._ledger_time('period_start', p_period_start::timestamp AT TIME ZONE 'UTC');
+    v_close_end := p_period_start::timestamp AT TIME ZONE 'UTC' - interval '1 microsecond';
+    -- The month the close below dates its rows in, created before the account is locked
+    -- (the lock order: months first), when a close looks likely; read without a lock,
+    -- so the close still creates it if this guessed wrong.
+    IF v_close_to >= date '1900-01-01' AND EXISTS (
+           SELECT 1 FROM meter.accounts a JOIN meter.periods p
+               ON p.namespace = a.namespace AND p.account_id = a.account_id
+           WHERE a.namespace = p_namespace AND a.user_id IS NOT DISTINCT FROM p_user_id
+             AND a.event_type = p_event_type AND a.resource = v_resource AND a.unit = p_unit
+             AND p.opened_at IS NOT NULL AND p.period_end IS NULL
+             AND p.period_start < p_period_start) THEN
+        PERFORM meter._ledger_time('period_start', v_close_end);
+    END IF;
+
+    v_acc := meter._lock_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
+    IF v_acc.account_id IS NULL THEN
+        PERFORM meter._fail('MT003', 'user_id',
+            format('no account (%s, %s, %s, %s) in namespace %s; configure it with '
+                   'set_period_config or allocate to it first',
+                   coalesce(p_user_id, 'pool'), p_event_type, v_resource, p_unit, p_namespace));
+    END IF;
+    SELECT * INTO v_period FROM meter.periods p
+    WHERE p.namespace = p_namespace AND p.account_id = v_acc.account_id
+      AND p.period_start = p_period_start;
+    IF FOUND AND v_period.opened_at IS NOT NULL THEN
+        -- A repeat: its own arguments decide, not the account's configuration now, which
+        -- may have changed since the period was opened.
+        IF v_allocation IS NOT NULL AND v_period.allocation <> v_allocation THEN
+            PERFORM meter._fail('MT002', 'allocation',
+                format('period %s was already opened with allocation %s',
+                       p_period_start, v_period.allocation));
+        END IF;
+        RETURN v_period.open_balance;
+    END IF;
+
+    v_allocation := coalesce(v_allocation, v_acc.period_allocation);
+    IF v_allocation IS NULL THEN
+        PERFORM meter._fail('MT001', 'allocation',
+            'is required: none given and no period_allocation configured for the account');
+    END IF;
+
+    -- An account the roll keeps (configured): a period still open from before this one
+    -- ends the day before, and is closed first, as the roll closes it: what it left unused
+    -- at its end, by the ledger's event times, expires above the carry-over limit. The roll
+    -- takes this period for the current one and would never close that one; its unused
+    -- units would run on into this period past the limit.
+    IF v_acc.period_allocation IS NOT NULL AND v_acc.period_interval IS NOT NULL
+       AND v_close_to >= date '1900-01-01' AND EXISTS (
+           SELECT 1 FROM meter.periods p
+           WHERE p.namespace = p_namespace AND p.account_id = v_acc.account_id
+             AND p.opened_at IS NOT NULL AND p.period_end IS NULL
+             AND p.period_start < p_period_start) THEN
+        SELECT coalesce(sum(l.amount), 0) INTO v_later FROM meter.ledger l
+        WHERE l.namespace = p_namespace AND l.account_id = v_acc.account_id
+          AND l.event_time > v_close_end;
+        PERFORM meter._close_period(p_user_id, p_event_type, p_unit, p_resource, v_close_to,
+                                    p_namespace, v_later);
+        v_acc := meter._lock_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
+    END IF;
+
+    IF v_allocation > 0 THEN
+        v_post := meter._post(p_namespace, v_acc.account_id, 'allocation', v_allocation, v_time,
+                              NULL, jsonb_build_object('period_start', p_period_start));
+        v_balance := v_post.balance;
+        v_entry := v_post.entry_id;
+    ELSE
+        v_balance := v_acc.balance;
+    END IF;
+    UPDATE meter.accounts a SET period_start = p_period_start, updated_at = now()
+    WHERE a.namespace = p_namespace AND a.account_id = v_acc.account_id;
+    INSERT INTO meter.periods
+        (namespace, account_id, user_id, event_type, resource, unit, period_start, allocation,
+         open_balance, open_entry_id, opened_at, opened_actor)
+    VALUES (p_namespace, v_acc.account_id, p_user_id, p_event_type, v_resource, p_unit,
+            p_period_start, v_allocation, v_balance, v_entry, now(), meter._actor());
+    RETURN v_balance;
+END
+$$;
