@@ -719,6 +719,10 @@ class MeterProducer:
                 with their keys: ``send_many(exc.events)`` applies each once.
         """
         self._check_open()
+        if isinstance(events, (str, bytes, Mapping)) or not isinstance(events, Iterable):
+            raise t.invalid(
+                "events", f"must be an iterable of event mappings, got {type(events).__name__}"
+            )
         want = self._results if want_result is None else t.check_bool(want_result, "want_result")
         built: list[tuple[str, dict[str, Any], str, str | None]] = []
         for i, spec in enumerate(events):

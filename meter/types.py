@@ -161,7 +161,7 @@ def _to_decimal(value: object, name: str, nullable: bool) -> Decimal | None:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise invalid(name, f"must be a finite number, got {_shown(value)}")
-        d = Decimal(repr(value))
+        d = Decimal(float.__repr__(value))  # (a subclass's repr may not be a number: numpy's)
     elif isinstance(value, str):
         text = value.strip()
         if _NUMBER_RE.fullmatch(text) is None:
@@ -624,6 +624,10 @@ def _decode_iteratively(s: str) -> Any:
             raise json.JSONDecodeError("Expecting ',' delimiter", s, pos)
 
 
+_NUMERIC_MAX_SCALE: Final = 16383
+"""The most digits after the decimal point a ``numeric`` (so a jsonb number) holds, as
+written: ``1.50E-16382`` counts its trailing zero."""
+
 _NUMERIC_EXPONENT_LIMIT = 70000
 """Beyond this decimal exponent a number's plain text alone exceeds the metadata limit."""
 
@@ -635,6 +639,10 @@ def jsonb_text_size(obj: Any) -> int:
     notation (``1E+3`` -> ``1000``, ``1e-07`` -> ``0.0000001``, no negative zero). It also
     reorders keys, which does not change the size. Iterative: any depth :func:`dumps`
     accepted is measured without recursion.
+
+    Raises:
+        ValueError: for a number jsonb cannot store (more than 16383 digits after the
+            decimal point), which no size would let through.
     """
     size = 0
     stack = [obj]
@@ -652,6 +660,12 @@ def jsonb_text_size(obj: Any) -> int:
             size += len(encode_basestring(item).encode("utf-8"))
         elif isinstance(item, (float, Decimal)):
             d = Decimal(float.__repr__(item)) if isinstance(item, float) else item
+            exponent = d.as_tuple().exponent
+            if isinstance(exponent, int) and exponent < -_NUMERIC_MAX_SCALE:
+                raise ValueError(
+                    f"the number {_shown(str(d))} has more than {_NUMERIC_MAX_SCALE} digits "
+                    "after the decimal point, more than PostgreSQL's numeric holds"
+                )
             if abs(d.adjusted()) > _NUMERIC_EXPONENT_LIMIT:
                 return MAX_METADATA_BYTES + 1  # too long (or out of numeric's range) anyway
             text = format(d, "f")
@@ -692,7 +706,10 @@ def check_metadata(value: object, name: str = "metadata") -> str | None:
         raise invalid(name, "must be valid Unicode (contains a lone surrogate)") from None
     # Measured as the SQL measures it (octet_length(metadata::text)), so that what passes
     # here is never refused by the database for its size.
-    size = jsonb_text_size(value)
+    try:
+        size = jsonb_text_size(value)
+    except ValueError as exc:
+        raise invalid(name, str(exc)) from None
     if size > MAX_METADATA_BYTES:
         raise invalid(name, f"must be at most {MAX_METADATA_BYTES} bytes as JSON text, got {size}")
     return text

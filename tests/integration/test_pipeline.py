@@ -155,6 +155,11 @@ def test_send_many_error_names_the_event(make_producer):
             [{"op": "release", "reservation_id": "r"}, {"op": "commit", "reservation_id": "r",
                                                        "actual_amount": "x"}]
         )  # fmt: skip
+    # not a list of events at all: named, not a TypeError from the loop
+    for events in (5, None, "consume", {"op": "release", "reservation_id": "r"}):
+        with pytest.raises(ValidationError, match=r"^events: must be an iterable") as refused:
+            make_producer().send_many(events)
+        assert refused.value.parameter == "events"
 
 
 # ------------------------------------------------------------------ single events

@@ -86,6 +86,18 @@ def test_float_is_taken_at_its_shortest_repr():
     assert t.to_amount(-0.3, "amount") == D("-0.3")
 
 
+def test_a_float_subclass_is_taken_at_its_float_repr():
+    """numpy 2's ``repr(np.float64(0.5))`` is ``'np.float64(0.5)'``: the amount was read
+    from that and raised decimal.InvalidOperation, not a ValidationError."""
+
+    class Float64(float):  # as numpy.float64 prints itself
+        def __repr__(self) -> str:
+            return f"np.float64({float.__repr__(self)})"
+
+    assert t.to_amount(Float64(0.5), "amount") == D("0.5")
+    refused(t.to_amount, Float64("nan"), "amount", param="amount")
+
+
 @pytest.mark.parametrize(
     "value",
     [
@@ -646,3 +658,13 @@ def test_loads_reads_documents_json_cannot():
     big = t.loads('{"n": %s, "m": [1, 2.5]}' % ("9" * 5000))
     assert big["n"] == Decimal("9" * 5000) and big["m"] == [1, Decimal("2.5")]
     assert t.loads('{"n": -%s}' % ("9" * 5000))["n"] == Decimal("-" + "9" * 5000)
+
+
+@pytest.mark.parametrize("number", ["1E-16384", "1.50E-16382", "0E-20000"])
+def test_metadata_numbers_numeric_cannot_hold_are_refused_by_name(number):
+    """jsonb stores numbers as numeric, at most 16383 digits after the point as written;
+    such a number passed the size check and the database refused it, 22003, naming no
+    parameter."""
+    err = refused(t.check_metadata, {"x": Decimal(number)}, param="metadata")
+    assert "16383 digits after the decimal point" in str(err)
+    assert t.check_metadata({"x": Decimal("1.5E-16382")}) is not None
