@@ -1258,10 +1258,11 @@ class MeterClient:
         """Open a period: allocate ``allocation`` (or the configured one) at its start.
 
         Idempotent per account and ``period_start``. On an account with a period
-        configuration (:meth:`set_period_config`), a period still open from before
-        ``period_start`` is closed first, at the day before, as beat's roll would close
-        it: opening the next period ahead of the roll does not carry its unused units past
-        the carry-over limit.
+        configuration (:meth:`set_period_config`), the period before, if still open and
+        ended, is closed first, at the day before, as beat's roll would close it: opening
+        the next period ahead of the roll does not carry its unused units past the
+        carry-over limit. Opened before its day (up to 24 hours ahead), the period before
+        stays the current one until the roll closes it at its end.
 
         Parameters:
             user_id, event_type, unit, resource: the account key (``user_id=None``: pool).

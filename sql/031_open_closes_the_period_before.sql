@@ -10,13 +10,23 @@
 -- the next close took them. Periods opened by hand were listed as not built since 024.
 --
 -- Now open_period, on an account with period_allocation and period_interval configured,
--- first closes a period opened before p_period_start and not closed, at the day before,
--- as the roll closes (meter._close_period with p_later: what was unused at the end, by
--- event time, less what holds made by then still held). Its rows are dated at that end;
--- a close_period of that day afterwards replays it. An account without a configuration
--- (periods kept by hand entirely) is unchanged: its caller closes when it chooses. The
--- roll never meets such a period when it opens one itself (it closes first), so its steps
--- are unchanged.
+-- looks at the latest period opened before p_period_start. When it is still open and
+-- nothing is recorded after its start (no later period opened or closed):
+-- - if it has ended (p_period_start is today or before, UTC), it is closed first, at the
+--   day before, as the roll closes (meter._close_period with p_later: what was unused at
+--   the end, by event time, less what holds made by then still held). Its rows are dated
+--   at that end; a close_period of that day afterwards replays it.
+-- - if it has not (a period opened ahead, up to a day), it stays the account's current
+--   period: the roll closes it at its end and moves on to the one opened ahead (its step
+--   "the next period opened by hand already: keep it"). Closing it at once would count
+--   all it has now as unused, and charge the rest of its days, and the holds it still
+--   has, to the new period (review of a first version).
+-- A period with anything recorded after its start is left alone, as the roll leaves it: a
+-- later close took its units, and closing it would expire them twice (review of a first
+-- version: a period opened by hand back inside closed ones did). An account without a
+-- configuration (periods kept by hand entirely) is unchanged: its caller closes when it
+-- chooses. The roll never meets such a period when it opens one itself (it closes
+-- first), so its steps are unchanged.
 --
 -- Locks: the month of the close's rows (when a close looks likely, read without a lock),
 -- then the account, then (in the close) holds past their TTL with SKIP LOCKED, as
@@ -40,6 +50,8 @@ DECLARE
     v_close_to date := p_period_start - 1;
     v_close_end timestamptz;
     v_later numeric;
+    v_before date;
+    v_move boolean := true;
 BEGIN
     PERFORM meter._guard(p_namespace);
     PERFORM meter._ident('user_id', p_user_id, 256, true),
@@ -93,23 +105,37 @@ BEGIN
             'is required: none given and no period_allocation configured for the account');
     END IF;
 
-    -- An account the roll keeps (configured): a period still open from before this one
-    -- ends the day before, and is closed first, as the roll closes it: what it left unused
-    -- at its end, by the ledger's event times, expires above the carry-over limit. The roll
-    -- takes this period for the current one and would never close that one; its unused
-    -- units would run on into this period past the limit.
-    IF v_acc.period_allocation IS NOT NULL AND v_acc.period_interval IS NOT NULL
-       AND v_close_to >= date '1900-01-01' AND EXISTS (
-           SELECT 1 FROM meter.periods p
-           WHERE p.namespace = p_namespace AND p.account_id = v_acc.account_id
-             AND p.opened_at IS NOT NULL AND p.period_end IS NULL
-             AND p.period_start < p_period_start) THEN
-        SELECT coalesce(sum(l.amount), 0) INTO v_later FROM meter.ledger l
-        WHERE l.namespace = p_namespace AND l.account_id = v_acc.account_id
-          AND l.event_time > v_close_end;
-        PERFORM meter._close_period(p_user_id, p_event_type, p_unit, p_resource, v_close_to,
-                                    p_namespace, v_later);
-        v_acc := meter._lock_account(p_namespace, p_user_id, p_event_type, v_resource, p_unit);
+    -- An account the roll keeps (configured), whose latest period opened before this one
+    -- is still open, with nothing recorded after its start: the roll would take this
+    -- period for the current one and never close that one, whose unused units would run
+    -- on into this period past the carry-over limit. Ended (this period starts today or
+    -- before, UTC), it is closed now, at the day before, as the roll closes: what it left
+    -- unused at its end, by the ledger's event times. Not ended yet (this period opened
+    -- ahead, up to a day), it stays the current one: the roll closes it at its end, then
+    -- moves on to this one, opened already; closing it now would charge the rest of its
+    -- days to this period. A period with anything recorded after its start (a later
+    -- period opened or closed, as before 031) is left alone: a later close took its units.
+    IF v_acc.period_allocation IS NOT NULL AND v_acc.period_interval IS NOT NULL THEN
+        SELECT p.period_start INTO v_before FROM meter.periods p
+        WHERE p.namespace = p_namespace AND p.account_id = v_acc.account_id
+          AND p.opened_at IS NOT NULL AND p.period_start < p_period_start
+        ORDER BY p.period_start DESC LIMIT 1;
+        IF v_before IS NOT NULL AND NOT EXISTS (
+               SELECT 1 FROM meter.periods p
+               WHERE p.namespace = p_namespace AND p.account_id = v_acc.account_id
+                 AND (p.period_start > v_before OR p.period_end >= v_before)) THEN
+            IF p_period_start > (now() AT TIME ZONE 'UTC')::date THEN
+                v_move := false;
+            ELSIF v_close_to >= date '1900-01-01' THEN
+                SELECT coalesce(sum(l.amount), 0) INTO v_later FROM meter.ledger l
+                WHERE l.namespace = p_namespace AND l.account_id = v_acc.account_id
+                  AND l.event_time > v_close_end;
+                PERFORM meter._close_period(p_user_id, p_event_type, p_unit, p_resource,
+                                            v_close_to, p_namespace, v_later);
+                v_acc := meter._lock_account(p_namespace, p_user_id, p_event_type, v_resource,
+                                             p_unit);
+            END IF;
+        END IF;
     END IF;
 
     IF v_allocation > 0 THEN
@@ -121,7 +147,7 @@ BEGIN
         v_balance := v_acc.balance;
     END IF;
     UPDATE meter.accounts a SET period_start = p_period_start, updated_at = now()
-    WHERE a.namespace = p_namespace AND a.account_id = v_acc.account_id;
+    WHERE a.namespace = p_namespace AND a.account_id = v_acc.account_id AND v_move;
     INSERT INTO meter.periods
         (namespace, account_id, user_id, event_type, resource, unit, period_start, allocation,
          open_balance, open_entry_id, opened_at, opened_actor)

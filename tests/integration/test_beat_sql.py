@@ -1632,3 +1632,47 @@ def test_a_period_opened_by_hand_on_an_account_without_configuration_closes_noth
     ).fetchall()
     assert ends == [{"period_end": None}, {"period_end": None}]
     assert client.reconcile() == []
+
+
+def test_a_period_opened_by_hand_ahead_of_its_start_leaves_the_current_one_to_the_roll(client, db):
+    """Opened up to a day ahead, the next period must not close the current one at once:
+    that counted all it had then as unused, and charged the rest of its day (and its
+    holds) to the next period. The roll closes it at its end, then keeps the one opened
+    ahead."""
+    t = today(db)
+    client.set_period_config("u1", ET, UNIT, None, t, D("100"), D("0"), timedelta(days=1))
+    roll(db)  # opens today: 100
+    client.consume("u1", ET, 30, UNIT)
+    assert client.open_period("u1", ET, UNIT, None, t + timedelta(days=1)) == D("170")
+    assert client.get_account("u1", ET, UNIT)["period_start"] == t  # still today's
+    client.consume("u1", ET, 20, UNIT)  # later today: today's usage
+    (step,) = roll(db, first_instant(t + timedelta(days=1)))
+    assert (step["closed_period_end"], step["expired"], step["opened_period_start"]) == (
+        t,
+        D("50"),
+        t + timedelta(days=1),
+    )
+    assert client.get_balance("u1", ET, UNIT)["balance"] == D("100")  # as on time
+    assert client.get_account("u1", ET, UNIT)["period_start"] == t + timedelta(days=1)
+    assert client.reconcile() == []
+
+
+def test_a_period_opened_by_hand_back_inside_closed_ones_closes_nothing(client, db):
+    """January left open (as before 031, or opened while unconfigured), February opened and
+    closed by the roll, whose close took January's units too. A period opened by hand on
+    Feb 15 must not close January now: that expired its units a second time."""
+    jan, feb = date(2025, 1, 1), date(2025, 2, 1)
+    client.set_period_config("u1", ET, UNIT, None, jan, D("100"), D("0"))
+    roll(db, first_instant(date(2025, 1, 2)))  # January: 100
+    db.execute("UPDATE meter.accounts SET period_allocation = NULL")  # unconfigured a while
+    client.open_period("u1", ET, UNIT, None, feb, D("100"))  # closes nothing: 200
+    db.execute("UPDATE meter.accounts SET period_allocation = 100")
+    roll(db, first_instant(date(2025, 3, 2)))  # closes February (200 expired), opens March
+    assert client.get_balance("u1", ET, UNIT)["balance"] == D("100")
+    assert client.open_period("u1", ET, UNIT, None, date(2025, 2, 15)) == D("200")
+    (january,) = db.execute(
+        "SELECT period_end FROM meter.periods WHERE user_id = 'u1' AND period_start = %s",
+        (jan,),
+    ).fetchall()
+    assert january["period_end"] is None
+    assert client.reconcile() == []
