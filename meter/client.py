@@ -90,6 +90,9 @@ def _retry_pause(sqlstate: str | None, retries: int) -> float | None:
 # broke under it is run again this often, each time on another connection.
 _RECONNECTS: Final = 2
 
+_MAX_TIMEOUT: Final = 86400
+"""The longest ``timeout`` a MeterClient takes, in seconds (a day)."""
+
 _IN_DOUBT: Final = "; the call may have committed before the connection broke"
 _ONLY_KEYED: Final = (
     ", so it is not run again: only a call with an idempotency key is safe to repeat "
@@ -346,7 +349,8 @@ class MeterClient:
         namespace: the tenant every call acts on.
         max_size: the maximum size of the pool built from a conninfo.
         timeout: seconds a call waits for a connection of the pool built from a conninfo
-            before raising ``MeterConnectionError`` (a caller's pool uses its own timeout).
+            before raising ``MeterConnectionError`` (a caller's pool uses its own timeout);
+            above 0, at most a day.
             A database found unreachable fails the call after about a second.
         generate_keys: give every ``allocate``, ``consume`` and ``adjust`` called without
             an ``idempotency_key`` one generated for that call (a UUID), so that it too is
@@ -410,8 +414,16 @@ class MeterClient:
             )
         self._namespace: str = _ident(namespace, "namespace")
         t.check_int(max_size, "max_size", min_value=1, max_value=10000)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise t.invalid("timeout", f"must be a positive number of seconds, got {timeout!r}")
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not 0 < timeout <= _MAX_TIMEOUT
+        ):
+            raise t.invalid(
+                "timeout",
+                f"must be a number of seconds above 0, at most {_MAX_TIMEOUT}, "
+                f"got {t.shown(timeout)}",
+            )
         self._generate_keys = t.check_bool(generate_keys, "generate_keys")
         self._timeout = float(timeout)
         self._actor: tuple[str | None, str | None, str | None, str | None] = _NO_ACTOR
@@ -1444,7 +1456,8 @@ class MeterClient:
         for i, kind in enumerate(kind_list or ()):
             if kind not in AUDIT_KINDS:
                 raise t.invalid(
-                    "kinds", f"unknown kind {kind!r} at index {i}; one of {sorted(AUDIT_KINDS)}"
+                    "kinds",
+                    f"unknown kind {t.shown(kind)} at index {i}; one of {sorted(AUDIT_KINDS)}",
                 )
         return self._run(
             _SQL_GET_AUDIT_EVENTS,

@@ -59,7 +59,7 @@ def list_dead_letters(
         ValidationError, TenantError, MeterConnectionError, MeterError.
     """
     if status not in STATUSES:
-        raise t.invalid("status", f"must be one of {', '.join(STATUSES)}, got {status!r}")
+        raise t.invalid("status", f"must be one of {', '.join(STATUSES)}, got {t.shown(status)}")
     t.check_int(limit, "limit", min_value=1, max_value=t.MAX_LIMIT)
     try:
         with _cursor(conn) as cur:

@@ -733,7 +733,9 @@ class MeterProducer:
                 op = params.pop("op", None)
                 builder = self._builders.get(op) if isinstance(op, str) else None
                 if builder is None:
-                    raise t.invalid("op", f"must be one of {', '.join(wire.OPS)}, got {op!r}")
+                    raise t.invalid(
+                        "op", f"must be one of {', '.join(wire.OPS)}, got {t.shown(op)}"
+                    )
                 try:
                     args, key, rid = builder(self, **params)
                 except TypeError as exc:  # unknown or missing parameter

@@ -72,7 +72,7 @@ def invalid(name: str, problem: str) -> ValidationError:
     return ValidationError(f"{name}: {problem}", sqlstate="MT001", parameter=name)
 
 
-def _shown(value: object) -> str:
+def shown(value: object) -> str:
     """``value`` for an error message, short: ``repr()`` up to 80 characters, and the size
     of an integer too long to print (``str()`` of one past 4,300 digits raises)."""
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**80:
@@ -82,7 +82,7 @@ def _shown(value: object) -> str:
 
 
 def _digits(value: object) -> object:
-    """``str(value)``, or the int itself when too long to print (:func:`_shown` says so)."""
+    """``str(value)``, or the int itself when too long to print (:func:`shown` says so)."""
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**80:
         return value
     return str(value)
@@ -160,7 +160,7 @@ def _to_decimal(value: object, name: str, nullable: bool) -> Decimal | None:
         )
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise invalid(name, f"must be a finite number, got {_shown(value)}")
+            raise invalid(name, f"must be a finite number, got {shown(value)}")
         d = Decimal(float.__repr__(value))  # (a subclass's repr may not be a number: numpy's)
     elif isinstance(value, str):
         text = value.strip()
@@ -170,12 +170,12 @@ def _to_decimal(value: object, name: str, nullable: bool) -> Decimal | None:
             except (InvalidOperation, ValueError):
                 finite = True
             if not finite:
-                raise invalid(name, f"must be a finite number, got {_shown(value)}")
-            raise invalid(name, f"must be a decimal number, got {_shown(value)}")
+                raise invalid(name, f"must be a finite number, got {shown(value)}")
+            raise invalid(name, f"must be a decimal number, got {shown(value)}")
         try:
             d = Decimal(text)
         except (InvalidOperation, ValueError):  # exponent out of Decimal's range
-            raise invalid(name, f"is out of range, got {_shown(value)}") from None
+            raise invalid(name, f"is out of range, got {shown(value)}") from None
     else:
         d = Decimal(value)
     if not d.is_finite():
@@ -195,11 +195,11 @@ def _canonical(d: Decimal, name: str, original: object) -> Decimal:
     integer_digits = max(len(coefficient) + exponent, 0)
     fraction_digits = max(-exponent, 0)
     if integer_digits > MAX_AMOUNT_INTEGER_DIGITS or fraction_digits > MAX_AMOUNT_FRACTION_DIGITS:
-        shown = _shown(original if isinstance(original, str) else _digits(original))
+        text = shown(original if isinstance(original, str) else _digits(original))
         raise invalid(
             name,
             f"must have at most {MAX_AMOUNT_INTEGER_DIGITS} digits before the decimal point "
-            f"and {MAX_AMOUNT_FRACTION_DIGITS} after it, got {shown}",
+            f"and {MAX_AMOUNT_FRACTION_DIGITS} after it, got {text}",
         )
     if exponent > 0:
         coefficient.extend([0] * exponent)
@@ -348,7 +348,7 @@ def check_int(
     if isinstance(value, bool) or not isinstance(value, int):
         raise invalid(name, f"must be an integer, got {_type_name(value)}")
     if not min_value <= value <= max_value:
-        raise invalid(name, f"must be between {min_value} and {max_value}, got {_shown(value)}")
+        raise invalid(name, f"must be between {min_value} and {max_value}, got {shown(value)}")
     return int(value)
 
 
@@ -366,7 +366,7 @@ def check_limit(value: object, name: str = "limit", *, maximum: int = MAX_LIMIT)
     if isinstance(value, bool) or not isinstance(value, int):
         raise invalid(name, f"must be an integer, got {_type_name(value)}")
     if value < 1:
-        raise invalid(name, f"must be at least 1, got {_shown(value)}")
+        raise invalid(name, f"must be at least 1, got {shown(value)}")
     return min(int(value), maximum)
 
 
@@ -532,7 +532,7 @@ def loads(data: str | bytes | bytearray | memoryview) -> Any:
 
 
 _WHITESPACE: Final = re.compile(r"[ \t\n\r]*").match
-_NUMBER: Final = re.compile(r"(-?(?:0|[1-9]\d*))(\.\d+)?([eE][-+]?\d+)?").match
+_NUMBER: Final = re.compile(r"(-?(?:0|[1-9][0-9]*))(\.[0-9]+)?([eE][-+]?[0-9]+)?").match
 _CONSTANTS: Final[dict[str, Any]] = {
     "null": None,
     "true": True,
@@ -663,7 +663,7 @@ def jsonb_text_size(obj: Any) -> int:
             exponent = d.as_tuple().exponent
             if isinstance(exponent, int) and exponent < -_NUMERIC_MAX_SCALE:
                 raise ValueError(
-                    f"the number {_shown(str(d))} has more than {_NUMERIC_MAX_SCALE} digits "
+                    f"the number {shown(str(d))} has more than {_NUMERIC_MAX_SCALE} digits "
                     "after the decimal point, more than PostgreSQL's numeric holds"
                 )
             if abs(d.adjusted()) > _NUMERIC_EXPONENT_LIMIT:

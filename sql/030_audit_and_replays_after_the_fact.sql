@@ -9,7 +9,9 @@
 --    or close_period) had expired, committed late afterwards, showed active -> committed:
 --    the expiry by system:expiry was overwritten. Now commit keeps it in two new columns,
 --    expired_at and expired_actor, when it completes an expired hold, and
---    get_audit_events lists it as 'reservation.expired' between the two. Holds committed
+--    get_audit_events lists it as 'reservation.expired' between the two (the seq that
+--    orders events of one time is renumbered to make room for it: the order of the others
+--    is unchanged). Holds committed
 --    late before this migration have lost it for good.
 -- 2. A second commit of a reservation with the same actual amount and other metadata was
 --    refused (MT002, rightly: metadata counts) with a message and COLUMN naming
@@ -163,7 +165,7 @@ BEGIN
     WITH events AS (
         SELECT 'ledger.' || l.entry_type AS kind, l.created_at AS at, l.user_id, l.event_type,
                l.resource, l.unit, l.amount, l.reservation_id, l.id AS entry_id, l.actor_id,
-               l.on_behalf_of, l.reason, l.request_id, l.metadata, 1 AS seq
+               l.on_behalf_of, l.reason, l.request_id, l.metadata, 2 AS seq
         FROM meter.ledger l
         WHERE l.namespace = p_namespace
         UNION ALL
@@ -178,16 +180,17 @@ BEGIN
                r.unit, CASE WHEN r.status = 'committed' THEN r.actual_amount ELSE r.amount END,
                r.reservation_id, r.entry_id, r.completed_actor->>'actor_id',
                r.completed_actor->>'on_behalf_of', r.completed_actor->>'reason',
-               r.completed_actor->>'request_id', r.metadata, 2
+               r.completed_actor->>'request_id', r.metadata, 3
         FROM meter.reservations r
         WHERE r.namespace = p_namespace AND r.status <> 'active'
         UNION ALL
         -- the sweep's expiry of a hold committed late after it (the row's completion is
-        -- the commit's)
+        -- the commit's). Its seq puts it after the hold's active and before the commit's
+        -- ledger row and completion when they share a time (one transaction).
         SELECT 'reservation.expired', r.expired_at, r.user_id, r.event_type, r.resource,
                r.unit, r.amount, r.reservation_id, NULL, r.expired_actor->>'actor_id',
                r.expired_actor->>'on_behalf_of', r.expired_actor->>'reason',
-               r.expired_actor->>'request_id', r.metadata, 2
+               r.expired_actor->>'request_id', r.metadata, 1
         FROM meter.reservations r
         WHERE r.namespace = p_namespace AND r.expired_at IS NOT NULL
         UNION ALL
@@ -195,7 +198,7 @@ BEGIN
                p.allocation, NULL, p.open_entry_id, p.opened_actor->>'actor_id',
                p.opened_actor->>'on_behalf_of', p.opened_actor->>'reason',
                p.opened_actor->>'request_id',
-               jsonb_build_object('period_start', p.period_start), 3
+               jsonb_build_object('period_start', p.period_start), 4
         FROM meter.periods p
         WHERE p.namespace = p_namespace AND p.opened_at IS NOT NULL
         UNION ALL
@@ -205,7 +208,7 @@ BEGIN
                p.closed_actor->>'request_id',
                jsonb_build_object('period_end', p.period_end, 'expired', p.expired,
                                   'carried_over', p.carried_over,
-                                  'new_balance', p.close_balance), 4
+                                  'new_balance', p.close_balance), 5
         FROM meter.periods p
         WHERE p.namespace = p_namespace AND p.closed_at IS NOT NULL
         UNION ALL
@@ -215,7 +218,7 @@ BEGIN
                jsonb_build_object('period_start', c.period_start,
                                   'period_allocation', c.period_allocation,
                                   'carry_over_limit', c.carry_over_limit,
-                                  'period_interval', c.period_interval::text), 5
+                                  'period_interval', c.period_interval::text), 6
         FROM meter.period_config_changes c
         WHERE c.namespace = p_namespace
     )

@@ -721,6 +721,24 @@ def test_a_late_commit_after_the_sweep_keeps_the_expiry_in_the_audit(client, db)
     assert expired["reservation_id"] == r["reservation_id"]
 
 
+def test_an_expiry_and_a_late_commit_in_one_transaction_keep_their_order(client, db):
+    """All their rows share one time: the order of events of one time puts the expiry
+    after the hold's active and before the commit's consumption and completion."""
+    client.allocate(U, ET, D("10"), UNIT)
+    r = client.reserve(U, ET, D("4"), UNIT, ttl_seconds=1)
+    wait_until_expired(db, r["expires_at"])
+    with db.transaction():
+        db.execute("SELECT meter.release_expired_reservations()")
+        db.execute("SELECT * FROM meter.commit(%s, 2)", (r["reservation_id"],))
+    kinds = [ev["kind"] for ev in client.get_audit_events() if ev["reservation_id"]]
+    assert kinds == [
+        "reservation.committed",
+        "ledger.consumption",
+        "reservation.expired",
+        "reservation.active",
+    ]
+
+
 def test_release_of_expired_hold_transition_carries_system_expiry(client, db):
     client.set_actor("alice")
     client.allocate(U, ET, D("10"), UNIT)

@@ -860,6 +860,10 @@ def test_client_arguments_are_checked_by_name(db_url):
         ({"generate_keys": 1}, "generate_keys"),
         ({"max_size": 0, "generate_keys": 1}, "max_size"),  # in the signature's order
         ({"max_size": 10**5000}, "max_size"),  # too long to print: named by its size
+        ({"timeout": 10**5000}, "timeout"),
+        ({"timeout": -(10**5000)}, "timeout"),
+        ({"timeout": float("inf")}, "timeout"),
+        ({"timeout": float("nan")}, "timeout"),
     ]:
         with pytest.raises(ValidationError) as refused:
             meter.MeterClient(db_url, **kwargs)

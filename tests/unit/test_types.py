@@ -638,7 +638,10 @@ def test_the_iterative_decoder_reads_what_json_reads(value, indent):
     assert repr(t._decode_iteratively(text)) == repr(expected)
 
 
-@pytest.mark.parametrize("text", ["", "[", "[1,]", '{"a" 1}', '{"a":1,}', "[1] x", "{1:2}", "[01]"])
+@pytest.mark.parametrize(
+    "text",
+    ["", "[", "[1,]", '{"a" 1}', '{"a":1,}', "[1] x", "{1:2}", "[01]", "[1\u0661]", "[1.\u0661]"],
+)
 def test_the_iterative_decoder_refuses_what_json_refuses(text):
     with pytest.raises(json.JSONDecodeError):
         json.loads(text)
@@ -658,6 +661,8 @@ def test_loads_reads_documents_json_cannot():
     big = t.loads('{"n": %s, "m": [1, 2.5]}' % ("9" * 5000))
     assert big["n"] == Decimal("9" * 5000) and big["m"] == [1, Decimal("2.5")]
     assert t.loads('{"n": -%s}' % ("9" * 5000))["n"] == Decimal("-" + "9" * 5000)
+    with pytest.raises(json.JSONDecodeError):  # digits are ASCII, as json's own
+        t.loads("[" + "9" * 5000 + ", 1\u0661]")
 
 
 @pytest.mark.parametrize("number", ["1E-16384", "1.50E-16382", "0E-20000"])
