@@ -40,6 +40,9 @@ _CORRUPT: list[tuple[str, Any]] = [
     ("amount", "x"), ("amount", "0"), ("amount", "1e-13"), ("user_id", " u1"),
     ("event_type", "bad\ntype"), ("event_time", "not a time"), ("event_time", "2999-01-01"),
     ("metadata", [1]), ("resource", "bad\tresource"), ("unknown", 1),
+    # 032: forms PostgreSQL's input takes but the wire format does not
+    ("event_time", "now"), ("event_time", "2001-03-04 05:06:07"), ("amount", "0x10"),
+    ("amount", "1_000"), ("user_id", 7), ("unit", ["tok"]), ("idempotency_key", True),
 ]  # fmt: skip
 
 
@@ -304,3 +307,88 @@ def test_a_ttl_past_integers_range_is_refused_by_name(db, snapshot, ttl):
     assert "ttl_seconds" in str(letter)
     before.pop("dead_letters")
     assert after == before
+
+
+# 032: each value PostgreSQL's input functions take but the wire format does not, with the
+# start of the refusal naming its argument
+_NOT_WIRE_FORMS: list[tuple[str, Any, str]] = [
+    ("event_time", "now", "event_time: must be an ISO 8601 timestamp with its UTC offset"),
+    ("event_time", "today", "event_time: must be an ISO 8601 timestamp with its UTC offset"),
+    ("event_time", "epoch", "event_time: must be an ISO 8601 timestamp with its UTC offset"),
+    ("event_time", "2026-01-02 03:04:05", "event_time: must be an ISO 8601 timestamp"),
+    ("event_time", "Jan 2 2026 03:04 UTC", "event_time: must be an ISO 8601 timestamp"),
+    ("event_time", 1767323045, "event_time: must be a string, got a JSON number"),
+    ("amount", "0x10", "amount: must be decimal digits (as 12.5 or 1e3), got 0x10"),
+    ("amount", "0o20", "amount: must be decimal digits"),
+    ("amount", "0b10000", "amount: must be decimal digits"),
+    ("amount", "1_000", "amount: must be decimal digits"),
+    ("amount", True, "amount: must be a number or a string, got a JSON boolean"),
+    ("user_id", 7, "user_id: must be a string, got a JSON number"),
+    ("user_id", ["u1"], "user_id: must be a string, got a JSON array"),
+    ("event_type", {"a": 1}, "event_type: must be a string, got a JSON object"),
+    ("unit", 1, "unit: must be a string, got a JSON number"),
+    ("resource", False, "resource: must be a string, got a JSON boolean"),
+    ("idempotency_key", 12, "idempotency_key: must be a string, got a JSON number"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["single", "batch"])
+@pytest.mark.parametrize(("name", "value", "refusal"), _NOT_WIRE_FORMS)
+def test_a_value_outside_the_wire_format_is_refused_by_name(
+    db, snapshot, batch, name, value, refusal
+):
+    """Such a value was read by PostgreSQL's input functions: 'now' made a time that
+    changed between deliveries (a redelivered batch dead-lettered its own keys as
+    conflicts), '0x10' was 16, {"user_id": 7} wrote to the account "7". Now it is
+    refused, MT001 naming it, alone in a batch too (the fast path leaves it to the
+    one-by-one path), and changes nothing but its dead letter."""
+    good = {"user_id": "u1", "event_type": ET, "amount": "2", "unit": UNIT}
+    bad = {**good, "idempotency_key": "k-bad", name: value}
+    events = [{"op": "allocate", "namespace": "default", "args": bad}]
+    if batch:  # with a valid event beside it, so that the batch path is taken
+        keyed = {**good, "idempotency_key": "k-good"}
+        events.insert(0, {"op": "allocate", "namespace": "default", "args": keyed})
+        db.execute(APPLY, (Jsonb(events[:1]), True)).fetchall()  # applied first, replayed below
+    before = snapshot()
+    rows = db.execute(APPLY, (Jsonb(events), True)).fetchall()
+    if batch:
+        assert (rows[0]["ok"], rows[0]["status"]) == (True, "replayed")
+    row = rows[-1]
+    assert (row["ok"], row["error_sqlstate"]) == (False, "MT001")
+    assert row["error_message"].startswith(refusal), row["error_message"]
+    after = snapshot()
+    (letter,) = after.pop("dead_letters")  # a refused event is filed, by design
+    assert any(isinstance(v, str) and v.startswith(refusal) for v in letter), letter
+    before.pop("dead_letters")
+    assert after == before
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["single", "batch"])
+def test_the_wire_forms_of_times_and_amounts_apply_and_replay(db, batch):
+    """What the SDK and other clients send still applies, on both paths, and a second
+    delivery of the same events replays them."""
+    forms = [
+        ("2001-03-04T05:06:07.123456+05:30", "12.5"),
+        ("2001-03-04 05:06:07Z", " 1e3 "),
+        ("2001-03-04T05:06z", 1e-06),  # a JSON number
+        ("2001-03-04T05:06:07-0800", ".5"),
+        ("2001-03-04T05:06:07+00:00:30", "+3."),
+    ]
+    events = [
+        {"op": "allocate", "namespace": "default",
+         "args": {"user_id": f"u{i}", "event_type": ET, "amount": amount, "unit": UNIT,
+                  "event_time": time, "idempotency_key": f"k{i}"}}
+        for i, (time, amount) in enumerate(forms)
+    ]  # fmt: skip
+    runs = [events, events] if batch else [[e] for e in events] * 2
+    statuses = [r["status"] for run in runs for r in db.execute(APPLY, (Jsonb(run), True))]
+    half = len(statuses) // 2
+    assert statuses[:half] == ["applied"] * half
+    assert statuses[half:] == ["replayed"] * half
+    balances = db.execute(
+        "SELECT user_id, balance FROM meter.accounts WHERE namespace = 'default' ORDER BY user_id"
+    ).fetchall()
+    assert [(b["user_id"], b["balance"]) for b in balances] == [
+        ("u0", D("12.5")), ("u1", D("1000")), ("u2", D("0.000001")), ("u3", D("0.5")),
+        ("u4", D("3")),
+    ]  # fmt: skip
