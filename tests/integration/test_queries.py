@@ -6,6 +6,7 @@ import time
 from datetime import UTC, date, datetime
 from decimal import Decimal
 
+import psycopg
 import pytest
 
 from meter.errors import ValidationError
@@ -113,6 +114,50 @@ def test_get_balance_known_account(client):
         "reserved": D("2.25"),
         "available": D("8.25"),
     }
+
+
+GET_BALANCE = (
+    "SELECT * FROM meter.get_balance(p_user_id => %s, p_event_type => %s, p_unit => %s,"
+    " p_resource => %s, p_namespace => 'default')"
+)
+
+
+def _balance(db, *key):
+    return db.execute(GET_BALANCE, key).fetchall()
+
+
+def _rows(balance, reserved=0):
+    return [{"balance": D(balance), "reserved": D(reserved), "available": D(balance - reserved)}]
+
+
+def test_get_balance_probe_first_answers_only_a_stored_key(client, db, snapshot):
+    # 033: with the tenant set, get_balance probes before it checks the key, so a key that
+    # finds an account is answered unchecked. These are the keys that must still be refused
+    # (or answered with zeros) although an account sits next to them.
+    client.allocate(None, ET, D("7"), UNIT)  # the pool: stored with user_id NULL
+    client.allocate(U, ET, D("5"), UNIT, "r1")
+    client.reserve(U, ET, D("2"), UNIT, "r1")
+    db.execute("SELECT set_config('meter.tenant', 'default', false)")
+    assert _balance(db, U, ET, UNIT, "r1") == _rows(5, 2)
+    assert _balance(db, None, ET, UNIT, None) == _rows(7)
+    assert _balance(db, None, ET, UNIT, "") == _rows(7)  # '' is no resource
+    assert _balance(db, U, ET, UNIT, None) == _rows(0)
+    before = snapshot()
+    refused = {
+        "user_id": ("", ET, UNIT, None),  # '' would find the pool
+        "resource": (U, ET, UNIT, " r1"),
+        "unit": (U, ET, "u" * 65, "r1"),
+    }
+    for param, key in refused.items():
+        with pytest.raises(psycopg.Error) as ei:
+            db.execute(GET_BALANCE, key)
+        assert (ei.value.sqlstate, ei.value.diag.column_name) == ("MT001", param), key
+    # Another tenant set: the account exists, but the call is refused as before 033.
+    db.execute("SELECT set_config('meter.tenant', 'other', false)")
+    with pytest.raises(psycopg.Error) as ei:
+        db.execute(GET_BALANCE, (U, ET, UNIT, "r1"))
+    assert (ei.value.sqlstate, ei.value.diag.column_name) == ("MT004", "namespace")
+    assert snapshot() == before
 
 
 def test_get_account_unknown_is_none(client):
