@@ -572,8 +572,8 @@ def target_lines(report: Report) -> list[str]:
             continue
         rng = ""
         if report.meta["repeat"] > 1 and t.ratio_min is not None and t.ratio_max is not None:
-            rng = f" (rounds {t.ratio_min:.0%}-{t.ratio_max:.0%})"
-        lines.append(f"{t.verdict} {t.name}: {t.ratio:.0%}{rng}")
+            rng = f" (rounds {t.ratio_min:.1%}-{t.ratio_max:.1%})"
+        lines.append(f"{t.verdict} {t.name}: {t.ratio:.1%}{rng}")
     return lines
 
 
