@@ -29,13 +29,14 @@ environment                         ``app.conf`` key        meaning (default)
                                                             (100)
 ``METER_PARTITIONS_INTERVAL_SECONDS``  meter_partitions_interval  beat: partition check (86400)
 ``METER_PARTITIONS_AHEAD_MONTHS``   meter_partitions_ahead  ledger partitions kept ready
-                                                            beyond this month (3)
+                                                            beyond this month (3; at most 120)
 ``METER_LEDGER_RETENTION_MONTHS``   meter_ledger_retention_months  beat: fold and drop ledger
                                                             months older than this (unset: no
-                                                            retention, the default)
+                                                            retention, the default; at most
+                                                            1200)
 ``METER_RETENTION_INTERVAL_SECONDS``  meter_retention_interval  beat: retention check (86400)
 ``METER_IDEMPOTENCY_KEY_RETENTION_DAYS``  meter_key_retention_days  keys older than this are
-                                                            pruned (35)
+                                                            pruned (35; at most 36500)
 ``METER_PRUNE_INTERVAL_SECONDS``    meter_prune_interval    beat: key pruning period (3600)
 ``METER_PRUNE_BATCH``               meter_prune_batch       keys deleted per prune statement
                                                             (10000)
@@ -79,6 +80,14 @@ _ENV: Final = {
     "signing_secret": "METER_SIGNING_SECRET",
 }
 
+# The bounds the SQL functions these settings feed put on them: a larger value would stop
+# its beat task at every run (MT001) instead of the worker at start.
+_MAXIMUM: Final = {
+    "METER_PARTITIONS_AHEAD_MONTHS": 120,  # meter.ensure_partitions
+    "METER_LEDGER_RETENTION_MONTHS": 1200,  # meter.drop_old_partitions
+    "METER_IDEMPOTENCY_KEY_RETENTION_DAYS": 36500,  # meter.prune_idempotency_keys
+}
+
 
 def _number(env: Mapping[str, str], name: str, default: float, *, integer: bool) -> Any:
     raw = env.get(name, "").strip()
@@ -91,6 +100,8 @@ def _number(env: Mapping[str, str], name: str, default: float, *, integer: bool)
         raise ValueError(f"{name} must be {kind}, got {raw!r}") from None
     if value <= 0:
         raise ValueError(f"{name} must be greater than 0, got {raw!r}")
+    if name in _MAXIMUM and value > _MAXIMUM[name]:
+        raise ValueError(f"{name} must be at most {_MAXIMUM[name]}, got {raw!r}")
     return value
 
 
@@ -123,7 +134,8 @@ class Settings:
         """Read ``METER_*`` variables; unset or empty ones take the defaults.
 
         Raises:
-            ValueError: a variable is not a positive number.
+            ValueError: a variable is not a positive number, or is above the bound of the
+                SQL function it feeds (``_MAXIMUM``).
         """
         env = os.environ if env is None else env
         values: dict[str, Any] = {}

@@ -1437,6 +1437,13 @@ def test_beat_schedule_from_settings():
     assert tuned["meter.roll-periods"]["schedule"].seconds == 2.5
     with pytest.raises(ValueError, match="METER_LEDGER_RETENTION_MONTHS"):
         Settings.from_env({"METER_LEDGER_RETENTION_MONTHS": "0"})
+    # 034: above what its SQL function takes, a setting stops the worker at start.
+    for var, most in [("METER_LEDGER_RETENTION_MONTHS", 1200),
+                      ("METER_PARTITIONS_AHEAD_MONTHS", 120),
+                      ("METER_IDEMPOTENCY_KEY_RETENTION_DAYS", 36500)]:  # fmt: skip
+        assert Settings.from_env({var: str(most)}) is not None
+        with pytest.raises(ValueError, match=f"{var} must be at most {most}"):
+            Settings.from_env({var: str(most + 1)})
 
     # Due when beat starts (checked once to order its heap, then again to send it), until it
     # has run; then every interval.

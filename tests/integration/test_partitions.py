@@ -210,8 +210,8 @@ def test_month_boundaries_are_utc(client, db):
 # ---------------------------------------------------------------- drop_old_partitions
 
 
-@pytest.mark.parametrize("n", [0, -1, None])
-def test_drop_old_partitions_below_one_is_validation_error(client, db, snapshot, n):
+@pytest.mark.parametrize("n", [0, -1, None, 1201, 2**31 - 1])  # 034: 2**31 - 1 raised 22008
+def test_drop_old_partitions_outside_1_to_1200_is_validation_error(client, db, snapshot, n):
     client.allocate("u1", ET, 10, UNIT, event_time=mid_month(2019, 1))
     before, parts = snapshot(), ledger_partitions(db)
     assert sqlstate_of(db, "SELECT * FROM meter.drop_old_partitions(%s::int)", (n,)) == "MT001"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
+import psycopg
 import pytest
 
 from meter import MeterClient
@@ -467,6 +468,43 @@ def test_set_period_config_refuses_a_non_positive_or_too_long_interval(client, s
     with pytest.raises(ValidationError) as ei:
         client.set_period_config(U, ET, UNIT, None, JAN1, D("10"), None, period_interval=interval)
     assert ei.value.parameter == "period_interval" or "period_interval" in str(ei.value)
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize("interval", ["infinity", "-infinity"])
+def test_set_period_config_refuses_an_infinite_interval_by_name(client, db, snapshot, interval):
+    # 034: 'infinity' failed in the check's own arithmetic, a raw 22008 naming nothing.
+    client.allocate(U, ET, D("1"), UNIT)
+    before = snapshot()
+    with pytest.raises(psycopg.Error) as ei:
+        db.execute(
+            "SELECT meter.set_period_config(p_user_id => %s, p_event_type => %s, p_unit => %s,"
+            " p_resource => NULL, p_period_start => %s, p_period_allocation => 10,"
+            " p_period_interval => %s::interval)",
+            (U, ET, UNIT, JAN1, interval),
+        )
+    assert (ei.value.sqlstate, ei.value.diag.column_name) == ("MT001", "period_interval")
+    with pytest.raises(ValidationError) as ei_sdk:
+        client.set_period_config(U, ET, UNIT, None, JAN1, D("10"), None, period_interval=interval)
+    assert ei_sdk.value.parameter == "period_interval"
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize("period_end", ["5874897-12-31", "300000-01-01", "10000-01-01"])
+def test_close_period_refuses_a_date_past_year_9999_by_name(client, db, snapshot, period_end):
+    # 034: the last date there is, and any past the end of timestamps, overflowed the
+    # close's own arithmetic before the future was refused: a raw 22008 naming nothing.
+    config(client, D("100"))
+    client.open_period(U, ET, UNIT, None, JAN1)
+    before = snapshot()
+    with pytest.raises(psycopg.Error) as ei:
+        db.execute(
+            "SELECT * FROM meter.close_period(p_user_id => %s, p_event_type => %s,"
+            " p_unit => %s, p_resource => NULL, p_period_end => %s::date)",
+            (U, ET, UNIT, period_end),
+        )
+    assert (ei.value.sqlstate, ei.value.diag.column_name) == ("MT001", "period_end")
+    assert "in the future" in ei.value.diag.message_primary
     assert snapshot() == before
 
 
