@@ -387,9 +387,11 @@ class MeterProducer:
         # Buffered mode: _lock guards _batch (the open batch) and _unsent (full batches the
         # broker refused, oldest first, each kept whole so its handles stay valid);
         # _send_lock serialises sending, so flush() returns only after every batch taken
-        # before it has reached the broker.
-        self._lock = threading.Lock()
-        self._send_lock = threading.Lock()
+        # before it has reached the broker. Reentrant only so that a call re-entering on
+        # the same thread (a signal handler) can tell that it did (_reentered) and refuse,
+        # where a plain lock would wait for itself for ever.
+        self._lock = threading.RLock()
+        self._send_lock = threading.RLock()
         self._wakeup = threading.Condition(self._lock)
         self._batch: _Batch | None = None
         self._unsent: deque[_Batch] = deque()
@@ -434,7 +436,23 @@ class MeterProducer:
                 (``close()`` raising it empties the buffer).
         """
         if self._buffered:
+            self._refuse_reentry("flush()")
             self._flush(hand_over=True)
+
+    def _reentered(self) -> bool:
+        """Whether this thread is inside this producer's locked code already: a signal
+        handler run in the middle of a call (Python runs handlers between any two bytecodes
+        of the main thread). The call it interrupted holds what it would wait for."""
+        return bool(self._lock._is_owned() or self._send_lock._is_owned())  # type: ignore[attr-defined]
+
+    def _refuse_reentry(self, what: str) -> None:
+        if self._reentered():
+            raise MeterConnectionError(
+                f"{what} was called inside a call of this MeterProducer on the same thread "
+                "(a signal handler?), which it cannot wait for; the interrupted call goes on "
+                "when the handler returns: call it after that (what is buffered stays "
+                "buffered, and is sent at exit)"
+            )
 
     def _flush(self, *, hand_over: bool = False, empty: bool = False) -> None:
         """Send every buffered batch, oldest first.
@@ -479,8 +497,15 @@ class MeterProducer:
             MeterConnectionError: another close() failed (above); or this one was made
                 (by a signal handler) inside a call of this thread that is sending the
                 batch it filled, while another thread closes: that close() waits for the
-                call, and sends the buffer after it.
+                call, and sends the buffer after it. Or made by a signal handler inside a
+                call of this producer on the same thread (its locks held), which that
+                close() cannot wait for: nothing is changed, the interrupted call goes on
+                when the handler returns, and the buffer is sent by a later close() or at
+                exit.
         """
+        if self._reentered() and self._closer is not threading.current_thread():
+            # (Inside this thread's own close(), that close() goes on: returned below.)
+            self._refuse_reentry("close()")
         with self._lock:
             closer = self._closer
             filling = threading.get_ident() in self._fillers
@@ -918,6 +943,7 @@ class MeterProducer:
                 exc.events = [_resendable(event)]
                 raise
             return EventHandle(self, op, key, rid, task_id, want)
+        self._refuse_reentry(f"{op}()")
         full: _Batch | None = None
         me = threading.get_ident()
         registered = False  # set before the append: the finally then never misses an entry
@@ -1057,8 +1083,8 @@ class MeterProducer:
 
     def _after_fork(self) -> None:
         # The child inherits a copy of the buffer (the parent sends it) and no thread.
-        self._lock = threading.Lock()
-        self._send_lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._send_lock = threading.RLock()
         self._wakeup = threading.Condition(self._lock)
         self._batch = None
         self._unsent = deque()

@@ -652,3 +652,84 @@ def test_close_racing_the_linger_thread_hands_every_event_back():
     producer._linger_thread.join(timeout=5)
     assert handed == [h.idempotency_key for h in handles]
     assert not producer._unsent and producer._batch is None
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sender", ["fill", "flush"])
+def test_a_signal_handler_closing_inside_its_own_threads_send_is_refused_not_hung(sender):
+    """A signal handler calls close() while the main thread is sending a batch (a call
+    that filled it, or flush()), holding the send lock. That close() used to wait for the
+    lock its own thread held: the process hung for good. It now raises and changes nothing;
+    the interrupted send goes on, and a later close() sends the rest, each event once."""
+    import json
+    import signal
+    import threading
+
+    from meter.errors import MeterConnectionError
+    from meter.producer import MeterProducer
+
+    producer = MeterProducer("redis://127.0.0.1:1/0", batch_size=2, linger_ms=3_600_000)
+    sent: list[list[str]] = []  # the idempotency keys of each message sent
+    main = threading.get_ident()
+
+    def send_task(*args: object, **kwargs: object) -> None:
+        if not sent:  # the first send: the signal comes in the middle of it
+            signal.pthread_kill(main, signal.SIGUSR1)
+            for _ in range(1000):  # bytecodes, between which the handler runs
+                pass
+        (payload,) = kwargs["args"]  # type: ignore[misc]
+        sent.append([event["args"]["idempotency_key"] for event in json.loads(payload)])
+
+    producer._app.send_task = send_task  # type: ignore[method-assign]
+    handled: list[BaseException] = []
+
+    def handler(signum: int, frame: object) -> None:
+        try:
+            producer.close()
+        except MeterConnectionError as exc:
+            handled.append(exc)
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        producer.consume("u1", "tokens", 1, "tok", idempotency_key="k0")
+        if sender == "fill":
+            producer.consume("u1", "tokens", 1, "tok", idempotency_key="k1")
+        else:
+            producer.flush()
+            producer.consume("u1", "tokens", 1, "tok", idempotency_key="k1")
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert len(handled) == 1 and "signal handler" in str(handled[0])
+    assert producer._closed is False  # the refused close() changed nothing
+    producer.consume("u1", "tokens", 1, "tok", idempotency_key="k2")
+    producer.close()
+    expected = [["k0", "k1"], ["k2"]] if sender == "fill" else [["k0"], ["k1", "k2"]]
+    assert sent == expected
+    assert not producer._unsent and producer._batch is None
+
+
+@pytest.mark.timeout(60)
+def test_calls_made_inside_a_held_producer_lock_are_refused_not_hung():
+    """What a signal handler meets when it interrupts the main thread inside the producer's
+    own locked code: each call would wait for the lock its thread holds. Each is refused
+    instead, and the buffer is left as it was."""
+    from meter.errors import MeterConnectionError
+    from meter.producer import MeterProducer
+
+    producer = MeterProducer("redis://127.0.0.1:1/0", batch_size=10, linger_ms=3_600_000)
+    sent: list[object] = []
+    producer._app.send_task = lambda *a, **k: sent.append(k)  # type: ignore[method-assign]
+    producer.consume("u1", "tokens", 1, "tok", idempotency_key="k0")
+    for lock in (producer._lock, producer._send_lock):
+        with lock:
+            for call in (
+                producer.close,
+                producer.flush,
+                lambda: producer.consume("u1", "tokens", 1, "tok", idempotency_key="k1"),
+            ):
+                with pytest.raises(MeterConnectionError, match="same thread"):
+                    call()
+    assert producer._closed is False and sent == []
+    assert producer._batch is not None and len(producer._batch.events) == 1
+    producer.close()
+    assert len(sent) == 1
