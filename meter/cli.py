@@ -279,7 +279,28 @@ def _write_in_transaction(
 def _emit_json(value: Any) -> None:
     from meter import types as t
 
-    click.echo(t.dumps(_json_ready(value)))
+    with _deep_json():
+        click.echo(t.dumps(_json_ready(value)))
+
+
+# Metadata and event payloads written through SQL (or refused into the dead letters) nest as
+# deep as PostgreSQL's stack lets them, some 10,000 levels with its default settings: deeper
+# than Python's default recursion limit (1,000), which the JSON output's recursive walk
+# would hit. Since Python 3.11 a call between Python functions takes no C stack, so a
+# higher limit costs only frames on the heap.
+_JSON_RECURSION_LIMIT = 100_000
+
+
+@contextmanager
+def _deep_json() -> Iterator[None]:
+    import sys
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, _JSON_RECURSION_LIMIT))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 def _print_table(table: Any) -> None:
@@ -792,9 +813,10 @@ def _payload_summary(payload: Any) -> str:
     """The event's arguments (op and namespace have columns of their own), as JSON."""
     from meter import types as t
 
-    if isinstance(payload, dict) and isinstance(payload.get("args"), dict):
-        return t.dumps(payload["args"])
-    return t.dumps(payload)
+    with _deep_json():
+        if isinstance(payload, dict) and isinstance(payload.get("args"), dict):
+            return t.dumps(payload["args"])
+        return t.dumps(payload)
 
 
 def _dead_letter_conn(database_url: str | None) -> Any:
@@ -841,7 +863,6 @@ def dead_letters_list(
     from rich.table import Table
 
     from meter import dead_letters as dl
-    from meter import types as t
 
     with _dead_letter_conn(database_url) as conn:
         try:
@@ -849,7 +870,7 @@ def dead_letters_list(
         except MeterError as exc:
             _fail(exc)
     if as_json:
-        click.echo(t.dumps([_json_ready(row) for row in rows]))
+        _emit_json(rows)
         return
     if not rows:
         console.print(f"no dead letters ({status})")
@@ -888,7 +909,6 @@ def dead_letters_retry(
 ) -> None:
     """Re-apply a dead letter (ID), or every waiting one (--all), once its cause is fixed."""
     from meter import dead_letters as dl
-    from meter import types as t
 
     if (dead_letter_id is None) == (not retry_all):
         raise click.UsageError("give either a dead letter ID or --all")
@@ -909,7 +929,7 @@ def dead_letters_retry(
         except MeterError as exc:
             _fail(exc)
     if as_json:
-        click.echo(t.dumps([_json_ready(o) for o in outcomes]))
+        _emit_json(outcomes)
     else:
         for o in outcomes:
             if o["ok"]:

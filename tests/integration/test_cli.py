@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from datetime import UTC, datetime
 from decimal import Decimal as D
 from typing import Any
@@ -364,3 +365,38 @@ def test_status_healthy_then_failed_beat_run_then_dead_letter(
     report = json.loads(after.stdout)
     assert report["database"]["dead_letters"] == 1
     assert any("dead letter" in p for p in report["problems"])
+
+
+def test_json_output_of_metadata_nested_as_deep_as_postgresql_takes(env, db) -> None:
+    """Metadata written through SQL nests as deep as PostgreSQL parses (the 64 KiB bound
+    leaves some 9,000 levels of objects, 14,000 of arrays), and an event refused into the
+    dead letters carries what it was sent with. ``--json`` used to walk it past Python's
+    recursion limit: a RecursionError traceback instead of the output."""
+    objects = '{"a":' * 9000 + "1" + "}" * 9000
+    arrays = '{"a":' + "[" * 14000 + "]" * 14000 + "}"
+    for metadata in (objects, arrays):
+        db.execute(
+            "SELECT meter.allocate(p_user_id => 'deep', p_event_type => 'e', p_amount => 1,"
+            " p_unit => 'u', p_metadata => %s::jsonb)",
+            (metadata,),
+        )
+    db.execute(
+        "SELECT meter.record_dead_letter('consume', %s::jsonb, 'MT001', 'too deep', NULL,"
+        " 'default')",
+        ('{"op": "consume", "namespace": "default", "args": ' + objects + "}",),
+    )
+
+    def depth(value: Any) -> int:
+        levels = 0
+        while isinstance(value, dict | list) and value:
+            value = value["a"] if isinstance(value, dict) else value[0]
+            levels += 1
+        return levels
+
+    rows = as_json(run(env, "ledger", "deep", "--json"))
+    assert sorted(depth(r["metadata"]) for r in rows) == [9000, 14000]
+    (letter,) = as_json(run(env, "dead-letters", "list", "--json"))
+    assert depth(letter["payload"]["args"]) == 9000
+    table = run(env, "dead-letters", "list")
+    assert table.exit_code == 0, table.output
+    assert sys.getrecursionlimit() < 100_000  # raised for the output only
