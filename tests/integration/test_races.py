@@ -802,3 +802,87 @@ def test_a_write_that_waited_for_the_sweep_reports_what_the_sweep_left(db_url, c
     assert reply["available"] == expected
     assert client.get_balance("u1", ET, UNIT)["available"] == expected[0]
     assert client.reconcile() == []
+
+
+def _lock_wait(db, pid: int) -> str | None:
+    row = db.execute(
+        "SELECT wait_event_type, wait_event FROM pg_stat_activity WHERE pid = %s", (pid,)
+    ).fetchone()
+    if row is None or row["wait_event_type"] != "Lock":
+        return None
+    return str(row["wait_event"])
+
+
+def test_writes_to_one_account_queue_on_its_advisory_lock(db_url, client, db):
+    # 035: a write whose transaction holds no row waits for a busy account on the
+    # account's advisory lock, not on the row (where every waiter wakes at each commit).
+    client.allocate("u1", ET, 100, UNIT)
+    waited: dict[str, Any] = {}
+    with (
+        psycopg.connect(db_url, row_factory=dict_row) as holder,
+        psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as waiter,
+    ):
+        holder.execute("SELECT 1")  # the caller's transaction, no row locked yet
+        MeterClient(holder).consume("u1", ET, 1, UNIT)  # holds u1 until holder commits
+        held = db.execute(
+            "SELECT count(*) AS n FROM pg_locks WHERE pid = %s AND locktype = 'advisory'"
+            " AND granted",
+            (holder.info.backend_pid,),
+        ).fetchone()
+        assert held == {"n": 1}
+
+        def write() -> None:
+            waited["row"] = MeterClient(waiter).consume("u1", ET, 2, UNIT)
+
+        thread = threading.Thread(target=write)
+        thread.start()
+        eventually(lambda: _lock_wait(db, waiter.info.backend_pid) is not None)
+        assert _lock_wait(db, waiter.info.backend_pid) == "advisory"
+        holder.commit()
+        thread.join(30)
+    assert waited["row"]["balance"] == D("97")
+    assert client.reconcile() == []
+
+
+def test_a_transaction_holding_the_account_does_not_queue_behind_its_waiter(db_url, client, db):
+    # The caller's own transaction holds u1's row without its advisory lock (a reserve locks
+    # the row directly); a single call then queues for u1 (takes u1's advisory lock, waits
+    # for the row); the transaction's next write on u1 already holds the row. Had that
+    # write queued for the advisory lock, each would wait for the other (40P01): 035 takes
+    # it only in a transaction that has locked no row.
+    client.allocate("u1", ET, 100, UNIT)
+    other: dict[str, Any] = {}
+    deadlocks = _deadlocks(db)
+    with (
+        psycopg.connect(db_url, row_factory=dict_row) as mine,
+        psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as single,
+    ):
+        mine.execute("SELECT 1")  # the caller's transaction: the SDK's calls nest in it
+        me = MeterClient(mine)
+        me.reserve("u1", ET, 1, UNIT)
+
+        def write() -> None:
+            try:
+                other["row"] = MeterClient(single).consume("u1", ET, 2, UNIT)
+            except BaseException as exc:
+                other["row"] = exc
+
+        thread = threading.Thread(target=write)
+        thread.start()
+        eventually(lambda: _lock_wait(db, single.info.backend_pid) is not None)
+        second = me.consume("u1", ET, 4, UNIT)  # would deadlock if it queued
+        mine.commit()
+        thread.join(30)
+    assert second["balance"] == D("96")
+    assert not isinstance(other["row"], BaseException), other["row"]
+    assert other["row"]["balance"] == D("94")
+    assert _deadlocks(db) == deadlocks  # (the SDK retries a 40P01: the count tells)
+    assert client.reconcile() == []
+
+
+def _deadlocks(db) -> int:
+    db.execute("SELECT pg_stat_clear_snapshot()")
+    row = db.execute(
+        "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+    ).fetchone()
+    return int(row["deadlocks"])
