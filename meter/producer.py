@@ -943,7 +943,10 @@ class MeterProducer:
                 exc.events = [_resendable(event)]
                 raise
             return EventHandle(self, op, key, rid, task_id, want)
-        self._refuse_reentry(f"{op}()")
+        # A signal handler inside this thread's locked code would wait for itself; one
+        # inside this thread's send (the send lock only) may buffer: see below.
+        if self._lock._is_owned():  # type: ignore[attr-defined]
+            self._refuse_reentry(f"{op}()")
         full: _Batch | None = None
         me = threading.get_ident()
         registered = False  # set before the append: the finally then never misses an entry
@@ -959,9 +962,17 @@ class MeterProducer:
                 batch.events.append(event)
                 batch.want_result = batch.want_result or want
                 if index + 1 >= self._batch_size:
-                    full, self._batch = batch, None
-                    registered = True
-                    self._fillers.append(me)
+                    self._batch = None
+                    if self._send_lock._is_owned():  # type: ignore[attr-defined]
+                        # A signal handler inside this thread's own send, which nothing
+                        # may interleave with: the batch waits its turn, and the linger
+                        # thread sends it once that send is over.
+                        self._unsent.append(batch)
+                        self._wakeup.notify()
+                    else:
+                        full = batch
+                        registered = True
+                        self._fillers.append(me)
             if full is not None:
                 # Sent by the caller that filled it: back-pressure instead of an unbounded
                 # buffer. If that fails, this call raises with its own event in the error

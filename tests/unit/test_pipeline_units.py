@@ -711,25 +711,48 @@ def test_a_signal_handler_closing_inside_its_own_threads_send_is_refused_not_hun
 @pytest.mark.timeout(60)
 def test_calls_made_inside_a_held_producer_lock_are_refused_not_hung():
     """What a signal handler meets when it interrupts the main thread inside the producer's
-    own locked code: each call would wait for the lock its thread holds. Each is refused
-    instead, and the buffer is left as it was."""
+    own locked code: each call would wait for the lock its thread holds. Inside the
+    buffer's lock each is refused, and the buffer is left as it was. Inside a send (the
+    send lock only), close() and flush() are refused, but recording buffers as before; a
+    batch it fills is left for the linger thread, sent after the interrupted send."""
+    import time
+
     from meter.errors import MeterConnectionError
     from meter.producer import MeterProducer
 
-    producer = MeterProducer("redis://127.0.0.1:1/0", batch_size=10, linger_ms=3_600_000)
-    sent: list[object] = []
-    producer._app.send_task = lambda *a, **k: sent.append(k)  # type: ignore[method-assign]
+    producer = MeterProducer("redis://127.0.0.1:1/0", batch_size=3, linger_ms=3_600_000)
+    sent: list[list[str]] = []
+
+    def send_task(*args: object, **kwargs: object) -> None:
+        import json
+
+        (payload,) = kwargs["args"]  # type: ignore[misc]
+        sent.append([event["args"]["idempotency_key"] for event in json.loads(payload)])
+
+    producer._app.send_task = send_task  # type: ignore[method-assign]
     producer.consume("u1", "tokens", 1, "tok", idempotency_key="k0")
-    for lock in (producer._lock, producer._send_lock):
-        with lock:
-            for call in (
-                producer.close,
-                producer.flush,
-                lambda: producer.consume("u1", "tokens", 1, "tok", idempotency_key="k1"),
-            ):
-                with pytest.raises(MeterConnectionError, match="same thread"):
-                    call()
-    assert producer._closed is False and sent == []
+    with producer._lock:
+        for call in (
+            producer.close,
+            producer.flush,
+            lambda: producer.consume("u1", "tokens", 1, "tok", idempotency_key="no"),
+        ):
+            with pytest.raises(MeterConnectionError, match="same thread"):
+                call()
     assert producer._batch is not None and len(producer._batch.events) == 1
+    with producer._send_lock:
+        for call in (producer.close, producer.flush):
+            with pytest.raises(MeterConnectionError, match="same thread"):
+                call()
+        producer.consume("u1", "tokens", 1, "tok", idempotency_key="k1")  # buffered
+        handle = producer.consume("u1", "tokens", 1, "tok", idempotency_key="k2")  # fills
+        assert producer._batch is None and len(producer._unsent) == 1
+        time.sleep(0.2)
+        assert sent == []  # the linger thread waits for the send lock
+    deadline = time.monotonic() + 10
+    while not sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sent == [["k0", "k1", "k2"]] and handle.idempotency_key == "k2"
+    assert producer._closed is False
     producer.close()
-    assert len(sent) == 1
+    assert sent == [["k0", "k1", "k2"]]
