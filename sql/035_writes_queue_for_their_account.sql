@@ -9,9 +9,10 @@
 -- the row next is left to that scramble: at 8 connections a hot-account consume's p99 was
 -- 8-11 ms for a p50 of 1.6 ms.
 --
--- Now a single-account write (meter._apply: consume, allocate, adjust, and through them
--- the one-by-one events of apply_events) whose transaction has locked no row yet first
--- takes a transaction advisory lock on the account's key. Exclusive advisory locks are
+-- Now an unchecked single-account write (meter._apply without p_min_available: consume
+-- without check_balance, allocate, adjust, and through them the one-by-one events of
+-- apply_events) whose transaction has locked no row yet first takes a transaction
+-- advisory lock on the account's key. Exclusive advisory locks are
 -- granted one waiter at a time, in order: the holder's commit wakes only the next writer,
 -- which then finds the row free. Measured on one database, toggling this function: the
 -- p99 of the hot account at 8 connections 8.4-8.9 ms -> 2.7-3.0 ms (one run of three
@@ -20,14 +21,23 @@
 -- work (a test run alongside), the hot account's rate rose by 10-40% in four paired runs
 -- (less time lost to wake-ups).
 --
--- Why only with no transaction id: a transaction that holds a row lock (a batch that
--- locked its accounts first, the caller's own transaction after an earlier call, a
--- commit that holds its reservation) must not wait for an account's advisory lock, since
--- its holder may be waiting for that very row: a deadlock the row alone never had. One
--- without a transaction id holds no row lock; its wait on the advisory lock stands where
--- its wait on the row would have been, so the lock order does not change: after the
--- advisory locks of reservation ids and idempotency keys, before reservations and
--- accounts. The lock is held to the end of the transaction, as the row's is.
+-- Why only then. The advisory lock's holder must be the row's holder, or about to be:
+-- 1. A transaction that holds a row lock (a batch that locked its accounts first, the
+--    caller's own transaction after an earlier call, a commit that holds its reservation)
+--    must not wait for an account's advisory lock, since its holder may be waiting for
+--    that very row: a deadlock the row alone never had. A transaction without a
+--    transaction id holds no row lock (locking a row takes one).
+-- 2. A checked write (consume with check_balance) that is refused changes nothing and
+--    raises nothing: it would keep the account's advisory lock, without the row and
+--    without a transaction id, to the end of a caller's transaction (or of a batch), which
+--    could then take other accounts' advisory locks in any order: two such transactions
+--    deadlocked (found by a review, with a reproduction; 40P01 where both had committed
+--    before). An unchecked write always ends holding the row, or raises, which releases
+--    the advisory lock with its (sub)transaction. Checked writes go straight to the row.
+-- So every wait on an advisory lock stands where that writer's wait on the row would have
+-- been, and the lock order does not change: after the advisory locks of reservation ids
+-- and idempotency keys, before reservations and accounts. The lock is held to the end of
+-- the transaction, as the row's is.
 --
 -- Locks: (new) the account's advisory lock, then the account.
 --
@@ -56,10 +66,11 @@ DECLARE
     v_lost boolean;
     v_swept boolean := false;
 BEGIN
-    -- 035: a transaction that has locked no row yet (no transaction id) queues for the
-    -- account on its advisory lock first, so that only the next in line wakes when the
-    -- account's holder commits; with a row lock already held it goes straight to the row.
-    IF pg_current_xact_id_if_assigned() IS NULL THEN
+    -- 035: a write that will hold the row (not a checked one, which a refusal leaves
+    -- without it) in a transaction that has locked no row yet (no transaction id) queues
+    -- for the account on its advisory lock first, so that only the next in line wakes
+    -- when the account's holder commits; otherwise it goes straight to the row.
+    IF p_min_available IS NULL AND pg_current_xact_id_if_assigned() IS NULL THEN
         PERFORM meter._queue_for_account(p_namespace, p_user_id, p_event_type, p_resource,
                                          p_unit);
     END IF;

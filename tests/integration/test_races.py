@@ -886,3 +886,46 @@ def _deadlocks(db) -> int:
         "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
     ).fetchone()
     return int(row["deadlocks"])
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["crossed", "keyed"])
+def test_refused_checked_writes_leave_no_queue_lock_behind(db_url, client, db, keyed):
+    # Two caller transactions each make a checked consume that is refused (no account, no
+    # row written: no transaction id), then write the other's account. Had the refusals
+    # kept their accounts' advisory locks (035's first version), each second write waited
+    # for the other transaction: 40P01 (found by a review). Keyed: S1's write to bob holds
+    # key k1, S2 then uses k1 for another request and must get its conflict, not 40P01.
+    deadlocks = _deadlocks(db)
+    sql = "SELECT success FROM meter.consume(%s, %s, %s, %s, NULL, %s, %s)"
+    outcome: dict[str, Any] = {}
+    with (
+        psycopg.connect(db_url, row_factory=dict_row) as s1,
+        psycopg.connect(db_url, row_factory=dict_row) as s2,
+    ):
+        assert s1.execute(sql, ("alice", ET, 5, UNIT, True, None)).fetchone() == {"success": False}
+        assert s2.execute(sql, ("bob", ET, 5, UNIT, True, None)).fetchone() == {"success": False}
+
+        def first() -> None:
+            try:
+                outcome["s1"] = s1.execute(sql, ("bob", ET, 1, UNIT, False, "k1")).fetchone()
+                s1.commit()
+            except BaseException as exc:
+                outcome["s1"] = exc
+
+        thread = threading.Thread(target=first)
+        thread.start()
+        time.sleep(0.3)  # S1 writes bob first (it does not wait: bob is free)
+        second = (
+            ("carol", ET, 1, UNIT, False, "k1") if keyed else ("alice", ET, 1, UNIT, False, None)
+        )
+        try:
+            outcome["s2"] = s2.execute(sql, second).fetchone()
+            s2.commit()
+        except psycopg.Error as exc:
+            outcome["s2"] = exc.sqlstate
+            s2.rollback()
+        thread.join(30)
+    assert outcome["s1"] == {"success": True}
+    assert outcome["s2"] == ("MT002" if keyed else {"success": True})
+    assert _deadlocks(db) == deadlocks
+    assert client.reconcile() == []
