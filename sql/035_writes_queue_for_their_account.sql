@@ -34,10 +34,17 @@
 --    deadlocked (found by a review, with a reproduction; 40P01 where both had committed
 --    before). An unchecked write always ends holding the row, or raises, which releases
 --    the advisory lock with its (sub)transaction. Checked writes go straight to the row.
--- So every wait on an advisory lock stands where that writer's wait on the row would have
+-- So a wait on an advisory lock stands where that writer's wait on the row would have
 -- been, and the lock order does not change: after the advisory locks of reservation ids
 -- and idempotency keys, before reservations and accounts. The lock is held to the end of
--- the transaction, as the row's is.
+-- the transaction, as the row's is. One exception, found by a second review: a
+-- transaction with no transaction id may hold the tables' own locks (after a refused
+-- checked consume). If drop_old_partitions then waits behind it for the ledger, a writer
+-- that took an account's advisory lock queues behind that drop for the ledger, and the
+-- first transaction's next unchecked write on the same account waits for that writer: a
+-- cycle through a lock queue, which the deadlock detector resolves by reordering the
+-- queue (no error) after deadlock_timeout (1 s by default). Without 035 that write would
+-- not have waited, though every other new writer waits behind the drop either way.
 --
 -- Locks: (new) the account's advisory lock, then the account.
 --
