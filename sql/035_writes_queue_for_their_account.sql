@@ -62,6 +62,13 @@ LANGUAGE sql AS $$
 $$;
 REVOKE EXECUTE ON FUNCTION meter._queue_for_account(text, text, text, text, text) FROM PUBLIC;
 
+-- Apply one ledger entry to the account with this key, in one statement (004): move the
+-- balance, append the ledger row, claim the idempotency key with the result. An unchecked
+-- entry (p_min_available NULL) creates the account when missing; a checked one applies
+-- nothing and returns NULLs when the account is missing or has too little available
+-- (after expiring its holds past their TTL once, 019).
+-- Locks: unchecked, with no transaction id yet: the account's advisory lock (035); then
+-- the account's row (or, creating it, its key's unique index entry).
 CREATE OR REPLACE FUNCTION meter._apply(p_namespace text, p_user_id text, p_event_type text,
                              p_resource text, p_unit text, p_entry_type text, p_amount numeric,
                              p_event_time timestamptz, p_min_available numeric,
