@@ -21,7 +21,26 @@
 -- Lock order: none (a read under MVCC).
 --
 -- Migrations once applied are never edited: 023's get_balance is replaced whole; what it
--- returns did not change.
+-- returns did not change. Its key checks moved into meter._check_account_key, which
+-- close_period's guard (034) uses too.
+
+-- An account key's checks, in the API's order (resource, tenant, user_id, event_type,
+-- unit): the fast path's one expression, else each validator, raising the first refusal.
+-- user_id may be NULL (the pool).
+CREATE FUNCTION meter._check_account_key(p_namespace text, p_user_id text, p_event_type text,
+                                         p_unit text, p_resource text) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF meter._fast_ok(p_namespace, p_user_id, true, p_event_type, p_unit, p_resource) IS NOT TRUE THEN
+        PERFORM meter._resource(p_resource);
+        PERFORM meter._guard(p_namespace);
+        PERFORM meter._ident('user_id', p_user_id, 256, true),
+                meter._ident('event_type', p_event_type, 256),
+                meter._ident('unit', p_unit, 64);
+    END IF;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meter._check_account_key(text, text, text, text, text) FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION meter.get_balance(p_user_id text, p_event_type text, p_unit text,
                                              p_resource text DEFAULT NULL,
@@ -33,31 +52,20 @@ DECLARE
     v_probed boolean := current_setting('meter.tenant', true) = p_namespace
                         AND coalesce(p_user_id <> '', true);
 BEGIN
-    IF v_probed THEN
-        SELECT a.account_id, a.balance, a.reserved INTO v_account, balance, reserved
-        FROM meter.accounts a
-        WHERE a.namespace = p_namespace AND coalesce(a.user_id, '') = coalesce(p_user_id, '')
-          AND a.event_type = p_event_type AND a.resource = coalesce(p_resource, '')
-          AND a.unit = p_unit;
+    IF v_probed IS NOT TRUE THEN  -- another tenant, none, or '': checked first, as 023 did
+        PERFORM meter._check_account_key(p_namespace, p_user_id, p_event_type, p_unit,
+                                         p_resource);
     END IF;
+    SELECT a.account_id, a.balance, a.reserved INTO v_account, balance, reserved
+    FROM meter.accounts a
+    WHERE a.namespace = p_namespace AND coalesce(a.user_id, '') = coalesce(p_user_id, '')
+      AND a.event_type = p_event_type AND a.resource = coalesce(p_resource, '')
+      AND a.unit = p_unit;
     IF v_account IS NULL THEN
-        -- No account by this key (or not probed yet): check the key, as 023 did.
-        IF meter._fast_ok(p_namespace, p_user_id, true, p_event_type, p_unit, p_resource) IS NOT TRUE THEN
-            PERFORM meter._resource(p_resource);
-            PERFORM meter._guard(p_namespace);
-            PERFORM meter._ident('user_id', p_user_id, 256, true),
-                    meter._ident('event_type', p_event_type, 256),
-                    meter._ident('unit', p_unit, 64);
+        IF v_probed THEN  -- a key that found no account: checked now, refused if invalid
+            PERFORM meter._check_account_key(p_namespace, p_user_id, p_event_type, p_unit,
+                                             p_resource);
         END IF;
-        IF v_probed IS NOT TRUE THEN
-            SELECT a.account_id, a.balance, a.reserved INTO v_account, balance, reserved
-            FROM meter.accounts a
-            WHERE a.namespace = p_namespace AND coalesce(a.user_id, '') = coalesce(p_user_id, '')
-              AND a.event_type = p_event_type AND a.resource = coalesce(p_resource, '')
-              AND a.unit = p_unit;
-        END IF;
-    END IF;
-    IF v_account IS NULL THEN
         balance := 0; reserved := 0;
     ELSIF reserved > 0 THEN
         reserved := reserved - meter._due_held(p_namespace, v_account);

@@ -505,6 +505,16 @@ def test_close_period_refuses_a_date_past_year_9999_by_name(client, db, snapshot
         )
     assert (ei.value.sqlstate, ei.value.diag.column_name) == ("MT001", "period_end")
     assert "in the future" in ei.value.diag.message_primary
+    # The key's checks still come first, as in meter._close_period: another tenant's call
+    # is refused as such.
+    db.execute("SELECT set_config('meter.tenant', 'other', false)")
+    with pytest.raises(psycopg.Error) as ei:
+        db.execute(
+            "SELECT * FROM meter.close_period(p_user_id => %s, p_event_type => %s,"
+            " p_unit => %s, p_resource => NULL, p_period_end => %s::date)",
+            (U, ET, UNIT, period_end),
+        )
+    assert ei.value.sqlstate == "MT004"
     assert snapshot() == before
 
 
