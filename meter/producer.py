@@ -385,10 +385,11 @@ class MeterProducer:
         self._closer: threading.Thread | None = None
         self._close_error: BaseException | None = None  # what the first close() raised
         # Buffered mode: _lock guards _batch (the open batch) and _unsent (full batches the
-        # broker refused, oldest first, each kept whole so its handles stay valid);
+        # broker refused, or a signal handler filled during a send: oldest first, each kept
+        # whole so its handles stay valid);
         # _send_lock serialises sending, so flush() returns only after every batch taken
         # before it has reached the broker. Reentrant only so that a call re-entering on
-        # the same thread (a signal handler) can tell that it did (_reentered) and refuse,
+        # the same thread (a signal handler) can tell that it did (_held_here) and refuse,
         # where a plain lock would wait for itself for ever.
         self._lock = threading.RLock()
         self._send_lock = threading.RLock()
@@ -439,14 +440,12 @@ class MeterProducer:
             self._refuse_reentry("flush()")
             self._flush(hand_over=True)
 
-    def _reentered(self) -> bool:
-        """Whether this thread is inside this producer's locked code already: a signal
-        handler run in the middle of a call (Python runs handlers between any two bytecodes
-        of the main thread). The call it interrupted holds what it would wait for."""
-        return bool(self._lock._is_owned() or self._send_lock._is_owned())  # type: ignore[attr-defined]
-
-    def _refuse_reentry(self, what: str) -> None:
-        if self._reentered():
+    def _refuse_reentry(self, what: str, *, sending: bool = True) -> None:
+        """Raise if this thread is inside this producer's locked code already (the buffer's
+        lock, or with ``sending`` the send lock): a signal handler run in the middle of a
+        call (Python runs handlers between any two bytecodes of the main thread), which
+        would wait for what the interrupted call holds."""
+        if _held_here(self._lock) or (sending and _held_here(self._send_lock)):
             raise MeterConnectionError(
                 f"{what} was called inside a call of this MeterProducer on the same thread "
                 "(a signal handler?), which it cannot wait for; the interrupted call goes on "
@@ -503,7 +502,7 @@ class MeterProducer:
                 when the handler returns, and the buffer is sent by a later close() or at
                 exit.
         """
-        if self._reentered() and self._closer is not threading.current_thread():
+        if self._closer is not threading.current_thread():
             # (Inside this thread's own close(), that close() goes on: returned below.)
             self._refuse_reentry("close()")
         with self._lock:
@@ -945,8 +944,7 @@ class MeterProducer:
             return EventHandle(self, op, key, rid, task_id, want)
         # A signal handler inside this thread's locked code would wait for itself; one
         # inside this thread's send (the send lock only) may buffer: see below.
-        if self._lock._is_owned():  # type: ignore[attr-defined]
-            self._refuse_reentry(f"{op}()")
+        self._refuse_reentry(f"{op}()", sending=False)
         full: _Batch | None = None
         me = threading.get_ident()
         registered = False  # set before the append: the finally then never misses an entry
@@ -963,7 +961,7 @@ class MeterProducer:
                 batch.want_result = batch.want_result or want
                 if index + 1 >= self._batch_size:
                     self._batch = None
-                    if self._send_lock._is_owned():  # type: ignore[attr-defined]
+                    if _held_here(self._send_lock):
                         # A signal handler inside this thread's own send, which nothing
                         # may interleave with: the batch waits its turn, and the linger
                         # thread sends it once that send is over.
@@ -1188,6 +1186,11 @@ def _broker_unreachable(exc: BaseException) -> bool:
     if isinstance(exc, RuntimeError):
         return isinstance(exc.__cause__, _UNREACHABLE)
     return isinstance(exc, _UNREACHABLE)
+
+
+def _held_here(lock: Any) -> bool:
+    """Whether this thread holds ``lock`` (an RLock), as threading.Condition asks it."""
+    return bool(lock._is_owned())
 
 
 def _flush_ref(ref: weakref.ReferenceType[MeterProducer]) -> None:
