@@ -1683,3 +1683,52 @@ def test_a_period_opened_by_hand_back_inside_closed_ones_closes_nothing(client, 
     ).fetchall()
     assert january["period_end"] is None
     assert client.reconcile() == []
+
+
+def test_retention_keeps_the_months_a_late_roll_still_needs(make_client, db):
+    # A roll closes a period as it stood at its end: the balance less the rows dated after
+    # the end. Rows folded by retention have no date left, so a month dropped while the roll
+    # was behind counted its usage before the end: the late account below carried 50 units
+    # that never were (and reconcile() saw nothing). Retention now keeps, from the next
+    # start of every due roll on, and drops those months once the roll caught up.
+    t = today(db)
+    aug, sep, octo = (month_start(t, back) for back in (3, 2, 1))
+    clients = {ns: make_client(namespace=ns) for ns in ("on_time", "late")}
+    for ns, c in clients.items():
+        c.set_period_config("u", ET, UNIT, None, aug, D("100"), D("50"))
+        db.execute(
+            "SELECT * FROM meter.roll_periods(%s, %s)",
+            (ns, first_instant(aug) + timedelta(hours=1)),
+        )
+    for ns, c in clients.items():
+        if ns == "on_time":
+            db.execute("SELECT * FROM meter.roll_periods(%s, %s)", (ns, first_instant(sep)))
+        c.consume("u", ET, D("150"), UNIT, event_time=first_instant(sep) + timedelta(days=14))
+        if ns == "on_time":
+            db.execute("SELECT * FROM meter.roll_periods(%s, %s)", (ns, first_instant(octo)))
+        c.consume("u", ET, D("100"), UNIT, event_time=first_instant(octo) + timedelta(days=14))
+
+    dropped = [r["d"] for r in db.execute("SELECT meter.drop_old_partitions(1) AS d").fetchall()]
+    assert f"ledger_{aug:%Y_%m}" in dropped
+    assert f"ledger_{sep:%Y_%m}" not in dropped  # the late roll's next start is Sep 1
+    for ns in clients:
+        db.execute("SELECT * FROM meter.roll_periods(%s)", (ns,))
+
+    def history(ns: str) -> list[tuple[Any, ...]]:
+        rows = db.execute(
+            "SELECT period_start, period_end, allocation, expired, carried_over"
+            " FROM meter.periods WHERE namespace = %s ORDER BY period_start",
+            (ns,),
+        ).fetchall()
+        return [tuple(r.values()) for r in rows]
+
+    assert history("late") == history("on_time")
+    assert history("late")[0][3:] == (D("50"), D("50"))  # Aug: 100 unused, limit 50
+    for c in clients.values():
+        assert c.get_balance("u", ET, UNIT)["balance"] == D("100")
+        assert c.reconcile() == []
+    # caught up: the months kept go at the next run
+    dropped = [r["d"] for r in db.execute("SELECT meter.drop_old_partitions(1) AS d").fetchall()]
+    assert f"ledger_{sep:%Y_%m}" in dropped  # (with months the roll created again, empty)
+    assert f"ledger_{octo:%Y_%m}" not in dropped
+    assert all(c.reconcile() == [] for c in clients.values())

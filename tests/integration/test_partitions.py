@@ -454,3 +454,42 @@ def test_the_worker_drops_at_read_committed_whatever_the_default(client, db, db_
     assert wdb.drop_old_partitions(url, 1, 1) == ["ledger_2019_01"]
     assert client.reconcile() == []
     assert client.get_balance("u1", ET, UNIT)["balance"] == D(10)
+
+
+def test_a_backdated_write_waiting_for_a_drop_recreates_its_month(client, db, db_url):
+    # The drop holds the month's partition, dropped but not committed; a write dated in
+    # that month waits for it, then finds the month gone. It used to fail with 23514 ("no
+    # partition ... found for row"), which the pipeline files as a dead letter; it now
+    # creates the month again, as for any backdated event.
+    import threading
+
+    y, m = this_month(db)
+    old = add_months(y, m, -30)
+    client.allocate("u1", ET, 10, UNIT, event_time=mid_month(*old))
+    outcome: dict[str, object] = {}
+    with psycopg.connect(db_url) as dropper:
+        dropped = dropper.execute("SELECT * FROM meter.drop_old_partitions(24)").fetchall()
+        assert pname(*old) in {short(r[0]) for r in dropped}
+
+        def write() -> None:
+            try:
+                outcome["balance"] = client.allocate(
+                    "u1", ET, 5, UNIT, event_time=mid_month(*old, day=16)
+                )["balance"]
+            except Exception as exc:  # reported by the assertion below
+                outcome["error"] = exc
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        eventually(
+            lambda: (
+                db.execute("SELECT count(*) AS n FROM pg_locks WHERE NOT granted").fetchone()["n"]
+                >= 1
+            )
+        )
+        dropper.commit()
+        writer.join(30)
+    assert "error" not in outcome, outcome
+    assert outcome["balance"] == D(15)
+    assert pname(*old) in ledger_partitions(db)
+    assert client.reconcile() == []
