@@ -1273,8 +1273,10 @@ class MeterClient:
         configuration (:meth:`set_period_config`), the period before, if still open and
         ended, is closed first, at the day before, as beat's roll would close it: opening
         the next period ahead of the roll does not carry its unused units past the
-        carry-over limit. Opened before its day (up to 24 hours ahead), the period before
-        stays the current one until the roll closes it at its end.
+        carry-over limit. Opened before its day (up to 24 hours ahead), or past the next
+        start of the period before (the roll is behind), the period before stays the
+        current one: the roll closes it at its end, opens any periods between, and keeps
+        this one.
 
         Parameters:
             user_id, event_type, unit, resource: the account key (``user_id=None``: pool).

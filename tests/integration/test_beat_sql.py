@@ -1664,6 +1664,44 @@ def test_a_period_opened_by_hand_ahead_of_its_start_leaves_the_current_one_to_th
     assert client.reconcile() == []
 
 
+def test_a_period_opened_by_hand_while_the_roll_is_behind_leaves_the_days_between_to_it(
+    make_client, db
+):
+    """Daily periods opened three days ago, then beat down. A period opened by hand today
+    used to close the first one at yesterday (one period of three days) and skip the two
+    between with their allocations. Now the roll, back, closes and opens them as on time,
+    then keeps the one opened by hand."""
+    t = today(db)
+    d0 = t - timedelta(days=3)
+    clients = {ns: make_client(namespace=ns) for ns in ("on_time", "by_hand")}
+    for ns, c in clients.items():
+        c.set_period_config("u", ET, UNIT, None, d0, D("10"), None, timedelta(days=1))
+        db.execute(
+            "SELECT * FROM meter.roll_periods(%s, %s)", (ns, first_instant(d0) + timedelta(hours=1))
+        )
+        if ns == "on_time":
+            db.execute("SELECT * FROM meter.roll_periods(%s)", (ns,))
+        c.open_period("u", ET, UNIT, None, t)  # on time: a replay of the roll's
+    assert clients["by_hand"].get_account("u", ET, UNIT)["period_start"] == d0  # the roll's
+    for ns in clients:
+        db.execute("SELECT * FROM meter.roll_periods(%s)", (ns,))
+
+    def history(ns: str) -> list[tuple[Any, ...]]:
+        rows = db.execute(
+            "SELECT period_start, period_end, allocation, expired, carried_over"
+            " FROM meter.periods WHERE namespace = %s ORDER BY period_start",
+            (ns,),
+        ).fetchall()
+        return [tuple(r.values()) for r in rows]
+
+    assert [h[0] for h in history("by_hand")] == [d0 + timedelta(days=i) for i in range(4)]
+    assert history("by_hand") == history("on_time")
+    for c in clients.values():
+        assert c.get_balance("u", ET, UNIT)["balance"] == D("40")
+        assert c.get_account("u", ET, UNIT)["period_start"] == t
+        assert c.reconcile() == []
+
+
 def test_a_period_opened_by_hand_back_inside_closed_ones_closes_nothing(client, db):
     """January left open (as before 031, or opened while unconfigured), February opened and
     closed by the roll, whose close took January's units too. A period opened by hand on
