@@ -1229,7 +1229,9 @@ class MeterClient:
                 re-applied) leaves the current period as it is.
             period_allocation: what each period grants, >= 0.
             carry_over_limit: the most that rolls into the next period, >= 0 (``None``:
-                everything carries over).
+                everything carries over). A period closes under the limit of the
+                configuration it was opened with: a change for a later start applies
+                from that start on.
             period_interval: whole days or whole months (``'1 month'``, ``'7 days'``, or a
                 timedelta of whole days), at most 100 years (36000 days); ``None`` means
                 ``'1 month'``.

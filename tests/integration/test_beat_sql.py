@@ -1770,3 +1770,44 @@ def test_retention_keeps_the_months_a_late_roll_still_needs(make_client, db):
     assert f"ledger_{sep:%Y_%m}" in dropped  # (with months the roll created again, empty)
     assert f"ledger_{octo:%Y_%m}" not in dropped
     assert all(c.reconcile() == [] for c in clients.values())
+
+
+def test_a_plan_change_set_ahead_leaves_the_running_period_its_own_limit(make_client, db):
+    """Plan A (100 a month, carry-over limit 50) from Aug 1; plan B (20, limit 0) from Oct 1.
+    September ran under plan A: 150 unused at its end, 50 carried, whether B was set in
+    September (ahead) or on Oct 1 after the roll. Set ahead, September used to close under
+    B's limit: 150 expired, 0 carried."""
+    seps = {}
+    for ns in ("ahead", "after"):
+        c = make_client(namespace=ns)
+        c.set_period_config("u", ET, UNIT, None, date(2025, 8, 1), D("100"), D("50"))
+        db.execute(
+            "SELECT * FROM meter.roll_periods(%s, %s)", (ns, datetime(2025, 9, 10, tzinfo=UTC))
+        )
+        if ns == "ahead":
+            c.set_period_config("u", ET, UNIT, None, date(2025, 10, 1), D("20"), D("0"))
+        db.execute(
+            "SELECT * FROM meter.roll_periods(%s, %s)", (ns, datetime(2025, 10, 1, 1, tzinfo=UTC))
+        )
+        if ns == "after":
+            c.set_period_config("u", ET, UNIT, None, date(2025, 10, 1), D("20"), D("0"))
+        seps[ns] = db.execute(
+            "SELECT expired, carried_over FROM meter.periods"
+            " WHERE namespace = %s AND period_start = '2025-09-01'",
+            (ns,),
+        ).fetchone()
+        assert c.reconcile() == []
+    assert seps["ahead"] == seps["after"] == {"expired": D("100"), "carried_over": D("50")}
+    (october,) = db.execute(
+        "SELECT allocation FROM meter.periods WHERE namespace = 'ahead' AND period_start = '2025-10-01'"
+    ).fetchall()
+    assert october["allocation"] == D("20")  # plan B from its start on
+    # and B's limit from October on
+    db.execute(
+        "SELECT * FROM meter.roll_periods('ahead', %s)", (datetime(2025, 11, 1, 1, tzinfo=UTC),)
+    )
+    (closed,) = db.execute(
+        "SELECT expired, carried_over FROM meter.periods"
+        " WHERE namespace = 'ahead' AND period_start = '2025-10-01'"
+    ).fetchall()
+    assert closed == {"expired": D("70"), "carried_over": D("0")}
