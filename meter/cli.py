@@ -212,6 +212,7 @@ def _connect(database_url: str | None) -> Any:
     import psycopg
     from psycopg.conninfo import conninfo_to_dict
 
+    from meter import session
     from meter import types as t
     from meter.errors import MeterConnectionError
 
@@ -219,7 +220,9 @@ def _connect(database_url: str | None) -> Any:
     try:
         # a connect_timeout of the URL's own wins
         timeout = {} if "connect_timeout" in conninfo_to_dict(url) else {"connect_timeout": 10}
-        return psycopg.connect(url, autocommit=True, **timeout)
+        conn = psycopg.connect(url, autocommit=True, **timeout)
+        session.use_iso_output(conn)  # dates and intervals in the styles psycopg reads
+        return conn
     except psycopg.ProgrammingError as exc:  # the URL's syntax, or one of its values
         raise t.invalid("database_url", f"invalid conninfo: {str(exc).strip()}") from None
     except psycopg.OperationalError as exc:
@@ -820,14 +823,10 @@ def _payload_summary(payload: Any) -> str:
 
 
 def _dead_letter_conn(database_url: str | None) -> Any:
-    """An autocommit connection for the dead-letter commands; exit 3 when unreachable."""
-    import psycopg
-
-    try:
-        return psycopg.connect(resolve_database_url(database_url), autocommit=True)
-    except (psycopg.Error, EmbeddedServerError) as exc:
-        err_console.print(f"[bold red]error:[/] cannot connect: {escape(str(exc).strip())}")
-        raise SystemExit(EXIT_UNREACHABLE) from exc
+    """An autocommit connection for the dead-letter commands (:func:`_connect`): exit 2
+    for a malformed URL, 3 when the database cannot be reached."""
+    with _cli_errors():
+        return _connect(database_url)
 
 
 def _fail(exc: Exception) -> None:
@@ -1045,9 +1044,8 @@ def periods_show(
         raise click.UsageError("give either USER or --pool")
     with _cli_errors():
         try:
-            with psycopg.connect(
-                resolve_database_url(database_url), autocommit=True, row_factory=dict_row
-            ) as conn:
+            with _connect(database_url) as conn:
+                conn.row_factory = dict_row
                 rows = conn.execute(
                     "SELECT * FROM meter.get_periods(%s, %s, %s, NULL, %s, meter.ctx(%s))",
                     (user, event_type, unit, limit, namespace),

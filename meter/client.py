@@ -35,6 +35,7 @@ from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb, set_json_loads
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
 
+from meter import session
 from meter import types as t
 from meter.errors import MeterConnectionError, MeterError, ValidationError, from_psycopg
 
@@ -278,6 +279,7 @@ class _PooledConnection(psycopg.Connection[Any]):
 
 def _configure_own(conn: _PooledConnection) -> None:
     _configure_adapters(conn)
+    session.use_iso_output(conn)
     conn.idle_since = time.monotonic()
 
 
@@ -345,7 +347,10 @@ class MeterClient:
             ``psycopg_pool.ConnectionPool`` (borrowed per call; thread-safe) or a
             ``psycopg.Connection`` (each call runs inside ``conn.transaction()``: its own
             transaction, or a savepoint of the caller's open transaction; as thread-safe as
-            that connection).
+            that connection). Results need ``DateStyle`` ISO and ``IntervalStyle``
+            postgres (:mod:`meter.session`): the client's own connections are given them;
+            on a caller's connection in other styles, each call sets them for its own
+            (sub)transaction and restores the caller's.
         namespace: the tenant every call acts on.
         max_size: the maximum size of the pool built from a conninfo.
         timeout: seconds a call waits for a connection of the pool built from a conninfo
@@ -641,6 +646,25 @@ class MeterClient:
                 raise error from exc
 
     def _execute(self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]) -> list[Row]:
+        # A caller's session may format dates or intervals in a style the loaders cannot
+        # read (meter.session); the client's own connections were given ISO at connect.
+        if not self._owns_pool and session.needs_iso_output(conn):
+            return self._execute_in_iso(conn, query, args)
+        return self._fetch(conn, query, args)
+
+    def _execute_in_iso(
+        self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]
+    ) -> list[Row]:
+        """The call in a transaction (a savepoint in the caller's) with ISO output, read
+        before it commits; the caller's styles are back for the rest of its transaction."""
+        before = session.styles(conn)
+        with conn.transaction():
+            conn.execute(session.SET_FOR_TRANSACTION)
+            rows = self._fetch(conn, query, args)
+            conn.execute(session.RESTORE_FOR_TRANSACTION, before)
+        return rows
+
+    def _fetch(self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]) -> list[Row]:
         # Tuple rows turned into dicts here: the column names are fixed per statement, so
         # they are read from the description once instead of at every fetch.
         cur = self._cursors.get(id(conn))

@@ -19,6 +19,8 @@ from typing import Any, Final
 import psycopg
 from psycopg.rows import dict_row
 
+from meter import session
+
 __all__ = ["collect", "redact"]
 
 QUEUE_KEYS: Final = tuple(
@@ -66,6 +68,7 @@ def _database(url: str) -> dict[str, Any]:
         return out
     out["reachable"] = True
     with conn:
+        session.use_iso_output(conn)  # the times it reads, in the style psycopg reads
         recorded = recorded_versions(conn)
         out["schema_version"] = newest(recorded)
         out["pending_migrations"] = pending(recorded)

@@ -18,8 +18,8 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb, set_json_loads
 from psycopg_pool import ConnectionPool
 
+from meter import session, wire
 from meter import types as t
-from meter import wire
 
 __all__ = [
     "apply_events",
@@ -83,8 +83,10 @@ _SQL_RECORD_RUN: Final = (
 
 
 def _configure(conn: AdaptContext) -> None:
-    # jsonb results keep fractions exact (Decimal), never float.
+    # jsonb results keep fractions exact (Decimal), never float; times in the style
+    # psycopg reads, whatever the database's default (meter.session).
     set_json_loads(t.loads, conn)
+    session.use_iso_output(conn)
 
 
 def _as_is(text: str) -> str:

@@ -400,3 +400,33 @@ def test_json_output_of_metadata_nested_as_deep_as_postgresql_takes(env, db) -> 
     table = run(env, "dead-letters", "list")
     assert table.exit_code == 0, table.output
     assert sys.getrecursionlimit() < 100_000  # raised for the output only
+
+
+@pytest.mark.parametrize(
+    "args", [("balance", "bob"), ("periods", "show", "bob"), ("dead-letters", "list")]
+)
+def test_every_command_takes_a_malformed_url_for_a_usage_error(args: tuple[str, ...]) -> None:
+    # periods show exited 1 and the dead-letter commands 3 ("cannot connect") for what
+    # `balance` and the documented statuses call a usage error.
+    malformed = run({"METER_DATABASE_URL": "host=x bogus=1"}, *args)
+    assert malformed.exit_code == EXIT_USAGE and "invalid conninfo" in malformed.stderr
+    gone = run({"METER_DATABASE_URL": UNREACHABLE_DB}, *args)
+    assert gone.exit_code == EXIT_UNREACHABLE
+
+
+def test_commands_read_a_database_whose_default_date_style_is_another(
+    db_url: str, client: Any
+) -> None:
+    # Times and intervals came back in the database's style, which psycopg cannot read.
+    from datetime import date
+
+    from psycopg.conninfo import make_conninfo
+
+    client.set_period_config("bob", "llm", "tokens", None, date(2025, 1, 1), 100)
+    client.open_period("bob", "llm", "tokens", None, date(2025, 1, 1))
+    styled = {"METER_DATABASE_URL": make_conninfo(db_url, options="-c datestyle=German")}
+    shown = run(styled, "periods", "show", "bob", "--json")
+    assert shown.exit_code == 0, shown.output
+    assert "2025-01-01" in shown.output
+    listed = run(styled, "dead-letters", "list")
+    assert listed.exit_code == 0, listed.output

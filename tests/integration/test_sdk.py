@@ -1036,3 +1036,73 @@ def test_a_read_after_a_restart_skips_every_dead_connection_of_a_callers_pool(db
         assert _kill_other_backends(db) == 4  # as a database restart would
         assert c.get_balance(U, ET, UNIT)["balance"] == D("5")
         c.close()
+
+
+# ------------------------------------------------------- sessions in other output styles
+
+OTHER_STYLES = [
+    ("datestyle", "SQL,DMY"),
+    ("datestyle", "German"),
+    ("datestyle", "Postgres,MDY"),
+    ("intervalstyle", "iso_8601"),
+    ("intervalstyle", "sql_standard"),
+    ("intervalstyle", "postgres_verbose"),
+]
+
+
+def _with_option(db_url: str, name: str, value: str) -> str:
+    return make_conninfo(db_url, options=f"-c {name}={value}")
+
+
+def _reads(c: meter.MeterClient) -> list[Any]:
+    return [
+        c.get_account(U, ET, UNIT),
+        c.get_ledger(U, ET, UNIT),
+        c.get_audit_events(),
+        c.get_balance(U, ET, UNIT),
+    ]
+
+
+@pytest.mark.parametrize(("setting", "value"), OTHER_STYLES)
+def test_a_database_in_another_date_or_interval_style_reads_and_writes_as_any(
+    db_url, client, db, setting, value
+):
+    # psycopg reads times only in DateStyle ISO, the SDK intervals only in IntervalStyle
+    # postgres. A session in another style (a database or role default, or options in the
+    # conninfo) raised NotImplementedError, not a MeterError, after the statement ran: a
+    # reserve had committed its hold by then. The client's own connections now get ISO.
+    client.set_period_config(U, ET, UNIT, None, date(2025, 1, 1), 100, None, "7 days")
+    client.allocate(U, ET, 5, UNIT)
+    expected = _reads(client)
+    with meter.MeterClient(_with_option(db_url, setting, value)) as styled:
+        assert _reads(styled) == expected
+        hold = styled.reserve(U, ET, 2, UNIT, reservation_id="h1")
+        assert hold["granted"] and isinstance(hold["expires_at"], datetime)
+    assert client.get_balance(U, ET, UNIT)["reserved"] == D(2)
+
+
+@pytest.mark.parametrize(("setting", "value"), OTHER_STYLES)
+def test_a_caller_s_session_in_another_style_keeps_it(db_url, client, setting, value):
+    # A caller's connection or pool: the call gets ISO for its own transaction (a
+    # savepoint in the caller's), and the caller's session keeps its style.
+    client.set_period_config(U, ET, UNIT, None, date(2025, 1, 1), 100, None, "7 days")
+    client.allocate(U, ET, 5, UNIT)
+    expected = _reads(client)
+    name = {"datestyle": "DateStyle", "intervalstyle": "IntervalStyle"}[setting]
+    with psycopg.connect(db_url) as conn:
+        conn.execute(f"SET {setting} = '{value}'")
+        conn.commit()
+        styled = conn.info.parameter_status(name)
+        c = meter.MeterClient(conn)
+        assert _reads(c) == expected  # each call its own transaction
+        conn.execute("SELECT 1")  # the caller's transaction, open
+        assert c.reserve(U, ET, 1, UNIT, reservation_id="h1")["granted"]
+        assert conn.info.parameter_status(name) == styled  # back within the transaction
+        conn.commit()
+        assert conn.info.parameter_status(name) == styled
+    with ConnectionPool(
+        _with_option(db_url, setting, value), min_size=1, max_size=1, open=True
+    ) as pool:
+        assert _reads(meter.MeterClient(pool)) == _reads(client)
+        with pool.connection() as conn:
+            assert conn.info.parameter_status(name) == styled
