@@ -1460,7 +1460,8 @@ class MeterClient:
         end_time: datetime | None = None,
         limit: int | None = 100,
     ) -> list[Row]:
-        """The namespace's audit trail, newest first.
+        """The namespace's audit trail, newest first (events recorded at one time, by one
+        transaction such as a period roll catching up, by the times they are dated at).
 
         Ledger entries (``ledger.<entry_type>``), reservation transitions
         (``reservation.<status>``), ``period.open``, ``period.close``, ``period.config``.

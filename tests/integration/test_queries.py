@@ -806,3 +806,34 @@ def test_period_audit_events(client):
     assert sorted(kinds) == ["period.close", "period.config", "period.open"]
     for e in client.get_audit_events(kinds=["period.config", "period.open", "period.close"]):
         assert (e["user_id"], e["event_type"], e["unit"], e["actor_id"]) == (U, ET, UNIT, "ops")
+
+
+def test_audit_events_of_a_catch_up_come_in_the_order_they_are_dated(client, db):
+    # A roll catching up runs every step in one transaction: its events share their time.
+    # They came closes first (in no order: a close has no entry id), then opens.
+    from datetime import UTC, datetime, timedelta
+
+    t = db.execute("SELECT (now() AT TIME ZONE 'UTC')::date AS d").fetchone()["d"]
+    d0 = t - timedelta(days=3)
+    client.set_period_config("u", "tokens", "tok", None, d0, 10, 0, timedelta(days=1))
+    db.execute("SELECT * FROM meter.roll_periods(NULL, %s)", (str(d0) + " 01:00+00",))
+    client.consume(
+        "u", "tokens", 4, "tok", event_time=datetime(d0.year, d0.month, d0.day, 12, tzinfo=UTC)
+    )
+    db.execute("SELECT * FROM meter.roll_periods()")  # d0 closed, three more days opened
+    events = client.get_audit_events(user_id="u", limit=100)
+    caught_up = [e for e in events if e["at"] == events[0]["at"]]
+    day = [str(t - timedelta(days=i)) for i in range(4)]  # newest first
+    assert [
+        (e["kind"], e["metadata"].get("period_start") or e["metadata"].get("period_end"))
+        if e["kind"].startswith("period.")
+        else (e["kind"], None)
+        for e in caught_up
+    ] == [
+        ("period.open", day[0]), ("ledger.allocation", None),
+        ("period.close", day[1]), ("ledger.expiration", None),
+        ("period.open", day[1]), ("ledger.allocation", None),
+        ("period.close", day[2]), ("ledger.expiration", None),
+        ("period.open", day[2]), ("ledger.allocation", None),
+        ("period.close", day[3]), ("ledger.expiration", None),
+    ]  # fmt: skip
