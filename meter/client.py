@@ -350,7 +350,8 @@ class MeterClient:
             that connection). Results need ``DateStyle`` ISO and ``IntervalStyle``
             postgres (:mod:`meter.session`): the client's own connections are given them;
             on a caller's connection in other styles, each call sets them for its own
-            (sub)transaction and restores the caller's.
+            (sub)transaction and restores the caller's (two statements more per call:
+            give such a pool ISO, e.g. ``options='-c DateStyle=ISO'``, to spare them).
         namespace: the tenant every call acts on.
         max_size: the maximum size of the pool built from a conninfo.
         timeout: seconds a call waits for a connection of the pool built from a conninfo

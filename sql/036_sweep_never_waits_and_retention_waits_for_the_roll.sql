@@ -8,11 +8,14 @@
 --    the due holds (SKIP LOCKED) and then waited for their accounts: holding the hold the
 --    caller was about to commit, it waited for the account the caller held (40P01 after
 --    deadlock_timeout). The sweep was always the victim, and its whole batch (up to 1000
---    holds of every namespace) was rolled back. Now it locks the accounts with SKIP LOCKED
---    as well and expires only the holds whose account it got; the others wait for the
---    next round. Nothing depends on the sweep's timing: reads, results and checks already
---    count a hold past its TTL as reserving nothing (023, 028), and a late commit still
---    records its usage. The sweep no longer waits for any row, so it can close no cycle.
+--    holds of every namespace) was rolled back. Now it takes the due holds together with
+--    their accounts, both with SKIP LOCKED, in one statement: a hold whose account someone
+--    holds is passed over, not counted in the batch (a first version filtered after the
+--    LIMIT, and a batch of holds on one held account stalled the sweep for everyone, as a
+--    review found), and waits for the next round. Nothing depends on the sweep's timing:
+--    reads, results and checks already count a hold past its TTL as reserving nothing
+--    (023, 028), and a late commit still records its usage. The sweep no longer waits for
+--    any row, so it can close no cycle.
 -- 2. Retention could make a late period roll invent units. The roll closes a period "as
 --    it stood at its end": the balance now, less the ledger rows dated after the end. Rows
 --    folded into ledger_checkpoints by drop_old_partitions have lost their dates, so when
@@ -33,8 +36,8 @@
 --    the partition up and creates it when missing, as for any backdated event. The
 --    current and next month are never dropped, so undated and current writes pay nothing.
 --
--- Lock order: the sweep: due holds, then their accounts in key order, both SKIP LOCKED
--- (it waits for none). drop_old_partitions: unchanged (its advisory lock, then each
+-- Lock order: the sweep: each due hold with its account, both SKIP LOCKED (it waits for
+-- none). drop_old_partitions: unchanged (its advisory lock, then each
 -- partition). _ledger_time: for a past month, the ledger (ROW EXCLUSIVE), before the
 -- partition it may create and before the account.
 --
@@ -75,8 +78,8 @@ $$;
 
 -- Expire up to p_batch_size holds past their TTL (every namespace when p_namespace is
 -- NULL, for a privileged role with no tenant). Returns how many it expired.
--- Locks: the due holds, then their accounts in key order, both SKIP LOCKED (036): a hold
--- or an account someone else holds is left for the next round, so the sweep never waits.
+-- Locks: each due hold with its account, both SKIP LOCKED (036): a hold or an account
+-- someone else holds is left for the next round, so the sweep never waits.
 CREATE OR REPLACE FUNCTION meter.release_expired_reservations(p_namespace text DEFAULT NULL,
                                                    p_batch_size integer DEFAULT 1000)
 RETURNS integer
@@ -84,9 +87,6 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_due_namespaces text[];
     v_due_ids text[];
-    v_due_accounts bigint[];
-    v_free_namespaces text[];
-    v_free_accounts bigint[];
     v_namespaces text[];
     v_accounts bigint[];
     v_totals numeric[];
@@ -106,38 +106,27 @@ BEGIN
                                                           coalesce(p_batch_size::text, 'NULL')));
     END IF;
 
-    SELECT array_agg(d.namespace), array_agg(d.reservation_id), array_agg(d.account_id)
-    INTO v_due_namespaces, v_due_ids, v_due_accounts
-    FROM (SELECT r.namespace, r.reservation_id, r.account_id
+    -- 036: the due holds whose account is free, both locked SKIP LOCKED in one pass: a
+    -- caller's transaction may hold the account and be about to commit one of these very
+    -- holds. A hold or an account someone holds is passed over (and not counted in the
+    -- batch, so holds elsewhere are still reached).
+    SELECT array_agg(d.namespace), array_agg(d.reservation_id)
+    INTO v_due_namespaces, v_due_ids
+    FROM (SELECT r.namespace, r.reservation_id
           FROM meter.reservations r
+          JOIN meter.accounts a ON a.namespace = r.namespace AND a.account_id = r.account_id
           WHERE r.status = 'active' AND r.expires_at <= now()
             AND (p_namespace IS NULL OR r.namespace = p_namespace)
           ORDER BY r.expires_at
           LIMIT p_batch_size
-          FOR UPDATE SKIP LOCKED) d;
+          FOR UPDATE OF r, a SKIP LOCKED) d;
     IF v_due_ids IS NULL THEN
-        RETURN 0;
-    END IF;
-    -- 036: their accounts, skipping any that someone holds (with their holds): a caller's
-    -- transaction may hold the account and be about to commit one of these very holds.
-    SELECT array_agg(f.namespace), array_agg(f.account_id)
-    INTO v_free_namespaces, v_free_accounts
-    FROM (SELECT a.namespace, a.account_id
-          FROM meter.accounts a
-          WHERE (a.namespace, a.account_id) IN
-                (SELECT * FROM unnest(v_due_namespaces, v_due_accounts))
-          ORDER BY a.namespace, coalesce(a.user_id, ''), a.event_type, a.resource, a.unit
-          FOR UPDATE OF a SKIP LOCKED) f;
-    IF v_free_accounts IS NULL THEN
         RETURN 0;
     END IF;
 
     WITH due AS (
         SELECT d.namespace, d.reservation_id
-        FROM unnest(v_due_namespaces, v_due_ids, v_due_accounts)
-             AS d(namespace, reservation_id, account_id)
-        JOIN unnest(v_free_namespaces, v_free_accounts) AS f(namespace, account_id)
-          ON f.namespace = d.namespace AND f.account_id = d.account_id
+        FROM unnest(v_due_namespaces, v_due_ids) AS d(namespace, reservation_id)
     ), expired AS (
         UPDATE meter.reservations r
         SET status = 'expired', completed_at = now(),

@@ -632,6 +632,31 @@ def test_the_sweep_passes_over_an_account_a_caller_s_transaction_holds(db_url, c
     assert client.reconcile() == []
 
 
+def test_holds_on_a_held_account_do_not_use_up_the_sweep_s_batch(db_url, client, db):
+    # The oldest due holds all belong to an account a caller's transaction holds. A first
+    # version of 036 chose its batch before passing over held accounts: with the batch
+    # full of those, every round expired nothing, in every namespace, for as long as the
+    # caller held the account.
+    client.allocate("hot", ET, 100, UNIT)
+    client.allocate("cold", ET, 100, UNIT)
+    for _ in range(2):
+        client.reserve("hot", ET, 1, UNIT, ttl_seconds=1)
+    time.sleep(0.05)
+    cold = client.reserve("cold", ET, 5, UNIT, ttl_seconds=1)
+    wait_until_expired(db, cold["expires_at"])
+    with psycopg.connect(db_url) as caller:
+        caller.execute("SELECT 1")
+        MeterClient(caller).allocate("hot", ET, 1, UNIT)  # holds 'hot' until it commits
+        swept = db.execute("SELECT meter.release_expired_reservations(NULL, 2) AS n").fetchone()
+        assert swept["n"] == 1  # cold's, past the two of 'hot'
+        caller.commit()
+    assert client.get_balance("cold", ET, UNIT)["reserved"] == 0
+    assert db.execute("SELECT meter.release_expired_reservations(NULL, 2) AS n").fetchone() == {
+        "n": 2
+    }
+    assert client.reconcile() == []
+
+
 def test_the_sweep_and_the_period_roll_never_deadlock(db_url, client, db):
     # b is created first (smaller account_id), a has the smaller key: both must take them
     # in the same order. A third session holds a while both start.
