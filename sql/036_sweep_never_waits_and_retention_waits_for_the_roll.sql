@@ -27,7 +27,8 @@
 --    dated on or after the next period start of an account whose roll is due: its cutoff
 --    is lowered to the earliest such start. A roll on time lowers nothing (its next start
 --    is in the future). The months kept are dropped by a later run, once the roll caught
---    up.
+--    up; meanwhile each run raises a WARNING saying so (the worker logs it), since one
+--    account whose roll fails at every run keeps them for every namespace.
 -- 3. A backdated write racing retention failed with 23514 ("no partition of relation
 --    ledger found for row"), which the pipeline files as a dead letter. _ledger_time saw
 --    the month's partition before a concurrent drop committed, and the insert then found
@@ -169,6 +170,8 @@ DECLARE
     v_upper timestamptz;
     v_today date := (now() AT TIME ZONE 'UTC')::date;
     v_roll_needs date;
+    v_window timestamptz;
+    v_kept integer := 0;
 BEGIN
     -- The fold must see every row the drop removes. At REPEATABLE READ or SERIALIZABLE its
     -- snapshot is older than the partition's lock: a row committed while this call waited
@@ -211,6 +214,7 @@ BEGIN
                   WHERE p.namespace = c.namespace AND p.account_id = c.account_id
                     AND p.period_start >= c.period_start
                     AND (p.period_start > c.period_start OR p.period_end IS NOT NULL));
+    v_window := v_cutoff;
     IF v_roll_needs IS NOT NULL AND v_roll_needs <= v_today THEN
         v_cutoff := least(v_cutoff, v_roll_needs::timestamp AT TIME ZONE 'UTC');
     END IF;
@@ -225,7 +229,11 @@ BEGIN
         ORDER BY c.relname
     LOOP
         v_upper := v_part.month_start + interval '1 month';
-        CONTINUE WHEN v_upper > v_cutoff;
+        IF v_upper > v_cutoff THEN
+            -- 036: past the window, but kept for the roll
+            v_kept := v_kept + (v_upper <= v_window)::integer;
+            CONTINUE;
+        END IF;
         EXECUTE format('LOCK TABLE meter.%I IN ACCESS EXCLUSIVE MODE', v_part.relname);
         EXECUTE format(
             'INSERT INTO meter.ledger_checkpoints AS c (namespace, account_id, balance, entries, through)
@@ -239,5 +247,12 @@ BEGIN
         EXECUTE format('DROP TABLE meter.%I', v_part.relname);
         RETURN NEXT v_part.relname;
     END LOOP;
+    IF v_kept > 0 THEN
+        -- 036: said, since one account whose roll fails at every run would keep them
+        RAISE WARNING 'drop_old_partitions kept % month(s) older than % months: the period '
+                      'roll has yet to close periods ending from % on (roll_periods reports '
+                      'the accounts it cannot roll)',
+                      v_kept, p_older_than_months, v_roll_needs - 1;
+    END IF;
 END
 $$;

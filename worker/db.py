@@ -9,11 +9,13 @@ below is one statement, hence one transaction.
 
 from __future__ import annotations
 
+import logging
 import threading
 from datetime import datetime
 from typing import Any, Final
 
 from psycopg.abc import AdaptContext
+from psycopg.errors import Diagnostic
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb, set_json_loads
 from psycopg_pool import ConnectionPool
@@ -34,6 +36,8 @@ __all__ = [
     "release_expired_reservations",
     "roll_periods",
 ]
+
+logger = logging.getLogger(__name__)
 
 POOL_TIMEOUT: Final = 10.0
 """Seconds to wait for a pooled connection; a PoolTimeout is retried like a lost connection."""
@@ -269,12 +273,24 @@ def ensure_partitions(url: str, pool_size: int, months_ahead: int) -> list[str]:
 
 def drop_old_partitions(url: str, pool_size: int, older_than_months: int) -> list[str]:
     """``meter.drop_old_partitions``: fold the months older than ``older_than_months`` into
-    the retention checkpoints and drop them; the names dropped."""
-    with _pool(url, pool_size).connection() as conn, conn.transaction():
-        # The SQL refuses any other level (its fold must see what it drops), whatever the
-        # database's default_transaction_isolation says.
-        conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-        return [str(row[0]) for row in conn.execute(_SQL_DROP_OLD_PARTITIONS, (older_than_months,))]
+    the retention checkpoints and drop them; the names dropped. Its warning (months kept
+    for a period roll that is behind) is logged."""
+    with _pool(url, pool_size).connection() as conn:
+        conn.add_notice_handler(_log_warning)
+        try:
+            with conn.transaction():
+                # The SQL refuses any other level (its fold must see what it drops),
+                # whatever the database's default_transaction_isolation says.
+                conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                rows = conn.execute(_SQL_DROP_OLD_PARTITIONS, (older_than_months,)).fetchall()
+        finally:
+            conn.remove_notice_handler(_log_warning)
+    return [str(row[0]) for row in rows]
+
+
+def _log_warning(diag: Diagnostic) -> None:
+    if diag.severity_nonlocalized == "WARNING":
+        logger.warning("%s", diag.message_primary)
 
 
 def prune_idempotency_keys(

@@ -1811,3 +1811,25 @@ def test_a_plan_change_set_ahead_leaves_the_running_period_its_own_limit(make_cl
         " WHERE namespace = 'ahead' AND period_start = '2025-10-01'"
     ).fetchall()
     assert closed == {"expired": D("70"), "carried_over": D("0")}
+
+
+def test_retention_says_when_it_keeps_months_for_a_roll_that_is_behind(client, db, db_url, caplog):
+    # One account whose roll is behind (or fails at every run) keeps months for every
+    # namespace: the worker's retention task logs it.
+    t = today(db)
+    aug, sep = month_start(t, 3), month_start(t, 2)
+    client.set_period_config("u", ET, UNIT, None, aug, D("100"), D("50"))
+    roll(db, first_instant(aug) + timedelta(hours=1))  # August opened; the roll then stops
+    client.consume("u", ET, D("10"), UNIT, event_time=first_instant(sep) + timedelta(days=3))
+    with caplog.at_level(logging.WARNING, logger="worker.db"):
+        dropped = wdb.drop_old_partitions(db_url, 1, 1)
+    assert f"ledger_{sep:%Y_%m}" not in dropped
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "worker.db"]
+    assert "kept 1 month(s) older than 1 months" in warning
+    assert f"ending from {sep - timedelta(days=1)}" in warning
+    roll(db)  # caught up: nothing said, the month goes
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="worker.db"):
+        assert f"ledger_{sep:%Y_%m}" in wdb.drop_old_partitions(db_url, 1, 1)
+    assert [r for r in caplog.records if r.name == "worker.db"] == []
+    assert client.reconcile() == []
