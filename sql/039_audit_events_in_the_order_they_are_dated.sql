@@ -12,6 +12,9 @@
 -- time. Events dated alike keep the old order (kind, then entry id). A transaction that
 -- dates everything at its own time (nearly all) lists its events as before.
 --
+-- Also: a kind in p_kinds that names no event (a misspelling) is refused, MT001 naming
+-- kinds, as the SDK refuses it; it answered with no events.
+--
 -- Locks: none (a read). Migrations once applied are never edited: 030's get_audit_events
 -- is replaced whole; only the lines marked 039 changed.
 
@@ -29,10 +32,24 @@ RETURNS TABLE (kind text, at timestamptz, user_id text, event_type text, resourc
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_limit integer := meter._limit('limit', p_limit, 100, 10000);
+    v_kinds text[] := ARRAY['ledger.allocation', 'ledger.consumption', 'ledger.adjustment',
+                            'ledger.expiration', 'ledger.carry_over', 'reservation.active',
+                            'reservation.committed', 'reservation.released',
+                            'reservation.expired', 'period.open', 'period.close',
+                            'period.config'];  -- 039
 BEGIN
     PERFORM meter._guard(p_namespace);
     PERFORM meter._ident('user_id', p_user_id, 256, true),
             meter._ident('actor_id', p_actor_id, 256, true);
+    -- 039: a kind that names no event is refused, as the SDK refuses it (a misspelt
+    -- filter answered with nothing, as if nothing had happened)
+    PERFORM meter._fail('MT001', 'kinds',
+                        format('unknown kind %s at index %s; one of %s',
+                               coalesce(quote_literal(k.kind), 'NULL'), k.i - 1,
+                               array_to_string(v_kinds, ', ')))
+    FROM unnest(p_kinds) WITH ORDINALITY AS k(kind, i)
+    WHERE k.kind IS NULL OR NOT k.kind = ANY (v_kinds)
+    ORDER BY k.i LIMIT 1;
     RETURN QUERY
     WITH events AS (
         SELECT 'ledger.' || l.entry_type AS kind, l.created_at AS at, l.user_id, l.event_type,

@@ -837,3 +837,27 @@ def test_audit_events_of_a_catch_up_come_in_the_order_they_are_dated(client, db)
         ("period.open", day[2]), ("ledger.allocation", None),
         ("period.close", day[3]), ("ledger.expiration", None),
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kinds", "says"),
+    [
+        (["ledger.consumtion"], "unknown kind 'ledger.consumtion' at index 0"),
+        (["period.open", "ledger"], "unknown kind 'ledger' at index 1"),
+        (["period.open", None], "unknown kind NULL at index 1"),
+    ],
+)
+def test_get_audit_events_refuses_a_kind_that_names_no_event(client, db, kinds, says):
+    # A misspelt kind answered with no events, as if nothing had happened (the SDK already
+    # refused it; SQL callers now get the same).
+    client.consume("u", "tokens", 1, "tok")
+    db.execute("SELECT meter.set_tenant('default')")
+    with pytest.raises(psycopg.Error) as exc:
+        db.execute("SELECT * FROM meter.get_audit_events(p_kinds => %s)", (kinds,))
+    assert exc.value.sqlstate == "MT001"
+    assert exc.value.diag.column_name == "kinds"
+    assert says in str(exc.value)
+    rows = db.execute(
+        "SELECT kind FROM meter.get_audit_events(p_kinds => %s)", (["ledger.consumption"],)
+    ).fetchall()
+    assert [r["kind"] for r in rows] == ["ledger.consumption"]
