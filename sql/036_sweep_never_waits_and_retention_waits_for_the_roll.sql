@@ -86,8 +86,6 @@ CREATE OR REPLACE FUNCTION meter.release_expired_reservations(p_namespace text D
 RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    v_due_namespaces text[];
-    v_due_ids text[];
     v_namespaces text[];
     v_accounts bigint[];
     v_totals numeric[];
@@ -107,27 +105,19 @@ BEGIN
                                                           coalesce(p_batch_size::text, 'NULL')));
     END IF;
 
-    -- 036: the due holds whose account is free, both locked SKIP LOCKED in one pass: a
-    -- caller's transaction may hold the account and be about to commit one of these very
-    -- holds. A hold or an account someone holds is passed over (and not counted in the
-    -- batch, so holds elsewhere are still reached).
-    SELECT array_agg(d.namespace), array_agg(d.reservation_id)
-    INTO v_due_namespaces, v_due_ids
-    FROM (SELECT r.namespace, r.reservation_id
-          FROM meter.reservations r
-          JOIN meter.accounts a ON a.namespace = r.namespace AND a.account_id = r.account_id
-          WHERE r.status = 'active' AND r.expires_at <= now()
-            AND (p_namespace IS NULL OR r.namespace = p_namespace)
-          ORDER BY r.expires_at
-          LIMIT p_batch_size
-          FOR UPDATE OF r, a SKIP LOCKED) d;
-    IF v_due_ids IS NULL THEN
-        RETURN 0;
-    END IF;
-
+    -- 036: the due holds whose account is free, each locked with its account, both SKIP
+    -- LOCKED: a caller's transaction may hold the account and be about to commit one of
+    -- these very holds. A hold or an account someone holds is passed over (and not
+    -- counted in the batch, so holds elsewhere are still reached).
     WITH due AS (
-        SELECT d.namespace, d.reservation_id
-        FROM unnest(v_due_namespaces, v_due_ids) AS d(namespace, reservation_id)
+        SELECT r.namespace, r.reservation_id
+        FROM meter.reservations r
+        JOIN meter.accounts a ON a.namespace = r.namespace AND a.account_id = r.account_id
+        WHERE r.status = 'active' AND r.expires_at <= now()
+          AND (p_namespace IS NULL OR r.namespace = p_namespace)
+        ORDER BY r.expires_at
+        LIMIT p_batch_size
+        FOR UPDATE OF r, a SKIP LOCKED
     ), expired AS (
         UPDATE meter.reservations r
         SET status = 'expired', completed_at = now(),
