@@ -350,7 +350,7 @@ class MeterClient:
             that connection). Results need ``DateStyle`` ISO and ``IntervalStyle``
             postgres (:mod:`meter.session`): the client's own connections are given them;
             on a caller's connection in other styles, each call sets them for its own
-            (sub)transaction and restores the caller's (two statements more per call:
+            (sub)transaction and restores the caller's (a statement or two more per call:
             give such a pool ISO, e.g. ``options='-c DateStyle=ISO'``, to spare them).
         namespace: the tenant every call acts on.
         max_size: the maximum size of the pool built from a conninfo.
@@ -657,12 +657,15 @@ class MeterClient:
         self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]
     ) -> list[Row]:
         """The call in a transaction (a savepoint in the caller's) with ISO output, read
-        before it commits; the caller's styles are back for the rest of its transaction."""
+        before it commits. A transaction of its own drops the setting at its end; inside
+        the caller's, the caller's styles are put back for the rest of it."""
+        callers = conn.info.transaction_status != TransactionStatus.IDLE
         before = session.styles(conn)
         with conn.transaction():
             conn.execute(session.SET_FOR_TRANSACTION)
             rows = self._fetch(conn, query, args)
-            conn.execute(session.RESTORE_FOR_TRANSACTION, before)
+            if callers:
+                conn.execute(session.RESTORE_FOR_TRANSACTION, before)
         return rows
 
     def _fetch(self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]) -> list[Row]:
