@@ -14,7 +14,7 @@ import threading
 from datetime import datetime
 from typing import Any, Final
 
-from psycopg.abc import AdaptContext
+import psycopg
 from psycopg.errors import Diagnostic
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb, set_json_loads
@@ -86,11 +86,17 @@ _SQL_RECORD_RUN: Final = (
 )
 
 
-def _configure(conn: AdaptContext) -> None:
+def _log_warning(diag: Diagnostic) -> None:
+    if diag.severity_nonlocalized == "WARNING":
+        logger.warning("%s", diag.message_primary)
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
     # jsonb results keep fractions exact (Decimal), never float; times in the style
     # psycopg reads, whatever the database's default (meter.session).
     set_json_loads(t.loads, conn)
     session.use_iso_output(conn)
+    conn.add_notice_handler(_log_warning)  # e.g. drop_old_partitions keeping months
 
 
 def _as_is(text: str) -> str:
@@ -274,23 +280,12 @@ def ensure_partitions(url: str, pool_size: int, months_ahead: int) -> list[str]:
 def drop_old_partitions(url: str, pool_size: int, older_than_months: int) -> list[str]:
     """``meter.drop_old_partitions``: fold the months older than ``older_than_months`` into
     the retention checkpoints and drop them; the names dropped. Its warning (months kept
-    for a period roll that is behind) is logged."""
-    with _pool(url, pool_size).connection() as conn:
-        conn.add_notice_handler(_log_warning)
-        try:
-            with conn.transaction():
-                # The SQL refuses any other level (its fold must see what it drops),
-                # whatever the database's default_transaction_isolation says.
-                conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-                rows = conn.execute(_SQL_DROP_OLD_PARTITIONS, (older_than_months,)).fetchall()
-        finally:
-            conn.remove_notice_handler(_log_warning)
-    return [str(row[0]) for row in rows]
-
-
-def _log_warning(diag: Diagnostic) -> None:
-    if diag.severity_nonlocalized == "WARNING":
-        logger.warning("%s", diag.message_primary)
+    for a period roll that is behind) is logged, as every WARNING of the worker's SQL."""
+    with _pool(url, pool_size).connection() as conn, conn.transaction():
+        # The SQL refuses any other level (its fold must see what it drops), whatever the
+        # database's default_transaction_isolation says.
+        conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        return [str(row[0]) for row in conn.execute(_SQL_DROP_OLD_PARTITIONS, (older_than_months,))]
 
 
 def prune_idempotency_keys(
