@@ -48,11 +48,24 @@ def first_instant(day: date) -> datetime:
     return datetime(day.year, day.month, day.day, tzinfo=UTC)
 
 
-def roll(db: psycopg.Connection[Any], now: Any = None, batch: int = 100) -> list[dict[str, Any]]:
+def roll(
+    db: psycopg.Connection[Any], now: Any = None, batch: int = 100, namespace: str | None = None
+) -> list[dict[str, Any]]:
     return db.execute(
-        "SELECT * FROM meter.roll_periods(NULL, coalesce(%s::timestamptz, now()), %s)",
-        (now, batch),
+        "SELECT * FROM meter.roll_periods(%s, coalesce(%s::timestamptz, now()), %s)",
+        (namespace, now, batch),
     ).fetchall()
+
+
+def period_history(db: psycopg.Connection[Any], namespace: str) -> list[tuple[Any, ...]]:
+    """A namespace's periods, oldest first: start, end, allocation, expired, carried over,
+    balance at the close."""
+    rows = db.execute(
+        "SELECT period_start, period_end, allocation, expired, carried_over, close_balance"
+        " FROM meter.periods WHERE namespace = %s ORDER BY period_start",
+        (namespace,),
+    ).fetchall()
+    return [tuple(r.values()) for r in rows]
 
 
 def ledger(db: psycopg.Connection[Any], user: str) -> list[tuple[str, Decimal, datetime]]:
@@ -300,17 +313,8 @@ def test_a_late_roll_reads_the_ledger_after_each_end_once(client, db, make_clien
     for _ in range(4):
         db.execute("SELECT * FROM meter.roll_periods('default', now(), 11)")
 
-    def history(namespace: str) -> list[tuple[Any, ...]]:
-        rows = db.execute(
-            "SELECT period_start, period_end, expired, carried_over, close_balance"
-            " FROM meter.periods"
-            " WHERE namespace = %s ORDER BY period_start",
-            (namespace,),
-        ).fetchall()
-        return [tuple(r.values()) for r in rows]
-
-    assert len(history("default")) == 41
-    assert history("default") == history("on_time")
+    assert len(period_history(db, "default")) == 41
+    assert period_history(db, "default") == period_history(db, "on_time")
     assert client.get_balance("daily", ET, UNIT) == on_time.get_balance("daily", ET, UNIT)
     assert client.reconcile() == [] and on_time.reconcile() == []
 
@@ -1676,26 +1680,18 @@ def test_a_period_opened_by_hand_while_the_roll_is_behind_leaves_the_days_betwee
     clients = {ns: make_client(namespace=ns) for ns in ("on_time", "by_hand")}
     for ns, c in clients.items():
         c.set_period_config("u", ET, UNIT, None, d0, D("10"), None, timedelta(days=1))
-        db.execute(
-            "SELECT * FROM meter.roll_periods(%s, %s)", (ns, first_instant(d0) + timedelta(hours=1))
-        )
+        roll(db, first_instant(d0) + timedelta(hours=1), namespace=ns)
         if ns == "on_time":
-            db.execute("SELECT * FROM meter.roll_periods(%s)", (ns,))
+            roll(db, namespace=ns)
         c.open_period("u", ET, UNIT, None, t)  # on time: a replay of the roll's
     assert clients["by_hand"].get_account("u", ET, UNIT)["period_start"] == d0  # the roll's
     for ns in clients:
-        db.execute("SELECT * FROM meter.roll_periods(%s)", (ns,))
+        roll(db, namespace=ns)
 
-    def history(ns: str) -> list[tuple[Any, ...]]:
-        rows = db.execute(
-            "SELECT period_start, period_end, allocation, expired, carried_over"
-            " FROM meter.periods WHERE namespace = %s ORDER BY period_start",
-            (ns,),
-        ).fetchall()
-        return [tuple(r.values()) for r in rows]
-
-    assert [h[0] for h in history("by_hand")] == [d0 + timedelta(days=i) for i in range(4)]
-    assert history("by_hand") == history("on_time")
+    assert [h[0] for h in period_history(db, "by_hand")] == [
+        d0 + timedelta(days=i) for i in range(4)
+    ]
+    assert period_history(db, "by_hand") == period_history(db, "on_time")
     for c in clients.values():
         assert c.get_balance("u", ET, UNIT)["balance"] == D("40")
         assert c.get_account("u", ET, UNIT)["period_start"] == t
@@ -1734,34 +1730,23 @@ def test_retention_keeps_the_months_a_late_roll_still_needs(make_client, db):
     clients = {ns: make_client(namespace=ns) for ns in ("on_time", "late")}
     for ns, c in clients.items():
         c.set_period_config("u", ET, UNIT, None, aug, D("100"), D("50"))
-        db.execute(
-            "SELECT * FROM meter.roll_periods(%s, %s)",
-            (ns, first_instant(aug) + timedelta(hours=1)),
-        )
+        roll(db, first_instant(aug) + timedelta(hours=1), namespace=ns)
     for ns, c in clients.items():
         if ns == "on_time":
-            db.execute("SELECT * FROM meter.roll_periods(%s, %s)", (ns, first_instant(sep)))
+            roll(db, first_instant(sep), namespace=ns)
         c.consume("u", ET, D("150"), UNIT, event_time=first_instant(sep) + timedelta(days=14))
         if ns == "on_time":
-            db.execute("SELECT * FROM meter.roll_periods(%s, %s)", (ns, first_instant(octo)))
+            roll(db, first_instant(octo), namespace=ns)
         c.consume("u", ET, D("100"), UNIT, event_time=first_instant(octo) + timedelta(days=14))
 
     dropped = [r["d"] for r in db.execute("SELECT meter.drop_old_partitions(1) AS d").fetchall()]
     assert f"ledger_{aug:%Y_%m}" in dropped
     assert f"ledger_{sep:%Y_%m}" not in dropped  # the late roll's next start is Sep 1
     for ns in clients:
-        db.execute("SELECT * FROM meter.roll_periods(%s)", (ns,))
+        roll(db, namespace=ns)
 
-    def history(ns: str) -> list[tuple[Any, ...]]:
-        rows = db.execute(
-            "SELECT period_start, period_end, allocation, expired, carried_over"
-            " FROM meter.periods WHERE namespace = %s ORDER BY period_start",
-            (ns,),
-        ).fetchall()
-        return [tuple(r.values()) for r in rows]
-
-    assert history("late") == history("on_time")
-    assert history("late")[0][3:] == (D("50"), D("50"))  # Aug: 100 unused, limit 50
+    assert period_history(db, "late") == period_history(db, "on_time")
+    assert period_history(db, "late")[0][3:5] == (D("50"), D("50"))  # Aug: 100 unused, limit 50
     for c in clients.values():
         assert c.get_balance("u", ET, UNIT)["balance"] == D("100")
         assert c.reconcile() == []
@@ -1781,14 +1766,10 @@ def test_a_plan_change_set_ahead_leaves_the_running_period_its_own_limit(make_cl
     for ns in ("ahead", "after"):
         c = make_client(namespace=ns)
         c.set_period_config("u", ET, UNIT, None, date(2025, 8, 1), D("100"), D("50"))
-        db.execute(
-            "SELECT * FROM meter.roll_periods(%s, %s)", (ns, datetime(2025, 9, 10, tzinfo=UTC))
-        )
+        roll(db, datetime(2025, 9, 10, tzinfo=UTC), namespace=ns)
         if ns == "ahead":
             c.set_period_config("u", ET, UNIT, None, date(2025, 10, 1), D("20"), D("0"))
-        db.execute(
-            "SELECT * FROM meter.roll_periods(%s, %s)", (ns, datetime(2025, 10, 1, 1, tzinfo=UTC))
-        )
+        roll(db, datetime(2025, 10, 1, 1, tzinfo=UTC), namespace=ns)
         if ns == "after":
             c.set_period_config("u", ET, UNIT, None, date(2025, 10, 1), D("20"), D("0"))
         seps[ns] = db.execute(
@@ -1803,9 +1784,7 @@ def test_a_plan_change_set_ahead_leaves_the_running_period_its_own_limit(make_cl
     ).fetchall()
     assert october["allocation"] == D("20")  # plan B from its start on
     # and B's limit from October on
-    db.execute(
-        "SELECT * FROM meter.roll_periods('ahead', %s)", (datetime(2025, 11, 1, 1, tzinfo=UTC),)
-    )
+    roll(db, datetime(2025, 11, 1, 1, tzinfo=UTC), namespace="ahead")
     (closed,) = db.execute(
         "SELECT expired, carried_over FROM meter.periods"
         " WHERE namespace = 'ahead' AND period_start = '2025-10-01'"

@@ -415,7 +415,7 @@ def test_every_command_takes_a_malformed_url_for_a_usage_error(args: tuple[str, 
 
 
 def test_commands_read_a_database_whose_default_date_style_is_another(
-    db_url: str, client: Any
+    db_url: str, db: Any, client: Any
 ) -> None:
     # Times and intervals came back in the database's style, which psycopg cannot read.
     from datetime import date
@@ -428,5 +428,9 @@ def test_commands_read_a_database_whose_default_date_style_is_another(
     shown = run(styled, "periods", "show", "bob", "--json")
     assert shown.exit_code == 0, shown.output
     assert "2025-01-01" in shown.output
-    listed = run(styled, "dead-letters", "list")
+    db.execute(
+        "SELECT meter.record_dead_letter('consume', '{}'::jsonb, 'MT001', 'bad', NULL, 'default')"
+    )
+    listed = run(styled, "dead-letters", "list")  # prints when each last failed
     assert listed.exit_code == 0, listed.output
+    assert "MT001 bad" in listed.output

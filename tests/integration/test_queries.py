@@ -847,13 +847,15 @@ def test_audit_events_of_a_catch_up_come_in_the_order_they_are_dated(client, db)
         (["period.open", None], "unknown kind NULL at index 1"),
     ],
 )
-def test_get_audit_events_refuses_a_kind_that_names_no_event(client, db, kinds, says):
+def test_get_audit_events_refuses_a_kind_that_names_no_event(client, db, snapshot, kinds, says):
     # A misspelt kind answered with no events, as if nothing had happened (the SDK already
     # refused it; SQL callers now get the same).
     client.consume("u", "tokens", 1, "tok")
     db.execute("SELECT meter.set_tenant('default')")
+    before = snapshot()
     with pytest.raises(psycopg.Error) as exc:
         db.execute("SELECT * FROM meter.get_audit_events(p_kinds => %s)", (kinds,))
+    assert snapshot() == before
     assert exc.value.sqlstate == "MT001"
     assert exc.value.diag.column_name == "kinds"
     assert says in str(exc.value)
