@@ -657,6 +657,64 @@ def test_holds_on_a_held_account_do_not_use_up_the_sweep_s_batch(db_url, client,
     assert client.reconcile() == []
 
 
+@pytest.mark.parametrize("refused", ["checked consume", "reserve"])
+def test_a_refused_write_that_expires_holds_waits_for_the_account_first(
+    db_url, client, db, refused
+):
+    # A caller's transaction writes to u1 (it holds the account), then commits u1's hold
+    # that is past its TTL. In between, a checked consume or a reserve on u1 is refused on
+    # the figures before the caller's write (it does not wait for a row it will not
+    # change), and expires u1's due holds to try again. 019's _expire_due took those holds
+    # first, then waited for the account: once the caller came to commit the hold, a
+    # deadlock. It now waits for the account before it takes any hold, and tries again
+    # once it has it. (Without the fix, one of the two fails with 40P01.)
+    client.allocate("u1", ET, 100, UNIT)
+    due = client.reserve("u1", ET, 95, UNIT, ttl_seconds=1)
+    wait_until_expired(db, due["expires_at"])
+    deadlocks = _deadlocks(db)
+    results: dict[str, Any] = {}
+    errors: dict[str, BaseException] = {}
+    with (
+        psycopg.connect(db_url) as mine,
+        psycopg.connect(db_url, autocommit=True) as other_conn,
+    ):
+        me = MeterClient(mine)
+        other = MeterClient(other_conn)
+        mine.execute("SELECT 1")  # the caller's transaction is open from here
+        assert me.consume("u1", ET, 1, UNIT)["success"]  # holds u1 until mine.commit()
+
+        def refused_write() -> None:
+            try:
+                if refused == "checked consume":
+                    results["r"] = other.consume("u1", ET, 50, UNIT, check_balance=True)
+                else:
+                    results["r"] = other.reserve("u1", ET, 50, UNIT, ttl_seconds=300)
+            except BaseException as exc:
+                errors["r"] = exc
+
+        t = threading.Thread(target=refused_write)
+        t.start()
+        eventually(lambda: _waiting_on_a_lock(db, other_conn.info.backend_pid))
+        try:
+            late = me.commit(due["reservation_id"], 10)
+            mine.commit()
+        except BaseException as exc:
+            errors["mine"] = exc
+        t.join(30)
+    assert errors == {}
+    assert _deadlocks(db) == deadlocks
+    assert late["status"] == "late"
+    # The write saw the account once it had it: 100 - 1 - 10 = 89 available, enough for 50.
+    if refused == "checked consume":
+        assert results["r"]["success"] is True
+        expected = {"balance": D(39), "reserved": D(0), "available": D(39)}
+    else:
+        assert results["r"]["granted"] is True
+        expected = {"balance": D(89), "reserved": D(50), "available": D(39)}
+    assert client.get_balance("u1", ET, UNIT) == expected
+    assert client.reconcile() == []
+
+
 def test_the_sweep_and_the_period_roll_never_deadlock(db_url, client, db):
     # b is created first (smaller account_id), a has the smaller key: both must take them
     # in the same order. A third session holds a while both start.

@@ -1,0 +1,82 @@
+-- A refused write that expires its account's due holds waits for the account first.
+--
+-- Why (a wait pattern listed in the previous stop's note as unreproduced; reproduced this
+-- stop): a checked consume or a reserve is refused on the account's figures as of its
+-- statement, without waiting for a row it will not change. It then calls
+-- meter._expire_due, which took the account's holds past their TTL (SKIP LOCKED) and only
+-- then waited for the account. If a caller's transaction held that account (an earlier
+-- write in the same transaction) and came on to commit one of those holds, each waited
+-- for the other: a deadlock, detected after deadlock_timeout (1 s), whose victim was
+-- either the refused write or the caller's whole transaction.
+--
+-- Now _expire_due looks without locks for a due hold (none: nothing changes, no lock is
+-- taken, as before), then waits for the account, and only then takes the holds, still with
+-- SKIP LOCKED. It never waits while holding a hold, so the cycle cannot form. Holding the
+-- account, it also answers true when the account now has p_needed available without
+-- expiring anything (the write it waited for freed it, e.g. by committing the hold), so
+-- that its caller tries once more under the account's lock rather than reporting a
+-- refusal against figures it no longer sees.
+--
+-- Callers (unchanged): meter._apply (checked consume) and meter.reserve after a refusal,
+-- with p_needed; meter._close_period, which already holds the account, with p_needed NULL.
+--
+-- Locks: the account, then its due holds (SKIP LOCKED). Migrations once applied are never
+-- edited: 019's _expire_due is replaced whole; the lines marked 040 changed.
+
+-- Expire the active holds of one account whose TTL has passed, when that frees enough:
+-- with p_needed, only if available would then reach p_needed (otherwise nothing changes);
+-- with p_needed NULL, always. True when it expired any, or (040) when, with p_needed, the
+-- account it now holds has p_needed available already: either way the caller may try again.
+-- Locks: the account (040: first), then those holds (SKIP LOCKED).
+CREATE OR REPLACE FUNCTION meter._expire_due(p_namespace text, p_user_id text,
+                                             p_event_type text, p_resource text,
+                                             p_unit text, p_needed numeric)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_account bigint;
+    v_ids text[];
+    v_total numeric;
+    v_available numeric;
+BEGIN
+    SELECT a.account_id INTO v_account FROM meter.accounts a
+    WHERE a.namespace = p_namespace AND coalesce(a.user_id, '') = coalesce(p_user_id, '')
+      AND a.event_type = p_event_type AND a.resource = p_resource AND a.unit = p_unit
+      AND a.reserved > 0;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    -- 040: no due hold, no lock (a refusal with nothing to expire stays as cheap as it was)
+    IF NOT EXISTS (SELECT FROM meter.reservations r
+                   WHERE r.namespace = p_namespace AND r.account_id = v_account
+                     AND r.status = 'active' AND r.expires_at <= now()) THEN
+        RETURN false;
+    END IF;
+    -- 040: the account before any hold, so that this never waits while holding one
+    SELECT a.balance - a.reserved INTO v_available FROM meter.accounts a
+    WHERE a.namespace = p_namespace AND a.account_id = v_account
+    FOR UPDATE;
+    IF p_needed IS NOT NULL AND v_available >= p_needed THEN
+        RETURN true;  -- 040: the write we waited for freed enough; try again
+    END IF;
+    SELECT array_agg(d.reservation_id), sum(d.amount) INTO v_ids, v_total
+    FROM (SELECT r.reservation_id, r.amount FROM meter.reservations r
+          WHERE r.namespace = p_namespace AND r.account_id = v_account
+            AND r.status = 'active' AND r.expires_at <= now()
+          FOR UPDATE SKIP LOCKED) d;
+    IF v_total IS NULL THEN
+        RETURN false;
+    END IF;
+    IF p_needed IS NOT NULL AND v_available + v_total < p_needed THEN
+        RETURN false;  -- still not enough: a refusal changes nothing
+    END IF;
+    UPDATE meter.reservations r
+    SET status = 'expired', completed_at = now(),
+        completed_actor = '{"actor_id": "system:expiry"}'::jsonb
+    WHERE r.namespace = p_namespace AND r.reservation_id = ANY (v_ids);
+    UPDATE meter.accounts a SET reserved = a.reserved - v_total, updated_at = now()
+    WHERE a.namespace = p_namespace AND a.account_id = v_account;
+    RETURN true;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION meter._expire_due(text, text, text, text, text, numeric) FROM PUBLIC;
