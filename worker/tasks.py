@@ -37,6 +37,7 @@ the name is taken on trust, but an event naming another namespace is still dead-
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Final, NoReturn
 
@@ -124,6 +125,20 @@ def _namespace(event: Any) -> str:
     return ns if isinstance(ns, str) and ns else ""
 
 
+def _namespace_not_text(event: Any) -> str | None:
+    """Why ``event``'s namespace is refused for its JSON type, or None.
+
+    ``->>`` in the SQL would read a number, boolean or array as its text (``5`` as the
+    namespace ``"5"``): a namespace is a JSON string, as every identifier is (032).
+    """
+    if not isinstance(event, dict) or "namespace" not in event:
+        return None
+    ns = event["namespace"]
+    if isinstance(ns, str) or ns is None:
+        return None
+    return f"namespace: must be a string, got {type(ns).__name__} {ns!r:.64}"
+
+
 def _names_other(event: Any, namespace: str) -> bool:
     """``event`` is an event object naming a namespace other than ``namespace`` (or none)."""
     return isinstance(event, dict) and event.get("namespace") != namespace
@@ -137,8 +152,13 @@ def _mismatch_message(event: Any, namespace: str) -> str:
 
 
 def _as_verdict(verdict: Any) -> dict[str, Any]:
-    """A verdict as the worker writes it; a malformed one (crafted) is itself the error."""
-    if isinstance(verdict, dict):
+    """A verdict as the worker writes it; a malformed one (crafted) is itself the error.
+
+    Its fields are text or absent: anything else could not be recorded, ever.
+    """
+    if isinstance(verdict, dict) and all(
+        isinstance(verdict.get(field), str | None) for field in ("sqlstate", "message", "namespace")
+    ):
         return verdict
     return {"sqlstate": "MT001", "message": "message: malformed verdict argument"}
 
@@ -151,6 +171,22 @@ def _verdict_namespace(verdict: dict[str, Any], own: str) -> str:
     """
     ns = verdict.get("namespace")
     return ns if ns == own else OPERATOR_NAMESPACE
+
+
+def _orphan_since(since: Any, now: float) -> float:
+    """When a commit or release began waiting for its reserve: ``now`` on its first run.
+
+    The signature does not cover the keyword arguments, so a crafted value that is not a
+    finite number of seconds starts the wait afresh rather than fail the task, which
+    would ack the message and lose the event.
+    """
+    if since is None or isinstance(since, bool) or not isinstance(since, int | float | str):
+        return now
+    try:
+        value = float(since)
+    except ValueError:
+        return now
+    return value if math.isfinite(value) else now
 
 
 def _op(event: Any, default: str) -> str:
@@ -261,7 +297,11 @@ class EventTask(Task):
     ) -> Outcome:  # fmt: skip
         """Record a dead letter and complete; if even that fails, retry recording it later.
 
-        ``namespace``: where it is filed (default: the payload's own namespace).
+        ``namespace``: where it is filed (default: the payload's own namespace). A dead
+        letter that its namespace cannot hold for good (not a transient failure: a
+        namespace too long for PostgreSQL's index keys, say) is filed with the operators
+        instead, with the reason; were even that refused, the task fails (logged), since
+        retrying a permanent failure would re-send the message forever.
         """
         if namespace is None:
             namespace = _namespace(payload)
@@ -277,6 +317,23 @@ class EventTask(Task):
                 namespace=namespace,
             )
         except Exception as exc:
+            if not is_transient(exc):
+                if namespace == OPERATOR_NAMESPACE:
+                    logger.critical(
+                        "cannot record the dead letter of %s at all, giving it up: %r",
+                        self.request.id, exc,
+                    )  # fmt: skip
+                    raise
+                logger.error(
+                    "cannot record the dead letter of %s under its namespace: %r",
+                    self.request.id, exc,
+                )  # fmt: skip
+                return self.dead_letter(
+                    s, op, payload, sqlstate,
+                    f"{message} (filed with the operators: its namespace cannot hold it: "
+                    f"{str(exc).strip() or type(exc).__name__})",
+                    counted, source=source, namespace=OPERATOR_NAMESPACE,
+                )  # fmt: skip
             # The verdict travels with the retry: the event is not tried again, only recorded.
             logger.warning("cannot record the dead letter of %s yet: %r", self.request.id, exc)
             self.retry_later(
@@ -312,6 +369,10 @@ class EventTask(Task):
                 s, _op(event, op), event, TENANT_REFUSED, refusal, counted,
                 namespace=OPERATOR_NAMESPACE,
             )  # fmt: skip
+        # Keyed before any dead letter too: a dead letter holds the event as it would apply,
+        # so retrying one whose first delivery did commit (MTW01 after a kill before the
+        # ack) replays that commit instead of applying the event a second time.
+        event = _with_key(event, f"task:{self.request.id}")
         if verdict is not None:  # a dead letter that could not be recorded last time
             verdict = _as_verdict(verdict)
             return self.dead_letter(
@@ -322,13 +383,14 @@ class EventTask(Task):
             return self.dead_letter(
                 s, op, event, "MT001", "message: the event must be a JSON object", counted
             )
+        if (not_text := _namespace_not_text(event)) is not None:
+            return self.dead_letter(s, _op(event, op), event, "MT001", not_text, counted)
         if counted is not None and counted >= s.max_deliveries:
             return self.dead_letter(
                 s, _op(event, op), event, WORKER_LOST,
                 f"delivered {counted} times without completing: the worker died or was "
                 "killed each time", counted,
             )  # fmt: skip
-        event = _with_key(event, f"task:{self.request.id}")
         try:
             row = db.apply_events(
                 s.database_url, s.db_pool_size, [event], self.request.id,
@@ -358,7 +420,7 @@ class EventTask(Task):
     ) -> Outcome:
         """A commit or release whose reservation does not exist (yet): wait for it."""
         now = time.time()
-        since = now if since is None else float(since)
+        since = _orphan_since(since, now)
         left = since + s.orphan_horizon - now
         op = _op(event, "commit")
         if left <= 0:
@@ -479,7 +541,9 @@ def apply_batch(
     outcomes: dict[int, Outcome] = {}
     orig: list[int] = []
     for i, event in enumerate(events):
-        if ns is not None and _names_other(event, ns):
+        if (not_text := _namespace_not_text(event)) is not None:
+            outcomes[i] = _refuse_event(self, s, event, i, not_text, "MT001")
+        elif ns is not None and _names_other(event, ns):
             outcomes[i] = _refuse_event(self, s, event, i, _mismatch_message(event, ns))
         else:
             orig.append(i)
@@ -538,8 +602,12 @@ def _merge(refused: dict[int, Outcome], orig: list[int], applied: list[Outcome])
     return [out[i] for i in sorted(out)]
 
 
-def _refuse_event(self: EventTask, s: Settings, event: Any, idx: int, message: str) -> Outcome:
-    """Dead-letter one event of a batch for its tenancy (``MT004``), filed with operators.
+def _refuse_event(
+    self: EventTask, s: Settings, event: Any, idx: int, message: str,
+    sqlstate: str = TENANT_REFUSED,
+) -> Outcome:  # fmt: skip
+    """Dead-letter one event of a batch for its tenancy (``MT004``) or its namespace's JSON
+    type (``MT001``), filed with operators.
 
     Its source is distinct from the SQL's (``<task>/<idx>``), and deterministic: a batch
     delivered again counts an attempt on the same dead letter.
@@ -547,13 +615,13 @@ def _refuse_event(self: EventTask, s: Settings, event: Any, idx: int, message: s
     try:
         dead_letter_id = db.record_dead_letter(
             s.database_url, s.db_pool_size, op=_op(event, "?"), payload=event,
-            sqlstate=TENANT_REFUSED, message=message, source=f"{self.request.id}/ns/{idx}",
+            sqlstate=sqlstate, message=message, source=f"{self.request.id}/ns/{idx}",
             namespace=OPERATOR_NAMESPACE,
         )  # fmt: skip
     except Exception as exc:
         # Nothing of the batch was applied yet: have it delivered again.
         raise Reject(f"cannot record a refused event: {exc!r}", requeue=True) from exc
-    return _dead_letter_outcome(dead_letter_id, TENANT_REFUSED, message)
+    return _dead_letter_outcome(dead_letter_id, sqlstate, message)
 
 
 def _split(

@@ -732,10 +732,98 @@ def test_a_message_that_keeps_killing_workers_is_dead_lettered(pipeline, db, bro
     outcome = pipeline.AsyncResult(task_id).get(timeout=15)
     assert outcome["status"] == "error" and outcome["error_sqlstate"] == "MTW01"
     (row,) = dead_letters(db)
-    assert (row["op"], row["source"], row["payload"]) == ("consume", task_id, event)
+    keyed = {**event, "args": {**event["args"], "idempotency_key": f"task:{task_id}"}}
+    assert (row["op"], row["source"], row["payload"]) == ("consume", task_id, keyed)
     assert ledger(db) == []  # never ran
     assert client.exists(f"meter:deliveries:{task_id}:0") == 0
     client.close()
+
+
+def test_retrying_a_worker_lost_dead_letter_replays_what_its_first_delivery_applied(
+    pipeline, db, broker_url, client
+):
+    # The first delivery commits; its worker is killed before the ack; the redeliveries
+    # reach the bound and the event becomes a dead letter (MTW01). That dead letter used
+    # to hold the event without the key derived from its task, so retrying it applied
+    # the allocate a second time (found by a review, with a reproduction).
+    event = {"op": "allocate", "namespace": "default",
+             "args": {"user_id": "u1", "event_type": ET, "amount": "5", "unit": UNIT}}  # fmt: skip
+    task_id = str(uuid.uuid4())
+    first = pipeline.send_task("meter.allocate", args=(event,), task_id=task_id,
+                               ignore_result=False)  # fmt: skip
+    assert first.get(timeout=15)["status"] == "applied"
+    redis.Redis.from_url(broker_url).set(f"meter:deliveries:{task_id}:0", 2)
+    _redeliver(broker_url, pipeline, "meter.allocate", (event,), task_id)
+    eventually(lambda: dead_letters(db))
+    (row,) = dead_letters(db)
+    assert row["error_sqlstate"] == "MTW01"
+    retried = db.execute(
+        "SELECT status FROM meter.retry_dead_letter(%s)", (row["dead_letter_id"],)
+    ).fetchone()
+    assert retried["status"] == "replayed"
+    assert balance(client)["balance"] == D(5)
+    assert len(ledger(db)) == 1
+
+
+def test_a_dead_letter_its_namespace_cannot_hold_is_filed_with_the_operators(pipeline, db):
+    # 1024 characters of four bytes each: a namespace within the character bound that no
+    # index key can hold (54000). The event fails, and so did its dead letter, every time:
+    # the message re-sent itself with its verdict forever (found by a review).
+    ns = "".join(chr(0x20000 + i) for i in range(1024))
+    event = {"op": "allocate", "namespace": ns,
+             "args": {"user_id": "u1", "event_type": ET, "amount": "5", "unit": UNIT}}  # fmt: skip
+    task_id = str(uuid.uuid4())
+    send_raw(pipeline, "meter.allocate", event, task_id=task_id, auth={"namespace": ns})
+    (row,) = eventually(lambda: dead_letters(db))
+    assert (row["namespace"], row["source"], row["error_sqlstate"]) == ("", task_id, "54000")
+    assert "filed with the operators" in row["error_message"]
+    assert row["payload"]["namespace"] == ns
+    assert db.execute("SELECT count(*) AS n FROM meter.accounts").fetchone()["n"] == 0
+
+
+@pytest.mark.parametrize(
+    "verdict", [{"sqlstate": {"x": 1}, "message": "m"}, {"message": ["m"]}, "MT002"]
+)
+def test_a_malformed_verdict_is_itself_the_dead_letter(pipeline, db, verdict):
+    # The verdict argument is not signed: a crafted one that psycopg cannot send used to be
+    # retried forever.
+    event = {"op": "allocate", "namespace": "default",
+             "args": {"user_id": "u1", "event_type": ET, "amount": "1", "unit": UNIT}}  # fmt: skip
+    outcome = send_raw(pipeline, "meter.allocate", event, verdict=verdict).get(timeout=15)
+    assert outcome["error_sqlstate"] == "MT001"
+    (row,) = dead_letters(db)
+    assert row["error_message"] == "message: malformed verdict argument"
+    assert ledger(db) == []
+
+
+@pytest.mark.parametrize("since", ["yesterday", [1], {"t": 1}, "nan", True])
+def test_a_malformed_orphan_since_starts_the_wait_afresh(pipeline, db, since):
+    # A commit waiting for its reserve carries when it began waiting; a crafted value made
+    # the task raise, and the message was acked and lost (found by a review).
+    event = {"op": "commit", "namespace": "default",
+             "args": {"reservation_id": "r-never", "actual_amount": "3"}}  # fmt: skip
+    outcome = send_raw(pipeline, "meter.commit", event, orphan_since=since).get(timeout=30)
+    assert outcome["error_sqlstate"] == "MT003"  # after the horizon, settled by its reserve
+    (row,) = dead_letters(db)
+    assert row["payload"] == event
+
+
+@pytest.mark.parametrize("namespace", [5, True, [1], {"n": 1}])
+def test_an_event_whose_namespace_is_not_a_string_is_refused(pipeline, db, namespace):
+    # ->> in the SQL read 5 as the namespace "5" and applied the event there.
+    event = {"op": "allocate", "namespace": namespace,
+             "args": {"user_id": "u1", "event_type": ET, "amount": "1", "unit": UNIT}}  # fmt: skip
+    outcome = send_raw(pipeline, "meter.allocate", event).get(timeout=15)
+    assert outcome["error_sqlstate"] == "MT001"
+    assert outcome["error_message"].startswith("namespace: must be a string")
+    good = {**event, "namespace": "default"}
+    outcomes = send_raw(pipeline, wire.APPLY_BATCH, [event, good]).get(timeout=15)
+    assert [o["status"] for o in outcomes] == ["error", "applied"]
+    assert outcomes[0]["error_sqlstate"] == "MT001"
+    assert [r["namespace"] for r in dead_letters(db)] == ["", ""]
+    assert [a["namespace"] for a in db.execute("SELECT namespace FROM meter.accounts")] == [
+        "default"
+    ]
 
 
 def test_a_redelivered_message_is_counted_and_runs(pipeline, client, broker_url):
