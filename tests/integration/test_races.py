@@ -632,6 +632,42 @@ def test_the_sweep_passes_over_an_account_a_caller_s_transaction_holds(db_url, c
     assert client.reconcile() == []
 
 
+@pytest.mark.parametrize("op", ["consume", "reserve"])
+def test_two_checked_writes_each_enough_are_both_granted_past_a_due_hold(db_url, client, op):
+    # Balance 100, one hold of 60 past its TTL: a checked consume (or reserve) of 50 and
+    # one of 45, at the same moment, are both granted in either order. The second, refused
+    # on the figures before the first committed, found the due hold locked by the first
+    # (SKIP LOCKED) or already expired, and gave up: a refusal whose own `available` covered
+    # its amount (found by a review: 295 of 600; 040 tries again instead).
+    n = 60
+    for i in range(n):
+        client.allocate(f"u{i}", ET, 100, UNIT)
+        client.reserve(f"u{i}", ET, 60, UNIT, ttl_seconds=1)
+    time.sleep(1.1)
+    results: dict[tuple[int, int], Any] = {}
+    barrier = threading.Barrier(2)
+
+    def worker(k: int, amount: int) -> None:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            me = MeterClient(conn)
+            for i in range(n):
+                barrier.wait()
+                if op == "consume":
+                    r = me.consume(f"u{i}", ET, amount, UNIT, check_balance=True)
+                    results[(i, k)] = r["success"]
+                else:
+                    results[(i, k)] = me.reserve(f"u{i}", ET, amount, UNIT)["granted"]
+
+    threads = [threading.Thread(target=worker, args=a) for a in ((0, 50), (1, 45))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == 2 * n
+    assert [key for key, granted in sorted(results.items()) if not granted] == []
+    assert client.reconcile() == []
+
+
 def test_holds_on_a_held_account_do_not_use_up_the_sweep_s_batch(db_url, client, db):
     # The oldest due holds all belong to an account a caller's transaction holds. A first
     # version of 036 chose its batch before passing over held accounts: with the batch
