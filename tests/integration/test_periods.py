@@ -367,6 +367,26 @@ def test_close_of_another_date_is_a_new_close(client, db):
     assert r == {"expired": D("0"), "carried_over": D("20"), "new_balance": D("20")}
 
 
+@pytest.mark.parametrize("end", [date(2024, 1, 30), JAN1])
+def test_a_close_inside_a_period_closed_already_is_refused_by_name(client, snapshot, end):
+    # 041: January closed on the 31st, February open. A close of the 30th (an end off by
+    # one) matched no period: it expired February's allocation, dated back into January.
+    config(client, D("100"), D("0"))
+    client.open_period(U, ET, UNIT, None, JAN1)
+    client.close_period(U, ET, UNIT, None, JAN31)
+    client.open_period(U, ET, UNIT, None, FEB1)
+    before = snapshot()
+    with pytest.raises(ValidationError) as ei:
+        client.close_period(U, ET, UNIT, None, end)
+    assert ei.value.parameter == "period_end"
+    assert "closed already" in str(ei.value)
+    assert snapshot() == before
+    assert bal(client)["available"] == D("100")
+    # The period's own last day still replays, and February still closes.
+    assert client.close_period(U, ET, UNIT, None, JAN31)["expired"] == D("100")
+    assert client.close_period(U, ET, UNIT, None, FEB29)["expired"] == D("100")
+
+
 def test_period_totals(client):
     _opened(client, D("20"))
     client.close_period(U, ET, UNIT, None, JAN31)
