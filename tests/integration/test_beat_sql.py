@@ -1668,6 +1668,59 @@ def test_a_period_opened_by_hand_ahead_of_its_start_leaves_the_current_one_to_th
     assert client.reconcile() == []
 
 
+def test_a_plan_change_opened_ahead_of_its_start_still_closes_the_running_period(make_client, db):
+    """042: a plan change set for the next start, then that period opened by hand a few
+    hours ahead of its day. The account's start was then the period opened, which had not
+    ended: the roll did nothing, and the period before never closed (its 70 unused units,
+    limit 0, ran on into the new one). Now it closes as in the control, where beat opens
+    the new period on its day."""
+    t = today(db)
+    nxt = t + timedelta(days=1)
+    first = nxt - timedelta(days=30)
+    clients = {ns: make_client(namespace=ns) for ns in ("control", "ahead")}
+    for ns, c in clients.items():
+        c.set_period_config("u", ET, UNIT, None, first, D("100"), D("0"), timedelta(days=30))
+        roll(db, namespace=ns)
+        c.consume("u", ET, 30, UNIT)
+        c.set_period_config("u", ET, UNIT, None, nxt, D("200"), D("0"), timedelta(days=30))
+        if ns == "ahead":
+            assert c.open_period("u", ET, UNIT, None, nxt) == D("270")
+        roll(db, first_instant(nxt) + timedelta(minutes=5), namespace=ns)
+    assert period_history(db, "ahead") == period_history(db, "control")
+    assert period_history(db, "ahead")[0][:4] == (first, t, D("100"), D("70"))
+    for c in clients.values():
+        assert c.get_balance("u", ET, UNIT)["balance"] == D("200")
+        assert c.get_account("u", ET, UNIT)["period_start"] == nxt
+        assert c.reconcile() == []
+
+
+def test_a_period_opened_by_hand_past_a_due_plan_change_leaves_both_to_the_roll(make_client, db):
+    """042: ten-day periods, the roll behind, a plan change from the due next start not
+    opened yet, and today's period opened by hand (037 leaves the periods before it to the
+    roll). The roll took the configured start for a rewind into recorded periods and moved
+    on to today's: the first period never closed, the plan change's never opened."""
+    t = today(db)
+    a, b = t - timedelta(days=20), t - timedelta(days=10)
+    clients = {ns: make_client(namespace=ns) for ns in ("control", "by_hand")}
+    for ns, c in clients.items():
+        c.set_period_config("u", ET, UNIT, None, a, D("100"), D("0"), timedelta(days=10))
+        roll(db, first_instant(a) + timedelta(minutes=5), namespace=ns)
+        c.consume("u", ET, 30, UNIT, event_time=first_instant(a) + timedelta(hours=12))
+        c.set_period_config("u", ET, UNIT, None, b, D("200"), D("0"), timedelta(days=10))
+        if ns == "by_hand":
+            assert c.open_period("u", ET, UNIT, None, t) == D("270")
+        while roll(db, namespace=ns):
+            pass
+    assert [h[:2] for h in period_history(db, "by_hand")] == [
+        (a, b - timedelta(days=1)), (b, t - timedelta(days=1)), (t, None),
+    ]  # fmt: skip
+    assert period_history(db, "by_hand") == period_history(db, "control")
+    for c in clients.values():
+        assert c.get_balance("u", ET, UNIT)["balance"] == D("200")
+        assert c.get_account("u", ET, UNIT)["period_start"] == t
+        assert c.reconcile() == []
+
+
 def test_a_period_opened_by_hand_while_the_roll_is_behind_leaves_the_days_between_to_it(
     make_client, db
 ):
@@ -1700,22 +1753,49 @@ def test_a_period_opened_by_hand_while_the_roll_is_behind_leaves_the_days_betwee
 
 def test_a_period_opened_by_hand_back_inside_closed_ones_closes_nothing(client, db):
     """January left open (as before 031, or opened while unconfigured), February opened and
-    closed by the roll, whose close took January's units too. A period opened by hand on
-    Feb 15 must not close January now: that expired its units a second time."""
+    closed by hand, a close that took January's units too. A period opened by hand on
+    Feb 15 must not close January now: that expired its units a second time; nor must the
+    roll afterwards (042's period "still running before" excludes one with a later close)."""
+    jan, feb = date(2025, 1, 1), date(2025, 2, 1)
+    client.set_period_config("u1", ET, UNIT, None, jan, D("100"), D("0"))
+    roll(db, first_instant(date(2025, 1, 2)))  # January: 100
+    db.execute("UPDATE meter.accounts SET period_allocation = NULL")  # unconfigured a while
+    client.open_period("u1", ET, UNIT, None, feb, D("100"))  # closes nothing: 200
+    assert client.close_period("u1", ET, UNIT, None, date(2025, 2, 28))["expired"] == D("200")
+    db.execute("UPDATE meter.accounts SET period_allocation = 100")
+    assert client.open_period("u1", ET, UNIT, None, date(2025, 2, 15)) == D("100")
+    roll(db, first_instant(date(2025, 3, 2)))
+    (january,) = db.execute(
+        "SELECT period_end FROM meter.periods WHERE user_id = 'u1' AND period_start = %s",
+        (jan,),
+    ).fetchall()
+    assert january["period_end"] is None
+    assert client.get_balance("u1", ET, UNIT)["balance"] == D("100")
+    assert client.reconcile() == []
+
+
+def test_the_roll_closes_a_period_left_open_before_one_opened_by_hand_at_its_end(client, db):
+    """January left open (opened while unconfigured), February opened by hand, then the
+    account configured again. The roll, at February's end, used to close February alone,
+    with January's units (200 expired at Feb 28). Since 042 it closes January at its own
+    end first, as a roll on time would have: each month expires its own 100."""
     jan, feb = date(2025, 1, 1), date(2025, 2, 1)
     client.set_period_config("u1", ET, UNIT, None, jan, D("100"), D("0"))
     roll(db, first_instant(date(2025, 1, 2)))  # January: 100
     db.execute("UPDATE meter.accounts SET period_allocation = NULL")  # unconfigured a while
     client.open_period("u1", ET, UNIT, None, feb, D("100"))  # closes nothing: 200
     db.execute("UPDATE meter.accounts SET period_allocation = 100")
-    roll(db, first_instant(date(2025, 3, 2)))  # closes February (200 expired), opens March
+    steps = roll(db, first_instant(date(2025, 3, 2)))
+    assert [(s["closed_period_end"], s["expired"], s["opened_period_start"]) for s in steps] == [
+        (date(2025, 1, 31), D("100"), feb),
+        (date(2025, 2, 28), D("100"), date(2025, 3, 1)),
+    ]
+    assert [h[:4] for h in period_history(db, "default")] == [
+        (jan, date(2025, 1, 31), D("100"), D("100")),
+        (feb, date(2025, 2, 28), D("100"), D("100")),
+        (date(2025, 3, 1), None, D("100"), None),
+    ]
     assert client.get_balance("u1", ET, UNIT)["balance"] == D("100")
-    assert client.open_period("u1", ET, UNIT, None, date(2025, 2, 15)) == D("200")
-    (january,) = db.execute(
-        "SELECT period_end FROM meter.periods WHERE user_id = 'u1' AND period_start = %s",
-        (jan,),
-    ).fetchall()
-    assert january["period_end"] is None
     assert client.reconcile() == []
 
 
