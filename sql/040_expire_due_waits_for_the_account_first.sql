@@ -9,9 +9,14 @@
 -- for the other: a deadlock, detected after deadlock_timeout (1 s), whose victim was
 -- either the refused write or the caller's whole transaction.
 --
--- Now _expire_due looks without locks for a due hold (none: nothing changes, no lock is
--- taken, as before), then waits for the account, and only then takes the holds, still with
--- SKIP LOCKED. It never waits while holding a hold, so the cycle cannot form.
+-- Now _expire_due looks without locks at the due holds: none, or too little in them for
+-- p_needed, and it returns at once, without a lock (a second review: two refused checked
+-- consumes of one account in two caller's transactions, each also writing another
+-- account, deadlocked once the first refusal kept the account locked for nothing). It then
+-- waits for the account, and only then takes the holds, still with SKIP LOCKED: it never
+-- waits while holding a hold, so the cycle cannot form. A transaction that already holds
+-- rows (has a transaction id) does not wait for the account at all, by 035's rule: it
+-- passes over a held account, and the refusal stands.
 --
 -- Also: it answers true, so that its caller tries once more, when the account has
 -- p_needed available already, unlocked at first and again once it holds the account. A
@@ -24,14 +29,16 @@
 -- Callers (unchanged): meter._apply (checked consume) and meter.reserve after a refusal,
 -- with p_needed; meter._close_period, which already holds the account, with p_needed NULL.
 --
--- Locks: the account, then its due holds (SKIP LOCKED). Migrations once applied are never
+-- Locks: the account (SKIP LOCKED when the transaction holds rows already), then its due
+-- holds (SKIP LOCKED). Migrations once applied are never
 -- edited: 019's _expire_due is replaced whole; the lines marked 040 changed.
 
 -- Expire the active holds of one account whose TTL has passed, when that frees enough:
 -- with p_needed, only if available would then reach p_needed (otherwise nothing changes);
 -- with p_needed NULL, always. True when it expired any, or (040) when, with p_needed, the
 -- account has p_needed available already: either way the caller may try again.
--- Locks: the account (040: first), then those holds (SKIP LOCKED).
+-- Locks: the account (040: first; SKIP LOCKED in a transaction that holds rows already),
+-- then those holds (SKIP LOCKED).
 CREATE OR REPLACE FUNCTION meter._expire_due(p_namespace text, p_user_id text,
                                              p_event_type text, p_resource text,
                                              p_unit text, p_needed numeric)
@@ -42,10 +49,16 @@ DECLARE
     v_ids text[];
     v_total numeric;
     v_available numeric;
-    v_holds boolean;
 BEGIN
-    SELECT a.account_id, a.balance - a.reserved, a.reserved > 0
-    INTO v_account, v_available, v_holds FROM meter.accounts a
+    -- 040: the account and its due holds as of one snapshot (read apart, a caller's
+    -- expiry committed in between made the holds look gone and the account still short)
+    SELECT a.account_id, a.balance - a.reserved,
+           CASE WHEN a.reserved > 0
+                THEN (SELECT coalesce(sum(r.amount), 0) FROM meter.reservations r
+                      WHERE r.namespace = a.namespace AND r.account_id = a.account_id
+                        AND r.status = 'active' AND r.expires_at <= now())
+                ELSE 0 END
+    INTO v_account, v_available, v_total FROM meter.accounts a
     WHERE a.namespace = p_namespace AND coalesce(a.user_id, '') = coalesce(p_user_id, '')
       AND a.event_type = p_event_type AND a.resource = p_resource AND a.unit = p_unit;
     IF NOT FOUND THEN
@@ -56,19 +69,26 @@ BEGIN
     IF p_needed IS NOT NULL AND v_available >= p_needed THEN
         RETURN true;
     END IF;
-    IF NOT v_holds THEN
+    -- 040: no due hold, or not enough in them, and no lock is taken: a refusal that
+    -- expiring cannot turn stays as cheap as it was, and holds nothing to its end
+    IF v_total = 0 OR (p_needed IS NOT NULL AND v_available + v_total < p_needed) THEN
         RETURN false;
     END IF;
-    -- 040: no due hold, no lock (a refusal with nothing to expire stays as cheap as it was)
-    IF NOT EXISTS (SELECT FROM meter.reservations r
-                   WHERE r.namespace = p_namespace AND r.account_id = v_account
-                     AND r.status = 'active' AND r.expires_at <= now()) THEN
-        RETURN false;
+    -- 040: the account before any hold, so that this never waits while holding one; and,
+    -- as 035's queue, a transaction that holds rows already (it has a transaction id) does
+    -- not wait for another row out of order: it passes (a refusal) if the account is held
+    IF pg_current_xact_id_if_assigned() IS NULL THEN
+        SELECT a.balance - a.reserved INTO v_available FROM meter.accounts a
+        WHERE a.namespace = p_namespace AND a.account_id = v_account
+        FOR UPDATE;
+    ELSE
+        SELECT a.balance - a.reserved INTO v_available FROM meter.accounts a
+        WHERE a.namespace = p_namespace AND a.account_id = v_account
+        FOR UPDATE SKIP LOCKED;  -- one this transaction holds is not skipped (close_period)
+        IF NOT FOUND THEN
+            RETURN false;
+        END IF;
     END IF;
-    -- 040: the account before any hold, so that this never waits while holding one
-    SELECT a.balance - a.reserved INTO v_available FROM meter.accounts a
-    WHERE a.namespace = p_namespace AND a.account_id = v_account
-    FOR UPDATE;
     IF p_needed IS NOT NULL AND v_available >= p_needed THEN
         RETURN true;  -- 040: the write we waited for freed enough; try again
     END IF;

@@ -9,10 +9,14 @@
 -- expired November's 100 and wrote an expiration at 10-30 23:59:59.999999, after October's
 -- own close had expired 100. reconcile() stays empty: the sums agree, the periods do not.
 --
--- Now such a close is refused, MT001 naming period_end, before anything is written. A
--- close of the last day of a recorded period replays as before; a close after every
--- recorded period, or on an account whose periods are kept by close_period alone (rows
--- with no start), is unchanged.
+-- Now such a close is refused, MT001 naming period_end, before anything is written, and
+-- so is a close of a day when no period was open while a recorded one begins after it
+-- (before the first period, or between two; a second review: close_period(09-30) on an
+-- account whose periods began on 10-01 expired November's allocation at 09-30). A close
+-- of the last day of a recorded period replays as before; a close after every recorded
+-- period, or on an account whose periods are kept by close_period alone (rows with no
+-- start), is unchanged. The roll's closes and open_period's close of the period before
+-- always close an open period begun before the day.
 --
 -- Locks: unchanged (024). Migrations once applied are never edited: 038's _close_period
 -- is replaced whole; only the lines marked 041 changed.
@@ -72,6 +76,22 @@ BEGIN
             format('%s falls inside the period %s to %s, closed already: close a period on '
                    'its last day (replayed) or after it', p_period_end,
                    v_period.period_start, v_period.period_end));
+    END IF;
+    -- 041: nor is a day with no open period begun by then and a period beginning after
+    -- it (before the first period, or between two): nothing recorded ends there, and the
+    -- close would expire the later period's units
+    IF NOT EXISTS (SELECT 1 FROM meter.periods p
+                   WHERE p.namespace = p_namespace AND p.account_id = v_acc.account_id
+                     AND p.period_end IS NULL AND p.period_start <= p_period_end) THEN
+        SELECT * INTO v_period FROM meter.periods p
+        WHERE p.namespace = p_namespace AND p.account_id = v_acc.account_id
+          AND p.period_start > p_period_end
+        ORDER BY p.period_start LIMIT 1;
+        IF FOUND THEN
+            PERFORM meter._fail('MT001', 'period_end',
+                format('%s is the end of no open period: no period was open then, and the '
+                       'period %s begins after it', p_period_end, v_period.period_start));
+        END IF;
     END IF;
     -- Holds past their TTL reserve nothing any more: expire them (SKIP LOCKED, so taking
     -- them after the account waits on nothing), or their amount would survive the close.

@@ -15,7 +15,7 @@
 --    the plan change's period never opened (balance 270 against 200).
 --
 -- Now a period "still running before" the account's start (opened, not closed, starting
--- before it, and no later period closed: meter._running_before) is what the roll looks at
+-- before it, no close recorded after it began: meter._running_before) is what the roll looks at
 -- first. Case 0 applies only when there is none (a start inside closed periods, or before
 -- them); otherwise case 1 closes it the day before the configured start and opens that
 -- start. And when the configured start was opened already, the roll closes it the day
@@ -42,8 +42,11 @@ CREATE INDEX periods_open ON meter.periods (namespace, account_id, period_start)
     WHERE period_end IS NULL AND opened_at IS NOT NULL;
 
 -- The start of the latest period still running from before p_start: opened, not closed,
--- starting before p_start, with no later period closed (whose close took its units, 026).
--- NULL when there is none. roll_periods writes the same test out.
+-- starting before p_start, and no close recorded on or after its start (a later period's,
+-- whose close took its units (026), or one recorded without a start, or an earlier
+-- period's closed after this one began: closing it at p_start - 1 would replay that close,
+-- and the roll repeat the step; found by a review). NULL when there is none. roll_periods
+-- writes the same test out.
 CREATE FUNCTION meter._running_before(p_namespace text, p_account_id bigint, p_start date)
 RETURNS date
 LANGUAGE sql STABLE AS $$
@@ -52,7 +55,9 @@ LANGUAGE sql STABLE AS $$
       AND q.period_end IS NULL AND q.opened_at IS NOT NULL AND q.period_start < p_start
       AND NOT EXISTS (SELECT 1 FROM meter.periods p
                       WHERE p.namespace = p_namespace AND p.account_id = p_account_id
-                        AND p.period_start > q.period_start AND p.period_end IS NOT NULL)
+                        AND p.period_end IS NOT NULL
+                        AND (p.period_start > q.period_start
+                             OR p.period_end >= q.period_start))
 $$;
 REVOKE EXECUTE ON FUNCTION meter._running_before(text, bigint, date) FROM PUBLIC;
 
@@ -353,8 +358,9 @@ BEGIN
                             AND NOT EXISTS (SELECT 1 FROM meter.periods p
                                             WHERE p.namespace = a.namespace
                                               AND p.account_id = a.account_id
-                                              AND p.period_start > q.period_start
-                                              AND p.period_end IS NOT NULL))
+                                              AND p.period_end IS NOT NULL
+                                              AND (p.period_start > q.period_start
+                                                   OR p.period_end >= q.period_start)))
                OR ((CASE WHEN a.period_interval < interval '1000 years'  -- no overflow
                          THEN (a.period_start + a.period_interval)::date <= v_today
                          ELSE false END

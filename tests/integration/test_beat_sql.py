@@ -1799,6 +1799,43 @@ def test_the_roll_closes_a_period_left_open_before_one_opened_by_hand_at_its_end
     assert client.reconcile() == []
 
 
+def test_a_close_recorded_without_a_start_does_not_make_the_roll_repeat_a_step(client, db):
+    """A close by hand with no period open (a row with no start, ending Jan 31), then
+    January opened by hand, then a configuration from Feb 1. A first version of 042 took
+    January for a period still running: each step closed it at Jan 31, which replayed that
+    close, and repeated, using up every run's batch (a second account never rolled)."""
+    jan, feb = date(2025, 1, 1), date(2025, 2, 1)
+    client.allocate("u1", ET, 50, UNIT)
+    client.close_period("u1", ET, UNIT, None, date(2025, 1, 31))
+    client.open_period("u1", ET, UNIT, None, jan, D("100"))
+    client.set_period_config("u1", ET, UNIT, None, feb, D("100"), D("0"))
+    client.allocate("u2", ET, 1, UNIT)
+    client.set_period_config("u2", ET, UNIT, None, feb, D("10"), D("0"))
+    steps = roll(db, first_instant(date(2025, 2, 2)), batch=5)
+    assert [(s["user_id"], s["opened_period_start"]) for s in steps] == [
+        ("u1", feb), ("u2", feb),
+    ]  # fmt: skip
+    assert all(s["status"] != "error" for s in steps)
+    assert roll(db, first_instant(date(2025, 2, 2)), batch=5) == []
+    assert client.reconcile() == []
+
+
+def test_the_roll_moves_on_past_a_close_recorded_inside_later_periods(client, db):
+    """January opened by the roll, closed by hand on Mar 31, then February and March opened
+    by hand. A first version of 042 took February for a period still running and closed it
+    at Feb 28, which 041 refuses (inside January's Jan 1 - Mar 31): the account failed at
+    every run and never rolled again (found by a review)."""
+    client.set_period_config("u1", ET, UNIT, None, date(2025, 1, 1), D("100"), D("0"))
+    roll(db, first_instant(date(2025, 1, 2)))
+    client.close_period("u1", ET, UNIT, None, date(2025, 3, 31))
+    client.open_period("u1", ET, UNIT, None, date(2025, 2, 1))
+    client.open_period("u1", ET, UNIT, None, date(2025, 3, 1))
+    for day in (date(2025, 3, 2), date(2025, 4, 2), date(2025, 5, 2)):
+        assert all(s["status"] != "error" for s in roll(db, first_instant(day)))
+    assert client.get_account("u1", ET, UNIT)["period_start"] == date(2025, 5, 1)
+    assert client.reconcile() == []
+
+
 def test_retention_keeps_the_months_a_late_roll_still_needs(make_client, db):
     # A roll closes a period as it stood at its end: the balance less the rows dated after
     # the end. Rows folded by retention have no date left, so a month dropped while the roll

@@ -387,6 +387,23 @@ def test_a_close_inside_a_period_closed_already_is_refused_by_name(client, snaps
     assert client.close_period(U, ET, UNIT, None, FEB29)["expired"] == D("100")
 
 
+@pytest.mark.parametrize("end", [date(2023, 12, 31), date(2024, 2, 15)])
+def test_a_close_of_a_day_no_period_was_open_is_refused_by_name(client, snapshot, end):
+    # 041 (a second review): before the first period, or between January (closed) and a
+    # March opened by hand, nothing recorded ends on that day; the close expired the
+    # later period's units, dated back to it.
+    config(client, D("100"), D("0"))
+    client.open_period(U, ET, UNIT, None, JAN1)
+    client.close_period(U, ET, UNIT, None, JAN31)
+    client.open_period(U, ET, UNIT, None, date(2024, 3, 1))
+    before = snapshot()
+    with pytest.raises(ValidationError) as ei:
+        client.close_period(U, ET, UNIT, None, end)
+    assert ei.value.parameter == "period_end"
+    assert "no period was open then" in str(ei.value)
+    assert snapshot() == before
+
+
 def test_period_totals(client):
     _opened(client, D("20"))
     client.close_period(U, ET, UNIT, None, JAN31)

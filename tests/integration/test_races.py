@@ -632,6 +632,54 @@ def test_the_sweep_passes_over_an_account_a_caller_s_transaction_holds(db_url, c
     assert client.reconcile() == []
 
 
+@pytest.mark.parametrize("amount", [100, 8], ids=["hopeless", "expiring_frees_enough"])
+def test_refused_checked_consumes_in_crossed_transactions_never_deadlock(
+    db_url, client, db, amount
+):
+    # Two caller's transactions, each a checked consume of `a` (10 units, a hold of 5 past
+    # its TTL) and a write to `b`, in opposite orders. A first version of 040 locked `a` in
+    # the first refusal even when expiring could not free enough, and had the second (which
+    # held `b`) wait for it: a deadlock where both had committed (found by a review). Now a
+    # hopeless refusal takes no lock, and a transaction that holds rows passes over a held
+    # account instead of waiting for it.
+    client.allocate("a", ET, 10, UNIT)
+    client.allocate("b", ET, 10, UNIT)
+    due = client.reserve("a", ET, 5, UNIT, ttl_seconds=1)
+    wait_until_expired(db, due["expires_at"])
+    deadlocks = _deadlocks(db)
+    out: dict[str, Any] = {}
+    with psycopg.connect(db_url) as c1, psycopg.connect(db_url) as c2:
+        t1, t2 = MeterClient(c1), MeterClient(c2)
+        # both callers' transactions are open from here; a wait for a lock (the defect)
+        # ends in an error rather than a hung test
+        c1.execute("SET LOCAL lock_timeout = '10s'")
+        c2.execute("SET LOCAL lock_timeout = '3s'")
+        first = t1.consume("a", ET, amount, UNIT, check_balance=True)
+        assert t2.consume("b", ET, 1, UNIT)["success"]
+
+        def second() -> None:
+            try:
+                out["t2"] = t2.consume("a", ET, amount, UNIT, check_balance=True)
+                c2.commit()
+            except BaseException as exc:
+                out["t2"] = exc
+                c2.rollback()  # lets the first transaction have `b`
+
+        th = threading.Thread(target=second)
+        th.start()
+        th.join(5)  # it neither waits for `a` nor ...
+        assert not th.is_alive()
+        assert t1.consume("b", ET, 1, UNIT)["success"]  # ... keeps `b` from the first
+        c1.commit()
+    assert _deadlocks(db) == deadlocks
+    assert not isinstance(out["t2"], BaseException), out["t2"]
+    assert out["t2"]["success"] is False
+    assert first["success"] is (amount == 8)  # expiring the hold frees 10 >= 8
+    assert client.get_balance("b", ET, UNIT)["balance"] == D(8)
+    assert client.get_balance("a", ET, UNIT)["balance"] == D(10 - (8 if amount == 8 else 0))
+    assert client.reconcile() == []
+
+
 @pytest.mark.parametrize("op", ["consume", "reserve"])
 def test_two_checked_writes_each_enough_are_both_granted_past_a_due_hold(db_url, client, op):
     # Balance 100, one hold of 60 past its TTL: a checked consume (or reserve) of 50 and
@@ -665,6 +713,51 @@ def test_two_checked_writes_each_enough_are_both_granted_past_a_due_hold(db_url,
         t.join(120)
     assert len(results) == 2 * n
     assert [key for key, granted in sorted(results.items()) if not granted] == []
+    assert client.reconcile() == []
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["replay", "conflict"])
+def test_a_reserve_racing_its_id_under_repeatable_read_replays_or_conflicts(
+    db_url, client, db, same
+):
+    # 043: the second reserve of one client-chosen id waited for the first's lock, then
+    # looked the id up in its REPEATABLE READ snapshot, missed the committed hold and
+    # failed on the table's key: a raw 23505 naming nothing. Now the insert's conflict is a
+    # serialization failure, which the SDK retries (the call is its own transaction): the
+    # retry replays the same request, or refuses another by name, as READ COMMITTED does.
+    client.allocate("a", ET, 100, UNIT)
+    client.allocate("b", ET, 100, UNIT)
+    rr = "-c default_transaction_isolation=repeatable\\ read"
+    out: dict[str, Any] = {}
+    with (
+        psycopg.connect(db_url, options=rr) as first_conn,
+        psycopg.connect(db_url, autocommit=True, options=rr) as second_conn,
+    ):
+        first_conn.execute("SELECT 1")  # the caller's transaction is open from here
+        first = MeterClient(first_conn).reserve("a", ET, 10, UNIT, reservation_id="R")
+
+        def second() -> None:
+            try:
+                user, amount = ("a", 10) if same else ("b", 20)
+                out["r"] = MeterClient(second_conn).reserve(
+                    user, ET, amount, UNIT, reservation_id="R"
+                )
+            except BaseException as exc:
+                out["r"] = exc
+
+        t = threading.Thread(target=second)
+        t.start()
+        eventually(lambda: _waiting_on_a_lock(db, second_conn.info.backend_pid))
+        first_conn.commit()
+        t.join(30)
+    if same:
+        assert out["r"] == first
+    else:
+        assert isinstance(out["r"], IdempotencyConflictError), out["r"]
+        assert out["r"].parameter == "reservation_id"
+    holds = db.execute("SELECT reservation_id, user_id FROM meter.reservations").fetchall()
+    assert holds == [{"reservation_id": "R", "user_id": "a"}]
+    assert client.get_balance("b", ET, UNIT)["reserved"] == 0
     assert client.reconcile() == []
 
 
