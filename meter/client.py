@@ -635,11 +635,12 @@ class MeterClient:
                     raise MeterConnectionError(
                         error.message + _IN_DOUBT + hint, sqlstate=error.sqlstate
                     ) from exc
-                # A deadlock, or an idempotency key claimed concurrently by another path
-                # (40001): the call was its own transaction and was rolled back whole, so
+                # A deadlock, or an idempotency key or reservation id claimed concurrently
+                # by another path (40001, meter.errors.from_psycopg): the call was its own
+                # transaction and was rolled back whole, so
                 # running it again is safe -- and replays the key. Not inside a caller's
                 # transaction, which is theirs to retry.
-                pause = _retry_pause(exc.sqlstate, retries) if own_transaction else None
+                pause = _retry_pause(error.sqlstate, retries) if own_transaction else None
                 if pause is not None:
                     time.sleep(pause)
                     retries += 1

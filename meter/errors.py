@@ -164,7 +164,9 @@ def from_psycopg(exc: psycopg.Error) -> MeterError:
     Returns:
         ``ValidationError`` (MT001), ``IdempotencyConflictError`` (MT002),
         ``NotFoundError`` (MT003), ``TenantError`` (MT004), ``MeterConnectionError`` for
-        connection failures and pool timeouts, otherwise a plain ``MeterError``; its
+        connection failures and pool timeouts, a ``MeterError`` with SQLSTATE 40001
+        naming ``reservation_id`` for a reserve that collided with a concurrent one of
+        its id under REPEATABLE READ or SERIALIZABLE, otherwise a plain ``MeterError``; its
         message is the database's primary message, ``sqlstate`` and ``parameter``
         (the error's ``COLUMN`` field) are copied. Raise it ``from exc``.
     """
@@ -174,6 +176,17 @@ def from_psycopg(exc: psycopg.Error) -> MeterError:
     parameter: str | None = getattr(diag, "column_name", None) if diag else None
     if not message:
         message = str(exc).strip() or type(exc).__name__
+    if sqlstate == "23505" and getattr(diag, "constraint_name", None) == "reservations_pkey":
+        # reserve locks its id, then looks it up: only a transaction whose snapshot
+        # predates a concurrent reserve of that id (REPEATABLE READ, SERIALIZABLE) misses
+        # its hold and collides with it. Like a key claimed concurrently, a serialization
+        # failure: run again, the call replays that reserve or refuses another by name.
+        return MeterError(
+            "reservation_id: taken by a concurrent reserve committed after this "
+            "transaction's snapshot; retry to replay it",
+            sqlstate="40001",
+            parameter="reservation_id",
+        )
     cls = _BY_SQLSTATE.get(sqlstate or "")
     if cls is None:
         cls = MeterConnectionError if _is_connection_failure(exc, sqlstate) else MeterError
