@@ -9,6 +9,7 @@ below is one statement, hence one transaction.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from datetime import datetime
@@ -207,6 +208,28 @@ def _text(value: str | None) -> str | None:
     return value
 
 
+_SOURCE_MAX: Final = 200
+"""The longest source (a task id, or one derived from it) stored as it is; a longer one,
+which only a crafted message has, is stored as its hash: PostgreSQL cannot index a key of
+more than about 2.7 kB, and the dead letter would fail to record every time."""
+
+
+def _source(source: str | None) -> str | None:
+    """``source`` as stored: itself, or ``sha256:<hex>`` of it when too long (the same each
+    time, so a redelivered message still counts an attempt on its dead letter)."""
+    source = _text(source)
+    if source is None or len(source) <= _SOURCE_MAX:
+        return source
+    return "sha256:" + hashlib.sha256(source.encode("utf-8")).hexdigest()
+
+
+def _sqlstate(sqlstate: str | None) -> str | None:
+    """A SQLSTATE as stored: five characters, as every real one has; a crafted verdict's
+    longer text is cut and its NUL escaped."""
+    text = _text(sqlstate)
+    return None if text is None else text[:5]
+
+
 def record_dead_letter(
     url: str,
     pool_size: int,
@@ -224,14 +247,23 @@ def record_dead_letter(
     adding a row, so a redelivered message does not duplicate its dead letter. What
     PostgreSQL cannot store (a NUL, a lone surrogate) is escaped, and a namespace holding
     one is filed with the operators (``''``): else the record would fail every time and
-    the message be dropped once its retries ran out.
+    the message be dropped once its retries ran out. For the same reason a source longer
+    than 200 characters is stored as its hash, and the SQLSTATE as its first five
+    characters.
     """
     if _text(namespace) != namespace:  # no tenant's: a crafted message's; the operators'
         namespace = ""
     with _pool(url, pool_size).connection() as conn:
         row = conn.execute(
             _SQL_RECORD_DEAD_LETTER,
-            (_text(op), _storable(payload), sqlstate, _text(message), _text(source), namespace),
+            (
+                _text(op),
+                _storable(payload),
+                _sqlstate(sqlstate),
+                _text(message),
+                _source(source),
+                namespace,
+            ),
         ).fetchone()
     assert row is not None
     return int(row[0])

@@ -173,6 +173,13 @@ def _verdict_namespace(verdict: dict[str, Any], own: str) -> str:
     return ns if ns == own else OPERATOR_NAMESPACE
 
 
+def _unstorable(exc: BaseException) -> bool:
+    """``exc`` says that what was written can never be stored (PostgreSQL's program limits,
+    class 54: an index key too long), not that the database cannot write now."""
+    state = sqlstate_of(exc)
+    return state is not None and state.startswith("54")
+
+
 def _orphan_since(since: Any, now: float) -> float:
     """When a commit or release began waiting for its reserve: ``now`` on its first run.
 
@@ -184,7 +191,7 @@ def _orphan_since(since: Any, now: float) -> float:
         return now
     try:
         value = float(since)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an int past a float's range
         return now
     return value if math.isfinite(value) else now
 
@@ -298,10 +305,9 @@ class EventTask(Task):
         """Record a dead letter and complete; if even that fails, retry recording it later.
 
         ``namespace``: where it is filed (default: the payload's own namespace). A dead
-        letter that its namespace cannot hold for good (not a transient failure: a
-        namespace too long for PostgreSQL's index keys, say) is filed with the operators
-        instead, with the reason; were even that refused, the task fails (logged), since
-        retrying a permanent failure would re-send the message forever.
+        letter that its namespace cannot hold (a namespace too long for PostgreSQL's index
+        keys) is filed with the operators instead, with the reason. Any other failure to
+        record it is retried later: the message is never acked unrecorded.
         """
         if namespace is None:
             namespace = _namespace(payload)
@@ -317,13 +323,9 @@ class EventTask(Task):
                 namespace=namespace,
             )
         except Exception as exc:
-            if not is_transient(exc):
-                if namespace == OPERATOR_NAMESPACE:
-                    logger.critical(
-                        "cannot record the dead letter of %s at all, giving it up: %r",
-                        self.request.id, exc,
-                    )  # fmt: skip
-                    raise
+            if namespace != OPERATOR_NAMESPACE and _unstorable(exc):
+                # Its namespace cannot hold it, now or ever (a key too long to index):
+                # file it with the operators, whose namespace and source always fit.
                 logger.error(
                     "cannot record the dead letter of %s under its namespace: %r",
                     self.request.id, exc,
@@ -334,7 +336,10 @@ class EventTask(Task):
                     f"{str(exc).strip() or type(exc).__name__})",
                     counted, source=source, namespace=OPERATOR_NAMESPACE,
                 )  # fmt: skip
-            # The verdict travels with the retry: the event is not tried again, only recorded.
+            # The database cannot write it now (down, read-only during a failover, ...): the
+            # verdict travels with the retry, so the event is not tried again, only
+            # recorded, and the message is never dropped. An error not foreseen here would
+            # be retried as long as it lasts, at the longest back-off, logged each time.
             logger.warning("cannot record the dead letter of %s yet: %r", self.request.id, exc)
             self.retry_later(
                 backoff(self.request.retries or 0, s.retry_backoff_base, s.retry_backoff_max),
@@ -530,9 +535,11 @@ def apply_batch(
             counted, namespace=_verdict_namespace(verdict, ns or OPERATOR_NAMESPACE),
         )  # fmt: skip
     if not isinstance(events, list):
+        # With the operators: an object here may name any namespace (the tenancy test above
+        # reads arrays), and filed under it, a retry would apply it there.
         return self.dead_letter(
             s, "apply_batch", events, "MT001", "message: apply_batch takes a JSON array",
-            counted,
+            counted, namespace=OPERATOR_NAMESPACE,
         )  # fmt: skip
     if ns is None:  # an unsigned message of a producer that named no namespace: the first's
         ns = next((_namespace(e) for e in events if isinstance(e, dict)), None) or None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import threading
 import time
 import uuid
@@ -796,7 +797,9 @@ def test_a_malformed_verdict_is_itself_the_dead_letter(pipeline, db, verdict):
     assert ledger(db) == []
 
 
-@pytest.mark.parametrize("since", ["yesterday", [1], {"t": 1}, "nan", True])
+@pytest.mark.parametrize(
+    "since", ["yesterday", [1], {"t": 1}, "nan", True, pytest.param(10**400, id="huge_int")]
+)
 def test_a_malformed_orphan_since_starts_the_wait_afresh(pipeline, db, since):
     # A commit waiting for its reserve carries when it began waiting; a crafted value made
     # the task raise, and the message was acked and lost (found by a review).
@@ -824,6 +827,72 @@ def test_an_event_whose_namespace_is_not_a_string_is_refused(pipeline, db, names
     assert [a["namespace"] for a in db.execute("SELECT namespace FROM meter.accounts")] == [
         "default"
     ]
+
+
+def test_a_dead_letter_waits_out_a_read_only_database(pipeline, db, db_url, client):
+    # A failover: the database answers but refuses writes (25006). The event and its dead
+    # letter both fail; a first version of the operators' fallback then failed the task,
+    # and Celery acked it: lost (found by a review). The verdict is retried until the
+    # database writes again, and the dead letter, retried, applies the event once.
+    name = db.execute("SELECT current_database() AS d").fetchone()["d"]
+    db.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+    worker_db.close_all()
+    event = {"op": "allocate", "namespace": "default",
+             "args": {"user_id": "u1", "event_type": ET, "amount": "5", "unit": UNIT}}  # fmt: skip
+    try:
+        result = send_raw(pipeline, "meter.allocate", event)
+        time.sleep(2)
+        assert not result.ready()  # retrying, not given up
+    finally:
+        db.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+        worker_db.close_all()
+    assert result.get(timeout=30)["error_sqlstate"] == "25006"
+    (row,) = dead_letters(db)
+    assert ledger(db) == []
+    retried = db.execute(
+        "SELECT status FROM meter.retry_dead_letter(%s)", (row["dead_letter_id"],)
+    ).fetchone()
+    assert retried["status"] == "applied"
+    assert balance(client)["balance"] == D(5)
+
+
+def test_a_crafted_task_id_or_verdict_cannot_keep_a_dead_letter_from_being_recorded(pipeline, db):
+    # A task id longer than PostgreSQL can index (a dead letter's source), and a verdict
+    # whose SQLSTATE holds a NUL: the dead letter failed to record, under its namespace
+    # and the operators' alike, and the message was lost (found by a review).
+    bad = {"op": "allocate", "namespace": "default",
+           "args": {"user_id": "u1", "event_type": ET, "amount": "-1", "unit": UNIT}}  # fmt: skip
+    long_id = secrets.token_urlsafe(3000)  # incompressible: PostgreSQL compresses keys
+    send_raw(pipeline, "meter.allocate", bad, task_id=long_id)
+    send_raw(pipeline, "meter.allocate", bad, verdict={"sqlstate": "\x00MT001x", "message": "m"})
+    rows = eventually(lambda: (r := dead_letters(db)) and len(r) == 2 and r)
+    by_state = {r["error_sqlstate"]: r for r in rows}
+    # the SQL's own dead letter of the refusal (source <task id>/0) cannot be indexed
+    # either: the call fails as a whole, 54000, and the worker files that
+    assert by_state["54000"]["source"].startswith("sha256:")
+    assert by_state["54000"]["namespace"] == "default"
+    assert by_state["54000"]["payload"]["args"]["amount"] == "-1"
+    assert by_state["\\x00M"]["error_message"] == "m"
+    assert ledger(db) == []
+
+
+def test_a_batch_with_a_crafted_task_id_ends_without_looping(pipeline, db, broker_url):
+    # A refused event of a batch whose task id is too long to index: its dead letter failed
+    # to record, and the batch was put back on the queue at once, for ever (found by a
+    # review: 2,469 deliveries in 10 s).
+    good = {"op": "allocate", "namespace": "default",
+            "args": {"user_id": "u1", "event_type": ET, "amount": "1", "unit": UNIT,
+                     "idempotency_key": "k1"}}  # fmt: skip
+    outcomes = send_raw(
+        pipeline,
+        wire.APPLY_BATCH,
+        [{**good, "namespace": 5}, good],
+        task_id=secrets.token_urlsafe(3000),
+    ).get(timeout=15)
+    assert [o["status"] for o in outcomes] == ["error", "applied"]
+    (row,) = dead_letters(db)
+    assert (row["namespace"], row["error_sqlstate"]) == ("", "MT001")
+    assert len(ledger(db)) == 1
 
 
 def test_a_redelivered_message_is_counted_and_runs(pipeline, client, broker_url):

@@ -379,6 +379,25 @@ def test_crafted_messages_cannot_write_into_another_tenant(signed_pipeline, db, 
     assert tenant_tables(snapshot) == before
 
 
+def test_a_signed_batch_that_is_no_array_is_filed_with_the_operators(
+    signed_pipeline, db, db_url, snapshot
+):
+    """A holder of a's key signs an apply_batch whose events are one object naming b. The
+    tenancy test reads arrays only, and the MT001 dead letter ("takes a JSON array") was
+    filed under b, holding b's event: retrying it applied it in b (found by a review)."""
+    ka = signing.derive_key(SECRET, "a")
+    before = tenant_tables(snapshot)
+    single_b = _event("b", idempotency_key="x1")
+    send(signed_pipeline, wire.APPLY_BATCH, single_b, signing.make_auth(ka, "a", single_b))
+    (letter,) = eventually(lambda: dead_letters(db))
+    assert (letter["namespace"], letter["error_sqlstate"]) == ("", "MT001")
+    result = CliRunner().invoke(
+        cli, ["dead-letters", "retry", "--all", "--database-url", db_url], catch_exceptions=False
+    )
+    assert "retried 0 of 1" in result.output, result.output
+    assert tenant_tables(snapshot) == before
+
+
 def test_dev_mode_keeps_a_message_in_one_namespace(pipeline, db, make_producer):
     """No secret: an event of a batch naming another namespace is dead-lettered alone."""
     app = pipeline
