@@ -16,7 +16,11 @@
 -- waits for the account, and only then takes the holds, still with SKIP LOCKED: it never
 -- waits while holding a hold, so the cycle cannot form. A transaction that already holds
 -- rows (has a transaction id) does not wait for the account at all, by 035's rule: it
--- passes over a held account, and the refusal stands.
+-- passes over a held account, and the refusal stands. The locked part runs in a
+-- subtransaction (only on this path, which a call reaches when expiring looks enough):
+-- should the figures under the lock not be enough after all, it is rolled back and its
+-- locks with it (a third review: a write committed while the refusal waited left it
+-- short, it kept the account, and two callers' transactions deadlocked).
 --
 -- Also: it answers true, so that its caller tries once more, when the account has
 -- p_needed available already, unlocked at first and again once it holds the account. A
@@ -76,40 +80,45 @@ BEGIN
     END IF;
     -- 040: the account before any hold, so that this never waits while holding one; and,
     -- as 035's queue, a transaction that holds rows already (it has a transaction id) does
-    -- not wait for another row out of order: it passes (a refusal) if the account is held
-    IF pg_current_xact_id_if_assigned() IS NULL THEN
-        SELECT a.balance - a.reserved INTO v_available FROM meter.accounts a
-        WHERE a.namespace = p_namespace AND a.account_id = v_account
-        FOR UPDATE;
-    ELSE
-        SELECT a.balance - a.reserved INTO v_available FROM meter.accounts a
-        WHERE a.namespace = p_namespace AND a.account_id = v_account
-        FOR UPDATE SKIP LOCKED;  -- one this transaction holds is not skipped (close_period)
-        IF NOT FOUND THEN
-            RETURN false;
+    -- not wait for another row out of order: it passes (a refusal) if the account is held.
+    -- In a subtransaction: should the figures under the lock still not be enough (a write
+    -- committed meanwhile took them), the refusal lets the account go again (a third
+    -- review: kept to the end of a caller's transaction, it deadlocked two of them)
+    BEGIN
+        IF pg_current_xact_id_if_assigned() IS NULL THEN
+            SELECT a.balance - a.reserved INTO v_available FROM meter.accounts a
+            WHERE a.namespace = p_namespace AND a.account_id = v_account
+            FOR UPDATE;
+        ELSE
+            SELECT a.balance - a.reserved INTO v_available FROM meter.accounts a
+            WHERE a.namespace = p_namespace AND a.account_id = v_account
+            FOR UPDATE SKIP LOCKED;  -- one this transaction holds is not skipped
+            IF NOT FOUND THEN
+                RETURN false;
+            END IF;
         END IF;
-    END IF;
-    IF p_needed IS NOT NULL AND v_available >= p_needed THEN
-        RETURN true;  -- 040: the write we waited for freed enough; try again
-    END IF;
-    SELECT array_agg(d.reservation_id), sum(d.amount) INTO v_ids, v_total
-    FROM (SELECT r.reservation_id, r.amount FROM meter.reservations r
-          WHERE r.namespace = p_namespace AND r.account_id = v_account
-            AND r.status = 'active' AND r.expires_at <= now()
-          FOR UPDATE SKIP LOCKED) d;
-    IF v_total IS NULL THEN
-        RETURN false;
-    END IF;
-    IF p_needed IS NOT NULL AND v_available + v_total < p_needed THEN
-        RETURN false;  -- still not enough: a refusal changes nothing
-    END IF;
-    UPDATE meter.reservations r
-    SET status = 'expired', completed_at = now(),
-        completed_actor = '{"actor_id": "system:expiry"}'::jsonb
-    WHERE r.namespace = p_namespace AND r.reservation_id = ANY (v_ids);
-    UPDATE meter.accounts a SET reserved = a.reserved - v_total, updated_at = now()
-    WHERE a.namespace = p_namespace AND a.account_id = v_account;
-    RETURN true;
+        IF p_needed IS NOT NULL AND v_available >= p_needed THEN
+            RETURN true;  -- 040: the write we waited for freed enough; try again
+        END IF;
+        SELECT array_agg(d.reservation_id), sum(d.amount) INTO v_ids, v_total
+        FROM (SELECT r.reservation_id, r.amount FROM meter.reservations r
+              WHERE r.namespace = p_namespace AND r.account_id = v_account
+                AND r.status = 'active' AND r.expires_at <= now()
+              FOR UPDATE SKIP LOCKED) d;
+        IF v_total IS NULL OR (p_needed IS NOT NULL AND v_available + v_total < p_needed) THEN
+            -- still not enough: a refusal changes nothing, and keeps no lock (040)
+            RAISE EXCEPTION USING ERRCODE = 'MTX01';
+        END IF;
+        UPDATE meter.reservations r
+        SET status = 'expired', completed_at = now(),
+            completed_actor = '{"actor_id": "system:expiry"}'::jsonb
+        WHERE r.namespace = p_namespace AND r.reservation_id = ANY (v_ids);
+        UPDATE meter.accounts a SET reserved = a.reserved - v_total, updated_at = now()
+        WHERE a.namespace = p_namespace AND a.account_id = v_account;
+        RETURN true;
+    EXCEPTION WHEN SQLSTATE 'MTX01' THEN
+        RETURN false;  -- the subtransaction's locks (the account, the holds) go with it
+    END;
 END
 $$;
 REVOKE EXECUTE ON FUNCTION meter._expire_due(text, text, text, text, text, numeric) FROM PUBLIC;

@@ -10,13 +10,18 @@
 -- own close had expired 100. reconcile() stays empty: the sums agree, the periods do not.
 --
 -- Now such a close is refused, MT001 naming period_end, before anything is written, and
--- so is a close of a day when no period was open while a recorded one begins after it
--- (before the first period, or between two; a second review: close_period(09-30) on an
--- account whose periods began on 10-01 expired November's allocation at 09-30). A close
--- of the last day of a recorded period replays as before; a close after every recorded
--- period, or on an account whose periods are kept by close_period alone (rows with no
--- start), is unchanged. The roll's closes and open_period's close of the period before
--- always close an open period begun before the day.
+-- so is a close of a day before every recorded period while one begins after it (a second
+-- review: close_period(09-30) on an account whose periods began on 10-01 expired
+-- November's allocation at 09-30). A close of a day in a gap after recorded periods, with
+-- no open period begun by then and one beginning after it (an account kept by
+-- close_period whose next period was opened up to a day ahead; a day between two
+-- periods), counts what stood at the end of that day, as the roll's closes do (the rows
+-- dated after it left out): it counted the later period's allocation as unused (a third
+-- review; refused by a first version of this rule, which left such a period unclosable).
+-- A close of the last day of a recorded period replays as before; a close after every
+-- recorded period, or on an account whose periods are kept by close_period alone (rows
+-- with no start), is unchanged. The roll's closes and open_period's close of the period
+-- before always close an open period begun before the day.
 --
 -- Locks: unchanged (024). Migrations once applied are never edited: 038's _close_period
 -- is replaced whole; only the lines marked 041 changed.
@@ -37,6 +42,7 @@ DECLARE
     v_balance numeric;
     v_post record;
     v_limit numeric;
+    v_later numeric := p_later;  -- 041: or this close's own sum, in a gap (below)
 BEGIN
     PERFORM meter._guard(p_namespace);
     PERFORM meter._ident('user_id', p_user_id, 256, true),
@@ -77,20 +83,32 @@ BEGIN
                    'its last day (replayed) or after it', p_period_end,
                    v_period.period_start, v_period.period_end));
     END IF;
-    -- 041: nor is a day with no open period begun by then and a period beginning after
-    -- it (before the first period, or between two): nothing recorded ends there, and the
-    -- close would expire the later period's units
-    IF NOT EXISTS (SELECT 1 FROM meter.periods p
-                   WHERE p.namespace = p_namespace AND p.account_id = v_acc.account_id
-                     AND p.period_end IS NULL AND p.period_start <= p_period_end) THEN
+    -- 041: a day with no open period begun by then and a period beginning after it: the
+    -- close would count that later period's units as unused now. Before every recorded
+    -- period nothing ends there: refused. In a gap after a recorded one (an account kept
+    -- by close_period, its next period opened ahead; a day between two periods) the close
+    -- counts what stood at its end, as the roll's closes do: less what is dated after it
+    IF p_later IS NULL
+       AND NOT EXISTS (SELECT 1 FROM meter.periods p
+                       WHERE p.namespace = p_namespace AND p.account_id = v_acc.account_id
+                         AND p.period_end IS NULL AND p.period_start <= p_period_end) THEN
         SELECT * INTO v_period FROM meter.periods p
         WHERE p.namespace = p_namespace AND p.account_id = v_acc.account_id
           AND p.period_start > p_period_end
         ORDER BY p.period_start LIMIT 1;
         IF FOUND THEN
-            PERFORM meter._fail('MT001', 'period_end',
-                format('%s is the end of no open period: no period was open then, and the '
-                       'period %s begins after it', p_period_end, v_period.period_start));
+            IF NOT EXISTS (SELECT 1 FROM meter.periods p
+                           WHERE p.namespace = p_namespace
+                             AND p.account_id = v_acc.account_id
+                             AND (p.period_start <= p_period_end
+                                  OR p.period_end <= p_period_end)) THEN
+                PERFORM meter._fail('MT001', 'period_end',
+                    format('%s is before the first period (%s) and ends none',
+                           p_period_end, v_period.period_start));
+            END IF;
+            SELECT coalesce(sum(l.amount), 0) INTO v_later FROM meter.ledger l
+            WHERE l.namespace = p_namespace AND l.account_id = v_acc.account_id
+              AND l.event_time > v_time;
         END IF;
     END IF;
     -- Holds past their TTL reserve nothing any more: expire them (SKIP LOCKED, so taking
@@ -115,13 +133,13 @@ BEGIN
     END IF;
 
     v_available := v_acc.balance - v_acc.reserved;
-    IF p_later IS NOT NULL THEN
+    IF v_later IS NOT NULL THEN
         -- What the period left unused at its end, by the ledger's event times: the balance
         -- without what is dated after the end (p_later, the caller's sum), less what the
         -- holds made by then still held at the end: not past their TTL, and not committed,
         -- released or expired yet (a TTL is at most 86400 s, hence the bound on created_at;
         -- in seconds, since a day on a timestamptz follows the session's TimeZone).
-        SELECT v_acc.balance - p_later - coalesce(sum(r.amount), 0) INTO v_available
+        SELECT v_acc.balance - v_later - coalesce(sum(r.amount), 0) INTO v_available
         FROM meter.reservations r
         WHERE r.namespace = p_namespace AND r.account_id = v_acc.account_id
           AND r.created_at > v_time - interval '86400 seconds' AND r.created_at <= v_time
@@ -141,8 +159,8 @@ BEGIN
         END IF;
         v_expired := v_available - v_carry;
     END IF;
-    IF p_later IS NOT NULL THEN
-        v_balance := v_balance - p_later;  -- recorded as it stood at the end, after the close
+    IF v_later IS NOT NULL THEN
+        v_balance := v_balance - v_later;  -- recorded as it stood at the end, after the close
     END IF;
     expired := v_expired;
     carried_over := v_carry;

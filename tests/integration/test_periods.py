@@ -387,21 +387,53 @@ def test_a_close_inside_a_period_closed_already_is_refused_by_name(client, snaps
     assert client.close_period(U, ET, UNIT, None, FEB29)["expired"] == D("100")
 
 
-@pytest.mark.parametrize("end", [date(2023, 12, 31), date(2024, 2, 15)])
-def test_a_close_of_a_day_no_period_was_open_is_refused_by_name(client, snapshot, end):
-    # 041 (a second review): before the first period, or between January (closed) and a
-    # March opened by hand, nothing recorded ends on that day; the close expired the
-    # later period's units, dated back to it.
+def test_a_close_before_every_period_is_refused_by_name(client, snapshot):
+    # 041 (a second review): nothing recorded ends before the first period; the close
+    # expired the later period's units, dated back to that day.
     config(client, D("100"), D("0"))
     client.open_period(U, ET, UNIT, None, JAN1)
     client.close_period(U, ET, UNIT, None, JAN31)
-    client.open_period(U, ET, UNIT, None, date(2024, 3, 1))
+    client.open_period(U, ET, UNIT, None, FEB1)
     before = snapshot()
     with pytest.raises(ValidationError) as ei:
-        client.close_period(U, ET, UNIT, None, end)
+        client.close_period(U, ET, UNIT, None, date(2023, 12, 31))
     assert ei.value.parameter == "period_end"
-    assert "no period was open then" in str(ei.value)
+    assert "before the first period" in str(ei.value)
     assert snapshot() == before
+
+
+def test_a_close_in_a_gap_before_a_later_period_counts_what_stood_at_its_end(make_client, db):
+    # 041 (a third review): an account kept by close_period, whose next period is opened by
+    # hand a day ahead. Closing today then counted tomorrow's allocation as today's unused
+    # (and a first version of this rule refused the close). It now closes as the control,
+    # which closes today before it opens tomorrow.
+    t = db.execute("SELECT (now() AT TIME ZONE 'UTC')::date AS d").fetchone()["d"]
+    results = {}
+    for ns, ahead in (("control", False), ("ahead", True)):
+        c = make_client(namespace=ns)
+        c.allocate(U, ET, 100, UNIT)
+        c.close_period(U, ET, UNIT, None, t - timedelta(days=2))
+        c.allocate(U, ET, 30, UNIT)
+        if ahead:
+            c.open_period(U, ET, UNIT, None, t + timedelta(days=1), D("10"))
+        results[ns] = c.close_period(U, ET, UNIT, None, t)
+        if not ahead:
+            c.open_period(U, ET, UNIT, None, t + timedelta(days=1), D("10"))
+        assert c.get_balance(U, ET, UNIT)["balance"] == D(140)
+        assert c.reconcile() == []
+    assert results["ahead"] == results["control"] == {
+        "expired": D(0), "carried_over": D(130), "new_balance": D(130),
+    }  # fmt: skip
+    rows = {
+        ns: db.execute(
+            "SELECT period_start, period_end, allocation, expired, carried_over, close_balance"
+            " FROM meter.periods WHERE namespace = %s ORDER BY period_start NULLS FIRST,"
+            " period_end",
+            (ns,),
+        ).fetchall()
+        for ns in ("control", "ahead")
+    }
+    assert rows["ahead"] == rows["control"]
 
 
 def test_period_totals(client):

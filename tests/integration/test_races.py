@@ -680,6 +680,64 @@ def test_refused_checked_consumes_in_crossed_transactions_never_deadlock(
     assert client.reconcile() == []
 
 
+def test_a_refusal_short_under_the_lock_lets_its_account_go(db_url, client, db):
+    # x and y: 100 each, a due hold of 60 (available 40). A writer holds each with a
+    # consume of 50. Two callers' transactions each refuse a checked consume of 80 of one
+    # (40 + 60 would do: it waits for the account), then write the other. Under the lock
+    # (the writer committed: 50 - 60 + 60 < 80) the refusal stands; a first version of 040
+    # kept the account locked to the end of the caller's transaction, and the two
+    # deadlocked (found by a third review). The refusal now lets it go.
+    for u in ("x", "y"):
+        client.allocate(u, ET, 100, UNIT)
+        due = client.reserve(u, ET, 60, UNIT, ttl_seconds=1)
+    wait_until_expired(db, due["expires_at"])
+    deadlocks = _deadlocks(db)
+    out: dict[str, Any] = {}
+    barrier = threading.Barrier(2, timeout=20)
+    blockers = [psycopg.connect(db_url) for _ in range(2)]
+    callers = [psycopg.connect(db_url) for _ in range(2)]
+    try:
+        for conn in blockers + callers:
+            conn.execute("SET LOCAL lock_timeout = '10s'")  # the transactions are open
+        for conn, u in zip(blockers, ("x", "y"), strict=True):
+            MeterClient(conn).consume(u, ET, 50, UNIT)
+
+        def caller(me: str, other: str, conn: psycopg.Connection[Any]) -> None:
+            mine = MeterClient(conn)
+            try:
+                out[me + "_refusal"] = mine.consume(me, ET, 80, UNIT, check_balance=True)
+                barrier.wait()
+                mine.consume(other, ET, 1, UNIT)
+                conn.commit()
+                out[me] = "committed"
+            except BaseException as exc:
+                conn.rollback()
+                out[me] = exc
+
+        threads = [
+            threading.Thread(target=caller, args=("x", "y", callers[0])),
+            threading.Thread(target=caller, args=("y", "x", callers[1])),
+        ]
+        for t in threads:
+            t.start()
+        for conn in callers:
+            pid = conn.info.backend_pid
+            eventually(lambda pid=pid: _waiting_on_a_lock(db, pid))
+        for conn in blockers:
+            conn.commit()
+        for t in threads:
+            t.join(30)
+    finally:
+        for conn in blockers + callers:
+            conn.close()
+    assert (out["x"], out["y"]) == ("committed", "committed")
+    assert out["x_refusal"]["success"] is False and out["y_refusal"]["success"] is False
+    assert _deadlocks(db) == deadlocks
+    for u in ("x", "y"):
+        assert client.get_balance(u, ET, UNIT)["balance"] == D(49)
+    assert client.reconcile() == []
+
+
 @pytest.mark.parametrize("op", ["consume", "reserve"])
 def test_two_checked_writes_each_enough_are_both_granted_past_a_due_hold(db_url, client, op):
     # Balance 100, one hold of 60 past its TTL: a checked consume (or reserve) of 50 and
