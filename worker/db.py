@@ -174,6 +174,15 @@ def apply_events(
         return cur.fetchall()
 
 
+def _unstorable(payload: Any) -> Jsonb:
+    """``payload`` kept as its ``ascii()`` text, which ``jsonb`` always stores."""
+    try:
+        shown = ascii(payload)
+    except RecursionError:
+        shown = "<nested too deeply to show>"
+    return Jsonb({"unstorable": shown[:100_000]}, dumps=wire.dumps)
+
+
 def _storable(payload: Any) -> Jsonb:
     """A dead letter's payload as ``jsonb``, whatever it holds.
 
@@ -186,11 +195,7 @@ def _storable(payload: Any) -> Jsonb:
         text = wire.dumps(payload)
         text.encode("utf-8")  # a lone surrogate: psycopg could not send it
     except (TypeError, ValueError, RecursionError):
-        try:
-            shown = ascii(payload)
-        except RecursionError:
-            shown = "<nested too deeply to show>"
-        return Jsonb({"unstorable": shown[:100_000]}, dumps=wire.dumps)
+        return _unstorable(payload)
     return Jsonb(text, dumps=_as_is)
 
 
@@ -244,29 +249,48 @@ def record_dead_letter(
     """``meter.record_dead_letter``: store an event that can never succeed; its id.
 
     The same ``source`` (the Celery task id) recorded again counts an attempt instead of
-    adding a row, so a redelivered message does not duplicate its dead letter. What
-    PostgreSQL cannot store (a NUL, a lone surrogate) is escaped, and a namespace holding
-    one is filed with the operators (``''``): else the record would fail every time and
-    the message be dropped once its retries ran out. For the same reason a source longer
-    than 200 characters is stored as its hash, and the SQLSTATE as its first five
-    characters.
+    adding a row, so a redelivered message does not duplicate its dead letter.
+
+    Whatever a crafted message holds, the dead letter is recorded; else it would fail
+    every time, and the message loop or be dropped. A NUL or a lone surrogate in the text
+    is escaped, a source longer than 200 characters stored as its hash, the SQLSTATE as
+    its first five characters. What PostgreSQL still refuses to store (a data exception,
+    class 22: a number beyond ``numeric``'s range; a program limit, class 54: a namespace
+    too long for an index key) is filed with the operators (``''``) with the reason
+    appended, and if need be the payload kept as its ``ascii()`` text under
+    ``"unstorable"``. Other errors (the database down or read-only) are raised.
     """
     if _text(namespace) != namespace:  # no tenant's: a crafted message's; the operators'
         namespace = ""
-    with _pool(url, pool_size).connection() as conn:
-        row = conn.execute(
-            _SQL_RECORD_DEAD_LETTER,
-            (
-                _text(op),
-                _storable(payload),
-                _sqlstate(sqlstate),
-                _text(message),
-                _source(source),
-                namespace,
-            ),
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
+    stored = _storable(payload)
+    original = message
+    attempts = [(namespace, stored, message)]
+    for attempt in range(3):
+        namespace, stored, message = attempts[attempt]
+        try:
+            with _pool(url, pool_size).connection() as conn:
+                row = conn.execute(
+                    _SQL_RECORD_DEAD_LETTER,
+                    (
+                        _text(op),
+                        stored,
+                        _sqlstate(sqlstate),
+                        _text(message),
+                        _source(source),
+                        namespace,
+                    ),
+                ).fetchone()
+            assert row is not None
+            return int(row[0])
+        except psycopg.Error as exc:
+            state = getattr(exc, "sqlstate", None) or ""
+            if not state.startswith(("22", "54")) or attempt == 2:
+                raise
+            logger.error("cannot store the dead letter of %s as it is: %r", source, exc)
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else state
+            note = f"{original} (filed with the operators: not storable as it is: {reason})"
+            attempts.append(("", stored if namespace else _unstorable(payload), note))
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def record_orphan(

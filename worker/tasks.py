@@ -173,13 +173,6 @@ def _verdict_namespace(verdict: dict[str, Any], own: str) -> str:
     return ns if ns == own else OPERATOR_NAMESPACE
 
 
-def _unstorable(exc: BaseException) -> bool:
-    """``exc`` says that what was written can never be stored (PostgreSQL's program limits,
-    class 54: an index key too long), not that the database cannot write now."""
-    state = sqlstate_of(exc)
-    return state is not None and state.startswith("54")
-
-
 def _orphan_since(since: Any, now: float) -> float:
     """When a commit or release began waiting for its reserve: ``now`` on its first run.
 
@@ -304,10 +297,9 @@ class EventTask(Task):
     ) -> Outcome:  # fmt: skip
         """Record a dead letter and complete; if even that fails, retry recording it later.
 
-        ``namespace``: where it is filed (default: the payload's own namespace). A dead
-        letter that its namespace cannot hold (a namespace too long for PostgreSQL's index
-        keys) is filed with the operators instead, with the reason. Any other failure to
-        record it is retried later: the message is never acked unrecorded.
+        ``namespace``: where it is filed (default: the payload's own namespace; what it
+        cannot hold, :func:`worker.db.record_dead_letter` files with the operators). A
+        failure to record it is retried later: the message is never acked unrecorded.
         """
         if namespace is None:
             namespace = _namespace(payload)
@@ -323,21 +315,9 @@ class EventTask(Task):
                 namespace=namespace,
             )
         except Exception as exc:
-            if namespace != OPERATOR_NAMESPACE and _unstorable(exc):
-                # Its namespace cannot hold it, now or ever (a key too long to index):
-                # file it with the operators, whose namespace and source always fit.
-                logger.error(
-                    "cannot record the dead letter of %s under its namespace: %r",
-                    self.request.id, exc,
-                )  # fmt: skip
-                return self.dead_letter(
-                    s, op, payload, sqlstate,
-                    f"{message} (filed with the operators: its namespace cannot hold it: "
-                    f"{str(exc).strip() or type(exc).__name__})",
-                    counted, source=source, namespace=OPERATOR_NAMESPACE,
-                )  # fmt: skip
-            # The database cannot write it now (down, read-only during a failover, ...): the
-            # verdict travels with the retry, so the event is not tried again, only
+            # The database cannot write it now (down, read-only during a failover, ...;
+            # what it could never store, db.record_dead_letter files with the operators):
+            # the verdict travels with the retry, so the event is not tried again, only
             # recorded, and the message is never dropped. An error not foreseen here would
             # be retried as long as it lasts, at the longest back-off, logged each time.
             logger.warning("cannot record the dead letter of %s yet: %r", self.request.id, exc)
@@ -626,8 +606,12 @@ def _refuse_event(
             namespace=OPERATOR_NAMESPACE,
         )  # fmt: skip
     except Exception as exc:
-        # Nothing of the batch was applied yet: have it delivered again.
-        raise Reject(f"cannot record a refused event: {exc!r}", requeue=True) from exc
+        # Nothing of the batch was applied yet: have it run again, after a back-off (put
+        # back at once, a failure that lasts would loop as fast as the worker runs).
+        logger.warning("cannot record a refused event of %s yet: %r", self.request.id, exc)
+        self.retry_later(
+            backoff(self.request.retries or 0, s.retry_backoff_base, s.retry_backoff_max), exc
+        )
     return _dead_letter_outcome(dead_letter_id, sqlstate, message)
 
 
@@ -636,25 +620,36 @@ def _split(
 ) -> list[Outcome]:
     """Hand each event of a batch to a single-event task of its own.
 
-    ``orig[i]`` is the index of ``events[i]`` in the message (its child's task id).
+    ``orig[i]`` is the index of ``events[i]`` in the message (its child's task id). An
+    event no task could take (not an event object, or one the broker's serializer refuses:
+    nested too deeply, say) is a dead letter of its own right now.
     """
     outcomes: list[Outcome] = []
     try:
         for idx, event in zip(orig, events, strict=True):
+            message = "event: not a valid event object"
             if isinstance(event, dict) and event.get("op") in wire.OPS:
-                child = self.send_child(s, event, idx, None)
-                outcomes.append({"ok": False, "status": "deferred", "task_id": child})
-            else:  # no task could take it: it is a dead letter of its own right now
-                message = "event: not a valid event object"
-                dead_letter_id = db.record_dead_letter(
-                    s.database_url, s.db_pool_size, op=_op(event, "?"), payload=event,
-                    sqlstate="MT001", message=message, source=f"{self.request.id}/{idx}",
-                    namespace=_namespace(event),
-                )  # fmt: skip
-                outcomes.append(_dead_letter_outcome(dead_letter_id, "MT001", message))
+                try:
+                    child = self.send_child(s, event, idx, None)
+                except Exception as exc:
+                    if is_transient(exc):
+                        raise
+                    message = f"event: cannot be sent as a task of its own: {exc!r:.200}"
+                else:
+                    outcomes.append({"ok": False, "status": "deferred", "task_id": child})
+                    continue
+            dead_letter_id = db.record_dead_letter(
+                s.database_url, s.db_pool_size, op=_op(event, "?"), payload=event,
+                sqlstate="MT001", message=message, source=f"{self.request.id}/{idx}",
+                namespace=_namespace(event),
+            )  # fmt: skip
+            outcomes.append(_dead_letter_outcome(dead_letter_id, "MT001", message))
     except Exception as exc:
-        # Broker or database down mid-way: have the batch delivered again and split again
-        # (same child task ids, same dead-letter sources: nothing doubles).
-        raise Reject(f"cannot split the batch: {exc!r}", requeue=True) from exc
+        # Broker or database down mid-way: have the batch run again, after a back-off, and
+        # split again (same child task ids, same dead-letter sources: nothing doubles).
+        logger.warning("cannot split batch %s yet: %r", self.request.id, exc)
+        self.retry_later(
+            backoff(self.request.retries or 0, s.retry_backoff_base, s.retry_backoff_max), exc
+        )
     self.done(counted)
     return outcomes

@@ -895,6 +895,50 @@ def test_a_batch_with_a_crafted_task_id_ends_without_looping(pipeline, db, broke
     assert len(ledger(db)) == 1
 
 
+HUGE = "1E+1000000"  # JSON the worker parses (a Decimal) and PostgreSQL cannot store (22003)
+
+
+def _deliveries(broker_url: str) -> int:
+    client = redis.Redis.from_url(broker_url)
+    try:
+        return sum(int(client.get(k) or 0) for k in client.keys("meter:deliveries:*"))
+    finally:
+        client.close()
+
+
+def test_crafted_batches_end_as_dead_letters_without_looping(pipeline, db, broker_url):
+    # Each of these looped (found by a third review): a refused event holding a number
+    # jsonb cannot store, put back on the queue at once (2,702 deliveries in 8 s); the same
+    # in a batch split one by one (2,317); a batch that is no array, retried without end; an
+    # event nested too deeply for PostgreSQL and for the broker's serializer. Each now ends
+    # as a dead letter (the payload kept as text with the operators where jsonb cannot hold
+    # it), and the good event of the first batch applies.
+    good = {"op": "allocate", "namespace": "default",
+            "args": {"user_id": "u1", "event_type": ET, "amount": "1", "unit": UNIT,
+                     "idempotency_key": "k1"}}  # fmt: skip
+    deep = "[" * 200_000 + "]" * 200_000
+    deep_event = {**good, "args": {**good["args"], "user_id": "u2", "idempotency_key": "kd"}}
+    texts = [
+        "[" + json.dumps(good) + ',{"op":"allocate","namespace":"other","x":' + HUGE + "}]",
+        '[{"op":"nope","namespace":"default","x":' + HUGE + "}]",
+        '{"op":"allocate","namespace":"default","x":' + HUGE + "}",
+        "[" + json.dumps(deep_event)[:-1] + ',"x":' + deep + "}]",
+    ]
+    results = [send_raw(pipeline, wire.APPLY_BATCH, text) for text in texts]
+    outcomes = [r.get(timeout=60) for r in results]
+    assert [o["status"] for o in outcomes[0]] == ["applied", "error"]
+    rows = eventually(lambda: (r := dead_letters(db)) and len(r) == 4 and r, timeout=60)
+    unstorable = [r for r in rows if "filed with the operators" in r["error_message"]]
+    assert len(unstorable) == 3
+    assert all(r["namespace"] == "" and set(r["payload"]) == {"unstorable"} for r in unstorable)
+    (sent,) = [r for r in rows if r not in unstorable]
+    assert sent["error_message"].startswith("event: cannot be sent as a task of its own")
+    assert sent["payload"] == {"unstorable": "<nested too deeply to show>"}
+    assert [r["idempotency_key"] for r in ledger(db)] == ["k1"]
+    assert ledger(db, "u2") == []
+    assert _deliveries(broker_url) < 10
+
+
 def test_a_redelivered_message_is_counted_and_runs(pipeline, client, broker_url):
     event = {"op": "allocate", "namespace": "default",
              "args": {"user_id": "u1", "event_type": ET, "amount": "2", "unit": UNIT}}  # fmt: skip
