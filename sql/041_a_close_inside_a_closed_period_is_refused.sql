@@ -9,19 +9,17 @@
 -- expired November's 100 and wrote an expiration at 10-30 23:59:59.999999, after October's
 -- own close had expired 100. reconcile() stays empty: the sums agree, the periods do not.
 --
--- Now such a close is refused, MT001 naming period_end, before anything is written, and
--- so is a close of a day before every recorded period while one begins after it (a second
--- review: close_period(09-30) on an account whose periods began on 10-01 expired
--- November's allocation at 09-30). A close of a day in a gap after recorded periods, with
--- no open period begun by then and one beginning after it (an account kept by
--- close_period whose next period was opened up to a day ahead; a day between two
--- periods), counts what stood at the end of that day, as the roll's closes do (the rows
--- dated after it left out): it counted the later period's allocation as unused (a third
--- review; refused by a first version of this rule, which left such a period unclosable).
--- A close of the last day of a recorded period replays as before; a close after every
--- recorded period, or on an account whose periods are kept by close_period alone (rows
--- with no start), is unchanged. The roll's closes and open_period's close of the period
--- before always close an open period begun before the day.
+-- Now such a close is refused, MT001 naming period_end, before anything is written. A
+-- close of a day that a recorded period begins after (the next period opened ahead, up
+-- to a day; a day between periods, or before the first) counts what stood at the end of
+-- that day, as the roll's closes do, the rows dated after it left out: at call time it
+-- counted the later period's allocation as unused and expired it (found by the second,
+-- third and fourth reviews: close_period(09-30) before periods that began on 10-01
+-- expired November's allocation; closing today after tomorrow's period was opened ahead
+-- expired tomorrow's). A hold active at the call is counted as held at the end, for a
+-- close before its day is over. A close of the last day of a recorded period replays as
+-- before; a close with no later period (the usual close of the period just ended) counts
+-- what is available at the call, as before.
 --
 -- Locks: unchanged (024). Migrations once applied are never edited: 038's _close_period
 -- is replaced whole; only the lines marked 041 changed.
@@ -83,33 +81,17 @@ BEGIN
                    'its last day (replayed) or after it', p_period_end,
                    v_period.period_start, v_period.period_end));
     END IF;
-    -- 041: a day with no open period begun by then and a period beginning after it: the
-    -- close would count that later period's units as unused now. Before every recorded
-    -- period nothing ends there: refused. In a gap after a recorded one (an account kept
-    -- by close_period, its next period opened ahead; a day between two periods) the close
-    -- counts what stood at its end, as the roll's closes do: less what is dated after it
+    -- 041: a day that a recorded period begins after (the next period opened ahead, a
+    -- gap between periods, a day before the first): at call time the balance holds that
+    -- later period's units, which the close would count as unused. It counts what stood
+    -- at the end of the day instead, as the roll's closes do: less what is dated after it
     IF p_later IS NULL
-       AND NOT EXISTS (SELECT 1 FROM meter.periods p
-                       WHERE p.namespace = p_namespace AND p.account_id = v_acc.account_id
-                         AND p.period_end IS NULL AND p.period_start <= p_period_end) THEN
-        SELECT * INTO v_period FROM meter.periods p
-        WHERE p.namespace = p_namespace AND p.account_id = v_acc.account_id
-          AND p.period_start > p_period_end
-        ORDER BY p.period_start LIMIT 1;
-        IF FOUND THEN
-            IF NOT EXISTS (SELECT 1 FROM meter.periods p
-                           WHERE p.namespace = p_namespace
-                             AND p.account_id = v_acc.account_id
-                             AND (p.period_start <= p_period_end
-                                  OR p.period_end <= p_period_end)) THEN
-                PERFORM meter._fail('MT001', 'period_end',
-                    format('%s is before the first period (%s) and ends none',
-                           p_period_end, v_period.period_start));
-            END IF;
-            SELECT coalesce(sum(l.amount), 0) INTO v_later FROM meter.ledger l
-            WHERE l.namespace = p_namespace AND l.account_id = v_acc.account_id
-              AND l.event_time > v_time;
-        END IF;
+       AND EXISTS (SELECT 1 FROM meter.periods p
+                   WHERE p.namespace = p_namespace AND p.account_id = v_acc.account_id
+                     AND p.period_start > p_period_end) THEN
+        SELECT coalesce(sum(l.amount), 0) INTO v_later FROM meter.ledger l
+        WHERE l.namespace = p_namespace AND l.account_id = v_acc.account_id
+          AND l.event_time > v_time;
     END IF;
     -- Holds past their TTL reserve nothing any more: expire them (SKIP LOCKED, so taking
     -- them after the account waits on nothing), or their amount would survive the close.
@@ -143,7 +125,10 @@ BEGIN
         FROM meter.reservations r
         WHERE r.namespace = p_namespace AND r.account_id = v_acc.account_id
           AND r.created_at > v_time - interval '86400 seconds' AND r.created_at <= v_time
-          AND r.expires_at > v_time AND (r.completed_at IS NULL OR r.completed_at > v_time);
+          AND (r.expires_at > v_time
+               -- 041: a close before its day ends: a hold active now is held
+               OR (r.status = 'active' AND r.expires_at > now()))
+          AND (r.completed_at IS NULL OR r.completed_at > v_time);
     END IF;
     v_balance := v_acc.balance;
     IF v_available > 0 THEN

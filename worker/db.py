@@ -262,6 +262,9 @@ def record_dead_letter(
     """
     if _text(namespace) != namespace:  # no tenant's: a crafted message's; the operators'
         namespace = ""
+    # a crafted message's task id (the source) or op may be no text at all
+    source = None if source is None else str(source)
+    op = str(op)
     stored = _storable(payload)
     original = message
     attempts = [(namespace, stored, message)]

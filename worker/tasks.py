@@ -173,6 +173,13 @@ def _verdict_namespace(verdict: dict[str, Any], own: str) -> str:
     return ns if ns == own else OPERATOR_NAMESPACE
 
 
+def _retries(value: Any) -> int:
+    """A message's ``retries`` header as a count: the signature does not cover it, and a
+    crafted one (text, negative) made the task fail, acked and lost, or retry without a
+    back-off (2**-10**9 seconds)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 def _orphan_since(since: Any, now: float) -> float:
     """When a commit or release began waiting for its reserve: ``now`` on its first run.
 
@@ -344,6 +351,7 @@ class EventTask(Task):
     ) -> Outcome:  # fmt: skip
         """Apply one event (the body of ``meter.<op>``)."""
         s = self.settings()
+        self.request.retries = _retries(self.request.retries)
         counted = self.count_delivery(s)
         # Tenancy first: a crafted message must not even get its verdict recorded elsewhere.
         ns, refusal = self.authorize(s, event, auth)
@@ -485,6 +493,7 @@ def apply_batch(
     A batch refused for its tenancy (module docstring) is one dead letter, applied nowhere.
     """
     s = self.settings()
+    self.request.retries = _retries(self.request.retries)
     counted = self.count_delivery(s)
     request = self.request
     ns, refusal = self.authorize(s, events, auth)  # the signature covers the text as sent
@@ -512,7 +521,10 @@ def apply_batch(
         verdict = _as_verdict(verdict)
         return self.dead_letter(
             s, "apply_batch", events, verdict.get("sqlstate"), str(verdict.get("message")),
-            counted, namespace=_verdict_namespace(verdict, ns or OPERATOR_NAMESPACE),
+            # Always the operators': the worker files every batch-level dead letter there,
+            # and a crafted verdict naming the message's namespace would file another
+            # tenant's events under it (found by a review).
+            counted, namespace=OPERATOR_NAMESPACE,
         )  # fmt: skip
     if not isinstance(events, list):
         # With the operators: an object here may name any namespace (the tenancy test above

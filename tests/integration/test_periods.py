@@ -387,19 +387,51 @@ def test_a_close_inside_a_period_closed_already_is_refused_by_name(client, snaps
     assert client.close_period(U, ET, UNIT, None, FEB29)["expired"] == D("100")
 
 
-def test_a_close_before_every_period_is_refused_by_name(client, snapshot):
-    # 041 (a second review): nothing recorded ends before the first period; the close
-    # expired the later period's units, dated back to that day.
+def test_a_close_before_every_period_takes_nothing_of_the_later_ones(client):
+    # 041 (second and fourth reviews): at call time the balance holds the later periods'
+    # units; closing a day before them expired February's allocation, dated back. The
+    # close counts what stood at the end of that day: nothing.
     config(client, D("100"), D("0"))
     client.open_period(U, ET, UNIT, None, JAN1)
     client.close_period(U, ET, UNIT, None, JAN31)
     client.open_period(U, ET, UNIT, None, FEB1)
-    before = snapshot()
-    with pytest.raises(ValidationError) as ei:
-        client.close_period(U, ET, UNIT, None, date(2023, 12, 31))
-    assert ei.value.parameter == "period_end"
-    assert "before the first period" in str(ei.value)
-    assert snapshot() == before
+    r = client.close_period(U, ET, UNIT, None, date(2023, 12, 31))
+    assert (r["expired"], r["carried_over"]) == (D(0), D(0))
+    assert bal(client)["balance"] == D("100")
+    assert client.reconcile() == []
+
+
+@pytest.mark.parametrize("case", ["running period", "hold active at the close"])
+def test_a_close_before_a_period_opened_ahead_agrees_with_closing_first(make_client, db, case):
+    # 041 (fourth review): today's period running (or an account kept by close_period with
+    # a hold of 40 made today), tomorrow's opened ahead, then today closed. The close took
+    # tomorrow's allocation for today's unused (running period), or the hold for gone
+    # (it expires before today ends, but was committed after the close): -30.
+    t = db.execute("SELECT (now() AT TIME ZONE 'UTC')::date AS d").fetchone()["d"]
+    out = {}
+    for ns, ahead in (("control", False), ("ahead", True)):
+        c = make_client(namespace=ns)
+        if case == "running period":
+            c.set_period_config(U, ET, UNIT, None, t - timedelta(days=5), D("100"), D("0"))
+            c.open_period(U, ET, UNIT, None, t - timedelta(days=5))
+            c.consume(U, ET, 20, UNIT)
+        else:
+            c.allocate(U, ET, 100, UNIT)
+            c.close_period(U, ET, UNIT, None, t - timedelta(days=2))
+            c.allocate(U, ET, 30, UNIT)
+            hold = c.reserve(U, ET, 40, UNIT, ttl_seconds=60)
+        if ahead:
+            c.open_period(U, ET, UNIT, None, t + timedelta(days=1), D("10"))
+        closed = c.close_period(U, ET, UNIT, None, t)
+        if not ahead:
+            c.open_period(U, ET, UNIT, None, t + timedelta(days=1), D("10"))
+        if case != "running period":
+            assert c.commit(hold["reservation_id"], 40)["success"]
+        out[ns] = (closed["expired"], closed["carried_over"], c.get_balance(U, ET, UNIT))
+        assert c.reconcile() == []
+    assert out["ahead"] == out["control"]
+    # limit 0: 80 unused expire, then 10; no limit: 90 carried, 10 added, 40 committed
+    assert out["control"][2]["balance"] == D(10 if case == "running period" else 100)
 
 
 def test_a_close_in_a_gap_before_a_later_period_counts_what_stood_at_its_end(make_client, db):

@@ -939,6 +939,40 @@ def test_crafted_batches_end_as_dead_letters_without_looping(pipeline, db, broke
     assert _deliveries(broker_url) < 10
 
 
+@pytest.mark.parametrize("retries", ["x", -(10**9)], ids=["text", "negative"])
+def test_a_crafted_retries_header_neither_loses_nor_spins_a_message(pipeline, db, retries):
+    # The retries header is not signed. Text made the task fail, acked and lost; a negative
+    # count made every back-off 0 s (found by a fourth review). Both count as 0 now: the
+    # commit waits for its reserve as any other, then is a dead letter.
+    event = {"op": "commit", "namespace": "default",
+             "args": {"reservation_id": "r-never", "actual_amount": "3"}}  # fmt: skip
+    pipeline.send_task(
+        "meter.commit", args=(event,), task_id=str(uuid.uuid4()), retries=retries
+    )  # fmt: skip
+    (row,) = eventually(lambda: dead_letters(db), timeout=30)
+    assert row["error_sqlstate"] == "MT003"
+
+
+def test_a_batch_verdict_is_filed_with_the_operators_whatever_it_names(pipeline, db, db_url):
+    # A crafted verdict naming the message's namespace filed the batch, whose events name
+    # another tenant, under that namespace (found by a fourth review).
+    event = {"op": "allocate", "namespace": "b",
+             "args": {"user_id": "victim", "event_type": ET, "amount": "5", "unit": UNIT}}  # fmt: skip
+    send_raw(
+        pipeline, wire.APPLY_BATCH, [event], auth={"namespace": "a"},
+        verdict={"sqlstate": "MT001", "message": "x", "namespace": "a"},
+    ).get(timeout=15)  # fmt: skip
+    (row,) = dead_letters(db)
+    assert row["namespace"] == ""
+    assert ledger(db, "victim") == []
+
+
+def test_a_task_id_that_is_no_text_still_gets_its_dead_letter(pipeline, db):
+    pipeline.send_task("meter.consume", args=("not an object",), task_id=12345, ignore_result=True)
+    (row,) = eventually(lambda: dead_letters(db))
+    assert (row["source"], row["error_sqlstate"]) == ("12345", "MT001")
+
+
 def test_a_redelivered_message_is_counted_and_runs(pipeline, client, broker_url):
     event = {"op": "allocate", "namespace": "default",
              "args": {"user_id": "u1", "event_type": ET, "amount": "2", "unit": UNIT}}  # fmt: skip

@@ -452,6 +452,18 @@ class LedgerMachine(RuleBasedStateMachine):
         assert r == a.balance, (r, a)
         self.opens[(acct, start)] = (effective, r)
 
+    def _periods_around(self, acct: tuple, end: date) -> tuple[bool, bool]:
+        """(a recorded period began by ``end`` and was closed after it, a recorded period
+        begins after ``end``), from the periods table."""
+        row = self.DB.execute(
+            "SELECT bool_or(period_start <= %s AND period_end > %s) AS inside,"
+            " bool_or(period_start > %s) AS later FROM meter.periods"
+            " WHERE namespace = %s AND user_id IS NOT DISTINCT FROM %s AND event_type = %s"
+            " AND unit = %s AND resource = coalesce(%s, '')",
+            (end, end, end, self.ns, acct[0], ET, UNIT, acct[1]),
+        ).fetchone()
+        return bool(row["inside"]), bool(row["later"])
+
     def _period_closed_by_open(self, acct: tuple, end: date) -> None:
         """On a configured account, open_period closes the period still open before it at
         the day before, as the roll closes it (sql 031): what was unused at that end, by the
@@ -489,7 +501,26 @@ class LedgerMachine(RuleBasedStateMachine):
             assert self.c.close_period(*args) == self.closes[(acct, end)]
             event("close: replayed")
             return
+        inside, later = self._periods_around(acct, end)
+        if inside:
+            # 041: a day inside a period closed on a later day ends no period
+            with pytest.raises(ValidationError) as ei:
+                self.c.close_period(*args)
+            assert ei.value.parameter == "period_end"
+            event("close: refused inside a closed period")
+            return
         r = self.c.close_period(*args)
+        if later:
+            # 041: a period begins after the day, so the close counts what stood at its
+            # end, by the ledger's event times, which this model does not keep: the figures
+            # are the call's; the invariants still check the ledger and the balance
+            a.balance -= r["expired"]
+            if r["expired"] or r["carried_over"]:
+                self.closes[(acct, end)] = r
+            else:
+                self.empty_closes.add((acct, end))
+            event("close: as it stood at its end")
+            return
         available = a.available
         if available <= 0:
             assert r == {"expired": ZERO, "carried_over": ZERO, "new_balance": a.balance}, (r, a)
