@@ -1342,7 +1342,11 @@ class MeterClient:
     ) -> Row:
         """Close a period: expire what is available above the carry-over limit.
 
-        Idempotent per account and ``period_end``.
+        Idempotent per account and ``period_end``. "Available" is what the account has
+        at the call; when a recorded period begins after ``period_end`` (the next one
+        opened ahead, or a day between periods), it is what stood at the end of that day,
+        as the period roll counts it (sql 041). A day inside a period already closed on a
+        later day is refused (``ValidationError`` naming ``period_end``).
 
         Parameters:
             user_id, event_type, unit, resource: the account key (``user_id=None``: pool).
