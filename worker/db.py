@@ -264,36 +264,42 @@ def record_dead_letter(
         namespace = ""
     # a crafted message's task id (the source) or op may be no text at all
     source = None if source is None else str(source)
-    op = str(op)
+
+    def record(namespace: str, stored: Jsonb, message: str) -> int:
+        with _pool(url, pool_size).connection() as conn:
+            row = conn.execute(
+                _SQL_RECORD_DEAD_LETTER,
+                (
+                    _text(str(op)),
+                    stored,
+                    _sqlstate(sqlstate),
+                    _text(message),
+                    _source(source),
+                    namespace,
+                ),
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def unstorable(exc: psycopg.Error) -> bool:
+        return (getattr(exc, "sqlstate", None) or "").startswith(("22", "54"))
+
     stored = _storable(payload)
-    original = message
-    attempts = [(namespace, stored, message)]
-    for attempt in range(3):
-        namespace, stored, message = attempts[attempt]
+    try:
+        return record(namespace, stored, message)
+    except psycopg.Error as exc:
+        if not unstorable(exc):
+            raise
+        logger.error("cannot store the dead letter of %s as it is: %r", source, exc)
+        reason = (str(exc).strip().splitlines() or [exc.sqlstate])[0]
+        message = f"{message} (filed with the operators: not storable as it is: {reason})"
+    if namespace:  # its namespace may be what cannot be stored
         try:
-            with _pool(url, pool_size).connection() as conn:
-                row = conn.execute(
-                    _SQL_RECORD_DEAD_LETTER,
-                    (
-                        _text(op),
-                        stored,
-                        _sqlstate(sqlstate),
-                        _text(message),
-                        _source(source),
-                        namespace,
-                    ),
-                ).fetchone()
-            assert row is not None
-            return int(row[0])
+            return record("", stored, message)
         except psycopg.Error as exc:
-            state = getattr(exc, "sqlstate", None) or ""
-            if not state.startswith(("22", "54")) or attempt == 2:
+            if not unstorable(exc):
                 raise
-            logger.error("cannot store the dead letter of %s as it is: %r", source, exc)
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else state
-            note = f"{original} (filed with the operators: not storable as it is: {reason})"
-            attempts.append(("", stored if namespace else _unstorable(payload), note))
-    raise AssertionError("unreachable")  # pragma: no cover
+    return record("", _unstorable(payload), message)  # then its payload is
 
 
 def record_orphan(

@@ -252,6 +252,10 @@ class EventTask(Task):
             request = self.request
             deliveries.clear(self.app.conf.broker_url, request.id, request.retries or 0)
 
+    def next_delay(self, s: Settings) -> float:
+        """Seconds before this task's next try (its ``retries`` made a count on entry)."""
+        return backoff(self.request.retries, s.retry_backoff_base, s.retry_backoff_max)
+
     def retry_later(
         self, countdown: float, exc: BaseException | None = None, **kwargs: Any
     ) -> NoReturn:
@@ -329,7 +333,7 @@ class EventTask(Task):
             # be retried as long as it lasts, at the longest back-off, logged each time.
             logger.warning("cannot record the dead letter of %s yet: %r", self.request.id, exc)
             self.retry_later(
-                backoff(self.request.retries or 0, s.retry_backoff_base, s.retry_backoff_max),
+                self.next_delay(s),
                 exc=exc,
                 verdict={"sqlstate": sqlstate, "message": message, "namespace": namespace},
             )
@@ -341,7 +345,7 @@ class EventTask(Task):
         retries = self.request.retries or 0
         if retries < s.max_retries:
             logger.info("transient failure of %s, retrying: %r", self.request.id, exc)
-            self.retry_later(backoff(retries, s.retry_backoff_base, s.retry_backoff_max), exc)
+            self.retry_later(self.next_delay(s), exc)
 
     # ---------------------------------------------------------------- single events
 
@@ -430,7 +434,7 @@ class EventTask(Task):
                 "when the reserve arrives"
             )
             return self.give_up_orphan(s, op, event, message, counted)
-        delay = backoff(retries, s.retry_backoff_base, s.retry_backoff_max)
+        delay = self.next_delay(s)
         self.retry_later(min(delay, max(left, 0.01)), orphan_since=since)
 
     def give_up_orphan(
@@ -621,9 +625,7 @@ def _refuse_event(
         # Nothing of the batch was applied yet: have it run again, after a back-off (put
         # back at once, a failure that lasts would loop as fast as the worker runs).
         logger.warning("cannot record a refused event of %s yet: %r", self.request.id, exc)
-        self.retry_later(
-            backoff(self.request.retries or 0, s.retry_backoff_base, s.retry_backoff_max), exc
-        )
+        self.retry_later(self.next_delay(s), exc)
     return _dead_letter_outcome(dead_letter_id, sqlstate, message)
 
 
@@ -660,8 +662,6 @@ def _split(
         # Broker or database down mid-way: have the batch run again, after a back-off, and
         # split again (same child task ids, same dead-letter sources: nothing doubles).
         logger.warning("cannot split batch %s yet: %r", self.request.id, exc)
-        self.retry_later(
-            backoff(self.request.retries or 0, s.retry_backoff_base, s.retry_backoff_max), exc
-        )
+        self.retry_later(self.next_delay(s), exc)
     self.done(counted)
     return outcomes
