@@ -24,6 +24,7 @@ import psycopg.errors
 import pytest
 import redis
 from celery import states
+from celery.signals import task_prerun
 from click.testing import CliRunner
 
 from meter import wire
@@ -946,11 +947,21 @@ def test_a_crafted_retries_header_neither_loses_nor_spins_a_message(pipeline, db
     # commit waits for its reserve as any other, then is a dead letter.
     event = {"op": "commit", "namespace": "default",
              "args": {"reservation_id": "r-never", "actual_amount": "3"}}  # fmt: skip
-    pipeline.send_task(
-        "meter.commit", args=(event,), task_id=str(uuid.uuid4()), retries=retries
-    )  # fmt: skip
-    (row,) = eventually(lambda: dead_letters(db), timeout=30)
+    task_id = str(uuid.uuid4())
+    runs: list[str] = []
+
+    def count(task_id: str, **_: Any) -> None:
+        runs.append(task_id)
+
+    task_prerun.connect(count, weak=False)  # the worker runs in this process
+    try:
+        pipeline.send_task("meter.commit", args=(event,), task_id=task_id, retries=retries)
+        (row,) = eventually(lambda: dead_letters(db), timeout=30)
+    finally:
+        task_prerun.disconnect(count)
     assert row["error_sqlstate"] == "MT003"
+    # waited out the 3 s horizon with back-offs of 0.05-0.5 s, not thousands of 0 s runs
+    assert 2 <= runs.count(task_id) <= 40, runs.count(task_id)
 
 
 def test_a_batch_verdict_is_filed_with_the_operators_whatever_it_names(pipeline, db, db_url):
