@@ -227,6 +227,29 @@ def test_app_role_select_after_clear_tenant_is_refused(two_tenants, app_conn):
     assert sqlstate_of(app_conn, API_CALLS["get_balance"], {"ns": "a"}) == "MT004"
 
 
+# Relations a role may shadow in its own temporary schema, which PostgreSQL searches before
+# pg_catalog unless the search_path names it after: the catalogs row visibility reads (043).
+CATALOG_DECOYS = {
+    "pg_roles": "CREATE TEMP VIEW pg_roles AS SELECT current_user::name AS rolname,"
+    " true AS rolsuper, true AS rolbypassrls",
+    "pg_namespace": "CREATE TEMP VIEW pg_namespace AS SELECT 'meter'::name AS nspname,"
+    " (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user) AS nspowner",
+}
+
+
+@pytest.mark.parametrize("decoy", CATALOG_DECOYS.values(), ids=CATALOG_DECOYS.keys())
+def test_app_role_cannot_pass_as_privileged_with_a_temporary_catalog(two_tenants, app_conn, decoy):
+    """The policies' visibility check reads the real catalog, whatever the reader's
+    temporary schema holds: with no tenant set, reads stay refused (MT004); with one, only
+    that tenant's rows show."""
+    run(app_conn, decoy)
+    got = {t: outcome(app_conn, f"SELECT * FROM meter.{t}") for t in CORE_TABLES}
+    assert got == dict.fromkeys(CORE_TABLES, "MT004")
+    run(app_conn, "SELECT meter.set_tenant('a')")
+    seen = run(app_conn, "SELECT DISTINCT namespace FROM meter.ledger")
+    assert [r["namespace"] for r in seen] == ["a"]
+
+
 # ---------------------------------------------------------------- other tenant: refused
 
 
