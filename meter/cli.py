@@ -221,7 +221,7 @@ def _connect(database_url: str | None) -> Any:
         # a connect_timeout of the URL's own wins
         timeout = {} if "connect_timeout" in conninfo_to_dict(url) else {"connect_timeout": 10}
         conn = psycopg.connect(url, autocommit=True, **timeout)
-        session.use_iso_output(conn)  # dates and intervals in the styles psycopg reads
+        session.use_settings(conn)  # dates and intervals in the styles psycopg reads
         return conn
     except psycopg.ProgrammingError as exc:  # the URL's syntax, or one of its values
         raise t.invalid("database_url", f"invalid conninfo: {str(exc).strip()}") from None

@@ -279,7 +279,7 @@ class _PooledConnection(psycopg.Connection[Any]):
 
 def _configure_own(conn: _PooledConnection) -> None:
     _configure_adapters(conn)
-    session.use_iso_output(conn)
+    session.use_settings(conn)
     conn.idle_since = time.monotonic()
 
 
@@ -348,10 +348,11 @@ class MeterClient:
             ``psycopg.Connection`` (each call runs inside ``conn.transaction()``: its own
             transaction, or a savepoint of the caller's open transaction; as thread-safe as
             that connection). Results need ``DateStyle`` ISO and ``IntervalStyle``
-            postgres (:mod:`meter.session`): the client's own connections are given them;
-            on a caller's connection in other styles, each call sets them for its own
-            (sub)transaction and restores the caller's (a statement or two more per call:
-            give such a pool ISO, e.g. ``options='-c DateStyle=ISO'``, to spare them).
+            postgres, and parameters the client encoding UTF8 (:mod:`meter.session`): the
+            client's own connections are given them; on a caller's connection with others,
+            each call sets them for its own (sub)transaction and restores the caller's (a
+            statement or two more per call: give such a pool ISO and UTF8, e.g.
+            ``options='-c DateStyle=ISO'``, to spare them).
         namespace: the tenant every call acts on.
         max_size: the maximum size of the pool built from a conninfo.
         timeout: seconds a call waits for a connection of the pool built from a conninfo
@@ -649,19 +650,20 @@ class MeterClient:
 
     def _execute(self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]) -> list[Row]:
         # A caller's session may format dates or intervals in a style the loaders cannot
-        # read (meter.session); the client's own connections were given ISO at connect.
-        if not self._owns_pool and session.needs_iso_output(conn):
-            return self._execute_in_iso(conn, query, args)
+        # read, or use another client encoding (meter.session); the client's own
+        # connections were given the settings at connect.
+        if not self._owns_pool and session.needs_settings(conn):
+            return self._execute_with_settings(conn, query, args)
         return self._fetch(conn, query, args)
 
-    def _execute_in_iso(
+    def _execute_with_settings(
         self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]
     ) -> list[Row]:
-        """The call in a transaction (a savepoint in the caller's) with ISO output, read
-        before it commits. A transaction of its own drops the setting at its end; inside
-        the caller's, the caller's styles are put back for the rest of it."""
+        """The call in a transaction (a savepoint in the caller's) with Meter's session
+        settings, read before it commits. A transaction of its own drops the settings at its
+        end; inside the caller's, the caller's are put back for the rest of it."""
         callers = conn.info.transaction_status != TransactionStatus.IDLE
-        before = session.styles(conn)
+        before = session.current(conn)
         with conn.transaction():
             conn.execute(session.SET_FOR_TRANSACTION)
             rows = self._fetch(conn, query, args)

@@ -68,7 +68,7 @@ def _database(url: str) -> dict[str, Any]:
         return out
     out["reachable"] = True
     with conn:
-        session.use_iso_output(conn)  # the times it reads, in the style psycopg reads
+        session.use_settings(conn)  # the times it reads, in the style psycopg reads
         recorded = recorded_versions(conn)
         out["schema_version"] = newest(recorded)
         out["pending_migrations"] = pending(recorded)

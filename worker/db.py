@@ -96,7 +96,7 @@ def _configure(conn: psycopg.Connection[Any]) -> None:
     # jsonb results keep fractions exact (Decimal), never float; times in the style
     # psycopg reads, whatever the database's default (meter.session).
     set_json_loads(t.loads, conn)
-    session.use_iso_output(conn)
+    session.use_settings(conn)
     conn.add_notice_handler(_log_warning)  # e.g. drop_old_partitions keeping months
 
 

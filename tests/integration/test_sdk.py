@@ -1081,6 +1081,50 @@ def test_a_database_in_another_date_or_interval_style_reads_and_writes_as_any(
     assert client.get_balance(U, ET, UNIT)["reserved"] == D(2)
 
 
+# Text outside Latin-1 both ways: an identifier, metadata, and what is read back.
+NOT_LATIN1 = {"user_id": "\u20ac-user", "metadata": {"x": "\u00e9\u20ac\U0001f600"}}
+
+
+def _writes_and_reads_exactly(c: meter.MeterClient, db) -> None:
+    row = c.allocate(NOT_LATIN1["user_id"], ET, 3, UNIT, metadata=NOT_LATIN1["metadata"])
+    stored = db.execute(
+        "SELECT user_id, metadata FROM meter.ledger WHERE id = %s", (row["entry_id"],)
+    ).fetchone()
+    assert (stored["user_id"], stored["metadata"]) == (
+        NOT_LATIN1["user_id"],
+        NOT_LATIN1["metadata"],
+    )
+    ledger = c.get_ledger(NOT_LATIN1["user_id"], ET, UNIT)
+    assert [r["metadata"] for r in ledger] == [NOT_LATIN1["metadata"]]
+
+
+def test_a_connection_in_another_client_encoding_stores_text_exactly(db_url, db):
+    # jsonb went as UTF-8 bytes that a LATIN1 session decoded as Latin-1 ('é' stored as
+    # 'Ã©'), and an identifier or result Latin-1 cannot hold raised psycopg's own
+    # UnicodeEncodeError or UnicodeDecodeError. The client's connections now get UTF8.
+    latin1 = make_conninfo(db_url, client_encoding="LATIN1")
+    with meter.MeterClient(latin1) as c:
+        _writes_and_reads_exactly(c, db)
+
+
+def test_a_caller_s_connection_in_another_client_encoding_keeps_it(db_url, db):
+    # A caller's connection: each call runs in UTF8 and the caller's session keeps LATIN1,
+    # also within the caller's open transaction.
+    with psycopg.connect(make_conninfo(db_url, client_encoding="LATIN1")) as conn:
+        c = meter.MeterClient(conn)
+        _writes_and_reads_exactly(c, db)
+        assert conn.info.parameter_status("client_encoding") == "LATIN1"
+        conn.execute("SELECT 1")  # the caller's transaction, open
+        assert c.consume(NOT_LATIN1["user_id"], ET, 1, UNIT, metadata={"y": "\u20ac"})["success"]
+        assert conn.info.parameter_status("client_encoding") == "LATIN1"
+        conn.commit()
+        assert conn.info.encoding == "iso8859-1"
+    balance = db.execute(
+        "SELECT balance FROM meter.accounts WHERE user_id = %s", (NOT_LATIN1["user_id"],)
+    ).fetchone()["balance"]
+    assert balance == D(2)
+
+
 @pytest.mark.parametrize(("setting", "value"), OTHER_STYLES)
 def test_a_caller_s_session_in_another_style_keeps_it(db_url, client, setting, value):
     # A caller's connection or pool: the call gets ISO for its own transaction (a
