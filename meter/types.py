@@ -95,6 +95,10 @@ def _type_name(value: object) -> str:
 # ---------------------------------------------------------------------------- amounts
 
 _NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+# What PostgreSQL's numeric input skips around a number (C isspace), and nothing else:
+# str.strip() would also drop Unicode spaces and the separators U+001C-001F and U+0085,
+# which the database refuses in the same text.
+_NUMERIC_SPACE = " \t\n\r\v\f"
 
 
 Sign = Literal["any", "positive", "nonnegative", "nonzero"]
@@ -163,7 +167,7 @@ def _to_decimal(value: object, name: str, nullable: bool) -> Decimal | None:
             raise invalid(name, f"must be a finite number, got {shown(value)}")
         d = Decimal(float.__repr__(value))  # (a subclass's repr may not be a number: numpy's)
     elif isinstance(value, str):
-        text = value.strip()
+        text = value.strip(_NUMERIC_SPACE)
         if _NUMBER_RE.fullmatch(text) is None:
             try:
                 finite = Decimal(text).is_finite()
@@ -409,15 +413,29 @@ def check_date(value: object, name: str) -> date:
     return value
 
 
+# A fraction of a month or longer unit: PostgreSQL's interval input turns it into days
+# ('0.5 month' is '15 days', '0.1 year' '1 mon 6 days') before the database's whole-days-or-
+# whole-months check can see it. Unit spellings as PostgreSQL's (datetime.c), by prefix.
+_FRACTIONAL_MONTHS = re.compile(
+    r"(?:[0-9]*[.,][0-9]+|[0-9]+[.,])\s*(?:mons?|months?|y|yrs?|years?|decs?|decades?|c|cent"
+    r"|century|centuries|mils?|millennium|millennia)\b",
+    re.IGNORECASE,
+)
+# The same in ISO 8601 form: a fractional Y or M before the time part ('P0.5M').
+_ISO_FRACTIONAL_MONTHS = re.compile(r"^\s*P[^T]*?[0-9]*[.,][0-9]+\s*[YM]", re.IGNORECASE)
+
+
 def check_interval(value: object, name: str) -> str | timedelta:
     """Check a period interval: a ``timedelta`` of whole days or PostgreSQL interval text.
 
     The text (``'1 month'``, ``'7 days'``) is parsed and checked (whole days or whole
-    months, positive) by the database; here it must be a clean string of 1..64 characters.
+    months, positive) by the database; here it must be a clean string of 1..64 characters
+    with no fraction of a month or longer unit (``'0.5 month'``, ``'P1.5Y'``), which
+    PostgreSQL would read as days before the database's check could see it.
 
     Raises:
         ValidationError: for another type, a timedelta that is not a positive number of whole
-            days, or a malformed string.
+            days, a fraction of a month or longer unit, or a malformed string.
     """
     if isinstance(value, timedelta):
         if value <= timedelta(0) or value.seconds or value.microseconds:
@@ -428,7 +446,15 @@ def check_interval(value: object, name: str) -> str | timedelta:
             name,
             f"must be an interval (str such as '1 month', or timedelta), got {_type_name(value)}",
         )
-    return check_identifier(value, name, min_len=1, max_len=64, nullable=False)
+    text = check_identifier(value, name, min_len=1, max_len=64, nullable=False)
+    assert text is not None
+    if _FRACTIONAL_MONTHS.search(text) or _ISO_FRACTIONAL_MONTHS.search(text):
+        raise invalid(
+            name,
+            "must be whole days or whole months, and a fraction of a month or a longer unit"
+            f" is read as days: use whole months (or days), got {shown(value)}",
+        )
+    return text
 
 
 # -------------------------------------------------------------------------- metadata

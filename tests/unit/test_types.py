@@ -466,6 +466,14 @@ def test_check_interval():
         refused(t.check_interval, value, "period_interval", param="period_interval")
     for value in (None, 30, "", " 1 month", "1\x00month", "x" * 65):
         refused(t.check_interval, value, "period_interval", param="period_interval")
+    # a fraction of a month or longer unit, which PostgreSQL reads as days ('0.5 month' is
+    # '15 days') before the database's whole-days-or-whole-months check sees it
+    for value in ("0.5 month", "0.1 mon", "@ 0.5 mons", "1.5 years", "0,5 month", "P0.5M",
+                  "p1.5y", "0.5 decade", "0.01 century"):  # fmt: skip
+        refused(t.check_interval, value, "period_interval", param="period_interval")
+    # fractions of shorter units, whole months and ISO minutes pass to the database's check
+    for value in ("3 months", "P1M", "1.5 days", "P1DT0.5M", "2 years", "10 min"):
+        assert t.check_interval(value, "period_interval") == value
 
 
 # ------------------------------------------------------------------------- metadata
