@@ -360,6 +360,35 @@ def test_commit_missing_amount_refused(seeded, snapshot):
 
 
 @pytest.mark.parametrize(
+    "text",
+    ["5\x1f", "\x1c5", "\x855", "\u30005", "\u00a05", "5\u2028"],
+    ids=["US", "FS", "NEL", "ideographic-space", "nbsp", "line-separator"],
+)
+def test_amount_text_with_other_than_ascii_space_around_refused(db, seeded, snapshot, text):
+    # The SDK stripped any Unicode white space (str.strip: U+001C-001F, U+0085, U+3000...)
+    # and recorded the number; the database's numeric input refuses the same text.
+    with pytest.raises(psycopg.Error):
+        db.execute("SELECT %s::text::numeric", (text,))
+    assert_refused(lambda: seeded.allocate(U, ET, text, UNIT), snapshot, "amount")
+
+
+def test_amount_text_with_ascii_space_around_accepted(client):
+    # what numeric's input skips (C isspace) is skipped here too
+    assert client.allocate(U, ET, " \t5\n\r\v\f", UNIT)["balance"] == D("5")
+
+
+@pytest.mark.parametrize("text", ["0.5 month", "P0.5M", "0.1 mon"])
+def test_fractional_month_interval_refused(seeded, snapshot, text):
+    # PostgreSQL reads '0.5 month' as '15 days' before set_period_config can see it: the
+    # account got 15-day periods without a word
+    assert_refused(
+        lambda: seeded.set_period_config(U, ET, UNIT, None, date(2024, 1, 1), D(10), None, text),
+        snapshot,
+        "period_interval",
+    )
+
+
+@pytest.mark.parametrize(
     ("value", "expected"),
     [
         (D("1.0000000000000"), D("1")),
@@ -557,6 +586,29 @@ ALLOCATE = (
 )
 def test_sql_consume_amount(db, seeded, snapshot, amount):
     sql_refused(db, snapshot, CONSUME, (U, ET, amount, UNIT), "amount")
+
+
+OPEN_PERIOD = (
+    "SELECT meter.open_period(p_user_id => %s, p_event_type => %s, p_unit => %s,"
+    " p_resource => NULL, p_period_start => %s::date, p_allocation => 5)"
+)
+
+
+@pytest.mark.parametrize(
+    ("user", "start"),
+    [
+        (U, "294277-01-01"),  # past timestamp's range
+        (U, "5874897-12-31"),  # date's last day
+        (U, "4714-11-24 BC"),  # date's first day
+        (U, "1899-12-31"),
+        ("nobody", "300000-01-01"),  # an unknown account: the date is named first
+    ],
+    ids=["past-timestamp-range", "last-date", "first-date", "before-1900", "unknown-account"],
+)
+def test_sql_open_period_start_out_of_range(db, seeded, snapshot, user, start):
+    # open_period did date arithmetic on the start before bounding it: PostgreSQL's 22008
+    # "date out of range", naming no parameter (046)
+    sql_refused(db, snapshot, OPEN_PERIOD, (user, ET, UNIT, start), "period_start")
 
 
 def test_sql_allocate_accepts_trailing_zeros(db, seeded):
