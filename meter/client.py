@@ -142,6 +142,7 @@ class _Statement(NamedTuple):
     with_actor: str  # meter.ctx(namespace, actor_id, request_id, on_behalf_of, reason)
     reads: bool  # changes nothing: running it again after a lost connection is safe
     counts: bool  # takes an idempotency key: run twice without one, it counts twice
+    text_params: tuple[tuple[int, str], ...]  # (position, name) of each text parameter
 
 
 def _statement(function: str, *params: str, reads: bool = False) -> _Statement:
@@ -159,6 +160,34 @@ def _statement(function: str, *params: str, reads: bool = False) -> _Statement:
         head + "meter.ctx(%s, %s, %s, %s, %s))",
         reads,
         "idempotency_key text" in params,
+        tuple((i, p.split(" ", 1)[0]) for i, p in enumerate(params) if p.endswith(" text")),
+    )
+
+
+# PostgreSQL's message when a row's identifiers together exceed what a B-tree index entry
+# holds (about 2.7 kB): possible only with non-ASCII identifiers near their limits, which
+# are bounded in characters (Appendix C), four bytes each at most.
+_INDEX_ROW_TOO_BIG = re.compile(r"index row size \d+ exceeds")
+
+
+def _oversized(
+    stmt: _Statement, params: Sequence[Any], namespace: str, error: MeterError
+) -> MeterError:
+    """A ValidationError naming the call's largest identifier, for a row too big to index."""
+    sizes = [("namespace", len(namespace.encode()))]
+    sizes += [
+        (name, len(params[i].encode()))
+        for i, name in stmt.text_params
+        if isinstance(params[i], str)
+    ]
+    name, size = max(sizes, key=lambda item: item[1])
+    total = sum(n for _, n in sizes)
+    return ValidationError(
+        f"{name}: the identifiers of this call take {total} bytes in UTF-8 together, more "
+        f"than one index entry holds; {name} is the largest ({size} bytes): shorten it "
+        f"({error.message})",
+        sqlstate="MT001",
+        parameter=name,
     )
 
 
@@ -602,6 +631,8 @@ class MeterClient:
             except (psycopg.Error, _FailedBeforeCommit) as raised:
                 exc = raised.error if isinstance(raised, _FailedBeforeCommit) else raised
                 error = from_psycopg(exc)
+                if error.sqlstate == "54000" and _INDEX_ROW_TOO_BIG.match(error.message):
+                    raise _oversized(stmt, params, self._namespace, error) from exc
                 # The connection broke under the call (not: the pool refused before sending
                 # anything), which may have run and committed, the reply lost. Even an
                 # idle-session timeout (57P05) may come after the statement ran: psycopg

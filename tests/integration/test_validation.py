@@ -7,6 +7,7 @@ it validates authoritatively with SQLSTATE MT001.
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
@@ -300,6 +301,32 @@ def test_identifiers_at_max_length_accepted(client, db):
     assert client.get_balance(user, et, unit, res)["balance"] == D("4")
     # non-ASCII characters count as characters, not bytes
     assert client.allocate("\u00e9" * 256, ET, D("1"), UNIT)["balance"] == D("1")
+
+
+def _incompressible(n: int, seed: int) -> str:
+    """``n`` four-byte characters that PostgreSQL's index compression cannot shrink."""
+    rng = random.Random(seed)
+    return "".join(chr(rng.randrange(0x10000, 0x10FFF)) for _ in range(n))
+
+
+def test_identifiers_too_big_to_index_together_are_refused_by_name(make_client, snapshot):
+    # Within their limits in characters (Appendix C), but more bytes together than a B-tree
+    # entry holds: PostgreSQL's 54000 "index row size ... exceeds", a MeterError naming
+    # nothing. The SDK names the call's largest identifier.
+    wide = make_client(namespace=_incompressible(1024, 1))
+    before = snapshot()
+    with pytest.raises(ValidationError) as refused:
+        wide.allocate(U, ET, D("1"), UNIT)
+    assert (refused.value.parameter, refused.value.sqlstate) == ("namespace", "MT001")
+    assert refused.value.message.startswith("namespace: ")
+    narrow = make_client(namespace="n" * 100)
+    with pytest.raises(ValidationError) as refused:
+        narrow.consume(
+            _incompressible(256, 2), _incompressible(200, 3), D("1"), UNIT,
+            resource=_incompressible(250, 4),
+        )  # fmt: skip
+    assert refused.value.parameter == "user_id"
+    assert snapshot() == before
 
 
 def test_namespace_at_max_length_and_actor_fields_accepted(make_client, db):
