@@ -191,6 +191,38 @@ def test_backdated_events_create_their_month_on_demand(client, db):
     assert client.reconcile() == []
 
 
+def test_a_refused_checked_consume_creates_no_month(client, db, snapshot):
+    # The month's partition was created before the balance check refused the consume: a
+    # refusal that changed the schema (047). Through apply_events as well (its one-by-one
+    # path calls consume), and a granted one still creates its month.
+    client.allocate("u1", ET, 10, UNIT)
+    parts, before = ledger_partitions(db), snapshot()
+    refused = client.consume(
+        "u1", ET, 11, UNIT, check_balance=True, event_time=mid_month(2017, 4),
+        idempotency_key="k-refused",
+    )  # fmt: skip
+    assert (refused["success"], refused["available"]) == (False, D("10"))
+    batch = db.execute(
+        "SELECT ok, status FROM meter.apply_events(%s::jsonb)",
+        (
+            '[{"op": "consume", "namespace": "default", "args": {"user_id": "u1",'
+            f' "event_type": "{ET}", "unit": "{UNIT}", "amount": "11", "check_balance": true,'
+            ' "event_time": "2017-05-15T00:00:00+00:00"}}]',
+        ),
+    ).fetchall()
+    assert [(r["ok"], r["status"]) for r in batch] == [(True, "refused")]
+    assert ledger_partitions(db) == parts
+    assert snapshot() == before
+    granted = client.consume(
+        "u1", ET, 4, UNIT, check_balance=True, event_time=mid_month(2017, 4),
+        idempotency_key="k-refused",
+    )  # fmt: skip
+    assert (granted["success"], granted["balance"]) == (True, D("6"))
+    assert ledger_partitions(db) == parts | {"ledger_2017_04"}
+    assert partition_of(db, granted["entry_id"]) == "meter.ledger_2017_04"
+    assert client.reconcile() == []
+
+
 def test_month_boundaries_are_utc(client, db):
     cases = [
         (datetime(2024, 3, 1, 0, 0, tzinfo=UTC), "meter.ledger_2024_03"),
