@@ -34,9 +34,10 @@
 -- fast path's rows are numbered first). Partitions (step 1, moved after the
 -- classification and the key look-up 3a, still before any lock): this month's, the
 -- fast path's months, and the months of the valid dated events that go one by one (a
--- checked or demoted consume or allocate) whose key is not stored: their single call
--- makes that month and keeps it, and making it here keeps it before the accounts' locks
--- (months first: 036). An invalid event, one of a namespace the caller may not write, or
+-- checked or demoted consume or allocate) whose key is not stored: making it here keeps
+-- it before the accounts' locks (months first: 036), so a checked consume of a batch of
+-- several events that ends refused leaves its month (a batch of one, and a single call,
+-- do not: 047 rolls back a month that consume makes itself). An invalid event, one of a namespace the caller may not write, or
 -- one refused by its key makes none; one that step 1 leaves out and that still applies
 -- (a replay whose month retention dropped) makes its month in step 4. Step 2b, taken only
 -- when the batch has one-by-one events, queues for every account of the batch, new or
