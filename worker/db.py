@@ -77,6 +77,19 @@ _SQL_ROLL_PERIODS: Final = (
 )
 _SQL_ENSURE_PARTITIONS: Final = "SELECT meter.ensure_partitions(%s::integer) AS name"
 _SQL_DROP_OLD_PARTITIONS: Final = "SELECT meter.drop_old_partitions(%s::integer) AS name"
+# For each ledger month older than the retention, oldest first, the largest argument of
+# meter.drop_old_partitions that drops it (its age in whole months after its end), at most
+# 1200 (the function's bound; the months older than that go together).
+_SQL_MONTHS_TO_DROP: Final = (
+    "SELECT DISTINCT least(m.k, 1200) AS k FROM ("
+    " SELECT extract(year FROM now() AT TIME ZONE 'UTC')::integer * 12"
+    " + extract(month FROM now() AT TIME ZONE 'UTC')::integer"
+    " - substr(c.relname, 8, 4)::integer * 12 - substr(c.relname, 13, 2)::integer - 1 AS k"
+    " FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid"
+    " WHERE i.inhparent = 'meter.ledger'::regclass"
+    " AND c.relname ~ '^ledger_[0-9]{4}_[0-9]{2}$') m"
+    " WHERE m.k > %s::integer ORDER BY 1 DESC"
+)
 _SQL_PRUNE_KEYS: Final = (
     "SELECT meter.prune_idempotency_keys(%s::integer, %s::integer,"
     " coalesce(%s::timestamptz, now())) AS pruned"
@@ -345,12 +358,34 @@ def ensure_partitions(url: str, pool_size: int, months_ahead: int) -> list[str]:
 def drop_old_partitions(url: str, pool_size: int, older_than_months: int) -> list[str]:
     """``meter.drop_old_partitions``: fold the months older than ``older_than_months`` into
     the retention checkpoints and drop them; the names dropped. Its warning (months kept
-    for a period roll that is behind) is logged, as every WARNING of the worker's SQL."""
-    with _pool(url, pool_size).connection() as conn, conn.transaction():
+    for a period roll that is behind) is logged, as every WARNING of the worker's SQL.
+
+    One month per call and transaction, oldest first (045): each call holds the ledger's
+    ACCESS EXCLUSIVE lock, which every read and write of the ledger waits for, from its
+    month's lock to its commit; a call dropping a backlog of months would hold it across
+    all of their folds. The last call is ``drop_old_partitions(older_than_months)`` itself,
+    which alone says what it kept for the roll; the calls before it say nothing, and the
+    first that drops nothing (a month the roll keeps, or another worker's) ends them."""
+    dropped: list[str] = []
+    with _pool(url, pool_size).connection() as conn:
+        ages = [int(row[0]) for row in conn.execute(_SQL_MONTHS_TO_DROP, (older_than_months,))]
+        for age in ages:
+            names = _drop_old_partitions(conn, age, quiet=True)
+            dropped += names
+            if not names:
+                break
+        dropped += _drop_old_partitions(conn, older_than_months, quiet=False)
+    return dropped
+
+
+def _drop_old_partitions(conn: psycopg.Connection[Any], months: int, *, quiet: bool) -> list[str]:
+    with conn.transaction():
         # The SQL refuses any other level (its fold must see what it drops), whatever the
         # database's default_transaction_isolation says.
         conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-        return [str(row[0]) for row in conn.execute(_SQL_DROP_OLD_PARTITIONS, (older_than_months,))]
+        if quiet:  # its warning, if any, is the last call's to give
+            conn.execute("SET LOCAL client_min_messages = error")
+        return [str(row[0]) for row in conn.execute(_SQL_DROP_OLD_PARTITIONS, (months,))]
 
 
 def prune_idempotency_keys(

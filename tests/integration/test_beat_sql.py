@@ -1294,6 +1294,23 @@ def test_partitions_ahead_and_retention_keep_reconcile_empty(client, db, db_url)
     assert wdb.drop_old_partitions(db_url, 1, 24) == []
 
 
+def test_retention_drops_a_backlog_one_month_per_transaction(client, db, db_url):
+    # Each call of drop_old_partitions holds the ledger's ACCESS EXCLUSIVE lock, which every
+    # read and write waits for, to its commit (045): the worker drops a backlog oldest first,
+    # a month per transaction, so that no read or write waits for more than one month's fold.
+    t = today(db)
+    for user, back in (("u1", 32), ("u2", 31), ("u3", 30)):
+        client.allocate(user, ET, D("2"), UNIT, event_time=first_instant(month_start(t, back)))
+    assert wdb.drop_old_partitions(db_url, 1, 24) == [
+        f"ledger_{month_start(t, back):%Y_%m}" for back in (32, 31, 30)
+    ]
+    # one account per month: one transaction per checkpoint row
+    folds = db.execute("SELECT count(DISTINCT xmin::text) AS n FROM meter.ledger_checkpoints")
+    assert folds.fetchone()["n"] == 3
+    assert client.reconcile() == []
+    assert wdb.drop_old_partitions(db_url, 1, 24) == []
+
+
 def twice_at_once(url: str, call: Any) -> list[Any]:
     """``call(url)`` in two threads released together; both results (errors raised)."""
     barrier = threading.Barrier(2)

@@ -525,3 +525,168 @@ def test_a_backdated_write_waiting_for_a_drop_recreates_its_month(client, db, db
     assert outcome["balance"] == D(15)
     assert pname(*old) in ledger_partitions(db)
     assert client.reconcile() == []
+
+
+# ------------------------------------------------ drop_old_partitions: lock order (045)
+
+
+def waiting(db) -> int:
+    """How many backends wait for a lock."""
+    return db.execute("SELECT count(DISTINCT pid) AS n FROM pg_locks WHERE NOT granted").fetchone()[
+        "n"
+    ]
+
+
+def test_a_backdated_write_and_the_drop_of_its_month_do_not_deadlock(client, db, db_url):
+    """SPEC 3 item 6 (one lock order, no deadlocks) and item 5 (a backdated write lands in
+    its month). A write dated in a past month takes the ledger's ROW EXCLUSIVE lock first
+    (036's _ledger_time), then the month's partition on insert. drop_old_partitions used to
+    lock the partition, fold it, and only then take the ledger (its DROP TABLE locks the
+    parent): with the write queued behind another writer of its account, each waited for
+    the other (40P01). Since 045 the drop takes the ledger first, waits for the write, and
+    folds its row too (the count under the lock differs from its early read: a refold)."""
+    import threading
+
+    y, m = this_month(db)
+    old = add_months(y, m, -30)
+    client.allocate("u1", ET, 10, UNIT, event_time=mid_month(*old))
+    outcome: dict[str, object] = {}
+
+    holder = psycopg.connect(db_url)  # a writer of the same account, mid-transaction
+    try:
+        holder.execute("SELECT * FROM meter.allocate('u1', %s, 1, %s)", (ET, UNIT))
+
+        def backdated() -> None:
+            try:
+                # the SQL API itself: the SDK would retry a deadlock and hide it
+                with psycopg.connect(db_url, autocommit=True) as c:
+                    outcome["write"] = c.execute(
+                        "SELECT balance FROM meter.allocate('u1', %s, 5, %s, p_event_time => %s)",
+                        (ET, UNIT, mid_month(*old, day=16)),
+                    ).fetchone()[0]
+            except Exception as exc:  # reported by the assertion below
+                outcome["write_error"] = f"{exc.__class__.__name__}: {exc}"
+
+        def drop() -> None:
+            try:
+                with psycopg.connect(db_url, autocommit=True) as c:
+                    outcome["drop"] = [
+                        short(r[0])
+                        for r in c.execute("SELECT * FROM meter.drop_old_partitions(24)")
+                    ]
+            except Exception as exc:
+                outcome["drop_error"] = f"{exc.__class__.__name__}: {exc}"
+
+        w = threading.Thread(target=backdated)
+        w.start()
+        eventually(lambda: waiting(db) >= 1)  # the write queues behind the holder
+        d = threading.Thread(target=drop)
+        d.start()
+        eventually(lambda: waiting(db) >= 2)  # the drop waits for the ledger
+        holder.commit()
+        w.join(60)
+        d.join(60)
+    finally:
+        holder.close()
+    assert "write_error" not in outcome and "drop_error" not in outcome, outcome
+    assert outcome["drop"] == [pname(*old)]
+    assert checkpoint(db, "u1")["balance"] == D(15)  # both rows of the month folded
+    assert bal(client, "u1")["balance"] == D(16)
+    assert client.reconcile() == []
+
+
+def test_a_read_during_the_fold_of_a_month_does_not_deadlock_with_its_drop(client, db, db_url):
+    """SPEC 3 items 6 and 7. A read of the ledger (get_ledger here; get_usage, reconcile and
+    get_audit_events alike) takes the ledger's ACCESS SHARE lock, then the partitions'. The
+    drop used to hold the month's partition while it folded it and then ask for the ledger
+    (DROP TABLE): a read arriving during the fold held the ledger and waited for the month,
+    and the reader was killed (40P01). Since 045 the drop reads and writes the month's
+    fold before it takes the ledger, then the ledger before the month, to its commit: a
+    read answers, at once or after the drop. A lock on the account's checkpoint row
+    stands in for a fold that takes seconds."""
+    import threading
+
+    y, m = this_month(db)
+    client.allocate("u1", ET, 10, UNIT, event_time=mid_month(*add_months(y, m, -31)))
+    db.execute("SELECT * FROM meter.drop_old_partitions(24)").fetchall()  # a checkpoint row
+    client.allocate("u1", ET, 7, UNIT, event_time=mid_month(*add_months(y, m, -30)))
+    client.allocate("u1", ET, 3, UNIT)
+    outcome: dict[str, object] = {}
+
+    slow = psycopg.connect(db_url)  # keeps the fold's upsert waiting: a slow fold
+    try:
+        slow.execute("SELECT * FROM meter.ledger_checkpoints FOR UPDATE").fetchall()
+
+        def drop() -> None:
+            try:
+                with psycopg.connect(db_url, autocommit=True) as c:
+                    outcome["drop"] = [
+                        short(r[0])
+                        for r in c.execute("SELECT * FROM meter.drop_old_partitions(24)")
+                    ]
+            except Exception as exc:  # reported by the assertion below
+                outcome["drop_error"] = f"{exc.__class__.__name__}: {exc}"
+
+        def read() -> None:
+            try:
+                # the SQL API itself: the SDK would retry a deadlock and hide it
+                with psycopg.connect(db_url, autocommit=True) as c:
+                    outcome["ledger"] = c.execute(
+                        "SELECT count(*) FROM meter.get_ledger('u1', %s, %s)", (ET, UNIT)
+                    ).fetchone()[0]
+            except Exception as exc:
+                outcome["read_error"] = f"{exc.__class__.__name__}: {exc}"
+
+        d = threading.Thread(target=drop)
+        d.start()
+        eventually(lambda: waiting(db) >= 1)  # the fold waits, the month locked
+        r = threading.Thread(target=read)
+        r.start()
+        # the read answers at once (045: the drop reads and writes the month's fold before
+        # it locks the ledger) or waits for the drop; it used to wait and be killed
+        eventually(lambda: "ledger" in outcome or "read_error" in outcome or waiting(db) >= 2)
+        slow.commit()
+        d.join(60)
+        r.join(60)
+    finally:
+        slow.close()
+    assert "drop_error" not in outcome and "read_error" not in outcome, outcome
+    assert outcome["drop"] == [pname(*add_months(y, m, -30))]
+    assert outcome["ledger"] in (1, 2)  # read after or before the drop
+    assert checkpoint(db, "u1")["balance"] == D(17)
+    assert bal(client, "u1")["balance"] == D(20)
+    assert client.reconcile() == []
+
+
+def test_reconcile_waiting_for_a_drop_sees_its_fold(client, db, db_url):
+    """SPEC 3 item 7: reconcile() reports nothing on a healthy ledger, before, during and
+    after retention. reconcile was STABLE: its query ran on the calling statement's
+    snapshot, taken before it waited for the drop's lock, so it read the checkpoint as it
+    was before the fold but the ledger without the dropped month, and reported the folded
+    10 as a balance_mismatch. Since 045 it is VOLATILE: its snapshot follows its locks."""
+    import threading
+
+    y, m = this_month(db)
+    old = add_months(y, m, -30)
+    client.allocate("u1", ET, 10, UNIT, event_time=mid_month(*old))
+    client.allocate("u1", ET, 3, UNIT)
+    assert client.reconcile() == []
+    outcome: dict[str, object] = {}
+    with psycopg.connect(db_url) as dropper:
+        dropped = dropper.execute("SELECT * FROM meter.drop_old_partitions(24)").fetchall()
+        assert [short(r[0]) for r in dropped] == [pname(*old)]
+
+        def rec() -> None:
+            try:
+                outcome["rows"] = client.reconcile()
+            except Exception as exc:  # reported by the assertion below
+                outcome["error"] = f"{exc.__class__.__name__}: {exc}"
+
+        t = threading.Thread(target=rec)
+        t.start()
+        eventually(lambda: waiting(db) >= 1)  # reconcile waits for the ledger
+        dropper.commit()
+        t.join(30)
+    assert outcome == {"rows": []}, repr(outcome)
+    assert checkpoint(db, "u1")["balance"] == D(10)
+    assert client.reconcile() == []
