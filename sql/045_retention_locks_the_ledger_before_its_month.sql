@@ -265,3 +265,25 @@ BEGIN
 END
 $$;
 
+
+-- The arguments of drop_old_partitions that drop the ledger's months older than
+-- p_older_than_months one at a time, oldest first: each month's age in whole months after
+-- its end, at most 1200 (drop_old_partitions' bound: the months older than that go
+-- together). The worker drops a backlog one month per call and transaction with them, so
+-- that no call holds the ledger's lock across several folds.
+-- Locks: none (catalog reads).
+CREATE FUNCTION meter.retention_backlog(p_older_than_months integer)
+RETURNS TABLE (months integer)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT DISTINCT least(m.k, 1200)
+    FROM (SELECT extract(year FROM now() AT TIME ZONE 'UTC')::integer * 12
+                 + extract(month FROM now() AT TIME ZONE 'UTC')::integer
+                 - substr(c.relname, 8, 4)::integer * 12 - substr(c.relname, 13, 2)::integer
+                 - 1 AS k
+          FROM pg_catalog.pg_inherits i
+          JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
+          WHERE i.inhparent = 'meter.ledger'::regclass
+            AND c.relname ~ '^ledger_[0-9]{4}_[0-9]{2}$') m
+    WHERE m.k > p_older_than_months
+    ORDER BY 1 DESC
+$$;

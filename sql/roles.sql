@@ -58,7 +58,8 @@ $$;
 
 REVOKE EXECUTE ON FUNCTION meter.create_partition(integer, integer),
                            meter.ensure_partitions(integer),
-                           meter.drop_old_partitions(integer)
+                           meter.drop_old_partitions(integer),
+                           meter.retention_backlog(integer)
     FROM meter_app;
 
 -- Cluster-wide maintenance (sql/009_beat.sql): the functions refuse a tenant themselves; the

@@ -77,19 +77,8 @@ _SQL_ROLL_PERIODS: Final = (
 )
 _SQL_ENSURE_PARTITIONS: Final = "SELECT meter.ensure_partitions(%s::integer) AS name"
 _SQL_DROP_OLD_PARTITIONS: Final = "SELECT meter.drop_old_partitions(%s::integer) AS name"
-# For each ledger month older than the retention, oldest first, the largest argument of
-# meter.drop_old_partitions that drops it (its age in whole months after its end), at most
-# 1200 (the function's bound; the months older than that go together).
-_SQL_MONTHS_TO_DROP: Final = (
-    "SELECT DISTINCT least(m.k, 1200) AS k FROM ("
-    " SELECT extract(year FROM now() AT TIME ZONE 'UTC')::integer * 12"
-    " + extract(month FROM now() AT TIME ZONE 'UTC')::integer"
-    " - substr(c.relname, 8, 4)::integer * 12 - substr(c.relname, 13, 2)::integer - 1 AS k"
-    " FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid"
-    " WHERE i.inhparent = 'meter.ledger'::regclass"
-    " AND c.relname ~ '^ledger_[0-9]{4}_[0-9]{2}$') m"
-    " WHERE m.k > %s::integer ORDER BY 1 DESC"
-)
+# The calls of drop_old_partitions that drop a backlog one month at a time, oldest first.
+_SQL_RETENTION_BACKLOG: Final = "SELECT months FROM meter.retention_backlog(%s::integer)"
 _SQL_PRUNE_KEYS: Final = (
     "SELECT meter.prune_idempotency_keys(%s::integer, %s::integer,"
     " coalesce(%s::timestamptz, now())) AS pruned"
@@ -368,7 +357,7 @@ def drop_old_partitions(url: str, pool_size: int, older_than_months: int) -> lis
     first that drops nothing (a month the roll keeps, or another worker's) ends them."""
     dropped: list[str] = []
     with _pool(url, pool_size).connection() as conn:
-        ages = [int(row[0]) for row in conn.execute(_SQL_MONTHS_TO_DROP, (older_than_months,))]
+        ages = [int(row[0]) for row in conn.execute(_SQL_RETENTION_BACKLOG, (older_than_months,))]
         for age in ages:
             names = _drop_old_partitions(conn, age, quiet=True)
             dropped += names

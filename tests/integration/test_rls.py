@@ -565,6 +565,7 @@ MAINTENANCE_CALLS = {
     "create_partition": "SELECT meter.create_partition(2041, 1)",
     "ensure_partitions": "SELECT * FROM meter.ensure_partitions(24)",
     "drop_old_partitions": "SELECT * FROM meter.drop_old_partitions(1)",
+    "retention_backlog": "SELECT * FROM meter.retention_backlog(1)",
     "release_expired_reservations": "SELECT meter.release_expired_reservations(NULL)",
 }
 
