@@ -1,7 +1,9 @@
 """Fire-and-forget recording through the Celery pipeline: :class:`MeterProducer`.
 
 The producer validates each call exactly as :class:`meter.MeterClient` does (bad input
-raises :class:`~meter.errors.ValidationError` at once and nothing is enqueued), gives every
+raises :class:`~meter.errors.ValidationError` at once and nothing is enqueued; so does an
+``event_time`` the database would refuse on arrival, before 1900 or more than 24 hours
+ahead of this machine's clock, see ``_put_time``), gives every
 event an idempotency key, turns it into a message (:mod:`meter.wire`) and hands it to the
 broker. A worker applies it to PostgreSQL exactly once in effect (``worker/``).
 
@@ -35,7 +37,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from types import TracebackType
 from typing import Any, Final, Self
@@ -258,10 +260,39 @@ def _put_metadata(args: dict[str, Any], metadata: object) -> None:
         args["metadata"] = t.loads(text)
 
 
+EARLIEST_EVENT_TIME: Final = datetime(1900, 1, 1, tzinfo=UTC)
+"""No ledger row is dated before this instant (the database refuses it)."""
+
+MAX_EVENT_TIME_AHEAD: Final = timedelta(hours=24)
+"""How far ahead of now an ``event_time`` may be (the database's rule, by its clock)."""
+
+
 def _put_time(args: dict[str, Any], event_time: object) -> None:
+    """``event_time`` as the wire carries it: ISO 8601 in UTC (``+00:00``).
+
+    What the database refuses whatever the moment the event arrives is refused here, at
+    the call: a time before 1900-01-01 UTC, or more than 24 hours ahead. "Ahead" is
+    measured by this machine's clock, the only one the producer has; the database's own
+    check, by its clock when a worker applies the event, stays the authority. A
+    producer whose clock runs ``s`` ahead of the database's may thus pass a time that
+    the worker dead-letters (up to ``s`` past the database's limit, less the time the
+    event spent queued); one whose clock runs behind refuses times up to ``s`` short
+    of it. Keep the clocks in sync (NTP) and this does not matter.
+
+    Sent in UTC: the same instant, and a form ``apply_events`` always reads (an offset
+    with seconds or microseconds, which Python allows, has no ISO 8601 text it takes).
+    """
     checked = t.check_timestamp(event_time, "event_time")
-    if checked is not None:
-        args["event_time"] = checked.isoformat()
+    if checked is None:
+        return
+    if checked < EARLIEST_EVENT_TIME:
+        raise t.invalid("event_time", f"{checked.isoformat()} is before 1900")
+    if checked > datetime.now(UTC) + MAX_EVENT_TIME_AHEAD:
+        raise t.invalid(
+            "event_time",
+            f"{checked.isoformat()} is more than 24 hours in the future (by this machine's clock)",
+        )
+    args["event_time"] = checked.astimezone(UTC).isoformat()
 
 
 def _resendable(event: Mapping[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ An *event* is one element of the JSON array taken by ``meter.apply_events`` (SQL
 ``args`` uses the SQL parameter names without ``p_``; arguments left at their default are
 omitted. Amounts travel as strings holding the exact decimal text (never JSON numbers, so
 no JSON library on the way can turn them into floats); ``event_time`` is ISO 8601 with its
-offset. ``meter.apply_events`` takes these forms only (``sql/032``): a JSON number for an
+offset (the producer sends it in UTC, ``+00:00``). ``meter.apply_events`` takes these forms only (``sql/032``): a JSON number for an
 amount, but no ``'now'``, no time without its offset, no ``0x10`` or ``1_000``, and no
 identifier that is not a JSON string; it refuses the rest, naming the argument.
 

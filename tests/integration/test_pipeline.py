@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -148,6 +148,33 @@ def test_bad_input_raises_at_once_and_enqueues_nothing(make_producer, broker_url
     with pytest.raises(ValidationError) as info:
         call(p)
     assert info.value.parameter == parameter
+    assert queue_length(broker_url) == 0
+
+
+@pytest.mark.parametrize(
+    "event_time",
+    [
+        datetime(1899, 12, 31, 12, tzinfo=UTC),
+        # 1900-01-01 00:30 at +01:00 is still 1899 in UTC
+        datetime(1900, 1, 1, 0, 30, tzinfo=timezone(timedelta(hours=1))),
+        datetime.now(UTC) + timedelta(days=400),
+        datetime.now(UTC) + timedelta(hours=24, minutes=5),
+    ],
+    ids=["before-1900", "1899-in-utc", "400-days-ahead", "24h05-ahead"],
+)
+def test_an_event_time_the_database_always_refuses_is_refused_at_the_call(
+    make_producer, broker_url, event_time
+):
+    """Guards review D #3: an event_time before 1900 or more than 24 h ahead (by the
+    producer's clock) used to be enqueued and dead-lettered by the worker; the producer
+    refuses it at the call, naming event_time, with nothing enqueued (send_many too)."""
+    p = make_producer()
+    with pytest.raises(ValidationError) as info:
+        p.consume("u1", ET, 1, UNIT, event_time=event_time)
+    assert info.value.parameter == "event_time"
+    with pytest.raises(ValidationError, match=r"^events\[0\]: event_time: ") as info:
+        p.send_many([{**GOOD_EVENT, "event_time": event_time}])
+    assert info.value.parameter == "event_time"
     assert queue_length(broker_url) == 0
 
 
@@ -615,6 +642,22 @@ def test_event_time_travels_with_its_offset(pipeline, make_producer, db):
     p.allocate("u1", ET, 1, UNIT, event_time=when).wait()
     row = db.execute("SELECT event_time FROM meter.ledger").fetchone()
     assert row["event_time"] == when
+
+
+def test_an_event_time_with_a_sub_minute_offset_is_sent_in_utc_and_applied(
+    pipeline, make_producer, client, db
+):
+    """Guards review D #3: an offset with microseconds (MeterClient takes it: psycopg sends
+    UTC) was sent as '+00:00:00.000001', a text apply_events refuses (a dead letter).
+    The producer sends every event_time in UTC: the same instant, applied."""
+    when = datetime(2025, 6, 1, tzinfo=timezone(timedelta(microseconds=1)))
+    p = make_producer(results=True)
+    h = p.allocate("u1", ET, 1, UNIT, event_time=when)
+    assert h.wait(timeout=20)["balance"] == D(1)
+    client.allocate("u2", ET, 1, UNIT, event_time=when)  # the SDK, for comparison
+    rows = db.execute("SELECT user_id, event_time FROM meter.ledger ORDER BY user_id").fetchall()
+    assert [(r["user_id"], r["event_time"]) for r in rows] == [("u1", when), ("u2", when)]
+    assert dead_letters(db) == []
 
 
 # ------------------------------------------------------------------ buffered mode
