@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import atexit
 import copy
+import json
 import os
 import re
 import threading
 import time
+import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -58,7 +60,7 @@ from meter.errors import (
     from_sqlstate,
 )
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "EventHandle", "MeterProducer"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "EventHandle", "MeterProducer", "keyed_reservation_id"]
 
 DEFAULT_CHUNK_SIZE: Final = 500
 """Events per ``apply_batch`` message for :meth:`MeterProducer.send_many`."""
@@ -293,6 +295,22 @@ def _put_time(args: dict[str, Any], event_time: object) -> None:
             f"{checked.isoformat()} is more than 24 hours in the future (by this machine's clock)",
         )
     args["event_time"] = checked.astimezone(UTC).isoformat()
+
+
+_RESERVATION_ID_SPACE: Final = uuid.uuid5(uuid.NAMESPACE_URL, "meter:producer/reservation-id")
+
+
+def keyed_reservation_id(namespace: str, idempotency_key: str) -> str:
+    """The reservation id the producer gives a reserve that has a key but no id.
+
+    Derived (uuid5) from the namespace and the key, so that the caller's retry with its
+    key is the same request and replays, as ``MeterClient.reserve(idempotency_key=k)``
+    does, where the database makes the id; the producer must know it before the event
+    is applied, for the handle (commit and release can be enqueued at once). Another
+    request under the same key has the same id and is refused as a conflict
+    (``IdempotencyConflictError``), again as through the SDK.
+    """
+    return str(uuid.uuid5(_RESERVATION_ID_SPACE, json.dumps([namespace, idempotency_key])))
 
 
 def _resendable(event: Mapping[str, Any]) -> dict[str, Any]:
@@ -680,8 +698,14 @@ class MeterProducer:
     ) -> EventHandle:
         """Enqueue a reservation; parameters as :meth:`meter.MeterClient.reserve`.
 
-        The reservation id is generated (uuid4) when not given and returned in the handle,
-        so that commit or release can be enqueued right away; it is the reserve's key.
+        The reservation id, when not given, is made here and returned in the handle, so
+        that commit or release can be enqueued right away: a uuid4 without
+        ``idempotency_key`` (the id is then the reserve's key), else derived from the
+        namespace and the key (:func:`keyed_reservation_id`), so that the same call sent
+        again with its key replays as through ``MeterClient``, and another request under
+        that key is an ``IdempotencyConflictError``. (A key first used through
+        ``MeterClient``, which leaves the id to the database, is a conflict here, and the
+        other way round.)
         The hold's TTL counts from when a worker applies the reserve.
 
         Raises:
@@ -908,8 +932,10 @@ class MeterProducer:
         metadata: dict[str, Any] | None = None,
         reservation_id: str | None = None,
     ) -> tuple[dict[str, Any], str, str]:
-        rid = _ident(reservation_id, "reservation_id", nullable=True) or t.new_id()
+        rid = _ident(reservation_id, "reservation_id", nullable=True)
         key = _ident(idempotency_key, "idempotency_key", nullable=True)
+        if rid is None:
+            rid = t.new_id() if key is None else keyed_reservation_id(self._namespace, key)
         args = _account_args(user_id, event_type, amount, unit, resource, "positive", pool=False)
         args["reservation_id"] = rid
         ttl = t.check_int(ttl_seconds, "ttl_seconds", min_value=1, max_value=t.MAX_TTL_SECONDS)

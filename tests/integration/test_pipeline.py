@@ -226,6 +226,34 @@ def test_want_result_per_call(pipeline, make_producer):
         h.wait(0.1)
 
 
+def test_a_keyed_reserve_sent_again_replays_as_through_the_sdk(pipeline, make_producer, client, db):
+    """Guards review D #8: a reserve with the caller's idempotency_key and no
+    reservation_id got a new random id per call, so the caller's retry with its key was
+    another request (IdempotencyConflictError, a dead letter, a handle whose hold never
+    exists). The id is derived from namespace and key: the retry replays, as
+    MeterClient.reserve(idempotency_key=k) does, and another request under the key is
+    still a conflict."""
+    client.allocate("u1", ET, 100, UNIT)
+    sdk = client.reserve("u1", ET, 5, UNIT, idempotency_key="sdk-key")
+    assert client.reserve("u1", ET, 5, UNIT, idempotency_key="sdk-key") == sdk  # the SDK
+    p = make_producer(results=True)
+    first = p.reserve("u1", ET, 5, UNIT, idempotency_key="caller-key")
+    first_result = first.wait(timeout=20)
+    assert first_result["granted"] is True
+    again = p.reserve("u1", ET, 5, UNIT, idempotency_key="caller-key")  # the caller's retry
+    assert again.reservation_id == first.reservation_id
+    assert again.wait(timeout=20) == first_result
+    assert first_result["reservation_id"] == first.reservation_id
+    assert balance(client)["reserved"] == D(10)  # the SDK's hold and this one, once
+    other = p.reserve("u1", ET, 6, UNIT, idempotency_key="caller-key")
+    with pytest.raises(IdempotencyConflictError):
+        other.wait(timeout=20)
+    assert balance(client)["reserved"] == D(10)
+    assert [d["error_sqlstate"] for d in dead_letters(db)] == ["MT002"]
+    p.commit(first.reservation_id, 4).wait(timeout=20)
+    assert balance(client)["balance"] == D(96)
+
+
 def test_wait_raises_the_mapped_error_of_a_dead_letter(pipeline, make_producer, db, snapshot):
     p = make_producer(results=True)
     p.allocate("u1", ET, 1, UNIT, idempotency_key="k").wait()

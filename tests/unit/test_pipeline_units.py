@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from decimal import Decimal
 
@@ -149,6 +150,31 @@ def test_the_producers_amount_shortcut_agrees_with_to_amount(text, sign):
         assert isinstance(got, ValidationError) and str(got) == str(expected)
     else:
         assert got == expected
+
+
+def test_a_keyed_reserves_id_is_derived_from_namespace_and_key():
+    """Review D #8: a reserve with a key and no id gets an id the same call always gets
+    (so a retry replays), a valid reservation id, distinct per namespace and per key."""
+    from meter import types as t
+    from meter.producer import MeterProducer, keyed_reservation_id
+
+    rid = keyed_reservation_id("acme", "k1")
+    assert rid == keyed_reservation_id("acme", "k1") and uuid.UUID(rid).version == 5
+    assert t.check_identifier(rid, "reservation_id", min_len=1, max_len=128, nullable=False) == rid
+    others = [("acme", "k2"), ("other", "k1"), ("acme/k", "1"), ("acme", "/k1")]
+    assert len({rid, *(keyed_reservation_id(ns, key) for ns, key in others)}) == 5
+    p = MeterProducer("redis://127.0.0.1:1/0", "acme")
+    try:
+        args, key, got = p._reserve_args("u1", "tokens", 1, "tok", idempotency_key="k1")
+        assert (args["reservation_id"], key, got) == (rid, "k1", rid)
+        args, key, got = p._reserve_args("u1", "tokens", 1, "tok")  # keyless: random
+        assert uuid.UUID(got).version == 4 and key == got
+        args, key, got = p._reserve_args(
+            "u1", "tokens", 1, "tok", idempotency_key="k1", reservation_id="mine"
+        )
+        assert (key, got) == ("k1", "mine")
+    finally:
+        p.close()
 
 
 def test_generated_ids_are_uuid4():
