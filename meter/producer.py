@@ -1093,9 +1093,12 @@ class MeterProducer:
     def _publish(
         self, name: str, events: list[dict[str, Any]], task_id: str, want: bool, argsrepr: str
     ) -> None:
-        # A batch travels as the JSON text apply_events takes (meter.wire: the worker passes
-        # it on as it came); a single event as its object.
-        payload: Any = wire.dumps(events) if name == wire.APPLY_BATCH else events[0]
+        # JSON text made here (meter.wire), never objects for kombu's JSON: its decoder
+        # turns an object whose keys are "__type__" and "__value__" (metadata may hold one)
+        # into a Python value, or refuses the whole message, and the signature covers the
+        # text as sent. A batch is the text apply_events takes (the worker passes it on as
+        # it came); a single event the text of its object.
+        payload = wire.dumps(events if name == wire.APPLY_BATCH else events[0])
         try:
             self._app.send_task(
                 name,

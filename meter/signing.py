@@ -66,7 +66,11 @@ def canonical(namespace: str, payload: Any) -> bytes:
     """The bytes a signature covers: sorted keys, no white space, ASCII escapes.
 
     The same on both ends of the broker: the worker computes it from the message as
-    decoded by Celery (whose JSON round-trips ``Decimal``, ``int``, ``str``, lists, dicts).
+    decoded by Celery. Producers send (and sign) the JSON text of their events
+    (:mod:`meter.wire`), a string that Celery's JSON carries unchanged. An event sent as an
+    object (by an older producer) round-trips too (``Decimal``, ``int``, ``str``, lists,
+    dicts), unless it holds an object whose keys are ``__type__`` and ``__value__``, which
+    kombu's decoder turns into another value: such a message fails verification.
     """
     text = json.dumps(
         {"namespace": namespace, "payload": payload},

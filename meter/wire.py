@@ -20,9 +20,15 @@ identifier that is not a JSON string; it refuses the rest, naming the argument.
 Tasks (all JSON, one queue :data:`QUEUE`):
 
 ``meter.<op>(event, orphan_since=None, verdict=None, auth=None)``
-    one event (``op`` is consume, reserve, commit, release, allocate or adjust);
-    ``orphan_since`` is set by the worker itself when it retries a commit or release whose
-    reservation does not exist yet, ``verdict`` when it retries recording a dead letter.
+    one event (``op`` is consume, reserve, commit, release, allocate or adjust). ``event``
+    is the JSON text of its object (:func:`dumps`), as producers and the worker's own
+    single-event tasks send it, so that Celery's JSON (kombu's) never decodes event
+    content: its decoder turns any object whose keys are ``__type__`` and ``__value__``
+    (metadata may hold one) into a Python value, or refuses the whole message. An object
+    in its place (as sent before, or by another Celery client) is applied the same way,
+    as kombu decoded it. ``orphan_since`` is set by the worker itself when it retries a
+    commit or release whose reservation does not exist yet, ``verdict`` when it retries
+    recording a dead letter.
 ``meter.apply_batch(events, verdict=None, auth=None)``
     many events applied in one database transaction. ``events`` is the JSON text of their
     array (:func:`dumps`), exactly what ``meter.apply_events`` takes: the worker checks

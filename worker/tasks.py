@@ -235,11 +235,12 @@ class EventTask(Task):
         ns = auth.get("namespace") if isinstance(auth, dict) else None
         return (ns if isinstance(ns, str) and ns else None), None
 
-    def child_auth(self, s: Settings, event: dict[str, Any]) -> dict[str, str]:
-        """The ``auth`` of a single-event task the worker sends itself (signed if need be)."""
+    def child_auth(self, s: Settings, event: dict[str, Any], payload: Any) -> dict[str, str]:
+        """The ``auth`` of a single-event task the worker sends itself (signed if need be):
+        ``payload`` is ``event`` as the task carries it (its JSON text, or the object)."""
         ns = _namespace(event)
         key = signing.derive_key(s.signing_secret, ns) if s.signing_secret else None
-        return signing.make_auth(key, ns, event)
+        return signing.make_auth(key, ns, payload)
 
     def wants_result(self) -> bool:
         """Whether anyone waits for this run's outcome (else the SQL does not even build
@@ -287,10 +288,19 @@ class EventTask(Task):
         """
         request = self.request
         task_id = wire.child_task_id(request.id, idx)
-        kwargs = {**kwargs, "auth": self.child_auth(s, event)}
+        # As JSON text, as producers send single events: kombu's JSON decoder would turn
+        # an object of the event's (metadata) whose keys are "__type__" and "__value__"
+        # into a Python value, or refuse the whole message. What meter.wire does not write
+        # (a NUL escape, which no database stores: the child dead-letters it) goes as the
+        # object, as before.
+        try:
+            payload: Any = wire.dumps(event)
+        except ValueError:
+            payload = event
+        kwargs = {**kwargs, "auth": self.child_auth(s, event, payload)}
         self.app.send_task(
             wire.task_name(event["op"]),
-            args=(event,),
+            args=(payload,),
             kwargs=kwargs,
             task_id=task_id,
             countdown=countdown,
@@ -353,12 +363,26 @@ class EventTask(Task):
         self, op: str, event: Any, orphan_since: float | None, verdict: dict[str, Any] | None,
         auth: Any = None,
     ) -> Outcome:  # fmt: skip
-        """Apply one event (the body of ``meter.<op>``)."""
+        """Apply one event (the body of ``meter.<op>``).
+
+        ``event``: the JSON text of the event object (what producers send, and the
+        worker's own single-event tasks: :mod:`meter.wire`), or the object itself (as
+        sent before, and by any other Celery client), applied the same way.
+        """
         s = self.settings()
         self.request.retries = _retries(self.request.retries)
         counted = self.count_delivery(s)
         # Tenancy first: a crafted message must not even get its verdict recorded elsewhere.
-        ns, refusal = self.authorize(s, event, auth)
+        ns, refusal = self.authorize(s, event, auth)  # the signature covers the text as sent
+        if isinstance(event, str) and refusal is None:
+            text = event
+            try:
+                event = t.loads(text)
+            except (ValueError, RecursionError):
+                return self.dead_letter(
+                    s, op, text, "MT001", "message: the event is not valid JSON text", counted
+                )
+            self.request.meter_events = event  # for the metrics, parsed once
         if refusal is None and ns is not None and _names_other(event, ns):
             refusal = _mismatch_message(event, ns)
         if refusal is not None:

@@ -688,6 +688,100 @@ def test_an_event_time_with_a_sub_minute_offset_is_sent_in_utc_and_applied(
     assert dead_letters(db) == []
 
 
+# Metadata MeterClient stores as it is: plain JSON objects whose keys happen to be the two
+# that kombu's JSON decoder takes for a type marker.
+MARKER_METADATA = [
+    {"tag": {"__type__": "decimal", "__value__": "1"}},
+    {"tag": {"__type__": "bytes", "__value__": "abc"}},
+    {"tag": {"__type__": "no-such-type", "__value__": 1}},
+]
+SECRET = "pipeline-secret"
+
+
+def test_a_single_event_message_carries_its_event_as_json_text(make_producer, broker_url):
+    """A single event travels as the JSON text of its object (meter.wire), so that kombu's
+    JSON never decodes event content (review D #1, #2); its signature covers that text."""
+    from kombu import Connection
+
+    from meter import signing
+
+    key = signing.derive_key(SECRET, "default")
+    h = make_producer(signing_key=key).consume("u1", ET, "1.5", UNIT, metadata=MARKER_METADATA[0])
+    with Connection(broker_url) as conn:
+        message = conn.default_channel.basic_get(wire.QUEUE, no_ack=True)
+    assert message is not None and message.headers["task"] == "meter.consume"
+    (text,), kwargs, _ = message.decode()
+    assert isinstance(text, str) and text == wire.dumps(json.loads(text, parse_float=D))
+    event = json.loads(text)
+    assert event["args"]["idempotency_key"] == h.idempotency_key
+    assert event["args"]["metadata"] == MARKER_METADATA[0]
+    assert signing.verify(SECRET, kwargs["auth"], text) == "default"
+
+
+@pytest.mark.parametrize("metadata", MARKER_METADATA, ids=["decimal", "bytes", "unknown"])
+def test_metadata_with_kombus_type_marker_keys_reaches_the_ledger_unchanged(
+    pipeline, make_producer, client, db, metadata
+):
+    """Guards review D #1: metadata holding {"__type__", "__value__"} objects was decoded
+    by kombu's JSON into a Python value (changed: {"tag": 1}), or made it refuse the
+    message, acked and dropped (a lost unit). Sent as JSON text, it arrives unchanged."""
+    client.allocate("u1", ET, 10, UNIT)
+    p = make_producer(results=True)
+    h = p.consume("u1", ET, 1, UNIT, metadata=metadata)
+    assert h.wait(timeout=20)["balance"] == D(9)
+    row = db.execute(
+        "SELECT metadata FROM meter.ledger WHERE idempotency_key = %s", (h.idempotency_key,)
+    ).fetchone()
+    assert row["metadata"] == metadata
+    assert dead_letters(db) == []
+
+
+def test_a_signed_event_with_type_marker_metadata_verifies(pipeline, make_producer, db):
+    """Guards review D #2: kombu decoded such metadata into another value on the worker's
+    side, so a correctly signed message failed verification (MT004). The signature now
+    covers the event's text as sent, which kombu carries unchanged."""
+    from meter import signing
+
+    pipeline.conf.meter_signing_secret = SECRET
+    try:
+        p = make_producer("a", signing_key=signing.derive_key(SECRET, "a"), results=True)
+        meta = {"tag": {"__type__": "decimal", "__value__": "1"}}
+        assert p.allocate("u1", ET, 10, UNIT, metadata=meta).wait(timeout=20)["balance"] == 10
+    finally:
+        pipeline.conf.meter_signing_secret = ""
+    rows = db.execute("SELECT metadata::text AS m FROM meter.ledger").fetchall()
+    assert rows == [{"m": '{"tag": {"__type__": "decimal", "__value__": "1"}}'}]
+    assert dead_letters(db) == []
+
+
+def test_a_deferred_batch_event_with_type_marker_metadata_reaches_the_ledger_unchanged(
+    pipeline, make_producer, client, db
+):
+    """Review D #1, the worker's side: a batch event handed to a task of its own (a commit
+    before its reserve; a split batch likewise) is sent as JSON text too, signed, so
+    kombu does not decode its metadata."""
+    from meter import signing
+
+    meta = {"tag": {"__type__": "no-such-type", "__value__": 1}}
+    client.allocate("u1", ET, 10, UNIT)
+    pipeline.conf.meter_signing_secret = SECRET
+    try:
+        p = make_producer(signing_key=signing.derive_key(SECRET, "default"), results=True)
+        (commit,) = p.send_many(
+            [{"op": "commit", "reservation_id": "r-m", "actual_amount": 2, "metadata": meta}]
+        )
+        time.sleep(0.3)  # the batch has run: the commit waits in a task of its own
+        p.reserve("u1", ET, 5, UNIT, reservation_id="r-m").wait(timeout=20)
+        assert commit.wait(timeout=20)["status"] == "committed"
+    finally:
+        pipeline.conf.meter_signing_secret = ""
+    row = db.execute(
+        "SELECT metadata FROM meter.ledger WHERE entry_type = 'consumption'"
+    ).fetchone()
+    assert row["metadata"] == meta
+    assert dead_letters(db) == []
+
+
 # ------------------------------------------------------------------ buffered mode
 
 
@@ -1789,8 +1883,8 @@ def test_a_broker_that_stops_answering_leaves_the_publish_in_doubt(tmp_path):
                 messages = [json.loads(m) for m in client.lrange(wire.QUEUE, 0, -1)]
             finally:
                 client.close()
-            keys = {
-                json.loads(base64.b64decode(m["body"]))[0][0]["args"]["idempotency_key"]
+            keys = {  # each body's first argument: the event's JSON text
+                json.loads(json.loads(base64.b64decode(m["body"]))[0][0])["args"]["idempotency_key"]
                 for m in messages
             }
             assert "before" in keys and keys <= {"before", event["idempotency_key"]}, keys
