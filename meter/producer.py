@@ -13,8 +13,12 @@ Two ways to send:
   has returned, the event is in Redis (durable as Redis is: AOF, ``everysec``).
 - **Buffered** (``batch_size`` and/or ``linger_ms``): calls append to an in-memory buffer
   that is sent as one ``apply_batch`` message when it holds ``batch_size`` events, when
-  its oldest event is ``linger_ms`` old, on :meth:`MeterProducer.flush`,
-  :meth:`MeterProducer.close` and at interpreter exit. Much cheaper per event, at a price:
+  its oldest event is ``linger_ms`` old (also when the caller has dropped the producer
+  without closing it: the linger thread holds it while it holds events), on
+  :meth:`MeterProducer.flush`, :meth:`MeterProducer.close` and at interpreter exit,
+  including the exit of a process started by :mod:`multiprocessing` (which skips atexit
+  hooks: a finalizer of its own sends the buffer; after a fork, the child's buffer is
+  its own, empty at first). Much cheaper per event, at a price:
   **events still in the buffer are lost if the process dies before they are sent**
   (SIGKILL, OOM, power loss: at most ``batch_size`` events or ``linger_ms`` of traffic).
   Use direct mode, or call ``flush()`` at the points where you need the guarantee, for
@@ -31,6 +35,7 @@ from __future__ import annotations
 import atexit
 import copy
 import json
+import multiprocessing.util
 import os
 import re
 import threading
@@ -349,7 +354,8 @@ class MeterProducer:
     Durability: in direct mode (neither ``batch_size`` nor ``linger_ms``) an event is in the
     broker when the call returns. In buffered mode, **events in the buffer are lost if the
     process dies before they are sent** (at most ``batch_size`` events or ``linger_ms``
-    milliseconds of them); ``flush()``, ``close()`` and interpreter exit send them.
+    milliseconds of them); ``flush()``, ``close()`` and interpreter exit (that of a
+    ``multiprocessing`` child included) send them.
 
     The recording methods take the same parameters as ``MeterClient``'s, validate them the
     same way (``ValidationError`` at once, nothing enqueued), and return an
@@ -454,12 +460,22 @@ class MeterProducer:
         # nobody left to send its batch-mates.
         self._close_flushing = False
         self._linger_thread: threading.Thread | None = None
+        # The linger thread's hold on this producer: [self] while the buffer holds events
+        # (set under _lock by whoever puts them there), so that a producer dropped without
+        # close() is not collected with its events; emptied once nothing is buffered.
+        self._linger_keep: list[MeterProducer] = []
         self._atexit: Callable[[], None] | None = None
+        self._exit_flush: multiprocessing.util.Finalize | None = None
         if self._buffered:
             ref = weakref.ref(self)
             self._atexit = lambda: _flush_ref(ref)
             atexit.register(self._atexit)
             os.register_at_fork(after_in_child=lambda: _reset_ref_after_fork(ref))
+            # A process started by multiprocessing ends with os._exit(), which runs no
+            # atexit hook, only multiprocessing's finalizers: one flushes the buffer (and
+            # another, registered anew after a fork, in a forked child).
+            _register_exit_flush(self)
+            multiprocessing.util.register_after_fork(self, _register_exit_flush)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -602,6 +618,9 @@ class MeterProducer:
                 if self._atexit is not None:
                     atexit.unregister(self._atexit)
                     self._atexit = None
+                if self._exit_flush is not None:
+                    self._exit_flush.cancel()
+                    self._exit_flush = None
                 thread = self._linger_thread
                 if thread is not None and thread is not threading.current_thread():
                     thread.join(timeout=5)
@@ -1012,6 +1031,7 @@ class MeterProducer:
                 if batch is None:
                     batch = self._batch = _Batch()
                     self._ensure_linger_thread()
+                    self._keep_alive()
                     self._wakeup.notify()
                 index = len(batch.events)
                 batch.events.append(event)
@@ -1070,6 +1090,7 @@ class MeterProducer:
             if own is None:
                 with self._lock:
                     self._unsent.appendleft(batch)  # exc.events: set by _flush
+                    self._keep_alive()
                 raise
             self._keep_batch_mates(batch, own, exc)
             raise
@@ -1086,6 +1107,7 @@ class MeterProducer:
             orphaned = self._close_flushing
             if batch.events and not orphaned:
                 self._unsent.appendleft(batch)
+                self._keep_alive()
         if isinstance(exc, PublishError):
             doubt = [*batch.events, mine] if orphaned else [mine]
             exc.events = [_resendable(event) for event in doubt]
@@ -1127,11 +1149,19 @@ class MeterProducer:
     def _ensure_linger_thread(self) -> None:
         # Called with _lock held.
         if self._linger_thread is None or not self._linger_thread.is_alive():
+            self._linger_keep = []
             self._linger_thread = threading.Thread(
-                target=_linger_loop, args=(weakref.ref(self),), name="meter-producer-linger",
-                daemon=True,
+                target=_linger_loop, args=(weakref.ref(self), self._linger_keep),
+                name="meter-producer-linger", daemon=True,
             )  # fmt: skip
             self._linger_thread.start()
+
+    def _keep_alive(self) -> None:
+        """Have the linger thread hold this producer while the buffer holds events (called
+        with _lock held, by whoever puts events there): a producer its caller drops
+        without close() still sends them when they are due."""
+        if not self._linger_keep:
+            self._linger_keep.append(self)
 
     def _buffered_events(self) -> list[dict[str, Any]]:
         """Every event the buffer holds, oldest first, as ``send_many`` items."""
@@ -1160,6 +1190,7 @@ class MeterProducer:
         self._fillers = []
         self._filled = threading.Condition(self._lock)
         self._linger_thread = None
+        self._linger_keep = []
 
     # ------------------------------------------------------------------ results
 
@@ -1266,11 +1297,25 @@ def _reset_ref_after_fork(ref: weakref.ReferenceType[MeterProducer]) -> None:
         producer._after_fork()
 
 
-def _linger_loop(ref: weakref.ReferenceType[MeterProducer]) -> None:
+def _register_exit_flush(producer: MeterProducer) -> None:
+    """Have multiprocessing's exit (a child it started ends with ``os._exit()``, which runs
+    no atexit hook) send what ``producer`` holds, by a weak reference: the finalizer goes
+    with the producer. Called at creation, and again in a child forked by multiprocessing
+    (its finalizers are cleared at the child's start; this runs after that)."""
+    ref = weakref.ref(producer)
+    producer._exit_flush = multiprocessing.util.Finalize(
+        producer, _flush_ref, args=(ref,), exitpriority=0
+    )
+
+
+def _linger_loop(ref: weakref.ReferenceType[MeterProducer], keep: list[MeterProducer]) -> None:
     """Background thread of a buffered producer: send each batch once it is linger_ms old.
 
-    Holds only a weak reference between rounds, so an abandoned producer can be collected
-    (its atexit hook is weak too).
+    ``keep`` holds the producer while its buffer holds events (the producer puts itself
+    there, under its lock, as events enter the buffer), so one its caller dropped without
+    ``close()`` still sends them when due. Otherwise the thread holds only a weak reference
+    between rounds, so an abandoned producer with nothing buffered can be collected (its
+    atexit hook and multiprocessing finalizer are weak too), and the thread ends.
     """
     while True:
         producer = ref()
@@ -1280,6 +1325,7 @@ def _linger_loop(ref: weakref.ReferenceType[MeterProducer]) -> None:
         with producer._lock:
             stop, wait = producer._due_batch()
             if stop:
+                keep.clear()
                 return
             if wait is None or wait > 0:
                 # Woken by the first event of a new batch, or by close(); re-check either way.
@@ -1291,4 +1337,7 @@ def _linger_loop(ref: weakref.ReferenceType[MeterProducer]) -> None:
                 producer._flush()
             except Exception:  # broker down: the events are back in the buffer; retry later
                 time.sleep(min(producer._linger, 1.0))
+        with producer._lock:  # the producer's _keep_alive() sets it again, under this lock
+            if producer._batch is None and not producer._unsent:
+                keep.clear()
         del producer  # no strong reference while looping: an abandoned producer is collected

@@ -817,6 +817,59 @@ def test_buffered_producer_close_and_wait_flush(pipeline, make_producer, client,
         p.consume("u1", ET, 1, UNIT)
 
 
+_FORK_PRODUCER: Any = None  # the parent's producer, used by a forked child
+
+
+def _consume_in_child() -> None:
+    _FORK_PRODUCER.consume("u1", ET, 1, UNIT, idempotency_key="from-child")
+
+
+@pytest.mark.timeout(60)
+def test_a_child_forked_by_multiprocessing_sends_its_buffer_when_it_exits(
+    make_producer, broker_url
+):
+    """Guards review D #5: a child started by multiprocessing (fork) ends with os._exit(),
+    which runs no atexit hook, so what it buffered with the parent's producer was dropped.
+    A multiprocessing finalizer, registered anew in the child, sends it."""
+    import multiprocessing
+
+    global _FORK_PRODUCER
+    _FORK_PRODUCER = make_producer(batch_size=100, linger_ms=60_000)
+    try:
+        child = multiprocessing.get_context("fork").Process(target=_consume_in_child)
+        child.start()
+        child.join(timeout=30)
+        assert child.exitcode == 0
+    finally:
+        _FORK_PRODUCER = None
+    assert queue_length(broker_url) == 1  # the child's event; the parent buffered nothing
+
+
+@pytest.mark.timeout(60)
+def test_a_buffered_producer_dropped_without_close_still_sends_its_events(broker_url):
+    """Guards review D #6: the linger thread held the producer only while it waited, so a
+    producer its caller dropped was collected at the end of that wait, with the batch due
+    that very round. It now holds the producer while the buffer holds events; once they
+    are sent, the producer is collected and the thread ends."""
+    import gc
+    import weakref
+
+    from meter.producer import MeterProducer
+
+    p = MeterProducer(broker_url, batch_size=100, linger_ms=300)
+    p.consume("u1", ET, 1, UNIT, idempotency_key="dropped")
+    thread = p._linger_thread
+    ref = weakref.ref(p)
+    time.sleep(0.1)  # the linger thread is waiting for the batch to be due
+    del p
+    gc.collect()
+    eventually(lambda: queue_length(broker_url) == 1, timeout=10)
+    assert thread is not None
+    thread.join(timeout=10)  # nothing buffered: it lets the producer go, and ends
+    gc.collect()
+    assert not thread.is_alive() and ref() is None
+
+
 def test_buffered_producer_is_thread_safe(pipeline, make_producer, client):
     from concurrent.futures import ThreadPoolExecutor
 
