@@ -199,7 +199,9 @@ class EventHandle:
             MeterConnectionError: the outcome could not be read: the broker's Redis did not
                 answer (the event was sent; wait again later).
             PublishError: the event was still buffered and the flush that sends it failed
-                (as :meth:`MeterProducer.flush`).
+                (as :meth:`MeterProducer.flush`); or it was never sent, handed back by a
+                ``close()`` that failed (in that error's ``events``; this one's ``events``
+                holds it again): raised at once, whatever ``timeout``.
             ValidationError, IdempotencyConflictError, NotFoundError, TenantError,
             MeterError: the event can never be applied; it is in the dead letters.
         """
@@ -1198,7 +1200,15 @@ class MeterProducer:
         batch = handle._batch
         if batch is not None:
             if not batch.sent:
-                self.flush()
+                self.flush()  # returns once every batch in the buffer, or being sent, is sent
+            if not batch.sent:
+                # Not in the buffer any more, and never sent: handed back in the error of a
+                # close() (or fill) that could not send it. No task will ever answer.
+                raise PublishError(
+                    f"{handle.op} {handle.idempotency_key}: the event was never sent: a "
+                    "close() that could not send the buffer handed it back in its error",
+                    events=[_resendable(batch.events[handle._index or 0])],
+                )
             if batch.outcome is None:
                 outcome = self._fetch(batch.task_id, deadline)
                 if not isinstance(outcome, list):

@@ -870,6 +870,38 @@ def test_a_buffered_producer_dropped_without_close_still_sends_its_events(broker
     assert not thread.is_alive() and ref() is None
 
 
+@pytest.mark.timeout(60)
+def test_wait_on_an_event_a_failed_close_handed_back_raises_at_once(
+    make_producer, broker_url, monkeypatch
+):
+    """Guards review D #7: after close() failed and handed the buffer back (exc.events),
+    wait() flushed nothing and waited for a task that does not exist: with timeout=None,
+    for ever. It raises PublishError at once, the event in its events."""
+    p = make_producer(batch_size=10, linger_ms=3_600_000, results=True)
+    h = p.consume("u1", ET, 1, UNIT)
+    monkeypatch.setattr(p._app, "send_task", _refused)
+    with pytest.raises(PublishError) as closing:
+        p.close()
+    monkeypatch.undo()  # the broker is back
+    outcome: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            h.wait(timeout=None)
+        except BaseException as exc:  # checked below
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    waiter.join(timeout=12)
+    assert not waiter.is_alive(), "wait(None) still waiting for an event that was never sent"
+    (error,) = outcome
+    assert isinstance(error, PublishError), error
+    assert error.events == closing.value.events
+    assert error.events[0]["idempotency_key"] == h.idempotency_key
+    assert queue_length(broker_url) == 0
+
+
 def test_buffered_producer_is_thread_safe(pipeline, make_producer, client):
     from concurrent.futures import ThreadPoolExecutor
 
