@@ -26,7 +26,8 @@ Tasks (all JSON, one queue :data:`QUEUE`):
     content: its decoder turns any object whose keys are ``__type__`` and ``__value__``
     (metadata may hold one) into a Python value, or refuses the whole message. An object
     in its place (as sent before, or by another Celery client) is applied the same way,
-    as kombu decoded it. ``orphan_since`` is set by the worker itself when it retries a
+    as kombu decoded it (workers from before the text form take only objects: upgrade
+    workers first). ``orphan_since`` is set by the worker itself when it retries a
     commit or release whose reservation does not exist yet, ``verdict`` when it retries
     recording a dead letter.
 ``meter.apply_batch(events, verdict=None, auth=None)``
