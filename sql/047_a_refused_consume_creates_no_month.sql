@@ -6,14 +6,21 @@
 -- changed the schema, and a tenant could add empty months back to 1900 without writing a
 -- row, each one more partition for every scan of the ledger to pass over.
 --
--- Now such a consume checks the time's bounds as before, looks its key up, and creates the
--- month and writes in one subtransaction, which a refusal rolls back (private SQLSTATE
--- MTX02, caught here only) with the partition and the locks it took. A granted consume is
--- unchanged. Only this case pays for the subtransaction: undated consumes, unchecked ones
--- and those dated in a month that exists take the path they took before. A refused write
--- through apply_events goes through this function (its one-by-one path).
+-- Now such a consume checks the time's bounds as before, then creates the month, looks its
+-- key up and writes in one subtransaction, which a refusal or a replay rolls back (private
+-- SQLSTATE MTX02, caught here only) with the partition and the locks it took. A granted
+-- consume is unchanged. Only this case pays for the subtransaction: undated consumes,
+-- unchecked ones and those dated in a month that exists take the path they took before. A
+-- refused write through apply_events goes through this function (its one-by-one path) in
+-- a batch of one; a batch of several makes its dated events' months before its locks (044)
+-- and keeps them.
 --
--- Lock order: unchanged (the month before the account, 036), inside the subtransaction.
+-- Not changed: creating the partition gives the transaction an id, so that 040's
+-- meter._expire_due, when the consume is short, passes over an account someone else holds
+-- instead of waiting for it (as before 047, where _ledger_time created the month first).
+--
+-- Lock order: unchanged, inside the subtransaction: the month (036), the key (027), the
+-- account.
 --
 -- Migrations once applied are never edited: 028's consume is replaced whole; only the
 -- lines marked 047 changed.
@@ -73,22 +80,20 @@ BEGIN
         v_hash := meter._hash('consume', p_user_id, p_event_type, v_resource, p_unit,
                               v_amount::text, v_check::text,
                               (p_event_time AT TIME ZONE 'UTC')::text, p_metadata::text);
-        v_replay := meter._replay(p_namespace, p_idempotency_key, 'consume', v_hash);
-        IF v_replay IS NOT NULL THEN
-            success := true;
-            balance := (v_replay->>'balance')::numeric;
-            available := balance - (v_replay->>'reserved')::numeric;
-            entry_id := (v_replay->>'entry_id')::bigint;
-            RETURN NEXT;
-            RETURN;
-        END IF;
     END IF;
-
     IF v_new_month THEN
-        -- 047: the month, then the write, in a subtransaction that a refusal rolls back
-        -- with the partition it created (and its locks); v_post keeps what _apply returned
+        -- 047: the month, the key's look-up and the write, in that order (months before
+        -- keys, 036 and 027), in a subtransaction that a refusal or a replay rolls back
+        -- with the partition it created and its locks; v_post and v_replay keep what was
+        -- returned
         BEGIN
             PERFORM meter._ledger_time('event_time', p_event_time);
+            IF p_idempotency_key IS NOT NULL THEN
+                v_replay := meter._replay(p_namespace, p_idempotency_key, 'consume', v_hash);
+                IF v_replay IS NOT NULL THEN
+                    RAISE EXCEPTION USING ERRCODE = 'MTX02';
+                END IF;
+            END IF;
             v_post := meter._apply(p_namespace, p_user_id, p_event_type, v_resource, p_unit,
                                    'consumption', -v_amount, v_time, v_amount, NULL,
                                    p_metadata, p_idempotency_key, 'consume', v_hash);
@@ -96,9 +101,24 @@ BEGIN
                 RAISE EXCEPTION USING ERRCODE = 'MTX02';
             END IF;
         EXCEPTION WHEN SQLSTATE 'MTX02' THEN
-            NULL;  -- refused: reported below from what _apply returned
+            -- replayed or refused: reported below. _replay's note for _apply_one's status
+            -- (meter.replayed, 027) went with the subtransaction: set again
+            IF v_replay IS NOT NULL THEN
+                PERFORM set_config('meter.replayed', 'on', true);
+            END IF;
         END;
-    ELSE
+    ELSIF p_idempotency_key IS NOT NULL THEN
+        v_replay := meter._replay(p_namespace, p_idempotency_key, 'consume', v_hash);
+    END IF;
+    IF v_replay IS NOT NULL THEN
+        success := true;
+        balance := (v_replay->>'balance')::numeric;
+        available := balance - (v_replay->>'reserved')::numeric;
+        entry_id := (v_replay->>'entry_id')::bigint;
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    IF NOT v_new_month THEN
         v_post := meter._apply(p_namespace, p_user_id, p_event_type, v_resource, p_unit,
                                'consumption', -v_amount, v_time,
                                CASE WHEN v_check THEN v_amount END, NULL, p_metadata,

@@ -750,3 +750,165 @@ def test_a_refused_event_in_a_batch_changes_nothing_not_even_a_partition(db, sna
         (new,) = [r for r in after.pop(table) if r not in old]
         assert "u2" in new
     assert after == before
+
+
+# ------------------------------------------ order and locks (a review of 044 and 047)
+
+
+def _status(rows: list[dict[str, Any]]) -> list[tuple[Any, Any]]:
+    return [(r["status"], r["error_sqlstate"]) for r in rows]
+
+
+def _next_ledger_id(db: Any) -> int:
+    row = db.execute("SELECT last_value, is_called FROM meter.ledger_id_seq").fetchone()
+    return int(row["last_value"]) + (1 if row["is_called"] else 0)
+
+
+def _accounts(db: Any, ns: str) -> list[tuple[Any, ...]]:
+    rows = db.execute(
+        "SELECT user_id, balance, reserved FROM meter.accounts WHERE namespace = %s"
+        " ORDER BY user_id",
+        (ns,),
+    ).fetchall()
+    return [(r["user_id"], r["balance"], r["reserved"]) for r in rows]
+
+
+def _wait_for_waiters(db: Any, n: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        waiting = db.execute(
+            "SELECT count(DISTINCT pid) AS n FROM pg_locks WHERE NOT granted"
+        ).fetchone()["n"]
+        if waiting >= n:
+            return
+        assert time.monotonic() < deadline, f"expected {n} waiting backends, saw {waiting}"
+        time.sleep(0.05)
+
+
+def test_an_adjust_referring_to_an_entry_a_later_event_writes_is_refused_as_one_by_one(db):
+    """An adjust with a reference_id is judged against the whole ledger, so no later event
+    takes the fast path (which writes first): one by one, [adjust u2 ref=E, allocate u1]
+    refuses the adjust (MT003: no entry E yet) and the allocate gets id E; the batch applied
+    the adjust, +1 unit invented on u2 and no dead letter (found by a review of 044)."""
+    events_for = lambda ref: [  # noqa: E731
+        _ev("adjust", user_id="u2", event_type=ET, amount="1", unit=UNIT, reference_id=ref),
+        _give("u1", "10"),
+    ]
+    single_rows = _singles(db, "s", events_for(_next_ledger_id(db)))
+    assert _status(single_rows) == [("error", "MT003"), ("applied", None)]
+
+    batch_rows = _batch(db, "b", events_for(_next_ledger_id(db)))
+    assert _status(batch_rows) == _status(single_rows)
+    assert _accounts(db, "b") == [("u1", D(10), D(0))]
+
+
+def test_a_batch_files_its_dead_letters_in_array_order(db):
+    """A batch's dead letters are those of the calls one by one, in their order: a fast
+    event refused by 3a (its key stored before for another request) was filed before an
+    earlier event refused one by one (3a's results come first in v_out)."""
+    for ns in ("s", "b"):
+        db.execute(
+            "SELECT meter.allocate('u2', %s, 5, %s, p_namespace => %s, p_idempotency_key => 'k')",
+            (ET, UNIT, ns),
+        )
+    events = [_use("u1", "x"), _give("u2", "7", idempotency_key="k")]
+    _singles(db, "s", events)
+    _batch(db, "b", events)
+
+    def letters(ns: str) -> list[Any]:
+        return [
+            (r["op"], r["error_sqlstate"])
+            for r in db.execute(
+                "SELECT op, error_sqlstate FROM meter.dead_letters WHERE namespace = %s"
+                " ORDER BY dead_letter_id",
+                (ns,),
+            ).fetchall()
+        ]
+
+    assert letters("s") == [("consume", "MT001"), ("allocate", "MT002")]
+    assert letters("b") == letters("s")
+
+
+def test_a_dated_event_whose_key_an_earlier_invalid_event_used_makes_its_month_first(db, db_url):
+    """Months first (step 1), then accounts, for every valid dated event, a key's later
+    use included: step 1 left out a dated event whose key an earlier invalid event used,
+    and step 4 made its month under the accounts' locks. Batch X = [consume u1 'x' key k,
+    allocate u1 dated 2002-05 key k, allocate u2]; batch Y = [allocate u1 dated 2002-05,
+    allocate u3]: Y made the month, then waited for u1, which X held while it waited for
+    the month (40P01). A blocker holding u2 makes the interleaving deterministic."""
+    for user in ("u1", "u2", "u3"):
+        db.execute("SELECT meter.allocate(%s, %s, 1, %s, p_namespace => 'n')", (user, ET, UNIT))
+    month = "2002-05-06T07:08:09Z"
+    x = [_use("u1", "x", idempotency_key="k"), _give("u1", "1", event_time=month,
+                                                        idempotency_key="k"),
+         _give("u2", "1")]  # fmt: skip
+    y = [_give("u1", "1", event_time=month), _give("u3", "1")]
+
+    blocker = psycopg.connect(db_url)
+    blocker.execute(
+        "SELECT 1 FROM meter.accounts WHERE namespace = 'n' AND user_id = 'u2' FOR UPDATE"
+    )
+    errors: dict[str, str | None] = {}
+
+    def run(name: str, events: list[dict[str, Any]]) -> None:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            try:
+                conn.execute(APPLY_ROWS, (Jsonb([{**e, "namespace": "n"} for e in events]),))
+                errors[name] = None
+            except psycopg.Error as exc:
+                errors[name] = f"{exc.sqlstate} {exc}"
+
+    tx = threading.Thread(target=run, args=("x", x))
+    ty = threading.Thread(target=run, args=("y", y))
+    try:
+        tx.start()
+        _wait_for_waiters(db, 1)  # X holds u1 and waits for u2
+        ty.start()
+        _wait_for_waiters(db, 2)  # Y made the month and waits for u1
+    finally:
+        blocker.rollback()
+        blocker.close()
+        tx.join(30)
+        ty.join(30)
+    assert errors == {"x": None, "y": None}, [
+        v[:300].replace(chr(10), " | ") for v in errors.values() if v
+    ]
+
+
+def test_a_checked_consume_in_a_new_month_takes_the_month_before_its_key(db, db_url):
+    """A checked consume dated in a month with no partition (047) takes the month, then its
+    key, as every write does (036, 027): it looked its key up first, and the same event
+    delivered in a batch of several (step 1: month; 2b: key) and on its own deadlocked
+    (40P01). One applies and the other replays, reported 'replayed' (the note _replay
+    leaves for _apply_one's status survives 047's subtransaction). A transaction holding
+    the month's creation lock orders the two."""
+    db.execute("SELECT meter.allocate('u1', %s, 100, %s, p_namespace => 'n')", (ET, UNIT))
+    event = _use("u1", "5", check_balance=True, idempotency_key="k",
+                 event_time="2001-03-04T05:06:07Z")  # fmt: skip
+    blocker = psycopg.connect(db_url)
+    blocker.execute("SELECT pg_advisory_xact_lock(19781, 200103)")
+    out: dict[str, Any] = {}
+
+    def run(name: str, events: list[dict[str, Any]]) -> None:
+        with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+            try:
+                rows = conn.execute(
+                    APPLY_ROWS, (Jsonb([{**e, "namespace": "n"} for e in events]),)
+                ).fetchall()
+                out[name] = rows[0]["status"]
+            except psycopg.Error as exc:
+                out[name] = f"{exc.sqlstate} {exc}"
+
+    several = threading.Thread(target=run, args=("batch", [event, _give("u2", "1")]))
+    single = threading.Thread(target=run, args=("single", [event]))
+    try:
+        several.start()
+        _wait_for_waiters(db, 1)  # the batch waits to make the month (no key yet)
+        single.start()
+        _wait_for_waiters(db, 2)  # the single holds the key and waits for the month
+    finally:
+        blocker.rollback()
+        blocker.close()
+        several.join(30)
+        single.join(30)
+    assert sorted(out.values()) == ["applied", "replayed"], out
