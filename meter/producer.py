@@ -20,7 +20,12 @@ Two ways to send:
   hooks: a finalizer of its own sends the buffer; after a fork, the child's buffer is
   its own, empty at first). Much cheaper per event, at a price:
   **events still in the buffer are lost if the process dies before they are sent**
-  (SIGKILL, OOM, power loss: at most ``batch_size`` events or ``linger_ms`` of traffic).
+  (SIGKILL, OOM, power loss: at most ``batch_size`` events or ``linger_ms`` of traffic
+  while the broker takes the messages; while it refuses them, at most ``max_buffered``
+  events, 10 x ``batch_size`` by default, plus the batch each call then under way was
+  sending). The buffer never holds more than ``max_buffered``: a call that finds it full
+  first sends its oldest batch itself (back-pressure) and, if the broker refuses that
+  too, raises ``PublishError`` with its own event, which was not buffered.
   Use direct mode, or call ``flush()`` at the points where you need the guarantee, for
   usage you cannot afford to lose.
 
@@ -72,6 +77,10 @@ DEFAULT_CHUNK_SIZE: Final = 500
 
 MAX_CHUNK_SIZE: Final = 10000
 DEFAULT_BATCH_SIZE: Final = 500
+BUFFERED_BATCHES: Final = 10
+"""Default ``max_buffered``: this many times ``batch_size`` events."""
+
+MAX_BUFFERED: Final = 10_000_000
 DEFAULT_LINGER_MS: Final = 50
 DEFAULT_TTL_SECONDS: Final = 300
 BROKER_TIMEOUT_SECONDS: Final = 30
@@ -200,8 +209,10 @@ class EventHandle:
                 answer (the event was sent; wait again later).
             PublishError: the event was still buffered and the flush that sends it failed
                 (as :meth:`MeterProducer.flush`); or it was never sent, handed back by a
-                ``close()`` that failed (in that error's ``events``; this one's ``events``
-                holds it again): raised at once, whatever ``timeout``.
+                ``close()`` that failed, or by the call that filled its batch, failed to send
+                it and found no room for it in a full buffer (``max_buffered``) (in that
+                error's ``events``; this one's ``events`` holds it again): raised at once,
+                whatever ``timeout``.
             ValidationError, IdempotencyConflictError, NotFoundError, TenantError,
             MeterError: the event can never be applied; it is in the dead letters.
         """
@@ -352,12 +363,18 @@ class MeterProducer:
             workers with ``METER_SIGNING_SECRET`` set refuse unsigned messages.
         broker_timeout: seconds one publish may wait for the broker (1..3600; default
             :data:`BROKER_TIMEOUT_SECONDS`).
+        max_buffered: buffered mode: the most events the buffer holds (batch_size..10**7;
+            default 10 x ``batch_size``). A call that finds it full first sends the oldest
+            batches itself until it is not (back-pressure); if the broker refuses, the
+            call raises ``PublishError`` with its own event in ``exc.events``, unbuffered.
 
     Durability: in direct mode (neither ``batch_size`` nor ``linger_ms``) an event is in the
     broker when the call returns. In buffered mode, **events in the buffer are lost if the
     process dies before they are sent** (at most ``batch_size`` events or ``linger_ms``
-    milliseconds of them); ``flush()``, ``close()`` and interpreter exit (that of a
-    ``multiprocessing`` child included) send them.
+    milliseconds of them while the broker takes the messages; while it refuses them, at
+    most ``max_buffered``, plus the batch each call then under way was sending: the one
+    it filled, its own event included); ``flush()``, ``close()`` and interpreter exit
+    (that of a ``multiprocessing`` child included) send them.
 
     The recording methods take the same parameters as ``MeterClient``'s, validate them the
     same way (``ValidationError`` at once, nothing enqueued), and return an
@@ -374,7 +391,10 @@ class MeterProducer:
     once either way; calling the method again without that key would be a second event
     if the first message had got through. In buffered mode the call whose event fills
     the batch sends it; if that fails, its own event is taken out of the buffer (it is
-    ``exc.events``) and the others stay buffered for the next attempt. ``send_many`` sends
+    ``exc.events``) and the others stay buffered for the next attempt (unless other calls
+    have filled the buffer to ``max_buffered`` meanwhile: they are in ``exc.events``
+    too, and their handles' ``wait()`` raises). A call that finds the buffer full and
+    cannot send its oldest batch raises with its own event, not buffered. ``send_many`` sends
     chunk by chunk: the chunks confirmed before a failure stay sent, and ``exc.events``
     holds the rest.
     """
@@ -390,6 +410,7 @@ class MeterProducer:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         signing_key: str | None = None,
         broker_timeout: int = BROKER_TIMEOUT_SECONDS,
+        max_buffered: int | None = None,
     ) -> None:
         self._namespace: str = _ident(namespace, "namespace")
         timeout = t.check_int(broker_timeout, "broker_timeout", min_value=1, max_value=3600)
@@ -408,6 +429,12 @@ class MeterProducer:
             "batch_size",
             min_value=1,
             max_value=MAX_CHUNK_SIZE,
+        )
+        self._max_buffered = t.check_int(
+            BUFFERED_BATCHES * self._batch_size if max_buffered is None else max_buffered,
+            "max_buffered",
+            min_value=self._batch_size,  # room for a full batch
+            max_value=MAX_BUFFERED,
         )
         self._linger = (
             t.check_int(
@@ -441,9 +468,11 @@ class MeterProducer:
         self._close_done = threading.Event()
         self._closer: threading.Thread | None = None
         self._close_error: BaseException | None = None  # what the first close() raised
-        # Buffered mode: _lock guards _batch (the open batch) and _unsent (full batches the
+        # Buffered mode: _lock guards _batch (the open batch) and _unsent (batches a flush
+        # is sending, which stay there until the broker confirms them, full batches the
         # broker refused, or a signal handler filled during a send: oldest first, each kept
-        # whole so its handles stay valid);
+        # whole so its handles stay valid). Together they hold at most _max_buffered events;
+        # a batch the call that filled it is sending is out of both, that call's;
         # _send_lock serialises sending, so flush() returns only after every batch taken
         # before it has reached the broker. Reentrant only so that a call re-entering on
         # the same thread (a signal handler) can tell that it did (_held_here) and refuse,
@@ -532,12 +561,14 @@ class MeterProducer:
             try:
                 while True:
                     with self._lock:
-                        if self._unsent:
-                            batch = self._unsent.popleft()
-                        elif self._batch is not None:
-                            batch, self._batch = self._batch, None
-                        else:
+                        if not self._unsent and self._batch is not None:
+                            # Closed: the next call opens another. Sent from _unsent, where
+                            # it stays until the broker has confirmed it.
+                            self._unsent.append(self._batch)
+                            self._batch = None
+                        if not self._unsent:
                             return
+                        batch = self._unsent[0]
                     self._send_batch(batch)
             except PublishError as exc:
                 if hand_over:
@@ -1027,34 +1058,48 @@ class MeterProducer:
         me = threading.get_ident()
         registered = False  # set before the append: the finally then never misses an entry
         try:
-            with self._lock:
-                self._check_open()
-                batch = self._batch
-                if batch is None:
-                    batch = self._batch = _Batch()
-                    self._ensure_linger_thread()
-                    self._keep_alive()
-                    self._wakeup.notify()
-                index = len(batch.events)
-                batch.events.append(event)
-                batch.want_result = batch.want_result or want
-                if index + 1 >= self._batch_size:
-                    self._batch = None
-                    if _held_here(self._send_lock):
-                        # A signal handler inside this thread's own send, which nothing
-                        # may interleave with: the batch waits its turn, and the linger
-                        # thread sends it once that send is over.
-                        self._unsent.append(batch)
-                        self._wakeup.notify()
-                    else:
-                        full = batch
-                        registered = True
-                        self._fillers.append(me)
+            while True:
+                with self._lock:
+                    self._check_open()
+                    if self._held() < self._max_buffered:
+                        batch = self._batch
+                        if batch is None:
+                            batch = self._batch = _Batch()
+                            self._ensure_linger_thread()
+                            self._keep_alive()
+                            self._wakeup.notify()
+                        index = len(batch.events)
+                        batch.events.append(event)
+                        batch.want_result = batch.want_result or want
+                        if index + 1 >= self._batch_size:
+                            self._batch = None
+                            if _held_here(self._send_lock):
+                                # A signal handler inside this thread's own send, which
+                                # nothing may interleave with: the batch waits its turn,
+                                # and the linger thread sends it once that send is over.
+                                self._unsent.append(batch)
+                                self._wakeup.notify()
+                            else:
+                                full = batch
+                                registered = True
+                                self._fillers.append(me)
+                        break
+                    if _held_here(self._send_lock):  # a signal handler inside this thread's send
+                        raise self._full(op, key, event, "this thread is sending a batch")
+                # The buffer is full (the broker has been refusing its batches): back-pressure.
+                # This call sends the oldest ones itself, as the call that fills a batch does;
+                # if the broker refuses, the event is not buffered but handed back.
+                try:
+                    room = self._make_room()
+                except PublishError as exc:
+                    raise self._full(op, key, event, str(exc)) from exc
+                if not room:
+                    raise self._full(op, key, event, "no batch to send")
             if full is not None:
-                # Sent by the caller that filled it: back-pressure instead of an unbounded
-                # buffer. If that fails, this call raises with its own event in the error
-                # (no handle): the event is the caller's to send again, so it does not stay
-                # buffered too.
+                # Sent by the caller that filled it: back-pressure (and max_buffered bounds
+                # what failures leave). If that fails, this call raises with its own event
+                # in the error (no handle): the event is the caller's to send again, so it
+                # does not stay buffered too.
                 sending = False
                 try:
                     with self._send_lock:
@@ -1072,13 +1117,56 @@ class MeterProducer:
                     self._filled.notify_all()
         return EventHandle(self, op, key, rid, batch.task_id, want, batch, index)
 
-    def _send_batch(self, batch: _Batch, own: int | None = None) -> None:
-        """Publish a buffered batch; on failure keep it, first in line for the next send.
+    def _held(self) -> int:
+        """How many events the buffer holds: the unsent batches and the open one (called
+        with _lock held). A batch that the call which filled it is sending is not counted:
+        it is that call's until the send fails and its batch-mates come back."""
+        held = len(self._batch.events) if self._batch is not None else 0
+        if self._unsent:
+            held += sum(len(batch.events) for batch in self._unsent)
+        return held
 
-        ``own``: the index of the event of the call that is sending, which raises: that
-        event (the batch's last) is left out of what is kept and goes in the error's
-        ``events`` instead. The batch is kept whole otherwise, never merged with another:
-        the handles of its events hold it and their index in it.
+    def _make_room(self) -> bool:
+        """Back-pressure for a call that found the buffer full: send the oldest unsent
+        batches, under the send lock, until the buffer is below ``max_buffered``. Returns
+        whether it is (False: nothing unsent to send).
+
+        Raises:
+            PublishError: the broker did not confirm a batch; it stays first in line.
+        """
+        with self._send_lock:
+            while True:
+                with self._lock:
+                    if self._held() < self._max_buffered:
+                        return True
+                    if not self._unsent:
+                        return False
+                    batch = self._unsent[0]
+                self._send_batch(batch)
+
+    def _full(self, op: str, key: str, event: dict[str, Any], why: str) -> PublishError:
+        """The error of a call that found the buffer full and could not make room: its
+        event is in no buffer and in no message, the caller's to send again."""
+        return PublishError(
+            f"{op} {key}: the buffer holds max_buffered={self._max_buffered} events the "
+            f"broker has not taken, and its oldest batch could not be sent ({why}): the "
+            "event was not buffered; send exc.events again (with its key) later",
+            events=[_resendable(event)],
+        )
+
+    def _send_batch(self, batch: _Batch, own: int | None = None) -> None:
+        """Publish a batch.
+
+        ``own=None``: a batch of the buffer (in ``_unsent``), sent where it lies: it leaves
+        the buffer once the broker has confirmed it, and stays there on failure, first in
+        line for the next send. Counted in the buffer meanwhile (``max_buffered``).
+
+        ``own``: a batch the sending call filled and took out of the buffer; the index of
+        that call's event, which raises: that event (the batch's last) is left out of what
+        is kept and goes in the error's ``events`` instead (``_keep_batch_mates``).
+
+        A batch is kept whole, never merged with another: the handles of its events hold
+        it and their index in it.
         """
         try:
             self._publish(
@@ -1089,29 +1177,35 @@ class MeterProducer:
                 f"<{len(batch.events)} events>",
             )
         except BaseException as exc:
-            if own is None:
-                with self._lock:
-                    self._unsent.appendleft(batch)  # exc.events: set by _flush
-                    self._keep_alive()
-                raise
-            self._keep_batch_mates(batch, own, exc)
-            raise
-        batch.sent = True
+            if own is not None:
+                self._keep_batch_mates(batch, own, exc)
+            raise  # (own=None: exc.events set by the caller)
+        with self._lock:
+            batch.sent = True
+            if own is None and batch in self._unsent:  # (not if a close() has handed it over)
+                if self._unsent[0] is batch:
+                    self._unsent.popleft()
+                else:  # batch-mates put back in front of it meanwhile
+                    self._unsent.remove(batch)
 
     def _keep_batch_mates(self, batch: _Batch, own: int, exc: BaseException) -> None:
         """The call that filled ``batch`` failed to send it (``exc``): its own event
         (``own``) is left out, the caller's to send again; the others stay buffered and go
         again with their keys, as close() waits for this call before it flushes. Unless
         close() runs on this very thread (a signal handler inside the call) and has
-        flushed: nobody would send them then, so a PublishError lists them too."""
+        flushed: nobody would send them then, so a PublishError lists them too. So it does
+        when they do not fit in the buffer any more (``max_buffered``: other calls filled
+        it while this one was sending)."""
         mine = batch.events.pop(own)
         with self._lock:
             orphaned = self._close_flushing
-            if batch.events and not orphaned:
+            over = self._held() + len(batch.events) > self._max_buffered
+            handed = orphaned or (over and isinstance(exc, PublishError))
+            if batch.events and not handed:
                 self._unsent.appendleft(batch)
                 self._keep_alive()
         if isinstance(exc, PublishError):
-            doubt = [*batch.events, mine] if orphaned else [mine]
+            doubt = [*batch.events, mine] if handed else [mine]
             exc.events = [_resendable(event) for event in doubt]
 
     def _publish(
@@ -1177,7 +1271,7 @@ class MeterProducer:
         if self._closed:
             return True, None
         if self._unsent:
-            return False, 0.0  # refused by the broker before: try again now
+            return False, 0.0  # refused by the broker before (or being sent): try again now
         if self._batch is None:
             return False, None
         return False, self._batch.created + self._linger - time.monotonic()
@@ -1206,7 +1300,9 @@ class MeterProducer:
                 # close() (or fill) that could not send it. No task will ever answer.
                 raise PublishError(
                     f"{handle.op} {handle.idempotency_key}: the event was never sent: a "
-                    "close() that could not send the buffer handed it back in its error",
+                    "close() that could not send the buffer, or the call that filled its "
+                    "batch and could not send it (the buffer full), handed it back in its "
+                    "error",
                     events=[_resendable(batch.events[handle._index or 0])],
                 )
             if batch.outcome is None:

@@ -1677,6 +1677,45 @@ def test_close_that_cannot_send_hands_over_the_buffer(
     assert balance(client)["reserved"] == D(4)
 
 
+def test_a_full_buffer_hands_events_back_and_sends_the_rest_once_the_broker_is_back(
+    pipeline, make_producer, client, db, monkeypatch
+):
+    """Guards the review of the buffer's growth (160 of 200 events held while the broker
+    refused): with max_buffered=20 the buffer holds at most 20, every other event comes
+    back in a PublishError; once the broker is back, flush() sends the buffered ones, their
+    handles answer, and with the handed-back ones sent again each of the 200 events is
+    applied exactly once."""
+    p = make_producer(batch_size=5, linger_ms=3_600_000, max_buffered=20, results=True)
+    held: list[int] = []
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        with p._lock:
+            held.append(
+                sum(len(b.events) for b in p._unsent) + len(p._batch.events if p._batch else [])
+            )
+        return _refused()
+
+    monkeypatch.setattr(p._app, "send_task", refused)
+    handles, handed = [], []
+    for i in range(200):
+        try:
+            handles.append(p.allocate("u1", ET, 1, UNIT, idempotency_key=f"e{i}"))
+        except PublishError as exc:
+            handed.extend(exc.events)
+    assert held and max(held) <= 20
+    assert len(handles) == 20 and len(handed) == 180
+    keys = [h.idempotency_key for h in handles] + [e["idempotency_key"] for e in handed]
+    assert sorted(keys) == sorted(f"e{i}" for i in range(200))
+    monkeypatch.undo()  # the broker is back
+    p.flush()
+    outcomes = [h.wait(timeout=20) for h in handles]  # raises if an event was refused
+    assert sorted(o["balance"] for o in outcomes) == [D(n) for n in range(1, 21)]
+    make_producer().send_many(handed)
+    p.close()
+    applied = _settled(client, db, D(200))
+    assert applied == Counter(f"e{i}" for i in range(200))
+
+
 def store_outcome(
     broker_url: str, task_id: str, balance: str = "-1", *, publish: bool = True
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 import psycopg
 import pytest
@@ -782,3 +783,200 @@ def test_calls_made_inside_a_held_producer_lock_are_refused_not_hung():
     assert producer._closed is False
     producer.close()
     assert sent == [["k0", "k1", "k2"]]
+
+
+class _RefusingBroker:
+    """A producer's ``send_task`` whose broker refuses every message, recording the most
+    events the producer held at any send: its buffer and the message being sent (the
+    batch the filling call took out of it)."""
+
+    def __init__(self, producer: Any) -> None:
+        self.producer = producer
+        self.attempts = 0
+        self.peak = 0
+        self.peak_buffer = 0
+        self.refuse = True
+        self.sent: list[str] = []
+        producer._app.send_task = self
+
+    def buffered(self) -> list[str]:
+        producer = self.producer
+        with producer._lock:
+            batches = [*producer._unsent, *([producer._batch] if producer._batch else [])]
+            return [e["args"]["idempotency_key"] for b in batches for e in b.events]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        import json
+
+        from kombu.exceptions import OperationalError as KombuOperationalError
+
+        (payload,) = kwargs["args"]
+        message = [e["args"]["idempotency_key"] for e in json.loads(payload)]
+        if not self.refuse:
+            self.sent.extend(message)
+            return
+        self.attempts += 1
+        buffered = self.buffered()
+        self.peak_buffer = max(self.peak_buffer, len(buffered))
+        self.peak = max(self.peak, len({*buffered, *message}))
+        raise KombuOperationalError("Error 111 connecting to the broker: Connection refused")
+
+
+def test_a_refusing_broker_holds_the_buffer_to_max_buffered():
+    """Guards the review of the buffer's growth: with the broker refusing, each call that
+    filled a batch handed its own event back and kept the 4 others: 200 calls left 160
+    events in memory, all lost if the process died. With max_buffered=20, a call that
+    finds 20 buffered sends the oldest batch itself and, refused, hands its event back
+    without buffering it: at most 20 events (+ the batch being sent) are ever held, each
+    event is buffered or handed back (once), and the buffer goes once the broker is back."""
+    from meter.errors import PublishError
+    from meter.producer import MeterProducer
+
+    producer = MeterProducer(
+        "redis://127.0.0.1:1/0", batch_size=5, linger_ms=3_600_000, max_buffered=20
+    )
+    broker = _RefusingBroker(producer)
+    handed: list[str] = []
+    handles = []
+    try:
+        for i in range(200):
+            try:
+                handles.append(producer.consume("u1", "tokens", 1, "tok", idempotency_key=f"k{i}"))
+            except PublishError as exc:
+                handed.extend(event["idempotency_key"] for event in exc.events)
+            assert len(broker.buffered()) <= 20
+        buffered = broker.buffered()
+        assert broker.peak <= 20 + 5 and broker.peak_buffer <= 20
+        assert len(buffered) == 20
+        assert len(set(handed)) == len(handed) == 180
+        assert sorted([*buffered, *handed]) == sorted(f"k{i}" for i in range(200))
+        assert sorted(h.idempotency_key for h in handles) == sorted(buffered)
+        assert broker.attempts >= 180  # back-pressure: the calls tried to send
+        broker.refuse = False  # the broker is back
+        producer.flush()
+        assert sorted(broker.sent) == sorted(buffered) and broker.buffered() == []
+        assert all(h._batch.sent for h in handles)
+    finally:
+        producer.close()
+    assert sorted(broker.sent) == sorted(buffered)  # nothing sent twice
+
+
+def test_many_threads_against_a_refusing_broker_stay_within_max_buffered():
+    """Calls from many threads: the buffer never holds more than max_buffered events, and
+    every event is buffered or handed back, exactly once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from meter.errors import PublishError
+    from meter.producer import MeterProducer
+
+    producer = MeterProducer("redis://127.0.0.1:1/0", batch_size=5, linger_ms=5, max_buffered=20)
+    broker = _RefusingBroker(producer)
+    handed: list[str] = []
+
+    def record(i: int) -> None:
+        try:
+            producer.consume("u1", "tokens", 1, "tok", idempotency_key=f"k{i}")
+        except PublishError as exc:
+            handed.extend(event["idempotency_key"] for event in exc.events)
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(record, range(400)))
+        buffered = broker.buffered()
+        assert broker.peak_buffer <= 20 and len(buffered) <= 20
+        assert len(set(handed)) == len(handed)
+        assert sorted([*buffered, *handed]) == sorted(f"k{i}" for i in range(400))
+        broker.refuse = False
+    finally:
+        producer.close()
+    assert sorted(broker.sent) == sorted(buffered)
+
+
+def test_batch_mates_that_no_longer_fit_are_handed_back():
+    """The call that filled a batch fails to send it while other calls filled the buffer:
+    its batch-mates would take the buffer past max_buffered, so its error hands them back
+    with its own event rather than keep them."""
+    import threading
+
+    from meter.errors import PublishError
+    from meter.producer import MeterProducer
+
+    producer = MeterProducer(
+        "redis://127.0.0.1:1/0", batch_size=3, linger_ms=3_600_000, max_buffered=3
+    )
+    broker = _HeldBroker(producer, refuse=True)
+    errors: list[BaseException] = []
+
+    def fill() -> None:
+        try:
+            producer.consume("u1", "tokens", 1, "tok", idempotency_key="k2")
+        except BaseException as exc:  # checked below
+            errors.append(exc)
+
+    try:
+        for key in ("k0", "k1"):
+            producer.consume("u1", "tokens", 1, "tok", idempotency_key=key)
+        filler = threading.Thread(target=fill)
+        filler.start()  # takes [k0, k1, k2] out of the buffer, sends it
+        assert broker.sending.wait(timeout=10)
+        for key in ("k3", "k4"):
+            producer.consume("u1", "tokens", 1, "tok", idempotency_key=key)
+        broker.release.set()  # refused
+        filler.join(timeout=30)
+        (error,) = errors
+        assert isinstance(error, PublishError)
+        assert sorted(e["idempotency_key"] for e in error.events) == ["k0", "k1", "k2"]
+        assert [e["args"]["idempotency_key"] for e in producer._batch.events] == ["k3", "k4"]
+        assert not producer._unsent
+        broker.refuse = False
+    finally:
+        producer.close()
+    (kwargs,) = broker.sent
+    assert '"k3"' in kwargs["args"][0] and '"k0"' not in kwargs["args"][0]  # type: ignore[index]
+
+
+def test_a_full_buffer_inside_its_threads_own_send_hands_the_event_back():
+    """A signal handler recording inside this thread's send (the send lock held) cannot
+    send the oldest batch to make room: at the cap, its event is handed back at once."""
+    from meter.errors import PublishError
+    from meter.producer import MeterProducer
+
+    producer = MeterProducer(
+        "redis://127.0.0.1:1/0", batch_size=2, linger_ms=3_600_000, max_buffered=2
+    )
+    broker = _RefusingBroker(producer)
+    try:
+        with producer._send_lock:
+            producer.consume("u1", "tokens", 1, "tok", idempotency_key="k0")
+            producer.consume("u1", "tokens", 1, "tok", idempotency_key="k1")  # fills: waits
+            with pytest.raises(PublishError, match="max_buffered=2") as full:
+                producer.consume("u1", "tokens", 1, "tok", idempotency_key="k2")
+            assert [e["idempotency_key"] for e in full.value.events] == ["k2"]
+            assert broker.attempts == 0 and broker.buffered() == ["k0", "k1"]
+        broker.refuse = False
+    finally:
+        producer.close()
+    assert broker.sent == ["k0", "k1"]
+
+
+@pytest.mark.parametrize("value", [0, 4, -1, 10_000_001, 2.5, "20", True])
+def test_a_bad_max_buffered_is_refused_by_name(value):
+    from meter.producer import MeterProducer
+
+    with pytest.raises(ValidationError, match=r"^max_buffered: ") as info:
+        MeterProducer("redis://127.0.0.1:1/0", batch_size=5, max_buffered=value)
+    assert info.value.parameter == "max_buffered"
+
+
+def test_max_buffered_defaults_to_ten_batches():
+    from meter.producer import MeterProducer
+
+    for kwargs, expected in (({"batch_size": 5}, 50), ({"linger_ms": 10}, 5000)):
+        producer = MeterProducer("redis://127.0.0.1:1/0", **kwargs)  # type: ignore[arg-type]
+        try:
+            assert producer._max_buffered == expected
+        finally:
+            producer.close()
+    exact = MeterProducer("redis://127.0.0.1:1/0", batch_size=5, max_buffered=5)
+    assert exact._max_buffered == 5
+    exact.close()
