@@ -196,3 +196,16 @@ def dumps(value: Any) -> str:
     except (TypeError, ValueError):
         return t.dumps(value)
     return t.dumps(value) if "\\u0000" in text else text
+
+
+def holds_type_marker(value: Any) -> bool:
+    """True when ``value`` holds an object whose keys are exactly ``__type__`` and
+    ``__value__``, which kombu's JSON decoder turns into a Python value (or refuses with
+    the whole message) instead of passing on."""
+    if isinstance(value, dict):
+        if value.keys() == {"__type__", "__value__"}:
+            return True
+        return any(holds_type_marker(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(holds_type_marker(v) for v in value)
+    return False

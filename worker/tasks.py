@@ -37,6 +37,7 @@ the name is taken on trust, but an event naming another namespace is still dead-
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any, Final, NoReturn
@@ -288,15 +289,17 @@ class EventTask(Task):
         """
         request = self.request
         task_id = wire.child_task_id(request.id, idx)
-        # As JSON text, as producers send single events: kombu's JSON decoder would turn
-        # an object of the event's (metadata) whose keys are "__type__" and "__value__"
-        # into a Python value, or refuse the whole message. What meter.wire does not write
-        # (a NUL escape, which no database stores: the child dead-letters it) goes as the
-        # object, as before.
-        try:
-            payload: Any = wire.dumps(event)
-        except ValueError:
-            payload = event
+        # As the object, which every worker reads, also one not upgraded yet during a
+        # rolling upgrade (one that cannot read the text form files it where no retry can
+        # apply it). Except an event holding an object whose keys are "__type__" and
+        # "__value__" (metadata may): kombu's JSON decoder would turn that into a Python
+        # value or refuse the whole message, so it goes as JSON text, as producers send
+        # single events. What meter.wire does not write (a NUL escape, which no database
+        # stores: the child dead-letters it) stays the object.
+        payload: Any = event
+        if wire.holds_type_marker(event):
+            with contextlib.suppress(ValueError):
+                payload = wire.dumps(event)
         kwargs = {**kwargs, "auth": self.child_auth(s, event, payload)}
         self.app.send_task(
             wire.task_name(event["op"]),

@@ -980,3 +980,19 @@ def test_max_buffered_defaults_to_ten_batches():
     exact = MeterProducer("redis://127.0.0.1:1/0", batch_size=5, max_buffered=5)
     assert exact._max_buffered == 5
     exact.close()
+
+
+def test_holds_type_marker_finds_kombus_marker_objects_at_any_depth():
+    # What the worker sends as JSON text rather than as the object (send_child): only an
+    # event kombu's JSON decoder would change; every other one goes as the object, which a
+    # worker not yet upgraded also reads.
+    marker = {"__type__": "decimal", "__value__": "1"}
+    assert wire.holds_type_marker(marker)
+    assert wire.holds_type_marker({"op": "consume", "args": {"metadata": {"a": [1, marker]}}})
+    for plain in (
+        {"op": "consume", "args": {"metadata": {"__type__": "x"}}},  # one key alone
+        {"__type__": "x", "__value__": 1, "more": 2},  # other keys too
+        ["__type__", "__value__"],
+        {"args": {"user_id": "u1", "amount": "5"}},
+    ):
+        assert not wire.holds_type_marker(plain), plain
