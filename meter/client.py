@@ -995,8 +995,11 @@ class MeterClient:
             ttl_seconds: lifetime of the hold, 1..86400.
             idempotency_key, metadata: as for :meth:`allocate`.
             reservation_id: a client-chosen id (1..128 characters), itself idempotent;
-                generated when omitted (by the client when no ``idempotency_key`` is
-                given either, so that the call can be run again after a lost connection).
+                made by the client when omitted, so that the call can be run again after
+                a lost connection: derived from the namespace and ``idempotency_key``
+                when one is given (:func:`meter.types.keyed_reservation_id`, as
+                ``MeterProducer`` derives it, so that the same reserve replays through
+                either), else a random UUID.
 
         Returns:
             ``{"granted": bool, "reservation_id": str | None, "balance", "available":
@@ -1017,10 +1020,11 @@ class MeterClient:
                 t.check_int(ttl_seconds, "ttl_seconds", min_value=1, max_value=t.MAX_TTL_SECONDS),
                 key := _ident(idempotency_key, "idempotency_key", nullable=True),
                 _jsonb(metadata),
-                # Without a key or an id of the caller's, the hold gets an id generated
-                # here rather than in the database, so that the call can be run again.
+                # Without an id of the caller's, the hold gets one made here rather than
+                # in the database, so that the call can be run again: with a key, the id
+                # the producer derives from it too (the request's fingerprint covers it).
                 rid := _ident(reservation_id, "reservation_id", nullable=True)
-                or (None if key is not None else t.new_id()),
+                or (t.new_id() if key is None else t.keyed_reservation_id(self._namespace, key)),
             ],
             replay=_replayed_by(idempotency_key=key, reservation_id=rid),
         )

@@ -39,13 +39,11 @@ from __future__ import annotations
 
 import atexit
 import copy
-import json
 import multiprocessing.util
 import os
 import re
 import threading
 import time
-import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -71,6 +69,8 @@ from meter.errors import (
 )
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "EventHandle", "MeterProducer", "keyed_reservation_id"]
+
+keyed_reservation_id = t.keyed_reservation_id  # the producer's public name for it
 
 DEFAULT_CHUNK_SIZE: Final = 500
 """Events per ``apply_batch`` message for :meth:`MeterProducer.send_many`."""
@@ -118,7 +118,7 @@ Amount = int | Decimal | str | float
 class _Batch:
     """Events buffered for one ``apply_batch`` message (buffered mode)."""
 
-    __slots__ = ("created", "events", "outcome", "sent", "task_id", "want_result")
+    __slots__ = ("created", "events", "filler", "outcome", "sent", "task_id", "want_result")
 
     def __init__(self, task_id: str | None = None) -> None:
         self.task_id = task_id or t.new_id()
@@ -127,6 +127,9 @@ class _Batch:
         self.want_result = False
         self.sent = False
         self.outcome: list[Any] | None = None
+        # The thread of the call that filled it and is about to send it (out of the buffer
+        # meanwhile), else None: a wait() for one of its events waits for that call.
+        self.filler: int | None = None
 
 
 class EventHandle:
@@ -313,22 +316,6 @@ def _put_time(args: dict[str, Any], event_time: object) -> None:
             f"{checked.isoformat()} is more than 24 hours in the future (by this machine's clock)",
         )
     args["event_time"] = checked.astimezone(UTC).isoformat()
-
-
-_RESERVATION_ID_SPACE: Final = uuid.uuid5(uuid.NAMESPACE_URL, "meter:producer/reservation-id")
-
-
-def keyed_reservation_id(namespace: str, idempotency_key: str) -> str:
-    """The reservation id the producer gives a reserve that has a key but no id.
-
-    Derived (uuid5) from the namespace and the key, so that the caller's retry with its
-    key is the same request and replays, as ``MeterClient.reserve(idempotency_key=k)``
-    does, where the database makes the id; the producer must know it before the event
-    is applied, for the handle (commit and release can be enqueued at once). Another
-    request under the same key has the same id and is refused as a conflict
-    (``IdempotencyConflictError``), again as through the SDK.
-    """
-    return str(uuid.uuid5(_RESERVATION_ID_SPACE, json.dumps([namespace, idempotency_key])))
 
 
 def _resendable(event: Mapping[str, Any]) -> dict[str, Any]:
@@ -753,11 +740,9 @@ class MeterProducer:
         The reservation id, when not given, is made here and returned in the handle, so
         that commit or release can be enqueued right away: a uuid4 without
         ``idempotency_key`` (the id is then the reserve's key), else derived from the
-        namespace and the key (:func:`keyed_reservation_id`), so that the same call sent
-        again with its key replays as through ``MeterClient``, and another request under
-        that key is an ``IdempotencyConflictError``. (A key first used through
-        ``MeterClient``, which leaves the id to the database, is a conflict here, and the
-        other way round.)
+        namespace and the key (:func:`keyed_reservation_id`, as ``MeterClient`` derives
+        it), so that the same call sent again with its key replays, through either, and
+        another request under that key is an ``IdempotencyConflictError``.
         The hold's TTL counts from when a worker applies the reserve.
 
         Raises:
@@ -987,7 +972,7 @@ class MeterProducer:
         rid = _ident(reservation_id, "reservation_id", nullable=True)
         key = _ident(idempotency_key, "idempotency_key", nullable=True)
         if rid is None:
-            rid = t.new_id() if key is None else keyed_reservation_id(self._namespace, key)
+            rid = t.new_id() if key is None else t.keyed_reservation_id(self._namespace, key)
         args = _account_args(user_id, event_type, amount, unit, resource, "positive", pool=False)
         args["reservation_id"] = rid
         ttl = t.check_int(ttl_seconds, "ttl_seconds", min_value=1, max_value=t.MAX_TTL_SECONDS)
@@ -1083,6 +1068,7 @@ class MeterProducer:
                                 full = batch
                                 registered = True
                                 self._fillers.append(me)
+                                batch.filler = me
                         break
                     if _held_here(self._send_lock):  # a signal handler inside this thread's send
                         raise self._full(op, key, event, "this thread is sending a batch")
@@ -1114,6 +1100,8 @@ class MeterProducer:
                 with self._lock:
                     if me in self._fillers:  # (not in a child forked during the send)
                         self._fillers.remove(me)
+                    if full is not None:
+                        full.filler = None
                     self._filled.notify_all()
         return EventHandle(self, op, key, rid, batch.task_id, want, batch, index)
 
@@ -1296,6 +1284,8 @@ class MeterProducer:
             if not batch.sent:
                 self.flush()  # returns once every batch in the buffer, or being sent, is sent
             if not batch.sent:
+                self._await_filler(batch, deadline)
+            if not batch.sent:
                 # Not in the buffer any more, and never sent: handed back in the error of a
                 # close() (or fill) that could not send it. No task will ever answer.
                 raise PublishError(
@@ -1319,6 +1309,18 @@ class MeterProducer:
         if not isinstance(result, dict):
             raise MeterError(f"task {handle.task_id} returned {result!r}")
         return result
+
+    def _await_filler(self, batch: _Batch, deadline: float | None) -> None:
+        """Wait until the call that filled ``batch`` (on another thread) has sent it or
+        handed it back: out of the buffer meanwhile, a flush does not see it."""
+        me = threading.get_ident()
+        with self._lock:
+            # (A filler of a parent process, forked away, is not in this one's _fillers.)
+            while batch.filler not in (None, me) and batch.filler in self._fillers:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"batch {batch.task_id} is still being sent")
+                self._filled.wait(remaining)
 
     def _fetch(self, task_id: str, deadline: float | None) -> Any:
         async_result = self._app.AsyncResult(task_id)

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import sys
+import uuid
 from collections.abc import Mapping
 from datetime import date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -744,6 +745,23 @@ def check_metadata(value: object, name: str = "metadata") -> str | None:
 # uuid4 text without building a UUID object (half the cost of str(uuid.uuid4()), once
 # per event): 122 random bits, the version nibble 4 and the RFC 4122 variant 10xx.
 _VARIANT_NIBBLE: Final = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
+
+
+_RESERVATION_ID_SPACE: Final = uuid.uuid5(uuid.NAMESPACE_URL, "meter:producer/reservation-id")
+
+
+def keyed_reservation_id(namespace: str, idempotency_key: str) -> str:
+    """The reservation id of a reserve that has an idempotency key but no id of the
+    caller's, in ``MeterClient.reserve`` and ``MeterProducer.reserve`` alike.
+
+    Derived (uuid5) from the namespace and the key, so that a retry with the key is the
+    same request and replays, whichever of the two sent either (the database's request
+    fingerprint covers the reservation id); the producer must know it before the event is
+    applied, for the handle (commit and release can be enqueued at once). Another request
+    under the same key has the same id and is refused as a conflict
+    (``IdempotencyConflictError``).
+    """
+    return str(uuid.uuid5(_RESERVATION_ID_SPACE, json.dumps([namespace, idempotency_key])))
 
 
 def new_id() -> str:

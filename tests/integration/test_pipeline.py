@@ -2015,3 +2015,75 @@ def test_a_broker_that_stops_answering_leaves_the_publish_in_doubt(tmp_path):
             print(f"gave up after {waited:.1f} s; {len(messages)} messages in the queue")
         finally:
             producer.close()
+
+
+# ------------------------------------------------ a review of the producer's fixes
+
+
+class _LateLock:
+    """The producer's send lock, acquired late by one named thread: the scheduler running
+    that thread a little later, nothing else changes."""
+
+    def __init__(self, lock: Any, late_thread: str, delay: float) -> None:
+        self._lock, self._late, self._delay = lock, late_thread, delay
+
+    def acquire(self, *args: Any, **kwargs: Any) -> bool:
+        if threading.current_thread().name == self._late:
+            time.sleep(self._delay)
+        return self._lock.acquire(*args, **kwargs)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def _is_owned(self) -> bool:
+        return self._lock._is_owned()
+
+
+@pytest.mark.timeout(60)
+def test_wait_on_a_batch_mate_while_its_filler_is_about_to_send_is_no_false_publish_error(
+    make_producer, broker_url
+):
+    """wait() for an event whose batch another call has just filled and is about to send
+    waits for that call: it raised 'the event was never sent' (PublishError, handing the
+    event back to be sent again), as flush() sees only batches in the buffer or under the
+    send lock and the filler was between the two; the event was then sent all the same."""
+    p = make_producer(batch_size=2, linger_ms=3_600_000, results=True)
+    p._send_lock = _LateLock(p._send_lock, "filler", 0.5)
+    h1 = p.consume("u1", ET, 1, UNIT, idempotency_key="mate")
+    filler = threading.Thread(
+        target=lambda: p.consume("u1", ET, 1, UNIT, idempotency_key="filler"), name="filler"
+    )
+    filler.start()
+    time.sleep(0.1)  # the filler took the full batch out of the buffer; not sent yet
+    raised: BaseException | None = None
+    try:
+        h1.wait(timeout=2)
+    except BaseException as exc:  # checked below
+        raised = exc
+    filler.join(timeout=10)
+    assert queue_length(broker_url) == 1  # the batch, with h1's event, was sent
+    assert not isinstance(raised, PublishError), f"false 'never sent': {raised}"
+    assert isinstance(raised, TimeoutError)  # no worker: the outcome simply is not there yet
+
+
+def test_a_keyed_reserve_made_through_the_sdk_replays_through_the_producer(
+    pipeline, make_producer, client, db
+):
+    """The same reserve under the same key through MeterClient, then through the producer,
+    replays (SPEC 3.1): both derive the id from the namespace and the key. The database drew
+    the SDK's id, and the request's fingerprint covers it: an IdempotencyConflictError and
+    a dead letter."""
+    client.allocate("u1", ET, 100, UNIT)
+    first = client.reserve("u1", ET, 5, UNIT, idempotency_key="shared-key")
+    p = make_producer(results=True)
+    again = p.reserve("u1", ET, 5, UNIT, idempotency_key="shared-key")
+    outcome = again.wait(timeout=20)  # raises IdempotencyConflictError on the code reviewed
+    assert outcome["granted"] and outcome["reservation_id"] == first["reservation_id"]
+    assert again.reservation_id == first["reservation_id"]  # commit/release by the handle
+    assert dead_letters(db) == []
