@@ -118,7 +118,10 @@ Amount = int | Decimal | str | float
 class _Batch:
     """Events buffered for one ``apply_batch`` message (buffered mode)."""
 
-    __slots__ = ("created", "events", "filler", "outcome", "sent", "task_id", "want_result")
+    __slots__ = (
+        "created", "events", "filler", "handed", "outcome", "pid", "sent", "task_id",
+        "want_result",
+    )  # fmt: skip
 
     def __init__(self, task_id: str | None = None) -> None:
         self.task_id = task_id or t.new_id()
@@ -130,6 +133,12 @@ class _Batch:
         # The thread of the call that filled it and is about to send it (out of the buffer
         # meanwhile), else None: a wait() for one of its events waits for that call.
         self.filler: int | None = None
+        # Set once it is out of the buffer for good, unsent: its events handed back in the
+        # error of the call that filled it (no room to keep them) or of a close().
+        self.handed = False
+        # The process whose buffer it belongs to: in a child forked later, only the
+        # parent sends it.
+        self.pid = os.getpid()
 
 
 class EventHandle:
@@ -473,6 +482,8 @@ class MeterProducer:
         # close() waits for before it flushes: a batch such a call fails to send goes back
         # to _unsent, where that flush finds it. _filled is notified as each one ends.
         self._fillers: list[int] = []
+        # The batches those calls are sending (a flush waits for those taken before it).
+        self._filling: list[_Batch] = []
         self._filled = threading.Condition(self._lock)
         # Set (under _lock) when close() starts its flush; a filler ending after that has
         # nobody left to send its batch-mates.
@@ -508,9 +519,11 @@ class MeterProducer:
         return self._app
 
     def flush(self) -> None:
-        """Send every buffered event now (buffered mode; a no-op otherwise).
+        """Send the events buffered when it is called (buffered mode; a no-op otherwise).
 
-        Returns once they are in the broker, including a batch another thread was sending.
+        Returns once they are in the broker, including a batch another thread was sending
+        (or, having filled it, was about to send). Events recorded while it runs are left
+        to the next send (batch, linger, flush, close): under steady traffic it still ends.
 
         Raises:
             PublishError: the broker did not confirm a batch; the events stay in the buffer
@@ -536,35 +549,66 @@ class MeterProducer:
                 "buffered, and is sent at exit)"
             )
 
-    def _flush(self, *, hand_over: bool = False, empty: bool = False) -> None:
-        """Send every buffered batch, oldest first.
+    def _flush(
+        self, *, hand_over: bool = False, empty: bool = False, deadline: float | None = None
+    ) -> None:
+        """Send what the buffer holds when the flush starts, oldest first, and stop: events
+        buffered meanwhile are left to the next send, so a flush ends under steady traffic.
 
-        On a PublishError, ``hand_over`` lists the buffer in ``exc.events`` (the linger
-        thread, which retries on its own, does not), and ``empty`` then drops it (close).
-        Both under _send_lock: no other sender then holds a batch taken from the buffer, so
-        the list misses nothing that a failed send puts back later.
+        ``hand_over`` (flush(), close(), wait()): the open batch is closed and sent, and a
+        batch that a call filled before this flush and has taken out of the buffer to send
+        is waited for (on another thread: on this one, a signal handler inside that call,
+        it would wait for itself); a batch-mate that call put back is sent here. On a
+        PublishError, ``exc.events`` lists the buffer (the linger thread, which retries on
+        its own, goes without), and ``empty`` then drops it (close). Without it (the linger
+        thread): the unsent batches, else the open one.
+
+        ``deadline`` (wait()): TimeoutError if the fillers or the send lock are not free
+        by then. The list is made under _send_lock: no other sender then holds a batch
+        taken from the buffer, so it misses nothing that a failed send puts back later.
         """
-        with self._send_lock:
-            try:
-                while True:
-                    with self._lock:
-                        if not self._unsent and self._batch is not None:
-                            # Closed: the next call opens another. Sent from _unsent, where
-                            # it stays until the broker has confirmed it.
-                            self._unsent.append(self._batch)
-                            self._batch = None
-                        if not self._unsent:
-                            return
-                        batch = self._unsent[0]
-                    self._send_batch(batch)
-            except PublishError as exc:
-                if hand_over:
-                    exc.events = self._buffered_events()
-                    if empty:
-                        with self._lock:
-                            self._unsent.clear()
-                            self._batch = None
-                raise
+        me = threading.get_ident()
+        with self._lock:
+            if self._batch is not None and (hand_over or not self._unsent):
+                # Closed: the next call opens another. Sent from _unsent, where it stays
+                # until the broker has confirmed it.
+                self._unsent.append(self._batch)
+                self._batch = None
+            targets = list(self._unsent)
+            if hand_over:
+                targets += [batch for batch in self._filling if batch.filler != me]
+                while any(batch.filler not in (None, me) for batch in targets):
+                    self._filled.wait(_remaining(deadline, "a batch is still being sent"))
+        if not targets:
+            return
+        if not self._send_lock.acquire(timeout=_remaining(deadline, "another call is sending", -1)):
+            raise TimeoutError("another call of this producer is still sending")
+        try:
+            mine = {id(batch) for batch in targets}
+            while True:
+                with self._lock:
+                    batch = next((b for b in self._unsent if id(b) in mine), None)
+                    if batch is None:
+                        return
+                self._send_batch(batch)
+        except PublishError as exc:
+            if hand_over:
+                exc.events = self._buffered_events()
+                if empty:
+                    self._hand_over_buffer()
+            raise
+        finally:
+            self._send_lock.release()
+
+    def _hand_over_buffer(self) -> None:
+        """Drop the buffer, its events handed back in a close()'s error."""
+        with self._lock:
+            for batch in self._unsent:
+                batch.handed = True
+            if self._batch is not None:
+                self._batch.handed = True
+            self._unsent.clear()
+            self._batch = None
 
     def close(self) -> None:
         """Flush the buffer, stop the linger thread and release the broker connections.
@@ -1068,6 +1112,7 @@ class MeterProducer:
                                 full = batch
                                 registered = True
                                 self._fillers.append(me)
+                                self._filling.append(batch)
                                 batch.filler = me
                         break
                     if _held_here(self._send_lock):  # a signal handler inside this thread's send
@@ -1102,6 +1147,8 @@ class MeterProducer:
                         self._fillers.remove(me)
                     if full is not None:
                         full.filler = None
+                        if full in self._filling:
+                            self._filling.remove(full)
                     self._filled.notify_all()
         return EventHandle(self, op, key, rid, batch.task_id, want, batch, index)
 
@@ -1272,6 +1319,7 @@ class MeterProducer:
         self._batch = None
         self._unsent = deque()
         self._fillers = []
+        self._filling = []
         self._filled = threading.Condition(self._lock)
         self._linger_thread = None
         self._linger_keep = []
@@ -1282,7 +1330,9 @@ class MeterProducer:
         batch = handle._batch
         if batch is not None:
             if not batch.sent:
-                self.flush()  # returns once every batch in the buffer, or being sent, is sent
+                # Returns once every batch in the buffer, or being sent, is sent.
+                self._refuse_reentry("wait()")
+                self._flush(hand_over=True, deadline=deadline)
             if not batch.sent:
                 self._await_filler(batch, deadline)
             if not batch.sent:
@@ -1385,6 +1435,17 @@ def _broker_unreachable(exc: BaseException) -> bool:
     if isinstance(exc, RuntimeError):
         return isinstance(exc.__cause__, _UNREACHABLE)
     return isinstance(exc, _UNREACHABLE)
+
+
+def _remaining(deadline: float | None, what: str, forever: float | None = None) -> Any:
+    """Seconds left until ``deadline`` (``forever`` without one); TimeoutError (``what``)
+    once it has passed."""
+    if deadline is None:
+        return forever
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError(f"{what} at the deadline")
+    return remaining
 
 
 def _held_here(lock: Any) -> bool:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 import uuid
 from datetime import datetime
 from decimal import Decimal
@@ -11,10 +14,12 @@ import psycopg
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kombu.exceptions import OperationalError as KombuOperationalError
 from psycopg_pool import PoolTimeout
 
 from meter import wire
-from meter.errors import ValidationError
+from meter.errors import MeterConnectionError, PublishError, ValidationError
+from meter.producer import MeterProducer
 from tests.examples import examples
 from worker import worker_config
 from worker.retry import backoff, is_transient
@@ -271,7 +276,6 @@ def test_close_racing_calls_that_fill_batches_hands_every_event_back():
     import threading
     import time
 
-    from meter.errors import PublishError
     from meter.producer import MeterProducer
 
     producer = MeterProducer("redis://127.0.0.1:1/0", batch_size=2, linger_ms=3_600_000)
@@ -484,7 +488,7 @@ def test_a_close_made_while_another_sends_returns_after_it():
 def test_a_close_made_while_another_fails_raises_too():
     import threading
 
-    from meter.errors import MeterConnectionError, PublishError
+    from meter.errors import MeterConnectionError
     from meter.producer import MeterProducer
 
     producer = MeterProducer("redis://127.0.0.1:1/0", batch_size=10, linger_ms=3_600_000)
@@ -570,7 +574,6 @@ def test_a_failed_close_hands_the_buffer_over_and_keeps_nothing(failure):
     import redis
     from kombu.exceptions import OperationalError as KombuOperationalError
 
-    from meter.errors import PublishError
     from meter.producer import MeterProducer
 
     producer = MeterProducer("redis://127.0.0.1:1/0", batch_size=10, linger_ms=3_600_000)
@@ -627,7 +630,6 @@ def test_close_racing_the_linger_thread_hands_every_event_back():
 
     from kombu.exceptions import OperationalError as KombuOperationalError
 
-    from meter.errors import PublishError
     from meter.producer import MeterProducer
 
     producer = MeterProducer("redis://127.0.0.1:1/0", batch_size=100, linger_ms=50)
@@ -829,7 +831,6 @@ def test_a_refusing_broker_holds_the_buffer_to_max_buffered():
     finds 20 buffered sends the oldest batch itself and, refused, hands its event back
     without buffering it: at most 20 events (+ the batch being sent) are ever held, each
     event is buffered or handed back (once), and the buffer goes once the broker is back."""
-    from meter.errors import PublishError
     from meter.producer import MeterProducer
 
     producer = MeterProducer(
@@ -866,7 +867,6 @@ def test_many_threads_against_a_refusing_broker_stay_within_max_buffered():
     every event is buffered or handed back, exactly once."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from meter.errors import PublishError
     from meter.producer import MeterProducer
 
     producer = MeterProducer("redis://127.0.0.1:1/0", batch_size=5, linger_ms=5, max_buffered=20)
@@ -898,7 +898,6 @@ def test_batch_mates_that_no_longer_fit_are_handed_back():
     with its own event rather than keep them."""
     import threading
 
-    from meter.errors import PublishError
     from meter.producer import MeterProducer
 
     producer = MeterProducer(
@@ -938,7 +937,6 @@ def test_batch_mates_that_no_longer_fit_are_handed_back():
 def test_a_full_buffer_inside_its_threads_own_send_hands_the_event_back():
     """A signal handler recording inside this thread's send (the send lock held) cannot
     send the oldest batch to make room: at the cap, its event is handed back at once."""
-    from meter.errors import PublishError
     from meter.producer import MeterProducer
 
     producer = MeterProducer(
@@ -996,3 +994,281 @@ def test_holds_type_marker_finds_kombus_marker_objects_at_any_depth():
         {"args": {"user_id": "u1", "amount": "5"}},
     ):
         assert not wire.holds_type_marker(plain), plain
+
+
+# Review H of the buffered mode (max_buffered, fillers, wait(), flush()): a broker stub
+# that refuses, recovers, or holds chosen threads; a send lock with a gate.
+
+NOWHERE = "redis://127.0.0.1:1/0"
+
+
+class _Broker:
+    """A producer's ``send_task``: refuses while ``refuse``, takes ``delay`` seconds per
+    message, and blocks the threads named in ``hold`` until ``release`` is set. Records
+    the keys of every message it accepted (``sent``) and the number of attempts."""
+
+    def __init__(self, producer: MeterProducer, *, refuse: bool = False, delay: float = 0.0):
+        self.refuse = refuse
+        self.delay = delay
+        self.attempts = 0
+        self.sent: list[str] = []
+        self.messages: list[list[str]] = []
+        self.hold: set[int] = set()
+        self.sending = threading.Event()
+        self.release = threading.Event()
+        self.error: BaseException | None = None  # raised instead of a refusal, once
+        self._lock = threading.Lock()
+        producer._app.send_task = self  # type: ignore[method-assign]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        (payload,) = kwargs["args"]
+        decoded = json.loads(payload)
+        events = decoded if isinstance(decoded, list) else [decoded]
+        keys = [e["args"].get("idempotency_key") or e["args"]["reservation_id"] for e in events]
+        with self._lock:
+            self.attempts += 1
+        if threading.get_ident() in self.hold:
+            self.sending.set()
+            assert self.release.wait(timeout=30)
+        if self.delay:
+            time.sleep(self.delay)
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+        if self.refuse:
+            raise KombuOperationalError("Error 111 connecting to the broker: Connection refused")
+        with self._lock:
+            self.sent.extend(keys)
+            self.messages.append(keys)
+
+
+class _GatedRLock:
+    """The producer's send lock, with a gate: a thread in ``gated`` waits for ``gate``
+    before it tries to take the lock. Models a filler preempted between leaving the
+    buffer's lock (its batch taken out of the buffer) and taking the send lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.gated: set[int] = set()
+        self.at_gate = threading.Event()
+        self.gate = threading.Event()
+
+    def __enter__(self) -> bool:
+        if threading.get_ident() in self.gated:
+            self.at_gate.set()
+            assert self.gate.wait(timeout=30)
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.__exit__(*exc)
+
+    def acquire(self, *args: Any, **kwargs: Any) -> bool:
+        return self._lock.acquire(*args, **kwargs)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def _is_owned(self) -> bool:
+        return self._lock._is_owned()  # type: ignore[attr-defined]
+
+
+def _keys(events: list[dict[str, Any]]) -> list[str]:
+    return [e["idempotency_key"] for e in events]
+
+
+def _buffered(producer: MeterProducer) -> list[str]:
+    with producer._lock:
+        batches = [*producer._unsent, *([producer._batch] if producer._batch else [])]
+        return [e["args"]["idempotency_key"] for b in batches for e in b.events]
+
+
+def _consume(producer: MeterProducer, key: str, **kwargs: Any) -> Any:
+    return producer.consume("u1", "tokens", 1, "tok", idempotency_key=key, **kwargs)
+
+
+def _start_filler(producer: MeterProducer, key: str, errors: list[BaseException],
+                  handles: list[Any], gated: _GatedRLock | None = None,
+                  broker: _Broker | None = None) -> threading.Thread:  # fmt: skip
+    """A thread whose call fills the open batch (gated at the send lock / held in the
+    broker when asked)."""
+    started = threading.Event()
+
+    def run() -> None:
+        if gated is not None:
+            gated.gated.add(threading.get_ident())
+        if broker is not None:
+            broker.hold.add(threading.get_ident())
+        started.set()
+        try:
+            handles.append(_consume(producer, key))
+        except BaseException as exc:  # checked by the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(timeout=10)
+    return thread
+
+
+def _traffic(producer: MeterProducer, stop: threading.Event, prefix: str) -> threading.Thread:
+    def run() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                _consume(producer, f"{prefix}{i}")
+            except MeterConnectionError:
+                return  # closed
+            i += 1
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+# Guards: a flush sends what was buffered when it started and stops (it used to loop
+# until the buffer was empty, for ever under steady traffic).
+def test_flush_returns_while_other_threads_keep_recording():
+    """flush() promises to send the events buffered when it is called and return once they
+    are in the broker. _flush() loops until the buffer is empty, re-taking the open batch
+    each round: while other threads record faster than one send takes (a broker that
+    accepts slowly), the buffer is never empty and flush() does not return until the
+    traffic stops: a hang for a caller who flushes at a checkpoint of a busy service."""
+    producer = MeterProducer(NOWHERE, batch_size=1000, linger_ms=3_600_000)
+    broker = _Broker(producer, delay=0.02)  # 20 ms per message: a slow but healthy broker
+    stop = threading.Event()
+    traffic = [_traffic(producer, stop, p) for p in ("a", "b")]
+    try:
+        time.sleep(0.2)
+        _consume(producer, "mine")
+        done = threading.Event()
+        flusher = threading.Thread(target=lambda: (producer.flush(), done.set()), daemon=True)
+        started = time.monotonic()
+        flusher.start()
+        returned = done.wait(timeout=3.0)
+        elapsed = time.monotonic() - started
+        assert "mine" in broker.sent
+        assert returned, f"flush() still running after {elapsed:.1f} s of steady traffic"
+    finally:
+        stop.set()
+        for thread in traffic:
+            thread.join(timeout=10)
+        producer.close()
+
+
+# Guards: wait() passes its deadline to the flush it starts with.
+def test_wait_on_a_buffered_event_honours_its_timeout_under_traffic():
+    """EventHandle.wait(timeout) flushes first; under steady traffic that flush never ends,
+    so wait(timeout=0.5) blocks for as long as the other threads record (the docstring:
+    "timeout: seconds to wait in all")."""
+    producer = MeterProducer(NOWHERE, batch_size=1000, linger_ms=3_600_000, results=True)
+    _Broker(producer, delay=0.02)
+
+    def fetch(task_id: str, deadline: float | None) -> Any:  # no worker: times out at once
+        assert deadline is not None
+        time.sleep(max(deadline - time.monotonic(), 0))
+        raise TimeoutError(f"no outcome for task {task_id} yet")
+
+    producer._fetch = fetch  # type: ignore[method-assign]
+    stop = threading.Event()
+    traffic = [_traffic(producer, stop, p) for p in ("a", "b")]
+    outcome: list[BaseException] = []
+    try:
+        time.sleep(0.2)
+        handle = _consume(producer, "mine")
+
+        def wait() -> None:
+            try:
+                handle.wait(timeout=0.5)
+            except BaseException as exc:  # TimeoutError expected (no worker)
+                outcome.append(exc)
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        waiter.join(timeout=4.0)
+        assert not waiter.is_alive(), "wait(timeout=0.5) still blocked (in flush()) after 4 s"
+        assert [type(exc) for exc in outcome] == [TimeoutError]
+    finally:
+        stop.set()
+        for thread in traffic:
+            thread.join(timeout=10)
+        producer.close()
+
+
+# Guards: flush() waits for the calls that filled a batch before it (as close() does).
+def test_flush_waits_for_the_batch_a_filling_call_took_out_of_the_buffer():
+    """flush(): "Returns once they are in the broker, including a batch another thread was
+    sending." A call that fills a batch takes it out of the buffer, then takes the send
+    lock. A flush() that gets the send lock in between sees an empty buffer and returns
+    at once: k0, whose call returned before flush() started, is not in the broker (close()
+    and wait() wait for such a call; flush() does not)."""
+    producer = MeterProducer(NOWHERE, batch_size=2, linger_ms=3_600_000)
+    broker = _Broker(producer)
+    gated = _GatedRLock()
+    producer._send_lock = gated  # type: ignore[assignment]
+    errors: list[BaseException] = []
+    handles: list[Any] = []
+    try:
+        _consume(producer, "k0")  # returned: buffered
+        filler = _start_filler(producer, "k1", errors, handles, gated=gated)
+        assert gated.at_gate.wait(timeout=10)  # [k0, k1] out of the buffer, not yet sending
+        returned: list[list[str]] = []  # what the broker held when flush() returned
+        flusher = threading.Thread(
+            target=lambda: (producer.flush(), returned.append(list(broker.sent))), daemon=True
+        )
+        flusher.start()
+        flusher.join(timeout=0.5)  # (a flush that waits for the filler is still waiting)
+        gated.gate.set()
+        filler.join(timeout=10)
+        flusher.join(timeout=10)
+        assert errors == [] and broker.sent == ["k0", "k1"]
+        (sent_at_flush,) = returned
+        assert "k0" in sent_at_flush, f"flush() returned with {sent_at_flush} in the broker"
+    finally:
+        gated.gate.set()
+        producer.close()
+
+
+# Guards: wait() calls "never sent" only a batch handed back, not one put back.
+def test_wait_for_a_batch_its_filler_put_back_does_not_call_it_never_sent():
+    """wait() on k0 while another thread's call, which filled k0's batch, is about to send
+    it: _await_filler waits for that call. The send is refused; k0 fits, so it goes back
+    to the buffer (to be sent by the next flush, linger or close). wait() then sees
+    batch.sent False and raises "the event was never sent ... handed it back in its
+    error" with k0 in exc.events: k0 is *not* in the filler's error, it is buffered and
+    is sent later, so a caller following the docs resends an event that is also sent."""
+    producer = MeterProducer(NOWHERE, batch_size=2, linger_ms=3_600_000, results=True)
+    broker = _Broker(producer, refuse=True)
+    gated = _GatedRLock()
+    producer._send_lock = gated  # type: ignore[assignment]
+    errors: list[BaseException] = []
+    handles: list[Any] = []
+    waited: list[BaseException] = []
+    try:
+        h0 = _consume(producer, "k0")
+        filler = _start_filler(producer, "k1", errors, handles, gated=gated)
+        assert gated.at_gate.wait(timeout=10)
+
+        def wait() -> None:
+            try:
+                h0.wait(timeout=5)
+            except BaseException as exc:  # checked below
+                waited.append(exc)
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        time.sleep(0.3)  # wait(): its flush found nothing; it waits for the filler
+        gated.gate.set()
+        filler.join(timeout=10)
+        waiter.join(timeout=10)
+        (error,) = errors
+        assert _keys(error.events) == ["k1"]  # the filler handed back only its own event
+        assert _buffered(producer) == ["k0"]  # k0 is buffered again
+        (raised,) = waited
+        assert "never sent" not in str(raised), f"wait() raised {raised!r} for a buffered event"
+        broker.refuse = False
+    finally:
+        gated.gate.set()
+        broker.refuse = False
+        producer.close()
+    assert broker.sent == ["k0"]  # ...and k0 is sent after all
