@@ -530,7 +530,11 @@ class MeterProducer:
                 and the next flush sends them again (with their keys: applied once).
                 ``exc.events`` lists the events buffered (and not being sent by another
                 call) when it failed, for a caller that will not flush again
-                (``close()`` raising it empties the buffer).
+                (``close()`` raising it empties the buffer). Raised too when events
+                buffered before it were handed back meanwhile by the call that filled
+                their batch (it could not send it and, the buffer full, had no room to keep
+                them; they are in that call's error as well): they head ``exc.events``.
+                So a flush that returns has every event buffered before it in the broker.
         """
         if self._buffered:
             self._refuse_reentry("flush()")
@@ -589,11 +593,27 @@ class MeterProducer:
                 with self._lock:
                     batch = next((b for b in self._unsent if id(b) in mine), None)
                     if batch is None:
-                        return
+                        break
                 self._send_batch(batch)
+            handed = [b for b in targets if b.handed and not b.sent] if hand_over else []
+            if handed:
+                raise PublishError(
+                    f"{sum(len(b.events) for b in handed)} events buffered before this flush "
+                    "were not sent: the call that filled their batch could not send it and, "
+                    "the buffer full (max_buffered), handed them back in its error; they are "
+                    "in exc.events too, with their keys"
+                )
         except PublishError as exc:
             if hand_over:
-                exc.events = self._buffered_events()
+                # What this flush was to send and could not: batches handed back by their
+                # fillers meanwhile, then the buffer (a snapshot, oldest first).
+                gone = [
+                    _resendable(event)
+                    for b in targets
+                    if b.handed and not b.sent
+                    for event in b.events
+                ]
+                exc.events = [*gone, *self._buffered_events()]
                 if empty:
                     self._hand_over_buffer()
             raise
@@ -1239,6 +1259,7 @@ class MeterProducer:
             if batch.events and not handed:
                 self._unsent.appendleft(batch)
                 self._keep_alive()
+            batch.handed = handed
         if isinstance(exc, PublishError):
             doubt = [*batch.events, mine] if handed else [mine]
             exc.events = [_resendable(event) for event in doubt]
@@ -1329,22 +1350,27 @@ class MeterProducer:
     def _outcome_of(self, handle: EventHandle, deadline: float | None) -> dict[str, Any]:
         batch = handle._batch
         if batch is not None:
-            if not batch.sent:
-                # Returns once every batch in the buffer, or being sent, is sent.
+            while not batch.sent:
+                if batch.handed:
+                    # Out of the buffer for good, never sent: handed back in the error of a
+                    # close() (or fill) that could not send it. No task will ever answer.
+                    raise PublishError(
+                        f"{handle.op} {handle.idempotency_key}: the event was never sent: a "
+                        "close() that could not send the buffer, or the call that filled its "
+                        "batch and could not send it (the buffer full), handed it back in its "
+                        "error",
+                        events=[_resendable(batch.events[handle._index or 0])],
+                    )
+                if batch.filler == threading.get_ident():
+                    raise MeterConnectionError(
+                        "wait() was called inside the call that is sending this event's "
+                        "batch (a signal handler?), which it cannot wait for"
+                    )
+                _remaining(deadline, f"batch {batch.task_id} is not sent yet")
+                # Returns once every batch in the buffer, or being sent, is sent; one put
+                # back in the buffer meanwhile (by a filler whose send failed) goes round.
                 self._refuse_reentry("wait()")
                 self._flush(hand_over=True, deadline=deadline)
-            if not batch.sent:
-                self._await_filler(batch, deadline)
-            if not batch.sent:
-                # Not in the buffer any more, and never sent: handed back in the error of a
-                # close() (or fill) that could not send it. No task will ever answer.
-                raise PublishError(
-                    f"{handle.op} {handle.idempotency_key}: the event was never sent: a "
-                    "close() that could not send the buffer, or the call that filled its "
-                    "batch and could not send it (the buffer full), handed it back in its "
-                    "error",
-                    events=[_resendable(batch.events[handle._index or 0])],
-                )
             if batch.outcome is None:
                 outcome = self._fetch(batch.task_id, deadline)
                 if not isinstance(outcome, list):
@@ -1359,18 +1385,6 @@ class MeterProducer:
         if not isinstance(result, dict):
             raise MeterError(f"task {handle.task_id} returned {result!r}")
         return result
-
-    def _await_filler(self, batch: _Batch, deadline: float | None) -> None:
-        """Wait until the call that filled ``batch`` (on another thread) has sent it or
-        handed it back: out of the buffer meanwhile, a flush does not see it."""
-        me = threading.get_ident()
-        with self._lock:
-            # (A filler of a parent process, forked away, is not in this one's _fillers.)
-            while batch.filler not in (None, me) and batch.filler in self._fillers:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"batch {batch.task_id} is still being sent")
-                self._filled.wait(remaining)
 
     def _fetch(self, task_id: str, deadline: float | None) -> Any:
         async_result = self._app.AsyncResult(task_id)

@@ -1272,3 +1272,91 @@ def test_wait_for_a_batch_its_filler_put_back_does_not_call_it_never_sent():
         broker.refuse = False
         producer.close()
     assert broker.sent == ["k0"]  # ...and k0 is sent after all
+
+
+# Guards: a flush that returns has sent every event buffered before it; batch-mates
+# their filler handed back meanwhile (no room) are in the flush's error too.
+def test_a_flush_that_returns_has_sent_every_event_buffered_before_it():
+    """The broker refuses, then recovers. A filling call is sending [k0, k1, k2] when
+    flush() is called; other calls buffer k3, k4 meanwhile. The filler is refused and, the
+    buffer being full, hands k0 and k1 back in *its* error; flush() then sends [k3, k4]
+    and returns without error. flush()'s caller is told that every event buffered before
+    it is in the broker (reliability.md promise 1: "buffered mode after flush()"), yet k0
+    and k1, whose calls returned before flush(), were never sent and are not in any error
+    flush() raised."""
+    producer = MeterProducer(NOWHERE, batch_size=3, linger_ms=3_600_000, max_buffered=3)
+    broker = _Broker(producer, refuse=True)
+    errors: list[BaseException] = []
+    handles: list[Any] = []
+    flushed: list[BaseException | None] = []
+    try:
+        _consume(producer, "k0")
+        _consume(producer, "k1")
+        filler = _start_filler(producer, "k2", errors, handles, broker=broker)
+        assert broker.sending.wait(timeout=10)
+        _consume(producer, "k3")
+        _consume(producer, "k4")
+
+        def flush() -> None:
+            try:
+                producer.flush()
+                flushed.append(None)
+            except BaseException as exc:  # checked below
+                flushed.append(exc)
+
+        flusher = threading.Thread(target=flush, daemon=True)
+        flusher.start()
+        time.sleep(0.2)  # flush() waits for the send lock
+        broker.refuse = False  # the broker recovers: only the filler's message is refused
+        broker.error = KombuOperationalError("Error 111 connecting to the broker")
+        broker.release.set()
+        filler.join(timeout=10)
+        flusher.join(timeout=10)
+        (error,) = errors
+        assert isinstance(error, PublishError)
+        (result,) = flushed
+        in_flush_error = _keys(result.events) if isinstance(result, PublishError) else []
+        missing = [k for k in ("k0", "k1") if k not in broker.sent and k not in in_flush_error]
+        assert missing == [], (
+            f"flush() returned {result!r}; sent {broker.sent}; {missing} buffered before it "
+            "neither sent nor in its error"
+        )
+    finally:
+        broker.release.set()
+        producer.close()
+
+
+# Guards: wait() on an event handed back raises at once, with that event, sending nothing.
+def test_wait_on_a_handed_back_event_raises_at_once_with_that_event():
+    """EventHandle.wait(): an event handed back by the call that filled its batch (the
+    buffer full) raises PublishError "at once, whatever timeout", whose events hold it
+    again. wait() first flushes the *rest* of the buffer: with the broker still refusing,
+    it makes another send attempt and raises that flush's error, whose events are the
+    other buffered events (k3, k4), not the one waited for (k0)."""
+    producer = MeterProducer(
+        NOWHERE, batch_size=3, linger_ms=3_600_000, max_buffered=3, results=True
+    )
+    broker = _Broker(producer, refuse=True)
+    errors: list[BaseException] = []
+    handles: list[Any] = []
+    try:
+        h0 = _consume(producer, "k0")
+        _consume(producer, "k1")
+        filler = _start_filler(producer, "k2", errors, handles, broker=broker)
+        assert broker.sending.wait(timeout=10)
+        _consume(producer, "k3")
+        _consume(producer, "k4")
+        broker.release.set()
+        filler.join(timeout=10)
+        (error,) = errors
+        assert sorted(_keys(error.events)) == ["k0", "k1", "k2"]  # k0 handed back
+        attempts = broker.attempts
+        with pytest.raises(PublishError) as info:
+            h0.wait(timeout=5)
+        assert _keys(info.value.events) == ["k0"], (
+            f"wait() for k0 raised with events {_keys(info.value.events)}: {info.value}"
+        )
+        assert broker.attempts == attempts  # at once: no send
+    finally:
+        broker.refuse = False
+        producer.close()
