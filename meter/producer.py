@@ -1361,6 +1361,8 @@ class MeterProducer:
                         "error",
                         events=[_resendable(batch.events[handle._index or 0])],
                     )
+                if batch.pid != os.getpid():
+                    break  # the parent process's buffer, which it sends: wait for the task
                 if batch.filler == threading.get_ident():
                     raise MeterConnectionError(
                         "wait() was called inside the call that is sending this event's "

@@ -1360,3 +1360,48 @@ def test_wait_on_a_handed_back_event_raises_at_once_with_that_event():
     finally:
         broker.refuse = False
         producer.close()
+
+
+# Guards: in a child forked while its parent sends a batch, wait() on a parent's handle
+# waits for the task's outcome (the parent sends it), never calls it never sent.
+def test_a_forked_childs_wait_does_not_call_its_parents_event_never_sent():
+    """A child forked while a parent's thread is sending the batch it filled ([k0, k1]).
+    In the child, h0.wait() finds the batch unsent, no filler in its (reset) _fillers, and
+    raises at once PublishError "the event was never sent ... handed it back in its
+    error" with k0 in exc.events: none of that is true, the parent sends k0 (and a child
+    that resends exc.events, as told, sends it a second time)."""
+    import os
+
+    producer = MeterProducer(NOWHERE, batch_size=2, linger_ms=3_600_000, results=True)
+    broker = _Broker(producer)
+    errors: list[BaseException] = []
+    handles: list[Any] = []
+    try:
+        h0 = _consume(producer, "k0")
+        filler = _start_filler(producer, "k1", errors, handles, broker=broker)
+        assert broker.sending.wait(timeout=10)  # the parent's filler is sending [k0, k1]
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child
+            try:
+                try:
+                    h0.wait(timeout=1)
+                    answer = "returned"
+                except BaseException as exc:
+                    answer = f"{type(exc).__name__}: {exc}"
+                os.write(write, answer.encode()[:4000])
+            finally:
+                os._exit(0)
+        os.close(write)
+        broker.release.set()
+        filler.join(timeout=10)
+        os.waitpid(pid, 0)
+        with os.fdopen(read, "rb") as pipe:
+            answer = pipe.read().decode()
+        assert errors == [] and broker.sent == ["k0", "k1"]  # the parent sent k0
+        assert "never sent" not in answer, f"the child's wait(): {answer}"
+        # ...nor loops on a flush of its own buffer (empty): it waits for the task.
+        assert "not sent yet" not in answer, f"the child's wait(): {answer}"
+    finally:
+        broker.release.set()
+        producer.close()
