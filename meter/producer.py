@@ -565,7 +565,7 @@ class MeterProducer:
         it would wait for itself); a batch-mate that call put back is sent here. On a
         PublishError, ``exc.events`` lists the buffer (the linger thread, which retries on
         its own, goes without), and ``empty`` then drops it (close). Without it (the linger
-        thread): the unsent batches, else the open one.
+        thread): the unsent batches, then the open one if it is still open.
 
         ``deadline`` (wait()): TimeoutError if the fillers or the send lock are not free
         by then. The list is made under _send_lock: no other sender then holds a batch
@@ -573,11 +573,13 @@ class MeterProducer:
         """
         me = threading.get_ident()
         with self._lock:
+            # The open batch: closed (the next call opens another) and sent from _unsent,
+            # where it stays until the broker has confirmed it. By the linger thread only
+            # once the unsent batches are sent (if still open then: not refused meanwhile).
+            lingering = None if hand_over else self._batch
             if self._batch is not None and (hand_over or not self._unsent):
-                # Closed: the next call opens another. Sent from _unsent, where it stays
-                # until the broker has confirmed it.
                 self._unsent.append(self._batch)
-                self._batch = None
+                self._batch = lingering = None
             targets = list(self._unsent)
             if hand_over:
                 targets += [batch for batch in self._filling if batch.filler != me]
@@ -592,6 +594,11 @@ class MeterProducer:
             while True:
                 with self._lock:
                     batch = next((b for b in self._unsent if id(b) in mine), None)
+                    if batch is None and lingering is not None and self._batch is lingering:
+                        self._unsent.append(lingering)
+                        self._batch = None
+                        batch, lingering = lingering, None
+                        mine.add(id(batch))
                     if batch is None:
                         break
                 self._send_batch(batch)
