@@ -25,7 +25,10 @@ Two ways to send:
   events, 10 x ``batch_size`` by default, plus the batch each call then under way was
   sending). The buffer never holds more than ``max_buffered``: a call that finds it full
   first sends its oldest batch itself (back-pressure) and, if the broker refuses that
-  too, raises ``PublishError`` with its own event, which was not buffered.
+  too, raises ``PublishError`` with its own event, which was not buffered. (The one
+  exception: an interrupt, ``KeyboardInterrupt`` or ``SystemExit``, inside the call
+  sending the batch it filled, which cannot carry that batch's other events: they go
+  back to the buffer whatever the room, fewer than ``batch_size`` over.)
   Use direct mode, or call ``flush()`` at the points where you need the guarantee, for
   usage you cannot afford to lose.
 
@@ -363,6 +366,7 @@ class MeterProducer:
             default 10 x ``batch_size``). A call that finds it full first sends the oldest
             batches itself until it is not (back-pressure); if the broker refuses, the
             call raises ``PublishError`` with its own event in ``exc.events``, unbuffered.
+            (Exceeded only after an interrupt: see Broker failures below.)
 
     Durability: in direct mode (neither ``batch_size`` nor ``linger_ms``) an event is in the
     broker when the call returns. In buffered mode, **events in the buffer are lost if the
@@ -389,10 +393,12 @@ class MeterProducer:
     the batch sends it; if that fails, its own event is taken out of the buffer (it is
     ``exc.events``) and the others stay buffered for the next attempt (unless other calls
     have filled the buffer to ``max_buffered`` meanwhile: they are in ``exc.events``
-    too, and their handles' ``wait()`` raises). A call that finds the buffer full and
-    cannot send its oldest batch raises with its own event, not buffered. ``send_many`` sends
-    chunk by chunk: the chunks confirmed before a failure stay sent, and ``exc.events``
-    holds the rest.
+    too, and their handles' ``wait()`` raises; after an error that is not the broker's,
+    the call raises instead a ``PublishError`` chained from it, with them and its own
+    event; after an interrupt, they stay buffered whatever the room). A call that finds
+    the buffer full and cannot send its oldest batch raises with its own event, not
+    buffered. ``send_many`` sends chunk by chunk: the chunks confirmed before a failure
+    stay sent, and ``exc.events`` holds the rest.
     """
 
     def __init__(
@@ -467,8 +473,9 @@ class MeterProducer:
         # Buffered mode: _lock guards _batch (the open batch) and _unsent (batches a flush
         # is sending, which stay there until the broker confirms them, full batches the
         # broker refused, or a signal handler filled during a send: oldest first, each kept
-        # whole so its handles stay valid). Together they hold at most _max_buffered events;
-        # a batch the call that filled it is sending is out of both, that call's;
+        # whole so its handles stay valid). Together they hold at most _max_buffered events
+        # (but after an interrupt: _keep_batch_mates); a batch the call that filled it is
+        # sending is out of both, that call's (in _filling, which a flush waits for);
         # _send_lock serialises sending, so flush() returns only after every batch taken
         # before it has reached the broker. Reentrant only so that a call re-entering on
         # the same thread (a signal handler) can tell that it did (_held_here) and refuse,
@@ -1257,12 +1264,20 @@ class MeterProducer:
         close() runs on this very thread (a signal handler inside the call) and has
         flushed: nobody would send them then, so a PublishError lists them too. So it does
         when they do not fit in the buffer any more (``max_buffered``: other calls filled
-        it while this one was sending)."""
+        it while this one was sending); the batch is then marked handed back.
+
+        ``exc`` not a PublishError (not the broker's: a RuntimeError from Celery, say) has
+        no ``events`` to carry them: when they are handed back, this raises instead a
+        PublishError chained from it, listing them and the call's own event. An interrupt
+        (KeyboardInterrupt, SystemExit: not an ``Exception``) goes on as it is, so its
+        batch-mates stay buffered, whatever the room (the one exception to
+        ``max_buffered``, by fewer than ``batch_size`` events; exit sends them)."""
         mine = batch.events.pop(own)
+        carried = isinstance(exc, Exception)  # (or replaced by a PublishError carrying them)
         with self._lock:
             orphaned = self._close_flushing
             over = self._held() + len(batch.events) > self._max_buffered
-            handed = orphaned or (over and isinstance(exc, PublishError))
+            handed = orphaned or (over and carried)
             if batch.events and not handed:
                 self._unsent.appendleft(batch)
                 self._keep_alive()
@@ -1270,6 +1285,19 @@ class MeterProducer:
         if isinstance(exc, PublishError):
             doubt = [*batch.events, mine] if handed else [mine]
             exc.events = [_resendable(event) for event in doubt]
+        elif handed and carried and batch.events:
+            raise PublishError(
+                f"the batch could not be sent ({type(exc).__name__}: {exc}), and its "
+                + (
+                    "producer is closed"
+                    if orphaned
+                    else f"other events no longer fit in the buffer (max_buffered="
+                    f"{self._max_buffered})"
+                )
+                + ": they are handed back with this call's event; send exc.events again "
+                "(with their keys)",
+                events=[_resendable(event) for event in [*batch.events, mine]],
+            ) from exc
 
     def _publish(
         self, name: str, events: list[dict[str, Any]], task_id: str, want: bool, argsrepr: str

@@ -1405,3 +1405,67 @@ def test_a_forked_childs_wait_does_not_call_its_parents_event_never_sent():
     finally:
         broker.release.set()
         producer.close()
+
+
+# Guards: batch-mates of a filler that failed otherwise than by the broker (a RuntimeError)
+# that no longer fit go back in a PublishError chained from that error, not into the
+# buffer past max_buffered.
+def test_the_buffer_never_holds_more_than_max_buffered():
+    """README/docstrings: "The buffer never holds more than max_buffered events". A call
+    that filled a batch fails to send it with an error that is not the broker's (here a
+    RuntimeError from Celery; a KeyboardInterrupt does the same) while other calls filled
+    the buffer: _keep_batch_mates puts the batch-mates back whatever the room, as only a
+    PublishError can hand them back. 3 + 2 = 4 events held with max_buffered=3."""
+    producer = MeterProducer(NOWHERE, batch_size=3, linger_ms=3_600_000, max_buffered=3)
+    broker = _Broker(producer)
+    errors: list[BaseException] = []
+    handles: list[Any] = []
+    try:
+        _consume(producer, "k0")
+        _consume(producer, "k1")
+        filler = _start_filler(producer, "k2", errors, handles, broker=broker)
+        assert broker.sending.wait(timeout=10)
+        _consume(producer, "k3")
+        _consume(producer, "k4")
+        broker.error = RuntimeError("not the broker's")
+        broker.refuse = True  # then the broker refuses: what is buffered stays buffered
+        broker.release.set()
+        filler.join(timeout=10)
+        (error,) = errors
+        held = _buffered(producer)
+        assert len(held) <= 3, f"buffer holds {held} with max_buffered=3"
+        # Handed back instead, in a PublishError chained from the RuntimeError.
+        assert isinstance(error, PublishError) and isinstance(error.__cause__, RuntimeError)
+        assert sorted(_keys(error.events)) == ["k0", "k1", "k2"] and held == ["k3", "k4"]
+    finally:
+        broker.release.set()
+        broker.refuse = False
+        producer.close()
+
+
+def test_an_interrupted_filler_keeps_its_batch_mates_whatever_the_room():
+    """The documented exception to max_buffered: an interrupt (KeyboardInterrupt) in the
+    call sending the batch it filled goes on as it is (never turned into a PublishError),
+    so its batch-mates, which it cannot carry, stay buffered (fewer than batch_size over)
+    and are sent later: none is lost."""
+    producer = MeterProducer(NOWHERE, batch_size=3, linger_ms=3_600_000, max_buffered=3)
+    broker = _Broker(producer)
+    errors: list[BaseException] = []
+    handles: list[Any] = []
+    try:
+        _consume(producer, "k0")
+        _consume(producer, "k1")
+        filler = _start_filler(producer, "k2", errors, handles, broker=broker)
+        assert broker.sending.wait(timeout=10)
+        _consume(producer, "k3")
+        _consume(producer, "k4")
+        broker.error = KeyboardInterrupt()
+        broker.release.set()
+        filler.join(timeout=10)
+        assert [type(exc) for exc in errors] == [KeyboardInterrupt]
+        held = _buffered(producer)  # (or already sent by the linger thread's retry)
+        assert sorted({*held, *broker.sent}) == ["k0", "k1", "k3", "k4"]
+    finally:
+        broker.release.set()
+        producer.close()
+    assert sorted(broker.sent) == ["k0", "k1", "k3", "k4"]
