@@ -198,9 +198,11 @@ class EventHandle:
         """Wait until a worker has applied the event; return what ``MeterClient`` would.
 
         Only for events sent with results on (``MeterProducer(results=True)`` or
-        ``want_result=True``). A buffered event still in the buffer is flushed first. A
-        commit or release whose reserve has not arrived yet is retried by the worker, so
-        this may wait for the reserve.
+        ``want_result=True``). A buffered event still in the buffer is flushed first
+        (within ``timeout``; a batch another thread is sending is waited for). In a
+        process forked from the one that buffered it, it waits for the outcome only (that
+        process sends it). A commit or release whose reserve has not arrived yet is
+        retried by the worker, so this may wait for the reserve.
 
         Parameters:
             timeout: seconds to wait in all (``None``: forever). A wait that starts while
@@ -219,7 +221,7 @@ class EventHandle:
 
         Raises:
             RuntimeError: the event was sent without results.
-            TimeoutError: no outcome within ``timeout``.
+            TimeoutError: no outcome within ``timeout`` (or the event not sent by then).
             MeterConnectionError: the outcome could not be read: the broker's Redis did not
                 answer (the event was sent; wait again later).
             PublishError: the event was still buffered and the flush that sends it failed
