@@ -577,8 +577,8 @@ class MeterProducer:
         thread): the unsent batches, then the open one if it is still open.
 
         ``deadline`` (wait()): TimeoutError if the fillers or the send lock are not free
-        by then. The list is made under _send_lock: no other sender then holds a batch
-        taken from the buffer, so it misses nothing that a failed send puts back later.
+        by then. ``exc.events`` is listed under _send_lock: no other sender then holds a
+        batch taken from the buffer, so it misses nothing that a failed send puts back.
         """
         me = threading.get_ident()
         with self._lock:
