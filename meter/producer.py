@@ -28,7 +28,9 @@ Two ways to send:
   too, raises ``PublishError`` with its own event, which was not buffered. (The one
   exception: an interrupt, ``KeyboardInterrupt`` or ``SystemExit``, inside the call
   sending the batch it filled, which cannot carry that batch's other events: they go
-  back to the buffer whatever the room, fewer than ``batch_size`` over.)
+  back to the buffer whatever the room, fewer than ``batch_size`` over; a ``close()``
+  made by a signal handler inside that call, before the interrupt, has sent the buffer
+  without them, and they are lost.)
   Use direct mode, or call ``flush()`` at the points where you need the guarantee, for
   usage you cannot afford to lose.
 
@@ -586,7 +588,9 @@ class MeterProducer:
             # where it stays until the broker has confirmed it. By the linger thread only
             # once the unsent batches are sent (if still open then: not refused meanwhile).
             lingering = None if hand_over else self._batch
-            if self._batch is not None and (hand_over or not self._unsent):
+            if self._batch is not None and (
+                hand_over or (not self._unsent and self._lingered(self._batch))
+            ):
                 self._unsent.append(self._batch)
                 self._batch = lingering = None
             targets = list(self._unsent)
@@ -603,13 +607,20 @@ class MeterProducer:
             while True:
                 with self._lock:
                     batch = next((b for b in self._unsent if id(b) in mine), None)
-                    if batch is None and lingering is not None and self._batch is lingering:
+                    if (
+                        batch is None
+                        and lingering is not None
+                        and self._batch is lingering
+                        and self._lingered(lingering)  # not one opened meanwhile: not due
+                    ):
                         self._unsent.append(lingering)
                         self._batch = None
                         batch, lingering = lingering, None
                         mine.add(id(batch))
                     if batch is None:
                         break
+                # wait()'s deadline between batches too: what is left stays buffered
+                _remaining(deadline, "the buffer is still being sent")
                 self._send_batch(batch)
             handed = [b for b in targets if b.handed and not b.sent] if hand_over else []
             if handed:
@@ -1283,6 +1294,7 @@ class MeterProducer:
             if batch.events and not handed:
                 self._unsent.appendleft(batch)
                 self._keep_alive()
+                self._wakeup.notify()  # due at once: the linger thread retries it
             batch.handed = handed
         if isinstance(exc, PublishError):
             doubt = [*batch.events, mine] if handed else [mine]
@@ -1358,6 +1370,10 @@ class MeterProducer:
             batches = [*self._unsent, *([self._batch] if self._batch is not None else [])]
             events = [event for batch in batches for event in batch.events]
         return [_resendable(event) for event in events]
+
+    def _lingered(self, batch: _Batch) -> bool:
+        """Whether the open ``batch`` is ``linger_ms`` old: due for the linger thread."""
+        return batch.created + self._linger <= time.monotonic()
 
     def _due_batch(self) -> tuple[bool, float | None]:
         """(stop?, seconds until the open batch is due); called with _lock held."""

@@ -1469,3 +1469,185 @@ def test_an_interrupted_filler_keeps_its_batch_mates_whatever_the_room():
         broker.release.set()
         producer.close()
     assert sorted(broker.sent) == ["k0", "k1", "k3", "k4"]
+
+
+# ------------------------------------- linger and deadlines (a review of the buffer's fixes)
+
+
+class _LingerBroker:
+    """A producer's ``send_task``: refuses while ``refuse``, takes ``delay`` s per message,
+    holds the threads in ``hold`` until ``release``; records accepted keys in ``sent``."""
+
+    def __init__(self, producer: MeterProducer, *, refuse: bool = False, delay: float = 0.0):
+        self.refuse = refuse
+        self.delay = delay
+        self.sent: list[str] = []
+        self.messages: list[list[str]] = []
+        self.hold: set[int] = set()
+        self.sending = threading.Event()
+        self.release = threading.Event()
+        self.linger_attempt = threading.Event()  # set at each attempt by the linger thread
+        self.error: BaseException | None = None  # raised once, instead of sending
+        self._lock = threading.Lock()
+        producer._app.send_task = self  # type: ignore[method-assign]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        (payload,) = kwargs["args"]
+        decoded = json.loads(payload)
+        events = decoded if isinstance(decoded, list) else [decoded]
+        keys = [e["args"]["idempotency_key"] for e in events]
+        if threading.get_ident() in self.hold:
+            self.sending.set()
+            assert self.release.wait(timeout=30)
+        if self.delay:
+            time.sleep(self.delay)
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+        if self.refuse:
+            if threading.current_thread().name == "meter-producer-linger":
+                self.linger_attempt.set()
+            raise KombuOperationalError("Error 111 connecting to the broker: Connection refused")
+        with self._lock:
+            self.sent.extend(keys)
+            self.messages.append(keys)
+
+
+class _LingerWatchedRLock:
+    """The producer's send lock; sets ``linger_waits`` when the linger thread asks for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.linger_waits = threading.Event()
+
+    def _note(self) -> None:
+        if threading.current_thread().name == "meter-producer-linger":
+            self.linger_waits.set()
+
+    def __enter__(self) -> bool:
+        self._note()
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.__exit__(*exc)
+
+    def acquire(self, *args: Any, **kwargs: Any) -> bool:
+        self._note()
+        return self._lock.acquire(*args, **kwargs)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def _is_owned(self) -> bool:
+        return self._lock._is_owned()  # type: ignore[attr-defined]
+
+
+def _linger_consume(producer: MeterProducer, key: str, **kwargs: Any) -> Any:
+    return producer.consume("u1", "tokens", 1, "tok", idempotency_key=key, **kwargs)
+
+
+def _linger_buffered(producer: MeterProducer) -> list[str]:
+    with producer._lock:
+        batches = [*producer._unsent, *([producer._batch] if producer._batch else [])]
+        return [e["args"]["idempotency_key"] for b in batches for e in b.events]
+
+
+def test_a_batch_opened_during_another_threads_flush_waits_its_linger():
+    """A batch opened while another thread's flush() sends [k0] (a slow broker) waits its
+    linger_ms: the linger thread, woken by k1 and seeing a batch in flight as due, sent the
+    young open batch right after the flush, an extra one-event message per flush under
+    traffic (found by a review of the buffer's fixes)."""
+    producer = MeterProducer(NOWHERE, batch_size=100, linger_ms=3_600_000)
+    broker = _LingerBroker(producer)
+    watched = _LingerWatchedRLock()
+    producer._send_lock = watched  # type: ignore[assignment]
+    try:
+        _linger_consume(producer, "k0")
+
+        def flush() -> None:
+            broker.hold.add(threading.get_ident())
+            producer.flush()
+
+        flusher = threading.Thread(target=flush, daemon=True)
+        flusher.start()
+        assert broker.sending.wait(timeout=10)  # flush() is sending [k0]
+        _linger_consume(producer, "k1")  # opens a new batch (due in an hour)
+        watched.linger_waits.wait(timeout=3)  # the linger thread wants the send lock
+        broker.release.set()
+        flusher.join(timeout=10)
+        time.sleep(0.5)
+        assert broker.messages == [["k0"]], (
+            f"sent {broker.messages}: [k1] sent at once, linger_ms=3600000 ignored"
+        )
+        assert _linger_buffered(producer) == ["k1"]
+    finally:
+        broker.release.set()
+        producer.close()
+
+
+def test_wait_on_a_buffered_event_keeps_its_timeout_while_flushing_a_backlog():
+    """wait(timeout) keeps its deadline between the batches it flushes: with 8 batches left
+    by refusals and a slow broker back (0.3 s a message), wait(0.5) sent them all and
+    returned after ~2.7 s. What is left stays buffered."""
+    producer = MeterProducer(NOWHERE, batch_size=50, linger_ms=3_600_000, results=True)
+    broker = _LingerBroker(producer, refuse=True)
+
+    def fetch(task_id: str, deadline: float | None) -> Any:  # no worker: times out
+        assert deadline is not None
+        time.sleep(max(deadline - time.monotonic(), 0))
+        raise TimeoutError(f"no outcome for task {task_id} yet")
+
+    producer._fetch = fetch  # type: ignore[method-assign]
+    try:
+        for i in range(8):
+            _linger_consume(producer, f"k{i}")
+            with pytest.raises(PublishError):  # refused: the batch stays unsent
+                producer.flush()
+        handle = _linger_consume(producer, "mine")
+        broker.linger_attempt.clear()
+        assert broker.linger_attempt.wait(timeout=5)  # the linger thread just failed: sleeps 1 s
+        broker.refuse, broker.delay = False, 0.3
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            handle.wait(timeout=0.5)
+        elapsed = time.monotonic() - started
+        assert elapsed < 1.2, f"wait(timeout=0.5) took {elapsed:.1f} s (sent {broker.messages})"
+    finally:
+        broker.refuse, broker.delay = False, 0.0
+        producer.close()
+
+
+def test_batch_mates_put_back_are_retried_within_linger_ms():
+    """Batch-mates put back after their filler failed otherwise than by the broker (a
+    RuntimeError from Celery) wake the linger thread: with linger_ms=10 they waited for its
+    1 s nap (no open batch), 100 x linger_ms."""
+    producer = MeterProducer(NOWHERE, batch_size=3, linger_ms=10)
+    broker = _LingerBroker(producer)
+    errors: list[BaseException] = []
+    try:
+        _linger_consume(producer, "k0")
+        _linger_consume(producer, "k1")
+
+        def fill() -> None:
+            broker.hold.add(threading.get_ident())
+            try:
+                _linger_consume(producer, "k2")
+            except BaseException as exc:  # checked below
+                errors.append(exc)
+
+        filler = threading.Thread(target=fill, daemon=True)
+        filler.start()
+        assert broker.sending.wait(timeout=10)
+        time.sleep(0.2)  # the linger thread found nothing to send: it waits (1 s)
+        broker.error = RuntimeError("not the broker's")
+        broker.release.set()
+        filler.join(timeout=10)
+        assert [type(e) for e in errors] == [RuntimeError]
+        put_back = time.monotonic()
+        while "k0" not in broker.sent and time.monotonic() - put_back < 3:
+            time.sleep(0.005)
+        late = time.monotonic() - put_back
+        assert late < 0.4, f"k0, k1 put back were sent {late:.2f} s later (linger_ms=10)"
+    finally:
+        broker.release.set()
+        producer.close()
