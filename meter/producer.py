@@ -124,8 +124,8 @@ class _Batch:
     """Events buffered for one ``apply_batch`` message (buffered mode)."""
 
     __slots__ = (
-        "created", "events", "filler", "handed", "outcome", "pid", "sent", "task_id",
-        "want_result",
+        "created", "events", "filler", "handed", "outcome", "pid", "refused", "sent",
+        "task_id", "want_result",
     )  # fmt: skip
 
     def __init__(self, task_id: str | None = None) -> None:
@@ -144,6 +144,9 @@ class _Batch:
         # The process whose buffer it belongs to: in a child forked later, only the
         # parent sends it.
         self.pid = os.getpid()
+        # A send of it failed: the linger thread, retrying it, takes the open batch along
+        # (not behind a batch merely being sent by another thread's flush).
+        self.refused = False
 
 
 class EventHandle:
@@ -594,6 +597,7 @@ class MeterProducer:
                 self._unsent.append(self._batch)
                 self._batch = lingering = None
             targets = list(self._unsent)
+            retrying = any(batch.refused for batch in targets)
             if hand_over:
                 targets += [batch for batch in self._filling if batch.filler != me]
                 while any(batch.filler not in (None, me) for batch in targets):
@@ -611,7 +615,8 @@ class MeterProducer:
                         batch is None
                         and lingering is not None
                         and self._batch is lingering
-                        and self._lingered(lingering)  # not one opened meanwhile: not due
+                        # due, or behind refused batches retried (they go together)
+                        and (retrying or self._lingered(lingering))
                     ):
                         self._unsent.append(lingering)
                         self._batch = None
@@ -1259,6 +1264,7 @@ class MeterProducer:
                 f"<{len(batch.events)} events>",
             )
         except BaseException as exc:
+            batch.refused = True
             if own is not None:
                 self._keep_batch_mates(batch, own, exc)
             raise  # (own=None: exc.events set by the caller)
