@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from meter.embedded import EmbeddedServerError
-from meter.errors import MeterError
+from meter.errors import MeterError, NotFoundError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -901,7 +901,7 @@ def dead_letters_list(
 @dead_letters.command("retry")
 @database_url_option
 @click.argument("dead_letter_id", type=click.IntRange(min=1), required=False)
-@click.option("--all", "retry_all", is_flag=True, help="Retry every waiting dead letter.")
+@click.option("--all", "retry_all", is_flag=True, help="Retry every waiting dead letter: reserves first, then oldest first.")
 @click.option("--json", "as_json", is_flag=True, help="The outcomes as JSON on stdout.")
 def dead_letters_retry(
     database_url: str | None, dead_letter_id: int | None, retry_all: bool, as_json: bool
@@ -915,34 +915,44 @@ def dead_letters_retry(
     failed = 0
     with _dead_letter_conn(database_url) as conn:
         try:
-            ids = (
-                [row["dead_letter_id"] for row in dl.list_dead_letters(conn, "dead", 10000)]
-                if retry_all
-                else [dead_letter_id]
-            )
+            # --all: every waiting letter, reserves first (their retry settles the commits
+            # and releases waiting for them), then oldest first
+            ids = dl.to_retry(conn) if retry_all else [dead_letter_id]
             for id_ in ids:
                 assert id_ is not None
-                outcome = dl.retry(conn, id_)
+                try:
+                    outcome = dl.retry(conn, id_)
+                except NotFoundError:
+                    if not retry_all:
+                        raise
+                    # settled by an earlier retry of this run (or by a worker meanwhile)
+                    outcome = {"ok": True, "status": "settled already"}
                 outcomes.append({"dead_letter_id": id_, **outcome})
                 failed += not outcome["ok"]
         except MeterError as exc:
+            _print_retries(outcomes, as_json=as_json)
             _fail(exc)
-    if as_json:
-        _emit_json(outcomes)
-    else:
-        for o in outcomes:
-            if o["ok"]:
-                console.print(f"{o['dead_letter_id']}: {o['status']}")
-            else:
-                if o["status"] == "not_found":
-                    detail = "the reservation does not exist (yet)"
-                else:
-                    detail = f"{o['error_sqlstate'] or ''} {o['error_message'] or ''}".strip()
-                console.print(f"{o['dead_letter_id']}: [red]still failing[/]: {escape(detail)}")
-        if retry_all:
-            console.print(f"retried {len(outcomes) - failed} of {len(outcomes)}")
+    _print_retries(outcomes, as_json=as_json)
+    if retry_all and not as_json:
+        console.print(f"retried {len(outcomes) - failed} of {len(outcomes)}")
     if failed:
         raise SystemExit(1)
+
+
+def _print_retries(outcomes: list[dict[str, Any]], *, as_json: bool) -> None:
+    """What each retry gave (those made before an error too)."""
+    if as_json:
+        _emit_json(outcomes)
+        return
+    for o in outcomes:
+        if o["ok"]:
+            console.print(f"{o['dead_letter_id']}: {o['status']}")
+        else:
+            if o["status"] == "not_found":
+                detail = "the reservation does not exist (yet)"
+            else:
+                detail = f"{o['error_sqlstate'] or ''} {o['error_message'] or ''}".strip()
+            console.print(f"{o['dead_letter_id']}: [red]still failing[/]: {escape(detail)}")
 
 
 @dead_letters.command("discard")

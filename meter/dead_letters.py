@@ -21,7 +21,7 @@ from psycopg.types.json import set_json_loads
 from meter import types as t
 from meter.errors import from_psycopg
 
-__all__ = ["STATUSES", "discard", "list_dead_letters", "retry"]
+__all__ = ["STATUSES", "discard", "list_dead_letters", "retry", "to_retry"]
 
 STATUSES: Final = ("dead", "retried", "discarded", "all")
 """What :func:`list_dead_letters` can filter on (``all``: every status)."""
@@ -68,6 +68,22 @@ def list_dead_letters(
                 (status, limit, namespace),
             )
             return cur.fetchall()
+    except psycopg.Error as exc:
+        raise from_psycopg(exc) from exc
+
+
+def to_retry(conn: psycopg.Connection[Any]) -> list[int]:
+    """The ids of every waiting dead letter in the caller's scope (its tenant, or every
+    namespace for a privileged role with none), in the order to retry them: reserves first
+    (a reserve's retry settles the commits and releases waiting for it), then oldest first.
+
+    Raises:
+        TenantError, MeterConnectionError, MeterError.
+    """
+    try:
+        with conn.cursor(row_factory=tuple_row) as cur:
+            cur.execute("SELECT * FROM meter.dead_letters_to_retry()")
+            return [int(row[0]) for row in cur.fetchall()]
     except psycopg.Error as exc:
         raise from_psycopg(exc) from exc
 

@@ -1,0 +1,186 @@
+"""Retrying dead letters (SPEC 5: dead letters are listed and replayable from the CLI, never
+dropped; an event applies exactly once in effect), as found by a review of their lifecycle
+(migration 048 and `meter dead-letters retry --all`)."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal as D
+from typing import Any
+
+from click.testing import CliRunner
+
+from meter import dead_letters as dl
+from meter.cli import main
+
+
+def _cli(db_url: str, *args: str) -> Any:
+    return CliRunner().invoke(main, list(args), env={"METER_DATABASE_URL": db_url})
+
+
+def _file(db: Any, op: str, payload: dict[str, Any], sqlstate: str, source: str) -> int:
+    row = db.execute(
+        "SELECT meter.record_dead_letter(%s, %s::jsonb, %s, 'retries exhausted', %s, %s) AS id",
+        (op, json.dumps(payload), sqlstate, source, payload["namespace"]),
+    ).fetchone()
+    return int(row["id"])
+
+
+def _status(db: Any, id_: int) -> dict[str, Any]:
+    return db.execute(
+        "SELECT status, attempts FROM meter.dead_letters WHERE dead_letter_id = %s", (id_,)
+    ).fetchone()
+
+
+def test_retry_all_goes_on_past_a_letter_an_earlier_retry_settled(db, db_url, client):
+    """A reserve dead-lettered after transient failures and the commit orphaned for it:
+    retrying the reserve settles the commit (trigger); --all then raised "no dead letter
+    waiting" on the commit and stopped, leaving older letters untried."""
+    client.allocate("bob", "llm", 100, "tok")
+    # oldest: an unrelated, fixable event
+    other = _file(
+        db,
+        "allocate",
+        {
+            "op": "allocate",
+            "namespace": "default",
+            "args": {
+                "user_id": "carol",
+                "event_type": "llm",
+                "amount": "7",
+                "unit": "tok",
+                "idempotency_key": "k-carol",
+            },
+        },
+        "08006",
+        "task-a",
+    )
+    orphan = db.execute(
+        "SELECT * FROM meter.record_orphan(%s::jsonb, 'no reservation', 'task-c')",
+        (
+            json.dumps(
+                {
+                    "op": "commit",
+                    "namespace": "default",
+                    "args": {"reservation_id": "r1", "actual_amount": "3"},
+                }
+            ),
+        ),
+    ).fetchone()
+    assert orphan["applied"] is False
+    commit_id = orphan["dead_letter_id"]
+    # newest: the reserve itself, which failed transiently until retries ran out
+    reserve_id = _file(
+        db,
+        "reserve",
+        {
+            "op": "reserve",
+            "namespace": "default",
+            "args": {
+                "user_id": "bob",
+                "event_type": "llm",
+                "amount": "5",
+                "unit": "tok",
+                "reservation_id": "r1",
+            },
+        },
+        "08006",
+        "task-r",
+    )
+
+    result = _cli(db_url, "dead-letters", "retry", "--all")
+
+    assert _status(db, reserve_id)["status"] == "retried"
+    assert _status(db, commit_id)["status"] == "retried"  # settled by the reserve's trigger
+    # every waiting dead letter was retried, and the run says so
+    assert _status(db, other)["status"] == "retried", result.output
+    assert result.exit_code == 0, result.output
+
+
+def test_a_waiting_dead_letter_keeps_its_key_from_pruning(db, client):
+    """MTW01: the first delivery committed, the worker died before the ack, the message was
+    dead-lettered though applied. While the letter waits, beat's pruning keeps its key, so
+    a retry 40 days later replays: it applied the consume a second time."""
+    client.allocate("dave", "llm", 100, "tok")
+    event = {
+        "op": "consume",
+        "namespace": "default",
+        "args": {
+            "user_id": "dave",
+            "event_type": "llm",
+            "amount": "10",
+            "unit": "tok",
+            "idempotency_key": "task:t-1",
+        },
+    }
+    first = db.execute(
+        "SELECT * FROM meter.apply_events(%s::jsonb, 't-1')", (json.dumps([event]),)
+    ).fetchone()
+    assert first["status"] == "applied"
+    letter = _file(db, "consume", event, "MTW01", "t-1")
+    # 40 days later: beat's prune (default 35 days) removes the key, the letter still waits
+    db.execute("UPDATE meter.idempotency_keys SET created_at = created_at - interval '40 days'")
+    db.execute("SELECT meter.prune_idempotency_keys()")
+
+    out = dl.retry(db, letter)
+
+    assert out["status"] == "replayed", out
+    assert client.get_balance("dave", "llm", "tok")["balance"] == D(90)
+
+
+def test_retry_all_retries_reserves_before_the_commits_waiting_for_them(db, db_url, client):
+    """Reserves first: newest first, the orphaned commit was tried before its reserve and
+    reported still failing, then the reserve settled it; the run exited 1 though nothing
+    was left waiting."""
+    client.allocate("erin", "llm", 100, "tok")
+    reserve_id = _file(
+        db,
+        "reserve",
+        {
+            "op": "reserve",
+            "namespace": "default",
+            "args": {
+                "user_id": "erin",
+                "event_type": "llm",
+                "amount": "5",
+                "unit": "tok",
+                "reservation_id": "r2",
+            },
+        },
+        "08006",
+        "task-r2",
+    )
+    commit_id = db.execute(
+        "SELECT * FROM meter.record_orphan(%s::jsonb, 'no reservation', 'task-c2')",
+        (
+            json.dumps(
+                {
+                    "op": "commit",
+                    "namespace": "default",
+                    "args": {"reservation_id": "r2", "actual_amount": "3"},
+                }
+            ),
+        ),
+    ).fetchone()["dead_letter_id"]
+
+    result = _cli(db_url, "dead-letters", "retry", "--all", "--json")
+
+    assert _status(db, reserve_id)["status"] == "retried"
+    assert _status(db, commit_id)["status"] == "retried"
+    outcomes = {o["dead_letter_id"]: o for o in json.loads(result.stdout)}
+    assert outcomes[commit_id]["ok"], outcomes  # reported still failing, yet settled
+    assert result.exit_code == 0, result.output
+
+
+def test_retry_all_reaches_letters_beyond_the_first_10000(db, db_url):
+    """--all retries every waiting dead letter: it read one page of 10000."""
+    db.execute(
+        "INSERT INTO meter.dead_letters (namespace, op, payload, error_sqlstate, error_message)"
+        " SELECT '', 'consume', '{\"unstorable\": \"x\"}'::jsonb, 'MT001', 'bad'"
+        " FROM generate_series(1, 10001)"
+    )
+    _cli(db_url, "dead-letters", "retry", "--all")
+    untried = db.execute(
+        "SELECT count(*) AS n FROM meter.dead_letters WHERE status = 'dead' AND attempts = 1"
+    ).fetchone()["n"]
+    assert untried == 0
