@@ -21,8 +21,10 @@
 -- claims, FOR UPDATE SKIP LOCKED). Migrations once applied are never edited: 009's
 -- prune_idempotency_keys is replaced whole; only the lines marked 048 changed.
 
+-- The key's md5, not the key: an event's key may be longer than an index entry holds (a
+-- worker keys a single event by its task id), and its dead letter must still be stored.
 CREATE INDEX dead_letters_waiting_key ON meter.dead_letters
-    (namespace, ((payload -> 'args') ->> 'idempotency_key'))
+    (namespace, md5((payload -> 'args') ->> 'idempotency_key'))
     WHERE status = 'dead';
 
 CREATE OR REPLACE FUNCTION meter.prune_idempotency_keys(p_older_than_days integer DEFAULT 35,
@@ -64,6 +66,7 @@ BEGIN
           -- 048: the key of an event a dead letter still waits to retry
           AND NOT EXISTS (SELECT 1 FROM meter.dead_letters d
                           WHERE d.namespace = k.namespace AND d.status = 'dead'
+                            AND md5((d.payload -> 'args') ->> 'idempotency_key') = md5(k.key)
                             AND (d.payload -> 'args') ->> 'idempotency_key' = k.key)
         LIMIT p_batch_size
         FOR UPDATE OF k SKIP LOCKED
