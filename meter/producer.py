@@ -73,9 +73,7 @@ from meter.errors import (
     from_sqlstate,
 )
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "EventHandle", "MeterProducer", "keyed_reservation_id"]
-
-keyed_reservation_id = t.keyed_reservation_id  # the producer's public name for it
+__all__ = ["DEFAULT_CHUNK_SIZE", "EventHandle", "MeterProducer"]
 
 DEFAULT_CHUNK_SIZE: Final = 500
 """Events per ``apply_batch`` message for :meth:`MeterProducer.send_many`."""
@@ -492,11 +490,10 @@ class MeterProducer:
         self._wakeup = threading.Condition(self._lock)
         self._batch: _Batch | None = None
         self._unsent: deque[_Batch] = deque()
-        # The threads of calls sending the batch they filled (one entry per call), which
-        # close() waits for before it flushes: a batch such a call fails to send goes back
-        # to _unsent, where that flush finds it. _filled is notified as each one ends.
-        self._fillers: list[int] = []
-        # The batches those calls are sending (a flush waits for those taken before it).
+        # The batches that the calls which filled them are sending (each batch's filler is
+        # that call's thread), which close() and a flush wait for: a batch such a call
+        # fails to send goes back to _unsent, where they find it. _filled is notified as
+        # each one ends.
         self._filling: list[_Batch] = []
         self._filled = threading.Condition(self._lock)
         # Set (under _lock) when close() starts its flush; a filler ending after that has
@@ -688,7 +685,8 @@ class MeterProducer:
             self._refuse_reentry("close()")
         with self._lock:
             closer = self._closer
-            filling = threading.get_ident() in self._fillers
+            me = threading.get_ident()
+            filling = any(batch.filler == me for batch in self._filling)
             if closer is None:
                 # Closed first: no call buffers an event that this flush would not see.
                 self._closed = True
@@ -721,8 +719,7 @@ class MeterProducer:
                 # A call that filled a batch before this close() has taken it out of the
                 # buffer: wait until it has sent it or put it back. (Not for one on this
                 # thread: a signal handler that closes inside that call.)
-                me = threading.get_ident()
-                while any(filler != me for filler in self._fillers):
+                while any(batch.filler != me for batch in self._filling):
                     self._filled.wait()
                 self._close_flushing = True
             self._flush(hand_over=True, empty=True)
@@ -836,9 +833,10 @@ class MeterProducer:
         The reservation id, when not given, is made here and returned in the handle, so
         that commit or release can be enqueued right away: a uuid4 without
         ``idempotency_key`` (the id is then the reserve's key), else derived from the
-        namespace and the key (:func:`keyed_reservation_id`, as ``MeterClient`` derives
-        it), so that the same call sent again with its key replays, through either, and
-        another request under that key is an ``IdempotencyConflictError``.
+        namespace and the key (:func:`meter.types.keyed_reservation_id`, as
+        ``MeterClient`` derives it), so that the same call sent again with its key replays,
+        through either, and another request under that key is an
+        ``IdempotencyConflictError``.
         The hold's TTL counts from when a worker applies the reserve.
 
         Raises:
@@ -1137,7 +1135,6 @@ class MeterProducer:
         self._refuse_reentry(f"{op}()", sending=False)
         full: _Batch | None = None
         me = threading.get_ident()
-        registered = False  # set before the append: the finally then never misses an entry
         try:
             while True:
                 with self._lock:
@@ -1161,9 +1158,7 @@ class MeterProducer:
                                 self._unsent.append(batch)
                                 self._wakeup.notify()
                             else:
-                                full = batch
-                                registered = True
-                                self._fillers.append(me)
+                                full = batch  # (first: the finally then never misses it)
                                 self._filling.append(batch)
                                 batch.filler = me
                         break
@@ -1193,14 +1188,11 @@ class MeterProducer:
                         self._keep_batch_mates(full, index, exc)
                     raise
         finally:
-            if registered:
+            if full is not None:
                 with self._lock:
-                    if me in self._fillers:  # (not in a child forked during the send)
-                        self._fillers.remove(me)
-                    if full is not None:
-                        full.filler = None
-                        if full in self._filling:
-                            self._filling.remove(full)
+                    full.filler = None
+                    if full in self._filling:  # (not in a child forked during the send)
+                        self._filling.remove(full)
                     self._filled.notify_all()
         return EventHandle(self, op, key, rid, batch.task_id, want, batch, index)
 
@@ -1209,9 +1201,7 @@ class MeterProducer:
         with _lock held). A batch that the call which filled it is sending is not counted:
         it is that call's until the send fails and its batch-mates come back."""
         held = len(self._batch.events) if self._batch is not None else 0
-        if self._unsent:
-            held += sum(len(batch.events) for batch in self._unsent)
-        return held
+        return held + sum(len(batch.events) for batch in self._unsent)
 
     def _make_room(self) -> bool:
         """Back-pressure for a call that found the buffer full: send the oldest unsent
@@ -1398,7 +1388,6 @@ class MeterProducer:
         self._wakeup = threading.Condition(self._lock)
         self._batch = None
         self._unsent = deque()
-        self._fillers = []
         self._filling = []
         self._filled = threading.Condition(self._lock)
         self._linger_thread = None

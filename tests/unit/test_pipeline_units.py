@@ -162,7 +162,8 @@ def test_a_keyed_reserves_id_is_derived_from_namespace_and_key():
     """Review D #8: a reserve with a key and no id gets an id the same call always gets
     (so a retry replays), a valid reservation id, distinct per namespace and per key."""
     from meter import types as t
-    from meter.producer import MeterProducer, keyed_reservation_id
+    from meter.producer import MeterProducer
+    from meter.types import keyed_reservation_id
 
     rid = keyed_reservation_id("acme", "k1")
     assert rid == keyed_reservation_id("acme", "k1") and uuid.UUID(rid).version == 5
@@ -428,7 +429,7 @@ def test_a_signal_handler_closing_inside_a_fill_while_another_thread_closes():
 
         def drive() -> None:
             deadline = time.monotonic() + 10
-            while len(producer._fillers) < 2 and time.monotonic() < deadline:
+            while len(producer._filling) < 2 and time.monotonic() < deadline:
                 time.sleep(0.01)  # the main thread fills [b0, b1] and waits to send it
             closer.start()
             while not producer._closed and time.monotonic() < deadline:
@@ -451,7 +452,7 @@ def test_a_signal_handler_closing_inside_a_fill_while_another_thread_closes():
         held.set()
     assert len(sent) == 2
     assert sent == [["a0", "a1"], ["b0"]]  # b1's call raised: the caller's to send
-    assert not producer._unsent and producer._batch is None and producer._fillers == []
+    assert not producer._unsent and producer._batch is None and producer._filling == []
 
 
 def test_a_close_made_while_another_sends_returns_after_it():
@@ -1366,7 +1367,7 @@ def test_wait_on_a_handed_back_event_raises_at_once_with_that_event():
 # waits for the task's outcome (the parent sends it), never calls it never sent.
 def test_a_forked_childs_wait_does_not_call_its_parents_event_never_sent():
     """A child forked while a parent's thread is sending the batch it filled ([k0, k1]).
-    In the child, h0.wait() finds the batch unsent, no filler in its (reset) _fillers, and
+    In the child, h0.wait() finds the batch unsent, no filler in its (reset) _filling, and
     raises at once PublishError "the event was never sent ... handed it back in its
     error" with k0 in exc.events: none of that is true, the parent sends k0 (and a child
     that resends exc.events, as told, sends it a second time)."""
