@@ -9,7 +9,6 @@ below is one statement, hence one transaction.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from datetime import datetime
@@ -215,21 +214,6 @@ def _text(value: str | None) -> str | None:
     return value
 
 
-_SOURCE_MAX: Final = 200
-"""The longest source (a task id, or one derived from it) stored as it is; a longer one,
-which only a crafted message has, is stored as its hash: PostgreSQL cannot index a key of
-more than about 2.7 kB, and the dead letter would fail to record every time."""
-
-
-def _source(source: str | None) -> str | None:
-    """``source`` as stored: itself, or ``sha256:<hex>`` of it when too long (the same each
-    time, so a redelivered message still counts an attempt on its dead letter)."""
-    source = _text(source)
-    if source is None or len(source) <= _SOURCE_MAX:
-        return source
-    return "sha256:" + hashlib.sha256(source.encode("utf-8")).hexdigest()
-
-
 def _sqlstate(sqlstate: str | None) -> str | None:
     """A SQLSTATE as stored: five characters, as every real one has; a crafted verdict's
     longer text is cut and its NUL escaped."""
@@ -255,9 +239,9 @@ def record_dead_letter(
 
     Whatever a crafted message holds, the dead letter is recorded; else it would fail
     every time, and the message loop or be dropped. A NUL or a lone surrogate in the text
-    is escaped, a source longer than 200 characters stored as its hash, the SQLSTATE as
-    its first five characters. What PostgreSQL still refuses to store (a data exception,
-    class 22: a number beyond ``numeric``'s range; a program limit, class 54: a namespace
+    is escaped (a source longer than 200 characters is stored as its hash, by the SQL),
+    the SQLSTATE stored as its first five characters. What PostgreSQL still refuses to
+    store (a data exception, class 22: a number beyond ``numeric``'s range; a program limit, class 54: a namespace
     too long for an index key) is filed with the operators (``''``) with the reason
     appended, and if need be the payload kept as its ``ascii()`` text under
     ``"unstorable"``. Other errors (the database down or read-only) are raised.
@@ -276,7 +260,7 @@ def record_dead_letter(
                     stored,
                     _sqlstate(sqlstate),
                     _text(message),
-                    _source(source),
+                    _text(source),  # hashed by the SQL when too long to index (049)
                     namespace,
                 ),
             ).fetchone()

@@ -1118,11 +1118,12 @@ def test_a_crafted_task_id_or_verdict_cannot_keep_a_dead_letter_from_being_recor
     send_raw(pipeline, "meter.allocate", bad, verdict={"sqlstate": "\x00MT001x", "message": "m"})
     rows = eventually(lambda: (r := dead_letters(db)) and len(r) == 2 and r)
     by_state = {r["error_sqlstate"]: r for r in rows}
-    # the SQL's own dead letter of the refusal (source <task id>/0) cannot be indexed
-    # either: the call fails as a whole, 54000, and the worker files that
-    assert by_state["54000"]["source"].startswith("sha256:")
-    assert by_state["54000"]["namespace"] == "default"
-    assert by_state["54000"]["payload"]["args"]["amount"] == "-1"
+    # the SQL's own dead letter of the refusal (source <task id>/0) is stored with its
+    # source hashed (049): its own reason, in its namespace (the call failed as a whole,
+    # 54000, and the worker filed that instead)
+    assert by_state["MT001"]["source"].startswith("sha256:")
+    assert by_state["MT001"]["namespace"] == "default"
+    assert by_state["MT001"]["payload"]["args"]["amount"] == "-1"
     assert by_state["\\x00M"]["error_message"] == "m"
     assert ledger(db) == []
 
