@@ -901,7 +901,12 @@ def dead_letters_list(
 @dead_letters.command("retry")
 @database_url_option
 @click.argument("dead_letter_id", type=click.IntRange(min=1), required=False)
-@click.option("--all", "retry_all", is_flag=True, help="Retry every waiting dead letter: reserves first, then oldest first.")
+@click.option(
+    "--all",
+    "retry_all",
+    is_flag=True,
+    help="Retry every waiting dead letter: reserves first, then oldest first.",
+)
 @click.option("--json", "as_json", is_flag=True, help="The outcomes as JSON on stdout.")
 def dead_letters_retry(
     database_url: str | None, dead_letter_id: int | None, retry_all: bool, as_json: bool
