@@ -78,7 +78,12 @@ __all__ = ["DEFAULT_CHUNK_SIZE", "EventHandle", "MeterProducer"]
 DEFAULT_CHUNK_SIZE: Final = 500
 """Events per ``apply_batch`` message for :meth:`MeterProducer.send_many`."""
 
-MAX_CHUNK_SIZE: Final = 10000
+MAX_CHUNK_SIZE: Final = 1000
+"""The most events per ``apply_batch`` message (``batch_size``, ``chunk_size``):
+``meter.apply_events`` refuses a larger batch when any of its events goes one by one (a
+checked consume, reserve, commit, release), since each takes locks in the server's shared
+lock table (050)."""
+
 DEFAULT_BATCH_SIZE: Final = 500
 BUFFERED_BATCHES: Final = 10
 """Default ``max_buffered``: this many times ``batch_size`` events."""
@@ -356,12 +361,12 @@ class MeterProducer:
             ``redis://127.0.0.1:6379/0``).
         namespace: the tenant every event is recorded in.
         batch_size: buffered mode: send an ``apply_batch`` message once the buffer holds
-            this many events (default 500 when only ``linger_ms`` is given).
+            this many events (1..1000; default 500 when only ``linger_ms`` is given).
         linger_ms: buffered mode: send the buffer at the latest this many milliseconds
             after its first event (default 50 when only ``batch_size`` is given).
         results: store every event's outcome so that :meth:`EventHandle.wait` works
             (costs a result write per task); per call, ``want_result=`` overrides it.
-        chunk_size: events per ``apply_batch`` message for :meth:`send_many` (1..10000).
+        chunk_size: events per ``apply_batch`` message for :meth:`send_many` (1..1000).
         signing_key: the namespace's signing key (``meter keys derive NAMESPACE``; default
             ``$METER_PRODUCER_KEY``). Every message is signed with it (:mod:`meter.signing`);
             workers with ``METER_SIGNING_SECRET`` set refuse unsigned messages.

@@ -967,6 +967,18 @@ def test_a_bad_max_buffered_is_refused_by_name(value):
     assert info.value.parameter == "max_buffered"
 
 
+@pytest.mark.parametrize("name", ["batch_size", "chunk_size"])
+def test_a_message_of_over_1000_events_is_refused_by_name(name):
+    """``meter.apply_events`` refuses a batch of over 1000 events when any goes one by one
+    (050: their locks fill the server's shared lock table), so no producer sends one."""
+    from meter.producer import MeterProducer
+
+    with pytest.raises(ValidationError, match=rf"^{name}: ") as info:
+        MeterProducer("redis://127.0.0.1:1/0", **{name: 1001})  # type: ignore[arg-type]
+    assert info.value.parameter == name
+    MeterProducer("redis://127.0.0.1:1/0", **{name: 1000}).close()  # type: ignore[arg-type]
+
+
 def test_max_buffered_defaults_to_ten_batches():
     from meter.producer import MeterProducer
 
