@@ -8,6 +8,8 @@ import json
 from decimal import Decimal as D
 from typing import Any
 
+import psycopg
+import pytest
 from click.testing import CliRunner
 
 from meter import dead_letters as dl
@@ -184,3 +186,28 @@ def test_retry_all_reaches_letters_beyond_the_first_10000(db, db_url):
         "SELECT count(*) AS n FROM meter.dead_letters WHERE status = 'dead' AND attempts = 1"
     ).fetchone()["n"]
     assert untried == 0
+
+
+def test_list_dead_letters_refuses_a_status_that_names_none(db, app_url, snapshot):
+    """A misspelt status filter (`'Dead'`, `'failed'`) answered with no letters, as if none
+    waited: an operator (or an application role calling the SQL API) read "nothing to
+    retry" while letters waited. Refused now by name, as the Python wrapper refuses it
+    (and as get_audit_events refuses an unknown kind, 039); the known filters still list."""
+    waiting = _file(db, "consume", {"namespace": "default", "args": {}}, "MT001", "src-1")
+    listed = "SELECT dead_letter_id FROM meter.list_dead_letters(%s, 10, 'default')"
+    for status in ("dead", "all", None):
+        assert [r["dead_letter_id"] for r in db.execute(listed, (status,))] == [waiting]
+    assert db.execute(listed, ("retried",)).fetchall() == []
+    before = snapshot()
+    with psycopg.connect(app_url, autocommit=True) as app:
+        app.execute("SELECT meter.set_tenant('default')")
+        for status in ("Dead", "failed", "", " dead"):
+            with pytest.raises(psycopg.Error) as refused:
+                app.execute(listed, (status,))
+            assert refused.value.sqlstate == "MT001", status
+            assert refused.value.diag.column_name == "status"
+            assert "dead, retried, discarded, all" in str(refused.value)
+    with pytest.raises(psycopg.Error) as refused:
+        db.execute("SELECT * FROM meter.list_dead_letters('waiting', 10, NULL)")
+    assert refused.value.sqlstate == "MT001"
+    assert snapshot() == before
