@@ -331,6 +331,44 @@ def test_chosen_reservation_id_different_request_conflicts(client, snapshot, arg
     assert snapshot() == before
 
 
+@pytest.mark.parametrize(("arg", "val"), [("amount", D("6")), ("ttl_seconds", 301)])
+def test_a_reserve_key_reused_for_another_request_names_the_key(client, db, snapshot, arg, val):
+    # 052: the SDK (as the producer) derives a reserve's reservation id from its key when
+    # the caller gives none, so the hold of the first request is found by that id, and the
+    # conflict named reservation_id and a UUID the caller never saw. The caller's offending
+    # parameter is the key, as for every other keyed write (SPEC 4: messages name it).
+    _fund(client)
+    client.reserve(**BASE["reserve"], idempotency_key="k-1")
+    before = snapshot()
+    with pytest.raises(IdempotencyConflictError) as raised:
+        client.reserve(**{**BASE["reserve"], arg: val}, idempotency_key="k-1")
+    assert raised.value.parameter == "idempotency_key"
+    assert raised.value.message == (
+        "idempotency_key: 'k-1' was already used for a different reserve request"
+    )
+    assert snapshot() == before
+    # the same through SQL, with the id given: both were reused, the key is named
+    reserve_sql = (
+        "SELECT * FROM meter.reserve('u1', 'tokens', %s, 'tok', p_idempotency_key => 'k-2',"
+        " p_reservation_id => 'res-B')"
+    )
+    with pytest.raises(psycopg.Error) as sql_raised, db.transaction():
+        db.execute(reserve_sql, (6,))
+        db.execute(reserve_sql, (7,))
+    assert (sql_raised.value.sqlstate, sql_raised.value.diag.column_name) == (
+        "MT002",
+        "idempotency_key",
+    )
+    # an id reused under no key, or under another key, is still named as the id
+    client.reserve(U, ET, D("4"), UNIT, reservation_id="res-C")
+    before = snapshot()
+    for key in (None, "k-3"):
+        with pytest.raises(IdempotencyConflictError) as raised:
+            client.reserve(U, ET, D("5"), UNIT, reservation_id="res-C", idempotency_key=key)
+        assert raised.value.parameter == "reservation_id"
+    assert snapshot() == before
+
+
 def test_chosen_reservation_ids_are_per_namespace(client, make_client):
     other = make_client(namespace="other")
     client.allocate(U, ET, D("10"), UNIT)
