@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
@@ -868,3 +869,115 @@ def test_a_batch_reports_available_without_expired_holds(client, db):
     assert client.consume("u3", ET, D("3"), UNIT, idempotency_key="b3")["available"] == D("47")
     assert client.release_expired_reservations() == 2
     assert client.reconcile() == []
+
+
+# ---------------------------------------------------------------- lifecycle against a model
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_hold_lifecycle_with_expiry_agrees_with_a_model(client, db, seed):
+    # The property test's holds never expire. Here holds are aged past their TTL (their
+    # expires_at moved back, as a clock would) among reserves, replays, commits (less,
+    # more, zero, again), releases, sweeps and checked consumes; after every step the
+    # reads, get_stats and reconcile agree with a model in which a hold past its TTL
+    # reserves nothing, swept or not (Appendix C), and its commit is 'late'.
+    rng = random.Random(seed)
+    users = ["a", "b"]
+    bal = {u: D("100") for u in users}
+    holds: dict[str, dict] = {}
+    for u in users:
+        client.allocate(u, ET, D("100"), UNIT)
+
+    def held(u: str) -> Decimal:
+        return sum(
+            (h["amount"] for h in holds.values() if h["user"] == u and h["status"] == "active"),
+            D("0"),
+        )
+
+    for step in range(150):
+        op = rng.choice(["reserve", "reserve", "replay", "commit", "commit", "release", "age",
+                         "sweep", "consume"])  # fmt: skip
+        u = rng.choice(users)
+        if op == "reserve":
+            amount, rid = D(rng.randint(1, 60)), f"r{step}"
+            r = client.reserve(u, ET, amount, UNIT, reservation_id=rid)
+            assert r["granted"] == (bal[u] - held(u) >= amount), (step, r)
+            if r["granted"]:
+                holds[rid] = {"user": u, "amount": amount, "status": "active", "result": r}
+            assert r["available"] == bal[u] - held(u), (step, r)
+        elif op == "replay" and holds:
+            rid = rng.choice(list(holds))
+            h = holds[rid]
+            again = client.reserve(h["user"], ET, h["amount"], UNIT, reservation_id=rid)
+            assert again == h["result"], (step, again)
+        elif op == "commit" and holds:
+            rid = rng.choice(list(holds))
+            h = holds[rid]
+            actual = D(rng.randint(0, 80))
+            if h["status"] == "committed":
+                if rng.random() < 0.5:
+                    with pytest.raises(IdempotencyConflictError):
+                        client.commit(rid, h["actual"] + 1)
+                else:
+                    r = client.commit(rid, h["actual"])
+                    assert r == {**h["commit"], "status": "replayed"}, (step, r)
+                continue
+            r = client.commit(rid, actual)
+            if h["status"] == "released":
+                assert (r["success"], r["status"]) == (False, "released"), (step, r)
+                continue
+            late = h["status"] in ("due", "expired")
+            assert (r["success"], r["status"]) == (True, "late" if late else "committed")
+            assert r["released"] == (0 if late else max(h["amount"] - actual, D("0")))
+            bal[h["user"]] -= actual
+            assert r["balance"] == bal[h["user"]], (step, r)
+            h.update(status="committed", actual=actual, commit=r)
+        elif op == "release" and holds:
+            rid = rng.choice(list(holds))
+            h = holds[rid]
+            assert client.release(rid) is (h["status"] == "active"), (step, h)
+            if h["status"] in ("active", "due"):
+                h["status"] = "released" if h["status"] == "active" else "expired"
+        elif op == "age":
+            active = [rid for rid, h in holds.items() if h["status"] == "active"]
+            if active:
+                rid = rng.choice(active)
+                db.execute(
+                    "UPDATE meter.reservations SET expires_at = now() - interval '1 second',"
+                    " created_at = now() - interval '301 seconds' WHERE reservation_id = %s",
+                    (rid,),
+                )
+                holds[rid]["status"] = "due"
+        elif op == "sweep":
+            due = [h for h in holds.values() if h["status"] == "due"]
+            # a refused write may have expired some already (meter._expire_due)
+            assert client.release_expired_reservations() <= len(due)
+            for h in due:
+                h["status"] = "expired"
+        elif op == "consume":
+            amount = D(rng.randint(1, 40))
+            r = client.consume(u, ET, amount, UNIT, check_balance=True)
+            assert r["success"] == (bal[u] - held(u) >= amount), (step, r)
+            if r["success"]:
+                bal[u] -= amount
+            assert r["available"] == bal[u] - held(u), (step, r)
+        for v in users:
+            expected = {"balance": bal[v], "reserved": held(v), "available": bal[v] - held(v)}
+            assert balance(client, v) == expected, (step, op, v)
+        assert client.reconcile() == []
+        stats = client.get_stats()
+        assert stats["active_reservations"] == sum(
+            1 for h in holds.values() if h["status"] == "active"
+        )
+        assert stats["total_reserved"] == sum(held(v) for v in users)
+    for v in users:
+        assert sum(r["amount"] for r in ledger_rows(db, v)) == bal[v]
+    trail: dict[str, list[str]] = {}
+    for e in client.get_audit_events(kinds=["reservation.active", "reservation.committed",
+                                            "reservation.released", "reservation.expired"],
+                                     limit=10000):  # fmt: skip
+        trail.setdefault(e["reservation_id"], []).insert(0, e["kind"])
+    for rid, h in holds.items():
+        assert trail[rid][0] == "reservation.active", (rid, trail[rid])
+        if h["status"] not in ("active", "due"):
+            assert trail[rid][-1] == f"reservation.{h['status']}", (rid, trail[rid], h)
