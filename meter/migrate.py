@@ -28,9 +28,11 @@ from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import tuple_row
 
 from meter.errors import MeterConnectionError, MeterError
+from meter.types import invalid
 
 __all__ = [
     "Migration",
@@ -133,6 +135,7 @@ def migrate(
             does not know, a file failed (its transaction is rolled back; earlier files
             stay applied), or ``roles.sql`` is missing.
         MeterConnectionError: the database cannot be reached.
+        ValidationError: ``conninfo`` is malformed.
     """
     directory = sql_dir if sql_dir is not None else default_sql_dir()
     migrations = discover(directory)
@@ -140,10 +143,7 @@ def migrate(
     if with_roles and not roles_path.is_file():
         raise MigrationError(f"with_roles requested but {roles_path} does not exist")
 
-    try:
-        conn = psycopg.connect(conninfo, autocommit=True)
-    except psycopg.OperationalError as exc:
-        raise MeterConnectionError(f"cannot connect to the database to migrate: {exc}") from exc
+    conn = _connect(conninfo, "cannot connect to the database to migrate")
     with conn:
         try:
             return _migrate_locked(conn, migrations, roles_path if with_roles else None)
@@ -153,6 +153,22 @@ def migrate(
             raise MigrationError(
                 f"migration failed: {_describe(exc)}", sqlstate=exc.sqlstate
             ) from exc
+
+
+def _connect(conninfo: str, unreachable: str) -> psycopg.Connection[Any]:
+    """An autocommit connection: ValidationError for a malformed ``conninfo`` (the
+    caller's mistake; it escaped as psycopg's ProgrammingError), MeterConnectionError,
+    prefixed ``unreachable``, when the server cannot be reached."""
+    if "\x00" in conninfo:  # libpq would read up to it and connect elsewhere
+        raise invalid("conninfo", "invalid conninfo: contains a NUL character")
+    try:
+        conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError as exc:
+        raise invalid("conninfo", f"invalid conninfo: {str(exc).strip()}") from None
+    try:
+        return psycopg.connect(conninfo, autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise MeterConnectionError(f"{unreachable}: {exc}") from exc
 
 
 def _migrate_locked(
@@ -293,9 +309,6 @@ def newest(versions: set[str]) -> str | None:
 
 def schema_version(conninfo: str) -> str | None:
     """The newest applied migration version, or None for a database never migrated."""
-    try:
-        conn = psycopg.connect(conninfo, autocommit=True)
-    except psycopg.OperationalError as exc:
-        raise MeterConnectionError(f"cannot connect to the database: {exc}") from exc
+    conn = _connect(conninfo, "cannot connect to the database")
     with conn:
         return newest(recorded_versions(conn))

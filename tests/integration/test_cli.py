@@ -403,11 +403,12 @@ def test_json_output_of_metadata_nested_as_deep_as_postgresql_takes(env, db) -> 
 
 
 @pytest.mark.parametrize(
-    "args", [("balance", "bob"), ("periods", "show", "bob"), ("dead-letters", "list")]
+    "args",
+    [("balance", "bob"), ("periods", "show", "bob"), ("dead-letters", "list"), ("migrate",)],
 )
 def test_every_command_takes_a_malformed_url_for_a_usage_error(args: tuple[str, ...]) -> None:
     # periods show exited 1 and the dead-letter commands 3 ("cannot connect") for what
-    # `balance` and the documented statuses call a usage error.
+    # `balance` and the documented statuses call a usage error; migrate, 1 with a traceback.
     malformed = run({"METER_DATABASE_URL": "host=x bogus=1"}, *args)
     assert malformed.exit_code == EXIT_USAGE and "invalid conninfo" in malformed.stderr
     gone = run({"METER_DATABASE_URL": UNREACHABLE_DB}, *args)

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from psycopg import sql
 
 from meter.cli import main as cli_main
-from meter.errors import MeterError
+from meter.errors import MeterError, ValidationError
 from meter.migrate import MigrationError, default_sql_dir, discover, migrate, schema_version
 
 REPO = Path(__file__).resolve().parents[2]
@@ -213,6 +213,15 @@ def test_cli_reports_unreachable_database() -> None:
     )
     assert result.exit_code == 3  # cannot connect (meter/cli.py: EXIT_UNREACHABLE)
     assert isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("conninfo", ["not a url", "host=x bogus=1", "host=x\x00port=1"])
+def test_a_malformed_conninfo_is_a_validation_error(conninfo: str) -> None:
+    # It escaped as psycopg's ProgrammingError, which the CLI showed as a traceback, exit 1.
+    for call in (lambda: migrate(conninfo), lambda: schema_version(conninfo)):
+        with pytest.raises(ValidationError, match=r"^conninfo: invalid conninfo") as info:
+            call()
+        assert info.value.parameter == "conninfo"
 
 
 # ------------------------------------------------------- runner mechanics on stubs
