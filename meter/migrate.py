@@ -47,6 +47,9 @@ LOCK_KEY = 0x6D65746572_0001
 """Advisory lock key of the migration runner (``'meter'`` in ASCII, then 1)."""
 
 _FILE_RE = re.compile(r"^(?P<number>\d{3,})_(?P<name>[A-Za-z0-9_]+)\.sql$")
+# What a migration's name starts and ends like: such a file that _FILE_RE does not match
+# is a mistake to report, not a note to skip (it would never be applied, silently).
+_LOOKS_LIKE_MIGRATION_RE = re.compile(r"^\d.*\.sql$", re.IGNORECASE)
 
 _BOOTSTRAP = """
 CREATE SCHEMA IF NOT EXISTS meter;
@@ -92,7 +95,8 @@ def discover(directory: Path | None = None) -> list[Migration]:
     """The migrations in ``directory`` (default :func:`default_sql_dir`), ordered by number.
 
     Files that do not look like ``NNN_name.sql`` (``roles.sql``, notes) are not
-    migrations. Two files with the same number are refused: their order would be a
+    migrations; a ``.sql`` file whose name starts with a digit but breaks that pattern
+    (``050_fix-it.sql``, ``50_x.sql``) is refused rather than skipped. Two files with the same number are refused: their order would be a
     coin toss, and two engineers picking the same number is exactly how that happens.
     """
     directory = directory if directory is not None else default_sql_dir()
@@ -101,6 +105,11 @@ def discover(directory: Path | None = None) -> list[Migration]:
     found: dict[int, Migration] = {}
     for path in sorted(directory.iterdir()):
         match = _FILE_RE.match(path.name)
+        if match is None and _LOOKS_LIKE_MIGRATION_RE.match(path.name) and path.is_file():
+            raise MigrationError(
+                f"{path.name} looks like a migration but is not named NNN_name.sql (three "
+                "or more digits, '_', then letters, digits and '_' only): rename it"
+            )
         if match is None or not path.is_file():
             continue
         number = int(match["number"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -287,6 +288,20 @@ def test_duplicate_numbers_are_refused(stub_dir: Path) -> None:
     write(stub_dir, "002_also_two.sql", "SELECT 1;\n")
     with pytest.raises(MigrationError, match="share number 2"):
         discover(stub_dir)
+
+
+@pytest.mark.parametrize(
+    "name", ["003_fix-the-thing.sql", "03_short.sql", "003_name with space.sql", "003_x.SQL"]
+)
+def test_a_misnamed_migration_is_refused_not_skipped(
+    empty_url: str, stub_dir: Path, name: str
+) -> None:
+    # A numbered file the pattern did not match was silently not a migration: never
+    # applied, and `meter status` saw nothing pending.
+    write(stub_dir, name, "CREATE TABLE meter.three (y int);\n")
+    with pytest.raises(MigrationError, match=re.escape(name)):
+        migrate(empty_url, sql_dir=stub_dir)
+    assert schema_version(empty_url) is None  # refused before touching the database
 
 
 def test_with_roles_requires_roles_file(empty_url: str, stub_dir: Path) -> None:
