@@ -76,29 +76,41 @@ class Stack:
 
 def start_stack(home: Path | None = None) -> Stack:
     """Servers (embedded unless ``METER_DATABASE_URL`` / ``METER_BROKER_URL`` are set),
-    migrations, one worker and one beat."""
+    migrations, one worker and one beat.
+
+    Only the servers this call started are the stack's to stop: one found running
+    (started by ``meter migrate``, an application, another ``meter up``) is reused and
+    left running. If anything fails (or is interrupted) on the way, what was started is
+    stopped before the error is raised.
+    """
     from meter.migrate import migrate
 
     home = home or default_data_root()
-    started: list[EmbeddedPostgres | EmbeddedRedis] = []
-    database_url = os.environ.get("METER_DATABASE_URL")
-    if not database_url:
-        pg = EmbeddedPostgres(home / "pg").start()
-        started.append(pg)
-        database_url = pg.url()
-    broker_url = os.environ.get("METER_BROKER_URL")
-    if not broker_url:
-        redis = EmbeddedRedis(home / "redis").start()
-        started.append(redis)
-        broker_url = redis.url()
-    stack = Stack(database_url, broker_url, home, started)
-    migrate(database_url)
-    celery = [sys.executable, "-m", "celery", "-A", "worker"]
-    stack.spawn("worker", [*celery, "worker", "--loglevel=INFO", "--concurrency=2"])
-    stack.spawn(
-        "beat",
-        [*celery, "beat", "--loglevel=INFO", "--schedule", str(home / "celerybeat-schedule")],
-    )
+    stack = Stack("", "", home)
+    try:
+        database_url = os.environ.get("METER_DATABASE_URL")
+        if not database_url:
+            pg = EmbeddedPostgres(home / "pg")
+            stack.started.append(pg.start())
+            database_url = pg.url()
+        broker_url = os.environ.get("METER_BROKER_URL")
+        if not broker_url:
+            redis = EmbeddedRedis(home / "redis")
+            stack.started.append(redis.start())
+            broker_url = redis.url()
+        # a server found running is not ours to stop
+        stack.started = [s for s in stack.started if s._started_here]
+        stack.database_url, stack.broker_url = database_url, broker_url
+        migrate(database_url)
+        celery = [sys.executable, "-m", "celery", "-A", "worker"]
+        stack.spawn("worker", [*celery, "worker", "--loglevel=INFO", "--concurrency=2"])
+        stack.spawn(
+            "beat",
+            [*celery, "beat", "--loglevel=INFO", "--schedule", str(home / "celerybeat-schedule")],
+        )
+    except BaseException:
+        stack.stop()
+        raise
     return stack
 
 
@@ -188,7 +200,6 @@ def _wait_until(condition: Callable[[], bool], timeout: float) -> None:
 
 def serve(console: Console, demo: bool = True) -> None:
     """Run the stack until Ctrl-C (or SIGTERM); stop everything it started."""
-    stack = start_stack()
 
     def _terminate(signum: int, frame: object) -> None:
         # The first Ctrl-C (or SIGTERM) stops; any later one is ignored, so that a second
@@ -200,6 +211,12 @@ def serve(console: Console, demo: bool = True) -> None:
 
     signal.signal(signal.SIGINT, _terminate)
     signal.signal(signal.SIGTERM, _terminate)
+    try:
+        # start_stack stops what it started when it fails; a SIGTERM now is a Ctrl-C too
+        stack = start_stack()
+    except KeyboardInterrupt:
+        console.print("stopped while starting")
+        return
     try:
         console.print(f"PostgreSQL: {stack.database_url}\nRedis:      {stack.broker_url}")
         console.print(f"worker and beat logs: {stack.home / 'logs'}")

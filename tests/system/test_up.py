@@ -3,6 +3,7 @@ servers, a worker, beat and the demo traffic; Ctrl-C stops every process it star
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -77,3 +78,82 @@ def test_meter_up_serves_the_demo_and_ctrl_c_stops_everything(tmp_path: Path) ->
     assert _processes_with(f"METER_BROKER_URL={broker}") == []
     assert EmbeddedPostgres(home / "pg")._running_port() is None
     assert EmbeddedRedis(home / "redis")._running() is None
+
+
+def _meter_up(tmp_path: Path, home: Path) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METER_")}
+    env["METER_HOME"] = str(home)
+    return subprocess.Popen(
+        [sys.executable, "-m", "meter", "up", "--no-demo"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def test_meter_up_leaves_running_the_servers_it_found_running(tmp_path: Path) -> None:
+    # `meter up` stopped at Ctrl-C the servers it had only reused: the embedded PostgreSQL
+    # that `meter migrate` (or an application, or another `meter up`) had started and
+    # was using.
+    home = tmp_path / "home"
+    pg = EmbeddedPostgres(home / "pg").start()
+    redis = EmbeddedRedis(home / "redis").start()
+    try:
+        up = _meter_up(tmp_path, home)
+        lines: list[str] = []
+        try:
+            assert up.stdout is not None
+            for line in up.stdout:
+                lines.append(line)
+                if "serving; press Ctrl-C to stop" in line:
+                    break
+            [broker] = re.findall(r"Redis:\s+(redis://\S+)", "".join(lines))
+            assert broker == redis.url()
+        finally:
+            up.send_signal(signal.SIGINT)
+            out, _ = up.communicate(timeout=120)
+            lines.append(out)
+        assert up.returncode == 0, "".join(lines)
+        deadline = time.monotonic() + 10
+        while _processes_with(f"METER_BROKER_URL={broker}") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _processes_with(f"METER_BROKER_URL={broker}") == []  # its worker and beat
+        assert EmbeddedPostgres(home / "pg")._running_port() == pg.port
+        assert EmbeddedRedis(home / "redis")._running() is not None
+    finally:
+        redis.stop()
+        pg.stop()
+
+
+def test_meter_up_that_fails_to_start_stops_what_it_started(tmp_path: Path) -> None:
+    # A failure before "serving" (here the migration: the database has a migration this
+    # code does not know) left the embedded PostgreSQL and Redis it had started running.
+    import psycopg
+
+    home = tmp_path / "home"
+    with EmbeddedPostgres(home / "pg") as pg, psycopg.connect(pg.url(), autocommit=True) as c:
+        c.execute("CREATE SCHEMA meter")
+        c.execute(
+            "CREATE TABLE meter.schema_migrations (version text PRIMARY KEY, checksum text"
+            " NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        c.execute("INSERT INTO meter.schema_migrations VALUES ('999_from_the_future', 'x')")
+    assert EmbeddedPostgres(home / "pg")._running_port() is None
+    up = _meter_up(tmp_path, home)
+    try:
+        out, _ = up.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(up.pid, signal.SIGKILL)
+        leftovers = (EmbeddedRedis(home / "redis"), EmbeddedPostgres(home / "pg"))
+    try:
+        assert up.returncode == 1, out
+        assert "999_from_the_future" in out
+        assert EmbeddedPostgres(home / "pg")._running_port() is None, out
+        assert EmbeddedRedis(home / "redis")._running() is None, out
+    finally:
+        for server in leftovers:
+            server.stop()
