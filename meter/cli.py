@@ -830,8 +830,11 @@ def _dead_letter_conn(database_url: str | None) -> Any:
 
 
 def _fail(exc: Exception) -> None:
+    """Print ``exc`` and exit: 2 for invalid input (a ValidationError), else 1."""
+    from meter.errors import ValidationError
+
     err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
-    raise SystemExit(1) from exc
+    raise SystemExit(EXIT_USAGE if isinstance(exc, ValidationError) else EXIT_PROBLEMS) from exc
 
 
 @main.group("dead-letters")
@@ -839,7 +842,8 @@ def dead_letters() -> None:
     """Events the pipeline could not apply: list, retry, discard.
 
     Exit status: 0 on success; 1 when a retry failed, an id is unknown (or no longer
-    waiting) or the database refused the call; 3 when it cannot be reached.
+    waiting) or the database refused the call; 2 for invalid input; 3 when it cannot be
+    reached.
     """
 
 
@@ -1013,7 +1017,7 @@ def keys() -> None:
 def keys_derive(namespace: str, secret: str) -> None:
     """Print the signing key of NAMESPACE, for its producers ($METER_PRODUCER_KEY)."""
     from meter import signing
-    from meter.types import LIMITS, check_identifier
+    from meter.types import LIMITS, check_identifier, invalid
 
     try:
         lo, hi = LIMITS["namespace"]
@@ -1021,7 +1025,7 @@ def keys_derive(namespace: str, secret: str) -> None:
     except MeterError as exc:
         _fail(exc)
     if not secret:
-        _fail(ValueError("secret: must not be empty"))
+        _fail(invalid("secret", "must not be empty"))
     click.echo(signing.derive_key(secret, namespace))
 
 

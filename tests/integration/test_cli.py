@@ -435,3 +435,27 @@ def test_commands_read_a_database_whose_default_date_style_is_another(
     listed = run(styled, "dead-letters", "list")  # prints when each last failed
     assert listed.exit_code == 0, listed.output
     assert "MT001 bad" in listed.output
+
+
+def test_invalid_input_to_dead_letters_and_keys_is_a_usage_error(
+    env: dict[str, str], db: Any, snapshot: Any
+) -> None:
+    # These exited 1 ("a retry failed, an id unknown") for what every other command and
+    # the documented statuses call a usage error (2): a ValidationError, nothing done.
+    db.execute(
+        "SELECT meter.record_dead_letter('consume', '{}'::jsonb, 'MT001', 'bad', NULL, 'default')"
+    )
+    before = snapshot()
+    too_big = str(2**63)
+    for args in (
+        ("dead-letters", "retry", too_big),
+        ("dead-letters", "discard", too_big),
+        ("dead-letters", "list", "--namespace", " x"),
+        ("dead-letters", "list", "--namespace", ""),
+        ("keys", "derive", " x", "--secret", "s"),
+        ("keys", "derive", "x", "--secret", ""),
+    ):
+        result = run(env, *args)
+        assert result.exit_code == EXIT_USAGE, (args, result.output)
+        assert "error:" in result.stderr or "Error:" in result.stderr, (args, result.output)
+    assert snapshot() == before

@@ -241,7 +241,7 @@ def test_cli_derives_the_same_key():
     assert result.exit_code == 0, result.output
     assert result.output.strip() == signing.derive_key("s", "acme")
     bad = CliRunner().invoke(cli, ["keys", "derive", " acme"], env={signing.SECRET_ENV: "s"})
-    assert bad.exit_code == 1 and "namespace" in bad.output
+    assert bad.exit_code == 2 and "namespace" in bad.output
 
 
 def test_producer_refuses_a_bad_signing_key(broker_url):
