@@ -44,8 +44,11 @@ def _one_line(exc: BaseException) -> str:
 
 def redact(url: str) -> str:
     """``url`` with its password hidden (URL or ``key=value`` conninfo form)."""
-    url = re.sub(r"(://[^:/@\s]*:)[^@/\s]*@", r"\1***@", url)
-    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url)
+    # to the last '@' of the authority, as redis-py (urllib) reads it; libpq stops at the
+    # first, so this may hide a little more than the password, never less
+    url = re.sub(r"(://[^:/@\s]*:)[^/?#\s]*@", r"\1***@", url)
+    # libpq's values: quoted, or unquoted with backslash escapes ('sec\ ret' is one value)
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|(?:\\.|[^\s\\])+)", r"\1***", url)
 
 
 def _database(url: str) -> dict[str, Any]:

@@ -31,6 +31,11 @@ def test_metrics_port_refuses_what_is_not_a_port(raw: str) -> None:
         ("host=db user=meter password=s3cret dbname=m", "host=db user=meter password=*** dbname=m"),
         ("host=db password='a b' dbname=m", "host=db password=*** dbname=m"),
         ("postgresql://postgres@127.0.0.1:5432/x", "postgresql://postgres@127.0.0.1:5432/x"),
+        # redis-py takes the password up to the last '@' of the host part; a backslash
+        # escapes a space in libpq's unquoted values: both showed the password's tail
+        ("redis://u:p@ss@redis:6379/0", "redis://u:***@redis:6379/0"),
+        ("host=db password=sec\\ ret dbname=m", "host=db password=*** dbname=m"),
+        ("host=db password='it\\'s' dbname=m", "host=db password=*** dbname=m"),
     ],
 )
 def test_redact_hides_passwords_only(url: str, shown: str) -> None:
