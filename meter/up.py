@@ -218,7 +218,12 @@ def serve(console: Console, demo: bool = True) -> None:
         console.print("stopped while starting")
         return
     try:
-        console.print(f"PostgreSQL: {stack.database_url}\nRedis:      {stack.broker_url}")
+        from meter.status import redact
+
+        # URLs from the environment may hold passwords
+        console.print(
+            f"PostgreSQL: {redact(stack.database_url)}\nRedis:      {redact(stack.broker_url)}"
+        )
         console.print(f"worker and beat logs: {stack.home / 'logs'}")
         if demo:
             run_demo(stack.database_url, stack.broker_url, console)

@@ -80,9 +80,10 @@ def test_meter_up_serves_the_demo_and_ctrl_c_stops_everything(tmp_path: Path) ->
     assert EmbeddedRedis(home / "redis")._running() is None
 
 
-def _meter_up(tmp_path: Path, home: Path) -> subprocess.Popen[str]:
+def _meter_up(tmp_path: Path, home: Path, **extra: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("METER_")}
     env["METER_HOME"] = str(home)
+    env.update(extra)
     return subprocess.Popen(
         [sys.executable, "-m", "meter", "up", "--no-demo"],
         cwd=tmp_path,
@@ -157,3 +158,28 @@ def test_meter_up_that_fails_to_start_stops_what_it_started(tmp_path: Path) -> N
     finally:
         for server in leftovers:
             server.stop()
+
+
+def test_meter_up_does_not_print_the_password_of_the_database_it_is_given(
+    tmp_path: Path,
+) -> None:
+    # It printed METER_DATABASE_URL as given, password included.
+    home = tmp_path / "home"
+    with EmbeddedPostgres(tmp_path / "own-pg") as pg:  # trust: any password will do
+        url = f"postgresql://postgres:s3cret-pw@127.0.0.1:{pg.port}/postgres"
+        up = _meter_up(tmp_path, home, METER_DATABASE_URL=url)
+        lines: list[str] = []
+        try:
+            assert up.stdout is not None
+            for line in up.stdout:
+                lines.append(line)
+                if "serving; press Ctrl-C to stop" in line:
+                    break
+        finally:
+            up.send_signal(signal.SIGINT)
+            out, _ = up.communicate(timeout=120)
+            lines.append(out)
+        output = "".join(lines)
+        assert up.returncode == 0, output
+        assert f"PostgreSQL: postgresql://postgres:***@127.0.0.1:{pg.port}/postgres" in output
+        assert "s3cret-pw" not in output
