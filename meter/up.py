@@ -198,19 +198,25 @@ def _wait_until(condition: Callable[[], bool], timeout: float) -> None:
         time.sleep(0.2)
 
 
+# Ctrl-C, a kill, a closed terminal: the worker and beat run in a session of their own
+# (a Ctrl-C reaches only meter up, which stops them in order), so no signal but these
+# reaches them; meter up dying of one of these without its clean-up orphaned them.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def serve(console: Console, demo: bool = True) -> None:
-    """Run the stack until Ctrl-C (or SIGTERM); stop everything it started."""
+    """Run the stack until Ctrl-C (or SIGTERM, SIGHUP); stop everything it started."""
 
     def _terminate(signum: int, frame: object) -> None:
         # The first Ctrl-C (or SIGTERM) stops; any later one is ignored, so that a second
         # Ctrl-C, or the copy `timeout` and some shells send to the whole process group,
         # cannot cut the clean-up short and leave servers running.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for stop_signal in _STOP_SIGNALS:
+            signal.signal(stop_signal, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, _terminate)
-    signal.signal(signal.SIGTERM, _terminate)
+    for stop_signal in _STOP_SIGNALS:
+        signal.signal(stop_signal, _terminate)
     try:
         # start_stack stops what it started when it fails; a SIGTERM now is a Ctrl-C too
         stack = start_stack()
@@ -240,6 +246,6 @@ def serve(console: Console, demo: bool = True) -> None:
         console.print("stopping ...")
     finally:
         # however the loop ended (an error too): no signal interrupts the clean-up
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for stop_signal in _STOP_SIGNALS:
+            signal.signal(stop_signal, signal.SIG_IGN)
         stack.stop()

@@ -183,3 +183,38 @@ def test_meter_up_does_not_print_the_password_of_the_database_it_is_given(
         assert up.returncode == 0, output
         assert f"PostgreSQL: postgresql://postgres:***@127.0.0.1:{pg.port}/postgres" in output
         assert "s3cret-pw" not in output
+
+
+def test_meter_up_whose_terminal_hangs_up_stops_everything(tmp_path: Path) -> None:
+    # Closing the terminal sends SIGHUP: meter up died of it without its clean-up, and
+    # its worker and beat, in a session of their own (out of reach of the terminal's
+    # signals), kept running with both servers, a set more at each `meter up`.
+    home = tmp_path / "home"
+    up = _meter_up(tmp_path, home)
+    lines: list[str] = []
+    broker = ""
+    try:
+        assert up.stdout is not None
+        for line in up.stdout:
+            lines.append(line)
+            if "serving; press Ctrl-C to stop" in line:
+                break
+        [broker] = re.findall(r"Redis:\s+(redis://\S+)", "".join(lines))
+        assert len(_processes_with(f"METER_BROKER_URL={broker}")) >= 2
+        up.send_signal(signal.SIGHUP)
+        out, _ = up.communicate(timeout=120)
+        lines.append(out)
+        deadline = time.monotonic() + 10
+        while _processes_with(f"METER_BROKER_URL={broker}") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _processes_with(f"METER_BROKER_URL={broker}") == [], "".join(lines)
+        assert EmbeddedPostgres(home / "pg")._running_port() is None
+        assert EmbeddedRedis(home / "redis")._running() is None
+    finally:
+        for pid in _processes_with(f"METER_BROKER_URL={broker}") if broker else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(up.pid, signal.SIGKILL)
+        EmbeddedRedis(home / "redis").stop()
+        EmbeddedPostgres(home / "pg").stop()
