@@ -707,11 +707,14 @@ def _print_status(report: dict[str, Any]) -> None:
     rows = [("database", mark(db["reachable"]), escape(db.get("url") or "(none)"))]
     if db["reachable"]:
         pending = db["pending_migrations"]
+        schema = "unknown" if pending is None else str(db["schema_version"] or "not migrated")
         rows.append(
-            ("schema", mark(not pending), escape(str(db["schema_version"] or "not migrated"))
+            ("schema", mark(pending == []), escape(schema)
              + (f" ({len(pending)} pending)" if pending else ""))
         )  # fmt: skip
-        rows.append(("dead letters", mark(not db["dead_letters"]), count(db["dead_letters"])))
+        # unknown on a migrated schema: not counted (the problems below say why)
+        counted = db["dead_letters"] == 0 or not db["schema_version"]
+        rows.append(("dead letters", mark(counted), count(db["dead_letters"])))
     rows.append(("broker", mark(broker["reachable"]), escape(broker["url"])))
     if broker["reachable"]:
         rows.append(("queue depth", "", count(broker["queue_depth"])))

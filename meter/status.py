@@ -72,7 +72,12 @@ def _database(url: str) -> dict[str, Any]:
     out["reachable"] = True
     with conn:
         session.use_settings(conn)  # the times it reads, in the style psycopg reads
-        recorded = recorded_versions(conn)
+        try:
+            recorded = recorded_versions(conn)
+        except psycopg.Error as exc:  # a role that may not read the schema
+            out["error"] = f"schema: {_one_line(exc)}"
+            out["pending_migrations"] = None  # unknown
+            return out
         out["schema_version"] = newest(recorded)
         out["pending_migrations"] = pending(recorded)
         if not recorded:
@@ -156,6 +161,11 @@ def _problems(status: dict[str, Any]) -> list[str]:
     if not db["reachable"]:
         problems.append(f"database unreachable: {db['error']}")
     else:
+        # what could not be checked is not healthy (a role without the rights, say)
+        if db.get("error"):
+            problems.append(f"cannot check {db['error']}")
+        if db.get("maintenance_error"):
+            problems.append(f"cannot check beat runs: {db['maintenance_error']}")
         if db["pending_migrations"]:
             problems.append(
                 f"{len(db['pending_migrations'])} migration(s) not applied: run `meter migrate`"

@@ -459,3 +459,33 @@ def test_invalid_input_to_dead_letters_and_keys_is_a_usage_error(
         assert result.exit_code == EXIT_USAGE, (args, result.output)
         assert "error:" in result.stderr or "Error:" in result.stderr, (args, result.output)
     assert snapshot() == before
+
+
+def test_status_that_cannot_check_is_not_healthy(
+    env: dict[str, str], db: Any, app_url: str
+) -> None:
+    # As a role that may not count the dead letters (a meter_app member, no tenant) or
+    # read beat's runs, status said "dead letters ok" and left both out of its problems:
+    # a probe answered "healthy" for what it could not see. A role that may not read the
+    # schema at all got a traceback.
+    db.execute(
+        "SELECT meter.record_dead_letter('consume', '{}'::jsonb, 'MT001', 'bad', NULL, 'default')"
+    )
+    as_app = {"METER_DATABASE_URL": app_url, "METER_BROKER_URL": UNREACHABLE_BROKER}
+    result = run(as_app, "status", "--json")
+    assert result.exit_code == EXIT_UNREACHABLE, result.output  # the broker
+    report = json.loads(result.stdout)
+    assert report["database"]["reachable"] and report["database"]["dead_letters"] is None
+    problems = [p for p in report["problems"] if not p.startswith("broker unreachable")]
+    assert any(p.startswith("cannot check dead letters: namespace:") for p in problems), problems
+    assert any("get_maintenance_runs" in p for p in problems), problems
+    table = run(as_app, "status")
+    assert re.search(r"dead letters\s+FAIL", table.stdout), table.output
+
+    db.execute("REVOKE USAGE ON SCHEMA meter FROM meter_app")
+    shut_out = run(as_app, "status", "--json")
+    assert shut_out.exit_code == EXIT_UNREACHABLE, shut_out.output
+    report = json.loads(shut_out.stdout)
+    assert report["database"]["pending_migrations"] is None
+    assert any("permission denied for schema meter" in p for p in report["problems"])
+    assert re.search(r"schema\s+FAIL", run(as_app, "status").stdout)
