@@ -173,6 +173,53 @@ def test_with_roles_on_an_already_migrated_database(empty_url: str) -> None:
     assert can_read
 
 
+_ACL_SQL = """
+SELECT p.oid::regprocedure::text AS f,
+       has_function_privilege('meter_app', p.oid, 'EXECUTE') AS app,
+       has_function_privilege('meter_maintenance', p.oid, 'EXECUTE') AS maint,
+       coalesce(array_to_string(p.proacl, ',') ~ '(^|,)=X', true) AS public
+FROM pg_proc p WHERE p.pronamespace = 'meter'::regnamespace ORDER BY 1
+"""
+
+
+def function_acls(url: str) -> list[tuple[str, bool, bool, bool]]:
+    with psycopg.connect(url) as conn:
+        return [(str(f), bool(a), bool(m), bool(p)) for f, a, m, p in conn.execute(_ACL_SQL)]
+
+
+def test_no_function_is_executable_by_public_without_roles(empty_url: str) -> None:
+    # Files after 044 created functions (helpers, retention_backlog, dead_letters_to_retry,
+    # a SECURITY DEFINER one) without revoking PUBLIC's default EXECUTE; only roles.sql did.
+    migrate(empty_url)
+    with psycopg.connect(empty_url) as conn:
+        public = conn.execute(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p"
+            " WHERE p.pronamespace = 'meter'::regnamespace"
+            " AND coalesce(array_to_string(p.proacl, ',') ~ '(^|,)=X', true) ORDER BY 1"
+        ).fetchall()
+    assert public == []
+
+
+def test_roles_then_migrations_without_them_grant_what_roles_sql_grants(
+    new_database: Callable[[], str], tmp_path: Path
+) -> None:
+    """An installation migrated --with-roles, then upgraded by a plain ``meter migrate``
+    (what docs/operations.md says to run before new workers) has the grants of one that
+    ran --with-roles after the upgrade: no more (PUBLIC's default EXECUTE on the new
+    functions reached meter_app), no less (a function the workers need)."""
+    older = tmp_path / "older"
+    older.mkdir()
+    for m in discover():
+        if m.number <= 47:
+            write(older, m.path.name, m.path.read_text())
+    write(older, "roles.sql", (default_sql_dir() / "roles.sql").read_text())
+    upgraded, fresh = new_database(), new_database()
+    migrate(upgraded, with_roles=True, sql_dir=older)
+    migrate(upgraded)
+    migrate(fresh, with_roles=True)
+    assert function_acls(upgraded) == function_acls(fresh)
+
+
 def test_cli_migrate_with_database_url(empty_url: str) -> None:
     runner = CliRunner()
 
