@@ -96,8 +96,9 @@ def discover(directory: Path | None = None) -> list[Migration]:
 
     Files that do not look like ``NNN_name.sql`` (``roles.sql``, notes) are not
     migrations; a ``.sql`` file whose name starts with a digit but breaks that pattern
-    (``050_fix-it.sql``, ``50_x.sql``) is refused rather than skipped. Two files with the same number are refused: their order would be a
-    coin toss, and two engineers picking the same number is exactly how that happens.
+    (``050_fix-it.sql``, ``50_x.sql``) is refused rather than skipped. Two files with
+    the same number are refused: their order would be a coin toss, and two engineers
+    picking the same number is exactly how that happens.
     """
     directory = directory if directory is not None else default_sql_dir()
     if not directory.is_dir():
