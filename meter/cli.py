@@ -314,10 +314,12 @@ def _print_table(table: Any) -> None:
 
 def _table(title: str | None, columns: str, rows: list[dict[str, Any]]) -> Any:
     """A table of ``rows`` (dicts): ``columns`` is ``"header=key, ..."``; a header that
-    starts with ``#`` is a number column (right-aligned)."""
+    starts with ``#`` is a number column (right-aligned). Title and cells are printed as
+    they are (escaped), not read as markup."""
     from rich.table import Table
 
-    table = Table(title=title, header_style="bold")
+    # the title holds the caller's names (a user '[/x]'): text, never rich markup
+    table = Table(title=None if title is None else escape(title), header_style="bold")
     spec = [c.strip().split("=") for c in columns.split(",")]
     for header, _ in spec:
         numeric = header.startswith("#")

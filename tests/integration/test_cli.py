@@ -489,3 +489,32 @@ def test_status_that_cannot_check_is_not_healthy(
     assert report["database"]["pending_migrations"] is None
     assert any("permission denied for schema meter" in p for p in report["problems"])
     assert re.search(r"schema\s+FAIL", run(as_app, "status").stdout)
+
+
+def test_read_commands_print_names_in_titles_as_they_are(
+    env: dict[str, str], make_client: Any, db: Any
+) -> None:
+    # The tables' titles ran the caller's names as rich markup: '[/x]' crashed the command
+    # (MarkupError, a traceback) and '[bold]al' was shown as 'al', another user's name.
+    from datetime import date
+
+    ns = "n[bold]s"
+    c = make_client(ns)
+    for user in ("[/x]", "[bold]al"):
+        c.allocate(user, "llm", 10, "tokens")
+        c.consume(user, "llm", 1, "tokens")
+        c.set_period_config(user, "llm", "tokens", None, date(2025, 1, 1), 100)
+        c.open_period(user, "llm", "tokens", None, date(2025, 1, 1))
+        for args, title in (
+            (("balance", user), f"{user} ({ns})"),
+            (("usage", user), f"usage of {user} ({ns})"),
+            (("ledger", user), f"ledger of {user} ({ns}), newest first"),
+            (("periods", "show", user), f"periods of {user!r} ({ns})"),
+        ):
+            result = run(env, *args, "--namespace", ns)
+            assert result.exit_code == 0, (args, result.output)
+            assert title in result.stdout, (args, result.stdout)
+    db.execute("UPDATE meter.accounts SET balance = balance + 1 WHERE namespace = %s", (ns,))
+    result = run(env, "reconcile", "--namespace", ns)
+    assert result.exit_code == EXIT_PROBLEMS, result.output
+    assert f"2 issue(s) in namespace {ns!r}" in result.stdout
