@@ -8,6 +8,9 @@ Contract (SPEC section 4, ``docs/internals.md``):
   (:class:`MigrationError`): silently diverging schemas are worse than a loud stop.
 * Two processes migrating one database at once are safe: the whole run holds a
   session-level advisory lock on a fixed key, so the second waits, then finds nothing to do.
+* The files run as the owner of schema ``meter`` when the runner is another role that may
+  become it (a superuser migrating a schema its application's role owns), so every object
+  has one owner; the run is recorded as the runner.
 * ``with_roles`` re-applies ``sql/roles.sql`` (idempotent grants for ``meter_app`` and
   ``meter_maintenance``) after the migrations, every time, so a grant added to that file
   reaches existing databases.
@@ -28,6 +31,7 @@ from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import tuple_row
 
@@ -196,11 +200,12 @@ def _migrate_locked(
             conn.execute("SELECT version, checksum FROM meter.schema_migrations").fetchall()
         )
         _check_recorded(recorded, migrations)
+        owner = _owner_to_become(conn)
         applied_now: list[str] = []
         for migration in migrations:
             if migration.version in recorded:
                 continue
-            _apply(conn, migration)
+            _apply(conn, migration, owner)
             applied_now.append(migration.version)
             _quiet(conn)  # a file's plain SET must not leak into the next file
         if roles_path is not None:
@@ -235,15 +240,37 @@ def _check_recorded(recorded: dict[str, str], migrations: list[Migration]) -> No
         )
 
 
-def _apply(conn: psycopg.Connection, migration: Migration) -> None:
-    """Run one file and record it, atomically.
+def _owner_to_become(conn: psycopg.Connection) -> str | None:
+    """The owner of schema ``meter`` when it is another role that we may become (a
+    superuser may become any), else None.
+
+    Objects a file creates belong to the role that runs it. A schema its application's
+    role owns, migrated later by a superuser (a DBA, a deploy job), got objects of two
+    owners: SECURITY DEFINER functions running with a superuser's rights, and helpers that
+    the owner's functions may not call once roles.sql revokes PUBLIC's EXECUTE (every
+    dead letter refused). So the files run as the schema's owner.
+    """
+    row = conn.execute(
+        "SELECT r.rolname, r.rolname <> current_user AND pg_has_role(current_user, r.oid, 'MEMBER')"
+        " FROM pg_namespace n JOIN pg_roles r ON r.oid = n.nspowner WHERE n.nspname = 'meter'"
+    ).fetchone()
+    return str(row[0]) if row is not None and row[1] else None
+
+
+def _apply(conn: psycopg.Connection, migration: Migration, owner: str | None = None) -> None:
+    """Run one file and record it, atomically; as role ``owner`` when given (the schema's
+    owner, :func:`_owner_to_become`), recorded as ourselves.
 
     The file is sent as one simple-protocol query (no parameters), so it may hold many
     statements, dollar-quoted bodies and literal ``%`` signs.
     """
     try:
         with conn.transaction():
+            if owner is not None:
+                conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(owner)))
             conn.execute(migration.sql)
+            if owner is not None:
+                conn.execute("RESET ROLE")
             conn.execute(
                 "INSERT INTO meter.schema_migrations (version, checksum) VALUES (%s, %s)",
                 (migration.version, migration.checksum),

@@ -220,6 +220,77 @@ def test_roles_then_migrations_without_them_grant_what_roles_sql_grants(
     assert function_acls(upgraded) == function_acls(fresh)
 
 
+OWNER_ROLE = "meter_test_owner"
+
+
+@pytest.fixture
+def owned_database(pg_server: Any, new_database: Callable[[], str]) -> tuple[str, str]:
+    """An empty database owned by a login role that is no superuser: (its URL as that
+    role, its URL as the superuser)."""
+    from psycopg.conninfo import make_conninfo
+
+    from tests.fix_db import TEST_ROLE_PASSWORD
+
+    superuser_url = new_database()
+    with psycopg.connect(pg_server.url("postgres"), autocommit=True) as admin:
+        try:
+            admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(OWNER_ROLE)))
+        except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
+            pass  # roles are cluster-wide: an earlier test made it
+        admin.execute(
+            sql.SQL("ALTER ROLE {} NOSUPERUSER NOCREATEROLE NOBYPASSRLS PASSWORD {}").format(
+                sql.Identifier(OWNER_ROLE), sql.Literal(TEST_ROLE_PASSWORD)
+            )
+        )
+        name = psycopg.conninfo.conninfo_to_dict(superuser_url)["dbname"]
+        admin.execute(
+            sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+                sql.Identifier(str(name)), sql.Identifier(OWNER_ROLE)
+            )
+        )
+    owner_url = make_conninfo(
+        pg_server.url(str(name), user=OWNER_ROLE), password=TEST_ROLE_PASSWORD
+    )
+    return owner_url, superuser_url
+
+
+def test_a_superuser_migrating_a_schema_a_role_owns_creates_what_that_role_owns(
+    owned_database: tuple[str, str], tmp_path: Path
+) -> None:
+    """The application's owner role migrated its database; later a superuser (a DBA,
+    a deploy job) runs the next migrations, with roles. What those created belonged to
+    the superuser: a SECURITY DEFINER function running with a superuser's rights, and
+    helpers the owner's functions could not call once roles.sql revoked PUBLIC's EXECUTE
+    (049's meter._dead_letter_source: every dead letter was refused, "permission denied
+    for function _dead_letter_source")."""
+    owner_url, superuser_url = owned_database
+    older = tmp_path / "older"
+    older.mkdir()
+    for m in discover():
+        if m.number <= 47:
+            write(older, m.path.name, m.path.read_text())
+    migrate(owner_url, sql_dir=older)
+
+    migrate(superuser_url, with_roles=True)
+
+    with psycopg.connect(superuser_url, autocommit=True) as conn:
+        foreign = conn.execute(
+            "SELECT c.relname FROM pg_class c WHERE c.relnamespace = 'meter'::regnamespace"
+            " AND c.relowner <> (SELECT nspowner FROM pg_namespace WHERE nspname = 'meter')"
+            " UNION ALL SELECT p.proname FROM pg_proc p"
+            " WHERE p.pronamespace = 'meter'::regnamespace"
+            " AND p.proowner <> (SELECT nspowner FROM pg_namespace WHERE nspname = 'meter')"
+        ).fetchall()
+        assert foreign == []
+        (letter,) = conn.execute(
+            "SELECT meter.record_dead_letter('consume', '{}'::jsonb, 'MT001', 'bad',"
+            " repeat('x', 300), 'default')"
+        ).fetchone() or (None,)
+    assert letter is not None
+    assert schema_version(owner_url) == real_versions()[-1]
+    assert migrate(owner_url) == []  # the owner may go on migrating
+
+
 def test_cli_migrate_with_database_url(empty_url: str) -> None:
     runner = CliRunner()
 
