@@ -37,6 +37,7 @@ class Stack:
     broker_url: str
     home: Path
     started: list[EmbeddedPostgres | EmbeddedRedis] = field(default_factory=list)
+    """The embedded servers this run started or reused; ``stop()`` stops the former."""
     children: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def env(self) -> dict[str, str]:
@@ -71,7 +72,8 @@ class Stack:
                 os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
         for server in reversed(self.started):
-            server.stop()
+            if server._started_here:  # one found running is not ours to stop
+                server.stop()
 
 
 def start_stack(home: Path | None = None) -> Stack:
@@ -91,15 +93,13 @@ def start_stack(home: Path | None = None) -> Stack:
         database_url = os.environ.get("METER_DATABASE_URL")
         if not database_url:
             pg = EmbeddedPostgres(home / "pg")
-            stack.started.append(pg.start())
-            database_url = pg.url()
+            stack.started.append(pg)  # stopped only if this start started it
+            database_url = pg.start().url()
         broker_url = os.environ.get("METER_BROKER_URL")
         if not broker_url:
             redis = EmbeddedRedis(home / "redis")
-            stack.started.append(redis.start())
-            broker_url = redis.url()
-        # a server found running is not ours to stop
-        stack.started = [s for s in stack.started if s._started_here]
+            stack.started.append(redis)
+            broker_url = redis.start().url()
         stack.database_url, stack.broker_url = database_url, broker_url
         migrate(database_url)
         celery = [sys.executable, "-m", "celery", "-A", "worker"]
