@@ -250,9 +250,12 @@ def _owner_to_become(conn: psycopg.Connection) -> str | None:
     the owner's functions may not call once roles.sql revokes PUBLIC's EXECUTE (every
     dead letter refused). So the files run as the schema's owner.
     """
+    # may SET ROLE to it: PostgreSQL 16 can grant a membership without that right
+    may = "SET" if conn.info.server_version >= 160000 else "MEMBER"
     row = conn.execute(
-        "SELECT r.rolname, r.rolname <> current_user AND pg_has_role(current_user, r.oid, 'MEMBER')"
-        " FROM pg_namespace n JOIN pg_roles r ON r.oid = n.nspowner WHERE n.nspname = 'meter'"
+        "SELECT r.rolname, r.rolname <> current_user AND pg_has_role(current_user, r.oid, %s)"
+        " FROM pg_namespace n JOIN pg_roles r ON r.oid = n.nspowner WHERE n.nspname = 'meter'",
+        (may,),
     ).fetchone()
     return str(row[0]) if row is not None and row[1] else None
 
