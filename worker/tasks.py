@@ -224,19 +224,21 @@ class EventTask(Task):
     def authorize(self, s: Settings, payload: Any, auth: Any) -> tuple[str | None, str | None]:
         """(the namespace the message writes into, or None; why it is refused, or None).
 
-        With a signing secret, the signature must cover ``payload`` for that namespace.
+        With a signing secret, the signature must cover ``payload`` for that namespace,
+        signed no longer ago than the idempotency keys are kept, less an hour (replays).
         Without one, the namespace named by ``auth`` is taken as it is (``None`` for a
         message from a producer that sent none: each event then names its own).
         """
         if s.signing_secret:
             try:
-                return signing.verify(s.signing_secret, auth, payload), None
+                max_age = signing.message_max_age(s.key_retention_days)
+                return signing.verify(s.signing_secret, auth, payload, max_age=max_age), None
             except ValueError as exc:
                 return None, str(exc)
         ns = auth.get("namespace") if isinstance(auth, dict) else None
         return (ns if isinstance(ns, str) and ns else None), None
 
-    def child_auth(self, s: Settings, event: dict[str, Any], payload: Any) -> dict[str, str]:
+    def child_auth(self, s: Settings, event: dict[str, Any], payload: Any) -> dict[str, Any]:
         """The ``auth`` of a single-event task the worker sends itself (signed if need be):
         ``payload`` is ``event`` as the task carries it (its JSON text, or the object)."""
         ns = _namespace(event)

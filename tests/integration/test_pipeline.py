@@ -715,7 +715,7 @@ def test_a_single_event_message_carries_its_event_as_json_text(make_producer, br
     event = json.loads(text)
     assert event["args"]["idempotency_key"] == h.idempotency_key
     assert event["args"]["metadata"] == MARKER_METADATA[0]
-    assert signing.verify(SECRET, kwargs["auth"], text) == "default"
+    assert signing.verify(SECRET, kwargs["auth"], text, max_age=3600) == "default"
 
 
 @pytest.mark.parametrize("metadata", MARKER_METADATA, ids=["decimal", "bytes", "unknown"])

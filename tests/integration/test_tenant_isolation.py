@@ -15,6 +15,7 @@ writes into one namespace only.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -206,7 +207,7 @@ def test_namespace_keys_are_distinct_and_bound_to_the_secret():
     assert signing.derive_key("other", "a") != ka
     event = _event("a")
     auth = signing.make_auth(ka, "a", event)
-    assert signing.verify(SECRET, auth, event) == "a"
+    assert signing.verify(SECRET, auth, event, max_age=60) == "a"
     for bad_auth, bad_event, why in [
         (None, event, "unsigned"),
         ({"namespace": "a"}, event, "unsigned"),
@@ -216,7 +217,37 @@ def test_namespace_keys_are_distinct_and_bound_to_the_secret():
         ({"namespace": "", "mac": auth["mac"]}, event, "no namespace"),
     ]:
         with pytest.raises(ValueError, match=why):
-            signing.verify(SECRET, bad_auth, bad_event)
+            signing.verify(SECRET, bad_auth, bad_event, max_age=60)
+
+
+def test_a_signature_covers_its_time_and_bounds_replays():
+    """Anyone reading the broker can publish a signed message again; once its events' keys
+    are pruned, they would apply again. A message signed longer ago than keys are kept
+    (less an hour), or ahead of the worker's clock, is refused; its time cannot be edited;
+    one signed before messages carried a time (no ``signed_at``) is still taken."""
+    ka = signing.derive_key(SECRET, "a")
+    event = _event("a")
+    now = 1_800_000_000.0
+    auth = signing.make_auth(ka, "a", event, now=now)
+    assert auth["signed_at"] == 1_800_000_000 and set(auth) == {"namespace", "signed_at", "mac"}
+    bound = signing.message_max_age(35)
+    assert bound == 35 * 86400 - 3600 and signing.message_max_age(0) == 3600
+    assert signing.verify(SECRET, auth, event, max_age=bound, now=now + bound) == "a"
+    with pytest.raises(ValueError, match=r"signed 35\.0 days ago, longer than the idempotency"):
+        signing.verify(SECRET, auth, event, max_age=bound, now=now + bound + 1)
+    assert signing.verify(SECRET, auth, event, max_age=bound, now=now - 300) == "a"
+    with pytest.raises(ValueError, match=r"signed 301 s ahead of this worker's clock"):
+        signing.verify(SECRET, auth, event, max_age=bound, now=now - 301)
+    for edited in (auth["signed_at"] + 86400, None):  # made younger, or its time dropped
+        forged = {k: v for k, v in {**auth, "signed_at": edited}.items() if v is not None}
+        with pytest.raises(ValueError, match="bad signature"):
+            signing.verify(SECRET, forged, event, max_age=bound, now=now + bound + 1)
+    for odd in ("1800000000", 1.8e9, True, -1):
+        with pytest.raises(ValueError, match="signed_at is not a whole number of seconds"):
+            signing.verify(SECRET, {**auth, "signed_at": odd}, event, max_age=bound, now=now)
+    old = {"namespace": "a", "mac": signing.sign(ka, "a", event)}  # an older producer's
+    assert signing.verify(SECRET, old, event, max_age=bound, now=now) == "a"
+    assert signing.make_auth(None, "a", event) == {"namespace": "a"}
 
 
 def test_worker_reads_the_secret_and_never_prints_it():
@@ -377,6 +408,33 @@ def test_crafted_messages_cannot_write_into_another_tenant(signed_pipeline, db, 
     )
     assert "retried 0 of 7" in result.output, result.output
     assert tenant_tables(snapshot) == before
+
+
+def test_a_copy_of_a_message_signed_longer_ago_than_keys_are_kept_is_refused(
+    signed_pipeline, db, snapshot
+):
+    """A message of a's, copied from the broker and published again once its events' keys
+    are pruned (35 days), would apply them again: one signed 35 days ago is a dead letter
+    MT004 with the operators, and nothing is applied; one signed a day ago applies."""
+    ka = signing.derive_key(SECRET, "a")
+    before = tenant_tables(snapshot)
+    old = _event("a", idempotency_key="r1")
+    send(signed_pipeline, wire.APPLY_BATCH, [old],
+         signing.make_auth(ka, "a", [old], now=time.time() - 35 * 86400))  # fmt: skip
+    (letter,) = eventually(lambda: dead_letters(db))
+    assert (letter["namespace"], letter["error_sqlstate"]) == ("", "MT004")
+    assert (
+        "signed 35.0 days ago, longer than the idempotency keys are kept"
+        in (letter["error_message"])
+    )
+    assert tenant_tables(snapshot) == before
+    recent = _event("a", idempotency_key="r2")
+    send(signed_pipeline, wire.task_name("allocate"), recent,
+         signing.make_auth(ka, "a", recent, now=time.time() - 86400))  # fmt: skip
+    eventually(
+        lambda: db.execute("SELECT balance FROM meter.accounts WHERE namespace = 'a'").fetchone()
+    )
+    assert len(dead_letters(db)) == 1
 
 
 def test_a_signed_batch_that_is_no_array_is_filed_with_the_operators(
