@@ -38,6 +38,7 @@ the name is taken on trust, but an event naming another namespace is still dead-
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 from typing import Any, Final, NoReturn
@@ -210,6 +211,37 @@ class EventTask(Task):
     max_retries = None
 
     # ---------------------------------------------------------------- plumbing
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the task, unless the message's arguments do not fit its signature.
+
+        Celery calls the task with the arguments as the message holds them, which no
+        signature covers: a crafted message, or one from a newer producer, whose call does
+        not fit raised ``TypeError`` before the task ran, and the message was acknowledged
+        as failed and lost. It is a dead letter instead (:meth:`refuse_arguments`).
+        """
+        try:
+            inspect.signature(self.run).bind(*args, **kwargs)
+        except TypeError as exc:
+            return self.refuse_arguments(args, kwargs, exc)
+        return super().__call__(*args, **kwargs)
+
+    def refuse_arguments(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], exc: TypeError
+    ) -> Outcome:
+        """File a message whose arguments do not fit the task as a dead letter (``MT001``).
+
+        The payload is the call as received, ``{"args": [...], "kwargs": {...}}``, filed
+        with the operators: nothing of it was checked, its tenancy included.
+        """
+        s = self.settings()
+        self.request.retries = _retries(self.request.retries)
+        op = str(self.name).removeprefix("meter.")
+        message = f"message: the arguments do not fit {self.name}: {exc}"
+        return self.dead_letter(
+            s, op, {"args": list(args), "kwargs": kwargs}, "MT001", message, None,
+            namespace=OPERATOR_NAMESPACE,
+        )  # fmt: skip
 
     def settings(self) -> Settings:
         return Settings.from_conf(self.app.conf)
