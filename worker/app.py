@@ -72,6 +72,8 @@ def worker_config(
         task_acks_on_failure=True,
         task_acks_on_timeout=False,
         worker_prefetch_multiplier=1,
+        # a message Celery cannot run is a dead letter, never discarded (worker/consumer.py)
+        worker_consumer="worker.consumer:Consumer",
         task_time_limit=wire.TASK_TIME_LIMIT,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         beat_schedule=beat_schedule(settings),

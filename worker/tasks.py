@@ -51,6 +51,7 @@ from celery.utils.log import get_task_logger
 from meter import signing, wire
 from meter import types as t
 from worker import db, deliveries
+from worker.consumer import UNREADABLE
 from worker.retry import backoff, is_transient, sqlstate_of
 from worker.settings import Settings
 
@@ -726,3 +727,24 @@ def _split(
         self.retry_later(self.next_delay(s), exc)
     self.done(counted)
     return outcomes
+
+
+# -------------------------------------------------------------------- unreadable messages
+
+
+@shared_task(bind=True, base=EventTask, name=UNREADABLE)
+def unreadable(self: EventTask, message: Any, verdict: Any = None) -> Outcome:
+    """File a message the consumer could not run as a dead letter (``MT001``, operators').
+
+    Sent by :class:`worker.consumer.Consumer` with ``message`` as
+    :func:`worker.consumer.describe` gives it (its ``reason`` included), under the task id
+    of the message; the dead letter's source is that id. Nothing in it is applied.
+    """
+    del verdict  # the same verdict every time: the message itself says why
+    s = self.settings()
+    self.request.retries = _retries(self.request.retries)
+    reason = message.get("reason") if isinstance(message, dict) else None
+    return self.dead_letter(
+        s, "unreadable", message, "MT001", str(reason or "message: unreadable"), None,
+        namespace=OPERATOR_NAMESPACE,
+    )  # fmt: skip

@@ -8,12 +8,17 @@ task, which ``task_acks_on_failure`` acknowledges.
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
+import redis
 
+from meter import wire
 from tests.integration.test_pipeline import ET, UNIT, dead_letters, eventually
 
 EVENT = {"op": "allocate", "namespace": "default",
@@ -57,3 +62,77 @@ def test_a_message_whose_arguments_do_not_fit_its_task_is_a_dead_letter(
     assert row["payload"] == {"args": list(args), "kwargs": kwargs}
     assert "arguments" in row["error_message"]
     assert _effects(db) == before  # nothing applied
+
+
+def _raw(app: Any, broker_url: str, name: str, mutate: Callable[[dict[str, Any]], None]) -> str:
+    """Put a message for task ``name`` on Meter's queue, changed by ``mutate`` first."""
+    task_id = str(uuid.uuid4())
+    app.send_task(
+        name, args=(json.dumps(EVENT),), task_id=task_id, queue="staging", ignore_result=False
+    )
+    client = redis.Redis.from_url(broker_url)
+    try:
+        payload = json.loads(client.rpop("staging"))
+        payload["properties"]["delivery_info"].update(exchange=wire.QUEUE, routing_key=wire.QUEUE)
+        mutate(payload)
+        client.lpush(wire.QUEUE, json.dumps(payload))
+    finally:
+        client.close()
+    return task_id
+
+
+def _bad_body(payload: dict[str, Any]) -> None:
+    payload["body"] = base64.b64encode(b"{not json").decode()
+
+
+def _pickle(payload: dict[str, Any]) -> None:
+    payload["content-type"] = "application/x-python-serialize"
+
+
+def _bad_eta(payload: dict[str, Any]) -> None:
+    payload["headers"]["eta"] = "garbage"
+
+
+def _no_task_header(payload: dict[str, Any]) -> None:
+    del payload["headers"]["task"]
+
+
+@pytest.mark.parametrize(
+    ("name", "mutate", "reason"),
+    [
+        ("meter.frobnicate", lambda _: None, "no task 'meter.frobnicate'"),
+        ("meter.allocate", _bad_body, "cannot decode"),
+        ("meter.allocate", _pickle, "invalid task message"),
+        ("meter.allocate", _bad_eta, "invalid task message"),
+        ("meter.allocate", _no_task_header, "not a task message"),
+    ],
+    ids=["unknown-task", "body-not-json", "content-type-refused", "bad-eta", "no-task-header"],
+)
+def test_a_message_celery_cannot_run_is_a_dead_letter_not_dropped(
+    pipeline, db, broker_url, name, mutate, reason
+):
+    # Each was logged and acknowledged (or rejected) by Celery's consumer, and lost.
+    before = _effects(db)
+    task_id = _raw(pipeline, broker_url, name, mutate)
+    (row,) = eventually(lambda: dead_letters(db), timeout=30)
+    assert (row["namespace"], row["op"], row["error_sqlstate"]) == ("", "unreadable", "MT001")
+    assert reason in row["error_message"] and reason in row["payload"]["reason"]
+    if mutate is not _no_task_header:
+        assert row["source"] == task_id
+    assert row["payload"]["body"]  # the message as received, for the operators
+    client = redis.Redis.from_url(broker_url)
+    try:
+        eventually(lambda: client.llen(wire.QUEUE) == 0 and client.hlen("unacked") == 0)
+    finally:
+        client.close()
+    assert _effects(db) == before  # nothing applied
+    assert len(dead_letters(db)) == 1
+
+
+def test_a_caller_waiting_on_a_task_this_worker_lacks_gets_its_dead_letter(pipeline, db):
+    task_id = str(uuid.uuid4())
+    pipeline.send_task("meter.frobnicate", args=(EVENT,), task_id=task_id, ignore_result=False)
+    outcome = pipeline.AsyncResult(task_id).get(timeout=30)
+    assert outcome["status"] == "error" and outcome["error_sqlstate"] == "MT001"
+    (row,) = dead_letters(db)
+    assert row["dead_letter_id"] == outcome["dead_letter_id"]

@@ -1,0 +1,109 @@
+"""The worker's Celery consumer: a message Celery cannot run is a dead letter, not dropped.
+
+Celery's consumer discards, with a log line and nothing else, a message whose body cannot
+be decoded (``on_decode_error``: acknowledged), that names a task this worker does not have
+(``on_unknown_task``: a typo, or a task of a newer release during a rolling upgrade), that
+is not a task message at all (``on_unknown_message``) or whose headers are invalid
+(``on_invalid_task``: a content type refused by ``accept_content``, an ETA that is no
+time). A crafted or damaged message would so vanish without a trace in the database.
+
+Here each is handed to ``meter.unreadable`` (:func:`worker.tasks.unreadable`) with the
+message as received and the reason, and acknowledged only once that hand-over is
+published; the task files it as a dead letter ``MT001`` with the operators, with the
+worker's usual retries while the database is away. The hand-over keeps the message's task
+id (or, without one, an id derived from its delivery tag), so a message delivered again
+after a crash between the publish and the ack counts an attempt on the same dead letter,
+and a caller waiting for that id gets the dead letter's outcome. A hand-over that cannot
+be published (the broker away) leaves the message to be delivered again.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any, Final
+
+from celery.worker.consumer import Consumer as CeleryConsumer
+
+from meter import wire
+
+__all__ = ["UNREADABLE", "Consumer", "describe"]
+
+logger = logging.getLogger(__name__)
+
+UNREADABLE: Final = "meter.unreadable"
+"""The task that files a message the consumer could not run as a dead letter."""
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    return value if isinstance(value, str) else ascii(value)
+
+
+def describe(message: Any, reason: str) -> dict[str, Any]:
+    """The message as received, in plain JSON types (what its dead letter holds)."""
+    headers = getattr(message, "headers", None)
+    return {
+        "reason": reason,
+        "content_type": _text(getattr(message, "content_type", None)),
+        "content_encoding": _text(getattr(message, "content_encoding", None)),
+        # as text: a header value may be anything a crafted message holds
+        "headers": _text(headers) if headers is not None else None,
+        "body": _text(getattr(message, "body", None)),
+    }
+
+
+def _task_id(message: Any) -> str:
+    headers = getattr(message, "headers", None) or {}
+    task_id = headers.get("id") if isinstance(headers, dict) else None
+    if isinstance(task_id, str) and task_id:
+        return task_id
+    tag = getattr(message, "delivery_tag", None)
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"meter:unreadable:{tag}"))
+
+
+def _wants_result(message: Any) -> bool:
+    headers = getattr(message, "headers", None) or {}
+    return isinstance(headers, dict) and headers.get("ignore_result") is False
+
+
+class Consumer(CeleryConsumer):
+    """Celery's consumer, handing the messages it would discard to ``meter.unreadable``."""
+
+    def hand_over(self, message: Any, reason: str) -> bool:
+        """Publish the dead letter task of ``message``; False if it could not be sent."""
+        try:
+            self.app.send_task(
+                UNREADABLE,
+                args=(describe(message, reason),),
+                task_id=_task_id(message),
+                queue=wire.QUEUE,
+                ignore_result=not _wants_result(message),
+            )
+        except Exception:
+            logger.exception("cannot hand over an unreadable message; it comes back")
+            message.reject_log_error(logger, self.connection_errors, requeue=True)
+            return False
+        return True
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        if self.hand_over(message, f"message: cannot decode its body: {exc!r:.500}"):
+            super().on_decode_error(message, exc)  # logs, acknowledges
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        if self.hand_over(message, "message: not a task message"):
+            super().on_unknown_message(body, message)  # logs, rejects
+
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+        headers = getattr(message, "headers", None) or {}
+        name = headers.get("task") if isinstance(headers, dict) else None
+        if self.hand_over(message, f"message: no task {_text(name)[:200]!r} in this worker"):
+            # Celery's also marks the task id failed in the result backend: the dead
+            # letter task stores its outcome under that id instead.
+            message.reject_log_error(logger, self.connection_errors)
+            logger.error("unregistered task %r: handed over as a dead letter", name)
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        if self.hand_over(message, f"message: invalid task message: {exc!s:.500}"):
+            super().on_invalid_task(body, message, exc)  # logs, rejects
