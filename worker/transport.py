@@ -39,6 +39,12 @@ from the one redis-py client object per pool it shares with the producers' trans
    TAKE whose reply was lost while the channel lived on): a heartbeat vouches only for
    what its consumer knows it holds.
 
+6. **An item that is no message stops nothing.** A list item kombu cannot read as a message
+   (not JSON, no ``properties``, a body that does not decode) is delivered wrapped, as the
+   body of a message of content type :data:`UNREADABLE_CONTENT_TYPE`, which Celery's
+   consumer cannot decode and Meter's (:mod:`worker.consumer`) files as a dead letter;
+   it raised out of the event loop, and Celery stopped the worker.
+
 Redis keys (defaults; ``unacked*`` names are kombu transport options, so both transports
 share the data when one replaces the other):
 
@@ -73,7 +79,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from queue import Empty
 from time import monotonic
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
@@ -87,6 +93,9 @@ from meter import broker
 __all__ = ["TRANSPORT", "Channel", "QoS", "Transport", "transport_for"]
 
 logger = logging.getLogger(__name__)
+
+UNREADABLE_CONTENT_TYPE: Final = "application/x-meter-unreadable"
+"""The content type of a message wrapping a list item that was no kombu message."""
 
 TRANSPORT: Final = "worker.transport:Transport"
 """The ``broker_transport`` setting that selects this transport."""
@@ -429,10 +438,11 @@ class Channel(broker.Channel):
             self._wait_next = False
             dest = bytes_to_str(reply[0]).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
-            if len(reply) > 2:
-                self.recorded.add(bytes_to_str(reply[2]))
+            tag = bytes_to_str(reply[2]) if len(reply) > 2 else None
+            if tag is not None:
+                self.recorded.add(tag)
                 self._ensure_heartbeat()
-            self.connection._deliver(loads(bytes_to_str(reply[1])), dest)
+            self.connection._deliver(self._envelope(reply[1], dest, tag), dest)
             return True
         finally:
             self._in_poll = None
@@ -445,13 +455,45 @@ class Channel(broker.Channel):
             self._maybe_update_queues_expire(client, queue)
         if not reply:
             return None
-        if len(reply) > 2:
-            self.recorded.add(bytes_to_str(reply[2]))
+        tag = bytes_to_str(reply[2]) if len(reply) > 2 else None
+        if tag is not None:
+            self.recorded.add(tag)
             self._ensure_heartbeat()
-        message = self.Message(loads(bytes_to_str(reply[1])), channel=self)
+        message = self.Message(self._envelope(reply[1], queue, tag), channel=self)
         if not no_ack:
             self.qos.append(message, message.delivery_tag)
         return message
+
+    def _envelope(self, item: Any, queue: str, tag: str | None) -> dict[str, Any]:
+        """The kombu message of list item ``item``; for an item that is none, a message
+        carrying it as its body, of a content type no consumer accepts.
+
+        A list item that was not a kombu message (not JSON, no ``properties``, a body its
+        ``body_encoding`` cannot decode, an object kombu's JSON refuses) raised out of the
+        event loop, and Celery stopped the worker ("Unrecoverable error"): any client of
+        the broker could stop every worker, one item each, and the item was lost. Wrapped,
+        it reaches Celery's consumer as a message that does not decode, which Meter's
+        (:mod:`worker.consumer`) files as a dead letter. It keeps the delivery tag TAKE
+        recorded it under, if any, so its ack releases that record.
+        """
+        text = bytes_to_str(item)
+        try:
+            payload = loads(text)
+            self.Message(payload, channel=self)  # what kombu will build from it
+            if isinstance(payload["properties"]["delivery_tag"], str):
+                return cast(dict[str, Any], payload)
+        except Exception as exc:
+            logger.error("not a kombu message on %s (%r): %.200r", queue, exc, text)
+        return {
+            "body": text,
+            "content-type": UNREADABLE_CONTENT_TYPE,
+            "content-encoding": "utf-8",
+            "headers": {},
+            "properties": {
+                "delivery_tag": tag or uuid.uuid4().hex,
+                "delivery_info": {"exchange": queue, "routing_key": queue},
+            },
+        }
 
     # ------------------------------------------------------------------ records
 

@@ -136,3 +136,36 @@ def test_a_caller_waiting_on_a_task_this_worker_lacks_gets_its_dead_letter(pipel
     assert outcome["status"] == "error" and outcome["error_sqlstate"] == "MT001"
     (row,) = dead_letters(db)
     assert row["dead_letter_id"] == outcome["dead_letter_id"]
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        "not json",
+        "[1, 2]",
+        '{"properties": {"delivery_tag": "t-1"}, "x": {"__type__": "bogus", "__value__": 1}}',
+        '{"body": "x", "properties": {"delivery_tag": "t-2", "body_encoding": "rot13"}}',
+        '{"body": "x"}',
+    ],
+    ids=["not-json", "array", "kombu-type-marker", "unknown-body-encoding", "no-properties"],
+)
+def test_a_queue_item_that_is_no_kombu_message_neither_stops_the_worker_nor_vanishes(
+    pipeline, db, broker_url, item
+):
+    # Such an item raised out of the transport's read: Celery stopped the worker
+    # ("Unrecoverable error"), the item lost, the messages behind it left unconsumed.
+    client = redis.Redis.from_url(broker_url)
+    try:
+        client.lpush(wire.QUEUE, item)
+        (row,) = eventually(lambda: dead_letters(db), timeout=30)
+        assert (row["namespace"], row["op"], row["error_sqlstate"]) == ("", "unreadable", "MT001")
+        assert row["payload"]["body"] == item
+        assert "cannot decode" in row["error_message"]
+        eventually(lambda: client.llen(wire.QUEUE) == 0 and client.hlen("unacked") == 0)
+    finally:
+        client.close()
+    # the worker still runs: a message behind it applies
+    task_id = str(uuid.uuid4())
+    pipeline.send_task("meter.allocate", args=(EVENT,), task_id=task_id, ignore_result=False)
+    assert pipeline.AsyncResult(task_id).get(timeout=30)["status"] == "applied"
+    assert len(dead_letters(db)) == 1
