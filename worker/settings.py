@@ -20,7 +20,9 @@ environment                         ``app.conf`` key        meaning (default)
                                                             and orphan waits together) before
                                                             it is dead-lettered (100)
 ``METER_RETRY_BACKOFF_BASE``        meter_retry_backoff_base   first retry delay, seconds (0.2)
-``METER_RETRY_BACKOFF_MAX``         meter_retry_backoff_max    longest retry delay, seconds (15)
+``METER_RETRY_BACKOFF_MAX``         meter_retry_backoff_max    longest retry delay, seconds (15;
+                                                            at most 3300: the visibility
+                                                            timeout less the task time limit)
 ``METER_EXPIRY_INTERVAL_SECONDS``   meter_expiry_interval   beat: expiry sweep period (5)
 ``METER_EXPIRY_BATCH``              meter_expiry_batch      holds expired per sweep statement
                                                             (1000)
@@ -49,10 +51,13 @@ environment                         ``app.conf`` key        meaning (default)
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
+
+from meter import wire
 
 __all__ = ["Settings"]
 
@@ -81,11 +86,15 @@ _ENV: Final = {
 }
 
 # The bounds the SQL functions these settings feed put on them: a larger value would stop
-# its beat task at every run (MT001) instead of the worker at start.
+# its beat task at every run (MT001) instead of the worker at start. And the longest retry
+# delay: a retried message waits in its worker, unacknowledged, for its countdown, then
+# runs for up to the task time limit; past the broker's visibility timeout Redis would hand
+# it out a second time meanwhile.
 _MAXIMUM: Final = {
     "METER_PARTITIONS_AHEAD_MONTHS": 120,  # meter.ensure_partitions
     "METER_LEDGER_RETENTION_MONTHS": 1200,  # meter.drop_old_partitions
     "METER_IDEMPOTENCY_KEY_RETENTION_DAYS": 36500,  # meter.prune_idempotency_keys
+    "METER_RETRY_BACKOFF_MAX": wire.VISIBILITY_TIMEOUT - wire.TASK_TIME_LIMIT,
 }
 
 
@@ -98,6 +107,9 @@ def _number(env: Mapping[str, str], name: str, default: float, *, integer: bool)
     except ValueError:
         kind = "an integer" if integer else "a number"
         raise ValueError(f"{name} must be {kind}, got {raw!r}") from None
+    if not math.isfinite(value):  # nan and inf: nan <= 0 is false, and a retry's
+        # countdown of either made Celery's retry fail (the message put back at once)
+        raise ValueError(f"{name} must be a finite number, got {raw!r}")
     if value <= 0:
         raise ValueError(f"{name} must be greater than 0, got {raw!r}")
     if name in _MAXIMUM and value > _MAXIMUM[name]:
@@ -134,8 +146,8 @@ class Settings:
         """Read ``METER_*`` variables; unset or empty ones take the defaults.
 
         Raises:
-            ValueError: a variable is not a positive number, or is above the bound of the
-                SQL function it feeds (``_MAXIMUM``).
+            ValueError: a variable is not a finite positive number, or is above its bound
+                (``_MAXIMUM``: the SQL function it feeds, or the visibility timeout).
         """
         env = os.environ if env is None else env
         values: dict[str, Any] = {}

@@ -43,6 +43,35 @@ def test_bad_settings_are_refused(value):
         Settings.from_env({"METER_MAX_DELIVERIES": value})
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("METER_RETRY_BACKOFF_MAX", "nan"),
+        ("METER_RETRY_BACKOFF_MAX", "inf"),
+        ("METER_RETRY_BACKOFF_BASE", "1e400"),
+        ("METER_ORPHAN_HORIZON_SECONDS", "NaN"),
+        ("METER_EXPIRY_INTERVAL_SECONDS", "infinity"),
+        # a retry waits in its worker, unacknowledged, for its countdown, then runs: longer
+        # than the visibility timeout, and Redis hands it out a second time meanwhile
+        ("METER_RETRY_BACKOFF_MAX", str(wire.VISIBILITY_TIMEOUT - wire.TASK_TIME_LIMIT + 1)),
+    ],
+)
+def test_settings_that_are_no_finite_number_or_outlast_the_visibility_timeout_are_refused(
+    name, value
+):
+    # nan and inf were taken (nan <= 0 is false): a retry's countdown of nan or inf made
+    # Celery's retry fail, the message was put back at once, again and again, and filed as
+    # MTW01 ("the worker died") after meter_max_deliveries runs without any back-off.
+    with pytest.raises(ValueError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_the_longest_allowed_backoff_fits_the_visibility_timeout():
+    longest = str(wire.VISIBILITY_TIMEOUT - wire.TASK_TIME_LIMIT)
+    s = Settings.from_env({"METER_RETRY_BACKOFF_MAX": longest})
+    assert s.retry_backoff_max + wire.TASK_TIME_LIMIT <= wire.VISIBILITY_TIMEOUT
+
+
 def test_worker_config_delivery_guarantees():
     conf = worker_config(
         broker_url="redis://example:6379/3", database_url="postgresql:///x", env={}
