@@ -71,6 +71,7 @@ See ``docs/reliability.md`` for what is promised and which test checks it.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import uuid
@@ -224,6 +225,22 @@ return {out, mine}
 """)
 
 
+def _record(raw: Any) -> Any:
+    """``[message, exchange, routing_key]`` of an ``unacked`` record.
+
+    Read as plain JSON when kombu's JSON refuses it: TAKE records an item verbatim once its
+    Lua JSON reads a delivery tag in it, and kombu's decoder refuses objects holding a
+    ``__type__`` it does not know. Such a record raised in every sweep, which then never
+    put back the records after it. Plain, its objects stay objects, and dumped again they
+    are the same text; delivered, :meth:`Channel._envelope` wraps it as unreadable.
+    """
+    text = bytes_to_str(raw)
+    try:
+        return loads(text)
+    except ValueError:
+        return json.loads(text)
+
+
 class _Heartbeat(threading.Thread):
     """Beats for a consuming channel until it is closed or collected.
 
@@ -318,7 +335,7 @@ class QoS(kombu_redis.QoS):
             pipe.hdel(channel.unacked_key, tag)
             pipe.hdel(channel.unacked_owner_key, tag)
             if raw:
-                payload, exchange, routing_key = loads(bytes_to_str(raw))
+                payload, exchange, routing_key = _record(raw)
                 channel._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
 
         with channel.conn_or_acquire(client) as client:
@@ -567,10 +584,20 @@ class Channel(broker.Channel):
                     len(found) // 2,
                     ", ".join(holders),
                 )
-            for tag, holder in zip(found[::2], found[1::2], strict=True):
-                self.qos.restore_by_tag(tag, client=client, holder=bytes_to_str(holder))
-            for tag in self._unknown(mine):
-                self.qos.restore_by_tag(tag, client=client, holder=self.consumer_id)
+            restores = [
+                *(
+                    (tag, bytes_to_str(holder))
+                    for tag, holder in zip(found[::2], found[1::2], strict=True)
+                ),
+                *((tag, self.consumer_id) for tag in self._unknown(mine)),
+            ]
+            for tag, holder in restores:
+                try:
+                    self.qos.restore_by_tag(tag, client=client, holder=holder)
+                except self.connection_errors:
+                    raise
+                except Exception as exc:  # one bad record must not hold back the others
+                    logger.error("cannot restore message %s: %r", bytes_to_str(tag), exc)
 
     def _unknown(self, held: Sequence[Any]) -> list[str]:
         """Of the tags Redis says this consumer has held for ``consumer_timeout``, those it

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -169,3 +170,36 @@ def test_a_queue_item_that_is_no_kombu_message_neither_stops_the_worker_nor_vani
     pipeline.send_task("meter.allocate", args=(EVENT,), task_id=task_id, ignore_result=False)
     assert pipeline.AsyncResult(task_id).get(timeout=30)["status"] == "applied"
     assert len(dead_letters(db)) == 1
+
+
+def test_a_record_kombu_cannot_read_does_not_keep_a_dead_consumers_messages_from_coming_back(
+    pipeline, db, broker_url
+):
+    # A dead consumer held two messages: one TAKE recorded verbatim (its Lua JSON read it)
+    # though kombu's JSON refuses it (a crafted type marker), and a real one. Each sweep
+    # raised at the first ("Error in timer", every second), so whichever came after it was
+    # never put back: the real message stayed in `unacked` for good.
+    client = redis.Redis.from_url(broker_url)
+    try:
+        task_id = str(uuid.uuid4())
+        pipeline.send_task(
+            "meter.allocate", args=(EVENT,), task_id=task_id, queue="staging", ignore_result=False
+        )
+        real = json.loads(client.rpop("staging"))
+        real["properties"]["delivery_info"].update(exchange=wire.QUEUE, routing_key=wire.QUEUE)
+        bad = (
+            '{"properties": {"delivery_tag": "0-bad", "delivery_info": {"exchange": "meter",'
+            ' "routing_key": "meter"}}, "x": {"__type__": "bogus", "__value__": 1}}'
+        )
+        records = {"0-bad": bad, real["properties"]["delivery_tag"]: json.dumps(real)}
+        for tag, item in records.items():
+            client.hset("unacked", tag, f'[{item},"{wire.QUEUE}","{wire.QUEUE}"]')
+            client.hset("unacked_owner", tag, "a-dead-consumer")
+            client.zadd("unacked_index", {tag: time.time() - 100})
+        assert pipeline.AsyncResult(task_id).get(timeout=30)["status"] == "applied"
+        (row,) = eventually(lambda: dead_letters(db), timeout=30)
+        assert (row["op"], row["namespace"]) == ("unreadable", "")
+        assert json.loads(row["payload"]["body"])["x"] == {"__type__": "bogus", "__value__": 1}
+        eventually(lambda: client.llen(wire.QUEUE) == 0 and client.hlen("unacked") == 0)
+    finally:
+        client.close()
