@@ -5,7 +5,9 @@ be decoded (``on_decode_error``: acknowledged), that names a task this worker do
 (``on_unknown_task``: a typo, or a task of a newer release during a rolling upgrade), that
 is not a task message at all (``on_unknown_message``) or whose headers are invalid
 (``on_invalid_task``: a content type refused by ``accept_content``, an ETA that is no
-time). A crafted or damaged message would so vanish without a trace in the database.
+time). A crafted or damaged message would so vanish without a trace in the database. And
+one whose headers held a value of the wrong JSON type raised out of Celery's handler and
+stopped the worker, then the next one it was delivered to (:meth:`Consumer.create_task_handler`).
 
 Here each is handed to ``meter.unreadable`` (:func:`worker.tasks.unreadable`) with the
 message as received and the reason, and acknowledged only once that hand-over is
@@ -19,11 +21,14 @@ be published (the broker away) leaves the message to be delivered again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from typing import Any, Final
 
+from celery.worker import state
 from celery.worker.consumer import Consumer as CeleryConsumer
+from vine import promise
 
 from meter import wire
 
@@ -68,8 +73,46 @@ def _wants_result(message: Any) -> bool:
     return isinstance(headers, dict) and headers.get("ignore_result") is False
 
 
+def _forget(message: Any) -> None:
+    """Drop the request Celery's strategy reserved for ``message`` before it raised."""
+    for request in tuple(state.reserved_requests):
+        if getattr(request, "_message", None) is message:
+            state.reserved_requests.discard(request)
+            with contextlib.suppress(TypeError, KeyError):  # an id may be unhashable
+                state.requests.pop(request.id, None)
+
+
 class Consumer(CeleryConsumer):
     """Celery's consumer, handing the messages it would discard to ``meter.unreadable``."""
+
+    def create_task_handler(self, promise: Any = promise) -> Any:
+        """Celery's handler, except that a message it raises on is a dead letter.
+
+        A header of the wrong JSON type (a task name or an id that is a list, a
+        ``timelimit`` or ``stamped_headers`` that is no pair or list, a
+        ``delivery_info`` that is text) raised out of Celery's handler into the event
+        loop, and Celery stopped the worker ("Unrecoverable error"); the message, put back,
+        stopped the next worker in turn. The strategy raises before the task reaches the
+        pool, so it is handed over and acknowledged instead.
+        """
+        handle = super().create_task_handler(promise)
+        connection_errors = self.connection_errors
+
+        def on_task_received(message: Any) -> Any:
+            try:
+                return handle(message)
+            except connection_errors:
+                raise
+            except Exception as exc:
+                logger.exception("Celery cannot take a message; handing it over")
+                _forget(message)
+                if not message.acknowledged and self.hand_over(
+                    message, f"message: the worker cannot take it: {exc!r:.500}"
+                ):
+                    message.ack_log_error(logger, connection_errors)
+                return None
+
+        return on_task_received
 
     def hand_over(self, message: Any, reason: str) -> bool:
         """Publish the dead letter task of ``message``; False if it could not be sent."""

@@ -203,3 +203,36 @@ def test_a_record_kombu_cannot_read_does_not_keep_a_dead_consumers_messages_from
         eventually(lambda: client.llen(wire.QUEUE) == 0 and client.hlen("unacked") == 0)
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda p: p["headers"].update(task=["meter.allocate"]),
+        lambda p: p["headers"].update(id=[1]),
+        lambda p: p["headers"].update(timelimit="x"),
+        lambda p: p["headers"].update(stamped_headers=5),
+        lambda p: p["properties"].update(delivery_info="x"),
+    ],
+    ids=["task-list", "id-list", "timelimit-text", "stamped-headers-number", "delivery-info-text"],
+)
+def test_a_header_of_the_wrong_type_neither_stops_the_worker_nor_vanishes(
+    pipeline, db, broker_url, mutate
+):
+    # Each raised out of Celery's handler: "Unrecoverable error", the worker stopped, the
+    # message put back for the next worker to stop on, and nothing behind it consumed.
+    before = _effects(db)
+    _raw(pipeline, broker_url, "meter.allocate", mutate)
+    (row,) = eventually(lambda: dead_letters(db), timeout=30)
+    assert (row["namespace"], row["op"], row["error_sqlstate"]) == ("", "unreadable", "MT001")
+    assert _effects(db) == before
+    client = redis.Redis.from_url(broker_url)
+    try:
+        eventually(lambda: client.llen(wire.QUEUE) == 0 and client.hlen("unacked") == 0)
+    finally:
+        client.close()
+    event = {**EVENT, "args": {**EVENT["args"], "idempotency_key": "k2"}}
+    task_id = str(uuid.uuid4())
+    pipeline.send_task("meter.allocate", args=(event,), task_id=task_id, ignore_result=False)
+    assert pipeline.AsyncResult(task_id).get(timeout=30)["status"] == "applied"
+    assert len(dead_letters(db)) == 1
