@@ -71,8 +71,10 @@ def is_redelivered(request: Any) -> bool:
 def count(url: str, task_id: str, retries: int) -> int | None:
     """Count one more redelivery of this message; the total redeliveries so far.
 
-    Returns ``None`` when Redis cannot be reached: the task then runs (counting is a
-    safety net, never a reason to hold up work).
+    Returns ``None`` when Redis cannot be reached, or redis-py cannot open ``url`` (a
+    ``sentinel://`` broker, which keeps kombu's own transport: its ValueError failed the
+    task, which was acked and lost): the task then runs (counting is a safety net, never
+    a reason to hold up work).
     """
     key = _key(task_id, retries)
     try:
@@ -81,7 +83,7 @@ def count(url: str, task_id: str, retries: int) -> int | None:
         pipe.expire(key, KEY_TTL)
         value, _ = pipe.execute()
         return int(value)
-    except redis.exceptions.RedisError as exc:
+    except (redis.exceptions.RedisError, ValueError) as exc:
         logger.warning("cannot count deliveries of %s: %s", task_id, exc)
         return None
 
@@ -90,5 +92,5 @@ def clear(url: str, task_id: str, retries: int) -> None:
     """Forget the counter of a message whose task completed (best effort)."""
     try:
         _client(url).delete(_key(task_id, retries))
-    except redis.exceptions.RedisError as exc:
+    except (redis.exceptions.RedisError, ValueError) as exc:
         logger.warning("cannot clear the delivery counter of %s: %s", task_id, exc)

@@ -236,3 +236,30 @@ def test_a_header_of_the_wrong_type_neither_stops_the_worker_nor_vanishes(
     pipeline.send_task("meter.allocate", args=(event,), task_id=task_id, ignore_result=False)
     assert pipeline.AsyncResult(task_id).get(timeout=30)["status"] == "applied"
     assert len(dead_letters(db)) == 1
+
+
+def test_a_redelivered_message_on_a_broker_url_redis_py_cannot_open_still_applies(
+    pipeline, db, broker_url
+):
+    # The delivery counter opens its own redis-py client on the broker URL; for a URL
+    # redis-py cannot open (sentinel://, which keeps kombu's own transport) that raised
+    # ValueError before the task ran: the task failed, was acked, and the event was lost.
+    task_id = str(uuid.uuid4())
+    pipeline.send_task(
+        "meter.allocate", args=(EVENT,), task_id=task_id, queue="staging", ignore_result=False
+    )
+    real = pipeline.conf.broker_url
+    client = redis.Redis.from_url(broker_url)
+    try:
+        payload = json.loads(client.rpop("staging"))
+        payload["headers"]["redelivered"] = True  # as kombu puts a message back
+        info = payload["properties"]["delivery_info"]
+        info.update(redelivered=True, exchange=wire.QUEUE, routing_key=wire.QUEUE)
+        pipeline.conf.broker_url = "sentinel://127.0.0.1:1"  # read by the counter only
+        client.lpush(wire.QUEUE, json.dumps(payload))
+        outcome = pipeline.AsyncResult(task_id).get(timeout=30)
+    finally:
+        pipeline.conf.broker_url = real
+        client.close()
+    assert outcome["status"] == "applied"
+    assert dead_letters(db) == []
