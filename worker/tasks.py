@@ -47,6 +47,7 @@ from celery import Task, shared_task
 from celery.app.task import get_actual_ignore_result
 from celery.exceptions import Reject
 from celery.utils.log import get_task_logger
+from celery.worker.request import Request
 
 from meter import signing, wire
 from meter import types as t
@@ -204,8 +205,24 @@ def _op(event: Any, default: str) -> str:
     return op if isinstance(op, str) and op else default
 
 
+class EventRequest(Request):
+    """Celery's request of an event task, which an ``expires`` header does not drop.
+
+    Meter's producer never sets one; a message that carried one in the past (another Celery
+    client, a crafted header) was revoked as expired, acknowledged and dropped, with neither
+    an effect nor a dead letter. Usage that happened is applied however late it comes;
+    maintenance tasks keep their expiry (:mod:`worker.schedule`). A task revoked by id (an
+    operator's ``celery control revoke``) is still dropped.
+    """
+
+    def maybe_expire(self) -> bool:
+        return False
+
+
 class EventTask(Task):
     """Base of Meter's event tasks: delivery counting, retries and dead letters."""
+
+    Request = "worker.tasks:EventRequest"
 
     # Retries are bounded by meter_max_retries, checked here, not by Celery (whose bound
     # would raise and drop the message once exceeded).

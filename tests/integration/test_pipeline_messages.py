@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -263,3 +264,23 @@ def test_a_redelivered_message_on_a_broker_url_redis_py_cannot_open_still_applie
         client.close()
     assert outcome["status"] == "applied"
     assert dead_letters(db) == []
+
+
+@pytest.mark.parametrize("name", ["meter.allocate", "meter.apply_batch"])
+def test_an_event_message_past_its_expires_header_still_applies(pipeline, db, name):
+    # Meter's producer never sets `expires`; a message that carried one in the past (any
+    # other Celery client, a crafted header) was revoked by the worker, acknowledged and
+    # dropped: no effect, no dead letter.
+    task_id = str(uuid.uuid4())
+    arg: Any = EVENT if name == "meter.allocate" else [EVENT]
+    pipeline.send_task(
+        name,
+        args=(arg,),
+        task_id=task_id,
+        expires=datetime.now(UTC) - timedelta(seconds=5),
+        ignore_result=False,
+    )
+    outcome = pipeline.AsyncResult(task_id).get(timeout=30)
+    first = outcome[0] if isinstance(outcome, list) else outcome
+    assert first["status"] == "applied"
+    assert db.execute("SELECT count(*) AS n FROM meter.ledger").fetchone()["n"] == 1
