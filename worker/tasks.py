@@ -45,7 +45,7 @@ from typing import Any, Final, NoReturn
 
 from celery import Task, shared_task
 from celery.app.task import get_actual_ignore_result
-from celery.exceptions import Reject
+from celery.exceptions import InvalidTaskError, Reject
 from celery.utils.log import get_task_logger
 from celery.worker.request import Request
 
@@ -214,6 +214,14 @@ class EventRequest(Request):
     maintenance tasks keep their expiry (:mod:`worker.schedule`). A task revoked by id (an
     operator's ``celery control revoke``) is still dropped.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # A body whose args are no array or kwargs no object (``[[], "kw", {}]``, ``[null,
+        # {}, {}]``) failed the call in the pool before the task ran: acked and lost. As an
+        # invalid task message, Meter's consumer files it as a dead letter instead.
+        if not isinstance(self._args, list | tuple) or not isinstance(self._kwargs, dict):
+            raise InvalidTaskError("the body's args must be an array and its kwargs an object")
 
     def maybe_expire(self) -> bool:
         return False

@@ -206,18 +206,41 @@ def test_a_record_kombu_cannot_read_does_not_keep_a_dead_consumers_messages_from
         client.close()
 
 
+def _body(text: str) -> Callable[[dict[str, Any]], None]:
+    def mutate(payload: dict[str, Any]) -> None:
+        payload["body"] = base64.b64encode(text.encode()).decode()
+
+    return mutate
+
+
 @pytest.mark.parametrize(
     "mutate",
     [
         lambda p: p["headers"].update(task=["meter.allocate"]),
+        _body('"x"'),
+        _body("5"),
+        _body('[["{}"], {}, "embed"]'),
+        _body('[[], "kw", {}]'),
+        _body("[null, {}, {}]"),
         lambda p: p["headers"].update(id=[1]),
         lambda p: p["headers"].update(timelimit="x"),
         lambda p: p["headers"].update(stamped_headers=5),
         lambda p: p["properties"].update(delivery_info="x"),
     ],
-    ids=["task-list", "id-list", "timelimit-text", "stamped-headers-number", "delivery-info-text"],
+    ids=[
+        "task-list",
+        "body-text",
+        "body-number",
+        "embed-text",
+        "kwargs-text",
+        "args-null",
+        "id-list",
+        "timelimit-text",
+        "stamped-headers-number",
+        "delivery-info-text",
+    ],
 )
-def test_a_header_of_the_wrong_type_neither_stops_the_worker_nor_vanishes(
+def test_a_message_of_the_wrong_shape_neither_stops_the_worker_nor_vanishes(
     pipeline, db, broker_url, mutate
 ):
     # Each raised out of Celery's handler: "Unrecoverable error", the worker stopped, the
