@@ -49,6 +49,9 @@ def worker_config(
       they can name; an exception that still escapes is a bug, logged with its message;
       ``task_acks_on_timeout`` off: a task killed by the hard time limit is redelivered
       (and counted: :mod:`worker.deliveries`);
+    - ``worker_consumer``: :class:`worker.consumer.Consumer`, which files a message Celery
+      cannot run (undecodable, unknown task, invalid or ill-typed headers) as a dead letter
+      where Celery's would discard it, or stop the worker;
     - ``worker_prefetch_multiplier=1``: a worker holds one message beyond the one it runs,
       so a dying worker strands little, and a slow batch does not starve the others;
     - the broker visibility timeout (:data:`meter.wire.VISIBILITY_TIMEOUT`) outlasts the
