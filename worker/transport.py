@@ -54,7 +54,8 @@ key                         type   holds
 ``<queue>``,                list   messages ready for delivery (kombu's: ``LPUSH`` by the
 ``<queue>\\x06\\x16<pri>``          producer, ``RPOP`` by ``TAKE``)
 ``unacked``                 hash   delivery tag -> ``[message, exchange, routing_key]``
-                                   (kombu's format: its restore code reads it)
+                                   (kombu's format: its restore code reads it; TAKE
+                                   writes ``''`` and the queue it took the message from)
 ``unacked_index``           zset   delivery tag -> delivery time (Redis clock): kombu's
                                    ``visibility_timeout`` backstop scans it
 ``unacked_mutex``           str    kombu's lock around its visibility scan
@@ -132,8 +133,12 @@ class _Lua:
 
 
 # KEYS: unacked, unacked_index, unacked_owner, unacked_consumers, then the queue lists in
-# priority order. ARGV: consumer id; one '1'/'0' per queue list: record (ack wanted) or not.
-# Returns false, or {list, message[, delivery tag if recorded]}. RPOP comes first so that on
+# priority order. ARGV: consumer id; one '1'/'0' per queue list: record (ack wanted) or not;
+# then the queue of each list. Returns false, or {list, message[, delivery tag if recorded]}.
+# The record routes the message back to the queue it was taken from (exchange '' and that
+# queue as routing key, which kombu's restore resolves to the queue itself), not by the
+# exchange the message claims: one that routes nowhere made the restore delete the record
+# and push nothing, and a fanout one would push a copy to every bound queue. RPOP comes first so that on
 # a full `noeviction` server the script either does nothing or everything: Redis refuses a
 # script's first memory-growing write under OOM, never one after a write.
 TAKE: Final = _Lua("""
@@ -146,13 +151,10 @@ for i = 5, #KEYS do
     local tag = type(props) == 'table' and props['delivery_tag']
     -- kombu itself cannot read such a message: hand it over unrecorded, as BRPOP would
     if type(tag) ~= 'string' then return {KEYS[i], item} end
-    local info = type(props['delivery_info']) == 'table' and props['delivery_info'] or {}
-    local function enc(v) if v == nil then return 'null' end return cjson.encode(v) end
     local t = redis.call('TIME')
     local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
     -- the message text goes in verbatim: re-encoding could alter it
-    redis.call('HSET', KEYS[1], tag,
-      '[' .. item .. ',' .. enc(info['exchange']) .. ',' .. enc(info['routing_key']) .. ']')
+    redis.call('HSET', KEYS[1], tag, '[' .. item .. ',"",' .. cjson.encode(ARGV[i - 2]) .. ']')
     redis.call('ZADD', KEYS[2], now, tag)
     redis.call('HSET', KEYS[3], tag, ARGV[1])
     redis.call('ZADD', KEYS[4], now, ARGV[1])
@@ -407,7 +409,11 @@ class Channel(broker.Channel):
             "1" if (record if record is not None else q not in self._no_ack_queues) else "0"
             for _, q in lists
         )
-        return [*self._record_keys(), *(key for key, _ in lists)], [self.consumer_id, flags]
+        return [*self._record_keys(), *(key for key, _ in lists)], [
+            self.consumer_id,
+            flags,
+            *(q for _, q in lists),
+        ]
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         if timeout is None:

@@ -77,9 +77,10 @@ def test_take_records_the_message_as_kombu_would_and_marks_its_holder(
     rec = records(r)
     assert set(rec["unacked"]) == rec["index"] == set(rec["owner"]) == {tag}
     assert rec["owner"][tag] == channel.consumer_id
-    # kombu's format, the message as it was published, byte for byte
+    # kombu's format, the message as it was published, byte for byte; routed back to the
+    # queue it was taken from (exchange '', routing key: the queue), not by its own claim
     payload, exchange, routing_key = loads(rec["unacked"][tag])
-    assert (exchange, routing_key) == (Q, Q)
+    assert (exchange, routing_key) == ("", Q)
     assert payload == json.loads(raw)
     assert r.zscore("unacked_consumers", channel.consumer_id) is not None
     assert r.llen(Q) == 0
