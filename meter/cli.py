@@ -130,6 +130,12 @@ def namespace_option(func: F) -> F:
     )(func)
 
 
+def pool_option(func: F) -> F:
+    return click.option(
+        "--pool", is_flag=True, help="The namespace pool's accounts (user_id NULL), not USER's."
+    )(func)
+
+
 def json_option(func: F) -> F:
     return click.option(
         "--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout, for scripts."
@@ -335,26 +341,35 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _whose(user: str | None, pool: bool) -> tuple[str | None, str]:
+    """(the user_id to read, None for the namespace pool; how to name it to people)."""
+    if (user is None) == (not pool):
+        raise click.UsageError("give either USER or --pool")
+    return user, "the pool" if pool else repr(user)
+
+
 @main.command()
 @database_url_option
 @namespace_option
-@click.argument("user")
+@click.argument("user", required=False)
+@pool_option
 @json_option
-def balance(database_url: str | None, namespace: str, user: str, as_json: bool) -> None:
-    """Balances of every account of USER."""
+def balance(
+    database_url: str | None, namespace: str, user: str | None, pool: bool, as_json: bool
+) -> None:
+    """Balances of every account of USER (or of the namespace pool, with --pool)."""
+    user, who = _whose(user, pool)
     with _client(database_url, namespace) as client:
         rows = client.get_user_balances(user)
     if as_json:
         _emit_json(rows)
         return
     if not rows:
-        console.print(
-            f"no accounts for {escape(repr(user))} in namespace {escape(repr(namespace))}"
-        )
+        console.print(f"no accounts for {escape(who)} in namespace {escape(repr(namespace))}")
         return
     _print_table(
         _table(
-            f"{user} ({namespace})",
+            f"{user if user is not None else 'the pool'} ({namespace})",
             "event type=event_type, resource=resource, unit=unit, #balance=balance, "
             "#reserved=reserved, #available=available",
             rows,
@@ -400,7 +415,8 @@ def usage(
 @main.command()
 @database_url_option
 @namespace_option
-@click.argument("user")
+@click.argument("user", required=False)
+@pool_option
 @click.option("--event-type", default=None, help="Only this event type.")
 @click.option("--unit", default=None, help="Only this unit.")
 @click.option("--resource", default=None, help="Only this resource.")
@@ -411,7 +427,8 @@ def usage(
 def ledger(
     database_url: str | None,
     namespace: str,
-    user: str,
+    user: str | None,
+    pool: bool,
     event_type: str | None,
     unit: str | None,
     resource: str | None,
@@ -420,7 +437,9 @@ def ledger(
     limit: int,
     as_json: bool,
 ) -> None:
-    """Ledger entries of USER, newest first (every account, or those the options select)."""
+    """Ledger entries of USER (or of the pool, with --pool), newest first (every account,
+    or those the options select)."""
+    user, who = _whose(user, pool)
     entries: list[dict[str, Any]] = []
     with _client(database_url, namespace) as client:
         accounts = [
@@ -444,13 +463,11 @@ def ledger(
         _emit_json(entries)
         return
     if not entries:
-        console.print(
-            f"no ledger entries for {escape(repr(user))} in namespace {escape(repr(namespace))}"
-        )
+        console.print(f"no ledger entries for {escape(who)} in namespace {escape(repr(namespace))}")
         return
     _print_table(
         _table(
-            f"ledger of {user} ({namespace}), newest first",
+            f"ledger of {user if user is not None else 'the pool'} ({namespace}), newest first",
             "#id=id, time (UTC)=event_time, event type=event_type, resource=resource, "
             "unit=unit, entry=entry_type, #amount=amount, #balance after=balance_after, "
             "reservation=reservation_id, actor=actor_id",

@@ -518,3 +518,22 @@ def test_read_commands_print_names_in_titles_as_they_are(
     result = run(env, "reconcile", "--namespace", ns)
     assert result.exit_code == EXIT_PROBLEMS, result.output
     assert f"2 issue(s) in namespace {ns!r}" in result.stdout
+
+
+def test_the_reads_show_the_namespace_pool(env: dict[str, str], client: Any) -> None:
+    """grant and adjust write to the pool (--pool); balance and ledger read it (usage is
+    consumption, which a pool never records: consume and reserve name a user)."""
+    client.allocate(None, "llm", 50, "tokens")
+    client.adjust(None, "llm", "-1.5", "tokens")
+    client.allocate("alice", "llm", 7, "tokens")
+    (row,) = as_json(run(env, "balance", "--pool", "--json"))
+    assert (row["balance"], row["available"]) == (D("48.5"), D("48.5"))
+    assert "48.5" in run(env, "balance", "--pool").output
+    entries = as_json(run(env, "ledger", "--pool", "--json"))
+    assert sorted(e["amount"] for e in entries) == [D("-1.5"), D(50)]
+    table = run(env, "ledger", "--pool")
+    assert table.exit_code == 0 and "ledger of the pool" in table.output
+    assert "no accounts for the pool" in run(env, "balance", "--pool", "--namespace", "x").output
+    for command in ("balance", "ledger"):  # one of USER and --pool, not both
+        for args in ((), ("alice", "--pool")):
+            assert run(env, command, *args).exit_code == EXIT_USAGE
