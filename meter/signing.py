@@ -63,6 +63,9 @@ MAX_CLOCK_AHEAD_SECONDS: Final = 300
 """How far ahead of a worker's clock a message may be signed (the producer's clock runs
 ahead): more is refused, since it would extend the message's replay bound by as much."""
 
+_MAX_SIGNED_AT: Final = 2**53
+"""The largest ``signed_at`` taken: every int up to it is exact as a float."""
+
 _MARGIN_SECONDS: Final = 3600
 """How much sooner than its keys are pruned a message stops being taken."""
 
@@ -156,8 +159,12 @@ def verify(
     if not isinstance(mac, str) or not mac:
         raise ValueError(f"message: unsigned message for namespace {namespace!r}")
     signed_at = auth.get("signed_at")
-    if signed_at is not None and (type(signed_at) is not int or signed_at < 0):
-        raise ValueError("message: auth's signed_at is not a whole number of seconds")
+    # Bounded too: one past a float's range made the age below raise OverflowError, which
+    # failed the task and lost its message (no dead letter).
+    if signed_at is not None and (
+        type(signed_at) is not int or not 0 <= signed_at <= _MAX_SIGNED_AT
+    ):
+        raise ValueError("message: auth's signed_at is not a whole number of seconds (0 to 2**53)")
     try:
         expected = sign(derive_key(secret, namespace), namespace, payload, signed_at)
     except (TypeError, ValueError, RecursionError):

@@ -437,6 +437,26 @@ def test_a_copy_of_a_message_signed_longer_ago_than_keys_are_kept_is_refused(
     assert len(dead_letters(db)) == 1
 
 
+def test_a_signed_time_too_large_for_the_clock_is_a_dead_letter_not_lost(
+    signed_pipeline, db, snapshot
+):
+    """``signed_at`` is covered by the MAC but chosen by the signer: one too large for a
+    float (``time.time() - 10**309``) raised OverflowError out of the check, the task failed
+    and its message was acked and lost, with no dead letter. It is refused (MT004, with the
+    operators) like any other bad time, and nothing is applied."""
+    ka = signing.derive_key(SECRET, "a")
+    before = tenant_tables(snapshot)
+    event = wire.dumps(_event("a", idempotency_key="huge"))
+    signed_at = 10**309
+    auth = {"namespace": "a", "signed_at": signed_at,
+            "mac": signing.sign(ka, "a", event, signed_at)}  # fmt: skip
+    send(signed_pipeline, wire.task_name("allocate"), event, auth)
+    (letter,) = eventually(lambda: dead_letters(db))
+    assert (letter["namespace"], letter["error_sqlstate"]) == ("", "MT004")
+    assert "signed_at" in letter["error_message"]
+    assert tenant_tables(snapshot) == before
+
+
 def test_a_signed_batch_that_is_no_array_is_filed_with_the_operators(
     signed_pipeline, db, db_url, snapshot
 ):
