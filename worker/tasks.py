@@ -298,10 +298,21 @@ class EventTask(Task):
 
     def child_auth(self, s: Settings, event: dict[str, Any], payload: Any) -> dict[str, Any]:
         """The ``auth`` of a single-event task the worker sends itself (signed if need be):
-        ``payload`` is ``event`` as the task carries it (its JSON text, or the object)."""
+        ``payload`` is ``event`` as the task carries it (its JSON text, or the object).
+
+        Signed as of when its message was (that message's ``signed_at``, verified by
+        :meth:`authorize` before any child is sent), so a copy of the child is refused when
+        a copy of its message would be: signed at the worker's clock, hours after the
+        batch first applied its event (a batch split after its deliveries or retries), a
+        copy published once the event's key was pruned applied it again. A message without
+        ``signed_at`` (an older producer's) has its children signed at the worker's clock.
+        """
         ns = _namespace(event)
         key = signing.derive_key(s.signing_secret, ns) if s.signing_secret else None
-        return signing.make_auth(key, ns, payload)
+        parent = (self.request.kwargs or {}).get("auth")
+        signed_at = parent.get("signed_at") if isinstance(parent, dict) else None
+        now = signed_at if type(signed_at) is int else None
+        return signing.make_auth(key, ns, payload, now=now)
 
     def wants_result(self) -> bool:
         """Whether anyone waits for this run's outcome (else the SQL does not even build

@@ -250,6 +250,38 @@ def test_a_signature_covers_its_time_and_bounds_replays():
     assert signing.make_auth(None, "a", event) == {"namespace": "a"}
 
 
+def test_a_task_the_worker_sends_itself_keeps_the_time_its_message_was_signed():
+    """A batch's event sent as a task of its own (deferred, or the batch split) was signed
+    with the worker's clock: a copy of that task, published again up to 35 days after it,
+    was taken, although its event's key was claimed when the batch first applied, maybe
+    hours earlier (a batch split after ten deliveries, or after its retries): pruned 35
+    days after that, and the copy applied it again. The child carries its message's
+    ``signed_at``; a message that had none (an older producer's) gets the worker's clock."""
+    from worker.settings import Settings
+    from worker.tasks import apply_batch
+
+    s = Settings(signing_secret=SECRET)
+    event = _event("a", idempotency_key="c1")
+    payload = wire.dumps(event)
+    ka = signing.derive_key(SECRET, "a")
+    signed_at = int(time.time()) - 5 * 3600
+    parent = signing.make_auth(ka, "a", [event], now=signed_at)
+    apply_batch.push_request(kwargs={"events": [event], "auth": parent})
+    try:
+        child = apply_batch.child_auth(s, event, payload)
+    finally:
+        apply_batch.pop_request()
+    assert child["signed_at"] == signed_at
+    assert signing.verify(SECRET, child, payload, max_age=86400) == "a"
+    apply_batch.push_request(kwargs={"auth": {"namespace": "a", "mac": "x"}})
+    try:
+        before = int(time.time())
+        child = apply_batch.child_auth(s, event, payload)
+    finally:
+        apply_batch.pop_request()
+    assert child["signed_at"] >= before
+
+
 def test_worker_reads_the_secret_and_never_prints_it():
     from worker.settings import Settings
 
