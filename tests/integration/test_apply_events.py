@@ -964,3 +964,48 @@ def test_a_batch_of_1000_events_one_by_one_leaves_room_in_the_lock_table(db, db_
         rows = db.execute(APPLY_ROWS, (Jsonb(other),)).fetchall()
         assert {r["error_sqlstate"] for r in rows} == {None} and len(rows) == 1000
         holder.rollback()
+
+
+# ------------------------------------ the months a batch creates (055)
+
+
+def _month_starts(n: int, first_year: int = 1901) -> list[str]:
+    """The 15th of ``n`` consecutive months from January of ``first_year``, as event times."""
+    return [f"{first_year + i // 12}-{i % 12 + 1:02d}-15T00:00:00Z" for i in range(n)]
+
+
+def test_a_batch_dated_in_over_100_new_months_is_refused_before_any_lock(db, db_url, snapshot):
+    """Step 1 creates the ledger partition of each month the batch dates, in its
+    transaction: each new month holds some twelve locks of the server's shared lock table
+    to the end. 1000 allocates (a producer's largest batch, all on the fast path, which 050
+    does not bound), one per month from 1901, held about 12,000, twice the whole table of a
+    default server (and with a smaller table failed with 53200, every other session with
+    it). A batch creating more than 100 months is refused by name before it changes
+    anything; 100 new months (and any number that exist already) apply."""
+    db.execute("SELECT set_config('meter.tenant', 'n', false)")
+    times = _month_starts(1000)
+    many = [{**_give(f"u{i}", "1", idempotency_key=f"k{i}", event_time=t), "namespace": "n"}
+            for i, t in enumerate(times)]  # fmt: skip
+    before = snapshot()
+    partitions = ledger_partitions(db)
+    with pytest.raises(psycopg.Error) as exc:
+        db.execute(APPLY_ROWS, (Jsonb(many),)).fetchall()
+    assert exc.value.sqlstate == "MT001"
+    assert str(exc.value).startswith("events: at most 100 ledger months without a partition")
+    assert "got 1000 events dated in 1000 such months" in str(exc.value)
+    assert snapshot() == before and ledger_partitions(db) == partitions
+    with pytest.raises(psycopg.Error, match="dated in 101 such months"):
+        db.execute(APPLY_ROWS, (Jsonb(many[:101]),)).fetchall()
+
+    with psycopg.connect(db_url, row_factory=dict_row) as holder:
+        holder.execute("SELECT set_config('meter.tenant', 'n', true)")
+        rows = holder.execute(APPLY_ROWS, (Jsonb(many[:100]),)).fetchall()
+        assert {r["status"] for r in rows} == {"applied"} and len(rows) == 100
+        held = holder.execute(
+            "SELECT count(*) AS n FROM pg_locks WHERE pid = pg_backend_pid()"
+        ).fetchone()["n"]
+        assert held < 3000, held  # 050's bound of a call's locks
+        holder.commit()
+    # those 100 months exist now: a batch dating them and 100 more applies
+    rows = db.execute(APPLY_ROWS, (Jsonb(many[:200]),)).fetchall()
+    assert [r["status"] for r in rows] == ["replayed"] * 100 + ["applied"] * 100

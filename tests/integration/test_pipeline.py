@@ -519,6 +519,27 @@ def test_a_batch_as_text_with_a_nul_escape_is_split(pipeline, client, db):
     assert "a\\x00b" in letter["payload"]["unstorable"]
 
 
+def test_a_batch_dated_in_too_many_new_months_is_split_and_applied_once(pipeline, db):
+    """``apply_events`` refuses a batch that would create over 100 ledger months (055: their
+    locks fill the server's lock table): the worker splits it into single-event tasks, and
+    each event applies exactly once (sent again, its months made, it replays whole)."""
+    times = [f"{1901 + i // 12}-{i % 12 + 1:02d}-15T00:00:00Z" for i in range(101)]
+    events = [
+        {"op": "allocate", "namespace": "default",
+         "args": {"user_id": "u1", "event_type": ET, "amount": "1", "unit": UNIT,
+                  "idempotency_key": f"m{i}", "event_time": t}}
+        for i, t in enumerate(times)
+    ]  # fmt: skip
+    outcomes = send_raw(pipeline, wire.APPLY_BATCH, json.dumps(events)).get(timeout=30)
+    assert [o["status"] for o in outcomes] == ["deferred"] * 101
+    eventually(lambda: len(ledger(db)) == 101, timeout=60)
+    outcomes = send_raw(pipeline, wire.APPLY_BATCH, json.dumps(events)).get(timeout=30)
+    assert [o["status"] for o in outcomes] == ["replayed"] * 101
+    entries = ledger(db)
+    assert len(entries) == 101 and not dead_letters(db)
+    assert sorted(e["idempotency_key"] for e in entries) == sorted(f"m{i}" for i in range(101))
+
+
 def test_a_crafted_event_postgresql_cannot_store_is_still_a_dead_letter(pipeline, db, snapshot):
     """PostgreSQL stores no NUL and no lone surrogate: the dead letter escapes them (and
     files a namespace holding one with the operators) instead of failing to be recorded,
