@@ -8,9 +8,10 @@ Contract (SPEC section 4, ``docs/internals.md``):
   (:class:`MigrationError`): silently diverging schemas are worse than a loud stop.
 * Two processes migrating one database at once are safe: the whole run holds a
   session-level advisory lock on a fixed key, so the second waits, then finds nothing to do.
-* The files run as the owner of schema ``meter`` when the runner is another role that may
-  become it (a superuser migrating a schema its application's role owns), so every object
-  has one owner; the run is recorded as the runner.
+* The files run as the owner of the schema's objects (in a new database, of schema
+  ``meter`` when that role may create in the database) when the runner is another role
+  that may become it (a superuser migrating a schema its application's role owns), so
+  every object has one owner; the run is recorded as the runner.
 * ``with_roles`` re-applies ``sql/roles.sql`` (idempotent grants for ``meter_app`` and
   ``meter_maintenance``) after the migrations, every time, so a grant added to that file
   reaches existing databases.
@@ -241,20 +242,31 @@ def _check_recorded(recorded: dict[str, str], migrations: list[Migration]) -> No
 
 
 def _owner_to_become(conn: psycopg.Connection) -> str | None:
-    """The owner of schema ``meter`` when it is another role that we may become (a
-    superuser may become any), else None.
+    """The role the files run as when it is another role that we may become (a superuser
+    may become any), else None: the owner of the schema's objects (of ``meter.accounts``,
+    which the first file creates), or in a database that has none yet, the owner of schema
+    ``meter`` when it may create in the database.
 
     Objects a file creates belong to the role that runs it. A schema its application's
     role owns, migrated later by a superuser (a DBA, a deploy job), got objects of two
     owners: SECURITY DEFINER functions running with a superuser's rights, and helpers that
     the owner's functions may not call once roles.sql revokes PUBLIC's EXECUTE (every
-    dead letter refused). So the files run as the schema's owner.
+    dead letter refused). So the files run as the owner of what is there.
+
+    A schema a DBA made for a role that may not create in the database (``CREATE SCHEMA
+    meter AUTHORIZATION app``) is not migrated as that role: the first file's ``CREATE
+    SCHEMA IF NOT EXISTS meter`` needs CREATE on the database ("permission denied for
+    database", nothing migrated). It is migrated as the runner, and stays so (its objects
+    are the runner's).
     """
     # may SET ROLE to it: PostgreSQL 16 can grant a membership without that right
     may = "SET" if conn.info.server_version >= 160000 else "MEMBER"
     row = conn.execute(
         "SELECT r.rolname, r.rolname <> current_user AND pg_has_role(current_user, r.oid, %s)"
-        " FROM pg_namespace n JOIN pg_roles r ON r.oid = n.nspowner WHERE n.nspname = 'meter'",
+        " FROM pg_roles r WHERE r.oid = coalesce("
+        "  (SELECT c.relowner FROM pg_class c WHERE c.oid = to_regclass('meter.accounts')),"
+        "  (SELECT n.nspowner FROM pg_namespace n WHERE n.nspname = 'meter'"
+        "   AND has_database_privilege(n.nspowner, current_database(), 'CREATE')))",
         (may,),
     ).fetchone()
     return str(row[0]) if row is not None and row[1] else None

@@ -291,6 +291,60 @@ def test_a_superuser_migrating_a_schema_a_role_owns_creates_what_that_role_owns(
     assert migrate(owner_url) == []  # the owner may go on migrating
 
 
+SCHEMA_ROLE = "meter_test_schema_owner"
+
+
+def _one_owner(conn: psycopg.Connection[Any]) -> list[str]:
+    """The owners of the schema's tables and functions (schema_migrations aside: the
+    runner's bookkeeping)."""
+    return [
+        str(r)
+        for (r,) in conn.execute(
+            "SELECT DISTINCT o::regrole::text FROM ("
+            " SELECT c.relowner AS o FROM pg_class c"
+            " WHERE c.relnamespace = 'meter'::regnamespace AND c.relname <> 'schema_migrations'"
+            " UNION ALL SELECT p.proowner FROM pg_proc p"
+            " WHERE p.pronamespace = 'meter'::regnamespace) x ORDER BY 1"
+        ).fetchall()
+    ]
+
+
+def test_a_superuser_migrates_a_schema_made_for_a_role_that_may_not_create_schemas(
+    new_database: Callable[[], str], tmp_path: Path
+) -> None:
+    """A DBA made the schema for the application's role (``CREATE SCHEMA meter
+    AUTHORIZATION app``, the usual way when that role may not create in the database) and
+    migrates it as a superuser. The files ran as the schema's owner, and the first one's
+    ``CREATE SCHEMA IF NOT EXISTS meter`` needs CREATE on the database, which it lacks:
+    "permission denied for database", nothing could be migrated, fresh or upgraded. Such a
+    database is migrated as the runner, as before, and its objects keep one owner."""
+    url = new_database()
+    with psycopg.connect(url, autocommit=True) as conn:
+        try:
+            conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(SCHEMA_ROLE)))
+        except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
+            pass  # roles are cluster-wide: an earlier test made it
+        conn.execute(
+            sql.SQL("CREATE SCHEMA meter AUTHORIZATION {}").format(sql.Identifier(SCHEMA_ROLE))
+        )
+    older = tmp_path / "older"
+    older.mkdir()
+    for m in discover():
+        if m.number <= 47:
+            write(older, m.path.name, m.path.read_text())
+    write(older, "roles.sql", (default_sql_dir() / "roles.sql").read_text())
+    migrate(url, with_roles=True, sql_dir=older)
+    migrate(url, with_roles=True)
+    assert schema_version(url) == real_versions()[-1]
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert len(_one_owner(conn)) == 1
+        (letter,) = conn.execute(
+            "SELECT meter.record_dead_letter('consume', '{}'::jsonb, 'MT001', 'bad',"
+            " repeat('x', 300), 'default')"
+        ).fetchone() or (None,)
+    assert letter is not None
+
+
 def test_cli_migrate_with_database_url(empty_url: str) -> None:
     runner = CliRunner()
 
