@@ -11,7 +11,8 @@ Contract (SPEC section 4, ``docs/internals.md``):
 * The files run as the owner of the schema's objects (in a new database, of schema
   ``meter`` when that role may create in the database) when the runner is another role
   that may become it (a superuser migrating a schema its application's role owns), so
-  every object has one owner; the run is recorded as the runner.
+  every object has one owner (``meter.schema_migrations`` included, so that role may go
+  on migrating it itself); the run is recorded as the runner.
 * ``with_roles`` re-applies ``sql/roles.sql`` (idempotent grants for ``meter_app`` and
   ``meter_maintenance``) after the migrations, every time, so a grant added to that file
   reaches existing databases.
@@ -56,8 +57,11 @@ _FILE_RE = re.compile(r"^(?P<number>\d{3,})_(?P<name>[A-Za-z0-9_]+)\.sql$")
 # is a mistake to report, not a note to skip (it would never be applied, silently).
 _LOOKS_LIKE_MIGRATION_RE = re.compile(r"^\d.*\.sql$", re.IGNORECASE)
 
+_BOOTSTRAP_SCHEMA = "CREATE SCHEMA IF NOT EXISTS meter"
+
+# As the role the files run as (when the runner becomes one), so that role may go on
+# migrating its schema itself.
 _BOOTSTRAP = """
-CREATE SCHEMA IF NOT EXISTS meter;
 CREATE TABLE IF NOT EXISTS meter.schema_migrations (
     version    text PRIMARY KEY,
     checksum   text NOT NULL,
@@ -196,12 +200,15 @@ def _migrate_locked(
     conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
     try:
         with conn.transaction():
+            conn.execute(_BOOTSTRAP_SCHEMA)
+            owner = _owner_to_become(conn)
+            if owner is not None:
+                conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(owner)))
             conn.execute(_BOOTSTRAP.encode())
         recorded: dict[str, str] = dict(
             conn.execute("SELECT version, checksum FROM meter.schema_migrations").fetchall()
         )
         _check_recorded(recorded, migrations)
-        owner = _owner_to_become(conn)
         applied_now: list[str] = []
         for migration in migrations:
             if migration.version in recorded:

@@ -345,6 +345,30 @@ def test_a_superuser_migrates_a_schema_made_for_a_role_that_may_not_create_schem
     assert letter is not None
 
 
+def test_a_role_goes_on_migrating_a_schema_a_superuser_first_migrated_for_it(
+    owned_database: tuple[str, str],
+) -> None:
+    """A schema made for the application's role (which may create in its database) and
+    first migrated by a superuser: the files ran as the role, but the runner's own
+    ``meter.schema_migrations`` was the superuser's, so the role could not migrate its own
+    schema later ("permission denied for table schema_migrations")."""
+    owner_url, superuser_url = owned_database
+    with psycopg.connect(superuser_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE SCHEMA meter AUTHORIZATION {}").format(sql.Identifier(OWNER_ROLE))
+        )
+    migrate(superuser_url, with_roles=True)
+    with psycopg.connect(superuser_url, autocommit=True) as conn:
+        assert _one_owner(conn) == [OWNER_ROLE]
+        (table_owner,) = conn.execute(
+            "SELECT relowner::regrole::text FROM pg_class"
+            " WHERE oid = 'meter.schema_migrations'::regclass"
+        ).fetchone() or (None,)
+        assert table_owner == OWNER_ROLE
+    assert migrate(owner_url) == []
+    assert schema_version(owner_url) == real_versions()[-1]
+
+
 def test_cli_migrate_with_database_url(empty_url: str) -> None:
     runner = CliRunner()
 
