@@ -12,7 +12,8 @@ Contract (SPEC section 4, ``docs/internals.md``):
   ``meter`` when that role may create in the database) when the runner is another role
   that may become it (a superuser migrating a schema its application's role owns), so
   every object has one owner (``meter.schema_migrations`` included, so that role may go
-  on migrating it itself); the run is recorded as the runner.
+  on migrating it itself); the run is recorded as the runner. A runner that may not
+  become the owner of the schema's objects is refused before any file.
 * ``with_roles`` re-applies ``sql/roles.sql`` (idempotent grants for ``meter_app`` and
   ``meter_maintenance``) after the migrations, every time, so a grant added to that file
   reaches existing databases.
@@ -265,18 +266,37 @@ def _owner_to_become(conn: psycopg.Connection) -> str | None:
     SCHEMA IF NOT EXISTS meter`` needs CREATE on the database ("permission denied for
     database", nothing migrated). It is migrated as the runner, and stays so (its objects
     are the runner's).
+
+    Raises:
+        MigrationError: the schema's objects belong to another role that the runner may
+            not become (checked before any file).
     """
     # may SET ROLE to it: PostgreSQL 16 can grant a membership without that right
     may = "SET" if conn.info.server_version >= 160000 else "MEMBER"
     row = conn.execute(
-        "SELECT r.rolname, r.rolname <> current_user AND pg_has_role(current_user, r.oid, %s)"
+        "SELECT r.rolname, r.rolname <> current_user, pg_has_role(current_user, r.oid, %s),"
+        " to_regclass('meter.accounts') IS NOT NULL"
         " FROM pg_roles r WHERE r.oid = coalesce("
         "  (SELECT c.relowner FROM pg_class c WHERE c.oid = to_regclass('meter.accounts')),"
         "  (SELECT n.nspowner FROM pg_namespace n WHERE n.nspname = 'meter'"
         "   AND has_database_privilege(n.nspowner, current_database(), 'CREATE')))",
         (may,),
     ).fetchone()
-    return str(row[0]) if row is not None and row[1] else None
+    if row is None or not row[1]:
+        return None
+    name, _, may_become, existing = row
+    if may_become:
+        return str(name)
+    if existing:
+        # A member without SET (PostgreSQL 16+) or a role granted CREATE on the schema would
+        # run the files as itself: its new helpers, PUBLIC's EXECUTE revoked, could not be
+        # called by the owner's functions (049's: every dead letter refused).
+        raise MigrationError(
+            f"the schema's objects belong to {name!r}: run the migrations as {name}, or as "
+            f"a role that may SET ROLE to it (a superuser, or a member WITH SET TRUE), so "
+            "that what they create has one owner"
+        )
+    return None
 
 
 def _apply(conn: psycopg.Connection, migration: Migration, owner: str | None = None) -> None:

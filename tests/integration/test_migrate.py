@@ -369,6 +369,55 @@ def test_a_role_goes_on_migrating_a_schema_a_superuser_first_migrated_for_it(
     assert schema_version(owner_url) == real_versions()[-1]
 
 
+MEMBER_ROLE = "meter_test_member"
+
+
+def test_a_member_that_may_not_become_the_owner_is_refused_before_any_file(
+    owned_database: tuple[str, str], pg_server: Any, tmp_path: Path
+) -> None:
+    """PostgreSQL 16 can grant a role's membership, with its rights, but not the right to
+    SET ROLE to it. Such a member migrating the owner's schema ran the files as itself:
+    what they created was its own (049's meter._dead_letter_source), which the owner's
+    record_dead_letter could not call once PUBLIC's EXECUTE was revoked, and every dead
+    letter was refused. It is refused before any file, naming the owner."""
+    from psycopg.conninfo import make_conninfo
+
+    from tests.fix_db import TEST_ROLE_PASSWORD
+
+    owner_url, superuser_url = owned_database
+    with psycopg.connect(superuser_url, autocommit=True) as conn:
+        if conn.info.server_version < 160000:
+            pytest.skip("membership without SET needs PostgreSQL 16")
+        member = sql.Identifier(MEMBER_ROLE)
+        try:
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(member))
+        except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
+            pass  # roles are cluster-wide: an earlier test made it
+        conn.execute(
+            sql.SQL("ALTER ROLE {} NOSUPERUSER PASSWORD {}").format(
+                member, sql.Literal(TEST_ROLE_PASSWORD)
+            )
+        )
+        conn.execute(
+            sql.SQL("GRANT {} TO {} WITH INHERIT TRUE, SET FALSE").format(
+                sql.Identifier(OWNER_ROLE), member
+            )
+        )
+    older = tmp_path / "older"
+    older.mkdir()
+    for m in discover():
+        if m.number <= 47:
+            write(older, m.path.name, m.path.read_text())
+    migrate(owner_url, sql_dir=older)
+    dbname = str(psycopg.conninfo.conninfo_to_dict(superuser_url)["dbname"])
+    member_url = make_conninfo(pg_server.url(dbname, user=MEMBER_ROLE), password=TEST_ROLE_PASSWORD)
+    with pytest.raises(MigrationError, match=f"run the migrations as {OWNER_ROLE}"):
+        migrate(member_url)
+    assert schema_version(owner_url) == "047_a_refused_consume_creates_no_month"
+    with psycopg.connect(superuser_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("REVOKE {} FROM {}").format(sql.Identifier(OWNER_ROLE), member))
+
+
 def test_cli_migrate_with_database_url(empty_url: str) -> None:
     runner = CliRunner()
 
