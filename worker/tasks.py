@@ -290,9 +290,12 @@ class EventTask(Task):
         if s.signing_secret:
             try:
                 max_age = signing.message_max_age(s.key_retention_days)
-                return signing.verify(s.signing_secret, auth, payload, max_age=max_age), None
+                ns = signing.verify(s.signing_secret, auth, payload, max_age=max_age)
             except ValueError as exc:
                 return None, str(exc)
+            # verified: the time the tasks this one sends itself are signed as of
+            self.request.meter_signed_at = auth.get("signed_at")
+            return ns, None
         ns = auth.get("namespace") if isinstance(auth, dict) else None
         return (ns if isinstance(ns, str) and ns else None), None
 
@@ -300,7 +303,7 @@ class EventTask(Task):
         """The ``auth`` of a single-event task the worker sends itself (signed if need be):
         ``payload`` is ``event`` as the task carries it (its JSON text, or the object).
 
-        Signed as of when its message was (that message's ``signed_at``, verified by
+        Signed as of when its message was (that message's ``signed_at``, as verified by
         :meth:`authorize` before any child is sent), so a copy of the child is refused when
         a copy of its message would be: signed at the worker's clock, hours after the
         batch first applied its event (a batch split after its deliveries or retries), a
@@ -309,8 +312,7 @@ class EventTask(Task):
         """
         ns = _namespace(event)
         key = signing.derive_key(s.signing_secret, ns) if s.signing_secret else None
-        parent = (self.request.kwargs or {}).get("auth")
-        signed_at = parent.get("signed_at") if isinstance(parent, dict) else None
+        signed_at = getattr(self.request, "meter_signed_at", None)
         now = signed_at if type(signed_at) is int else None
         return signing.make_auth(key, ns, payload, now=now)
 

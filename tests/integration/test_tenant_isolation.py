@@ -266,20 +266,21 @@ def test_a_task_the_worker_sends_itself_keeps_the_time_its_message_was_signed():
     ka = signing.derive_key(SECRET, "a")
     signed_at = int(time.time()) - 5 * 3600
     parent = signing.make_auth(ka, "a", [event], now=signed_at)
-    apply_batch.push_request(kwargs={"events": [event], "auth": parent})
-    try:
-        child = apply_batch.child_auth(s, event, payload)
-    finally:
-        apply_batch.pop_request()
-    assert child["signed_at"] == signed_at
-    assert signing.verify(SECRET, child, payload, max_age=86400) == "a"
-    apply_batch.push_request(kwargs={"auth": {"namespace": "a", "mac": "x"}})
-    try:
-        before = int(time.time())
-        child = apply_batch.child_auth(s, event, payload)
-    finally:
-        apply_batch.pop_request()
-    assert child["signed_at"] >= before
+    older = {"namespace": "a", "mac": signing.sign(ka, "a", [event])}  # no signed_at
+    # the auth as verified, wherever the message carried it (as a keyword, or positionally)
+    for auth, expected in ((parent, signed_at), (older, None)):
+        apply_batch.push_request(args=[[event], None, auth], kwargs={})
+        try:
+            before = int(time.time())
+            assert apply_batch.authorize(s, [event], auth) == ("a", None)
+            child = apply_batch.child_auth(s, event, payload)
+        finally:
+            apply_batch.pop_request()
+        assert signing.verify(SECRET, child, payload, max_age=86400) == "a"
+        if expected is None:
+            assert child["signed_at"] >= before
+        else:
+            assert child["signed_at"] == expected
 
 
 def test_worker_reads_the_secret_and_never_prints_it():
