@@ -548,6 +548,33 @@ class Channel(broker.Channel):
             str(self.consumers_key),
         ]
 
+    def _do_restore_message(
+        self, payload: Any, exchange: str, routing_key: str, pipe: Any, leftmost: bool = False
+    ) -> None:
+        """kombu's, except that a ``headers`` or ``delivery_info`` that is no object does not
+        keep the message from going back.
+
+        kombu sets the ``redelivered`` flag in both first: in a list or a text (a crafted
+        item, recorded by TAKE) that raised ``TypeError``, which it logged ("Could not
+        restore message") while the restore transaction still deleted the record: a
+        message held by a consumer that died, or requeued, was gone without a dead letter.
+        """
+        properties = payload.get("properties")
+        info = properties.get("delivery_info") if isinstance(properties, dict) else None
+        for part in (payload.get("headers"), info):
+            if isinstance(part, dict):
+                part["redelivered"] = True
+        try:
+            for queue in self._lookup(exchange, routing_key):
+                pri = self._get_message_priority(payload, reverse=False)
+                (pipe.lpush if leftmost else pipe.rpush)(
+                    self._q_for_pri(queue, pri), dumps(payload)
+                )
+        except self.connection_errors:
+            raise  # aborts the transaction: the record stays
+        except Exception:
+            logger.critical("Could not restore message: %r", payload, exc_info=True)
+
     # ------------------------------------------------------------------ liveness
 
     def beat(self) -> None:

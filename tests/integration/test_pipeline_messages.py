@@ -334,3 +334,38 @@ def test_a_message_claiming_an_exchange_that_routes_nowhere_comes_back_when_its_
         eventually(lambda: _effects(db)[0]["n"] == 1, timeout=15)
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda p: p["properties"].update(delivery_info="x"),
+        lambda p: p.update(headers=[1]),
+    ],
+    ids=["delivery-info-text", "headers-list"],
+)
+def test_a_message_of_the_wrong_shape_held_by_a_dead_consumer_comes_back_as_a_dead_letter(
+    pipeline, db, broker_url, mutate
+):
+    # Restoring it set kombu's `redelivered` flag in a `headers` or `delivery_info` that is
+    # no object: TypeError, which kombu logs ("Could not restore message") while the
+    # restore transaction still deletes the record: gone, without a dead letter.
+    client = redis.Redis.from_url(broker_url)
+    try:
+        task_id = str(uuid.uuid4())
+        pipeline.send_task(
+            "meter.allocate", args=(EVENT,), task_id=task_id, queue="staging", ignore_result=False
+        )
+        message = json.loads(client.rpop("staging"))
+        mutate(message)
+        client.lpush("side", json.dumps(message))
+        keys = ["unacked", "unacked_index", "unacked_owner", "unacked_consumers", "side"]
+        taken = client.eval(TAKE.text, len(keys), *keys, "a-dead-consumer", "1", wire.QUEUE)
+        assert taken[2].decode() == message["properties"]["delivery_tag"]
+        client.zadd("unacked_consumers", {"a-dead-consumer": time.time() - 100})
+        (row,) = eventually(lambda: dead_letters(db), timeout=30)
+        assert (row["namespace"], row["op"], row["error_sqlstate"]) == ("", "unreadable", "MT001")
+        eventually(lambda: client.llen(wire.QUEUE) == 0 and client.hlen("unacked") == 0)
+    finally:
+        client.close()
+    assert _effects(db)[0]["n"] == 0
