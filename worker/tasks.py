@@ -205,6 +205,10 @@ def _op(event: Any, default: str) -> str:
     return op if isinstance(op, str) and op else default
 
 
+_EMBED_KEYS: Final = frozenset({"callbacks", "errbacks", "chain", "chord"})
+"""What Celery's clients put in the third part of a task body (protocol 2)."""
+
+
 class EventRequest(Request):
     """Celery's request of an event task, which an ``expires`` header does not drop.
 
@@ -222,6 +226,16 @@ class EventRequest(Request):
         # invalid task message, Meter's consumer files it as a dead letter instead.
         if not isinstance(self._args, list | tuple) or not isinstance(self._kwargs, dict):
             raise InvalidTaskError("the body's args must be an array and its kwargs an object")
+        # Its third part (Celery's "embed") is merged into the request in the pool, before
+        # the task runs: one that is no object failed there (in a prefork pool: acked, lost)
+        # and a key other than Celery's four replaced a field of the request (a
+        # ``delivery_info`` that is text failed the trace: acked, lost, in any pool).
+        body = self._body if self._decoded else self._message.payload
+        embed = body[2]
+        if embed is not None and (not isinstance(embed, dict) or not embed.keys() <= _EMBED_KEYS):
+            raise InvalidTaskError(
+                "the body's third part must be an object of callbacks, errbacks, chain, chord"
+            )
 
     def maybe_expire(self) -> bool:
         return False

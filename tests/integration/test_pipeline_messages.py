@@ -369,3 +369,27 @@ def test_a_message_of_the_wrong_shape_held_by_a_dead_consumer_comes_back_as_a_de
     finally:
         client.close()
     assert _effects(db)[0]["n"] == 0
+
+
+def _embed(embed: Any) -> Callable[[dict[str, Any]], None]:
+    def mutate(payload: dict[str, Any]) -> None:
+        args, kwargs, _ = json.loads(base64.b64decode(payload["body"]))
+        payload["body"] = base64.b64encode(json.dumps([args, kwargs, embed]).encode()).decode()
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    "embed",
+    [{"delivery_info": "x"}, {"callbacks": None, "args": 5, "delivery_info": [1]}],
+    ids=["delivery-info-text", "args-and-delivery-info"],
+)
+def test_a_body_whose_embed_breaks_the_trace_is_a_dead_letter_not_lost(
+    pipeline, db, broker_url, embed
+):
+    before = _effects(db)
+    task_id = _raw(pipeline, broker_url, "meter.allocate", _embed(embed))
+    (row,) = eventually(lambda: dead_letters(db), timeout=30)
+    assert (row["namespace"], row["op"], row["error_sqlstate"]) == ("", "unreadable", "MT001")
+    assert row["source"] == task_id
+    assert _effects(db) == before
