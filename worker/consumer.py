@@ -13,7 +13,8 @@ Here each is handed to ``meter.unreadable`` (:func:`worker.tasks.unreadable`) wi
 message as received and the reason, and acknowledged only once that hand-over is
 published; the task files it as a dead letter ``MT001`` with the operators, with the
 worker's usual retries while the database is away. The hand-over keeps the message's task
-id (or, without one, an id derived from its delivery tag), so a message delivered again
+id (without one, an id derived from its delivery tag; for one that is no UTF-8, from
+it), so a message delivered again
 after a crash between the publish and the ack counts an attempt on the same dead letter,
 and a caller waiting for that id gets the dead letter's outcome. A hand-over that cannot
 be published (the broker away) leaves the message to be delivered again.
@@ -63,6 +64,12 @@ def _task_id(message: Any) -> str:
     headers = getattr(message, "headers", None) or {}
     task_id = headers.get("id") if isinstance(headers, dict) else None
     if isinstance(task_id, str) and task_id:
+        try:
+            task_id.encode()
+        except UnicodeEncodeError:
+            # a lone surrogate: no Redis key (the result's) can hold it, so the hand-over
+            # would fail every time, and the message come back for good
+            return str(uuid.uuid5(uuid.NAMESPACE_URL, f"meter:unreadable:{task_id!a}"))
         return task_id
     tag = getattr(message, "delivery_tag", None)
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"meter:unreadable:{tag}"))

@@ -393,3 +393,24 @@ def test_a_body_whose_embed_breaks_the_trace_is_a_dead_letter_not_lost(
     assert (row["namespace"], row["op"], row["error_sqlstate"]) == ("", "unreadable", "MT001")
     assert row["source"] == task_id
     assert _effects(db) == before
+
+
+def test_a_message_whose_id_no_redis_key_can_hold_is_handed_over_not_requeued_forever(
+    pipeline, db, broker_url
+):
+    # The hand-over kept the message's task id, and a caller waiting for the result made
+    # Celery subscribe to the result key of that id: a lone surrogate cannot be encoded,
+    # send_task raised, and the message was requeued, then handed over again: thousands of
+    # times a second, forever, and never filed.
+    def mutate(payload: dict[str, Any]) -> None:
+        payload["headers"]["id"] = "\ud800-x"
+
+    _raw(pipeline, broker_url, "meter.frobnicate", mutate)
+    (row,) = eventually(lambda: dead_letters(db), timeout=30)
+    assert (row["namespace"], row["op"], row["error_sqlstate"]) == ("", "unreadable", "MT001")
+    client = redis.Redis.from_url(broker_url)
+    try:
+        eventually(lambda: client.llen(wire.QUEUE) == 0 and client.hlen("unacked") == 0)
+    finally:
+        client.close()
+    assert len(dead_letters(db)) == 1
