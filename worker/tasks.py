@@ -352,6 +352,9 @@ class EventTask(Task):
 
         Celery's ``retry`` rejects the message *without* requeueing when the re-send fails
         (broker down), which would drop it: requeue instead, so it is delivered again.
+        It goes to :data:`meter.wire.QUEUE`, every event task's: Celery's routes it by the
+        exchange and routing key the message claims (its ``delivery_info``, unsigned), and
+        an exchange that routes nowhere dropped it, another queue left it unconsumed.
         """
         request = self.request
         try:
@@ -360,6 +363,7 @@ class EventTask(Task):
                 kwargs={**(request.kwargs or {}), **kwargs},
                 countdown=countdown,
                 exc=exc,
+                queue=wire.QUEUE,
             )
         except Reject as rejected:
             raise Reject(rejected.reason, requeue=True) from rejected

@@ -414,3 +414,31 @@ def test_a_message_whose_id_no_redis_key_can_hold_is_handed_over_not_requeued_fo
     finally:
         client.close()
     assert len(dead_letters(db)) == 1
+
+
+@pytest.mark.parametrize(
+    "info",
+    [{"exchange": "nowhere", "routing_key": "nowhere"}, {"exchange": "", "routing_key": "else"}],
+    ids=["exchange-routing-nowhere", "another-queue"],
+)
+def test_a_retry_goes_back_to_meters_queue_whatever_exchange_the_message_claims(
+    pipeline, db, broker_url, info
+):
+    # A retry is published by the exchange and routing key the message's delivery_info
+    # claims (Celery's signature_from_request): an exchange that routes nowhere dropped it,
+    # and another queue left it where no worker takes it. A commit waiting for its reserve
+    # retries: the event was never applied, nor filed.
+    commit = {"op": "commit", "namespace": "default",
+              "args": {"reservation_id": "r-missing", "actual_amount": "1"}}  # fmt: skip
+    task_id = str(uuid.uuid4())
+    pipeline.send_task("meter.commit", args=(commit,), task_id=task_id, queue="staging")
+    client = redis.Redis.from_url(broker_url)
+    try:
+        payload = json.loads(client.rpop("staging"))
+        payload["properties"]["delivery_info"].update(info)
+        client.lpush(wire.QUEUE, json.dumps(payload))
+        (row,) = eventually(lambda: dead_letters(db), timeout=30)
+        assert (row["op"], row["error_sqlstate"], row["source"]) == ("commit", "MT003", task_id)
+        assert client.llen("else") == 0
+    finally:
+        client.close()
