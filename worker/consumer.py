@@ -14,9 +14,10 @@ message as received and the reason, and acknowledged only once that hand-over is
 published; the task files it as a dead letter ``MT001`` with the operators, with the
 worker's usual retries while the database is away. The hand-over keeps the message's task
 id (without one, an id derived from its delivery tag; for one that is no UTF-8, from
-it), so a message delivered again
-after a crash between the publish and the ack counts an attempt on the same dead letter,
-and a caller waiting for that id gets the dead letter's outcome. A hand-over that cannot
+it), so a caller waiting for that id gets the dead letter's outcome; the dead letter's
+source is that id and the delivery tag, so a message delivered again after a crash between
+the publish and the ack counts an attempt on the same dead letter, and another message
+reusing the id has one of its own. A hand-over that cannot
 be published (the broker away) leaves the message to be delivered again.
 """
 
@@ -57,6 +58,8 @@ def describe(message: Any, reason: str) -> dict[str, Any]:
         # as text: a header value may be anything a crafted message holds
         "headers": _text(headers) if headers is not None else None,
         "body": _text(getattr(message, "body", None)),
+        # kept when it is put back: the dead letter's source (worker.tasks.unreadable)
+        "delivery_tag": _text(getattr(message, "delivery_tag", None)),
     }
 
 

@@ -794,13 +794,19 @@ def unreadable(self: EventTask, message: Any, verdict: Any = None) -> Outcome:
 
     Sent by :class:`worker.consumer.Consumer` with ``message`` as
     :func:`worker.consumer.describe` gives it (its ``reason`` included), under the task id
-    of the message; the dead letter's source is that id. Nothing in it is applied.
+    of the message; the dead letter's source is ``<that id>/unreadable/<delivery tag>``:
+    under the id alone, a second message reusing it (crafted, or a newer release's task
+    retried under its id) only counted an attempt on the first's dead letter, or on any
+    other filed with the operators under that id, and was never stored. Nothing in it is
+    applied.
     """
     del verdict  # the same verdict every time: the message itself says why
     s = self.settings()
     self.request.retries = _retries(self.request.retries)
     reason = message.get("reason") if isinstance(message, dict) else None
+    tag = message.get("delivery_tag") if isinstance(message, dict) else None
     return self.dead_letter(
         s, "unreadable", message, "MT001", str(reason or "message: unreadable"), None,
+        source=f"{self.request.id}/unreadable/{tag}" if isinstance(tag, str) else None,
         namespace=OPERATOR_NAMESPACE,
     )  # fmt: skip
