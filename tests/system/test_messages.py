@@ -1,0 +1,65 @@
+"""Crafted messages against a real ``celery -A worker worker`` (prefork pool).
+
+The integration tests run the solo pool in a thread, where what raises on the way to the
+task raises in the consumer's own handler; in a prefork pool the same raises in the child,
+which reports a failure that ``task_acks_on_failure`` acknowledges.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import psycopg
+import redis
+from celery import Celery
+
+from meter import wire
+from tests.system.harness import CrashableRedis, eventually
+
+EVENT = {"op": "allocate", "namespace": "default",
+         "args": {"user_id": "u1", "event_type": "tokens", "amount": "1", "unit": "tok",
+                  "idempotency_key": "k1"}}  # fmt: skip
+
+
+def _message(broker_url: str, body: Any) -> dict[str, Any]:
+    """A ``meter.allocate`` task message as kombu writes it, with ``body`` as its body."""
+    app = Celery("meter-test", set_as_current=False)
+    app.conf.update(wire.celery_config(broker_url))
+    client = redis.Redis.from_url(broker_url)
+    try:
+        app.send_task(wire.task_name("allocate"), args=(EVENT,), queue="staging")
+        payload = json.loads(client.rpop("staging"))
+    finally:
+        client.close()
+        app.close()
+    payload["properties"]["delivery_info"].update(exchange=wire.QUEUE, routing_key=wire.QUEUE)
+    payload["body"] = base64.b64encode(json.dumps(body).encode()).decode()
+    return payload
+
+
+def test_a_body_whose_embed_is_no_object_is_a_dead_letter_in_a_prefork_worker(
+    start_worker: Any, crash_redis: CrashableRedis, db: psycopg.Connection[Any]
+) -> None:
+    # `[args, kwargs, "embed"]`: Celery merges the embed into the request in the child,
+    # where `**"embed"` raised; the failure was acked, and the event neither applied nor
+    # filed (the solo pool's handler caught it, so the integration test passed).
+    worker = start_worker()
+    worker.wait_ready()
+    url = crash_redis.url()
+    payload = _message(url, [[EVENT], {}, "embed"])
+    client = redis.Redis.from_url(url)
+    try:
+        client.lpush(wire.QUEUE, json.dumps(payload))
+        deadline = time.monotonic() + 30
+        rows: list[Any] = []
+        while time.monotonic() < deadline and not rows:
+            rows = db.execute("SELECT op, error_sqlstate FROM meter.dead_letters").fetchall()
+            time.sleep(0.2)
+        assert [(r["op"], r["error_sqlstate"]) for r in rows] == [("unreadable", "MT001")]
+        eventually(lambda: client.llen(wire.QUEUE) == 0 and client.hlen("unacked") == 0, 15)
+    finally:
+        client.close()
+    assert db.execute("SELECT count(*) AS n FROM meter.ledger").fetchone()["n"] == 0
