@@ -209,6 +209,16 @@ _EMBED_KEYS: Final = frozenset({"callbacks", "errbacks", "chain", "chord"})
 """What Celery's clients put in the third part of a task body (protocol 2)."""
 
 
+def _is_limit_pair(value: Any) -> bool:
+    return (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(
+            v is None or (isinstance(v, int | float) and not isinstance(v, bool)) for v in value
+        )
+    )
+
+
 class EventRequest(Request):
     """Celery's request of an event task, which an ``expires`` header does not drop.
 
@@ -230,6 +240,16 @@ class EventRequest(Request):
         # the task runs: one that is no object failed there (in a prefork pool: acked, lost)
         # and a key other than Celery's four replaced a field of the request (a
         # ``delivery_info`` that is text failed the trace: acked, lost, in any pool).
+        # The time limits are the worker's (task_time_limit), not the message's: the header
+        # is not signed, and a hard limit of -1 or 1e-9 s killed the pool process before
+        # the task ran, every delivery, once a second, never counted nor filed; one past the
+        # visibility timeout would have the broker hand the message out again meanwhile.
+        # A header of the wrong shape (a text in the pair raised in the pool's timeout
+        # handler) is refused as invalid.
+        limits = self._request_dict.get("timelimit")
+        if limits is not None and not _is_limit_pair(limits):
+            raise InvalidTaskError("the timelimit header must be a pair of numbers or nulls")
+        self.time_limits = (None, None)
         body = self._body if self._decoded else self._message.payload
         embed = body[2]
         if embed is not None and (not isinstance(embed, dict) or not embed.keys() <= _EMBED_KEYS):

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import psycopg
+import pytest
 import redis
 from celery import Celery
 
@@ -63,3 +64,40 @@ def test_a_body_whose_embed_is_no_object_is_a_dead_letter_in_a_prefork_worker(
     finally:
         client.close()
     assert db.execute("SELECT count(*) AS n FROM meter.ledger").fetchone()["n"] == 0
+
+
+@pytest.mark.parametrize(
+    ("timelimit", "applied"),
+    [([-1, None], True), ([1e-9, None], True), ([None, "x"], False)],
+    ids=["hard-negative", "hard-tiny", "soft-text"],
+)
+def test_a_crafted_time_limit_neither_kills_every_delivery_nor_breaks_the_limits(
+    start_worker: Any,
+    crash_redis: CrashableRedis,
+    db: psycopg.Connection[Any],
+    timelimit: list[Any],
+    applied: bool,
+) -> None:
+    # The `timelimit` header (not signed) set the task's limits: a hard limit of -1 or 1e-9
+    # s killed the pool process before the task ran, every delivery, once a second, never
+    # counted nor filed; a text in the pair raised in the pool's timeout handler instead.
+    worker = start_worker()
+    worker.wait_ready()
+    url = crash_redis.url()
+    payload = _message(url, [[EVENT], {}, None])
+    payload["headers"]["timelimit"] = timelimit
+    client = redis.Redis.from_url(url)
+    try:
+        client.lpush(wire.QUEUE, json.dumps(payload))
+
+        def outcome() -> tuple[int, int] | None:
+            n = db.execute("SELECT count(*) AS n FROM meter.ledger").fetchone()["n"]
+            d = db.execute("SELECT count(*) AS n FROM meter.dead_letters").fetchone()["n"]
+            return (n, d) if n + d else None
+
+        assert eventually(outcome, 20) == ((1, 0) if applied else (0, 1))
+        eventually(lambda: client.llen(wire.QUEUE) == 0 and client.hlen("unacked") == 0, 15)
+    finally:
+        client.close()
+    log = worker.log.read_text()
+    assert "Hard time limit" not in log and "TypeError" not in log, worker.tail(40)
