@@ -17,8 +17,8 @@ id (without one, an id derived from its delivery tag; for one that is no UTF-8, 
 it), so a caller waiting for that id gets the dead letter's outcome; the dead letter's
 source is that id and the delivery tag, so a message delivered again after a crash between
 the publish and the ack counts an attempt on the same dead letter, and another message
-reusing the id has one of its own. A hand-over that cannot
-be published (the broker away) leaves the message to be delivered again.
+reusing the id has one of its own. A hand-over that cannot be published (the broker
+away) leaves the message to be delivered again.
 """
 
 from __future__ import annotations
