@@ -163,8 +163,19 @@ def _as_time(now: str | None) -> datetime | None:
     return value
 
 
+class MaintenanceTask(Task):
+    """Base of beat's tasks: run under the worker's time limits, not a message's header
+    (:class:`worker.tasks.WorkerLimitsRequest`)."""
+
+    Request = "worker.tasks:WorkerLimitsRequest"
+
+
 @shared_task(
-    bind=True, name=wire.RELEASE_EXPIRED, ignore_result=True, throws=(MaintenanceDeferred,)
+    bind=True,
+    base=MaintenanceTask,
+    name=wire.RELEASE_EXPIRED,
+    ignore_result=True,
+    throws=(MaintenanceDeferred,),
 )
 def release_expired(self: Task) -> int:
     """Expire every active hold whose TTL has passed, in every namespace; how many.
@@ -190,7 +201,13 @@ def release_expired(self: Task) -> int:
     return _recorded(wire.RELEASE_EXPIRED, s, work, lambda n: {"expired": n})
 
 
-@shared_task(bind=True, name=ROLL_PERIODS, ignore_result=True, throws=(MaintenanceDeferred,))
+@shared_task(
+    bind=True,
+    base=MaintenanceTask,
+    name=ROLL_PERIODS,
+    ignore_result=True,
+    throws=(MaintenanceDeferred,),
+)
 def roll_periods(self: Task, now: str | None = None) -> dict[str, int]:
     """Roll every configured account's ended periods as of ``now`` (default: the database
     clock); counts of steps by status (``opened``, ``rolled``, ``error``).
@@ -224,7 +241,13 @@ def roll_periods(self: Task, now: str | None = None) -> dict[str, int]:
     return _recorded(ROLL_PERIODS, s, work, lambda counts: counts)
 
 
-@shared_task(bind=True, name=ENSURE_PARTITIONS, ignore_result=True, throws=(MaintenanceDeferred,))
+@shared_task(
+    bind=True,
+    base=MaintenanceTask,
+    name=ENSURE_PARTITIONS,
+    ignore_result=True,
+    throws=(MaintenanceDeferred,),
+)
 def ensure_partitions(self: Task) -> list[str]:
     """Create this month's ledger partition and the next ``meter_partitions_ahead``; the
     names created."""
@@ -239,7 +262,13 @@ def ensure_partitions(self: Task) -> list[str]:
     return _recorded(ENSURE_PARTITIONS, s, work, lambda names: {"created": names})
 
 
-@shared_task(bind=True, name=RETENTION, ignore_result=True, throws=(MaintenanceDeferred,))
+@shared_task(
+    bind=True,
+    base=MaintenanceTask,
+    name=RETENTION,
+    ignore_result=True,
+    throws=(MaintenanceDeferred,),
+)
 def retention(self: Task) -> list[str]:
     """Fold the ledger months older than ``meter_ledger_retention_months`` into the
     retention checkpoints and drop them (``meter.drop_old_partitions``); the names dropped.
@@ -257,7 +286,13 @@ def retention(self: Task) -> list[str]:
     return _recorded(RETENTION, s, work, lambda names: {"dropped": names})
 
 
-@shared_task(bind=True, name=PRUNE_KEYS, ignore_result=True, throws=(MaintenanceDeferred,))
+@shared_task(
+    bind=True,
+    base=MaintenanceTask,
+    name=PRUNE_KEYS,
+    ignore_result=True,
+    throws=(MaintenanceDeferred,),
+)
 def prune_idempotency_keys(self: Task, now: str | None = None) -> int:
     """Delete idempotency keys older than ``meter_key_retention_days`` as of ``now``
     (default: the database clock), except those still needed (see

@@ -219,7 +219,26 @@ def _is_limit_pair(value: Any) -> bool:
     )
 
 
-class EventRequest(Request):
+class WorkerLimitsRequest(Request):
+    """Celery's request, run under the worker's time limits, not its message's header.
+
+    The ``timelimit`` header is not signed: a hard limit of -1 or 1e-9 s killed the pool
+    process before the task ran (before its delivery was counted), every delivery, once a
+    second, forever; one past the visibility timeout would have the broker hand the message
+    out again meanwhile. A header that is no pair of numbers or nulls (a text in the pair
+    raised in the pool's timeout handler) is refused as invalid. Event tasks and beat's
+    (:class:`worker.schedule.MaintenanceTask`) use it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        limits = self._request_dict.get("timelimit")
+        if limits is not None and not _is_limit_pair(limits):
+            raise InvalidTaskError("the timelimit header must be a pair of numbers or nulls")
+        self.time_limits = (None, None)  # task_time_limit
+
+
+class EventRequest(WorkerLimitsRequest):
     """Celery's request of an event task, which an ``expires`` header does not drop.
 
     Meter's producer never sets one; a message that carried one in the past (another Celery
@@ -240,16 +259,6 @@ class EventRequest(Request):
         # the task runs: one that is no object failed there (in a prefork pool: acked, lost)
         # and a key other than Celery's four replaced a field of the request (a
         # ``delivery_info`` that is text failed the trace: acked, lost, in any pool).
-        # The time limits are the worker's (task_time_limit), not the message's: the header
-        # is not signed, and a hard limit of -1 or 1e-9 s killed the pool process before
-        # the task ran, every delivery, once a second, never counted nor filed; one past the
-        # visibility timeout would have the broker hand the message out again meanwhile.
-        # A header of the wrong shape (a text in the pair raised in the pool's timeout
-        # handler) is refused as invalid.
-        limits = self._request_dict.get("timelimit")
-        if limits is not None and not _is_limit_pair(limits):
-            raise InvalidTaskError("the timelimit header must be a pair of numbers or nulls")
-        self.time_limits = (None, None)
         body = self._body if self._decoded else self._message.payload
         embed = body[2]
         if embed is not None and (not isinstance(embed, dict) or not embed.keys() <= _EMBED_KEYS):

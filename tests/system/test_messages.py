@@ -101,3 +101,29 @@ def test_a_crafted_time_limit_neither_kills_every_delivery_nor_breaks_the_limits
         client.close()
     log = worker.log.read_text()
     assert "Hard time limit" not in log and "TypeError" not in log, worker.tail(40)
+
+
+def test_a_crafted_time_limit_on_a_maintenance_task_does_not_kill_every_delivery(
+    start_worker: Any, crash_redis: CrashableRedis
+) -> None:
+    # As for event tasks: a hard limit of -1 s killed the pool process before the sweep
+    # ran, once a second, forever.
+    worker = start_worker()
+    worker.wait_ready()
+    url = crash_redis.url()
+    app = Celery("meter-test", set_as_current=False)
+    app.conf.update(wire.celery_config(url))
+    client = redis.Redis.from_url(url)
+    try:
+        app.send_task(wire.RELEASE_EXPIRED, queue="staging")
+        payload = json.loads(client.rpop("staging"))
+        payload["headers"]["timelimit"] = [-1, None]
+        info = payload["properties"]["delivery_info"]
+        info.update(exchange=wire.MAINTENANCE_QUEUE, routing_key=wire.MAINTENANCE_QUEUE)
+        client.lpush(wire.MAINTENANCE_QUEUE, json.dumps(payload))
+        eventually(lambda: "meter.release_expired" in worker.log.read_text()
+                   and "succeeded" in worker.log.read_text(), 20)  # fmt: skip
+    finally:
+        client.close()
+        app.close()
+    assert "Hard time limit" not in worker.log.read_text(), worker.tail(40)
