@@ -21,9 +21,9 @@
 -- Lock order: unchanged (044's); the refusal comes before step 1, which takes the first.
 --
 -- Migrations once applied are never edited: 050's apply_events is replaced whole; only
--- the lines marked 055 are new.
+-- the lines marked 054 are new.
 
--- apply_events (050's; the lines marked 055 are new)
+-- apply_events (050's; the lines marked 054 are new)
 CREATE OR REPLACE FUNCTION meter.apply_events(p_events jsonb, p_source text DEFAULT NULL,
                                    p_results boolean DEFAULT true)
 RETURNS TABLE (idx integer, ok boolean, status text, result jsonb, error_sqlstate text,
@@ -52,8 +52,8 @@ DECLARE
     -- 044: whether the transaction held no row before the batch (see 2b)
     v_fresh boolean := pg_current_xact_id_if_assigned() IS NULL;
     v_held jsonb;
-    v_months timestamptz[];  -- 055
-    v_new_months integer;    -- 055
+    v_months timestamptz[];  -- 054
+    v_new_months integer;    -- 054
     v_actor text := nullif(current_setting('meter.actor_id', true), '');
     v_behalf text := nullif(current_setting('meter.on_behalf_of', true), '');
     v_reason text := nullif(current_setting('meter.reason', true), '');
@@ -288,10 +288,10 @@ BEGIN
         --    caller may not write, dates none: the one-by-one path refuses it before its
         --    month, or rolls its month back with it. In month order: two batches making the
         --    same months take their locks in one order.
-        --    055: the months first, and a call that would create more than 100 of them
+        --    054: the months first, and a call that would create more than 100 of them
         --    refused before the first (each new month takes some twelve locks in the
         --    server's shared lock table, held to the end of the transaction)
-        SELECT array_agg(x.month ORDER BY x.month) INTO v_months                                 -- 055
+        SELECT array_agg(x.month ORDER BY x.month) INTO v_months                                 -- 054
         FROM (
             SELECT DISTINCT date_trunc('month', m.t AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS month  -- 044
             FROM (SELECT now() AS t
@@ -301,17 +301,17 @@ BEGIN
                   SELECT d.event_time FROM unnest(v_dated) d                                     -- 044
                   WHERE d.key IS NULL
                      OR NOT EXISTS (SELECT 1 FROM meter._seen_keys(ARRAY[d.namespace], ARRAY[d.key]))) m
-        ) x;                                                                                     -- 055
-        SELECT count(*) INTO v_new_months FROM unnest(v_months) m(month)                         -- 055
-        WHERE to_regclass('meter.ledger_' || to_char(m.month AT TIME ZONE 'UTC', 'YYYY_MM')) IS NULL;  -- 055
-        IF v_new_months > 100 THEN                                                               -- 055
-            PERFORM meter._fail('MT001', 'events', format(                                      -- 055
+        ) x;                                                                                     -- 054
+        SELECT count(*) INTO v_new_months FROM unnest(v_months) m(month)                         -- 054
+        WHERE to_regclass('meter.ledger_' || to_char(m.month AT TIME ZONE 'UTC', 'YYYY_MM')) IS NULL;  -- 054
+        IF v_new_months > 100 THEN                                                               -- 054
+            PERFORM meter._fail('MT001', 'events', format(                                      -- 054
                 'at most 100 ledger months without a partition per call (each new month '
                 || 'takes about 12 locks in the server''s shared lock table); got %s events '
-                || 'dated in %s such months: send smaller batches, or fewer months each',       -- 055
-                jsonb_array_length(p_events), v_new_months));                                   -- 055
-        END IF;                                                                                  -- 055
-        FOREACH v_month IN ARRAY v_months                                                        -- 055
+                || 'dated in %s such months: send smaller batches, or fewer months each',       -- 054
+                jsonb_array_length(p_events), v_new_months));                                   -- 054
+        END IF;                                                                                  -- 054
+        FOREACH v_month IN ARRAY v_months                                                        -- 054
         LOOP
             PERFORM meter._ledger_time('event_time', v_month);
         END LOOP;
