@@ -24,6 +24,7 @@ away) leaves the message to be delivered again.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import uuid
 from typing import Any, Final
@@ -42,22 +43,38 @@ UNREADABLE: Final = "meter.unreadable"
 """The task that files a message the consumer could not run as a dead letter."""
 
 
+KEPT_CHARACTERS: Final = 1 << 20
+"""The most of a message's body or headers its dead letter keeps, as text."""
+
+
 def _text(value: Any) -> str:
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).decode("utf-8", "backslashreplace")
     return value if isinstance(value, str) else ascii(value)
 
 
+def _kept(value: Any) -> str:
+    """``value`` as text, its first :data:`KEPT_CHARACTERS` characters when longer, then its
+    length and SHA-256. Escaped, a body grows up to eightfold: whole, a large one made a
+    hand-over Redis refused, and the message came back to be handed over, for ever."""
+    text = _text(value)
+    if len(text) <= KEPT_CHARACTERS:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "backslashreplace")).hexdigest()
+    return f"{text[:KEPT_CHARACTERS]}... [{len(text)} characters in all, sha256 {digest}]"
+
+
 def describe(message: Any, reason: str) -> dict[str, Any]:
-    """The message as received, in plain JSON types (what its dead letter holds)."""
+    """The message as received, in plain JSON types (what its dead letter holds); its body
+    and headers kept to :data:`KEPT_CHARACTERS` characters each."""
     headers = getattr(message, "headers", None)
     return {
         "reason": reason,
         "content_type": _text(getattr(message, "content_type", None)),
         "content_encoding": _text(getattr(message, "content_encoding", None)),
         # as text: a header value may be anything a crafted message holds
-        "headers": _text(headers) if headers is not None else None,
-        "body": _text(getattr(message, "body", None)),
+        "headers": _kept(headers) if headers is not None else None,
+        "body": _kept(getattr(message, "body", None)),
         # kept when it is put back: the dead letter's source (worker.tasks.unreadable)
         "delivery_tag": _text(getattr(message, "delivery_tag", None)),
     }

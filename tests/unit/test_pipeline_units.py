@@ -1693,3 +1693,30 @@ def test_batch_mates_put_back_are_retried_within_linger_ms():
     finally:
         broker.release.set()
         producer.close()
+
+
+def test_an_unreadable_messages_description_is_bounded_whatever_its_size():
+    """An unreadable message goes to its dead letter as text, escaped: a large binary body
+    grew up to eightfold, a hand-over Redis could refuse, and the message then came back
+    to be handed over for ever. Body and headers are kept to KEPT_CHARACTERS each, with
+    the length and SHA-256 of the whole."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from worker.consumer import KEPT_CHARACTERS, describe
+
+    body = bytes(range(256)) * 40_000  # 10 MB, mostly escapes
+    message = SimpleNamespace(
+        headers={"id": "t", "x": "y" * (2 * KEPT_CHARACTERS)}, body=body,
+        content_type="application/x-binary", content_encoding="binary", delivery_tag="7",
+    )  # fmt: skip
+    d = describe(message, "message: cannot decode its body")
+    whole = body.decode("utf-8", "backslashreplace")
+    digest = hashlib.sha256(whole.encode("utf-8", "backslashreplace")).hexdigest()
+    assert (
+        d["body"]
+        == f"{whole[:KEPT_CHARACTERS]}... [{len(whole)} characters in all, sha256 {digest}]"
+    )
+    assert len(d["headers"]) < KEPT_CHARACTERS + 200 and d["headers"].startswith("{'id': 't'")
+    small = describe(SimpleNamespace(headers=None, body=b"\xff{", delivery_tag=1), "r")
+    assert (small["body"], small["headers"], small["delivery_tag"]) == ("\\xff{", None, "1")
