@@ -1,4 +1,5 @@
--- A batch with events that go one by one holds at most 1000 events.
+-- A batch's locks are bounded: at most 1000 events when any goes one by one, at most 100
+-- new ledger months.
 --
 -- Why (found checking an item the last session's note left open, reproduced on the
 -- embedded server, max_connections 200, max_locks_per_transaction 64): a batch with any
@@ -21,7 +22,18 @@
 -- and chunk_size), so its messages never meet this; a larger message from elsewhere is
 -- split by the worker into single-event tasks, as for any batch refused whole.
 --
--- Lock order: unchanged (044's); the refusal comes before step 1, which takes the first.
+-- The months a batch dates (found by a review of the above, reproduced): step 1 creates
+-- the partition of every month its events date that has none, in the batch's
+-- transaction, and each new month holds some twelve locks (the partition, its indexes and
+-- constraint, the parent, catalog objects) to the end. Events may be dated from 1900 on,
+-- some 1,500 months: one fast batch of 1000 allocates, one per month, held about 12,000
+-- locks, twice the table of a default server; with max_locks_per_transaction 10 it failed
+-- with 53200. Now a call of several events whose events would create more than 100 months
+-- is refused (MT001 naming `events`) before its first month is made; months that exist
+-- already take about one lock each and do not count. The worker splits such a message
+-- into single-event tasks, each of which makes its own month.
+--
+-- Lock order: unchanged (044's); both refusals come before step 1, which takes the first.
 --
 -- Migrations once applied are never edited: 044's apply_events is replaced whole; only
 -- the lines marked 050 are new.
@@ -55,6 +67,8 @@ DECLARE
     -- 044: whether the transaction held no row before the batch (see 2b)
     v_fresh boolean := pg_current_xact_id_if_assigned() IS NULL;
     v_held jsonb;
+    v_months timestamptz[];  -- 050
+    v_new_months integer;    -- 050
     v_actor text := nullif(current_setting('meter.actor_id', true), '');
     v_behalf text := nullif(current_setting('meter.on_behalf_of', true), '');
     v_reason text := nullif(current_setting('meter.reason', true), '');
@@ -289,7 +303,11 @@ BEGIN
         --    caller may not write, dates none: the one-by-one path refuses it before its
         --    month, or rolls its month back with it. In month order: two batches making the
         --    same months take their locks in one order.
-        FOR v_month IN
+        --    050: the months first, and a call that would create more than 100 of them
+        --    refused before the first (each new month takes some twelve locks in the
+        --    server's shared lock table, held to the end of the transaction)
+        SELECT array_agg(x.month ORDER BY x.month) INTO v_months                                 -- 050
+        FROM (
             SELECT DISTINCT date_trunc('month', m.t AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS month  -- 044
             FROM (SELECT now() AS t
                   UNION ALL
@@ -298,7 +316,17 @@ BEGIN
                   SELECT d.event_time FROM unnest(v_dated) d                                     -- 044
                   WHERE d.key IS NULL
                      OR NOT EXISTS (SELECT 1 FROM meter._seen_keys(ARRAY[d.namespace], ARRAY[d.key]))) m
-            ORDER BY 1                                                                           -- 044
+        ) x;                                                                                     -- 050
+        SELECT count(*) INTO v_new_months FROM unnest(v_months) m(month)                         -- 050
+        WHERE to_regclass('meter.ledger_' || to_char(m.month AT TIME ZONE 'UTC', 'YYYY_MM')) IS NULL;  -- 050
+        IF v_new_months > 100 THEN                                                               -- 050
+            PERFORM meter._fail('MT001', 'events', format(                                      -- 050
+                'at most 100 ledger months without a partition per call (each new month '
+                || 'takes about 12 locks in the server''s shared lock table); got %s events '
+                || 'dated in %s such months: send smaller batches, or fewer months each',       -- 050
+                jsonb_array_length(p_events), v_new_months));                                   -- 050
+        END IF;                                                                                  -- 050
+        FOREACH v_month IN ARRAY v_months                                                        -- 050
         LOOP
             PERFORM meter._ledger_time('event_time', v_month);
         END LOOP;

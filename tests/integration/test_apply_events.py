@@ -966,7 +966,7 @@ def test_a_batch_of_1000_events_one_by_one_leaves_room_in_the_lock_table(db, db_
         holder.rollback()
 
 
-# ------------------------------------ the months a batch creates (054)
+# ------------------------------------ the months a batch creates (050)
 
 
 def _month_starts(n: int, first_year: int = 1901) -> list[str]:

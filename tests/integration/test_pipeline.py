@@ -520,7 +520,7 @@ def test_a_batch_as_text_with_a_nul_escape_is_split(pipeline, client, db):
 
 
 def test_a_batch_dated_in_too_many_new_months_is_split_and_applied_once(pipeline, db):
-    """``apply_events`` refuses a batch that would create over 100 ledger months (054: their
+    """``apply_events`` refuses a batch that would create over 100 ledger months (050: their
     locks fill the server's lock table): the worker splits it into single-event tasks, and
     each event applies exactly once (sent again, its months made, it replays whole)."""
     times = [f"{1901 + i // 12}-{i % 12 + 1:02d}-15T00:00:00Z" for i in range(101)]
