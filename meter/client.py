@@ -29,7 +29,6 @@ from typing import Any, Final, NamedTuple, Self, cast
 import psycopg
 from psycopg.abc import AdaptContext, Buffer
 from psycopg.adapt import Loader
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import Format, TransactionStatus
 from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb, set_json_loads
@@ -435,12 +434,7 @@ class MeterClient:
     ) -> None:
         # Checked in the signature's order, so the first bad argument is the one named.
         if isinstance(conn, str):
-            if "\x00" in conn:  # libpq would read up to it and connect elsewhere
-                raise t.invalid("conn", "invalid conninfo: contains a NUL character")
-            try:
-                conninfo_to_dict(conn)  # a malformed conninfo is a caller error, found here
-            except psycopg.ProgrammingError as exc:
-                raise t.invalid("conn", f"invalid conninfo: {str(exc).strip()}") from None
+            t.check_conninfo(conn, "conn")
         elif not isinstance(conn, (ConnectionPool, psycopg.Connection)):
             raise ValidationError(
                 "conn: must be a conninfo string, a psycopg.Connection or a "

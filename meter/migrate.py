@@ -35,11 +35,10 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import tuple_row
 
 from meter.errors import MeterConnectionError, MeterError
-from meter.types import invalid
+from meter.types import check_conninfo
 
 __all__ = [
     "Migration",
@@ -179,12 +178,7 @@ def _connect(conninfo: str, unreachable: str) -> psycopg.Connection[Any]:
     """An autocommit connection: ValidationError for a malformed ``conninfo`` (the
     caller's mistake; it escaped as psycopg's ProgrammingError), MeterConnectionError,
     prefixed ``unreachable``, when the server cannot be reached."""
-    if "\x00" in conninfo:  # libpq would read up to it and connect elsewhere
-        raise invalid("conninfo", "invalid conninfo: contains a NUL character")
-    try:
-        conninfo_to_dict(conninfo)
-    except psycopg.ProgrammingError as exc:
-        raise invalid("conninfo", f"invalid conninfo: {str(exc).strip()}") from None
+    check_conninfo(conninfo, "conninfo")
     try:
         return psycopg.connect(conninfo, autocommit=True)
     except psycopg.OperationalError as exc:

@@ -31,6 +31,7 @@ __all__ = [
     "MAX_METADATA_BYTES",
     "MAX_TTL_SECONDS",
     "check_bool",
+    "check_conninfo",
     "check_date",
     "check_identifier",
     "check_identifier_list",
@@ -399,6 +400,24 @@ def check_timestamp(value: object, name: str, *, nullable: bool = True) -> datet
             "must be timezone-aware, got a naive datetime (use e.g. datetime.now(timezone.utc))",
         )
     return value
+
+
+def check_conninfo(value: str, name: str) -> None:
+    """Check a conninfo string (a URL or ``key=value`` pairs) as libpq would parse it: a
+    malformed one is the caller's mistake, which psycopg raises as ProgrammingError.
+
+    Raises:
+        ValidationError: naming ``name``, with the parser's message.
+    """
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    if "\x00" in value:  # libpq would read up to it and connect elsewhere
+        raise invalid(name, "invalid conninfo: contains a NUL character")
+    try:
+        conninfo_to_dict(value)
+    except psycopg.ProgrammingError as exc:
+        raise invalid(name, f"invalid conninfo: {str(exc).strip()}") from None
 
 
 def check_date(value: object, name: str) -> date:
