@@ -38,10 +38,11 @@ Tasks (all JSON, one queue :data:`QUEUE`):
     worker's consumer, once in its pool process). A JSON array in its place (as sent
     before) is applied the same way.
 
-``auth`` is ``{"namespace": ns, "mac": hex}``: the one namespace every event of the message
-must name, and its HMAC-SHA256 with that namespace's key (:mod:`meter.signing`; ``mac``
-absent when the producer has no key). Workers with ``METER_SIGNING_SECRET`` refuse a
-message whose ``auth`` is missing or does not verify.
+``auth`` is ``{"namespace": ns, "signed_at": seconds, "mac": hex}``: the one namespace every
+event of the message must name, when it was signed, and its HMAC-SHA256 with that
+namespace's key (:mod:`meter.signing`; ``signed_at`` and ``mac`` absent when the producer
+has no key). Workers with ``METER_SIGNING_SECRET`` refuse a message whose ``auth`` is
+missing or does not verify, or that was signed too long ago or ahead of their clock.
 
 A task returns an *outcome* (stored only when the sender asked for a result):
 ``{"ok", "status", "result", "error_sqlstate", "error_message"}`` per event, as the rows of
