@@ -989,7 +989,8 @@ class MeterProducer:
     bulk = send_many
 
     # ------------------------------------------------------------ argument building
-    # Each returns (args, idempotency_key, reservation_id); validation as MeterClient's.
+    # Each returns (args, idempotency_key, reservation_id); validation as MeterClient's, in
+    # the signature's order, so that the first bad argument is the one named, as there.
 
     def _consume_args(
         self,
@@ -1003,11 +1004,11 @@ class MeterProducer:
         event_time: datetime | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], str, None]:
-        key = _ident(idempotency_key, "idempotency_key", nullable=True) or t.new_id()
         args = _account_args(user_id, event_type, amount, unit, resource, "positive", pool=False)
-        args["idempotency_key"] = key
         if t.check_bool(check_balance, "check_balance"):
             args["check_balance"] = True
+        key = _ident(idempotency_key, "idempotency_key", nullable=True) or t.new_id()
+        args["idempotency_key"] = key
         _put_time(args, event_time)
         _put_metadata(args, metadata)
         return args, key, None
@@ -1023,8 +1024,8 @@ class MeterProducer:
         event_time: datetime | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], str, None]:
-        key = _ident(idempotency_key, "idempotency_key", nullable=True) or t.new_id()
         args = _account_args(user_id, event_type, amount, unit, resource, "positive", pool=True)
+        key = _ident(idempotency_key, "idempotency_key", nullable=True) or t.new_id()
         args["idempotency_key"] = key
         _put_time(args, event_time)
         _put_metadata(args, metadata)
@@ -1041,9 +1042,7 @@ class MeterProducer:
         idempotency_key: str | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], str, None]:
-        key = _ident(idempotency_key, "idempotency_key", nullable=True) or t.new_id()
         args = _account_args(user_id, event_type, amount, unit, resource, "nonzero", pool=True)
-        args["idempotency_key"] = key
         ref = t.check_int(
             reference_id,
             "reference_id",
@@ -1053,6 +1052,8 @@ class MeterProducer:
         )
         if ref is not None:
             args["reference_id"] = ref
+        key = _ident(idempotency_key, "idempotency_key", nullable=True) or t.new_id()
+        args["idempotency_key"] = key
         _put_metadata(args, metadata)
         return args, key, None
 
@@ -1068,18 +1069,20 @@ class MeterProducer:
         metadata: dict[str, Any] | None = None,
         reservation_id: str | None = None,
     ) -> tuple[dict[str, Any], str, str]:
-        rid = _ident(reservation_id, "reservation_id", nullable=True)
+        args = _account_args(user_id, event_type, amount, unit, resource, "positive", pool=False)
+        ttl = t.check_int(ttl_seconds, "ttl_seconds", min_value=1, max_value=t.MAX_TTL_SECONDS)
         key = _ident(idempotency_key, "idempotency_key", nullable=True)
+        meta: dict[str, Any] = {}
+        _put_metadata(meta, metadata)
+        rid = _ident(reservation_id, "reservation_id", nullable=True)
         if rid is None:
             rid = t.new_id() if key is None else t.keyed_reservation_id(self._namespace, key)
-        args = _account_args(user_id, event_type, amount, unit, resource, "positive", pool=False)
         args["reservation_id"] = rid
-        ttl = t.check_int(ttl_seconds, "ttl_seconds", min_value=1, max_value=t.MAX_TTL_SECONDS)
         if ttl != DEFAULT_TTL_SECONDS:
             args["ttl_seconds"] = ttl
         if key is not None:
             args["idempotency_key"] = key
-        _put_metadata(args, metadata)
+        args.update(meta)
         # The client-chosen reservation id is itself idempotent: it is the reserve's key.
         return args, key or rid, rid
 

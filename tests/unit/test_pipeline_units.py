@@ -1008,6 +1008,51 @@ def test_a_message_of_over_1000_events_is_refused_by_name(name):
     MeterProducer("redis://127.0.0.1:1/0", **{name: 1000}).close()  # type: ignore[arg-type]
 
 
+# Each call with every argument bad: the first one of the signature is the one named.
+_ALL_BAD: dict[str, dict[str, Any]] = {
+    "consume": {"user_id": "", "event_type": "", "amount": -1, "unit": "", "resource": " r",
+                "check_balance": "yes", "idempotency_key": "", "event_time": "now",
+                "metadata": []},
+    "allocate": {"user_id": "", "event_type": "", "amount": -1, "unit": "", "resource": " r",
+                 "idempotency_key": "", "event_time": "now", "metadata": []},
+    "adjust": {"user_id": "", "event_type": "", "amount": 0, "unit": "", "resource": " r",
+               "reference_id": "x", "idempotency_key": "", "metadata": []},
+    "reserve": {"user_id": "", "event_type": "", "amount": -1, "unit": "", "resource": " r",
+                "ttl_seconds": 0, "idempotency_key": "", "metadata": [], "reservation_id": ""},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("op", sorted(_ALL_BAD))
+@pytest.mark.parametrize("fixed", range(9))
+def test_the_producer_names_the_bad_argument_the_client_names(op, fixed):
+    """MeterProducer validates "the same way" as MeterClient: with several arguments bad,
+    both name the first bad one in signature order (the producer named the key or the
+    reservation id before the account)."""
+    from meter import MeterClient
+    from meter.producer import MeterProducer
+
+    good = {"user_id": "u", "event_type": "e", "amount": 1, "unit": "t", "resource": None,
+            "check_balance": False, "idempotency_key": "k", "event_time": None,
+            "metadata": None, "reference_id": None, "ttl_seconds": 60,
+            "reservation_id": "r"}  # fmt: skip
+    names = list(_ALL_BAD[op])
+    if fixed >= len(names):
+        pytest.skip("fewer arguments")
+    # the first `fixed` arguments good, the rest bad
+    kwargs = {n: good[n] if i < fixed else _ALL_BAD[op][n] for i, n in enumerate(names)}
+    client = MeterClient("postgresql://127.0.0.1:1/none")  # validation needs no server
+    producer = MeterProducer("redis://127.0.0.1:1/0")
+    try:
+        with pytest.raises(ValidationError) as by_client:
+            getattr(client, op)(**kwargs)
+        with pytest.raises(ValidationError) as by_producer:
+            getattr(producer, op)(**kwargs)
+    finally:
+        producer.close()
+        client.close()
+    assert by_producer.value.parameter == by_client.value.parameter == names[fixed]
+
+
 def test_max_buffered_defaults_to_ten_batches():
     from meter.producer import MeterProducer
 
