@@ -79,10 +79,10 @@ DEFAULT_CHUNK_SIZE: Final = 500
 """Events per ``apply_batch`` message for :meth:`MeterProducer.send_many`."""
 
 MAX_CHUNK_SIZE: Final = 1000
-"""The most events per ``apply_batch`` message (``batch_size``, ``chunk_size``):
-``meter.apply_events`` refuses a larger batch when any of its events goes one by one (a
-checked consume, reserve, commit, release), since each takes locks in the server's shared
-lock table (050)."""
+"""The most events per ``apply_batch`` message (``batch_size``, ``chunk_size``). A worker
+applies a message of more than 100 events of which any goes one by one (a checked
+consume, reserve, commit, release) in transactions of 100, in order, since each such
+event takes locks in the server's shared lock table (sql 050, 063)."""
 
 DEFAULT_BATCH_SIZE: Final = 500
 BUFFERED_BATCHES: Final = 10

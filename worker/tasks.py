@@ -1,7 +1,7 @@
 """The pipeline's tasks: decode the message, call the SQL, map what went wrong.
 
 ``meter.<op>(event)`` applies one event, ``meter.apply_batch(events)`` many in one
-transaction; both go through ``meter.apply_events`` (``sql/008_pipeline.sql``), which also
+transaction (or in parts of at most 100 in order, :func:`apply_batch`); both go through ``meter.apply_events`` (``sql/008_pipeline.sql``), which also
 records the dead letter of an event that can never succeed, in the same transaction.
 
 Exactly-once effect on top of at-least-once delivery:
@@ -646,8 +646,11 @@ def apply_batch(
     the array itself. A bad event is dead-lettered alone by the SQL while the others
     apply. An event whose reservation is not there yet is handed to a single-event task
     (outcome ``deferred``).
-    A batch that cannot be applied as a whole (a permanent error of the call, or too many
-    deliveries) is split into single-event tasks, so each event meets its own fate.
+    More than :data:`ONE_BY_ONE_PER_CALL` events of which any may go one by one (a
+    reserve, say) are applied in transactions of that many, in order, as is a larger
+    batch the SQL refuses whole for its size (sql 050, 063).
+    A batch that cannot be applied as a whole otherwise (a permanent error of the call, or
+    too many deliveries) is split into single-event tasks, so each event meets its own fate.
     A batch refused for its tenancy (module docstring) is one dead letter, applied nowhere.
     """
     s = self.settings()
@@ -718,28 +721,99 @@ def apply_batch(
             "batch %s delivered %d times without completing: splitting it", request.id, counted
         )
         return _merge(outcomes, orig, _split(self, s, kept, orig, counted))
-    try:
-        payload = as_sent if as_sent is not None else kept
-        rows = (
-            db.apply_events(
-                s.database_url, s.db_pool_size, payload, request.id, results=self.wants_result()
+    if len(kept) > ONE_BY_ONE_PER_CALL and any(map(_may_go_one_by_one, kept)):
+        applied = _apply_in_parts(self, s, kept, orig)
+    else:
+        try:
+            payload = as_sent if as_sent is not None else kept
+            rows = (
+                db.apply_events(
+                    s.database_url, s.db_pool_size, payload, request.id, results=self.wants_result()
+                )
+                if kept
+                else []
             )
-            if kept
-            else []
-        )
-    except Exception as exc:
-        if is_transient(exc):
-            self.transient(s, exc)
-        else:
-            logger.exception("batch %s failed as a whole: splitting it", request.id)
-        return _merge(outcomes, orig, _split(self, s, kept, orig, counted))
+        except Exception as exc:
+            if is_transient(exc):
+                self.transient(s, exc)
+            elif len(kept) > ONE_BY_ONE_PER_CALL:
+                # Refused whole for its size (an event that goes one by one after all, or
+                # too many new months: sql 050, 063): in parts, in order, each in bounds.
+                logger.warning("batch %s refused whole (%r): applying it in parts", request.id, exc)
+                applied = _apply_in_parts(self, s, kept, orig)
+                self.done(counted)
+                return _merge(outcomes, orig, applied)
+            else:
+                logger.exception("batch %s failed as a whole: splitting it", request.id)
+            return _merge(outcomes, orig, _split(self, s, kept, orig, counted))
+        applied = _handle_rows(self, s, rows, kept, orig)
+    self.done(counted)
+    return _merge(outcomes, orig, applied)
+
+
+ONE_BY_ONE_PER_CALL: Final = 100
+"""The most events ``meter.apply_events`` takes in one call when any of them goes one by
+one (sql 063: each such call's locks sit in the server's shared lock table)."""
+
+
+def _may_go_one_by_one(event: Any) -> bool:
+    """Whether ``meter.apply_events`` may apply ``event`` one by one (not set-based): a
+    reserve, commit or release, a checked consume, an adjust naming an entry, anything
+    that is not an event. An invalid event goes one by one too; a batch of such ones is
+    refused whole, and :func:`apply_batch` then applies it in parts."""
+    if not isinstance(event, dict) or event.get("op") not in _KEYED_OPS:
+        return True
+    args = event.get("args")
+    return (
+        not isinstance(args, dict)
+        or args.get("check_balance") is True
+        or args.get("reference_id") is not None
+    )
+
+
+def _apply_in_parts(
+    self: EventTask, s: Settings, events: list[Any], orig: list[int]
+) -> list[Outcome]:
+    """Apply ``events`` in transactions of at most :data:`ONE_BY_ONE_PER_CALL`, in order.
+
+    Each event carries a key (``_with_key``), so a message delivered again after some of
+    its parts committed replays them. A part's dead letters are sourced
+    ``<task id>@<its first index>/<index in the part>``: the same on every delivery. A part
+    that fails as a whole is split into single-event tasks, as a whole batch would be.
+    """
+    applied: list[Outcome] = []
+    for start in range(0, len(events), ONE_BY_ONE_PER_CALL):
+        part = events[start : start + ONE_BY_ONE_PER_CALL]
+        part_orig = orig[start : start + ONE_BY_ONE_PER_CALL]
+        try:
+            rows = db.apply_events(
+                s.database_url, s.db_pool_size, part, f"{self.request.id}@{start}",
+                results=self.wants_result(),
+            )  # fmt: skip
+        except Exception as exc:
+            if is_transient(exc):
+                self.transient(s, exc)  # parts before this one replay on the next try
+            else:
+                logger.exception("part %d of batch %s failed as a whole: splitting it",
+                                 start, self.request.id)  # fmt: skip
+            applied.extend(_split(self, s, part, part_orig, None))
+            continue
+        applied.extend(_handle_rows(self, s, rows, part, part_orig))
+    return applied
+
+
+def _handle_rows(
+    self: EventTask, s: Settings, rows: list[dict[str, Any]], events: list[Any], orig: list[int]
+) -> list[Outcome]:
+    """The outcomes of ``apply_events``'s ``rows`` for ``events``; an event whose
+    reservation is not there yet is handed to a single-event task (``deferred``)."""
     applied: list[Outcome] = []
     try:
         for row in rows:
             if row["status"] == "not_found":
                 delay = backoff(0, s.retry_backoff_base, s.retry_backoff_max)
                 child = self.send_child(
-                    s, kept[row["idx"]], orig[row["idx"]], delay, orphan_since=time.time()
+                    s, events[row["idx"]], orig[row["idx"]], delay, orphan_since=time.time()
                 )
                 applied.append({"ok": False, "status": "deferred", "task_id": child})
             else:
@@ -748,8 +822,7 @@ def apply_batch(
         # The broker failed mid-way: have the whole batch delivered again (its applied
         # events replay, the deferred ones are re-sent under the same task ids).
         raise Reject(f"cannot hand over deferred events: {exc!r}", requeue=True) from exc
-    self.done(counted)
-    return _merge(outcomes, orig, applied)
+    return applied
 
 
 def _merge(refused: dict[int, Outcome], orig: list[int], applied: list[Outcome]) -> list[Outcome]:

@@ -923,46 +923,51 @@ def _locks_held_elsewhere(db: Any) -> int:
     ).fetchone()["n"]
 
 
-def test_a_batch_of_over_1000_with_an_event_one_by_one_is_refused_before_any_lock(db, snapshot):
+def test_a_batch_of_over_100_with_an_event_one_by_one_is_refused_before_any_lock(db, snapshot):
     """Step 2b takes an advisory lock per one-by-one key and reservation id and per account
     of the batch, in the server's shared lock table: 20,000 checked consumes on distinct
     accounts failed with 53200 "out of shared memory" (and every other session needing a
-    lock with them). Now a batch of more than 1000 events, one of which goes one by one,
-    is refused by name before it changes anything; 1000 such events, or 1001 events all on
-    the fast path, apply."""
+    lock with them), and at 050's bound of 1000, five such calls at once filled a
+    default-sized table. Now (063) a batch of more than 100 events, one of which goes one
+    by one, is refused by name before it changes anything; 100 such events, or 1001
+    events all on the fast path, apply."""
     db.execute("SELECT set_config('meter.tenant', 'n', false)")
     fast = [{**_give(f"u{i}", "1", idempotency_key=f"k{i}"), "namespace": "n"}
             for i in range(1001)]  # fmt: skip
     checked = {**_use("u0", "1", check_balance=True), "namespace": "n"}
     before = snapshot()
     with pytest.raises(psycopg.Error) as exc:
-        db.execute(APPLY_ROWS, (Jsonb([*fast[:1000], checked]),)).fetchall()
+        db.execute(APPLY_ROWS, (Jsonb([*fast[:100], checked]),)).fetchall()
     assert exc.value.sqlstate == "MT001"
-    assert str(exc.value).startswith("events: at most 1000 events per call when any goes one")
-    assert "got 1001 events, 1 of them one by one" in str(exc.value)
+    assert str(exc.value).startswith("events: at most 100 events per call when any goes one")
+    assert "got 101 events, 1 of them one by one" in str(exc.value)
+    with pytest.raises(psycopg.Error, match="got 1001 events, 1 of them one by one"):
+        db.execute(APPLY_ROWS, (Jsonb([*fast[:1000], checked]),)).fetchall()
     assert snapshot() == before
 
     rows = db.execute(APPLY_ROWS, (Jsonb(fast),)).fetchall()  # all fast: 1001 apply
     assert {r["status"] for r in rows} == {"applied"} and len(rows) == 1001
-    rows = db.execute(APPLY_ROWS, (Jsonb([*fast[1:1000], checked]),)).fetchall()
-    assert [r["status"] for r in rows] == ["replayed"] * 999 + ["applied"]
+    rows = db.execute(APPLY_ROWS, (Jsonb([*fast[1:100], checked]),)).fetchall()
+    assert [r["status"] for r in rows] == ["replayed"] * 99 + ["applied"]
 
 
-def test_a_batch_of_1000_events_one_by_one_leaves_room_in_the_lock_table(db, db_url):
-    """1000 reserves on distinct accounts with keys, each of which takes three locks, in a
-    transaction kept open: the lock table keeps room for another session's locks (a second
-    such batch, and its single calls)."""
+def test_a_batch_of_100_events_one_by_one_leaves_room_in_the_lock_table(db, db_url):
+    """100 reserves on distinct accounts with keys, each of which takes three locks, in a
+    transaction kept open: about 300 locks, and another session's batch of 100 applies."""
     events = [{**_ev("reserve", user_id=f"u{i}", event_type=ET, amount="1", unit=UNIT,
                      reservation_id=f"r{i}", idempotency_key=f"k{i}"), "namespace": "n"}
-              for i in range(1000)]  # fmt: skip
+              for i in range(100)]  # fmt: skip
     with psycopg.connect(db_url, row_factory=dict_row) as holder:
         holder.execute("SELECT set_config('meter.tenant', 'n', true)")
         rows = holder.execute(APPLY_ROWS, (Jsonb(events),)).fetchall()
-        assert {r["error_sqlstate"] for r in rows} == {None} and len(rows) == 1000
-        assert _locks_held_elsewhere(db) >= 3000  # its locks, held to its end
+        assert {r["error_sqlstate"] for r in rows} == {None} and len(rows) == 100
+        held = holder.execute(
+            "SELECT count(*) AS n FROM pg_locks WHERE pid = pg_backend_pid()"
+        ).fetchone()["n"]
+        assert 300 <= held < 400, held  # its locks, held to its end
         other = [{**e, "namespace": "m"} for e in events]
         rows = db.execute(APPLY_ROWS, (Jsonb(other),)).fetchall()
-        assert {r["error_sqlstate"] for r in rows} == {None} and len(rows) == 1000
+        assert {r["error_sqlstate"] for r in rows} == {None} and len(rows) == 100
         holder.rollback()
 
 
@@ -1011,21 +1016,16 @@ def test_a_batch_dated_in_over_100_new_months_is_refused_before_any_lock(db, db_
     assert [r["status"] for r in rows] == ["replayed"] * 100 + ["applied"] * 100
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=psycopg.errors.OutOfMemory,
-    reason="open: 050 bounds one call's locks (about 3,000), not the workers' sum; five "
-    "concurrent producer-sized batches of reserves fill a default-sized lock table (53200 "
-    "for every session). Needs a smaller bound for such batches, or operations to size "
-    "max_locks_per_transaction by worker concurrency (docs/operations.md)",
-)
-def test_concurrent_batches_of_1000_reserves_leave_room_in_a_default_lock_table() -> None:
-    """050 keeps a call going one by one to 1000 events, about 3,000 locks of the
-    server's shared lock table, held to its end. A default server's table holds some
-    6,400 (max_locks_per_transaction 64 x max_connections 100; here 32 x 200, the
-    embedded server's connections): five workers each applying a producer's batch of
-    1000 reserves at once (a producer's largest) fill it, and the fifth, with every other
-    session needing a lock meanwhile, fails with 53200 "out of shared memory"."""
+def test_concurrent_calls_at_the_bound_leave_room_in_a_default_lock_table() -> None:
+    """050 kept a call going one by one to 1000 events, about 3,000 locks of the server's
+    shared lock table, held to its end. A default server's table holds some 6,400
+    (max_locks_per_transaction 64 x max_connections 100; here 32 x 200, the embedded
+    server's connections): five workers each applying a producer's batch of 1000 reserves
+    at once filled it, and the fifth, with every other session needing a lock meanwhile,
+    failed with 53200 "out of shared memory". 063 keeps such a call to 100 events (the
+    worker applies a larger batch in parts of 100): sixteen calls at that bound held open
+    at once leave room for a seventeenth session, and a call of 1000 is refused by name
+    before it takes any lock."""
     import shutil
     import tempfile
     from pathlib import Path
@@ -1046,16 +1046,25 @@ def test_concurrent_batches_of_1000_reserves_leave_room_in_a_default_lock_table(
         with psycopg.connect(server.url("postgres"), autocommit=True) as admin:
             admin.execute("CREATE DATABASE m")
         migrate(server.url("m"), with_roles=True)
-        for k in range(6):
+        for k in range(16):
             ns = f"n{k}"
             events = [{**_ev("reserve", user_id=f"u{i}", event_type=ET, amount="1", unit=UNIT,
                              reservation_id=f"r{i}", idempotency_key=f"k{i}"), "namespace": ns}
-                      for i in range(1000)]  # fmt: skip
+                      for i in range(100)]  # fmt: skip
             holder = psycopg.connect(server.url("m"), row_factory=dict_row)
             holders.append(holder)
             holder.execute("SELECT set_config('meter.tenant', %s, true)", (ns,))
             rows = holder.execute(APPLY_ROWS, (Jsonb(events),)).fetchall()
-            assert len(rows) == 1000
+            assert {r["error_sqlstate"] for r in rows} == {None} and len(rows) == 100
+        with psycopg.connect(server.url("m"), row_factory=dict_row) as other:
+            other.execute("SELECT set_config('meter.tenant', 'last', true)")
+            events = [{**e, "namespace": "last"} for e in events]
+            rows = other.execute(APPLY_ROWS, (Jsonb(events),)).fetchall()
+            assert {r["error_sqlstate"] for r in rows} == {None} and len(rows) == 100
+            other.rollback()
+            with pytest.raises(psycopg.Error, match="at most 100 events per call") as exc:
+                other.execute(APPLY_ROWS, (Jsonb(events * 10),)).fetchall()
+            assert exc.value.sqlstate == "MT001"
     finally:
         for holder in holders:
             holder.close()

@@ -519,25 +519,64 @@ def test_a_batch_as_text_with_a_nul_escape_is_split(pipeline, client, db):
     assert "a\\x00b" in letter["payload"]["unstorable"]
 
 
-def test_a_batch_dated_in_too_many_new_months_is_split_and_applied_once(pipeline, db):
+def test_a_batch_dated_in_too_many_new_months_is_applied_in_parts_in_order(pipeline, db):
     """``apply_events`` refuses a batch that would create over 100 ledger months (050: their
-    locks fill the server's lock table): the worker splits it into single-event tasks, and
-    each event applies exactly once (sent again, its months made, it replays whole)."""
+    locks fill the server's lock table). The worker split it into single-event tasks, in
+    no order: a commit at its end was deferred, and could run before its reserve. Now it
+    applies the batch in parts of at most 100 events, in order, and each event applies
+    exactly once (sent again, it replays whole)."""
     times = [f"{1901 + i // 12}-{i % 12 + 1:02d}-15T00:00:00Z" for i in range(101)]
+    args = {"user_id": "u1", "event_type": ET, "unit": UNIT}
     events = [
         {"op": "allocate", "namespace": "default",
-         "args": {"user_id": "u1", "event_type": ET, "amount": "1", "unit": UNIT,
-                  "idempotency_key": f"m{i}", "event_time": t}}
+         "args": {**args, "amount": "1", "idempotency_key": f"m{i}", "event_time": t}}
         for i, t in enumerate(times)
     ]  # fmt: skip
+    events.insert(1, {"op": "reserve", "namespace": "default",
+                      "args": {**args, "amount": "1", "reservation_id": "r1"}})  # fmt: skip
+    events.append({"op": "commit", "namespace": "default",
+                   "args": {"reservation_id": "r1", "actual_amount": "1"}})  # fmt: skip
     outcomes = send_raw(pipeline, wire.APPLY_BATCH, json.dumps(events)).get(timeout=30)
-    assert [o["status"] for o in outcomes] == ["deferred"] * 101
-    eventually(lambda: len(ledger(db)) == 101, timeout=60)
+    assert [o["status"] for o in outcomes] == ["applied"] * 103
+    assert outcomes[-1]["result"]["status"] == "committed"
     outcomes = send_raw(pipeline, wire.APPLY_BATCH, json.dumps(events)).get(timeout=30)
-    assert [o["status"] for o in outcomes] == ["replayed"] * 101
+    assert [o["status"] for o in outcomes] == ["replayed"] * 103
     entries = ledger(db)
-    assert len(entries) == 101 and not dead_letters(db)
-    assert sorted(e["idempotency_key"] for e in entries) == sorted(f"m{i}" for i in range(101))
+    assert len(entries) == 102 and not dead_letters(db)
+    assert sorted(e["idempotency_key"] for e in entries if e["entry_type"] == "allocation") == (
+        sorted(f"m{i}" for i in range(101))
+    )
+
+
+def test_a_batch_that_may_go_one_by_one_is_applied_in_parts_of_100_in_order(pipeline, db):
+    """A call going one by one holds about three entries of the server's shared lock table
+    per event to its end (063 bounds it at 100 events): the worker applies a producer-sized
+    batch of reserves and commits in transactions of at most 100 events, in order, so that
+    each commit finds the reserve sent before it, and each event applies once."""
+    args = {"user_id": "u1", "event_type": ET, "unit": UNIT}
+    events = [{"op": "allocate", "namespace": "default",
+               "args": {**args, "amount": "1000", "idempotency_key": "a"}}]  # fmt: skip
+    events += [{"op": "reserve", "namespace": "default",
+                "args": {**args, "amount": "2", "reservation_id": f"r{i}"}}
+               for i in range(150)]  # fmt: skip
+    events += [{"op": "commit", "namespace": "default",
+                "args": {"reservation_id": f"r{i}", "actual_amount": "1"}}
+               for i in range(150)]  # fmt: skip
+    outcomes = send_raw(pipeline, wire.APPLY_BATCH, json.dumps(events)).get(timeout=60)
+    assert [o["status"] for o in outcomes] == ["applied"] * 301
+    assert {o["result"]["status"] for o in outcomes[151:]} == {"committed"}
+    # the commits' ledger rows by transaction (created_at is its start): events 100-199
+    # (reserves r99..r149, commits r0..r48), 200-299 (r49..r148), 300 (r149)
+    rows = db.execute(
+        "SELECT created_at FROM meter.ledger WHERE entry_type <> 'allocation' ORDER BY id"
+    ).fetchall()
+    assert [n for _, n in Counter(r["created_at"] for r in rows).items()] == [49, 100, 1]
+    outcomes = send_raw(pipeline, wire.APPLY_BATCH, json.dumps(events)).get(timeout=60)
+    assert [o["status"] for o in outcomes] == ["replayed"] * 301
+    assert db.execute(
+        "SELECT balance, reserved FROM meter.accounts WHERE user_id = 'u1'"
+    ).fetchone() == {"balance": Decimal(850), "reserved": Decimal(0)}
+    assert not dead_letters(db)
 
 
 def test_a_crafted_event_postgresql_cannot_store_is_still_a_dead_letter(pipeline, db, snapshot):
