@@ -249,6 +249,24 @@ _SQL_GET_AUDIT_EVENTS = _statement(
 )  # fmt: skip
 
 
+# The settings meter.ctx sets transaction-locally (sql 002): what a call inside a caller's
+# transaction reads first and puts back after (MeterClient._execute_keeping_context).
+_CONTEXT_SETTINGS: Final = (
+    "meter.tenant",
+    "meter.actor_id",
+    "meter.request_id",
+    "meter.on_behalf_of",
+    "meter.reason",
+)
+_READ_CONTEXT: Final = "SELECT " + ", ".join(
+    f"pg_catalog.current_setting('{name}', true)" for name in _CONTEXT_SETTINGS
+)
+# An unset one (NULL) comes back as '', as it reads once meter.ctx has set it anyway.
+_RESTORE_CONTEXT: Final = "SELECT " + ", ".join(
+    f"pg_catalog.set_config('{name}', coalesce(%s, ''), true)" for name in _CONTEXT_SETTINGS
+)
+
+
 # ------------------------------------------------------------------------ adaptation
 
 
@@ -374,8 +392,9 @@ class MeterClient:
             ``ConnectionPool`` of autocommit connections, opened as calls need them), a
             ``psycopg_pool.ConnectionPool`` (borrowed per call; thread-safe) or a
             ``psycopg.Connection`` (each call runs inside ``conn.transaction()``: its own
-            transaction, or a savepoint of the caller's open transaction; as thread-safe as
-            that connection). Results need ``DateStyle`` ISO and ``IntervalStyle``
+            transaction, or a savepoint of the caller's open transaction, which keeps its
+            own tenant and actor context after the call; as thread-safe as that
+            connection). Results need ``DateStyle`` ISO and ``IntervalStyle``
             postgres, and parameters the client encoding UTF8 (:mod:`meter.session`): the
             client's own connections are given them; on a caller's connection with others,
             each call sets them for its own (sub)transaction and restores the caller's (a
@@ -826,13 +845,31 @@ class MeterClient:
         self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]
     ) -> list[Row]:
         with self._conn_lock:
-            if conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
+            status = conn.info.transaction_status
+            if conn.autocommit and status == TransactionStatus.IDLE:
                 return self._execute(conn, query, args)  # its own implicit transaction
             with conn.transaction():  # BEGIN/COMMIT, or a savepoint in the caller's one
                 try:
-                    return self._execute(conn, query, args)
+                    if status == TransactionStatus.IDLE:
+                        return self._execute(conn, query, args)
+                    return self._execute_keeping_context(conn, query, args)
                 except psycopg.Error as exc:
                     raise _FailedBeforeCommit(exc) from exc  # COMMIT comes after this block
+
+    def _execute_keeping_context(
+        self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]
+    ) -> list[Row]:
+        """The call in a savepoint of the caller's transaction, which then gets its own tenant
+        and actor context back: ``meter.ctx`` sets them transaction-locally, and a released
+        savepoint would leave them in force until the caller's COMMIT, for its own
+        ``meter.*`` calls (refused in its own tenant, or recorded under the client's actor)
+        and its reads under row-level security. Two round trips more per call, in a
+        caller's transaction only."""
+        cur = conn.cursor(row_factory=tuple_row)  # whatever the connection's row_factory
+        before = cur.execute(_READ_CONTEXT).fetchone()
+        rows = self._execute(conn, query, args)
+        cur.execute(_RESTORE_CONTEXT, before)
+        return rows
 
     def _getconn(self, pool: ConnectionPool[Any]) -> psycopg.Connection[Any]:
         timeout = self._timeout if self._owns_pool else pool.timeout

@@ -147,6 +147,49 @@ def test_connection_client_inside_explicit_transaction_block(db_url, db):
         assert db.execute("SELECT balance FROM meter.accounts").fetchone()["balance"] == D("7")
 
 
+def _context(conn) -> tuple[str, ...]:
+    names = ("tenant", "actor_id", "request_id", "on_behalf_of", "reason")
+    return conn.execute(
+        "SELECT " + ", ".join(f"current_setting('meter.{n}', true)" for n in names)
+    ).fetchone()
+
+
+def test_a_call_inside_the_callers_transaction_leaves_the_callers_context(app_url, db):
+    # A call sets the tenant and the actor transaction-locally; inside the caller's open
+    # transaction (a savepoint, released) they stayed until the caller's COMMIT: the
+    # caller's own meter.* calls after it, in its own tenant, were refused (MT004), and
+    # an actor set by the client was recorded on the caller's own writes.
+    with psycopg.connect(app_url) as conn:
+        conn.execute("SELECT meter.set_tenant('mine'), meter.set_actor('svc', 'req-1')")
+        conn.commit()
+        mine = _context(conn)
+        assert mine == ("mine", "svc", "req-1", "", "")
+        conn.execute("SELECT 1")  # the caller's transaction, open
+        actor = meter.MeterClient(conn, namespace="other")
+        actor.set_actor("alice", reason="refund")
+        assert actor.allocate(U, ET, 5, UNIT)["balance"] == D(5)
+        assert _context(conn) == mine
+        plain = meter.MeterClient(conn, namespace="other")  # no actor: clears it for the call
+        assert plain.get_balance(U, ET, UNIT)["balance"] == D(5)
+        assert _context(conn) == mine
+        with pytest.raises(IdempotencyConflictError):  # a failed call too
+            actor.allocate(U, ET, 1, UNIT, idempotency_key="k")
+            actor.allocate(U, ET, 2, UNIT, idempotency_key="k")
+        assert _context(conn) == mine
+        conn.execute("SELECT meter.allocate('u2', 'tokens', 3, 'tok', p_namespace => 'mine')")
+        conn.commit()
+        assert _context(conn) == mine
+    rows = db.execute(
+        "SELECT namespace, user_id, amount, actor_id, request_id, reason FROM meter.ledger"
+        " ORDER BY id"
+    ).fetchall()
+    assert [tuple(r.values()) for r in rows] == [
+        ("other", U, D(5), "alice", None, "refund"),
+        ("other", U, D(1), "alice", None, "refund"),
+        ("mine", "u2", D(3), "svc", "req-1", None),
+    ]
+
+
 # ---------------------------------------------------------------- lifecycle
 
 
