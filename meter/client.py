@@ -329,6 +329,15 @@ def _configure_own(conn: _PooledConnection) -> None:
     conn.idle_since = time.monotonic()
 
 
+def _cursor(conn: psycopg.Connection[Any]) -> psycopg.Cursor[tuple[Any, ...]]:
+    """A cursor of ``conn`` that takes ``%s`` placeholders and gives tuples, whatever the
+    ``cursor_factory`` and ``row_factory`` of a caller's connection: a ``RawCursor`` takes
+    ``$1`` placeholders only (every statement of the SDK a syntax error)."""
+    if issubclass(conn.cursor_factory, psycopg.RawCursor):
+        return psycopg.Cursor(conn, row_factory=tuple_row)
+    return conn.cursor(row_factory=tuple_row)
+
+
 def _usable(conn: psycopg.Connection[Any], *, always: bool = False) -> bool:
     """False when ``conn`` fails a round trip; checked only when it has been idle past
     _CHECK_IDLE_AFTER, or ``always`` (after another connection was found broken)."""
@@ -709,10 +718,11 @@ class MeterClient:
         callers = conn.info.transaction_status != TransactionStatus.IDLE
         before = session.current(conn)
         with conn.transaction():
-            conn.execute(session.SET_FOR_TRANSACTION)
+            cur = _cursor(conn)
+            cur.execute(session.SET_FOR_TRANSACTION)
             rows = self._fetch(conn, query, args)
             if callers:
-                conn.execute(session.RESTORE_FOR_TRANSACTION, before)
+                cur.execute(session.RESTORE_FOR_TRANSACTION, before)
         return rows
 
     def _fetch(self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]) -> list[Row]:
@@ -730,7 +740,7 @@ class MeterClient:
         return [dict(zip(names, row, strict=True)) for row in rows]
 
     def _new_cursor(self, conn: psycopg.Connection[Any]) -> psycopg.Cursor[tuple[Any, ...]]:
-        cur = conn.cursor(row_factory=tuple_row)
+        cur = _cursor(conn)
         if not self._owns_pool:
             _configure_adapters(cur)
         # Forget the cursors of connections that were closed (discarded by the pool).
@@ -865,7 +875,7 @@ class MeterClient:
         ``meter.*`` calls (refused in its own tenant, or recorded under the client's actor)
         and its reads under row-level security. Two round trips more per call, in a
         caller's transaction only."""
-        cur = conn.cursor(row_factory=tuple_row)  # whatever the connection's row_factory
+        cur = _cursor(conn)
         before = cur.execute(_READ_CONTEXT).fetchone()
         rows = self._execute(conn, query, args)
         cur.execute(_RESTORE_CONTEXT, before)

@@ -190,6 +190,34 @@ def test_a_call_inside_the_callers_transaction_leaves_the_callers_context(app_ur
     ]
 
 
+def test_a_caller_s_connection_or_pool_of_raw_cursors_serves_every_call(db_url, db):
+    # A psycopg.RawCursor takes $1 placeholders: built with cursor_factory=RawCursor, a
+    # caller's connection or pool failed every call with a syntax error (42601, a plain
+    # MeterError). The client's statements now use a cursor of its own kind, also for the
+    # settings a session in another DateStyle gets, in and out of the caller's transaction.
+    raw = make_conninfo(db_url, options="-c DateStyle=German")
+    with psycopg.connect(raw, cursor_factory=psycopg.RawCursor) as conn:
+        c = meter.MeterClient(conn)
+        c.set_actor("alice")
+        assert c.allocate(U, ET, D("1.5"), UNIT, metadata={"a": D("0.1")})["balance"] == D("1.5")
+        conn.execute("SELECT $1::int", [1])  # the caller's transaction, open
+        assert c.consume(U, ET, 1, UNIT)["balance"] == D("0.5")
+        assert [r["amount"] for r in c.get_ledger(U, ET, UNIT)] == [D(-1), D("1.5")]
+        conn.commit()
+    with ConnectionPool(
+        raw, min_size=1, max_size=1, kwargs={"cursor_factory": psycopg.RawCursor}, open=True
+    ) as pool:
+        c = meter.MeterClient(pool)
+        assert c.allocate(U, ET, 2, UNIT)["balance"] == D("2.5")
+        assert c.get_balance(U, ET, UNIT)["balance"] == D("2.5")
+    rows = db.execute("SELECT amount, actor_id FROM meter.ledger ORDER BY id").fetchall()
+    assert [tuple(r.values()) for r in rows] == [
+        (D("1.5"), "alice"),
+        (D(-1), "alice"),
+        (D(2), None),
+    ]
+
+
 # ---------------------------------------------------------------- lifecycle
 
 
