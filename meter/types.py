@@ -386,7 +386,8 @@ def check_timestamp(value: object, name: str, *, nullable: bool = True) -> datet
     """Check a timestamp argument: a timezone-aware ``datetime`` (or ``None``).
 
     Raises:
-        ValidationError: for a naive datetime, a ``date`` or another type.
+        ValidationError: for a naive datetime, one whose ``tzinfo`` gives an offset
+            ``datetime`` refuses, a ``date`` or another type.
     """
     if value is None:
         if nullable:
@@ -394,7 +395,11 @@ def check_timestamp(value: object, name: str, *, nullable: bool = True) -> datet
         raise invalid(name, "is required (got None)")
     if not isinstance(value, datetime):
         raise invalid(name, f"must be a timezone-aware datetime, got {_type_name(value)}")
-    if value.tzinfo is None or value.utcoffset() is None:
+    try:
+        offset = value.utcoffset()
+    except (TypeError, ValueError) as exc:  # a tzinfo whose offset datetime refuses
+        raise invalid(name, f"has an invalid UTC offset: {exc}") from None
+    if value.tzinfo is None or offset is None:
         raise invalid(
             name,
             "must be timezone-aware, got a naive datetime (use e.g. datetime.now(timezone.utc))",

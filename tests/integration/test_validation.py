@@ -8,7 +8,7 @@ it validates authoritatively with SQLSTATE MT001.
 from __future__ import annotations
 
 import random
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from decimal import Decimal
 
 import psycopg
@@ -517,6 +517,22 @@ def _db_now(db):
 @pytest.mark.parametrize("fn", TAKES["event_time"])
 def test_event_time_far_future_refused(seeded, db, snapshot, fn):
     when = _db_now(db) + timedelta(hours=25)
+    assert_refused(lambda: invoke(seeded, fn, event_time=when), snapshot, "event_time")
+
+
+class _OffsetOfADay(tzinfo):
+    """An offset Python's datetime refuses: utcoffset() raises ValueError."""
+
+    def utcoffset(self, dt):
+        return timedelta(hours=24)
+
+    def dst(self, dt):
+        return None
+
+
+@pytest.mark.parametrize("fn", TAKES["event_time"])
+def test_event_time_whose_tzinfo_gives_a_bad_offset_refused(seeded, snapshot, fn):
+    when = datetime(2024, 5, 1, tzinfo=_OffsetOfADay())
     assert_refused(lambda: invoke(seeded, fn, event_time=when), snapshot, "event_time")
 
 

@@ -6,7 +6,7 @@ import enum
 import json
 import sys
 from collections import OrderedDict
-from datetime import UTC, date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
@@ -441,6 +441,27 @@ def test_timestamp_naive_refused():
 @pytest.mark.parametrize("value", [date(2024, 5, 1), "2024-05-01T00:00:00Z", 1714521600, 1.5])
 def test_timestamp_wrong_type_refused(value):
     refused(t.check_timestamp, value, "start_time", param="start_time")
+
+
+class _BadOffset(tzinfo):
+    """A tzinfo whose utcoffset Python's datetime refuses (ValueError or TypeError)."""
+
+    def __init__(self, offset: object) -> None:
+        self.offset = offset
+
+    def utcoffset(self, dt):
+        return self.offset
+
+    def dst(self, dt):
+        return None
+
+
+@pytest.mark.parametrize("offset", [timedelta(hours=25), timedelta(hours=-24), "+01:00"])
+def test_timestamp_whose_tzinfo_gives_a_bad_offset_is_refused_by_name(offset):
+    # datetime.utcoffset() raised its own ValueError or TypeError, not a MeterError.
+    value = datetime(2024, 5, 1, tzinfo=_BadOffset(offset))
+    err = refused(t.check_timestamp, value, "event_time", param="event_time")
+    assert "offset" in str(err)
 
 
 def test_timestamp_none():
