@@ -101,6 +101,11 @@ _ONLY_KEYED: Final = (
 
 _NONE_USABLE: Final = "no usable connection: each one the pool gave failed a round trip"
 
+# The session ended for a transaction that sat idle or ran too long
+# (idle_in_transaction_session_timeout, transaction_timeout): the connection is gone, and
+# the transaction with it, rolled back. Not run again: it would take as long again.
+_ROLLED_BACK_WITH_SESSION: Final = frozenset({"25P03", "25P04"})
+
 # Raised by a pool before anything is sent: nothing can have run.
 _NOTHING_SENT: Final = (PoolTimeout, PoolClosed, TooManyRequests)
 
@@ -661,8 +666,10 @@ class MeterClient:
                 # can make a round trip of its own after the result. A read or a keyed
                 # write is run again on another connection; a keyed write that committed
                 # replays its first result. Any other write raises, saying so.
-                lost = isinstance(error, MeterConnectionError) and not isinstance(
-                    exc, _NOTHING_SENT
+                lost = (
+                    isinstance(error, MeterConnectionError)
+                    and not isinstance(exc, _NOTHING_SENT)
+                    and error.sqlstate not in _ROLLED_BACK_WITH_SESSION
                 )
                 in_doubt = in_doubt or (
                     lost

@@ -130,8 +130,9 @@ _BY_SQLSTATE: dict[str, type[MeterError]] = {
 
 # Errors meaning "the connection is gone", whatever the statement was:
 # class 08 (connection exception), the server shutting down or starting up, and a session
-# it ended for sitting idle (idle_session_timeout).
-_CONNECTION_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57P05"})
+# it ended for sitting idle (idle_session_timeout) or for a transaction that sat idle or ran
+# too long (idle_in_transaction_session_timeout, transaction_timeout).
+_CONNECTION_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57P05", "25P03", "25P04"})
 
 
 def _is_connection_failure(exc: BaseException, sqlstate: str | None) -> bool:

@@ -1065,6 +1065,39 @@ def test_a_deadlock_in_the_calls_own_transaction_is_retried_and_counts_once(db_u
     conn.close()
 
 
+def test_a_session_ended_by_a_transaction_timeout_is_a_connection_error_not_in_doubt(
+    db_url, db, snapshot
+):
+    # idle_in_transaction_session_timeout (25P03) and transaction_timeout (25P04) end the
+    # session, its transaction rolled back: they came out as a plain MeterError, so an
+    # application reconnecting on MeterConnectionError kept its dead connection. Nothing
+    # committed, so a keyless write is not reported as one that may have.
+    with psycopg.connect(
+        make_conninfo(db_url, options="-c idle_in_transaction_session_timeout=100")
+    ) as conn:
+        c = meter.MeterClient(conn)
+        conn.execute("SELECT 1")  # the caller's transaction, left idle
+        time.sleep(0.5)
+        with pytest.raises(MeterConnectionError) as idle:
+            c.get_balance(U, ET, UNIT)
+        assert idle.value.sqlstate == "25P03" and conn.broken
+    with meter.MeterClient(db_url) as setup:
+        setup.allocate(U, ET, D(5), UNIT)
+    before = snapshot()
+    with (
+        meter.MeterClient(make_conninfo(db_url, options="-c transaction_timeout=300")) as c,
+        psycopg.connect(db_url) as locker,
+    ):
+        locker.execute("SELECT 1 FROM meter.accounts FOR UPDATE")  # the consume waits
+        with pytest.raises(MeterConnectionError) as timed_out:
+            c.consume(U, ET, D(1), UNIT)
+        locker.rollback()
+        assert timed_out.value.sqlstate == "25P04"
+        assert "may have committed" not in str(timed_out.value)
+        assert snapshot() == before
+        assert c.consume(U, ET, D(1), UNIT)["balance"] == D(4)  # on a new connection
+
+
 def test_a_pool_that_sends_nothing_is_not_reported_in_doubt(db_url, db):
     # A closed pool raises before anything reaches the server: no doubt to report.
     pool = ConnectionPool(db_url, min_size=1, max_size=1, open=True)

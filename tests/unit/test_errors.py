@@ -200,6 +200,9 @@ def test_message_falls_back_to_str_without_a_primary_message():
         ("57P01", MeterConnectionError),  # admin_shutdown
         ("57P02", MeterConnectionError),  # crash_shutdown
         ("57P03", MeterConnectionError),  # cannot_connect_now
+        ("57P05", MeterConnectionError),  # idle_session_timeout
+        ("25P03", MeterConnectionError),  # idle_in_transaction_session_timeout
+        ("25P04", MeterConnectionError),  # transaction_timeout
         ("57014", MeterError),  # query_canceled: the server is fine
     ],
 )
