@@ -356,6 +356,24 @@ def _usable(conn: psycopg.Connection[Any], *, always: bool = False) -> bool:
     return True
 
 
+# One lock per caller's connection, shared by every client built on it: a call's BEGIN or
+# SAVEPOINT ... COMMIT or RELEASE must not interleave with another client's on the same
+# connection (psycopg then ends calls that committed with "transaction commit at the wrong
+# nesting level", which a caller would retry, counting them twice).
+_connection_locks: weakref.WeakKeyDictionary[psycopg.Connection[Any], threading.RLock] = (
+    weakref.WeakKeyDictionary()
+)
+_connection_locks_guard = threading.Lock()
+
+
+def _lock_of(conn: psycopg.Connection[Any]) -> threading.RLock:
+    with _connection_locks_guard:
+        lock = _connection_locks.get(conn)
+        if lock is None:
+            lock = _connection_locks[conn] = threading.RLock()
+        return lock
+
+
 def _replayed_by(**arguments: object) -> dict[str, object] | None:
     """The arguments by which the call replays, those given; ``None`` if none was (the call
     does not replay). Spelled out only for an error (:func:`_replay_hint`)."""
@@ -407,8 +425,10 @@ class MeterClient:
             ``psycopg_pool.ConnectionPool`` (borrowed per call; thread-safe) or a
             ``psycopg.Connection`` (each call runs inside ``conn.transaction()``: its own
             transaction, or a savepoint of the caller's open transaction, which keeps its
-            own tenant and actor context after the call; as thread-safe as that
-            connection). Results need ``DateStyle`` ISO and ``IntervalStyle``
+            own tenant and actor context after the call; the calls of every client on
+            one connection take turns, so they are thread-safe, though the caller's own
+            statements on it from other threads may land inside a call's transaction).
+            Results need ``DateStyle`` ISO and ``IntervalStyle``
             postgres, and parameters the client encoding UTF8 (:mod:`meter.session`): the
             client's own connections are given them; on a caller's connection with others,
             each call sets them for its own (sub)transaction and restores the caller's (a
@@ -495,7 +515,7 @@ class MeterClient:
         self._pool: ConnectionPool[Any] | None = None
         self._conn: psycopg.Connection[Any] | None = None
         self._owns_pool = False
-        self._conn_lock = threading.RLock()
+        self._conn_lock = _lock_of(conn) if isinstance(conn, psycopg.Connection) else None
         self._seen_connect_errors = 0
         # Own pool only: the connection kept from one call to the next (it carries until
         # when: keep_until) and how many calls are under way; guarded by _keep_lock.
@@ -601,7 +621,6 @@ class MeterClient:
         # Locks another thread held at the fork stay held in the child for good.
         self._keep_lock = threading.Lock()
         self._actor_lock = threading.Lock()
-        self._conn_lock = threading.RLock()
 
     def _renew_pool(self) -> None:
         """Replace the inherited pool with one of this process's own (see _after_fork)."""
@@ -861,6 +880,7 @@ class MeterClient:
     def _run_on_callers_connection(
         self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]
     ) -> list[Row]:
+        assert self._conn_lock is not None
         with self._conn_lock:
             status = conn.info.transaction_status
             if conn.autocommit and status == TransactionStatus.IDLE:

@@ -190,6 +190,31 @@ def test_a_call_inside_the_callers_transaction_leaves_the_callers_context(app_ur
     ]
 
 
+@pytest.mark.parametrize("autocommit", [False, True])
+def test_clients_sharing_a_connection_across_threads_count_every_call_once(db_url, db, autocommit):
+    # Two clients on one connection (one per namespace, say), called from two threads:
+    # one's BEGIN or SAVEPOINT ... COMMIT interleaved with the other's, and psycopg ended
+    # some calls with "transaction commit at the wrong nesting level", a plain MeterError,
+    # after their allocation had committed: a caller retrying them counted them twice.
+    with psycopg.connect(db_url, autocommit=autocommit) as conn:
+        clients = [meter.MeterClient(conn, namespace=ns) for ns in ("a", "b")]
+        barrier = threading.Barrier(2)
+
+        def calls(c: meter.MeterClient) -> int:
+            barrier.wait()
+            for _ in range(100):
+                c.allocate(U, ET, D(1), UNIT)
+            return 100
+
+        with ThreadPoolExecutor(2) as pool:
+            assert sum(pool.map(calls, clients)) == 200
+        assert conn.info.transaction_status == TransactionStatus.IDLE
+    counts = db.execute(
+        "SELECT namespace, count(*) AS n FROM meter.ledger GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    assert [(r["namespace"], r["n"]) for r in counts] == [("a", 100), ("b", 100)]
+
+
 def test_a_caller_s_connection_or_pool_of_raw_cursors_serves_every_call(db_url, db):
     # A psycopg.RawCursor takes $1 placeholders: built with cursor_factory=RawCursor, a
     # caller's connection or pool failed every call with a syntax error (42601, a plain
