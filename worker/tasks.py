@@ -580,20 +580,21 @@ class EventTask(Task):
                 f"reservation_id: no reservation {rid!r} after waiting {s.orphan_horizon:g} s "
                 "for its reserve; applied when the reserve arrives"
             )
-            return self.give_up_orphan(s, op, event, message, counted)
+            return self.give_up_orphan(s, op, event, message, counted, since)
         retries = self.request.retries or 0
         if retries >= s.max_retries:
             message = (
                 f"reservation_id: reservation not found after {retries} retries; applied "
                 "when the reserve arrives"
             )
-            return self.give_up_orphan(s, op, event, message, counted)
+            return self.give_up_orphan(s, op, event, message, counted, since)
         delay = self.next_delay(s)
         self.retry_later(min(delay, max(left, 0.01)), orphan_since=since)
 
     def give_up_orphan(
-        self, s: Settings, op: str, event: dict[str, Any], message: str, counted: int | None
-    ) -> Outcome:
+        self, s: Settings, op: str, event: dict[str, Any], message: str, counted: int | None,
+        since: float,
+    ) -> Outcome:  # fmt: skip
         """Stop waiting: file the event as a dead letter that its reserve settles when it
         arrives, or apply it if the reserve came meanwhile (``meter.record_orphan``, under
         the reservation's lock, so a reserve applied at this very moment is not missed)."""
@@ -602,7 +603,15 @@ class EventTask(Task):
                 s.database_url, s.db_pool_size, payload=event, message=message,
                 source=self.request.id,
             )  # fmt: skip
-        except Exception as exc:  # transient: retried, and the next attempt looks again
+        except Exception as exc:
+            if is_transient(exc):
+                # Retried whatever the retries so far: the wait is over, what is left is
+                # to file it where its late reserve settles it (MT003), as dead_letter
+                # retries a dead letter it cannot record yet. Through failed(), a give-up
+                # when the retries ran out was filed as a transient failure (57P01, say),
+                # which no reserve settles: the commit was never applied.
+                logger.warning("cannot give up orphan %s yet: %r", self.request.id, exc)
+                self.retry_later(self.next_delay(s), exc, orphan_since=since)
             return self.failed(s, exc, op, event, counted)
         self.done(counted)
         if row["applied"]:

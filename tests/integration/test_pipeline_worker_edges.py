@@ -1,0 +1,58 @@
+"""Edges of the worker found by a review: an orphan given up while the database fails,
+a far ETA, a hand-over Redis refuses (real worker thread, real Redis and PostgreSQL)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal as D
+from typing import Any
+
+import psycopg
+import redis
+
+from meter import wire
+from tests.integration.test_pipeline import ET, UNIT, balance, dead_letters, eventually
+
+EVENT = {"op": "allocate", "namespace": "default",
+         "args": {"user_id": "u1", "event_type": ET, "amount": "1", "unit": UNIT,
+                  "idempotency_key": "k1"}}  # fmt: skip
+
+
+def _waiting_on_dead_letters(db: psycopg.Connection[Any], call: str) -> int | None:
+    row = db.execute(
+        "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        " AND query LIKE %s AND pid <> pg_backend_pid()",
+        (f"%{call}%",),
+    ).fetchone()
+    return row["pid"] if row else None
+
+
+def test_an_orphan_given_up_as_the_database_fails_is_still_settled_by_its_late_reserve(
+    pipeline, db, db_url, client
+):
+    # The commit's retries run out (1 here) and meter.record_orphan fails transiently (its
+    # connection terminated) at that moment: the give-up went through the transient path,
+    # whose retries had run out too, and filed a dead letter of the connection error
+    # (57P01, "gave up after 1 retries"), which the late reserve does not settle: the
+    # commit never applied, the hold expired unused.
+    pipeline.conf.meter_max_retries = 1
+    client.allocate("u1", ET, 10, UNIT)
+    commit = {"op": "commit", "namespace": "default",
+              "args": {"reservation_id": "r-lost", "actual_amount": "2"}}  # fmt: skip
+    with psycopg.connect(db_url, autocommit=False) as locker:
+        # record_orphan files its dead letter in meter.dead_letters: hold that table so the
+        # worker's call waits there, then end its session
+        locker.execute("LOCK TABLE meter.dead_letters IN ACCESS EXCLUSIVE MODE")
+        pipeline.send_task("meter.commit", args=(json.dumps(commit),), task_id="t-orphan")
+        pid = eventually(lambda: _waiting_on_dead_letters(db, "record_orphan"), timeout=30)
+        db.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        time.sleep(0.5)  # the worker meets the error and files what it files
+    (row,) = eventually(lambda: dead_letters(db), timeout=30)
+    assert (row["op"], row["error_sqlstate"]) == ("commit", "MT003"), row
+    client.reserve("u1", ET, 5, UNIT, reservation_id="r-lost")
+    assert balance(client) == {"balance": D(8), "reserved": D(0), "available": D(8)}
+    assert dead_letters(db) == [] and len(dead_letters(db, "retried")) == 1
