@@ -59,7 +59,7 @@ from typing import Any, Final
 
 from meter import wire
 
-__all__ = ["Settings"]
+__all__ = ["ETA_HORIZON", "Settings"]
 
 
 # The environment variable of each setting (the module docstring says what each means).
@@ -85,6 +85,11 @@ _ENV: Final = {
     "signing_secret": "METER_SIGNING_SECRET",
 }
 
+ETA_HORIZON: Final = wire.VISIBILITY_TIMEOUT - wire.TASK_TIME_LIMIT
+"""Seconds ahead a message's ETA may be: a worker holds the message unacknowledged until
+then, and runs it for up to the task time limit, all within the broker's visibility
+timeout, past which Redis hands it out again."""
+
 # The bounds the SQL functions these settings feed put on them: a larger value would stop
 # its beat task at every run (MT001) instead of the worker at start. And the longest retry
 # delay: a retried message waits in its worker, unacknowledged, for its countdown, then
@@ -94,7 +99,7 @@ _MAXIMUM: Final = {
     "METER_PARTITIONS_AHEAD_MONTHS": 120,  # meter.ensure_partitions
     "METER_LEDGER_RETENTION_MONTHS": 1200,  # meter.drop_old_partitions
     "METER_IDEMPOTENCY_KEY_RETENTION_DAYS": 36500,  # meter.prune_idempotency_keys
-    "METER_RETRY_BACKOFF_MAX": wire.VISIBILITY_TIMEOUT - wire.TASK_TIME_LIMIT,
+    "METER_RETRY_BACKOFF_MAX": ETA_HORIZON,
 }
 
 

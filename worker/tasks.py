@@ -42,6 +42,7 @@ import functools
 import inspect
 import math
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, NoReturn
 
 from celery import Task, shared_task
@@ -55,7 +56,7 @@ from meter import types as t
 from worker import db, deliveries
 from worker.consumer import UNREADABLE
 from worker.retry import backoff, is_transient, sqlstate_of
-from worker.settings import Settings
+from worker.settings import ETA_HORIZON, Settings
 
 __all__ = ["EventTask", "apply_batch"]
 
@@ -229,6 +230,13 @@ class WorkerLimitsRequest(Request):
     out again meanwhile. A header that is no pair of numbers or nulls (a text in the pair
     raised in the pool's timeout handler) is refused as invalid. Event tasks and beat's
     (:class:`worker.schedule.MaintenanceTask`) use it.
+
+    An ``eta`` header more than :data:`worker.settings.ETA_HORIZON` seconds ahead (or past)
+    is dropped, and the task runs now: Meter never sends one (its retries wait at most
+    ``METER_RETRY_BACKOFF_MAX``, which the same bound caps), and held unacknowledged that
+    long the message was handed out again by the visibility timeout every hour, never run;
+    an ETA no timestamp holds (year 9999) was rejected and dropped. Usage is dated by its
+    ``event_time``, not by when its message runs, so running it now loses nothing.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -237,6 +245,16 @@ class WorkerLimitsRequest(Request):
         if limits is not None and not _is_limit_pair(limits):
             raise InvalidTaskError("the timelimit header must be a pair of numbers or nulls")
         self.time_limits = (None, None)  # task_time_limit
+        eta = self._eta
+        if eta is not None:
+            now = datetime.now(UTC)
+            if not now < eta <= now + timedelta(seconds=ETA_HORIZON):
+                if eta > now:
+                    logger.warning(
+                        "task %s: its eta %s is more than %d s ahead; run now",
+                        self.id, eta.isoformat(), ETA_HORIZON,
+                    )  # fmt: skip
+                self._eta = None
 
 
 class EventRequest(WorkerLimitsRequest):

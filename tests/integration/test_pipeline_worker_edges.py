@@ -4,7 +4,6 @@ a far ETA, a hand-over Redis refuses (real worker thread, real Redis and Postgre
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -12,6 +11,7 @@ from decimal import Decimal as D
 from typing import Any
 
 import psycopg
+import pytest
 import redis
 
 from meter import wire
@@ -56,3 +56,43 @@ def test_an_orphan_given_up_as_the_database_fails_is_still_settled_by_its_late_r
     client.reserve("u1", ET, 5, UNIT, reservation_id="r-lost")
     assert balance(client) == {"balance": D(8), "reserved": D(0), "available": D(8)}
     assert dead_letters(db) == [] and len(dead_letters(db, "retried")) == 1
+
+
+@pytest.mark.parametrize(
+    "eta",
+    [
+        lambda now: now + timedelta(days=3650),
+        lambda now: datetime(9999, 12, 31, 23, 59, tzinfo=UTC),
+        lambda now: now + timedelta(seconds=3360),  # the bound: 3300 s
+    ],
+    ids=["ten-years", "year-9999", "past-the-bound"],
+)
+def test_an_event_message_with_an_eta_past_the_visibility_timeout_applies_now(
+    pipeline, db, broker_url, eta
+):
+    # Held unacknowledged until its ETA, the message was handed out again by the broker's
+    # visibility timeout every hour, never applied (nor filed) for years; one whose ETA no
+    # timestamp could hold was rejected, marked failed and dropped.
+    task_id = str(uuid.uuid4())
+    eta = eta(datetime.now(UTC))
+    pipeline.send_task("meter.allocate", args=(EVENT,), task_id=task_id, eta=eta,
+                       ignore_result=False)  # fmt: skip
+    assert pipeline.AsyncResult(task_id).get(timeout=30)["status"] == "applied"
+    assert db.execute("SELECT count(*) AS n FROM meter.ledger").fetchone()["n"] == 1
+    assert dead_letters(db) == []
+    client = redis.Redis.from_url(broker_url)
+    try:
+        eventually(lambda: client.llen(wire.QUEUE) == 0 and client.hlen("unacked") == 0)
+    finally:
+        client.close()
+
+
+def test_an_eta_within_the_visibility_timeout_is_still_honoured(pipeline, db):
+    # Meter's own retries wait for their countdown (at most METER_RETRY_BACKOFF_MAX, which
+    # the same bound caps): the bound must not run them early.
+    task_id = str(uuid.uuid4())
+    sent = time.monotonic()
+    pipeline.send_task("meter.allocate", args=(EVENT,), task_id=task_id, countdown=2,
+                       ignore_result=False)  # fmt: skip
+    assert pipeline.AsyncResult(task_id).get(timeout=30)["status"] == "applied"
+    assert time.monotonic() - sent >= 1.5
