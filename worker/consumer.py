@@ -18,7 +18,7 @@ it), so a caller waiting for that id gets the dead letter's outcome; the dead le
 source is that id and the delivery tag, so a message delivered again after a crash between
 the publish and the ack counts an attempt on the same dead letter, and another message
 reusing the id has one of its own. A hand-over that cannot be published (the broker
-away) leaves the message to be delivered again.
+away, or refusing writes) leaves the message to be delivered again, after a back-off.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from vine import promise
 
 from meter import wire
+from worker.retry import backoff
+from worker.settings import Settings
 
 __all__ = ["UNREADABLE", "Consumer", "describe"]
 
@@ -152,10 +154,35 @@ class Consumer(CeleryConsumer):
                 ignore_result=not _wants_result(message),
             )
         except Exception:
-            logger.exception("cannot hand over an unreadable message; it comes back")
-            message.reject_log_error(logger, self.connection_errors, requeue=True)
+            self._requeue_later(message)
             return False
+        self._refused = 0
         return True
+
+    def _requeue_later(self, message: Any) -> None:
+        """Put ``message`` back once a back-off has passed (the worker's retry back-off,
+        growing with each hand-over refused in a row).
+
+        Put back at once, it was taken again at once and refused again: a loop as fast as
+        the worker runs, for as long as Redis refused (out of memory, say). Meanwhile the
+        message stays held, unacknowledged, by this consumer (whose heartbeat keeps it
+        from the others' sweep), which takes nothing else beyond its prefetch.
+        """
+        refused = getattr(self, "_refused", 0)
+        self._refused = refused + 1
+        s = Settings.from_conf(self.app.conf)
+        delay = backoff(refused, s.retry_backoff_base, s.retry_backoff_max)
+        logger.exception("cannot hand over an unreadable message; it comes back in %.2f s", delay)
+
+        def requeue() -> None:
+            if message.acknowledged:
+                return
+            try:
+                message.reject_log_error(logger, self.connection_errors, requeue=True)
+            except Exception:  # its channel closed meanwhile: restored by the close or sweep
+                logger.exception("cannot put back an unreadable message")
+
+        self.timer.call_after(delay, requeue)
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         if self.hand_over(message, f"message: cannot decode its body: {exc!r:.500}"):

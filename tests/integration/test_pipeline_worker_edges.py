@@ -96,3 +96,37 @@ def test_an_eta_within_the_visibility_timeout_is_still_honoured(pipeline, db):
                        ignore_result=False)  # fmt: skip
     assert pipeline.AsyncResult(task_id).get(timeout=30)["status"] == "applied"
     assert time.monotonic() - sent >= 1.5
+
+
+def test_a_hand_over_redis_refuses_is_requeued_after_a_back_off_not_at_once(
+    pipeline, db, broker_url, monkeypatch
+):
+    # The hand-over of an unreadable message failed (Redis refusing the publish), and the
+    # message was put back at once, taken again, refused again: a loop as fast as the
+    # worker runs, for as long as the refusal lasts. Injected here: the publish of the
+    # hand-over raises what Redis answers a write it refuses.
+    attempts: list[float] = []
+    refusing = True
+    send_task = pipeline.send_task
+
+    def refused_send_task(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "meter.unreadable":
+            attempts.append(time.monotonic())
+            if refusing:
+                raise redis.exceptions.ResponseError("OOM command not allowed")
+        return send_task(name, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "send_task", refused_send_task)
+    client = redis.Redis.from_url(broker_url)
+    try:
+        client.lpush(wire.QUEUE, "not json")
+        eventually(lambda: attempts, timeout=15)
+        time.sleep(3)
+        # the test back-off: 0.05 s doubling to 0.5 s, so some ten attempts in 3 s
+        assert len(attempts) <= 20, len(attempts)
+        refusing = False
+        (row,) = eventually(lambda: dead_letters(db), timeout=15)
+        assert (row["op"], row["error_sqlstate"]) == ("unreadable", "MT001")
+        eventually(lambda: client.llen(wire.QUEUE) == 0 and client.hlen("unacked") == 0)
+    finally:
+        client.close()
