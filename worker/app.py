@@ -90,7 +90,9 @@ def worker_config(
 
 def make_app(**kwargs: Any) -> Celery:
     """A configured Meter Celery app (``kwargs`` as for :func:`worker_config`)."""
-    celery_app = Celery("meter", set_as_current=False)
+    # task_cls: Celery's built-in tasks take it too, so no task of a Meter worker runs
+    # under a message's unsigned ``timelimit`` header
+    celery_app = Celery("meter", set_as_current=False, task_cls="worker.tasks:WorkerTask")
     celery_app.conf.update(worker_config(**kwargs))
     # The tasks are shared tasks (registered with every app); importing them here makes
     # sure they exist whatever imported this module first.

@@ -58,7 +58,7 @@ from worker.consumer import UNREADABLE
 from worker.retry import backoff, is_transient, sqlstate_of
 from worker.settings import ETA_HORIZON, Settings
 
-__all__ = ["EventTask", "apply_batch"]
+__all__ = ["EventTask", "WorkerTask", "apply_batch"]
 
 logger = get_task_logger(__name__)
 
@@ -229,7 +229,8 @@ class WorkerLimitsRequest(Request):
     second, forever; one past the visibility timeout would have the broker hand the message
     out again meanwhile. A header that is no pair of numbers or nulls (a text in the pair
     raised in the pool's timeout handler) is refused as invalid. Event tasks and beat's
-    (:class:`worker.schedule.MaintenanceTask`) use it.
+    (:class:`worker.schedule.MaintenanceTask`) use it, and Celery's built-in tasks
+    (:class:`WorkerTask`).
 
     An ``eta`` header more than :data:`worker.settings.ETA_HORIZON` seconds ahead (or past)
     is dropped, and the task runs now: Meter never sends one (its retries wait at most
@@ -255,6 +256,14 @@ class WorkerLimitsRequest(Request):
                         self.id, eta.isoformat(), ETA_HORIZON,
                     )  # fmt: skip
                 self._eta = None
+
+
+class WorkerTask(Task):
+    """The app's default task class (``task_cls``): what Celery's built-in tasks
+    (``celery.accumulate``, ``celery.chord_unlock``, ``celery.backend_cleanup``...), which
+    every worker registers, run as; under the worker's time limits, as Meter's own."""
+
+    Request = "worker.tasks:WorkerLimitsRequest"
 
 
 class EventRequest(WorkerLimitsRequest):

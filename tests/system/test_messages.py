@@ -127,3 +127,31 @@ def test_a_crafted_time_limit_on_a_maintenance_task_does_not_kill_every_delivery
         client.close()
         app.close()
     assert "Hard time limit" not in worker.log.read_text(), worker.tail(40)
+
+
+def test_a_crafted_time_limit_on_a_celery_builtin_task_does_not_kill_every_delivery(
+    start_worker: Any, crash_redis: CrashableRedis
+) -> None:
+    # Celery registers its own tasks (celery.backend_cleanup, celery.chord_unlock,
+    # celery.accumulate...) in every worker, with Celery's request, which took the
+    # unsigned `timelimit` header: a hard limit of -1 s killed the pool process before the
+    # task ran, every delivery, once a second, forever, as it did for Meter's own tasks.
+    worker = start_worker()
+    worker.wait_ready()
+    url = crash_redis.url()
+    app = Celery("meter-test", set_as_current=False)
+    app.conf.update(wire.celery_config(url))
+    client = redis.Redis.from_url(url)
+    try:
+        app.send_task("celery.accumulate", args=(1, 2), queue="staging")
+        payload = json.loads(client.rpop("staging"))
+        payload["headers"]["timelimit"] = [-1, None]
+        payload["properties"]["delivery_info"].update(exchange=wire.QUEUE, routing_key=wire.QUEUE)
+        client.lpush(wire.QUEUE, json.dumps(payload))
+        eventually(lambda: "celery.accumulate" in worker.log.read_text()
+                   and "succeeded" in worker.log.read_text(), 20)  # fmt: skip
+        eventually(lambda: client.llen(wire.QUEUE) == 0 and client.hlen("unacked") == 0, 15)
+    finally:
+        client.close()
+        app.close()
+    assert "Hard time limit" not in worker.log.read_text(), worker.tail(40)
