@@ -16,6 +16,10 @@
 -- to 1000 never meets this refusal; every event of such a message carries a key, so a
 -- message delivered again after some of its transactions committed replays them.
 --
+-- Also: a session ended by idle_in_transaction_session_timeout (25P03) or
+-- transaction_timeout (25P04) is transient for the worker, whose list this function's
+-- re-raise list repeats (the worker's task retries a batch whose session was ended).
+--
 -- Lock order: unchanged (044's); the refusal comes before step 1, which takes the first.
 --
 -- Migrations once applied are never edited: 050's apply_events is replaced whole; only
@@ -504,7 +508,10 @@ BEGIN
         EXCEPTION WHEN OTHERS THEN
             GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_message = MESSAGE_TEXT;
             -- transient: the whole batch is retried
-            IF v_state IN ('40001', '40P01', '55P03', '57014') OR v_state LIKE '08%'
+            -- 063: and a session ended by a timeout (25P03, 25P04: FATAL, never caught
+            -- here; listed so that this list stays the worker's, worker/retry.py)
+            IF v_state IN ('40001', '40P01', '55P03', '57014', '25P03', '25P04')  -- 063
+               OR v_state LIKE '08%'
                OR v_state LIKE '53%' OR v_state LIKE '57P%' OR v_state LIKE '58%' THEN
                 RAISE;
             END IF;

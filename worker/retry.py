@@ -4,7 +4,8 @@ A task meets three kinds of failure:
 
 - *transient*: the database or the broker is briefly unavailable or a transaction lost a
   race (connection lost, deadlock ``40P01``, serialization failure ``40001``, lock or
-  statement timeout, too many connections, server shutting down, pool timeout). Trying
+  statement timeout, a session ended by a transaction timeout, too many connections,
+  server shutting down, pool timeout). Trying
   again later succeeds, and idempotency keys make the repeat harmless;
 - *waiting*: a commit or release whose reserve has not been applied yet (SQL status
   ``not_found``); trying again later succeeds once the reserve arrives;
@@ -28,7 +29,9 @@ __all__ = ["backoff", "is_transient", "sqlstate_of"]
 # the two on every SQLSTATE): the transaction may succeed when tried again. 55P03
 # lock_not_available, 57014 query_canceled (statement timeout); classes 08 connection,
 # 53 insufficient resources, 57P operator intervention (shutdown), 58 system error (I/O).
-_TRANSIENT_STATES: Final = frozenset({"40001", "40P01", "55P03", "57014"})
+# 25P03 and 25P04: the session ended by idle_in_transaction_session_timeout or
+# transaction_timeout, its transaction rolled back with it.
+_TRANSIENT_STATES: Final = frozenset({"40001", "40P01", "55P03", "57014", "25P03", "25P04"})
 _TRANSIENT_CLASSES: Final = ("08", "53", "57P", "58")
 
 

@@ -1495,7 +1495,9 @@ def test_apply_events_and_the_worker_agree_on_what_is_transient(db):
     }
     assert in_sql == in_python
     # and the list is the intended one, not two equal mistakes
-    assert {"40001", "40P01", "55P03", "57014", "08006", "57P01", "53100"} <= in_sql
+    assert {"40001", "40P01", "55P03", "57014", "08006", "57P01", "53100", "25P03", "25P04"} <= (
+        in_sql
+    )
     assert not in_sql & {"23505", "22P02", "42501", "MT001", "MT002", "MT003", "MT004"}
 
 

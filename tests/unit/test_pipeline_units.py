@@ -103,6 +103,8 @@ def test_broker_url_from_env(monkeypatch):
         (psycopg.errors.SerializationFailure("x"), True),
         (psycopg.errors.LockNotAvailable("x"), True),
         (psycopg.errors.QueryCanceled("x"), True),
+        (psycopg.errors.IdleInTransactionSessionTimeout("x"), True),
+        (psycopg.errors.lookup("25P04")("x"), True),  # transaction_timeout
         (psycopg.errors.AdminShutdown("x"), True),
         (psycopg.errors.TooManyConnections("x"), True),
         (psycopg.OperationalError("connection refused"), True),
