@@ -1891,6 +1891,38 @@ def test_retention_keeps_the_months_a_late_roll_still_needs(make_client, db):
     assert all(c.reconcile() == [] for c in clients.values())
 
 
+def test_retention_west_of_utc_keeps_the_month_a_late_roll_still_needs(client, db):
+    # 058: drop_old_partitions took a month's end as its start plus '1 month' in the
+    # session's zone: under New York a month after a shorter one ended a day early (Jul 31
+    # 00:00 UTC for July), at the cutoff 036 lowers to a due roll's next start (Jul 31
+    # here). July was dropped with the consume dated Jul 31, which the late roll then
+    # counted inside the period of Jul 30: it expired 40 of its 100 unused units, not 100.
+    t = today(db)
+    back = 2
+    while month_start(t, back).month not in (3, 5, 7, 10, 12):  # after a shorter month
+        back += 1
+    month = month_start(t, back)
+    last = month_start(t, back - 1) - timedelta(days=1)  # the 31st
+    start = last - timedelta(days=1)
+    client.set_period_config("u", ET, UNIT, None, start, D("100"), D("0"), "1 day")
+    roll(db, first_instant(start) + timedelta(hours=1))
+    client.consume("u", ET, D("60"), UNIT, event_time=first_instant(last) + timedelta(hours=12))
+
+    db.execute("SET TimeZone = 'America/New_York'")
+    try:
+        dropped = [r["d"] for r in db.execute("SELECT meter.drop_old_partitions(1) AS d")]
+    finally:
+        db.execute("RESET TimeZone")
+    assert f"ledger_{month:%Y_%m}" not in dropped
+    roll(db)
+    first = db.execute(
+        "SELECT period_end, expired, carried_over FROM meter.periods WHERE period_start = %s",
+        (start,),
+    ).fetchone()
+    assert first == {"period_end": start, "expired": D("100"), "carried_over": D("0")}
+    assert client.reconcile() == []
+
+
 def test_a_plan_change_set_ahead_leaves_the_running_period_its_own_limit(make_client, db):
     """Plan A (100 a month, carry-over limit 50) from Aug 1; plan B (20, limit 0) from Oct 1.
     September ran under plan A: 150 unused at its end, 50 carried, whether B was set in

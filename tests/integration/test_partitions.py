@@ -15,6 +15,7 @@ from decimal import Decimal
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from meter.errors import NotFoundError
 from tests.fix_db import ledger_partitions
@@ -237,6 +238,46 @@ def test_month_boundaries_are_utc(client, db):
         entry = client.allocate("u1", ET, 1, UNIT, event_time=when)["entry_id"]
         assert partition_of(db, entry) == part, when
     assert client.get_balance("u1", ET, UNIT)["balance"] == D("5")
+
+
+@pytest.mark.parametrize("zone", ["America/New_York", "Pacific/Chatham", "Asia/Kolkata"])
+def test_a_month_is_a_month_of_utc_whatever_the_sessions_time_zone(db, zone):
+    # 058: the upper bound was the lower one plus '1 month', added in the session's zone.
+    # West of UTC a month after a shorter one was cut short (March ended on the 28th at
+    # 23:00 UTC under New York); across a change of daylight saving time east of UTC a
+    # month ran into the next, which could then not be created (42P17 under Chatham).
+    db.execute("SELECT set_config('TimeZone', %s, false)", (zone,))
+    for m in range(1, 13):
+        assert short(
+            db.execute("SELECT meter.create_partition(2041, %s) AS p", (m,)).fetchone()["p"]
+        ) == pname(2041, m)
+    for m in range(1, 13):
+        y2, m2 = add_months(2041, m, 1)
+        assert bounds(db, pname(2041, m)) == (
+            f"FOR VALUES FROM ('2041-{m:02d}-01 00:00:00+00') TO ('{y2:04d}-{m2:02d}-01 00:00:00+00')"
+        )
+
+
+def test_a_backdated_month_created_by_a_session_west_of_utc_holds_its_last_day(
+    make_client, db_url, db
+):
+    # 058: created on demand by a writer under America/New_York, March 2019 ended on Mar 28
+    # 23:00 UTC: the month's last days had no partition (23514) for every session after.
+    ny = make_client(url=make_conninfo(db_url, options="-c TimeZone=America/New_York"))
+    utc = make_client(url=make_conninfo(db_url, options="-c TimeZone=UTC"))
+    assert "ledger_2019_03" not in ledger_partitions(db)
+    cases = [
+        (ny, datetime(2019, 3, 15, 12, tzinfo=UTC), "meter.ledger_2019_03"),  # creates March
+        (ny, datetime(2019, 3, 31, 23, 59, 59, 999999, tzinfo=UTC), "meter.ledger_2019_03"),
+        (utc, datetime(2019, 3, 29, 0, 0, tzinfo=UTC), "meter.ledger_2019_03"),
+        (ny, datetime(2019, 4, 1, 0, 0, tzinfo=UTC), "meter.ledger_2019_04"),
+        (ny, datetime(2019, 2, 28, 23, 59, 59, 999999, tzinfo=UTC), "meter.ledger_2019_02"),
+    ]
+    for client, when, part in cases:
+        entry = client.allocate("u1", ET, 1, UNIT, event_time=when)["entry_id"]
+        assert partition_of(db, entry) == part, when
+    assert utc.get_balance("u1", ET, UNIT)["balance"] == D("5")
+    assert utc.reconcile() == []
 
 
 # ---------------------------------------------------------------- drop_old_partitions
