@@ -1212,6 +1212,28 @@ def test_prune_deletes_old_keys_but_not_live_reservations(client, db):
     assert client.get_balance("u1", ET, UNIT)["balance"] == D("200")
 
 
+def test_prune_counts_days_of_24_hours_across_a_change_of_clocks(client, db):
+    # 059: the window was 35 calendar days of the session's zone. New York moved its clocks
+    # forward on 2026-03-08, so 35 days before 2026-03-20 12:00 UTC was Feb 13 13:00 UTC
+    # there: a key 34 days 23.5 hours old went, inside the hour the worker's replay bound
+    # for signed messages keeps as its margin for clocks that disagree.
+    now = datetime(2026, 3, 20, 12, tzinfo=UTC)
+    for key, age in (
+        ("young", timedelta(days=35, minutes=-30)),
+        ("old", timedelta(days=35, minutes=30)),
+    ):
+        client.allocate("u1", ET, D("1"), UNIT, idempotency_key=key)
+        db.execute(
+            "UPDATE meter.idempotency_keys SET created_at = %s WHERE key = %s", (now - age, key)
+        )
+    db.execute("SET TimeZone = 'America/New_York'")
+    try:
+        assert prune(db, now=now) == 1
+    finally:
+        db.execute("RESET TimeZone")
+    assert keys(db) == {"young"}
+
+
 def test_prune_keeps_keys_a_recent_retention_fold_still_needs(client, db):
     long_ago = datetime.now(UTC) - timedelta(days=31 * 30)
     for user in ("kept", "pruned"):
