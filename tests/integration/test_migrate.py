@@ -101,6 +101,29 @@ def test_migrate_empty_database_applies_every_file_and_records_it(empty_url: str
     assert ledger is not None
 
 
+def test_a_database_in_another_time_zone_gets_months_of_utc(empty_url: str) -> None:
+    # 003 creates this month's partition and the next three under the migration's session,
+    # with a create_partition that added a month in the session's TimeZone: under New York
+    # a month after a shorter one ended days early (any four months hold one), and in
+    # November the next month's partition overlapped it and the migration failed.
+    conninfo = psycopg.conninfo.make_conninfo(empty_url, options="-c TimeZone=America/New_York")
+    migrate(conninfo)
+    with psycopg.connect(empty_url) as conn:
+        conn.execute("SET TimeZone = 'UTC'")
+        rows = conn.execute(
+            "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i"
+            " JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'meter.ledger'::regclass"
+        ).fetchall()
+    assert len(rows) >= 4
+    for name, bound in rows:
+        y, m = int(name[7:11]), int(name[12:14])
+        ny, nm = divmod(y * 12 + m, 12)
+        assert bound == (
+            f"FOR VALUES FROM ('{y:04d}-{m:02d}-01 00:00:00+00')"
+            f" TO ('{ny:04d}-{nm + 1:02d}-01 00:00:00+00')"
+        ), name
+
+
 def test_rerun_is_a_noop(empty_url: str) -> None:
     migrate(empty_url)
     before = recorded(empty_url)
