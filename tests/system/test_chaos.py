@@ -286,18 +286,37 @@ class Producer(threading.Thread):
             if len(pending) > 5 or rng.random() < 0.5:
                 self.settle(producer, *pending.pop(rng.randrange(len(pending))))
         elif roll < 0.92:
-            batch, logged = [], []
-            for _ in range(rng.randint(2, 20)):
+            batch: list[dict[str, Any]] = []
+            logged: list[tuple[int, str, str, str, Decimal]] = []
+            held: list[tuple[int, str, str, Decimal, Decimal]] = []
+            # now and then over 100 events with holds among them: a worker applies such a
+            # batch in transactions of at most 100, in order (sql 063), which faults cut
+            big = rng.random() < 0.03
+            for _ in range(rng.randint(101, 250) if big else rng.randint(2, 20)):
                 u, k, v = f"u{rng.randrange(USERS)}", self.key("b"), _amount(rng)
+                if big and rng.random() < 0.2:  # a hold and its commit, in order
+                    actual = Decimal(rng.randint(0, int(v * 1000))) / 1000
+                    held.append((len(batch) + 1, k, u, v, actual))
+                    reserve = {"op": "reserve", "user_id": u, "event_type": ET, "amount": v,
+                               "unit": UNIT, "reservation_id": k, "ttl_seconds": 120}  # fmt: skip
+                    batch.append(reserve)
+                    batch.append({"op": "commit", "reservation_id": k, "actual_amount": actual})
+                    continue
                 op = rng.choice(("consume", "allocate"))
+                logged.append((len(batch), op, k, u, -v if op == "consume" else v))
                 batch.append({"op": op, "user_id": u, "event_type": ET, "amount": v,
                               "unit": UNIT, "idempotency_key": k})  # fmt: skip
-                logged.append((op, k, u, -v if op == "consume" else v))
             if rng.random() < 0.2:
-                batch.append(dict(batch[0]))  # a duplicate inside the batch
+                batch.append(dict(batch[-1]))  # a duplicate inside the batch
             handles = self.call(producer.send_many, batch)
-            for (op, k, u, v), h in zip(logged, handles, strict=False):
-                self.log_keyed(f"{op} (batched)", k, u, v, h.task_id)
+            for i, op, k, u, v in logged:
+                self.log_keyed(f"{op} (batched)", k, u, v, handles[i].task_id)
+            with m.lock:
+                for i, rid, u, v, actual in held:
+                    m.holds[rid] = (u, v, 120, "commit", actual)
+                    m.when[rid] = ("commit", time.monotonic(), handles[i].task_id)
+                    m.sent["reserve (batched)"] += 1
+                    m.sent["commit (batched)"] += 1
         elif roll < 0.96:
             # designed invalid: an adjust referencing an entry that does not exist (MT003)
             k = self.key("x")
