@@ -76,6 +76,8 @@ times without its task ever completing (each time the worker died or was killed)
 RETRIES_EXHAUSTED_MESSAGE: Final = "gave up after {n} retries; last error: {error}"
 
 _KEYED_OPS: Final = frozenset({"consume", "allocate", "adjust"})
+_ORPHAN_OPS: Final = frozenset({"commit", "release"})
+"""The events that wait for their reservation's reserve (``orphan_since``)."""
 
 Outcome = dict[str, Any]
 
@@ -575,6 +577,8 @@ class EventTask(Task):
                 results=self.wants_result(),
             )[0]  # fmt: skip
         except Exception as exc:
+            if orphan_since is not None and _op(event, op) in _ORPHAN_OPS and is_transient(exc):
+                self.transient_orphan(s, exc, orphan_since)
             return self.failed(s, exc, _op(event, op), event, counted)
         if row["status"] == "not_found":
             return self.orphan(s, event, orphan_since, counted)
@@ -592,6 +596,21 @@ class EventTask(Task):
             logger.exception("permanent failure of %s", self.request.id)
             message = str(exc).strip() or type(exc).__name__
         return self.dead_letter(s, op, event, sqlstate_of(exc) or "XX000", message, counted)
+
+    def transient_orphan(self, s: Settings, exc: BaseException, since: Any) -> None:
+        """Retry a commit or release that was waiting for its reserve after a transient
+        failure, once its retries are spent (before, :meth:`failed` retries it).
+
+        Its wait ends in :meth:`give_up_orphan` (MT003, applied by its late reserve), which
+        is retried as long as the database fails; so is the look for the reservation that
+        comes first on each try. Filed as the failure once its retries were spent (57P01,
+        say: the database still away when a give-up was retried), it read as a failure to
+        fix and retry or discard, and a discard lost the commit its reserve would apply.
+        """
+        if (self.request.retries or 0) < s.max_retries:
+            return  # retried as any transient failure, orphan_since kept
+        logger.warning("cannot look for the reservation of %s yet: %r", self.request.id, exc)
+        self.retry_later(self.next_delay(s), exc, orphan_since=_orphan_since(since, time.time()))
 
     def orphan(
         self, s: Settings, event: dict[str, Any], since: float | None, counted: int | None

@@ -4,6 +4,7 @@ a far ETA, a hand-over Redis refuses (real worker thread, real Redis and Postgre
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -54,6 +55,46 @@ def test_an_orphan_given_up_as_the_database_fails_is_still_settled_by_its_late_r
     (row,) = eventually(lambda: dead_letters(db), timeout=30)
     assert (row["op"], row["error_sqlstate"]) == ("commit", "MT003"), row
     client.reserve("u1", ET, 5, UNIT, reservation_id="r-lost")
+    assert balance(client) == {"balance": D(8), "reserved": D(0), "available": D(8)}
+    assert dead_letters(db) == [] and len(dead_letters(db, "retried")) == 1
+
+
+def test_an_orphan_whose_give_up_is_retried_while_the_database_still_fails_is_an_mt003(
+    pipeline, db, db_url, client
+):
+    # The give-up (meter.record_orphan) fails transiently and is retried; the retry looks
+    # for the reservation again first (meter.apply_events), which failed too, the database
+    # still away: with its retries spent, it was filed as that failure (57P01, "gave up
+    # after 1 retries"), not as the orphan its late reserve applies (MT003), the very end
+    # the retried give-up was for. An operator told to fix its cause and retry or discard it
+    # could discard the commit.
+    pipeline.conf.meter_max_retries = 1
+    client.allocate("u1", ET, 10, UNIT)
+    commit = {"op": "commit", "namespace": "default",
+              "args": {"reservation_id": "r-away", "actual_amount": "2"}}  # fmt: skip
+    with (
+        psycopg.connect(db_url, autocommit=False) as tables,
+        psycopg.connect(db_url, autocommit=False) as reservation,
+    ):
+        tables.execute("LOCK TABLE meter.dead_letters IN ACCESS EXCLUSIVE MODE")
+        pipeline.send_task("meter.commit", args=(json.dumps(commit),), task_id="t-away")
+        orphan_pid = eventually(lambda: _waiting_on_dead_letters(db, "record_orphan"), timeout=30)
+        # queued behind record_orphan's read of the reservations, so it holds them next
+        pid = reservation.info.backend_pid
+        threading.Thread(
+            target=reservation.execute,
+            args=("LOCK TABLE meter.reservations IN ACCESS EXCLUSIVE MODE",),
+            daemon=True,
+        ).start()
+        eventually(lambda: _waiting_on_dead_letters(db, "LOCK TABLE") == pid, timeout=10)
+        db.execute("SELECT pg_terminate_backend(%s)", (orphan_pid,))
+        # the give-up's retry waits for the reservation id in meter.apply_events: end it too
+        retry_pid = eventually(lambda: _waiting_on_dead_letters(db, "apply_events"), timeout=30)
+        db.execute("SELECT pg_terminate_backend(%s)", (retry_pid,))
+        time.sleep(0.5)  # the worker meets the error and files what it files
+    (row,) = eventually(lambda: dead_letters(db), timeout=30)
+    assert (row["op"], row["error_sqlstate"]) == ("commit", "MT003"), row
+    client.reserve("u1", ET, 5, UNIT, reservation_id="r-away")
     assert balance(client) == {"balance": D(8), "reserved": D(0), "available": D(8)}
     assert dead_letters(db) == [] and len(dead_letters(db, "retried")) == 1
 
