@@ -1503,7 +1503,9 @@ def test_apply_events_and_the_worker_agree_on_what_is_transient(db):
 
 def test_a_commit_settled_by_its_late_reserve_is_not_the_reserve_callers_act(db, db_url):
     """The reserve's caller did not send the commit it settles: the commit's ledger row
-    names no actor, and the caller's own context is back for the rest of its transaction."""
+    names no actor, and the caller's own context is back for the rest of its transaction
+    (a caller calling the SQL itself: the SDK puts a caller's context back after each call
+    in any case)."""
     from meter import MeterClient
 
     payload = {"op": "commit", "namespace": "default",
@@ -1516,7 +1518,17 @@ def test_a_commit_settled_by_its_late_reserve_is_not_the_reserve_callers_act(db,
         alice = MeterClient(conn, "default")
         alice.set_actor(actor_id="alice", request_id="req-9", reason="top-up")
         alice.allocate("u1", ET, 10, UNIT)
-        assert alice.reserve("u1", ET, 5, UNIT, reservation_id="r-late")["granted"]
+        conn.execute(
+            "SELECT set_config('meter.tenant', 'default', true),"
+            " set_config('meter.actor_id', 'alice', true),"
+            " set_config('meter.request_id', 'req-9', true),"
+            " set_config('meter.on_behalf_of', '', true), set_config('meter.reason', 'top-up', true)"
+        )
+        granted = conn.execute(
+            "SELECT granted FROM meter.reserve('u1', %s, 5, %s, p_reservation_id => 'r-late')",
+            (ET, UNIT),
+        ).fetchone()
+        assert granted == (True,)
         context = conn.execute(
             "SELECT current_setting('meter.actor_id'), current_setting('meter.request_id'),"
             " current_setting('meter.on_behalf_of'), current_setting('meter.reason')"
