@@ -130,12 +130,15 @@ _CHECK_IDLE_AFTER: Final = 1.0
 
 
 class _FailedBeforeCommit(Exception):
-    """``error`` ended a statement run in a transaction the SDK opened on a caller's
-    connection, before its COMMIT was sent: the call cannot have committed."""
+    """``error`` ended a call on a caller's connection that cannot have committed: a
+    statement run in a transaction the SDK opened, before its COMMIT was sent, or anything
+    of a call inside the caller's own open transaction (``in_callers_transaction``), which
+    only the caller commits."""
 
-    def __init__(self, error: psycopg.Error) -> None:
+    def __init__(self, error: psycopg.Error, *, in_callers_transaction: bool) -> None:
         super().__init__(error)
         self.error = error
+        self.in_callers_transaction = in_callers_transaction
 
 
 class _Statement(NamedTuple):
@@ -659,11 +662,6 @@ class MeterClient:
         else:
             query = stmt.with_actor
             args = [*params, self._namespace, *actor]
-        # Inside a caller's open transaction a broken connection loses the whole of it: the
-        # call cannot have committed on its own.
-        own_transaction = (
-            self._conn is None or self._conn.info.transaction_status == TransactionStatus.IDLE
-        )
         retries = reconnects = 0
         check = False  # after a lost connection the next one is checked before use
         in_doubt = False  # a write of its own transaction lost its connection
@@ -676,6 +674,13 @@ class MeterClient:
                 return self._run_borrowed(query, args, check=check)
             except (psycopg.Error, _FailedBeforeCommit) as raised:
                 exc = raised.error if isinstance(raised, _FailedBeforeCommit) else raised
+                # Inside a caller's open transaction a broken connection loses the whole of
+                # it: the call cannot have committed on its own. Known only under the
+                # connection's lock (_run_on_callers_connection): before it, another
+                # client's call may have been under way on that connection.
+                own_transaction = not (
+                    isinstance(raised, _FailedBeforeCommit) and raised.in_callers_transaction
+                )
                 error = from_psycopg(exc)
                 if error.sqlstate == "54000" and _INDEX_ROW_TOO_BIG.match(error.message):
                     raise _oversized(stmt, params, self._namespace, error) from exc
@@ -882,16 +887,23 @@ class MeterClient:
     ) -> list[Row]:
         assert self._conn_lock is not None
         with self._conn_lock:
+            # Read under the lock: before it, another client's call may hold the connection.
             status = conn.info.transaction_status
             if conn.autocommit and status == TransactionStatus.IDLE:
                 return self._execute(conn, query, args)  # its own implicit transaction
-            with conn.transaction():  # BEGIN/COMMIT, or a savepoint in the caller's one
-                try:
-                    if status == TransactionStatus.IDLE:
-                        return self._execute(conn, query, args)
-                    return self._execute_keeping_context(conn, query, args)
-                except psycopg.Error as exc:
-                    raise _FailedBeforeCommit(exc) from exc  # COMMIT comes after this block
+            callers = status != TransactionStatus.IDLE
+            try:
+                with conn.transaction():  # BEGIN/COMMIT, or a savepoint in the caller's one
+                    try:
+                        if not callers:
+                            return self._execute(conn, query, args)
+                        return self._execute_keeping_context(conn, query, args)
+                    except psycopg.Error as exc:  # COMMIT comes after this block
+                        raise _FailedBeforeCommit(exc, in_callers_transaction=callers) from exc
+            except psycopg.Error as exc:  # BEGIN, SAVEPOINT, COMMIT or RELEASE
+                if callers:  # a SAVEPOINT or its RELEASE: the caller's to commit
+                    raise _FailedBeforeCommit(exc, in_callers_transaction=True) from exc
+                raise
 
     def _execute_keeping_context(
         self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]

@@ -887,6 +887,66 @@ def test_a_statement_lost_before_the_sdks_commit_is_not_reported_in_doubt(cutter
     assert [r["amount"] for r in ledger_rows(db)] == [D("100")]
 
 
+class _SaysWhenWaited:
+    """A client's connection lock that tells when a call has come to wait for it."""
+
+    def __init__(self, lock: Any) -> None:
+        self.lock, self.waiting = lock, threading.Event()
+
+    def __enter__(self) -> Any:
+        self.waiting.set()
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc: object) -> Any:
+        return self.lock.__exit__(*exc)
+
+
+def test_a_keyless_write_that_waited_for_another_clients_call_is_reported_in_doubt(
+    cutter, db_url, db
+):
+    # Whether a call is its own transaction was read before it took the connection's lock:
+    # while another client's call was under way there (status ACTIVE), a keyless write
+    # that then ran in an implicit transaction of its own, committed, and lost the reply
+    # was reported "cannot have committed" -- a caller retrying it counted it twice.
+    conn = psycopg.connect(cutter.url, autocommit=True)
+    blocker = psycopg.connect(db_url)
+    try:
+        a, b = meter.MeterClient(conn, namespace="a"), meter.MeterClient(conn, namespace="b")
+        a.allocate(U, ET, D("100"), UNIT)
+        b.allocate(U, ET, D("100"), UNIT)
+        blocker.execute("SELECT 1 FROM meter.accounts WHERE namespace = 'b' FOR UPDATE")
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(b.consume, U, ET, D("1"), UNIT)  # waits for the row lock
+            while not db.execute(
+                "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database()"
+            ).fetchone()["n"]:
+                time.sleep(0.01)
+            assert conn.info.transaction_status == TransactionStatus.ACTIVE
+            cutter.cut_reply_to(b"meter.consume(")
+            a._conn_lock = _SaysWhenWaited(a._conn_lock)
+            second = pool.submit(a.consume, U, ET, D("7"), UNIT)
+            assert a._conn_lock.waiting.wait(10)
+            blocker.rollback()
+            assert first.result(10)["balance"] == D("99")
+            with pytest.raises(MeterConnectionError, match="may have committed") as lost:
+                second.result(10)
+        assert "idempotency key" in str(lost.value)
+        assert (cutter.seen, cutter.cuts) == (1, 1)
+    finally:
+        blocker.close()
+        conn.close()
+    amounts = db.execute(
+        "SELECT namespace, amount FROM meter.ledger ORDER BY id"
+    ).fetchall()  # it had committed, once
+    assert [tuple(r.values()) for r in amounts] == [
+        ("a", D("100")),
+        ("b", D("100")),
+        ("b", D("-1")),
+        ("a", D("-7")),
+    ]
+
+
 def test_a_reserve_with_a_key_and_an_id_is_named_by_both(cutter, db_url, db):
     # Its fingerprint covers both: the id alone would be refused as another reservation.
     conn = psycopg.connect(cutter.url, autocommit=True)
