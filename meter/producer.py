@@ -991,6 +991,7 @@ class MeterProducer:
     # ------------------------------------------------------------ argument building
     # Each returns (args, idempotency_key, reservation_id); validation as MeterClient's, in
     # the signature's order, so that the first bad argument is the one named, as there.
+    # An event_time's range, which the client leaves to the database, is checked last.
 
     def _consume_args(
         self,
@@ -1009,8 +1010,11 @@ class MeterProducer:
             args["check_balance"] = True
         key = _ident(idempotency_key, "idempotency_key", nullable=True) or t.new_id()
         args["idempotency_key"] = key
-        _put_time(args, event_time)
-        _put_metadata(args, metadata)
+        when = t.check_timestamp(event_time, "event_time")
+        meta: dict[str, Any] = {}
+        _put_metadata(meta, metadata)
+        _put_time(args, when)  # its range last, as the client's database checks it
+        args.update(meta)
         return args, key, None
 
     def _allocate_args(
@@ -1027,8 +1031,11 @@ class MeterProducer:
         args = _account_args(user_id, event_type, amount, unit, resource, "positive", pool=True)
         key = _ident(idempotency_key, "idempotency_key", nullable=True) or t.new_id()
         args["idempotency_key"] = key
-        _put_time(args, event_time)
-        _put_metadata(args, metadata)
+        when = t.check_timestamp(event_time, "event_time")
+        meta: dict[str, Any] = {}
+        _put_metadata(meta, metadata)
+        _put_time(args, when)  # its range last, as the client's database checks it
+        args.update(meta)
         return args, key, None
 
     def _adjust_args(

@@ -6,7 +6,7 @@ import json
 import threading
 import time
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -1053,6 +1053,35 @@ def test_the_producer_names_the_bad_argument_the_client_names(op, fixed):
         producer.close()
         client.close()
     assert by_producer.value.parameter == by_client.value.parameter == names[fixed]
+
+
+@pytest.mark.parametrize("op", ["consume", "allocate"])
+@pytest.mark.parametrize(
+    "when", [datetime(1899, 12, 31, tzinfo=UTC), datetime.now(UTC) + timedelta(days=2)]
+)
+def test_an_event_time_out_of_range_is_named_after_the_client_s_own_checks(op, when):
+    """The client leaves an event_time's range to the database, which it reaches only once
+    every argument passed its own checks: with bad metadata too it names the metadata. The
+    producer, which checks the range itself, named the event_time."""
+    from meter import MeterClient
+    from meter.producer import MeterProducer
+
+    kwargs = {"user_id": "u", "event_type": "e", "amount": 1, "unit": "t",
+              "event_time": when, "metadata": []}  # fmt: skip
+    client = MeterClient("postgresql://127.0.0.1:1/none")  # validation needs no server
+    producer = MeterProducer("redis://127.0.0.1:1/0")
+    try:
+        with pytest.raises(ValidationError) as by_client:
+            getattr(client, op)(**kwargs)
+        with pytest.raises(ValidationError) as by_producer:
+            getattr(producer, op)(**kwargs)
+        with pytest.raises(ValidationError, match="event_time") as alone:
+            getattr(producer, op)(**{**kwargs, "metadata": None})
+    finally:
+        producer.close()
+        client.close()
+    assert by_producer.value.parameter == by_client.value.parameter == "metadata"
+    assert alone.value.parameter == "event_time"
 
 
 def test_max_buffered_defaults_to_ten_batches():
