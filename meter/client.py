@@ -1638,6 +1638,9 @@ _inherited: list[object] = []
 
 
 def _after_fork_in_child() -> None:
+    global _connection_locks_guard
+    # Held by another thread at the fork (building a client), it would stay held for good.
+    _connection_locks_guard = threading.Lock()
     for client in list(_clients_with_own_pool):
         client._after_fork()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import signal
 import socket
 import threading
 import time
@@ -326,6 +327,48 @@ def test_a_forked_child_uses_connections_of_its_own(db_url, db):
             assert pipe.read().decode() == f"backends {base + 3}"
         assert c.get_balance(U, ET, UNIT)["balance"] == D("4")
     assert db.execute("SELECT count(*) AS n FROM meter.ledger").fetchone()["n"] == 2
+
+
+@pytest.mark.timeout(120)
+def test_a_child_forked_while_a_client_was_being_built_can_build_its_own(db_url, db):
+    # The registry of connection locks is guarded by a lock, held while a client is built
+    # on a caller's connection; forked at that moment (another thread building one), the
+    # child held it for good: the first client it built on a connection hung forever.
+    r, w = os.pipe()
+    held, done = threading.Event(), threading.Event()
+
+    def building() -> None:  # another thread, building a client on a connection
+        with client_module._connection_locks_guard:
+            held.set()
+            done.wait(10)
+
+    builder = threading.Thread(target=building)
+    builder.start()
+    assert held.wait(10)
+    pid = os.fork()
+    if pid == 0:
+        try:
+
+            def hung(*_: object) -> None:
+                raise TimeoutError("building a client hung")
+
+            signal.signal(signal.SIGALRM, hung)
+            signal.alarm(10)
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                balance = meter.MeterClient(conn).allocate(U, ET, D("5"), UNIT)["balance"]
+            os.write(w, f"balance {balance}".encode())
+        except BaseException as exc:
+            os.write(w, repr(exc).encode()[:1000])
+        finally:
+            os._exit(0)
+    done.set()
+    builder.join()
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r, "rb") as pipe:
+        assert pipe.read().decode() == "balance 5"
+    with psycopg.connect(db_url, autocommit=True) as conn:  # and the parent's still works
+        assert meter.MeterClient(conn).get_balance(U, ET, UNIT)["balance"] == D("5")
 
 
 @pytest.mark.timeout(120)
