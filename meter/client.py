@@ -430,7 +430,9 @@ class MeterClient:
             transaction, or a savepoint of the caller's open transaction, which keeps its
             own tenant and actor context after the call; the calls of every client on
             one connection take turns, so they are thread-safe, though the caller's own
-            statements on it from other threads may land inside a call's transaction).
+            statements on it from other threads may land inside a call's transaction, and
+            a call made while another thread has a transaction open on it is part of that
+            transaction, and is rolled back with it).
             Results need ``DateStyle`` ISO and ``IntervalStyle``
             postgres, and parameters the client encoding UTF8 (:mod:`meter.session`): the
             client's own connections are given them; on a caller's connection with others,
