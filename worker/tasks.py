@@ -1,8 +1,9 @@
 """The pipeline's tasks: decode the message, call the SQL, map what went wrong.
 
 ``meter.<op>(event)`` applies one event, ``meter.apply_batch(events)`` many in one
-transaction (or in parts of at most 100 in order, :func:`apply_batch`); both go through ``meter.apply_events`` (``sql/008_pipeline.sql``), which also
-records the dead letter of an event that can never succeed, in the same transaction.
+transaction (or in parts of at most 100, in order: :func:`apply_batch`); both go through
+``meter.apply_events`` (``sql/008_pipeline.sql``), which also records the dead letter of an
+event that can never succeed, in the same transaction.
 
 Exactly-once effect on top of at-least-once delivery:
 
@@ -703,7 +704,8 @@ def apply_batch(
     (outcome ``deferred``).
     More than :data:`ONE_BY_ONE_PER_CALL` events of which any may go one by one (a
     reserve, say) are applied in transactions of that many, in order, as is a larger
-    batch the SQL refuses whole for its size (sql 050, 063).
+    batch whose single call fails otherwise than transiently (the SQL refuses it whole for
+    its size, sql 050 and 063, or for any other reason: each part then meets its own).
     A batch that cannot be applied as a whole otherwise (a permanent error of the call, or
     too many deliveries) is split into single-event tasks, so each event meets its own fate.
     A batch refused for its tenancy (module docstring) is one dead letter, applied nowhere.
@@ -793,7 +795,8 @@ def apply_batch(
                 self.transient(s, exc)
             elif len(kept) > ONE_BY_ONE_PER_CALL:
                 # Refused whole for its size (an event that goes one by one after all, or
-                # too many new months: sql 050, 063): in parts, in order, each in bounds.
+                # too many new months: sql 050, 063), or for a reason only some events
+                # have: in parts, in order, each in bounds; a part failing whole is split.
                 logger.warning("batch %s refused whole (%r): applying it in parts", request.id, exc)
                 applied = _apply_in_parts(self, s, kept, orig)
                 self.done(counted)
