@@ -579,6 +579,119 @@ def test_a_batch_that_may_go_one_by_one_is_applied_in_parts_of_100_in_order(pipe
     assert not dead_letters(db)
 
 
+def _part_lost_once(tid: str, start: int, real: Callable[..., Any], calls: list[Any]) -> Any:
+    """``apply_events`` whose call for part ``start`` of batch ``tid`` commits, the first
+    time, and then loses its reply (the connection dropped: a transient error)."""
+
+    def in_doubt(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[3])
+        rows = real(*args, **kwargs)
+        if args[3] == f"{tid}@{start}" and calls.count(args[3]) == 1:
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return rows
+
+    return in_doubt
+
+
+def test_a_batch_retried_after_one_of_its_parts_committed_applies_each_event_once(
+    pipeline, db, monkeypatch
+):
+    """A batch applied in parts (063) is retried whole when a part fails transiently, here
+    after it committed: the parts before it, and it, replay. Events without keys are keyed
+    by their index in the message (a reserve without an id gets ``task:<id>:<index>``, which
+    the commits in the next part name), a key used in two parts replays or conflicts as in
+    one transaction, and the caller gets every event's outcome once."""
+    tid = str(uuid.uuid4())
+    acc = {"user_id": "u1", "event_type": ET, "unit": UNIT}
+    events = [{"op": "allocate", "namespace": "default", "args": {**acc, "amount": "1000"}}]
+    events += [{"op": "reserve", "namespace": "default", "args": {**acc, "amount": "2"}}
+               for _ in range(120)]  # fmt: skip
+    events[50] = {"op": "consume", "namespace": "default",
+                  "args": {**acc, "amount": "1", "idempotency_key": "dup"}}  # fmt: skip
+    events += [{"op": "commit", "namespace": "default",
+                "args": {"reservation_id": f"task:{tid}:{i}", "actual_amount": "1"}}
+               for i in range(1, 121) if i != 50]  # fmt: skip
+    events += [
+        {"op": "consume", "namespace": "default", "args": {**acc, "amount": "1",
+                                                           "check_balance": True}},
+        {"op": "consume", "namespace": "default", "args": {**acc, "amount": "1",
+                                                           "idempotency_key": "dup"}},
+        {"op": "consume", "namespace": "default", "args": {**acc, "amount": "2",
+                                                           "idempotency_key": "dup"}},
+    ]  # fmt: skip
+    assert len(events) == 243
+    calls: list[Any] = []
+    monkeypatch.setattr(
+        worker_db, "apply_events", _part_lost_once(tid, 100, worker_db.apply_events, calls)
+    )
+    outcomes = send_raw(pipeline, wire.APPLY_BATCH, json.dumps(events), task_id=tid).get(timeout=60)
+    assert calls == [f"{tid}@0", f"{tid}@100", f"{tid}@0", f"{tid}@100", f"{tid}@200"]
+    statuses = [o["status"] for o in outcomes]
+    assert statuses == ["replayed"] * 200 + ["applied"] * 41 + ["replayed", "error"]
+    assert outcomes[-1]["error_sqlstate"] == "MT002"
+    assert {o["result"]["status"] for o in outcomes[200:240]} == {"committed"}
+    assert db.execute(
+        "SELECT balance, reserved FROM meter.accounts WHERE user_id = 'u1'"
+    ).fetchone() == {"balance": D(1000 - 119 - 2), "reserved": D(0)}
+    counts = db.execute(
+        "SELECT entry_type, count(*) AS n, sum(amount) AS total FROM meter.ledger"
+        " GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    assert counts == [
+        {"entry_type": "allocation", "n": 1, "total": D(1000)},
+        {"entry_type": "consumption", "n": 121, "total": D(-121)},
+    ]
+    assert db.execute(
+        "SELECT status, count(*) AS n FROM meter.reservations GROUP BY 1"
+    ).fetchall() == [{"status": "committed", "n": 119}]
+    (letter,) = dead_letters(db)
+    assert (letter["source"], letter["error_sqlstate"], letter["attempts"]) == (
+        f"{tid}@200/42",
+        "MT002",
+        1,
+    )
+
+
+def test_a_signed_batch_in_parts_hands_a_deferred_commit_to_a_signed_task(
+    pipeline, make_producer, client, db, monkeypatch
+):
+    """A signed batch applied in parts: a commit in its first part whose reserve is in the
+    second waits in a task of its own, signed, and applies once the reserve has; the batch,
+    retried after its second part committed unseen, replays both."""
+    from meter import signing
+
+    client.allocate("u1", ET, 1000, UNIT)
+    calls: list[Any] = []
+    real = worker_db.apply_events
+
+    def in_doubt(*args: Any, **kwargs: Any) -> Any:
+        return _part_lost_once(str(args[3]).partition("@")[0], 100, real, calls)(*args, **kwargs)
+
+    monkeypatch.setattr(worker_db, "apply_events", in_doubt)
+    evs: list[dict[str, Any]] = [{"op": "commit", "reservation_id": "r-x", "actual_amount": 2}]
+    evs += [{"op": "reserve", "user_id": "u1", "event_type": ET, "unit": UNIT, "amount": 1,
+             "reservation_id": f"r{i}"} for i in range(1, 150)]  # fmt: skip
+    evs[140] = {"op": "reserve", "user_id": "u1", "event_type": ET, "unit": UNIT,
+                "amount": 5, "reservation_id": "r-x"}  # fmt: skip
+    pipeline.conf.meter_signing_secret = SECRET
+    try:
+        p = make_producer(signing_key=signing.derive_key(SECRET, "default"), results=True)
+        handles = p.send_many(evs)
+        results = [h.wait(timeout=30) for h in handles]
+    finally:
+        pipeline.conf.meter_signing_secret = ""
+    assert results[0]["status"] in ("committed", "replayed")
+    assert results[140]["granted"] is True
+    assert sum(1 for c in calls if str(c).endswith("@100")) == 2
+    assert dead_letters(db) == []
+    assert db.execute(
+        "SELECT status, count(*) AS n FROM meter.reservations GROUP BY 1 ORDER BY 1"
+    ).fetchall() == [{"status": "active", "n": 148}, {"status": "committed", "n": 1}]
+    assert db.execute("SELECT balance FROM meter.accounts WHERE user_id = 'u1'").fetchone() == {
+        "balance": D(998)
+    }
+
+
 def test_a_crafted_event_postgresql_cannot_store_is_still_a_dead_letter(pipeline, db, snapshot):
     """PostgreSQL stores no NUL and no lone surrogate: the dead letter escapes them (and
     files a namespace holding one with the operators) instead of failing to be recorded,
