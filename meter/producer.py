@@ -920,8 +920,10 @@ class MeterProducer:
         ``reserve``, ``commit``, ``release``) and that method's parameters by name, e.g.
         ``{"op": "consume", "user_id": "u1", "event_type": "tokens", "amount": 3,
         "unit": "tok"}``. Every event is validated before anything is sent. Sent at once,
-        whatever the buffering mode. A worker applies each message in one transaction;
-        an event that can never succeed is dead-lettered alone.
+        whatever the buffering mode. A worker applies each message in one transaction, or
+        one of more than 100 events of which any goes one by one (a reserve, commit or
+        release, a checked consume, an adjust naming an entry) in transactions of at most
+        100, in order; an event that can never succeed is dead-lettered alone.
 
         Returns:
             One handle per event, in order (batch-mates share ``task_id``).
