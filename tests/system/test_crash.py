@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from contextlib import suppress
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -494,3 +495,71 @@ def _redis_gone(server: EmbeddedRedis) -> bool:
     except redis.ConnectionError:
         return True
     return False
+
+
+def test_workers_sigkilled_while_applying_batches_in_parts(
+    start_worker: Any, crash_redis: CrashableRedis, db: psycopg.Connection[Any], client: Any
+) -> None:
+    """Messages of 250 reserves and their 250 commits (a worker applies each in parts of
+    100, in order: sql 063), a worker SIGKILLed at random moments while it applies them:
+    a message delivered again replays the parts that committed, so every reservation is
+    reserved and committed exactly once, in order (none waits as an orphan), and the
+    balances are those of a Decimal model."""
+    rng = random.Random(63)
+    users = [f"p{i}" for i in range(30)]
+    for user in users:
+        client.allocate(user, ET, 10**6, UNIT)
+    model = dict.fromkeys(users, Decimal(10**6))
+    messages = []
+    for m in range(16):
+        reserves, commits = [], []
+        for i in range(250):
+            user, value, rid = rng.choice(users), amount(rng), f"m{m}-r{i}"
+            reserves.append({"op": "reserve", "user_id": user, "event_type": ET,
+                             "amount": value + 1, "unit": UNIT, "reservation_id": rid,
+                             "ttl_seconds": 3600})  # fmt: skip
+            commits.append({"op": "commit", "reservation_id": rid, "actual_amount": value})
+            model[user] -= value
+        messages.append(reserves + commits)
+    with MeterProducer(crash_redis.url()) as producer:
+        for events in messages:
+            producer.send_many(events)
+    kills, progress = 6, []
+    for _ in range(kills):
+        worker = start_worker()
+        worker.wait_ready()
+        time.sleep(rng.uniform(0.3, 1.5))
+        worker.kill()
+        progress.append(db.execute("SELECT count(*) AS n FROM meter.reservations").fetchone()["n"])
+    last = start_worker()
+    last.wait_ready()
+
+    def done() -> bool:
+        row = db.execute(
+            "SELECT count(*) FILTER (WHERE status = 'committed') AS n FROM meter.reservations"
+        ).fetchone()
+        return row["n"] == 4000 and not any(redis_state(crash_redis.url(), wire.QUEUE).values())
+
+    with suppress(AssertionError):
+        eventually(done, DRAIN_TIMEOUT, 0.2, "all committed")
+    last.stop()
+    print(f"\nbatches in parts: reservations after each of {kills} SIGKILLs: {progress}")
+    rows = db.execute(
+        "SELECT reservation_id, count(*) AS n FROM meter.ledger"
+        " WHERE entry_type = 'consumption' GROUP BY 1"
+    ).fetchall()
+    assert len(rows) == 4000 and {r["n"] for r in rows} == {1}
+    assert db.execute(
+        "SELECT status, count(*) AS n FROM meter.reservations GROUP BY 1"
+    ).fetchall() == [{"status": "committed", "n": 4000}]
+    balances = {
+        r["user_id"]: (r["balance"], r["reserved"])
+        for r in db.execute(
+            "SELECT user_id, balance, reserved FROM meter.accounts WHERE event_type = %s",
+            (ET,),
+        ).fetchall()
+    }
+    assert balances == {u: (b, Decimal(0)) for u, b in model.items()}
+    assert client.reconcile() == []
+    assert db.execute("SELECT count(*) AS n FROM meter.dead_letters").fetchone()["n"] == 0
+    assert redis_state(crash_redis.url(), wire.QUEUE) == NOTHING_LEFT
