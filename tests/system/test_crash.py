@@ -7,6 +7,8 @@ What they show (``docs/reliability.md`` has the figures):
   model;
 - workers SIGKILLed (with their pool children) at random moments while single-event
   messages flow, and restarted: nothing lost, nothing doubled, ``reconcile()`` empty;
+- workers SIGKILLed while applying messages of reserves and their commits in parts of
+  100 (sql 063): every reservation reserved and committed once, none an orphan;
 - Redis SIGKILLed and restarted from its append-only file mid-stream: the same;
 - a bare kombu consumer SIGKILLed in a tight loop: every message is eventually processed.
   (kombu's stock transport loses messages in this very test: the pop/record window.)
