@@ -703,7 +703,7 @@ def apply_batch(
     apply. An event whose reservation is not there yet is handed to a single-event task
     (outcome ``deferred``).
     More than :data:`ONE_BY_ONE_PER_CALL` events of which any may go one by one (a
-    reserve, say) are applied in transactions of that many, in order, as is a larger
+    reserve, say, or a key's second use) are applied in transactions of that many, in order, as is a larger
     batch whose single call fails otherwise than transiently (the SQL refuses it whole for
     its size, sql 050 and 063, or for any other reason: each part then meets its own).
     A batch that cannot be applied as a whole otherwise (a permanent error of the call, or
@@ -778,7 +778,9 @@ def apply_batch(
             "batch %s delivered %d times without completing: splitting it", request.id, counted
         )
         return _merge(outcomes, orig, _split(self, s, kept, orig, counted))
-    if len(kept) > ONE_BY_ONE_PER_CALL and any(map(_may_go_one_by_one, kept)):
+    if len(kept) > ONE_BY_ONE_PER_CALL and (
+        any(map(_may_go_one_by_one, kept)) or _repeats_a_key(kept)
+    ):
         applied = _apply_in_parts(self, s, kept, orig)
     else:
         try:
@@ -827,6 +829,27 @@ def _may_go_one_by_one(event: Any) -> bool:
         or args.get("check_balance") is True
         or args.get("reference_id") is not None
     )
+
+
+def _repeats_a_key(events: list[Any]) -> bool:
+    """Whether two of ``events`` name one idempotency key in one namespace: the second
+    goes one by one (it replays the first, or conflicts with it), and a whole call of more
+    than :data:`ONE_BY_ONE_PER_CALL` would only be refused (a producer's message repeats
+    an event it sent again after a failed publish)."""
+    seen: set[tuple[Any, Any]] = set()
+    for event in events:
+        args = event.get("args") if isinstance(event, dict) else None
+        key = args.get("idempotency_key") if isinstance(args, dict) else None
+        if key is None:
+            continue
+        try:
+            named = (event.get("namespace"), key)
+            if named in seen:
+                return True
+            seen.add(named)
+        except TypeError:  # a key that is no text (unhashable): the SQL refuses it
+            return True
+    return False
 
 
 def _apply_in_parts(

@@ -24,7 +24,7 @@ from tests.examples import examples
 from worker import worker_config
 from worker.retry import backoff, is_transient
 from worker.settings import Settings
-from worker.tasks import _with_key
+from worker.tasks import _repeats_a_key, _with_key
 
 
 def test_settings_from_env():
@@ -1796,3 +1796,24 @@ def test_an_unreadable_messages_description_is_bounded_whatever_its_size():
     assert len(d["headers"]) < KEPT_CHARACTERS + 200 and d["headers"].startswith("{'id': 't'")
     small = describe(SimpleNamespace(headers=None, body=b"\xff{", delivery_tag=1), "r")
     assert (small["body"], small["headers"], small["delivery_tag"]) == ("\\xff{", None, "1")
+
+
+def _keyed(key: Any, namespace: Any = "n") -> dict[str, Any]:
+    return {"op": "consume", "namespace": namespace, "args": {"idempotency_key": key}}
+
+
+@pytest.mark.parametrize(
+    ("events", "repeats"),
+    [
+        ([_keyed("a"), _keyed("b"), {"op": "consume", "args": {}}], False),
+        ([_keyed("a"), _keyed("b"), _keyed("a")], True),
+        ([_keyed("a"), _keyed("a", "m")], False),  # one key in two namespaces: two keys
+        ([_keyed(["a"]), _keyed("b")], True),  # a key that is no text: the SQL refuses it
+        (["not an event", _keyed(None), _keyed(None)], False),
+    ],
+)
+def test_a_batch_repeating_a_key_is_applied_in_parts(events, repeats):
+    """A key's second use in a batch goes one by one in the SQL (063 refuses a whole call
+    of more than 100 events with one): the worker sends such a batch in parts at once,
+    rather than after a refused call."""
+    assert _repeats_a_key(events) is repeats
