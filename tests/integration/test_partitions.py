@@ -433,6 +433,26 @@ def test_drop_old_partitions_folds_into_checkpoint(client, db, make_client):
     assert stats["total_balance"] == D("81") + D("0") + D("9") + D("1000")
 
 
+@pytest.mark.parametrize("style", ["SQL, YMD", "SQL, DMY", "German", "Postgres, MDY"])
+def test_drop_old_partitions_folds_months_under_any_datestyle(client, db, db_url, style):
+    # 066: the second month's fold quoted its end into the INSERT as text, read back in
+    # the session's DateStyle: 'SQL, YMD' writes '03/01/2020 00:00:00 UTC' and cannot read
+    # it (22008), so a retention of two months or more failed whole, every run.
+    client.allocate("u1", ET, 100, UNIT, event_time=mid_month(2020, 1))
+    client.consume("u1", ET, 30, UNIT, event_time=mid_month(2020, 2))
+    client.consume("u1", ET, 1, UNIT)
+    with psycopg.connect(
+        make_conninfo(db_url, options=f"-c DateStyle={style.replace(' ', '')}"), autocommit=True
+    ) as conn:
+        dropped = [r[0] for r in conn.execute("SELECT * FROM meter.drop_old_partitions(1)")]
+    assert sorted(short(n) for n in dropped) == [pname(2020, 1), pname(2020, 2)]
+    cp = checkpoint(db, "u1")
+    assert (cp["balance"], cp["entries"]) == (D("70"), 2)
+    assert cp["through"] == datetime(2020, 3, 1, tzinfo=UTC)
+    assert client.reconcile() == []
+    assert client.get_balance("u1", ET, UNIT)["balance"] == D("69")
+
+
 def test_drop_old_partitions_default_keeps_24_months(client, db):
     y, m = this_month(db)
     inside = add_months(y, m, -23)  # ends after the cutoff: kept
