@@ -11,16 +11,18 @@ CREATE FUNCTION pg_temp.bench_populate(p_namespace text, p_accounts integer, p_r
                                        p_months integer) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_first timestamptz := date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-                           - make_interval(months => p_months - 1);
+    -- months of UTC: added to a timestamptz they were months of the session's TimeZone,
+    -- and under America/New_York the first was a month's first hour and a month was skipped
+    v_first timestamptz := (date_trunc('month', now() AT TIME ZONE 'UTC')
+                            - make_interval(months => p_months - 1)) AT TIME ZONE 'UTC';
     v_span interval;
     v_base bigint;
     m integer;
 BEGIN
     FOR m IN 0 .. p_months - 1 LOOP
         PERFORM meter.create_partition(
-            extract(year FROM (v_first + make_interval(months => m)) AT TIME ZONE 'UTC')::integer,
-            extract(month FROM (v_first + make_interval(months => m)) AT TIME ZONE 'UTC')::integer);
+            extract(year FROM v_first AT TIME ZONE 'UTC' + make_interval(months => m))::integer,
+            extract(month FROM v_first AT TIME ZONE 'UTC' + make_interval(months => m))::integer);
     END LOOP;
     -- up to now, not into the future
     v_span := now() - v_first;
