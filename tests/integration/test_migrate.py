@@ -577,3 +577,89 @@ def test_with_roles_requires_roles_file(empty_url: str, stub_dir: Path) -> None:
     with pytest.raises(MigrationError, match=r"roles\.sql"):
         migrate(empty_url, with_roles=True, sql_dir=stub_dir)
     assert schema_version(empty_url) is None  # refused before touching the database
+
+
+def test_months_made_before_058_in_a_local_zone_become_months_of_utc(
+    new_database: Callable[[], str], tmp_path: Path
+) -> None:
+    # 067: before 058 a month's upper bound was its UTC start plus '1 month' in the
+    # creating session's TimeZone, and 058 left the months already made so. Under
+    # Europe/Berlin October ran to November 1 01:00 UTC, so November could never be
+    # created (42P17: every event of November refused); March ended on the 31st at 23:00
+    # UTC, and its last hour had no partition (23514).
+    older = tmp_path / "older"
+    older.mkdir()
+    for m in discover():
+        if m.number < 58:
+            write(older, m.path.name, m.path.read_text())
+    url = new_database()
+    migrate(url, sql_dir=older)
+    berlin = psycopg.conninfo.make_conninfo(url, options="-c TimeZone=Europe/Berlin")
+    with psycopg.connect(berlin, autocommit=True) as conn:
+        for y, m in [(2019, 3), (2019, 10), (2018, 10)]:
+            conn.execute("SELECT meter.create_partition(%s, %s)", (y, m))
+        with pytest.raises(psycopg.errors.InvalidObjectDefinition):
+            conn.execute("SELECT meter.create_partition(2019, 11)")
+        conn.execute(
+            "SELECT meter.allocate('u1', 'tokens', 5, 'tok', NULL, NULL, '2019-03-15 12:00Z')"
+        )
+        # a row of November's first hour that October took (the writers never put one
+        # there: they made November first, and failed; but nothing else stops one)
+        conn.execute(
+            "INSERT INTO meter.ledger_2018_10 (namespace, account_id, user_id, event_type,"
+            " resource, unit, entry_type, amount, balance_after, event_time)"
+            " SELECT namespace, account_id, user_id, event_type, resource, unit, entry_type,"
+            " amount, balance_after, '2018-11-01 00:30Z' FROM meter.ledger"
+        )
+    migrate(url)
+
+    def bounds(conn: psycopg.Connection[Any]) -> dict[str, str]:
+        conn.execute("SET TimeZone = 'UTC'")
+        rows = conn.execute(
+            "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i"
+            " JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = 'meter.ledger'::regclass"
+        ).fetchall()
+        return {str(n): str(b) for n, b in rows}
+
+    def month(y: int, m: int) -> str:
+        ny, nm = divmod(y * 12 + m, 12)
+        return (
+            f"FOR VALUES FROM ('{y:04d}-{m:02d}-01 00:00:00+00')"
+            f" TO ('{ny:04d}-{nm + 1:02d}-01 00:00:00+00')"
+        )
+
+    with psycopg.connect(berlin, autocommit=True) as conn:
+        found = bounds(conn)
+        assert found["ledger_2019_03"] == month(2019, 3)
+        assert found["ledger_2019_10"] == month(2019, 10)
+        # its rows would have to move: left as it was
+        assert found["ledger_2018_10"] == (
+            "FOR VALUES FROM ('2018-10-01 00:00:00+00') TO ('2018-11-01 01:00:00+00')"
+        )
+        conn.execute("SET TimeZone = 'Europe/Berlin'")
+        assert conn.execute("SELECT meter.create_partition(2019, 11)").fetchone() == (
+            "ledger_2019_11",
+        )
+        for at in ("2019-03-31 23:30:00+00", "2019-10-31 23:30:00+00", "2019-11-01 00:30:00+00"):
+            conn.execute(
+                "SELECT meter.allocate('u1', 'tokens', 1, 'tok', NULL, NULL, %s::timestamptz)",
+                (at,),
+            )
+        rows = conn.execute(
+            "SELECT to_char(event_time AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI'),"
+            " tableoid::regclass::text FROM meter.ledger ORDER BY event_time"
+        ).fetchall()
+        assert rows == [
+            ("2018-11-01 00:30", "meter.ledger_2018_10"),
+            ("2019-03-15 12:00", "meter.ledger_2019_03"),
+            ("2019-03-31 23:30", "meter.ledger_2019_03"),
+            ("2019-10-31 23:30", "meter.ledger_2019_10"),
+            ("2019-11-01 00:30", "meter.ledger_2019_11"),
+        ]
+        # the ledger's row trigger reaches the months attached again, once
+        with pytest.raises(psycopg.Error):
+            conn.execute("DELETE FROM meter.ledger_2019_03")
+        assert conn.execute(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'meter.ledger_2019_03'::regclass"
+        ).fetchone() == (2,)
