@@ -1528,7 +1528,8 @@ class MeterClient:
 
         Returns:
             ``{"total_accounts", "total_ledger_entries", "active_reservations": int,
-            "total_balance", "total_reserved": Decimal}``.
+            "total_balance", "total_reserved": Decimal}``. ``total_ledger_entries`` counts
+            every entry ever recorded, those retention folded into checkpoints included.
 
         Raises:
             MeterConnectionError, MeterError.

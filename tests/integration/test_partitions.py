@@ -349,6 +349,7 @@ def test_drop_old_partitions_folds_into_checkpoint(client, db, make_client):
         " FROM meter.accounts ORDER BY namespace, user_id NULLS FIRST"
     ).fetchall()
 
+    stats_before = (client.get_stats(), other.get_stats())
     parts = ledger_partitions(db)
     expected_drop = set()
     for p in parts:
@@ -379,8 +380,11 @@ def test_drop_old_partitions_folds_into_checkpoint(client, db, make_client):
     cp = checkpoint(db, "u1", namespace="other")
     assert (cp["balance"], cp["entries"]) == (D("11"), 1)
 
-    # Balances and reconcile are unchanged; accounts untouched.
+    # Balances and reconcile are unchanged; accounts untouched; the stats count every
+    # entry ever recorded, the folded ones included (070).
     assert client.reconcile() == [] and other.reconcile() == []
+    assert (client.get_stats(), other.get_stats()) == stats_before
+    assert stats_before[0]["total_ledger_entries"] == 8  # u1 4, u2 2, u3 and the pool 1
     assert {u: bal(client, u) for u in ("u1", "u2", "u3")} == balances
     assert client.get_balance(None, ET, UNIT) == pool_before
     assert (
