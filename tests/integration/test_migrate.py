@@ -579,6 +579,59 @@ def test_with_roles_requires_roles_file(empty_url: str, stub_dir: Path) -> None:
     assert schema_version(empty_url) is None  # refused before touching the database
 
 
+def before_058(new_database: Callable[[], str], tmp_path: Path, below: int = 58) -> str:
+    """A database migrated with the files numbered below ``below`` only (058: before it,
+    create_partition added a month in the session's TimeZone)."""
+    older = tmp_path / f"below_{below}"
+    older.mkdir()
+    for m in discover():
+        if m.number < below:
+            write(older, m.path.name, m.path.read_text())
+    url = new_database()
+    migrate(url, sql_dir=older)
+    return url
+
+
+def in_berlin(url: str) -> str:
+    return psycopg.conninfo.make_conninfo(url, options="-c TimeZone=Europe/Berlin")
+
+
+def ledger_bounds(conn: psycopg.Connection[Any]) -> dict[str, str]:
+    conn.execute("SET TimeZone = 'UTC'")
+    rows = conn.execute(
+        "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i"
+        " JOIN pg_class c ON c.oid = i.inhrelid"
+        " WHERE i.inhparent = 'meter.ledger'::regclass"
+    ).fetchall()
+    return {str(n): str(b) for n, b in rows}
+
+
+def month_of_utc(y: int, m: int) -> str:
+    ny, nm = divmod(y * 12 + m, 12)
+    return (
+        f"FOR VALUES FROM ('{y:04d}-{m:02d}-01 00:00:00+00')"
+        f" TO ('{ny:04d}-{nm + 1:02d}-01 00:00:00+00')"
+    )
+
+
+def month_catalog(conn: psycopg.Connection[Any], name: str) -> list[Any]:
+    """What a month carries (its own name written M), to compare with a month made fresh."""
+    queries = [
+        "SELECT relowner::regrole::text, relacl::text, relrowsecurity, relispartition"
+        " FROM pg_class WHERE oid = %(t)s::regclass",
+        "SELECT tgname, tgtype, tgparentid <> 0, tgenabled FROM pg_trigger"
+        " WHERE tgrelid = %(t)s::regclass ORDER BY 1",
+        "SELECT replace(conname, %(n)s, 'M'), contype, conislocal, coninhcount, convalidated,"
+        " pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = %(t)s::regclass"
+        " ORDER BY 1",
+        "SELECT p.inhparent::regclass::text, i.indisvalid, i.indisunique FROM pg_index i"
+        " LEFT JOIN pg_inherits p ON p.inhrelid = i.indexrelid"
+        " WHERE i.indrelid = %(t)s::regclass ORDER BY 1",
+    ]
+    args = {"t": f"meter.{name}", "n": name}
+    return [conn.execute(q, args).fetchall() for q in queries]
+
+
 def test_months_made_before_058_in_a_local_zone_become_months_of_utc(
     new_database: Callable[[], str], tmp_path: Path
 ) -> None:
@@ -587,14 +640,8 @@ def test_months_made_before_058_in_a_local_zone_become_months_of_utc(
     # Europe/Berlin October ran to November 1 01:00 UTC, so November could never be
     # created (42P17: every event of November refused); March ended on the 31st at 23:00
     # UTC, and its last hour had no partition (23514).
-    older = tmp_path / "older"
-    older.mkdir()
-    for m in discover():
-        if m.number < 58:
-            write(older, m.path.name, m.path.read_text())
-    url = new_database()
-    migrate(url, sql_dir=older)
-    berlin = psycopg.conninfo.make_conninfo(url, options="-c TimeZone=Europe/Berlin")
+    url = before_058(new_database, tmp_path)
+    berlin = in_berlin(url)
     with psycopg.connect(berlin, autocommit=True) as conn:
         for y, m in [(2019, 3), (2019, 10), (2018, 10)]:
             conn.execute("SELECT meter.create_partition(%s, %s)", (y, m))
@@ -607,35 +654,30 @@ def test_months_made_before_058_in_a_local_zone_become_months_of_utc(
         # there: they made November first, and failed; but nothing else stops one)
         conn.execute(
             "INSERT INTO meter.ledger_2018_10 (namespace, account_id, user_id, event_type,"
-            " resource, unit, entry_type, amount, balance_after, event_time)"
+            " resource, unit, entry_type, amount, balance_after, event_time, metadata)"
             " SELECT namespace, account_id, user_id, event_type, resource, unit, entry_type,"
-            " amount, balance_after, '2018-11-01 00:30Z' FROM meter.ledger"
+            " amount, balance_after, '2018-11-01 00:30Z', '{\"k\": 1}' FROM meter.ledger"
         )
+        conn.execute("SET TimeZone = 'UTC'")
+        stray = conn.execute(
+            "SELECT l::text FROM meter.ledger l WHERE event_time = '2018-11-01 00:30Z'"
+        ).fetchall()
     migrate(url)
 
-    def bounds(conn: psycopg.Connection[Any]) -> dict[str, str]:
-        conn.execute("SET TimeZone = 'UTC'")
-        rows = conn.execute(
-            "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i"
-            " JOIN pg_class c ON c.oid = i.inhrelid"
-            " WHERE i.inhparent = 'meter.ledger'::regclass"
-        ).fetchall()
-        return {str(n): str(b) for n, b in rows}
-
-    def month(y: int, m: int) -> str:
-        ny, nm = divmod(y * 12 + m, 12)
-        return (
-            f"FOR VALUES FROM ('{y:04d}-{m:02d}-01 00:00:00+00')"
-            f" TO ('{ny:04d}-{nm + 1:02d}-01 00:00:00+00')"
-        )
-
     with psycopg.connect(berlin, autocommit=True) as conn:
-        found = bounds(conn)
-        assert found["ledger_2019_03"] == month(2019, 3)
-        assert found["ledger_2019_10"] == month(2019, 10)
-        # its rows would have to move: left as it was
-        assert found["ledger_2018_10"] == (
-            "FOR VALUES FROM ('2018-10-01 00:00:00+00') TO ('2018-11-01 01:00:00+00')"
+        found = ledger_bounds(conn)
+        assert found["ledger_2019_03"] == month_of_utc(2019, 3)
+        assert found["ledger_2019_10"] == month_of_utc(2019, 10)
+        # a review of 067: its row of November went to November, unchanged (it was left
+        # there, with a WARNING that `meter migrate` does not show, and November could
+        # still never be created)
+        assert found["ledger_2018_10"] == month_of_utc(2018, 10)
+        assert found["ledger_2018_11"] == month_of_utc(2018, 11)
+        assert (
+            conn.execute(
+                "SELECT l::text FROM meter.ledger l WHERE event_time = '2018-11-01 00:30Z'"
+            ).fetchall()
+            == stray
         )
         conn.execute("SET TimeZone = 'Europe/Berlin'")
         assert conn.execute("SELECT meter.create_partition(2019, 11)").fetchone() == (
@@ -651,15 +693,22 @@ def test_months_made_before_058_in_a_local_zone_become_months_of_utc(
             " tableoid::regclass::text FROM meter.ledger ORDER BY event_time"
         ).fetchall()
         assert rows == [
-            ("2018-11-01 00:30", "meter.ledger_2018_10"),
+            ("2018-11-01 00:30", "meter.ledger_2018_11"),
             ("2019-03-15 12:00", "meter.ledger_2019_03"),
             ("2019-03-31 23:30", "meter.ledger_2019_03"),
             ("2019-10-31 23:30", "meter.ledger_2019_10"),
             ("2019-11-01 00:30", "meter.ledger_2019_11"),
         ]
         # the ledger's row trigger reaches the months attached again, once
-        with pytest.raises(psycopg.Error):
-            conn.execute("DELETE FROM meter.ledger_2019_03")
-        assert conn.execute(
-            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'meter.ledger_2019_03'::regclass"
-        ).fetchone() == (2,)
+        # (each holding a row), and its own TRUNCATE trigger stays
+        for month in ("ledger_2019_03", "ledger_2019_10", "ledger_2018_11"):
+            with pytest.raises(psycopg.Error, match="append-only"):
+                conn.execute(f"DELETE FROM meter.{month}")
+        for month in ("ledger_2019_03", "ledger_2019_10", "ledger_2018_10", "ledger_2018_11"):
+            with pytest.raises(psycopg.Error, match="append-only"):
+                conn.execute(f"TRUNCATE meter.{month}")
+        # and a month repaired carries what a month made fresh does, nothing more (the
+        # CHECK that spared ATTACH its read is gone)
+        fresh = month_catalog(conn, "ledger_2019_11")
+        for month in ("ledger_2019_03", "ledger_2019_10", "ledger_2018_10", "ledger_2018_11"):
+            assert month_catalog(conn, month) == fresh
