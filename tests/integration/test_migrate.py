@@ -579,16 +579,22 @@ def test_with_roles_requires_roles_file(empty_url: str, stub_dir: Path) -> None:
     assert schema_version(empty_url) is None  # refused before touching the database
 
 
-def before_058(new_database: Callable[[], str], tmp_path: Path, below: int = 58) -> str:
-    """A database migrated with the files numbered below ``below`` only (058: before it,
-    create_partition added a month in the session's TimeZone)."""
+def sql_below(tmp_path: Path, below: int) -> Path:
+    """A directory of the migrations numbered below ``below``."""
     older = tmp_path / f"below_{below}"
-    older.mkdir()
-    for m in discover():
-        if m.number < below:
-            write(older, m.path.name, m.path.read_text())
+    if not older.is_dir():
+        older.mkdir()
+        for m in discover():
+            if m.number < below:
+                write(older, m.path.name, m.path.read_text())
+    return older
+
+
+def before_058(new_database: Callable[[], str], tmp_path: Path) -> str:
+    """A database migrated with the files before 058 only (before it, create_partition
+    added a month in the session's TimeZone)."""
     url = new_database()
-    migrate(url, sql_dir=older)
+    migrate(url, sql_dir=sql_below(tmp_path, 58))
     return url
 
 
@@ -712,3 +718,81 @@ def test_months_made_before_058_in_a_local_zone_become_months_of_utc(
         fresh = month_catalog(conn, "ledger_2019_11")
         for month in ("ledger_2019_03", "ledger_2019_10", "ledger_2018_10", "ledger_2018_11"):
             assert month_catalog(conn, month) == fresh
+
+
+def test_067_takes_the_ledger_before_a_month_so_a_retention_under_way_does_not_deadlock(
+    new_database: Callable[[], str], tmp_path: Path
+) -> None:
+    # A review of 067: it read its first month to repair (ACCESS SHARE on the month) and
+    # only then asked for the ledger (DETACH). drop_old_partitions takes the ledger, then
+    # the month: a retention holding the ledger when the upgrade began then waited for the
+    # month, and one of the two was killed (40P01).
+    url = before_058(new_database, tmp_path)
+    with psycopg.connect(in_berlin(url), autocommit=True) as conn:
+        conn.execute("SELECT meter.create_partition(2019, 3)")
+        conn.execute(
+            "SELECT meter.allocate('u1', 'tokens', 5, 'tok', NULL, NULL, '2019-03-15 12:00Z')"
+        )
+    failures: list[BaseException] = []
+
+    def upgrade() -> None:
+        try:
+            migrate(url)
+        except BaseException as exc:  # reported below, on the test's thread
+            failures.append(exc)
+
+    with psycopg.connect(url) as retention:
+        retention.execute("SET lock_timeout = '20s'")
+        # as drop_old_partitions holds it, from its first month's lock to its commit
+        retention.execute("LOCK TABLE ONLY meter.ledger IN ACCESS EXCLUSIVE MODE")
+        runner = threading.Thread(target=upgrade)
+        runner.start()
+        with psycopg.connect(url, autocommit=True) as watch:
+            for _ in range(400):
+                waiting = watch.execute(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted"
+                    " AND relation = 'meter.ledger'::regclass"
+                ).fetchone()
+                if waiting == (1,):
+                    break
+                threading.Event().wait(0.05)
+            else:
+                pytest.fail("the migration never waited for the ledger")
+        dropped = retention.execute("SELECT meter.drop_old_partitions(24)").fetchall()
+        retention.commit()
+        runner.join(60)
+        assert not runner.is_alive()
+    assert failures == []
+    assert ("ledger_2019_03",) in dropped
+    assert "067_months_made_in_a_local_zone_are_months_of_utc" in {v for v, _ in recorded(url)}
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT * FROM meter.reconcile()").fetchall() == []
+
+
+def test_067_reads_a_repaired_month_once_and_attach_reads_nothing(
+    new_database: Callable[[], str], tmp_path: Path
+) -> None:
+    # A review of 067: each repaired month holding rows was read twice with every read and
+    # write of the ledger waiting (a search for rows outside its month, then ATTACH's own
+    # check). A CHECK of its month, validated by one read, spares ATTACH its read.
+    url = before_058(new_database, tmp_path)
+    with psycopg.connect(in_berlin(url), autocommit=True) as conn:
+        conn.execute("SELECT meter.create_partition(2019, 3)")
+        conn.execute(
+            "SELECT meter.allocate('u1', 'tokens', 5, 'tok', NULL, NULL, '2019-03-15 12:00Z')"
+        )
+    files = {m.number: m for m in discover()}
+    migrate(url, sql_dir=sql_below(tmp_path, 67))
+    messages: list[str] = []
+    with psycopg.connect(url) as conn:
+        conn.add_notice_handler(lambda d: messages.append(d.message_primary or ""))
+        conn.execute("SET client_min_messages = debug1")
+        conn.execute(files[67].sql)
+        conn.execute("SET client_min_messages = warning")
+        assert ledger_bounds(conn)["ledger_2019_03"] == month_of_utc(2019, 3)
+        conn.rollback()
+    reads = [m for m in messages if '"ledger_2019_03"' in m]
+    assert reads == [
+        'verifying table "ledger_2019_03"',
+        'partition constraint for table "ledger_2019_03" is implied by existing constraints',
+    ]
