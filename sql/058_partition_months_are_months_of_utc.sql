@@ -25,8 +25,9 @@
 --    end (the invented carry-over 036 fixed came back). It is now the month's end in UTC.
 --
 -- Partitions created before this migration under a zone other than UTC keep their bounds
--- (an empty one can be dropped and created again): `SELECT relname, pg_get_expr(relpartbound,
--- oid) FROM pg_class WHERE relname ~ '^ledger_[0-9]{4}_[0-9]{2}$'` shows them.
+-- here; 067 gives them the bounds of their month in UTC (`SELECT relname,
+-- pg_get_expr(relpartbound, oid) FROM pg_class WHERE relname ~ '^ledger_[0-9]{4}_[0-9]{2}$'`
+-- shows them).
 --
 -- Lock order: unchanged (create_partition: its advisory lock, then the ledger;
 -- drop_old_partitions: its advisory lock, then the ledger, then each month).
