@@ -1106,3 +1106,92 @@ def test_an_adjust_naming_an_entry_holds_locks_bounded_by_its_events(db, db_url)
         ).fetchone()["n"]
         holder.rollback()
     assert held < 100, held
+
+
+def test_a_fast_batch_and_a_mixed_one_creating_one_account_do_not_deadlock(db, db_url):
+    """A batch whose events all take the fast path created its accounts in its upsert, in
+    key order, with no queue lock: it created N, then waited for Z, which a batch with
+    one-by-one events had locked in step 2b (it exists) before it came to create N in
+    array order: each waited for the other (40P01, the known open item of 044). A blocker
+    creating C (with no queue lock, as a raw insert) holds the mixed batch after its step
+    2b, so the fast batch runs exactly there. Now a fast batch, in a transaction that holds
+    no row, queues for its accounts in key order first, as a mixed one does."""
+    ref = db.execute(
+        "SELECT entry_id FROM meter.allocate('seed', %s, 1, %s, p_namespace => 'n')", (ET, UNIT)
+    ).fetchone()["entry_id"]
+    db.execute("SELECT meter.allocate('Z', %s, 10, %s, p_namespace => 'n')", (ET, UNIT))
+    mixed = [
+        _ev("adjust", user_id="C", event_type=ET, amount="1", unit=UNIT, reference_id=ref),
+        _give("N", "1"),
+        _give("Z", "1"),
+    ]
+    fast = [_give("N", "2"), _give("Z", "2")]
+    before = _deadlocks(db)
+    blocker = psycopg.connect(db_url)
+    blocker.execute(
+        "INSERT INTO meter.accounts (namespace, user_id, event_type, resource, unit)"
+        " VALUES ('n', 'C', %s, '', %s)",
+        (ET, UNIT),
+    )
+    errors: dict[str, str | None] = {}
+
+    def run(name: str, events: list[dict[str, Any]]) -> None:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            try:
+                conn.execute(APPLY_ROWS, (Jsonb([{**e, "namespace": "n"} for e in events]),))
+                errors[name] = None
+            except psycopg.Error as exc:
+                errors[name] = exc.sqlstate
+
+    t_mixed = threading.Thread(target=run, args=("mixed", mixed))
+    t_fast = threading.Thread(target=run, args=("fast", fast))
+    try:
+        t_mixed.start()
+        _wait_for_waiters(db, 1)  # the mixed batch holds Z and waits for C
+        t_fast.start()
+        _wait_for_waiters(db, 2)  # the fast batch waits (for Z, or for N's queue)
+    finally:
+        blocker.rollback()  # C is not created: the mixed batch creates it
+        blocker.close()
+        t_mixed.join(30)
+        t_fast.join(30)
+    assert errors == {"mixed": None, "fast": None}
+    assert _deadlocks(db) == before
+    assert {u: b for u, b, _ in _accounts(db, "n")} == {
+        "C": D(1), "N": D(3), "seed": D(1), "Z": D(13),
+    }  # fmt: skip
+
+
+def _deadlocks(db: Any) -> int:
+    db.execute("SELECT pg_stat_clear_snapshot()")
+    row = db.execute(
+        "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+    ).fetchone()
+    return int(row["deadlocks"])
+
+
+def test_a_fast_batch_queues_only_for_the_accounts_it_creates(db, db_url):
+    """054's queue locks are entries of the server's shared lock table, held to the end of
+    the transaction: a fast batch takes one per account it creates (here two), none for
+    the accounts that exist, so a batch over known accounts adds nothing to the table."""
+    db.execute("SELECT meter.allocate('old', %s, 10, %s, p_namespace => 'n')", (ET, UNIT))
+    with psycopg.connect(db_url) as conn:
+        conn.execute(
+            APPLY_ROWS,
+            (Jsonb([{**e, "namespace": "n"} for e in (_give("old", "1"), _use("old", "2"))]),),
+        )
+        held = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory'"
+        ).fetchone()
+        assert held == (0,)
+        conn.rollback()
+        conn.execute(
+            APPLY_ROWS,
+            (Jsonb([{**e, "namespace": "n"} for e in (_give("new1", "1"), _give("new2", "1"),
+                                                        _use("old", "1"))]),),
+        )  # fmt: skip
+        held = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory'"
+        ).fetchone()
+        assert held == (2,)
+        conn.rollback()
