@@ -14,7 +14,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -25,7 +25,7 @@ from psycopg.types.json import Jsonb
 
 from meter import MeterClient
 from meter.errors import IdempotencyConflictError
-from tests.fix_db import wait_until_expired
+from tests.fix_db import ledger_partitions, wait_until_expired
 from tests.integration.test_pipeline import eventually
 
 D = Decimal
@@ -1254,4 +1254,70 @@ def test_refused_checked_writes_leave_no_queue_lock_behind(db_url, client, db, k
     assert outcome["s1"] == {"success": True}
     assert outcome["s2"] == ("MT002" if keyed else {"success": True})
     assert _deadlocks(db) == deadlocks
+    assert client.reconcile() == []
+
+
+@pytest.mark.parametrize("dated", ["1999-06-15", "2000-12-15"], ids=["other_month", "same_month"])
+def test_the_period_roll_and_a_write_making_a_month_never_deadlock(db_url, client, db, dated):
+    # The roll holds the accounts it has rolled (a) to its end; a later account (z, set up
+    # from 2001, whose months have no partition) makes its months as its step begins,
+    # which takes the ledger's SHARE UPDATE EXCLUSIVE lock (ATTACH PARTITION). A consume of
+    # a dated in a month with no partition made that month (holding the same lock to its
+    # end), then waited for a, which the roll held: each waited for the other (40P01).
+    # A third session holds m (between a and z) so that the write comes exactly there.
+    # Same month: the write dated in z's first month, which both make; create_partition
+    # took that month's advisory lock before the ledger's lock, and waited for the roll
+    # holding it while the roll waited for it to make the same month.
+    today = datetime.now(UTC).date()
+    start = (today.replace(day=1) - timedelta(days=1)).replace(day=1)
+    for user, first in (("a", start), ("m", start), ("z", date(2001, 1, 1))):
+        client.allocate(user, ET, 10, UNIT)
+        db.execute(
+            "SELECT meter.set_period_config(%s, %s, %s, NULL, %s, 5, NULL, 'default',"
+            " interval '1 year')",
+            (user, ET, UNIT, first),
+        )
+    for day in (start - timedelta(days=1), start):  # a's and m's months: the roll makes none
+        db.execute("SELECT meter.create_partition(%s, %s)", (day.year, day.month))
+    months = {f"ledger_{dated[:4]}_{dated[5:7]}", "ledger_2000_12", "ledger_2001_01"}
+    assert not months & ledger_partitions(db)
+    deadlocks = _deadlocks(db)
+    errors: dict[str, BaseException] = {}
+    with (
+        psycopg.connect(db_url) as holder,
+        psycopg.connect(db_url, autocommit=True) as roll_conn,
+        psycopg.connect(db_url, autocommit=True) as write_conn,
+    ):
+        holder.execute("SELECT 1 FROM meter.accounts WHERE user_id = 'm' FOR UPDATE")
+
+        def call(name: str, conn: psycopg.Connection[Any], sql: str) -> None:
+            try:
+                conn.execute(sql).fetchall()
+            except BaseException as exc:
+                errors[name] = exc
+
+        roll = threading.Thread(
+            target=call,
+            args=("roll", roll_conn, "SELECT * FROM meter.roll_periods('default')"),
+        )
+        roll.start()
+        eventually(lambda: _waiting_on_a_lock(db, roll_conn.info.backend_pid))  # for m
+        write = threading.Thread(
+            target=call,
+            args=(
+                "write",
+                write_conn,
+                f"SELECT * FROM meter.consume('a', '{ET}', 1, '{UNIT}',"
+                f" p_event_time => '{dated} 00:00:00+00')",
+            ),
+        )
+        write.start()
+        # waiting for a (before 055), or for the roll's partition lock, holding no account
+        eventually(lambda: _waiting_on_a_lock(db, write_conn.info.backend_pid))
+        holder.commit()
+        roll.join(30)
+        write.join(30)
+    assert errors == {}
+    assert _deadlocks(db) == deadlocks
+    assert months <= ledger_partitions(db)
     assert client.reconcile() == []
