@@ -224,7 +224,7 @@ def _quiet(conn: psycopg.Connection) -> None:
     """Reset session settings and keep NOTICEs (``IF NOT EXISTS`` chatter) off the wire.
 
     The files run in UTC: 003 creates the ledger's first months with a ``create_partition``
-    that added a month in the session's TimeZone (fixed by 058), and under a server, role
+    that added a month in the session's TimeZone (fixed by 056), and under a server, role
     or conninfo defaulting to America/New_York its months were cut short, or overlapped
     so that the migration failed (``partition "ledger_2026_12" would overlap``).
     """

@@ -82,7 +82,7 @@ MAX_CHUNK_SIZE: Final = 1000
 """The most events per ``apply_batch`` message (``batch_size``, ``chunk_size``). A worker
 applies a message of more than 100 events of which any goes one by one (a checked
 consume, reserve, commit, release) in transactions of 100, in order, since each such
-event takes locks in the server's shared lock table (sql 050, 063)."""
+event takes locks in the server's shared lock table (sql 050, 058)."""
 
 DEFAULT_BATCH_SIZE: Final = 500
 BUFFERED_BATCHES: Final = 10

@@ -1213,7 +1213,7 @@ def test_prune_deletes_old_keys_but_not_live_reservations(client, db):
 
 
 def test_prune_counts_days_of_24_hours_across_a_change_of_clocks(client, db):
-    # 059: the window was 35 calendar days of the session's zone. New York moved its clocks
+    # 057: the window was 35 calendar days of the session's zone. New York moved its clocks
     # forward on 2026-03-08, so 35 days before 2026-03-20 12:00 UTC was Feb 13 13:00 UTC
     # there: a key 34 days 23.5 hours old went, inside the hour the worker's replay bound
     # for signed messages keeps as its margin for clocks that disagree.
@@ -1914,7 +1914,7 @@ def test_retention_keeps_the_months_a_late_roll_still_needs(make_client, db):
 
 
 def test_retention_west_of_utc_keeps_the_month_a_late_roll_still_needs(client, db):
-    # 058: drop_old_partitions took a month's end as its start plus '1 month' in the
+    # 056: drop_old_partitions took a month's end as its start plus '1 month' in the
     # session's zone: under New York a month after a shorter one ended a day early (Jul 31
     # 00:00 UTC for July), at the cutoff 036 lowers to a due roll's next start (Jul 31
     # here). July was dropped with the consume dated Jul 31, which the late roll then

@@ -242,7 +242,7 @@ def test_month_boundaries_are_utc(client, db):
 
 @pytest.mark.parametrize("zone", ["America/New_York", "Pacific/Chatham", "Asia/Kolkata"])
 def test_a_month_is_a_month_of_utc_whatever_the_sessions_time_zone(db, zone):
-    # 058: the upper bound was the lower one plus '1 month', added in the session's zone.
+    # 056: the upper bound was the lower one plus '1 month', added in the session's zone.
     # West of UTC a month after a shorter one was cut short (March ended on the 28th at
     # 23:00 UTC under New York); across a change of daylight saving time east of UTC a
     # month ran into the next, which could then not be created (42P17 under Chatham).
@@ -261,7 +261,7 @@ def test_a_month_is_a_month_of_utc_whatever_the_sessions_time_zone(db, zone):
 def test_a_backdated_month_created_by_a_session_west_of_utc_holds_its_last_day(
     make_client, db_url, db
 ):
-    # 058: created on demand by a writer under America/New_York, March 2019 ended on Mar 28
+    # 056: created on demand by a writer under America/New_York, March 2019 ended on Mar 28
     # 23:00 UTC: the month's last days had no partition (23514) for every session after.
     ny = make_client(url=make_conninfo(db_url, options="-c TimeZone=America/New_York"))
     utc = make_client(url=make_conninfo(db_url, options="-c TimeZone=UTC"))
@@ -381,7 +381,7 @@ def test_drop_old_partitions_folds_into_checkpoint(client, db, make_client):
     assert (cp["balance"], cp["entries"]) == (D("11"), 1)
 
     # Balances and reconcile are unchanged; accounts untouched; the stats count every
-    # entry ever recorded, the folded ones included (070).
+    # entry ever recorded, the folded ones included (061).
     assert client.reconcile() == [] and other.reconcile() == []
     assert (client.get_stats(), other.get_stats()) == stats_before
     assert stats_before[0]["total_ledger_entries"] == 8  # u1 4, u2 2, u3 and the pool 1
@@ -439,7 +439,7 @@ def test_drop_old_partitions_folds_into_checkpoint(client, db, make_client):
 
 @pytest.mark.parametrize("style", ["SQL, YMD", "SQL, DMY", "German", "Postgres, MDY"])
 def test_drop_old_partitions_folds_months_under_any_datestyle(client, db, db_url, style):
-    # 066: the second month's fold quoted its end into the INSERT as text, read back in
+    # 059: the second month's fold quoted its end into the INSERT as text, read back in
     # the session's DateStyle: 'SQL, YMD' writes '03/01/2020 00:00:00 UTC' and cannot read
     # it (22008), so a retention of two months or more failed whole, every run.
     client.allocate("u1", ET, 100, UNIT, event_time=mid_month(2020, 1))

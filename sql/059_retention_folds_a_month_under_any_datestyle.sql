@@ -14,8 +14,8 @@
 --
 -- Lock order: unchanged (its advisory lock, then the ledger, then each month).
 --
--- Migrations once applied are never edited: 058's drop_old_partitions is replaced whole;
--- only the lines marked 066 changed.
+-- Migrations once applied are never edited: 056's drop_old_partitions is replaced whole;
+-- only the lines marked 059 changed.
 
 CREATE OR REPLACE FUNCTION meter.drop_old_partitions(p_older_than_months integer DEFAULT 24)
 RETURNS SETOF text
@@ -91,7 +91,7 @@ BEGIN
           AND c.relname ~ '^ledger_[0-9]{4}_[0-9]{2}$'
         ORDER BY c.relname
     LOOP
-        -- 058: a month of UTC, not of the session's TimeZone: under America/New_York
+        -- 056: a month of UTC, not of the session's TimeZone: under America/New_York
         -- March ended on the 28th at 23:00 UTC, at or before a roll's cutoff (036) that its
         -- last days were kept for, and the month was dropped under a roll still due.
         v_upper := (v_part.month_start AT TIME ZONE 'UTC' + interval '1 month') AT TIME ZONE 'UTC';
@@ -145,7 +145,7 @@ BEGIN
                 FROM unnest(v_ns, v_ids, v_sums, v_counts) AS f(namespace, account_id, s, n)
                 WHERE c.namespace = f.namespace AND c.account_id = f.account_id;
             END IF;
-            -- 066: the month's end as a parameter: quoted in as text it was read back in
+            -- 059: the month's end as a parameter: quoted in as text it was read back in
             -- the session's DateStyle, which under 'SQL, YMD' cannot read its own output
             EXECUTE format(
                 'INSERT INTO meter.ledger_checkpoints AS c (namespace, account_id, balance, entries, through)
@@ -155,7 +155,7 @@ BEGIN
                  SET balance = c.balance + excluded.balance,
                      entries = c.entries + excluded.entries,
                      through = greatest(c.through, excluded.through),
-                     updated_at = now()', v_part.relname) USING v_upper;  -- 066
+                     updated_at = now()', v_part.relname) USING v_upper;  -- 059
         END IF;
         v_locked := true;
         EXECUTE format('DROP TABLE meter.%I', v_part.relname);

@@ -1,22 +1,22 @@
--- Months of the ledger created before 058 in a session whose TimeZone was not UTC are
+-- Months of the ledger created before 056 in a session whose TimeZone was not UTC are
 -- given the bounds of their month in UTC.
 --
--- Why (found by a review of 058, reproduced): 058 made create_partition write a month's
+-- Why (found by a review of 056, reproduced): 056 made create_partition write a month's
 -- bounds in UTC, but every month an installation had already created kept the bounds its
 -- creating session's TimeZone gave it, and nothing sets that zone to UTC (the server's
 -- default is the zone of the host that ran initdb). The old upper bound was the month's
 -- first instant in UTC plus '1 month' added in that zone, so:
 -- * under any zone of Europe (Europe/Berlin: October ended on November 1 at 01:00 UTC)
 --   and any zone that leaves daylight saving time in the month, a month ran into the
---   next, whose partition could never be created, with 058 or without it (42P17, "would
+--   next, whose partition could never be created, with 056 or without it (42P17, "would
 --   overlap"): every event of that month was refused (dead letters; errors for the SDK)
 --   for as long as the installation lived;
 -- * under a zone west of UTC (America/New_York: March ended on the 28th at 23:00 UTC) or
 --   one that enters daylight saving time in the month (Europe/Berlin: March ended on the
 --   31st at 23:00 UTC), the month's last hours or days had no partition at all (23514),
---   and retention (058's drop_old_partitions, which takes a month's end in UTC) counted
+--   and retention (056's drop_old_partitions, which takes a month's end in UTC) counted
 --   the month as ending later than it did.
--- 058's header left it to the operator to find and recreate such months by hand.
+-- 056's header left it to the operator to find and recreate such months by hand.
 --
 -- Now each month `ledger_YYYY_MM` whose bounds are not those of its month in UTC is
 -- detached and attached again with them. Rows it holds dated in another month of UTC (a
@@ -72,7 +72,7 @@ BEGIN
           AND c.relname ~ '^ledger_[0-9]{4}_(0[1-9]|1[0-2])$'
         ORDER BY c.relname
     LOOP
-        -- as 058's create_partition writes them
+        -- as 056's create_partition writes them
         v_from := format('%s-%s-01 00:00:00+00', lpad(v_part.y::text, 4, '0'),
                          lpad(v_part.m::text, 2, '0'));
         v_to := format('%s-%s-01 00:00:00+00', lpad((v_part.y + v_part.m / 12)::text, 4, '0'),

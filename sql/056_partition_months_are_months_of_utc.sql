@@ -25,21 +25,22 @@
 --    end (the invented carry-over 036 fixed came back). It is now the month's end in UTC.
 --
 -- Partitions created before this migration under a zone other than UTC keep their bounds
--- here; 067 gives them the bounds of their month in UTC (`SELECT relname,
+-- here; 060 gives them the bounds of their month in UTC (`SELECT relname,
 -- pg_get_expr(relpartbound, oid) FROM pg_class WHERE relname ~ '^ledger_[0-9]{4}_[0-9]{2}$'`
 -- shows them).
 --
--- Lock order: unchanged (create_partition: its advisory lock, then the ledger;
--- drop_old_partitions: its advisory lock, then the ledger, then each month).
+-- Lock order: unchanged (create_partition, as 055 made it: the ledger's SHARE UPDATE
+-- EXCLUSIVE lock, then its advisory lock; drop_old_partitions: its advisory lock, then
+-- the ledger, then each month).
 --
--- Migrations once applied are never edited: 021's create_partition and 045's
--- drop_old_partitions are replaced whole; only the lines marked 058 changed.
+-- Migrations once applied are never edited: 055's create_partition and 045's
+-- drop_old_partitions are replaced whole; only the lines marked 056 changed.
 
 CREATE OR REPLACE FUNCTION meter.create_partition(p_year integer, p_month integer) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_name text;
-    v_from text;  -- 058: the bounds as UTC text, read the same under any TimeZone/DateStyle
+    v_from text;  -- 056: the bounds as UTC text, read the same under any TimeZone/DateStyle
     v_to text;
 BEGIN
     IF p_year IS NULL OR p_year < 1900 OR p_year > 9999 THEN
@@ -54,11 +55,16 @@ BEGIN
     IF to_regclass('meter.' || v_name) IS NOT NULL THEN
         RETURN NULL;
     END IF;
+    -- 055: the ledger's partition lock (ATTACH's, SHARE UPDATE EXCLUSIVE, held to the end
+    -- of the transaction) before the month's advisory lock, not after it: a roll holds
+    -- the ledger's lock from before its first account (below), and a creator that waited
+    -- for it holding the month's advisory lock deadlocked with that roll making the month
+    LOCK TABLE ONLY meter.ledger IN SHARE UPDATE EXCLUSIVE MODE;                        -- 055
     PERFORM pg_advisory_xact_lock(19781, p_year * 100 + p_month);
     IF to_regclass('meter.' || v_name) IS NOT NULL THEN
         RETURN NULL;
     END IF;
-    -- 058: the month's bounds in UTC. They were v_from + interval '1 month' on a
+    -- 056: the month's bounds in UTC. They were v_from + interval '1 month' on a
     -- timestamptz, a month of the session's TimeZone: under America/New_York March ended
     -- on the 28th at 23:00 UTC (the rest of March had no partition, 23514), and under
     -- Pacific/Chatham April ran into May, whose partition then overlapped it (42P17).
@@ -79,7 +85,7 @@ BEGIN
     -- of the bounds costs nothing, and the ledger's indexes, constraint and row trigger
     -- come to it as with PARTITION OF.
     EXECUTE format('ALTER TABLE meter.ledger ATTACH PARTITION meter.%I FOR VALUES FROM (%L) TO (%L)',
-                   v_name, v_from, v_to);  -- 058
+                   v_name, v_from, v_to);  -- 056
     EXECUTE format('CREATE TRIGGER ledger_no_truncate BEFORE TRUNCATE ON meter.%I '
                    'FOR EACH STATEMENT EXECUTE FUNCTION meter._refuse_change()', v_name);
     RETURN v_name;
@@ -160,7 +166,7 @@ BEGIN
           AND c.relname ~ '^ledger_[0-9]{4}_[0-9]{2}$'
         ORDER BY c.relname
     LOOP
-        -- 058: a month of UTC, not of the session's TimeZone: under America/New_York
+        -- 056: a month of UTC, not of the session's TimeZone: under America/New_York
         -- March ended on the 28th at 23:00 UTC, at or before a roll's cutoff (036) that its
         -- last days were kept for, and the month was dropped under a roll still due.
         v_upper := (v_part.month_start AT TIME ZONE 'UTC' + interval '1 month') AT TIME ZONE 'UTC';

@@ -16,7 +16,7 @@
 --
 -- Locks: unchanged (the keys it claims, FOR UPDATE SKIP LOCKED). Migrations once applied
 -- are never edited: 048's prune_idempotency_keys is replaced whole; only the lines marked
--- 059 changed.
+-- 057 changed.
 
 CREATE OR REPLACE FUNCTION meter.prune_idempotency_keys(p_older_than_days integer DEFAULT 35,
                                              p_batch_size integer DEFAULT 10000,
@@ -39,7 +39,7 @@ BEGIN
                                                           coalesce(p_batch_size::text, 'NULL')));
     END IF;
     v_now := meter._now(p_now);
-    -- 059: days of 24 hours, not of the session's TimeZone (see the header)
+    -- 057: days of 24 hours, not of the session's TimeZone (see the header)
     v_window := make_interval(hours => p_older_than_days * 24);
     v_cutoff := v_now - v_window;
 

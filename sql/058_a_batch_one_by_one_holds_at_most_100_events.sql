@@ -20,12 +20,12 @@
 -- transaction_timeout (25P04) is transient for the worker, whose list this function's
 -- re-raise list repeats (the worker's task retries a batch whose session was ended).
 --
--- Lock order: unchanged (044's); the refusal comes before step 1, which takes the first.
+-- Lock order: unchanged (054's); the refusal comes before step 1, which takes the first.
 --
--- Migrations once applied are never edited: 050's apply_events is replaced whole; only
--- the lines marked 063 are new.
+-- Migrations once applied are never edited: 054's apply_events is replaced whole; only
+-- the lines marked 058 are new.
 
--- apply_events (050's; the lines marked 063 are new, those marked 050 came with 050)
+-- apply_events (054's; the lines marked 058 are new)
 CREATE OR REPLACE FUNCTION meter.apply_events(p_events jsonb, p_source text DEFAULT NULL,
                                    p_results boolean DEFAULT true)
 RETURNS TABLE (idx integer, ok boolean, status text, result jsonb, error_sqlstate text,
@@ -51,11 +51,16 @@ DECLARE
     v_lock record;
     v_locking jsonb[];
     v_dated meter._event[];  -- 044
-    -- 044: whether the transaction held no row before the batch (see 2b)
+    -- 044: whether the transaction held no row before the batch (see 2b, and 054)
     v_fresh boolean := pg_current_xact_id_if_assigned() IS NULL;
     v_held jsonb;
     v_months timestamptz[];  -- 050
     v_new_months integer;    -- 050
+    v_new_ns text[];         -- 054: the accounts a fast batch creates, in key order
+    v_new_users text[];      -- 054
+    v_new_types text[];      -- 054
+    v_new_resources text[];  -- 054
+    v_new_units text[];      -- 054
     v_actor text := nullif(current_setting('meter.actor_id', true), '');
     v_behalf text := nullif(current_setting('meter.on_behalf_of', true), '');
     v_reason text := nullif(current_setting('meter.reason', true), '');
@@ -234,9 +239,9 @@ BEGIN
         WHERE i NOT IN (SELECT f.idx FROM unnest(v_fast) f);
         -- 050: step 2b takes a lock per one-by-one key and reservation id and per account of
         -- the batch, in the server's shared lock table: bound them before anything is done
-        IF v_slow IS NOT NULL AND jsonb_array_length(p_events) > 100 THEN                -- 063
+        IF v_slow IS NOT NULL AND jsonb_array_length(p_events) > 100 THEN                -- 058
             PERFORM meter._fail('MT001', 'events', format(                              -- 050
-                'at most 100 events per call when any goes one by one (a checked consume, '  -- 063
+                'at most 100 events per call when any goes one by one (a checked consume, '  -- 058
                 || 'reserve, commit, release, invalid event or one after those on its account '
                 || 'or key); got %s events, %s of them one by one: send smaller batches', -- 050
                 jsonb_array_length(p_events), cardinality(v_slow)));                    -- 050
@@ -399,6 +404,41 @@ BEGIN
             ORDER BY a.namespace, coalesce(a.user_id, ''), a.event_type, a.resource, a.unit
             FOR UPDATE OF a;
         END IF;
+        -- 054: a batch whose events all take the fast path queues, as a mixed one does
+        --      in 2b, for every account it will create, on the account's advisory lock in
+        --      key order, before its upsert takes the first row: otherwise it created a
+        --      new account N, then waited for an existing Z that a mixed batch held since
+        --      its 2b, whose event on N then waited for that insert (40P01). Only in a
+        --      transaction that held no row before the batch (035's rule), and for at
+        --      most 1000 new accounts (entries of the shared lock table, as 050 bounds a
+        --      mixed batch's); existing accounts take none (see the header).
+        IF v_slow IS NULL AND v_fast IS NOT NULL AND v_fresh THEN                        -- 054
+            SELECT array_agg(n.ns ORDER BY n.ns, n.user_key, n.event_type, n.resource, n.unit),
+                   array_agg(n.user_id ORDER BY n.ns, n.user_key, n.event_type, n.resource,
+                                                n.unit),
+                   array_agg(n.event_type ORDER BY n.ns, n.user_key, n.event_type, n.resource,
+                                                   n.unit),
+                   array_agg(n.resource ORDER BY n.ns, n.user_key, n.event_type, n.resource,
+                                                 n.unit),
+                   array_agg(n.unit ORDER BY n.ns, n.user_key, n.event_type, n.resource, n.unit)
+            INTO v_new_ns, v_new_users, v_new_types, v_new_resources, v_new_units        -- 054
+            FROM (SELECT DISTINCT f.namespace AS ns, f.user_id,
+                         coalesce(f.user_id, '') AS user_key, f.event_type, f.resource, f.unit
+                  FROM unnest(v_fast) f
+                  WHERE NOT EXISTS (
+                      SELECT 1 FROM meter.accounts a
+                      WHERE a.namespace = f.namespace
+                        AND coalesce(a.user_id, '') = coalesce(f.user_id, '')
+                        AND a.event_type = f.event_type AND a.resource = f.resource
+                        AND a.unit = f.unit)) n;                                          -- 054
+            IF cardinality(v_new_ns) <= 1000 THEN                                         -- 054
+                FOR v_i IN 1 .. cardinality(v_new_ns) LOOP                                -- 054
+                    PERFORM meter._queue_for_account(v_new_ns[v_i], v_new_users[v_i],
+                                                     v_new_types[v_i], v_new_resources[v_i],
+                                                     v_new_units[v_i]);                  -- 054
+                END LOOP;                                                                 -- 054
+            END IF;                                                                       -- 054
+        END IF;                                                                           -- 054
         IF v_fast IS NOT NULL THEN
             -- 3b. one statement: per account, add the batch's net amount (creating the account
             --     if missing; the upsert takes each row lock, in key order, so concurrent
@@ -508,9 +548,9 @@ BEGIN
         EXCEPTION WHEN OTHERS THEN
             GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_message = MESSAGE_TEXT;
             -- transient: the whole batch is retried
-            -- 063: and a session ended by a timeout (25P03, 25P04: FATAL, never caught
+            -- 058: and a session ended by a timeout (25P03, 25P04: FATAL, never caught
             -- here; listed so that this list stays the worker's, worker/retry.py)
-            IF v_state IN ('40001', '40P01', '55P03', '57014', '25P03', '25P04')  -- 063
+            IF v_state IN ('40001', '40P01', '55P03', '57014', '25P03', '25P04')  -- 058
                OR v_state LIKE '08%'
                OR v_state LIKE '53%' OR v_state LIKE '57P%' OR v_state LIKE '58%' THEN
                 RAISE;
