@@ -29,7 +29,7 @@ from typing import Any, Final, NamedTuple, Self, cast
 import psycopg
 from psycopg.abc import AdaptContext, Buffer
 from psycopg.adapt import Loader
-from psycopg.pq import Format, TransactionStatus
+from psycopg.pq import Format, PipelineStatus, TransactionStatus
 from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb, set_json_loads
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
@@ -131,9 +131,9 @@ _CHECK_IDLE_AFTER: Final = 1.0
 
 class _FailedBeforeCommit(Exception):
     """``error`` ended a call on a caller's connection that cannot have committed: a
-    statement run in a transaction the SDK opened, before its COMMIT was sent, or anything
-    of a call inside the caller's own open transaction (``in_callers_transaction``), which
-    only the caller commits."""
+    statement run in a transaction the SDK opened, or its BEGIN, before its COMMIT was sent,
+    or anything of a call inside the caller's own open transaction
+    (``in_callers_transaction``), which only the caller commits."""
 
     def __init__(self, error: psycopg.Error, *, in_callers_transaction: bool) -> None:
         super().__init__(error)
@@ -891,20 +891,35 @@ class MeterClient:
         with self._conn_lock:
             # Read under the lock: before it, another client's call may hold the connection.
             status = conn.info.transaction_status
-            if conn.autocommit and status == TransactionStatus.IDLE:
-                return self._execute(conn, query, args)  # its own implicit transaction
+            if (
+                conn.autocommit
+                and status == TransactionStatus.IDLE
+                # In pipeline mode a statement's implicit transaction lasts until the
+                # caller's next Sync: the call would return before it committed, and a
+                # statement of the caller's failing before that Sync would roll it back.
+                # conn.transaction() commits, and syncs, before the call returns.
+                and conn.info.pipeline_status == PipelineStatus.OFF
+                and not session.needs_settings(conn)
+            ):
+                return self._fetch(conn, query, args)  # its own implicit transaction
             callers = status != TransactionStatus.IDLE
+            begun = False
             try:
                 with conn.transaction():  # BEGIN/COMMIT, or a savepoint in the caller's one
+                    begun = True
                     try:
-                        if not callers:
-                            return self._execute(conn, query, args)
-                        return self._execute_keeping_context(conn, query, args)
+                        if callers:
+                            return self._execute_keeping_context(conn, query, args)
+                        if session.needs_settings(conn):  # dropped at the COMMIT below
+                            _cursor(conn).execute(session.SET_FOR_TRANSACTION)
+                        return self._fetch(conn, query, args)
                     except psycopg.Error as exc:  # COMMIT comes after this block
                         raise _FailedBeforeCommit(exc, in_callers_transaction=callers) from exc
             except psycopg.Error as exc:  # BEGIN, SAVEPOINT, COMMIT or RELEASE
-                if callers:  # a SAVEPOINT or its RELEASE: the caller's to commit
-                    raise _FailedBeforeCommit(exc, in_callers_transaction=True) from exc
+                # A SAVEPOINT or its RELEASE: the caller's to commit. A BEGIN that failed:
+                # nothing of the call was sent. Only the call's own COMMIT is in doubt.
+                if callers or not begun:
+                    raise _FailedBeforeCommit(exc, in_callers_transaction=callers) from exc
                 raise
 
     def _execute_keeping_context(

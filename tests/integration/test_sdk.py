@@ -930,6 +930,58 @@ def test_a_statement_lost_before_the_sdks_commit_is_not_reported_in_doubt(cutter
     assert [r["amount"] for r in ledger_rows(db)] == [D("100")]
 
 
+@pytest.mark.parametrize(
+    ("options", "autocommit", "needle", "committed"),
+    [
+        ("", False, b"BEGIN", False),
+        ("", False, b"COMMIT", True),
+        ("-c DateStyle=German", True, b"BEGIN", False),
+        ("-c DateStyle=German", True, b"set_config('DateStyle'", False),
+        ("-c DateStyle=German", True, b"meter.consume(", False),
+        ("-c DateStyle=German", True, b"COMMIT", True),
+    ],
+)
+def test_only_a_reply_lost_to_the_sdks_own_commit_is_reported_in_doubt(
+    cutter, db, options, autocommit, needle, committed
+):
+    # A lost BEGIN (nothing of the call sent), and on an autocommit connection in another
+    # DateStyle, whose call the SDK wraps in BEGIN ... COMMIT, a lost statement, were
+    # reported "may have committed": a keyless write the caller then left alone was lost.
+    conn = psycopg.connect(make_conninfo(cutter.url, options=options), autocommit=autocommit)
+    try:
+        c = meter.MeterClient(conn)
+        c.allocate(U, ET, D("100"), UNIT)
+        if not autocommit:
+            conn.commit()
+        cutter.cut_reply_to(needle)
+        with pytest.raises(MeterConnectionError) as lost:
+            c.consume(U, ET, D("7"), UNIT)
+        assert (cutter.seen, cutter.cuts) == (1, 1)
+        assert ("may have committed" in str(lost.value)) is committed
+    finally:
+        conn.close()
+    expected = [D("100"), D("-7")] if committed else [D("100")]
+    assert [r["amount"] for r in ledger_rows(db)] == expected
+
+
+@pytest.mark.parametrize("options", ["", "-c DateStyle=German"])
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_a_call_in_pipeline_mode_has_committed_when_it_returns(db_url, db, autocommit, options):
+    # On an autocommit connection in pipeline mode a statement's implicit transaction lasts
+    # until the caller's next Sync: a call returned its entry before it had committed, and
+    # a statement of the caller's failing in the same pipeline rolled it back.
+    with psycopg.connect(make_conninfo(db_url, options=options), autocommit=autocommit) as conn:
+        c = meter.MeterClient(conn)
+        c.allocate(U, ET, D("100"), UNIT)
+        conn.commit()
+        with pytest.raises(psycopg.errors.DivisionByZero), conn.pipeline():
+            got = c.consume(U, ET, D("7"), UNIT)
+            assert [r["entry_id"] for r in ledger_rows(db)][-1] == got["entry_id"]
+            conn.execute("SELECT 1/0")
+        conn.rollback()
+    assert [r["amount"] for r in ledger_rows(db)] == [D("100"), D("-7")]
+
+
 class _SaysWhenWaited:
     """A client's connection lock that tells when a call has come to wait for it."""
 
