@@ -359,21 +359,50 @@ def _usable(conn: psycopg.Connection[Any], *, always: bool = False) -> bool:
     return True
 
 
+class _ConnectionLock:
+    """Taken by a call on a caller's connection for the whole of it; a call of the thread
+    holding it is refused. Such a call comes from the caller's psycopg loader, dumper or
+    notice handler, run by psycopg inside a call: it would run under psycopg's own lock of
+    the connection (a notice handler: hung for good), inside the call's transaction (its
+    result undone if that rolls back), or on the call's cursor (whose rows it replaces)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    def __enter__(self) -> None:
+        me = threading.get_ident()
+        if self._owner == me:  # set by this thread only, so read without the lock
+            raise ValidationError(
+                "conn: a MeterClient call on this connection is under way in this thread "
+                "(this one was made from a psycopg loader, dumper or notice handler it "
+                "ran); call from outside it, or use another connection",
+                sqlstate="MT001",
+                parameter="conn",
+            )
+        self._lock.acquire()
+        self._owner = me
+
+    def __exit__(self, *exc: object) -> None:
+        self._owner = None
+        self._lock.release()
+
+
 # One lock per caller's connection, shared by every client built on it: a call's BEGIN or
 # SAVEPOINT ... COMMIT or RELEASE must not interleave with another client's on the same
 # connection (psycopg then ends calls that committed with "transaction commit at the wrong
 # nesting level", which a caller would retry, counting them twice).
-_connection_locks: weakref.WeakKeyDictionary[psycopg.Connection[Any], threading.RLock] = (
+_connection_locks: weakref.WeakKeyDictionary[psycopg.Connection[Any], _ConnectionLock] = (
     weakref.WeakKeyDictionary()
 )
 _connection_locks_guard = threading.Lock()
 
 
-def _lock_of(conn: psycopg.Connection[Any]) -> threading.RLock:
+def _lock_of(conn: psycopg.Connection[Any]) -> _ConnectionLock:
     with _connection_locks_guard:
         lock = _connection_locks.get(conn)
         if lock is None:
-            lock = _connection_locks[conn] = threading.RLock()
+            lock = _connection_locks[conn] = _ConnectionLock()
         return lock
 
 
@@ -432,7 +461,9 @@ class MeterClient:
             one connection take turns, so they are thread-safe, though the caller's own
             statements on it from other threads may land inside a call's transaction, and
             a call made while another thread has a transaction open on it is part of that
-            transaction, and is rolled back with it).
+            transaction, and is rolled back with it). A call made while one is under way on
+            the connection in the same thread (from the caller's psycopg loader, dumper or
+            notice handler) is refused.
             Results need ``DateStyle`` ISO and ``IntervalStyle``
             postgres, and parameters the client encoding UTF8 (:mod:`meter.session`): the
             client's own connections are given them; on a caller's connection with others,

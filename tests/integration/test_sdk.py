@@ -216,6 +216,70 @@ def test_clients_sharing_a_connection_across_threads_count_every_call_once(db_ur
     assert [(r["namespace"], r["n"]) for r in counts] == [("a", 100), ("b", 100)]
 
 
+@pytest.mark.parametrize("same_client", [True, False])
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_a_call_from_a_loader_run_inside_a_call_on_its_connection_is_refused(
+    db_url, db, autocommit, same_client
+):
+    # A caller's loader calling the client again on the same connection, while a call was
+    # loading its rows: on the same client it ran on the call's cursor, whose rows it
+    # replaced (the outer call, committed, raised a ValueError out of the SDK's errors),
+    # and on another it ran inside the call's transaction, its result undone if that
+    # rolled back. It is refused, before anything is sent.
+    with psycopg.connect(db_url, autocommit=autocommit) as conn:
+        c = meter.MeterClient(conn)
+        other = c if same_client else meter.MeterClient(conn)
+        inner: list[Any] = []
+
+        class CallingLoader(psycopg.adapt.Loader):
+            def load(self, data: Any) -> int:
+                if not inner:
+                    inner.append(None)  # once
+                    try:
+                        inner[0] = other.allocate("inner", ET, D(1), UNIT)
+                    except Exception as exc:
+                        inner[0] = exc
+                return int(bytes(data))
+
+        conn.adapters.register_loader("int8", CallingLoader)
+        got = c.allocate(U, ET, D("100"), UNIT)
+        conn.commit()
+        [refused] = inner
+        assert isinstance(refused, ValidationError) and refused.parameter == "conn"
+        assert got == {"balance": D("100"), "entry_id": got["entry_id"]}
+        assert c.get_balance(U, ET, UNIT)["balance"] == D("100")  # the connection serves on
+    assert [(r["entry_id"], r["amount"]) for r in ledger_rows(db)] == [(got["entry_id"], D(100))]
+
+
+def test_a_call_from_a_notice_handler_inside_a_call_on_its_connection_is_refused(db_url, db):
+    # psycopg runs a notice handler under its own lock of the connection: a call made from
+    # it, on that connection, waited for that lock for good, and so did every later call.
+    conn = psycopg.connect(db_url, autocommit=True, options="-c client_min_messages=debug5")
+    c = meter.MeterClient(conn)
+    inner: list[Any] = []
+
+    def handler(diag: Any) -> None:
+        if not inner:
+            inner.append(None)  # once
+            try:
+                inner[0] = c.allocate("inner", ET, D(1), UNIT)
+            except Exception as exc:
+                inner[0] = exc
+
+    conn.add_notice_handler(handler)
+    outer: list[Any] = []
+    call = threading.Thread(target=lambda: outer.append(c.allocate(U, ET, D(5), UNIT)))
+    call.daemon = True
+    call.start()
+    call.join(10)
+    assert not call.is_alive(), "the call hung"
+    conn.close()
+    [refused] = inner
+    assert isinstance(refused, ValidationError) and refused.parameter == "conn"
+    assert outer[0]["balance"] == D(5)
+    assert [r["amount"] for r in ledger_rows(db)] == [D(5)]
+
+
 def test_a_caller_s_connection_or_pool_of_raw_cursors_serves_every_call(db_url, db):
     # A psycopg.RawCursor takes $1 placeholders: built with cursor_factory=RawCursor, a
     # caller's connection or pool failed every call with a syntax error (42601, a plain
