@@ -936,14 +936,15 @@ class MeterClient:
             callers = status != TransactionStatus.IDLE
             begun = False
             try:
-                with conn.transaction():  # BEGIN/COMMIT, or a savepoint in the caller's one
+                with conn.transaction() as tx:  # BEGIN/COMMIT, or a savepoint in the caller's
                     begun = True
                     try:
                         if callers:
-                            return self._execute_keeping_context(conn, query, args)
-                        if session.needs_settings(conn):  # dropped at the COMMIT below
-                            _cursor(conn).execute(session.SET_FOR_TRANSACTION)
-                        return self._fetch(conn, query, args)
+                            rows = self._execute_keeping_context(conn, query, args)
+                        else:
+                            if session.needs_settings(conn):  # dropped at the COMMIT below
+                                _cursor(conn).execute(session.SET_FOR_TRANSACTION)
+                            rows = self._fetch(conn, query, args)
                     except psycopg.Error as exc:  # COMMIT comes after this block
                         raise _FailedBeforeCommit(exc, in_callers_transaction=callers) from exc
             except psycopg.Error as exc:  # BEGIN, SAVEPOINT, COMMIT or RELEASE
@@ -952,6 +953,15 @@ class MeterClient:
                 if callers or not begun:
                     raise _FailedBeforeCommit(exc, in_callers_transaction=callers) from exc
                 raise
+            # psycopg ends the block without a word, and sends no COMMIT or RELEASE, when the
+            # connection was closed (by another thread) since the call's statement ran.
+            if getattr(tx, "status", None) == "failed":
+                closed = psycopg.OperationalError(
+                    "the connection was closed before the call's "
+                    + ("savepoint was released" if callers else "COMMIT was sent")
+                )
+                raise _FailedBeforeCommit(closed, in_callers_transaction=callers)
+            return rows
 
     def _execute_keeping_context(
         self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]

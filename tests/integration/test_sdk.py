@@ -1046,6 +1046,33 @@ def test_a_call_in_pipeline_mode_has_committed_when_it_returns(db_url, db, autoc
     assert [r["amount"] for r in ledger_rows(db)] == [D("100"), D("-7")]
 
 
+@pytest.mark.parametrize("in_callers_transaction", [False, True])
+def test_a_call_whose_connection_was_closed_before_its_commit_is_not_reported_done(
+    db_url, db, monkeypatch, in_callers_transaction
+):
+    # Another thread closing the caller's connection after the call's statement, before its
+    # COMMIT (or RELEASE): psycopg's transaction block then ends without sending it, raising
+    # nothing, and the call returned its entry though nothing had committed.
+    conn = psycopg.connect(db_url)
+    c = meter.MeterClient(conn)
+    c.allocate(U, ET, D("100"), UNIT)
+    conn.commit()
+    if in_callers_transaction:
+        conn.execute("SELECT 1")
+    fetch = c._fetch
+
+    def closed_by_another_thread(*args: Any) -> Any:
+        rows = fetch(*args)
+        conn.close()
+        return rows
+
+    monkeypatch.setattr(c, "_fetch", closed_by_another_thread)
+    with pytest.raises(MeterConnectionError) as lost:
+        c.consume(U, ET, D("7"), UNIT)
+    assert "may have committed" not in str(lost.value)
+    assert [r["amount"] for r in ledger_rows(db)] == [D("100")]
+
+
 class _SaysWhenWaited:
     """A client's connection lock that tells when a call has come to wait for it."""
 
