@@ -933,11 +933,14 @@ class MeterClient:
                 and not session.needs_settings(conn)
             ):
                 return self._fetch(conn, query, args)  # its own implicit transaction
-            callers = status != TransactionStatus.IDLE
-            begun = False
+            tx: psycopg.Transaction | None = None
             try:
                 with conn.transaction() as tx:  # BEGIN/COMMIT, or a savepoint in the caller's
-                    begun = True
+                    # psycopg's own choice, made under its lock of the connection (after
+                    # syncing what a pipeline held): the status read above may have been
+                    # another thread's statement under way, or statements queued in a
+                    # pipeline, neither a transaction of the caller's.
+                    callers = bool(tx.savepoint_name)  # "" for a BEGIN
                     try:
                         if callers:
                             rows = self._execute_keeping_context(conn, query, args)
@@ -948,11 +951,12 @@ class MeterClient:
                     except psycopg.Error as exc:  # COMMIT comes after this block
                         raise _FailedBeforeCommit(exc, in_callers_transaction=callers) from exc
             except psycopg.Error as exc:  # BEGIN, SAVEPOINT, COMMIT or RELEASE
-                # A SAVEPOINT or its RELEASE: the caller's to commit. A BEGIN that failed:
-                # nothing of the call was sent. Only the call's own COMMIT is in doubt.
-                if callers or not begun:
-                    raise _FailedBeforeCommit(exc, in_callers_transaction=callers) from exc
-                raise
+                if tx is None:  # BEGIN or SAVEPOINT: nothing of the call was sent
+                    opened = status != TransactionStatus.IDLE
+                    raise _FailedBeforeCommit(exc, in_callers_transaction=opened) from exc
+                if tx.savepoint_name:  # RELEASE: the caller's to commit
+                    raise _FailedBeforeCommit(exc, in_callers_transaction=True) from exc
+                raise  # the call's own COMMIT: in doubt
             # psycopg ends the block without a word, and sends no COMMIT or RELEASE, when the
             # connection was closed (by another thread) since the call's statement ran.
             if getattr(tx, "status", None) == "failed":

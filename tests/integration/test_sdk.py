@@ -1073,6 +1073,54 @@ def test_a_call_whose_connection_was_closed_before_its_commit_is_not_reported_do
     assert [r["amount"] for r in ledger_rows(db)] == [D("100")]
 
 
+def test_a_keyless_write_after_statements_queued_in_a_pipeline_is_in_doubt_at_its_commit(
+    cutter, db
+):
+    # With statements the caller queued in pipeline mode still pending, an autocommit
+    # connection reads ACTIVE: the call took it for the caller's open transaction, though
+    # psycopg synced them and ran the call in a BEGIN ... COMMIT of its own, so a reply lost
+    # to that COMMIT, which had committed, was reported "cannot have committed" (a caller
+    # retrying counted it twice).
+    conn = psycopg.connect(cutter.url, autocommit=True)
+    try:
+        c = meter.MeterClient(conn)
+        c.allocate(U, ET, D("100"), UNIT)
+        cutter.cut_reply_to(b"COMMIT")
+        with pytest.raises(MeterConnectionError, match="may have committed"), conn.pipeline():
+            conn.cursor().execute("SELECT 1")
+            c.consume(U, ET, D("7"), UNIT)
+        assert (cutter.seen, cutter.cuts) == (1, 1)
+    finally:
+        conn.close()
+    assert [r["amount"] for r in ledger_rows(db)] == [D("100"), D("-7")]
+
+
+def test_a_keyless_write_made_while_another_thread_s_statement_ran_is_in_doubt_at_its_commit(
+    cutter, db
+):
+    # On an autocommit connection where another thread's own statement was under way
+    # (ACTIVE, no transaction open), the call took it for the caller's transaction; psycopg,
+    # finding it IDLE once that statement ended, ran the call in a BEGIN ... COMMIT of its
+    # own, and a reply lost to that COMMIT, which had committed, was reported "cannot have
+    # committed" (a caller retrying counted it twice).
+    conn = psycopg.connect(cutter.url, autocommit=True)
+    try:
+        c = meter.MeterClient(conn)
+        c.allocate(U, ET, D("100"), UNIT)
+        with ThreadPoolExecutor(1) as pool:
+            sleeping = pool.submit(conn.execute, "SELECT pg_sleep(0.5)")
+            while conn.info.transaction_status != TransactionStatus.ACTIVE:
+                time.sleep(0.001)
+            cutter.cut_reply_to(b"COMMIT")
+            with pytest.raises(MeterConnectionError, match="may have committed"):
+                c.consume(U, ET, D("7"), UNIT)
+            sleeping.result(10)
+        assert (cutter.seen, cutter.cuts) == (1, 1)
+    finally:
+        conn.close()
+    assert [r["amount"] for r in ledger_rows(db)] == [D("100"), D("-7")]
+
+
 class _SaysWhenWaited:
     """A client's connection lock that tells when a call has come to wait for it."""
 
