@@ -781,12 +781,21 @@ class MeterClient:
         end; inside the caller's, the caller's are put back for the rest of it."""
         callers = conn.info.transaction_status != TransactionStatus.IDLE
         before = session.current(conn)
-        with conn.transaction():
-            cur = _cursor(conn)
-            cur.execute(session.SET_FOR_TRANSACTION)
-            rows = self._fetch(conn, query, args)
-            if callers:
-                cur.execute(session.RESTORE_FOR_TRANSACTION, before)
+        tx: psycopg.Transaction | None = None
+        try:
+            with conn.transaction() as tx:
+                try:
+                    cur = _cursor(conn)
+                    cur.execute(session.SET_FOR_TRANSACTION)
+                    rows = self._fetch(conn, query, args)
+                    if callers:
+                        cur.execute(session.RESTORE_FOR_TRANSACTION, before)
+                except psycopg.Error as exc:  # COMMIT comes after this block
+                    raise _FailedBeforeCommit(exc, in_callers_transaction=callers) from exc
+        except psycopg.Error as exc:
+            if tx is None or tx.savepoint_name:  # BEGIN, SAVEPOINT or RELEASE: not committed
+                raise _FailedBeforeCommit(exc, in_callers_transaction=callers) from exc
+            raise  # its own COMMIT: in doubt
         return rows
 
     def _fetch(self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]) -> list[Row]:

@@ -1121,6 +1121,27 @@ def test_a_keyless_write_made_while_another_thread_s_statement_ran_is_in_doubt_a
     assert [r["amount"] for r in ledger_rows(db)] == [D("100"), D("-7")]
 
 
+@pytest.mark.parametrize(("needle", "committed"), [(b"meter.consume(", False), (b"COMMIT", True)])
+def test_on_a_callers_pool_in_another_style_only_a_lost_commit_is_in_doubt(
+    cutter, db, needle, committed
+):
+    # A pooled connection in another DateStyle runs the call in BEGIN ... COMMIT with
+    # Meter's settings: a statement lost before that COMMIT was reported "may have committed".
+    with ConnectionPool(
+        make_conninfo(cutter.url, options="-c DateStyle=German"),
+        min_size=1, max_size=1, kwargs={"autocommit": True}, open=True,
+    ) as pool:  # fmt: skip
+        c = meter.MeterClient(pool)
+        c.allocate(U, ET, D("100"), UNIT)
+        cutter.cut_reply_to(needle)
+        with pytest.raises(MeterConnectionError) as lost:
+            c.consume(U, ET, D("7"), UNIT)
+        assert (cutter.seen, cutter.cuts) == (1, 1)  # a keyless write: not run again
+        assert ("may have committed" in str(lost.value)) is committed
+    expected = [D("100"), D("-7")] if committed else [D("100")]
+    assert [r["amount"] for r in ledger_rows(db)] == expected
+
+
 class _SaysWhenWaited:
     """A client's connection lock that tells when a call has come to wait for it."""
 
