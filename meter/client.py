@@ -959,12 +959,17 @@ class MeterClient:
                             rows = self._fetch(conn, query, args)
                     except psycopg.Error as exc:  # COMMIT comes after this block
                         raise _FailedBeforeCommit(exc, in_callers_transaction=callers) from exc
-            except psycopg.Error as exc:  # BEGIN, SAVEPOINT, COMMIT or RELEASE
+            except psycopg.Error as exc:  # BEGIN, SAVEPOINT, a pipeline's Sync, COMMIT or RELEASE
                 if tx is None:  # BEGIN or SAVEPOINT: nothing of the call was sent
                     opened = status != TransactionStatus.IDLE
                     raise _FailedBeforeCommit(exc, in_callers_transaction=opened) from exc
                 if tx.savepoint_name:  # RELEASE: the caller's to commit
                     raise _FailedBeforeCommit(exc, in_callers_transaction=True) from exc
+                # In pipeline mode psycopg syncs the block's statements before it sends
+                # COMMIT (and marks the block committed just before it does): an error of
+                # that Sync came before the COMMIT.
+                if getattr(tx, "status", "committed") != "committed":
+                    raise _FailedBeforeCommit(exc, in_callers_transaction=False) from exc
                 raise  # the call's own COMMIT: in doubt
             # psycopg ends the block without a word, and sends no COMMIT or RELEASE, when the
             # connection was closed (by another thread) since the call's statement ran.

@@ -1095,6 +1095,35 @@ def test_a_keyless_write_after_statements_queued_in_a_pipeline_is_in_doubt_at_it
     assert [r["amount"] for r in ledger_rows(db)] == [D("100"), D("-7")]
 
 
+@pytest.mark.parametrize("options", ["", "-c DateStyle=German"])
+def test_a_write_in_pipeline_mode_lost_before_its_commit_was_sent_is_not_in_doubt(
+    cutter, db, monkeypatch, options
+):
+    # In pipeline mode psycopg syncs the call's statement (a Sync of its own) before it
+    # sends COMMIT: a connection lost at that Sync lost a transaction never committed, but
+    # the call, whose BEGIN had gone through, reported it "may have committed" (a keyless
+    # write the caller then left alone was lost).
+    conn = psycopg.connect(make_conninfo(cutter.url, options=options), autocommit=True)
+    try:
+        c = meter.MeterClient(conn)
+        c.allocate(U, ET, D("100"), UNIT)
+        fetch = c._fetch
+
+        def then_cut_the_sync(*args: Any) -> Any:
+            rows = fetch(*args)
+            cutter.cut_reply_to(b"S\x00\x00\x00\x04")  # the next Sync, before COMMIT
+            return rows
+
+        monkeypatch.setattr(c, "_fetch", then_cut_the_sync)
+        with pytest.raises(MeterConnectionError) as lost, conn.pipeline():
+            c.consume(U, ET, D("7"), UNIT)
+        assert cutter.cuts == 1
+        assert "may have committed" not in str(lost.value)
+    finally:
+        conn.close()
+    assert [r["amount"] for r in ledger_rows(db)] == [D("100")]
+
+
 def test_a_keyless_write_made_while_another_thread_s_statement_ran_is_in_doubt_at_its_commit(
     cutter, db
 ):
