@@ -1321,3 +1321,65 @@ def test_the_period_roll_and_a_write_making_a_month_never_deadlock(db_url, clien
     assert _deadlocks(db) == deadlocks
     assert months <= ledger_partitions(db)
     assert client.reconcile() == []
+
+
+def test_a_roll_making_no_month_holds_no_partition_lock_for_months_retention_dropped(
+    db_url, client, db
+):
+    # 055's roll takes the ledger's partition lock before its first account when a month
+    # its steps may date rows in has no partition. It counted those months from the
+    # earliest period the account ever had, and retention drops such months (no step of
+    # the roll dates a row there again): so a roll that makes no month took the lock at
+    # every run once an account's history was older than the retention window. A caller's
+    # transaction that held the account the roll waited for, and then made a month (the
+    # case 055's header meant to spare: "not taken when every month exists"), waited for
+    # the roll while the roll waited for it (40P01). Here d has daily periods from 100
+    # days back, rolled up to yesterday (due today), and its first months are dropped.
+    today = db.execute("SELECT (now() AT TIME ZONE 'UTC')::date AS d").fetchone()["d"]
+    start = today - timedelta(days=100)
+    client.allocate("d", ET, 10, UNIT)
+    db.execute(
+        "SELECT meter.set_period_config('d', %s, %s, NULL, %s, 5, NULL, 'default',"
+        " interval '1 day')",
+        (ET, UNIT, start),
+    )
+    yesterday = datetime.combine(today - timedelta(days=1), datetime.min.time(), UTC)
+    db.execute(
+        "SELECT * FROM meter.roll_periods('default', %s, 1000)", (yesterday + timedelta(hours=1),)
+    ).fetchall()
+    dropped = {r["drop_old_partitions"] for r in db.execute(
+        "SELECT * FROM meter.drop_old_partitions(1)"
+    ).fetchall()}  # fmt: skip
+    assert f"ledger_{start:%Y_%m}" in dropped
+    deadlocks = _deadlocks(db)
+    errors: dict[str, BaseException] = {}
+    with (
+        psycopg.connect(db_url) as app,
+        psycopg.connect(db_url, autocommit=True) as roll_conn,
+    ):
+        app.execute(f"SELECT * FROM meter.consume('d', '{ET}', 1, '{UNIT}')")  # holds d
+
+        def run_roll() -> None:
+            try:
+                roll_conn.execute("SELECT * FROM meter.roll_periods('default')").fetchall()
+            except BaseException as exc:
+                errors["roll"] = exc
+
+        roll = threading.Thread(target=run_roll)
+        roll.start()
+        eventually(lambda: _waiting_on_a_lock(db, roll_conn.info.backend_pid))  # for d
+        try:
+            # a month made while holding d: it waited for the roll's partition lock
+            app.execute(
+                f"SELECT * FROM meter.consume('e', '{ET}', 1, '{UNIT}',"
+                " p_event_time => '1999-06-15 00:00:00+00')"
+            )
+            app.commit()
+        except psycopg.Error as exc:
+            errors["app"] = exc
+            app.rollback()
+        roll.join(30)
+    assert errors == {}
+    assert _deadlocks(db) == deadlocks
+    assert "ledger_1999_06" in ledger_partitions(db)
+    assert client.reconcile() == []
