@@ -1195,3 +1195,34 @@ def test_a_fast_batch_queues_only_for_the_accounts_it_creates(db, db_url):
         ).fetchone()
         assert held == (2,)
         conn.rollback()
+
+
+def test_fast_batches_creating_many_accounts_at_once_leave_room_in_the_lock_table(db, db_url):
+    """054's queue locks are entries of the server's shared lock table, held to the end of
+    the transaction, and it took up to 1000 (one per account a fast batch creates): some
+    two dozen producer batches of 1000 new accounts under way at once filled the table of
+    this server (max_connections 200; half that on a default one), and the next, and every
+    other session needing a lock, failed with 53200 "out of shared memory". A fast batch
+    now queues only when it creates at most 300 accounts (058's bound on a call going one
+    by one: about 300 entries), so these hold none."""
+    per_slot = int(
+        db.execute("SHOW max_locks_per_transaction").fetchone()["max_locks_per_transaction"]
+    )
+    slots = int(db.execute("SHOW max_connections").fetchone()["max_connections"])
+    calls = 3 * per_slot * slots // 1000 + 1  # past the table, with room to spare, at 1000 each
+    conns: list[psycopg.Connection[Any]] = []
+    try:
+        for c in range(calls):
+            conn = psycopg.connect(db_url)
+            conns.append(conn)
+            events = [{**_give(f"c{c}-{i}", "1"), "namespace": "n"} for i in range(1000)]
+            conn.execute(APPLY_ROWS, (Jsonb(events),))  # held open: its locks too
+        held = db.execute(
+            "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory'"
+        ).fetchone()["n"]
+    finally:
+        for conn in conns:
+            conn.rollback()
+            conn.close()
+    assert held == 0
+    assert db.execute("SELECT count(*) AS n FROM meter.accounts").fetchone()["n"] == 0
