@@ -35,9 +35,9 @@
 -- over 1000. apply_events' lock order is unchanged (054's).
 --
 -- Migrations once applied are never edited: 055's roll_periods and 058's apply_events are
--- replaced whole; only the lines marked 063 changed.
+-- replaced whole; only the lines marked 062 changed.
 
--- roll_periods (055's; the lines marked 063 changed)
+-- roll_periods (055's; the lines marked 062 changed)
 CREATE OR REPLACE FUNCTION meter.roll_periods(p_namespace text DEFAULT NULL,
                                    p_now timestamptz DEFAULT now(),
                                    p_batch_size integer DEFAULT 100)
@@ -76,15 +76,15 @@ BEGIN
         SELECT a.namespace, a.account_id, a.user_id, a.event_type, a.resource, a.unit,
                -- 055: the earliest day any candidate's steps may date a row from (its
                -- configured start, or an earlier period it may move back to), less a day
-               -- 063: the latest period opened (case 0 moves back to it, no further),
+               -- 062: the latest period opened (case 0 moves back to it, no further),
                -- not the earliest period ever: retention drops the months of a history
                -- no step dates a row in again, and counting them took the lock at
                -- every roll
                min(least(a.period_start,
-                         coalesce((SELECT max(p.period_start) FROM meter.periods p     -- 063
+                         coalesce((SELECT max(p.period_start) FROM meter.periods p     -- 062
                                    WHERE p.namespace = a.namespace
                                      AND p.account_id = a.account_id
-                                     AND p.opened_at IS NOT NULL), a.period_start)))   -- 063
+                                     AND p.opened_at IS NOT NULL), a.period_start)))   -- 062
                    OVER () - 1 AS earliest                                              -- 055
         FROM meter.accounts a
         WHERE a.period_allocation IS NOT NULL AND a.period_interval IS NOT NULL
@@ -169,7 +169,7 @@ BEGIN
 END
 $$;
 
--- apply_events (058's; the lines marked 063 changed)
+-- apply_events (058's; the lines marked 062 changed)
 CREATE OR REPLACE FUNCTION meter.apply_events(p_events jsonb, p_source text DEFAULT NULL,
                                    p_results boolean DEFAULT true)
 RETURNS TABLE (idx integer, ok boolean, status text, result jsonb, error_sqlstate text,
@@ -554,7 +554,7 @@ BEGIN
         --      new account N, then waited for an existing Z that a mixed batch held since
         --      its 2b, whose event on N then waited for that insert (40P01). Only in a
         --      transaction that held no row before the batch (035's rule), and for at
-        --      most 300 new accounts (063: 054 took 1000; entries of the shared lock table,
+        --      most 300 new accounts (062: 054 took 1000; entries of the shared lock table,
         --      no more than 058 lets a call going one by one hold); existing accounts
         --      take none (see the header).
         IF v_slow IS NULL AND v_fast IS NOT NULL AND v_fresh THEN                        -- 054
@@ -576,7 +576,7 @@ BEGIN
                         AND coalesce(a.user_id, '') = coalesce(f.user_id, '')
                         AND a.event_type = f.event_type AND a.resource = f.resource
                         AND a.unit = f.unit)) n;                                          -- 054
-            IF cardinality(v_new_ns) <= 300 THEN                                          -- 063
+            IF cardinality(v_new_ns) <= 300 THEN                                          -- 062
                 FOR v_i IN 1 .. cardinality(v_new_ns) LOOP                                -- 054
                     PERFORM meter._queue_for_account(v_new_ns[v_i], v_new_users[v_i],
                                                      v_new_types[v_i], v_new_resources[v_i],
