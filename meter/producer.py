@@ -81,8 +81,9 @@ DEFAULT_CHUNK_SIZE: Final = 500
 MAX_CHUNK_SIZE: Final = 1000
 """The most events per ``apply_batch`` message (``batch_size``, ``chunk_size``). A worker
 applies a message of more than 100 events of which any goes one by one (a checked
-consume, reserve, commit, release) in transactions of 100, in order, since each such
-event takes locks in the server's shared lock table (sql 050, 058)."""
+consume, reserve, commit, release, an adjust naming an entry, a key's second use) in
+transactions of at most 100, in order, since each such event takes locks in the server's
+shared lock table (sql 050, 058)."""
 
 DEFAULT_BATCH_SIZE: Final = 500
 BUFFERED_BATCHES: Final = 10
@@ -922,8 +923,9 @@ class MeterProducer:
         "unit": "tok"}``. Every event is validated before anything is sent. Sent at once,
         whatever the buffering mode. A worker applies each message in one transaction, or
         one of more than 100 events of which any goes one by one (a reserve, commit or
-        release, a checked consume, an adjust naming an entry) in transactions of at most
-        100, in order; an event that can never succeed is dead-lettered alone.
+        release, a checked consume, an adjust naming an entry, a key's second use) in
+        transactions of at most 100, in order; an event that can never succeed is
+        dead-lettered alone.
 
         Returns:
             One handle per event, in order (batch-mates share ``task_id``).
