@@ -1383,3 +1383,71 @@ def test_a_roll_making_no_month_holds_no_partition_lock_for_months_retention_dro
     assert _deadlocks(db) == deadlocks
     assert "ledger_1999_06" in ledger_partitions(db)
     assert client.reconcile() == []
+
+
+def test_a_roll_opening_a_new_plan_after_an_old_history_holds_no_partition_lock(db_url, client, db):
+    # 062 counted the months a roll's steps may date rows in from the day before the
+    # latest period opened whenever that was earlier than the configured start; the roll
+    # moves back to it only when the start lies inside recorded periods (042's case 0). A
+    # start after every recorded period (a plan change) is case 1: the period running is
+    # closed the day before the start, and nothing earlier is dated. Here d had a yearly
+    # period from 200 days back, and a new plan from today: the months of the old start
+    # are dropped, the roll makes no month, and took the ledger's partition lock anyway:
+    # a caller's transaction that held d and then made a month deadlocked with it.
+    today = db.execute("SELECT (now() AT TIME ZONE 'UTC')::date AS d").fetchone()["d"]
+    start = today - timedelta(days=200)
+    client.allocate("d", ET, 10, UNIT)
+    db.execute(
+        "SELECT meter.set_period_config('d', %s, %s, NULL, %s, 5, NULL, 'default',"
+        " interval '1 year')",
+        (ET, UNIT, start),
+    )
+    started = datetime.combine(start, datetime.min.time(), UTC) + timedelta(hours=1)
+    db.execute("SELECT * FROM meter.roll_periods('default', %s)", (started,)).fetchall()
+    db.execute(
+        "SELECT meter.set_period_config('d', %s, %s, NULL, %s, 7, NULL, 'default',"
+        " interval '1 year')",
+        (ET, UNIT, today),
+    )
+    dropped = {r["drop_old_partitions"] for r in db.execute(
+        "SELECT * FROM meter.drop_old_partitions(1)"
+    ).fetchall()}  # fmt: skip
+    assert f"ledger_{start - timedelta(days=1):%Y_%m}" in dropped
+    deadlocks = _deadlocks(db)
+    errors: dict[str, BaseException] = {}
+    with (
+        psycopg.connect(db_url) as app,
+        psycopg.connect(db_url, autocommit=True) as roll_conn,
+    ):
+        app.execute(f"SELECT * FROM meter.consume('d', '{ET}', 1, '{UNIT}')")  # holds d
+        rolled: list[Any] = []
+
+        def run_roll() -> None:
+            try:
+                rolled.extend(
+                    roll_conn.execute("SELECT * FROM meter.roll_periods('default')").fetchall()
+                )
+            except BaseException as exc:
+                errors["roll"] = exc
+
+        roll = threading.Thread(target=run_roll)
+        roll.start()
+        eventually(lambda: _waiting_on_a_lock(db, roll_conn.info.backend_pid))  # for d
+        try:
+            # a month made while holding d: it waited for the roll's partition lock
+            app.execute(
+                f"SELECT * FROM meter.consume('e', '{ET}', 1, '{UNIT}',"
+                " p_event_time => '1998-06-15 00:00:00+00')"
+            )
+            app.commit()
+        except psycopg.Error as exc:
+            errors["app"] = exc
+            app.rollback()
+        roll.join(30)
+    assert errors == {}
+    assert _deadlocks(db) == deadlocks
+    assert "ledger_1998_06" in ledger_partitions(db)
+    # the roll made no month: it closed the old period the day before and opened today's
+    assert [(r[5], r[6], r[9]) for r in rolled] == [("rolled", today - timedelta(days=1), today)]
+    assert f"ledger_{start - timedelta(days=1):%Y_%m}" not in ledger_partitions(db)
+    assert client.reconcile() == []
