@@ -1451,3 +1451,67 @@ def test_a_roll_opening_a_new_plan_after_an_old_history_holds_no_partition_lock(
     assert [(r[5], r[6], r[9]) for r in rolled] == [("rolled", today - timedelta(days=1), today)]
     assert f"ledger_{start - timedelta(days=1):%Y_%m}" not in ledger_partitions(db)
     assert client.reconcile() == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="roll_periods decides on the ledger's partition lock from the starts its"
+    " candidate query read; a start moved back by a set_period_config committed during the"
+    " roll makes a month under the accounts rolled before (40P01)",
+)
+def test_a_start_moved_back_during_a_roll_never_deadlocks_it(db_url, client, db):
+    # The roll reads its candidates' starts once, before its first account, and takes the
+    # ledger's partition lock only if a month from those starts is missing. b's start is
+    # moved back into a month that has none while the roll waits for a2 (held by z): the
+    # roll then makes that month holding a, for which x, which made a month, waits.
+    today = db.execute("SELECT (now() AT TIME ZONE 'UTC')::date AS d").fetchone()["d"]
+    for user in ("a", "a2", "b"):
+        client.allocate(user, ET, 10, UNIT)
+        db.execute(
+            "SELECT meter.set_period_config(%s, %s, %s, NULL, %s, 5, NULL, 'default')",
+            (user, ET, UNIT, today),
+        )
+    deadlocks = _deadlocks(db)
+    errors: dict[str, BaseException] = {}
+    with (
+        psycopg.connect(db_url) as z,
+        psycopg.connect(db_url) as x,
+        psycopg.connect(db_url, autocommit=True) as roll_conn,
+    ):
+        z.execute(f"SELECT * FROM meter.consume('a2', '{ET}', 1, '{UNIT}')")  # holds a2
+
+        def run_roll() -> None:
+            try:
+                roll_conn.execute("SELECT * FROM meter.roll_periods('default')").fetchall()
+            except BaseException as exc:
+                errors["roll"] = exc
+
+        def run_x() -> None:
+            try:
+                x.execute(f"SELECT * FROM meter.consume('a', '{ET}', 1, '{UNIT}')")
+                x.commit()
+            except BaseException as exc:
+                errors["x"] = exc
+                x.rollback()
+
+        roll = threading.Thread(target=run_roll)
+        roll.start()
+        eventually(lambda: _waiting_on_a_lock(db, roll_conn.info.backend_pid))  # for a2
+        db.execute(
+            "SELECT meter.set_period_config('b', %s, %s, NULL, date '1997-03-10', 5, NULL,"
+            " 'default')",
+            (ET, UNIT),
+        )
+        x.execute(
+            f"SELECT * FROM meter.consume('e', '{ET}', 1, '{UNIT}',"
+            " p_event_time => '1998-06-15 00:00:00+00')"
+        )  # x made a month: it holds the ledger's partition lock
+        xt = threading.Thread(target=run_x)
+        xt.start()
+        eventually(lambda: _waiting_on_a_lock(db, x.info.backend_pid))  # for a
+        z.commit()
+        roll.join(30)
+        xt.join(30)
+    assert errors == {}
+    assert _deadlocks(db) == deadlocks
+    assert client.reconcile() == []
