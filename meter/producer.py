@@ -83,7 +83,7 @@ MAX_CHUNK_SIZE: Final = 1000
 applies a message of more than 100 events of which any goes one by one (a checked
 consume, reserve, commit, release, an adjust naming an entry, a key's second use) in
 transactions of at most 100, in order, since each such event takes locks in the server's
-shared lock table (sql 050, 058)."""
+shared lock table (sql 050, 054)."""
 
 DEFAULT_BATCH_SIZE: Final = 500
 BUFFERED_BATCHES: Final = 10

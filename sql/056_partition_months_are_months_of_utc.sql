@@ -25,7 +25,7 @@
 --    end (the invented carry-over 036 fixed came back). It is now the month's end in UTC.
 --
 -- Partitions created before this migration under a zone other than UTC keep their bounds
--- here; 060 gives them the bounds of their month in UTC (`SELECT relname,
+-- here; 059 gives them the bounds of their month in UTC (`SELECT relname,
 -- pg_get_expr(relpartbound, oid) FROM pg_class WHERE relname ~ '^ledger_[0-9]{4}_[0-9]{2}$'`
 -- shows them).
 --

@@ -705,7 +705,7 @@ def apply_batch(
     More than :data:`ONE_BY_ONE_PER_CALL` events of which any may go one by one (a
     reserve, say, or a key's second use) are applied in transactions of that many, in order, as is a larger
     batch whose single call fails otherwise than transiently (the SQL refuses it whole for
-    its size, sql 050 and 058, or for any other reason: each part then meets its own).
+    its size, sql 050 and 054, or for any other reason: each part then meets its own).
     A batch that cannot be applied as a whole otherwise (a permanent error of the call, or
     too many deliveries) is split into single-event tasks, so each event meets its own fate.
     A batch refused for its tenancy (module docstring) is one dead letter, applied nowhere.
@@ -797,7 +797,7 @@ def apply_batch(
                 self.transient(s, exc)
             elif len(kept) > ONE_BY_ONE_PER_CALL:
                 # Refused whole for its size (an event that goes one by one after all, or
-                # too many new months: sql 050, 058), or for a reason only some events
+                # too many new months: sql 050, 054), or for a reason only some events
                 # have: in parts, in order, each in bounds; a part failing whole is split.
                 logger.warning("batch %s refused whole (%r): applying it in parts", request.id, exc)
                 applied = _apply_in_parts(self, s, kept, orig)
@@ -813,7 +813,7 @@ def apply_batch(
 
 ONE_BY_ONE_PER_CALL: Final = 100
 """The most events ``meter.apply_events`` takes in one call when any of them goes one by
-one (sql 058: each such call's locks sit in the server's shared lock table)."""
+one (sql 054: each such call's locks sit in the server's shared lock table)."""
 
 
 def _may_go_one_by_one(event: Any) -> bool:

@@ -928,7 +928,7 @@ def test_a_batch_of_over_100_with_an_event_one_by_one_is_refused_before_any_lock
     of the batch, in the server's shared lock table: 20,000 checked consumes on distinct
     accounts failed with 53200 "out of shared memory" (and every other session needing a
     lock with them), and at 050's bound of 1000, five such calls at once filled a
-    default-sized table. Now (058) a batch of more than 100 events, one of which goes one
+    default-sized table. Now (054) a batch of more than 100 events, one of which goes one
     by one, is refused by name before it changes anything; 100 such events, or 1001
     events all on the fast path, apply."""
     db.execute("SELECT set_config('meter.tenant', 'n', false)")
@@ -1022,7 +1022,7 @@ def test_concurrent_calls_at_the_bound_leave_room_in_a_default_lock_table() -> N
     (max_locks_per_transaction 64 x max_connections 100; here 32 x 200, the embedded
     server's connections): five workers each applying a producer's batch of 1000 reserves
     at once filled it, and the fifth, with every other session needing a lock meanwhile,
-    failed with 53200 "out of shared memory". 058 keeps such a call to 100 events (the
+    failed with 53200 "out of shared memory". 054 keeps such a call to 100 events (the
     worker applies a larger batch in parts of 100): sixteen calls at that bound held open
     at once leave room for a seventeenth session, and a call of 1000 is refused by name
     before it takes any lock."""
@@ -1083,7 +1083,7 @@ def test_concurrent_calls_at_the_bound_leave_room_in_a_default_lock_table() -> N
     "that names the entry's month, or a bound on the months a namespace may date",
 )
 def test_an_adjust_naming_an_entry_holds_locks_bounded_by_its_events(db, db_url):
-    """058 keeps a call going one by one to 100 events so that it holds about 300 entries
+    """054 keeps a call going one by one to 100 events so that it holds about 300 entries
     of the server's shared lock table: 2 to 3 for each event. An adjust naming an entry
     takes one for every ledger month besides, whatever the number of events."""
     db.execute("SELECT set_config('meter.tenant', 'n', false)")
@@ -1203,7 +1203,7 @@ def test_fast_batches_creating_many_accounts_at_once_leave_room_in_the_lock_tabl
     two dozen producer batches of 1000 new accounts under way at once filled the table of
     this server (max_connections 200; half that on a default one), and the next, and every
     other session needing a lock, failed with 53200 "out of shared memory". A fast batch
-    now queues only when it creates at most 300 accounts (058's bound on a call going one
+    now queues only when it creates at most 300 accounts (054's bound on a call going one
     by one: about 300 entries), so these hold none."""
     per_slot = int(
         db.execute("SHOW max_locks_per_transaction").fetchone()["max_locks_per_transaction"]

@@ -550,7 +550,7 @@ def test_a_batch_dated_in_too_many_new_months_is_applied_in_parts_in_order(pipel
 
 def test_a_batch_that_may_go_one_by_one_is_applied_in_parts_of_100_in_order(pipeline, db):
     """A call going one by one holds about three entries of the server's shared lock table
-    per event to its end (058 bounds it at 100 events): the worker applies a producer-sized
+    per event to its end (054 bounds it at 100 events): the worker applies a producer-sized
     batch of reserves and commits in transactions of at most 100 events, in order, so that
     each commit finds the reserve sent before it, and each event applies once."""
     args = {"user_id": "u1", "event_type": ET, "unit": UNIT}
@@ -596,7 +596,7 @@ def _part_lost_once(tid: str, start: int, real: Callable[..., Any], calls: list[
 def test_a_batch_retried_after_one_of_its_parts_committed_applies_each_event_once(
     pipeline, db, monkeypatch
 ):
-    """A batch applied in parts (058) is retried whole when a part fails transiently, here
+    """A batch applied in parts (054) is retried whole when a part fails transiently, here
     after it committed: the parts before it, and it, replay. Events without keys are keyed
     by their index in the message (a reserve without an id gets ``task:<id>:<index>``, which
     the commits in the next part name), a key used in two parts replays or conflicts as in

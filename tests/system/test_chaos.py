@@ -290,7 +290,7 @@ class Producer(threading.Thread):
             logged: list[tuple[int, str, str, str, Decimal]] = []
             held: list[tuple[int, str, str, Decimal, Decimal]] = []
             # now and then over 100 events with holds among them: a worker applies such a
-            # batch in transactions of at most 100, in order (sql 058), which faults cut
+            # batch in transactions of at most 100, in order (sql 054), which faults cut
             big = rng.random() < 0.03
             for _ in range(rng.randint(101, 250) if big else rng.randint(2, 20)):
                 u, k, v = f"u{rng.randrange(USERS)}", self.key("b"), _amount(rng)

@@ -8,7 +8,7 @@ What they show (``docs/reliability.md`` has the figures):
 - workers SIGKILLed (with their pool children) at random moments while single-event
   messages flow, and restarted: nothing lost, nothing doubled, ``reconcile()`` empty;
 - workers SIGKILLed while applying messages of reserves and their commits in parts of
-  100 (sql 058): every reservation reserved and committed once, none an orphan;
+  100 (sql 054): every reservation reserved and committed once, none an orphan;
 - Redis SIGKILLed and restarted from its append-only file mid-stream: the same;
 - a bare kombu consumer SIGKILLed in a tight loop: every message is eventually processed.
   (kombu's stock transport loses messages in this very test: the pop/record window.)
@@ -503,7 +503,7 @@ def test_workers_sigkilled_while_applying_batches_in_parts(
     start_worker: Any, crash_redis: CrashableRedis, db: psycopg.Connection[Any], client: Any
 ) -> None:
     """Messages of 250 reserves and their 250 commits (a worker applies each in parts of
-    100, in order: sql 058), a worker SIGKILLed at random moments while it applies them:
+    100, in order: sql 054), a worker SIGKILLed at random moments while it applies them:
     a message delivered again replays the parts that committed, so every reservation is
     reserved and committed exactly once, in order (none waits as an orphan), and the
     balances are those of a Decimal model."""

@@ -1812,7 +1812,7 @@ def _keyed(key: Any, namespace: Any = "n") -> dict[str, Any]:
     ],
 )
 def test_a_batch_repeating_a_key_is_applied_in_parts(events, repeats):
-    """A key's second use in a batch goes one by one in the SQL (058 refuses a whole call
+    """A key's second use in a batch goes one by one in the SQL (054 refuses a whole call
     of more than 100 events with one): the worker sends such a batch in parts at once,
     rather than after a refused call."""
     assert _repeats_a_key(events) is repeats

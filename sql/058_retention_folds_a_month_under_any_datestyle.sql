@@ -15,7 +15,7 @@
 -- Lock order: unchanged (its advisory lock, then the ledger, then each month).
 --
 -- Migrations once applied are never edited: 056's drop_old_partitions is replaced whole;
--- only the lines marked 059 changed.
+-- only the lines marked 058 changed.
 
 CREATE OR REPLACE FUNCTION meter.drop_old_partitions(p_older_than_months integer DEFAULT 24)
 RETURNS SETOF text
@@ -145,7 +145,7 @@ BEGIN
                 FROM unnest(v_ns, v_ids, v_sums, v_counts) AS f(namespace, account_id, s, n)
                 WHERE c.namespace = f.namespace AND c.account_id = f.account_id;
             END IF;
-            -- 059: the month's end as a parameter: quoted in as text it was read back in
+            -- 058: the month's end as a parameter: quoted in as text it was read back in
             -- the session's DateStyle, which under 'SQL, YMD' cannot read its own output
             EXECUTE format(
                 'INSERT INTO meter.ledger_checkpoints AS c (namespace, account_id, balance, entries, through)
@@ -155,7 +155,7 @@ BEGIN
                  SET balance = c.balance + excluded.balance,
                      entries = c.entries + excluded.entries,
                      through = greatest(c.through, excluded.through),
-                     updated_at = now()', v_part.relname) USING v_upper;  -- 059
+                     updated_at = now()', v_part.relname) USING v_upper;  -- 058
         END IF;
         v_locked := true;
         EXECUTE format('DROP TABLE meter.%I', v_part.relname);

@@ -1,9 +1,30 @@
--- The period roll counts the months from a period opened before the configured start only
--- when it moves back to that period, not whenever one was opened before it.
+-- The period roll counts only the months its steps may date rows in, not every month an
+-- account's history ever spanned.
 --
--- Why (found by a review of 062, reproduced: test_races.py
--- test_a_roll_opening_a_new_plan_after_an_old_history_holds_no_partition_lock): 062's
--- roll counts the months its steps may date rows in (for 055's ledger lock before its
+-- Why (found by a review of 055, reproduced: test_races.py
+-- test_a_roll_making_no_month_holds_no_partition_lock_for_months_retention_dropped): 055's
+-- roll takes the ledger's partition lock (SHARE UPDATE EXCLUSIVE, to its end) before its
+-- first account when a month its steps may date rows in has no partition, and not
+-- otherwise, so that a caller's transaction that holds an account and then makes a month
+-- does not wait for a roll that makes none while the roll waits for that account. But it
+-- counted those months from the earliest period the candidate ever had (the minimum over
+-- all its periods), and retention drops those months (036 keeps only what the roll still
+-- needs: from its next start on). Once an account's periods went back further than the
+-- retention window, every roll with that account due took the lock at its start: every
+-- writer making a month (a backdated event, a month made ahead) waited for the whole roll,
+-- and a caller's transaction holding the account then making a month deadlocked with it
+-- (40P01; the roll, the victim, retried whole).
+--
+-- Now the earliest day is that of the step 042's _roll_account may begin from: the
+-- candidate's configured start, or the latest period opened when that is earlier (case 0:
+-- a configured start inside recorded periods moves back to it, never further), less a day
+-- (the day before a step's start, case 1). Every step goes forward from there. What the
+-- steps date is unchanged, and so is the lock order (055's).
+--
+-- And the latest period opened counts only where the roll moves back to it (found by a
+-- review of the above, reproduced: test_races.py
+-- test_a_roll_opening_a_new_plan_after_an_old_history_holds_no_partition_lock): the
+-- above counts the months its steps may date rows in (for 055's ledger lock before its
 -- first account) from the day before the configured start, or before the latest period
 -- opened when that is earlier. But the roll moves back to that period only in 042's case 0:
 -- the configured start lies inside recorded periods (one closed on or after it, or one
@@ -18,12 +39,12 @@
 -- Now the latest period opened counts only when an opened period ends on or after the
 -- configured start (then case 0 may move back to it); otherwise the day before the
 -- configured start, where case 1 dates its close. Every step goes forward from there, as
--- 062 says; what the steps date and the lock order (055's) are unchanged.
+-- above; what the steps date and the lock order (055's) are unchanged.
 --
--- Migrations once applied are never edited: 062's roll_periods is replaced whole; only
--- the lines marked 063 changed.
+-- Migrations once applied are never edited: 055's roll_periods is replaced whole; only
+-- the lines marked 061 changed.
 
--- roll_periods (062's; the lines marked 063 changed)
+-- roll_periods (055's; the lines marked 061 changed)
 CREATE OR REPLACE FUNCTION meter.roll_periods(p_namespace text DEFAULT NULL,
                                    p_now timestamptz DEFAULT now(),
                                    p_batch_size integer DEFAULT 100)
@@ -62,20 +83,20 @@ BEGIN
         SELECT a.namespace, a.account_id, a.user_id, a.event_type, a.resource, a.unit,
                -- 055: the earliest day any candidate's steps may date a row from (its
                -- configured start, or an earlier period it may move back to), less a day
-               -- 062: the latest period opened (case 0 moves back to it, no further),
+               -- 061: the latest period opened (case 0 moves back to it, no further),
                -- not the earliest period ever: retention drops the months of a history
                -- no step dates a row in again, and counting them took the lock at
                -- every roll
-               -- 063: and only when one opened ends on or after the start (case 0 may
+               -- 061: and only when one opened ends on or after the start (case 0 may
                -- move back then): a start after them all is case 1, which dates its
                -- close the day before the start and nothing earlier
                min(least(a.period_start,
-                         coalesce((SELECT max(p.period_start) FROM meter.periods p     -- 062
+                         coalesce((SELECT max(p.period_start) FROM meter.periods p     -- 061
                                    WHERE p.namespace = a.namespace
                                      AND p.account_id = a.account_id
-                                     AND p.opened_at IS NOT NULL                        -- 062
-                                   HAVING bool_or(p.period_end >= a.period_start)),     -- 063
-                                  a.period_start)))                                     -- 062
+                                     AND p.opened_at IS NOT NULL                        -- 061
+                                   HAVING bool_or(p.period_end >= a.period_start)),     -- 061
+                                  a.period_start)))                                     -- 061
                    OVER () - 1 AS earliest                                              -- 055
         FROM meter.accounts a
         WHERE a.period_allocation IS NOT NULL AND a.period_interval IS NOT NULL
