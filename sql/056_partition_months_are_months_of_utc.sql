@@ -25,9 +25,22 @@
 --    end (the invented carry-over 036 fixed came back). It is now the month's end in UTC.
 --
 -- Partitions created before this migration under a zone other than UTC keep their bounds
--- here; 059 gives them the bounds of their month in UTC (`SELECT relname,
+-- here; 058 gives them the bounds of their month in UTC (`SELECT relname,
 -- pg_get_expr(relpartbound, oid) FROM pg_class WHERE relname ~ '^ledger_[0-9]{4}_[0-9]{2}$'`
 -- shows them).
+--
+-- Also, drop_old_partitions folds a month into the checkpoints under any DateStyle.
+-- Why (found by a review of time handling, reproduced): when it folds a month under the
+-- ledger's lock (every month after the first it drops, or the first when a backdated
+-- write committed during its read), it built the INSERT as text with the month's end
+-- quoted in (`%L::timestamptz`). A timestamptz becomes text in the session's DateStyle
+-- and is read back in that DateStyle's field order, and one style cannot read what it
+-- writes: under `DateStyle = 'SQL, YMD'` the end of February 2020 is written
+-- '03/01/2020 00:00:00 UTC' and read as year 03 (22008, "date/time field value out of
+-- range"), so a retention dropping two months or more failed whole, every run. (The
+-- worker, the SDK and the CLI set DateStyle ISO on their own connections; a psql or cron
+-- caller keeps the server's, database's, role's or PGDATESTYLE's.) The end is now passed
+-- as a parameter (USING), which never becomes text.
 --
 -- Lock order: unchanged (create_partition, as 055 made it: the ledger's SHARE UPDATE
 -- EXCLUSIVE lock, then its advisory lock; drop_old_partitions: its advisory lock, then
@@ -220,15 +233,17 @@ BEGIN
                 FROM unnest(v_ns, v_ids, v_sums, v_counts) AS f(namespace, account_id, s, n)
                 WHERE c.namespace = f.namespace AND c.account_id = f.account_id;
             END IF;
+            -- 056: the month's end as a parameter: quoted in as text it was read back in
+            -- the session's DateStyle, which under 'SQL, YMD' cannot read its own output
             EXECUTE format(
                 'INSERT INTO meter.ledger_checkpoints AS c (namespace, account_id, balance, entries, through)
-                 SELECT namespace, account_id, sum(amount), count(*), %L::timestamptz
+                 SELECT namespace, account_id, sum(amount), count(*), $1
                  FROM meter.%I GROUP BY namespace, account_id
                  ON CONFLICT (namespace, account_id) DO UPDATE
                  SET balance = c.balance + excluded.balance,
                      entries = c.entries + excluded.entries,
                      through = greatest(c.through, excluded.through),
-                     updated_at = now()', v_upper, v_part.relname);
+                     updated_at = now()', v_part.relname) USING v_upper;  -- 056
         END IF;
         v_locked := true;
         EXECUTE format('DROP TABLE meter.%I', v_part.relname);

@@ -641,7 +641,7 @@ def month_catalog(conn: psycopg.Connection[Any], name: str) -> list[Any]:
 def test_months_made_before_056_in_a_local_zone_become_months_of_utc(
     new_database: Callable[[], str], tmp_path: Path
 ) -> None:
-    # 059: before 056 a month's upper bound was its UTC start plus '1 month' in the
+    # 058: before 056 a month's upper bound was its UTC start plus '1 month' in the
     # creating session's TimeZone, and 056 left the months already made so. Under
     # Europe/Berlin October ran to November 1 01:00 UTC, so November could never be
     # created (42P17: every event of November refused); March ended on the 31st at 23:00
@@ -674,7 +674,7 @@ def test_months_made_before_056_in_a_local_zone_become_months_of_utc(
         found = ledger_bounds(conn)
         assert found["ledger_2019_03"] == month_of_utc(2019, 3)
         assert found["ledger_2019_10"] == month_of_utc(2019, 10)
-        # a review of 059: its row of November went to November, unchanged (it was left
+        # a review of 058: its row of November went to November, unchanged (it was left
         # there, with a WARNING that `meter migrate` does not show, and November could
         # still never be created)
         assert found["ledger_2018_10"] == month_of_utc(2018, 10)
@@ -720,10 +720,10 @@ def test_months_made_before_056_in_a_local_zone_become_months_of_utc(
             assert month_catalog(conn, month) == fresh
 
 
-def test_059_takes_the_ledger_before_a_month_so_a_retention_under_way_does_not_deadlock(
+def test_058_takes_the_ledger_before_a_month_so_a_retention_under_way_does_not_deadlock(
     new_database: Callable[[], str], tmp_path: Path
 ) -> None:
-    # A review of 059: it read its first month to repair (ACCESS SHARE on the month) and
+    # A review of 058: it read its first month to repair (ACCESS SHARE on the month) and
     # only then asked for the ledger (DETACH). drop_old_partitions takes the ledger, then
     # the month: a retention holding the ledger when the upgrade began then waited for the
     # month, and one of the two was killed (40P01).
@@ -769,10 +769,10 @@ def test_059_takes_the_ledger_before_a_month_so_a_retention_under_way_does_not_d
         assert conn.execute("SELECT * FROM meter.reconcile()").fetchall() == []
 
 
-def test_059_reads_a_repaired_month_once_and_attach_reads_nothing(
+def test_058_reads_a_repaired_month_once_and_attach_reads_nothing(
     new_database: Callable[[], str], tmp_path: Path
 ) -> None:
-    # A review of 059: each repaired month holding rows was read twice with every read and
+    # A review of 058: each repaired month holding rows was read twice with every read and
     # write of the ledger waiting (a search for rows outside its month, then ATTACH's own
     # check). A CHECK of its month, validated by one read, spares ATTACH its read.
     url = before_056(new_database, tmp_path)
@@ -782,12 +782,12 @@ def test_059_reads_a_repaired_month_once_and_attach_reads_nothing(
             "SELECT meter.allocate('u1', 'tokens', 5, 'tok', NULL, NULL, '2019-03-15 12:00Z')"
         )
     files = {m.number: m for m in discover()}
-    migrate(url, sql_dir=sql_below(tmp_path, 59))
+    migrate(url, sql_dir=sql_below(tmp_path, 58))
     messages: list[str] = []
     with psycopg.connect(url) as conn:
         conn.add_notice_handler(lambda d: messages.append(d.message_primary or ""))
         conn.execute("SET client_min_messages = debug1")
-        conn.execute(files[59].sql)
+        conn.execute(files[58].sql)
         conn.execute("SET client_min_messages = warning")
         assert ledger_bounds(conn)["ledger_2019_03"] == month_of_utc(2019, 3)
         conn.rollback()

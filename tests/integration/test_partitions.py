@@ -381,7 +381,7 @@ def test_drop_old_partitions_folds_into_checkpoint(client, db, make_client):
     assert (cp["balance"], cp["entries"]) == (D("11"), 1)
 
     # Balances and reconcile are unchanged; accounts untouched; the stats count every
-    # entry ever recorded, the folded ones included (060).
+    # entry ever recorded, the folded ones included (059).
     assert client.reconcile() == [] and other.reconcile() == []
     assert (client.get_stats(), other.get_stats()) == stats_before
     assert stats_before[0]["total_ledger_entries"] == 8  # u1 4, u2 2, u3 and the pool 1
@@ -439,7 +439,7 @@ def test_drop_old_partitions_folds_into_checkpoint(client, db, make_client):
 
 @pytest.mark.parametrize("style", ["SQL, YMD", "SQL, DMY", "German", "Postgres, MDY"])
 def test_drop_old_partitions_folds_months_under_any_datestyle(client, db, db_url, style):
-    # 058: the second month's fold quoted its end into the INSERT as text, read back in
+    # 056: the second month's fold quoted its end into the INSERT as text, read back in
     # the session's DateStyle: 'SQL, YMD' writes '03/01/2020 00:00:00 UTC' and cannot read
     # it (22008), so a retention of two months or more failed whole, every run.
     client.allocate("u1", ET, 100, UNIT, event_time=mid_month(2020, 1))

@@ -1386,7 +1386,7 @@ def test_a_roll_making_no_month_holds_no_partition_lock_for_months_retention_dro
 
 
 def test_a_roll_opening_a_new_plan_after_an_old_history_holds_no_partition_lock(db_url, client, db):
-    # 061's first version counted the months a roll's steps may date rows in from the day before the
+    # 060's first version counted the months a roll's steps may date rows in from the day before the
     # latest period opened whenever that was earlier than the configured start; the roll
     # moves back to it only when the start lies inside recorded periods (042's case 0). A
     # start after every recorded period (a plan change) is case 1: the period running is

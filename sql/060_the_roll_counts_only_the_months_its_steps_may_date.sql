@@ -42,9 +42,9 @@
 -- above; what the steps date and the lock order (055's) are unchanged.
 --
 -- Migrations once applied are never edited: 055's roll_periods is replaced whole; only
--- the lines marked 061 changed.
+-- the lines marked 060 changed.
 
--- roll_periods (055's; the lines marked 061 changed)
+-- roll_periods (055's; the lines marked 060 changed)
 CREATE OR REPLACE FUNCTION meter.roll_periods(p_namespace text DEFAULT NULL,
                                    p_now timestamptz DEFAULT now(),
                                    p_batch_size integer DEFAULT 100)
@@ -83,20 +83,20 @@ BEGIN
         SELECT a.namespace, a.account_id, a.user_id, a.event_type, a.resource, a.unit,
                -- 055: the earliest day any candidate's steps may date a row from (its
                -- configured start, or an earlier period it may move back to), less a day
-               -- 061: the latest period opened (case 0 moves back to it, no further),
+               -- 060: the latest period opened (case 0 moves back to it, no further),
                -- not the earliest period ever: retention drops the months of a history
                -- no step dates a row in again, and counting them took the lock at
                -- every roll
-               -- 061: and only when one opened ends on or after the start (case 0 may
+               -- 060: and only when one opened ends on or after the start (case 0 may
                -- move back then): a start after them all is case 1, which dates its
                -- close the day before the start and nothing earlier
                min(least(a.period_start,
-                         coalesce((SELECT max(p.period_start) FROM meter.periods p     -- 061
+                         coalesce((SELECT max(p.period_start) FROM meter.periods p     -- 060
                                    WHERE p.namespace = a.namespace
                                      AND p.account_id = a.account_id
-                                     AND p.opened_at IS NOT NULL                        -- 061
-                                   HAVING bool_or(p.period_end >= a.period_start)),     -- 061
-                                  a.period_start)))                                     -- 061
+                                     AND p.opened_at IS NOT NULL                        -- 060
+                                   HAVING bool_or(p.period_end >= a.period_start)),     -- 060
+                                  a.period_start)))                                     -- 060
                    OVER () - 1 AS earliest                                              -- 055
         FROM meter.accounts a
         WHERE a.period_allocation IS NOT NULL AND a.period_interval IS NOT NULL

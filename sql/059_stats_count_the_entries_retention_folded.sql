@@ -11,7 +11,7 @@
 -- Lock order: unchanged (it reads; no lock beyond a read's).
 --
 -- Migrations once applied are never edited: 023's get_stats is replaced whole; only the
--- lines marked 060 are new.
+-- lines marked 059 are new.
 
 CREATE OR REPLACE FUNCTION meter.get_stats(p_namespace text DEFAULT 'default')
 RETURNS TABLE (total_accounts bigint, total_ledger_entries bigint,
@@ -21,9 +21,9 @@ BEGIN
     PERFORM meter._guard(p_namespace);
     RETURN QUERY
     SELECT a.n, (SELECT count(*) FROM meter.ledger l WHERE l.namespace = p_namespace)
-                -- 060: and those retention folded into the namespace's checkpoints
-                + (SELECT coalesce(sum(c.entries), 0) FROM meter.ledger_checkpoints c  -- 060
-                   WHERE c.namespace = p_namespace)::bigint,                          -- 060
+                -- 059: and those retention folded into the namespace's checkpoints
+                + (SELECT coalesce(sum(c.entries), 0) FROM meter.ledger_checkpoints c  -- 059
+                   WHERE c.namespace = p_namespace)::bigint,                          -- 059
            (SELECT count(*) FROM meter.reservations r
             WHERE r.namespace = p_namespace AND r.status = 'active' AND r.expires_at > now()),
            a.total_balance,
