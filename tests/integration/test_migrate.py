@@ -764,7 +764,7 @@ def test_058_takes_the_ledger_before_a_month_so_a_retention_under_way_does_not_d
         assert not runner.is_alive()
     assert failures == []
     assert ("ledger_2019_03",) in dropped
-    assert "060_months_made_in_a_local_zone_are_months_of_utc" in {v for v, _ in recorded(url)}
+    assert "058_months_made_in_a_local_zone_are_months_of_utc" in {v for v, _ in recorded(url)}
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT * FROM meter.reconcile()").fetchall() == []
 
