@@ -1072,20 +1072,12 @@ def test_concurrent_calls_at_the_bound_leave_room_in_a_default_lock_table() -> N
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="open: adjust's check of its reference_id (sql 030) reads meter.ledger by id, "
-    "which no partition bound prunes, so it locks every month's partition (about three "
-    "lock-table entries a month) to the end of its call; any tenant can date events back "
-    "to 1900 (some 1,500 months): one such call then held about 3,600 entries, two at "
-    "once overflow a default server's table (53200 for every session). Needs a look-up "
-    "that names the entry's month, or a bound on the months a namespace may date",
-)
 def test_an_adjust_naming_an_entry_holds_locks_bounded_by_its_events(db, db_url):
     """054 keeps a call going one by one to 100 events so that it holds about 300 entries
     of the server's shared lock table: 2 to 3 for each event. An adjust naming an entry
-    takes one for every ledger month besides, whatever the number of events."""
+    took one for every ledger month besides, whatever the number of events, to its end:
+    the look-up of the entry by id reads every month. Since 066 it reads them in a
+    subtransaction rolled back once it has its answer, which lets those locks go."""
     db.execute("SELECT set_config('meter.tenant', 'n', false)")
     times = _month_starts(300)
     for k in range(0, 300, 100):  # 050: at most 100 new months per call
