@@ -26,7 +26,9 @@ Tasks (all JSON, one queue :data:`QUEUE`):
     content: its decoder turns any object whose keys are ``__type__`` and ``__value__``
     (metadata may hold one) into a Python value, or refuses the whole message. An object
     in its place (as sent before, or by another Celery client) is applied the same way,
-    as kombu decoded it (workers from before the text form take only objects: upgrade
+    as kombu decoded it, but for its numbers: the worker reads a JSON number that a float
+    does not give back exactly as a ``Decimal`` (``worker/codec.py``), never rounded to
+    a float's 17 digits (workers from before the text form take only objects: upgrade
     workers first). ``orphan_since`` is set by the worker itself when it retries a
     commit or release whose reservation does not exist yet, ``verdict`` when it retries
     recording a dead letter.

@@ -20,11 +20,16 @@ from kombu import Exchange, Queue
 from meter import wire
 from worker import db, deliveries
 from worker import metrics as _metrics  # noqa: F401  (import connects its signal handlers)
+from worker.codec import register_exact_json
 from worker.schedule import beat_schedule
 from worker.settings import Settings
 from worker.transport import transport_for
 
 __all__ = ["app", "make_app", "worker_config"]
+
+# Message bodies read with their numbers exact (worker.codec), in this process and in the
+# pool processes it forks: kombu's own JSON changed an amount past a float's digits.
+register_exact_json()
 
 
 def worker_config(

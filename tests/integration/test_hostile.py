@@ -432,8 +432,8 @@ CRAFTED: dict[str, tuple[str, Any]] = {
 def test_crafted_messages_are_dead_lettered_never_applied(pipeline, db, snapshot):
     """Messages no producer would send: each bad event is one dead letter, nothing applies.
 
-    The one exception is a JSON number as amount (a float once decoded): it is taken at
-    its shortest repr, as the SDK takes a float, so 0.1 is exactly 0.1.
+    The one exception is a JSON number as amount: it is taken as written, so 0.1 is
+    exactly 0.1 (and so is a number with more digits than a float holds: worker.codec).
     """
     for name, payload in CRAFTED.values():
         pipeline.send_task(name, args=(payload,), task_id=str(uuid.uuid4()))

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -460,3 +461,60 @@ def test_two_unreadable_messages_under_one_task_id_are_two_dead_letters(pipeline
     rows = eventually(lambda: len(dead_letters(db)) == 2 and dead_letters(db), timeout=15)
     assert sorted(json.loads(row["payload"]["body"])[0][0] for row in rows) == ["first", "second"]
     assert all(row["source"].startswith(task_id) for row in rows)
+
+
+# Amounts as JSON numbers with more significant digits than a binary float holds (17 and
+# up): 032 takes JSON numbers, but kombu's JSON decoded an event object's numbers as
+# floats, and the worker applied what the float kept (the 19-digit amount came out as
+# 12345678901234567000, the 18-digit ones as 1000000000000000 and 123456.123456789).
+_EXACT_AMOUNTS = ["12345678901234567890.5", "1000000000000000.01", "123456.123456789012"]
+
+
+def _object_body(events: Any) -> Callable[[dict[str, Any]], None]:
+    """A mutation for :func:`_raw`: the body becomes ``[[events], {}, embed]`` with each
+    ``"@amount@"`` string replaced by its number written out, never through a float."""
+
+    def mutate(payload: dict[str, Any]) -> None:
+        _, kwargs, embed = json.loads(base64.b64decode(payload["body"]))
+        text = json.dumps([[events], kwargs, embed])
+        for amount in _EXACT_AMOUNTS:
+            text = text.replace(f'"@{amount}@"', amount)
+        payload["body"] = base64.b64encode(text.encode()).decode()
+
+    return mutate
+
+
+def _applied_or_filed(db: psycopg.Connection[Any], n: int = 1) -> bool:
+    row = db.execute(
+        "SELECT (SELECT count(*) FROM meter.ledger) + (SELECT count(*) FROM meter.dead_letters)"
+        " AS n"
+    ).fetchone()
+    return bool(row and row["n"] >= n)
+
+
+def _exact_event(amount: str, key: str) -> dict[str, Any]:
+    return {"op": "allocate", "namespace": "default",
+            "args": {"user_id": "u1", "event_type": ET, "amount": f"@{amount}@", "unit": UNIT,
+                     "idempotency_key": key, "metadata": {"n": f"@{amount}@"}}}  # fmt: skip
+
+
+@pytest.mark.parametrize("amount", _EXACT_AMOUNTS)
+def test_an_event_object_with_a_json_number_amount_applies_it_exactly(
+    pipeline, db, broker_url, amount
+):
+    _raw(pipeline, broker_url, "meter.allocate", _object_body(_exact_event(amount, "k")))
+    eventually(lambda: _applied_or_filed(db), timeout=30)
+    assert dead_letters(db) == []
+    (row,) = db.execute("SELECT amount, metadata->>'n' AS n FROM meter.ledger").fetchall()
+    assert row["amount"] == Decimal(amount) and Decimal(row["n"]) == Decimal(amount)
+
+
+def test_a_batch_of_event_objects_with_json_number_amounts_applies_them_exactly(
+    pipeline, db, broker_url
+):
+    events = [_exact_event(a, f"k{i}") for i, a in enumerate(_EXACT_AMOUNTS)]
+    _raw(pipeline, broker_url, "meter.apply_batch", _object_body(events))
+    eventually(lambda: _applied_or_filed(db, len(events)), timeout=30)
+    assert dead_letters(db) == []
+    rows = db.execute("SELECT amount FROM meter.ledger ORDER BY id").fetchall()
+    assert [r["amount"] for r in rows] == [Decimal(a) for a in _EXACT_AMOUNTS]

@@ -1816,3 +1816,24 @@ def test_a_batch_repeating_a_key_is_applied_in_parts(events, repeats):
     of more than 100 events with one): the worker sends such a batch in parts at once,
     rather than after a refused call."""
     assert _repeats_a_key(events) is repeats
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_the_worker_codec_reads_a_float_as_kombu_does(value: float) -> None:
+    # Celery's own fields (time limits, countdowns) and a Python sender's floats: unchanged
+    from kombu.utils.json import loads as kombu_loads
+
+    from worker.codec import loads
+
+    text = json.dumps({"x": value, "t": {"__type__": "decimal", "__value__": "1.5"}})
+    assert loads(text) == kombu_loads(text)
+    assert type(loads(text)["x"]) is type(kombu_loads(text)["x"])
+
+
+@pytest.mark.parametrize(
+    "text", ["12345678901234567890.5", "1000000000000000.01", "0.1000000000000000055", "1e400"]
+)
+def test_the_worker_codec_keeps_a_number_a_float_would_change(text: str) -> None:
+    from worker.codec import loads
+
+    assert loads(f'{{"amount": {text}}}') == {"amount": Decimal(text)}
