@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC
+from decimal import Decimal
 from typing import Any, Literal, TypeVar
 
 import click
@@ -338,6 +339,10 @@ def _table(title: str | None, columns: str, rows: list[dict[str, Any]]) -> Any:
 def _cell(value: Any) -> str:
     if hasattr(value, "astimezone"):
         return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, Decimal):
+        # Plain digits: str() writes an exponent below 1e-6 (5E-7, or 0E-7 for a zero of
+        # seven places), which reads as another number at a glance.
+        return format(value, "f")
     return str(value)
 
 
@@ -610,13 +615,13 @@ def _write_by_hand(
         console.print(
             f"nothing written: idempotency key {key} was used before, by an earlier run "
             f"that {what(quantity)} for {who} in namespace {namespace!r} as ledger entry "
-            f"{result['entry_id']} (balance then {result['balance']})",
+            f"{result['entry_id']} (balance then {_cell(result['balance'])})",
             markup=False,
         )
         return
     console.print(
         f"{what(quantity)} for {who} in namespace {namespace!r}: balance "
-        f"{result['balance']}, ledger entry {result['entry_id']}, idempotency key {key}",
+        f"{_cell(result['balance'])}, ledger entry {result['entry_id']}, idempotency key {key}",
         markup=False,
     )
 
@@ -631,7 +636,7 @@ def grant(amount: str, event_type: str, unit: str, resource: str | None, **commo
     that a grant whose outcome you did not see can be run again and count once.
     """
     _write_by_hand(
-        lambda quantity: f"granted {quantity} {unit} ({event_type})",
+        lambda quantity: f"granted {quantity:f} {unit} ({event_type})",
         amount,
         "positive",
         lambda client, user_id, quantity, key: client.allocate(
@@ -665,7 +670,7 @@ def adjust(
     Recorded with --actor and --reason; its idempotency key is printed, as for grant.
     """
     _write_by_hand(
-        lambda quantity: f"adjusted by {quantity} {unit} ({event_type})",
+        lambda quantity: f"adjusted by {quantity:f} {unit} ({event_type})",
         amount,
         "nonzero",
         lambda client, user_id, quantity, key: client.adjust(

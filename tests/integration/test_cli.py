@@ -537,3 +537,25 @@ def test_the_reads_show_the_namespace_pool(env: dict[str, str], client: Any) -> 
     for command in ("balance", "ledger"):  # one of USER and --pool, not both
         for args in ((), ("alice", "--pool")):
             assert run(env, command, *args).exit_code == EXIT_USAGE
+
+
+def test_small_amounts_and_zeros_of_many_places_are_printed_in_plain_digits(
+    env: dict[str, str], client: Any
+) -> None:
+    # str(Decimal) writes exponents below 1e-6: a balance of 0.0000005 was printed as
+    # 5E-7 and one spent to nothing (0.0000000) as 0E-7.
+    client.allocate("bob", "llm", "0.0000005", "tokens")
+    client.allocate("bob", "llm", "0.0000001", "tokens", resource="r")
+    client.consume("bob", "llm", "0.0000001", "tokens", resource="r")
+    granted = run(env, "grant", "--user", "bob", *LLM, "--amount", "1e-7", *WHO)
+    assert granted.exit_code == 0, granted.output
+    assert "granted 0.0000001 tokens" in granted.stdout
+    assert "balance 0.0000006," in granted.stdout
+    table = run(env, "balance", "bob")
+    assert table.exit_code == 0, table.output
+    assert "0.0000006" in table.output and "0.0000000" in table.output
+    ledger = run(env, "ledger", "bob", "--event-type", "llm", "--unit", "tokens")
+    assert ledger.exit_code == 0, ledger.output
+    assert "0.0000005" in ledger.output
+    for output in (granted.stdout, table.output, ledger.output):
+        assert "E-" not in output
