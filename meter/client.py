@@ -232,6 +232,7 @@ _SQL_GET_LEDGER = _statement(
     "start_time timestamptz",
     "end_time timestamptz",
     "limit integer",
+    "before_id bigint",
     reads=True,
 )
 _SQL_GET_USAGE = _statement(
@@ -434,6 +435,16 @@ def _jsonb(metadata: object) -> Jsonb | None:
 def _ident(value: object, name: str, kind: str | None = None, *, nullable: bool = False) -> Any:
     lo, hi = t.LIMITS[kind or name]
     return t.check_identifier(value, name, min_len=lo, max_len=hi, nullable=nullable)
+
+
+def _before_id(before_id: object, end_time: object) -> int | None:
+    """get_ledger's cursor: an id is no place in a listing by event_time without one."""
+    checked = t.check_int(
+        before_id, "before_id", min_value=-t.INT8_MAX - 1, max_value=t.INT8_MAX, nullable=True
+    )
+    if checked is not None and end_time is None:
+        raise t.invalid("before_id", "needs end_time: the event_time of the entry it names")
+    return checked
 
 
 def _account(
@@ -1328,14 +1339,23 @@ class MeterClient:
         start_time: datetime | None = None,
         end_time: datetime | None = None,
         limit: int | None = 100,
+        before_id: int | None = None,
     ) -> list[Row]:
-        """Ledger entries of an account, newest first.
+        """Ledger entries of an account, newest first (by ``event_time``, then ``id``).
+
+        To page, pass the last entry received as ``end_time=last["event_time"],
+        before_id=last["id"]``: the next page starts just after it, entries of the same
+        ``event_time`` included, none repeated. (``end_time`` alone is exclusive: entries
+        of that time the page had no room for would be skipped.)
 
         Parameters:
             user_id, event_type, unit, resource: the account key (``user_id=None``: pool).
             start_time, end_time: ``event_time`` in ``[start_time, end_time)``; ``None`` is
                 unbounded.
             limit: at most this many rows (``None``: 100; capped at 10000; >= 1).
+            before_id: with ``end_time``, the id of the entry the page continues after:
+                entries with ``event_time < end_time``, or ``== end_time`` and
+                ``id < before_id``. Refused without ``end_time``.
 
         Returns:
             Dicts with ``id``, ``entry_type``, ``amount``, ``balance_after``,
@@ -1352,6 +1372,7 @@ class MeterClient:
                 t.check_timestamp(start_time, "start_time"),
                 t.check_timestamp(end_time, "end_time"),
                 t.check_limit(limit, "limit"),
+                _before_id(before_id, end_time),
             ],
         )
 

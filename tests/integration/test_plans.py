@@ -144,7 +144,14 @@ def test_get_ledger_pages_use_the_account_time_index(plans: Any) -> None:
         (before, NS),
     )
     _check_indexed(deep, 2)
-    for plan in first + deep:
+    # the same page continued after an entry of that time (064's cursor)
+    cursor = plans(
+        "SELECT * FROM meter.get_ledger('g7', 'tokens', 'tok', NULL, NULL, %s, 5, %s, %s)",
+        (before, NS, 2**62),
+    )
+    # plus the month that the cursor's instant, a month's first, begins
+    _check_indexed(cursor, 3)
+    for plan in first + deep + cursor:
         names = {n.get("Index Name") for n in _ledger_scans(plan)}
         assert names <= {None} | {n for n in names if n and "account_id" in n}, names
 

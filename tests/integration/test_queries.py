@@ -328,6 +328,79 @@ def test_get_ledger_limit_below_one_refused(client, limit, snapshot):
     assert snapshot() == before
 
 
+def _pages(client, size, **kw):
+    """Every entry, paging newest first as the get_ledger docstring says."""
+    ids, end, before = [], kw.pop("end_time", None), None
+    for _ in range(100):
+        page = client.get_ledger(U, ET, UNIT, end_time=end, limit=size, before_id=before, **kw)
+        if not page:
+            return ids
+        ids += [r["id"] for r in page]
+        end, before = page[-1]["event_time"], page[-1]["id"]
+    raise AssertionError(f"paging never ended: {ids}")
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 7])
+def test_get_ledger_pages_through_entries_of_one_time_once_each(client, size):
+    """Paging by the last entry (event_time, id) lists every entry once, ties included;
+    end_time alone, exclusive, skipped the tied entries a page had no room for."""
+    older = client.allocate(U, ET, D("1"), UNIT, event_time=T1)["entry_id"]
+    tied = [client.allocate(U, ET, D("1"), UNIT, event_time=T2)["entry_id"] for _ in range(4)]
+    newest = client.consume(U, ET, D("1"), UNIT, event_time=T3)["entry_id"]
+    everything = [newest, *tied[::-1], older]
+    assert [r["id"] for r in client.get_ledger(U, ET, UNIT)] == everything
+    assert _pages(client, size) == everything
+    # within a range: the cursor keeps start_time, and starts inside end_time's bound
+    assert _pages(client, size, start_time=T2) == [newest, *tied[::-1]]
+    assert _pages(client, size, end_time=T3) == [*tied[::-1], older]
+
+
+def test_get_ledger_pages_through_a_period_close(client):
+    """A close writes its expiration and carry-over at one instant: both are listed."""
+    client.set_period_config(U, ET, UNIT, None, date(2024, 5, 1), D("10"), D("4"))
+    client.open_period(U, ET, UNIT, None, date(2024, 5, 1))
+    client.close_period(U, ET, UNIT, None, date(2024, 5, 31))
+    everything = [r["id"] for r in client.get_ledger(U, ET, UNIT)]
+    assert len(everything) == 3
+    assert _pages(client, 1) == everything
+
+
+def test_sql_get_ledger_before_id_is_positional_after_the_namespace(client, db):
+    """Calls made before 064 (eight arguments, positional) are the same call."""
+    ids = [client.allocate(U, ET, D("1"), UNIT, event_time=T1)["entry_id"] for _ in range(3)]
+    rows = db.execute(
+        "SELECT id FROM meter.get_ledger(%s, %s, %s, NULL, NULL, NULL, 5, 'default')",
+        (U, ET, UNIT),
+    ).fetchall()
+    assert [r["id"] for r in rows] == ids[::-1]
+    rows = db.execute(
+        "SELECT id FROM meter.get_ledger(%s, %s, %s, NULL, NULL, %s, 5, 'default', %s)",
+        (U, ET, UNIT, T1, ids[1]),
+    ).fetchall()
+    assert [r["id"] for r in rows] == [ids[0]]
+
+
+def test_get_ledger_before_id_without_end_time_refused(client, db, snapshot):
+    e = client.allocate(U, ET, D("1"), UNIT)["entry_id"]
+    before = snapshot()
+    with pytest.raises(ValidationError) as ei:
+        client.get_ledger(U, ET, UNIT, before_id=e)
+    assert ei.value.parameter == "before_id"
+    with pytest.raises(ValidationError) as ei:
+        client.get_ledger(U, ET, UNIT, end_time=T1, before_id="1")
+    assert ei.value.parameter == "before_id"
+    # the SQL refuses it itself
+    with pytest.raises(psycopg.Error) as sql:
+        db.execute(
+            "SELECT * FROM meter.get_ledger(p_user_id => %s, p_event_type => %s,"
+            " p_unit => %s, p_before_id => %s)",
+            (U, ET, UNIT, e),
+        )
+    assert sql.value.sqlstate == "MT001"
+    assert "before_id" in str(sql.value)
+    assert snapshot() == before
+
+
 # ---------------------------------------------------------------- usage
 
 
