@@ -226,15 +226,11 @@ _SQL_ADJUST = _statement(
 _SQL_GET_BALANCE = _statement("get_balance", *_ACCOUNT, reads=True)
 _SQL_GET_ACCOUNT = _statement("get_account", *_ACCOUNT, reads=True)
 _SQL_GET_USER_BALANCES = _statement("get_user_balances", "user_id text", reads=True)
-_SQL_GET_LEDGER = _statement(
-    "get_ledger",
-    *_ACCOUNT,
-    "start_time timestamptz",
-    "end_time timestamptz",
-    "limit integer",
-    "before_id bigint",
-    reads=True,
-)
+_LEDGER_PAGE = (*_ACCOUNT, "start_time timestamptz", "end_time timestamptz", "limit integer")
+_SQL_GET_LEDGER = _statement("get_ledger", *_LEDGER_PAGE, reads=True)
+# sql/064's cursor, named only when given: a page without one is the call a database
+# migrated before 064 answers as well
+_SQL_GET_LEDGER_AFTER = _statement("get_ledger", *_LEDGER_PAGE, "before_id bigint", reads=True)
 _SQL_GET_USAGE = _statement(
     "get_usage", "user_id text", "start_time timestamptz", "end_time timestamptz", reads=True
 )
@@ -1365,16 +1361,16 @@ class MeterClient:
         Raises:
             ValidationError, MeterConnectionError, MeterError.
         """
-        return self._run(
-            _SQL_GET_LEDGER,
-            [
-                *_account(user_id, event_type, unit, resource),
-                t.check_timestamp(start_time, "start_time"),
-                t.check_timestamp(end_time, "end_time"),
-                t.check_limit(limit, "limit"),
-                _before_id(before_id, end_time),
-            ],
-        )
+        args = [
+            *_account(user_id, event_type, unit, resource),
+            t.check_timestamp(start_time, "start_time"),
+            t.check_timestamp(end_time, "end_time"),
+            t.check_limit(limit, "limit"),
+        ]
+        cursor = _before_id(before_id, end_time)
+        if cursor is None:
+            return self._run(_SQL_GET_LEDGER, args)
+        return self._run(_SQL_GET_LEDGER_AFTER, [*args, cursor])
 
     def get_usage(
         self, user_id: str | None, start_time: datetime | None, end_time: datetime | None
