@@ -247,11 +247,15 @@ _SQL_CLOSE_PERIOD = _statement("close_period", *_ACCOUNT, "period_end date")
 _SQL_RELEASE_EXPIRED = _statement("release_expired_reservations", "batch_size integer")
 _SQL_RECONCILE = _statement("reconcile", reads=True)
 _SQL_GET_STATS = _statement("get_stats", reads=True)
-_SQL_GET_AUDIT_EVENTS = _statement(
-    "get_audit_events",
+_AUDIT_PAGE = (
     "user_id text", "actor_id text", "kinds text[]", "start_time timestamptz",
-    "end_time timestamptz", "limit integer", reads=True,
+    "end_time timestamptz", "limit integer",
 )  # fmt: skip
+_SQL_GET_AUDIT_EVENTS = _statement("get_audit_events", *_AUDIT_PAGE, reads=True)
+# sql/064's cursor, named only when given (as get_ledger's)
+_SQL_GET_AUDIT_EVENTS_AFTER = _statement(
+    "get_audit_events", *_AUDIT_PAGE, "before_event_id text", reads=True
+)
 
 
 # The settings meter.ctx sets transaction-locally (sql 002): what a call inside a caller's
@@ -1679,9 +1683,15 @@ class MeterClient:
         start_time: datetime | None = None,
         end_time: datetime | None = None,
         limit: int | None = 100,
+        before_event_id: str | None = None,
     ) -> list[Row]:
         """The namespace's audit trail, newest first (events recorded at one time, by one
         transaction such as a period roll catching up, by the times they are dated at).
+
+        To page, pass the last event received as ``end_time=last["at"],
+        before_event_id=last["event_id"]``: the next page starts just after it, events of
+        the same ``at`` included (one transaction records several: a commit's ledger row
+        and the hold's completion), none repeated. ``end_time`` alone is exclusive.
 
         Ledger entries (``ledger.<entry_type>``), reservation transitions
         (``reservation.<status>``), ``period.open``, ``period.close``, ``period.config``.
@@ -1692,11 +1702,15 @@ class MeterClient:
             kinds: only these kinds (see :data:`AUDIT_KINDS`).
             start_time, end_time: ``at`` in ``[start_time, end_time)``.
             limit: at most this many (``None``: 100; capped at 10000; >= 1).
+            before_event_id: with ``end_time`` (that event's ``at``), the ``event_id`` of
+                the event the page continues after. Refused without ``end_time``, or when
+                no event has that id at that time.
 
         Returns:
             Dicts with ``kind``, ``at``, ``user_id``, ``event_type``, ``resource``, ``unit``,
             ``amount``, ``reservation_id``, ``entry_id``, ``actor_id``, ``on_behalf_of``,
-            ``reason``, ``request_id``, ``metadata``.
+            ``reason``, ``request_id``, ``metadata``, ``event_id`` (the kind and its source
+            row's key, e.g. ``ledger.consumption:42``: unique in the namespace, stable).
 
         Raises:
             ValidationError, MeterConnectionError, MeterError.
@@ -1708,18 +1722,24 @@ class MeterClient:
                     "kinds",
                     f"unknown kind {t.shown(kind)} at index {i}; one of {sorted(AUDIT_KINDS)}",
                 )
-        return self._run(
-            _SQL_GET_AUDIT_EVENTS,
-            [
-                _ident(user_id, "user_id", nullable=True),
-                # a filter: unlike the actor context, it cannot be empty
-                t.check_identifier(actor_id, "actor_id", min_len=1, max_len=256, nullable=True),
-                kind_list,
-                t.check_timestamp(start_time, "start_time"),
-                t.check_timestamp(end_time, "end_time"),
-                t.check_limit(limit, "limit"),
-            ],
+        args = [
+            _ident(user_id, "user_id", nullable=True),
+            # a filter: unlike the actor context, it cannot be empty
+            t.check_identifier(actor_id, "actor_id", min_len=1, max_len=256, nullable=True),
+            kind_list,
+            t.check_timestamp(start_time, "start_time"),
+            t.check_timestamp(end_time, "end_time"),
+            t.check_limit(limit, "limit"),
+        ]
+        # kind, ':', then a reservation id (up to 128 characters) or a number
+        cursor = t.check_identifier(
+            before_event_id, "before_event_id", min_len=1, max_len=200, nullable=True
         )
+        if cursor is None:
+            return self._run(_SQL_GET_AUDIT_EVENTS, args)
+        if end_time is None:
+            raise t.invalid("before_event_id", "needs end_time: the at of the event it names")
+        return self._run(_SQL_GET_AUDIT_EVENTS_AFTER, [*args, cursor])
 
 
 # ------------------------------------------------------------------------------- fork

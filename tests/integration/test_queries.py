@@ -912,6 +912,99 @@ def test_audit_events_of_a_catch_up_come_in_the_order_they_are_dated(client, db)
     ]  # fmt: skip
 
 
+def _audit_trail(client, db):
+    """Events that share their time: a commit (its ledger row and the hold's completion),
+    two holds and an allocation of one transaction, a roll catching up (one transaction)."""
+    from datetime import timedelta
+
+    client.allocate(U, ET, D("100"), UNIT)
+    r = client.reserve(U, ET, D("30"), UNIT)
+    client.commit(r["reservation_id"], D("10"))
+    with db.transaction():
+        for rid in ("hold-b", "hold-a"):
+            db.execute(
+                "SELECT meter.reserve(p_user_id => %s, p_event_type => %s, p_amount => 1,"
+                " p_unit => %s, p_reservation_id => %s)",
+                (U, ET, UNIT, rid),
+            )
+        db.execute(
+            "SELECT meter.allocate(p_user_id => %s, p_event_type => %s, p_amount => 2,"
+            " p_unit => %s)",
+            (U, ET, UNIT),
+        )
+    t = db.execute("SELECT (now() AT TIME ZONE 'UTC')::date AS d").fetchone()["d"]
+    d0 = t - timedelta(days=3)
+    client.set_period_config("u", ET, UNIT, None, d0, 10, 0, timedelta(days=1))
+    db.execute("SELECT * FROM meter.roll_periods()")
+
+
+def _audit_pages(client, size, **kw):
+    """Every event, paging newest first as the get_audit_events docstring says."""
+    events, end, before = [], kw.pop("end_time", None), None
+    for _ in range(200):
+        page = client.get_audit_events(end_time=end, before_event_id=before, limit=size, **kw)
+        if not page:
+            return events
+        events += page
+        end, before = page[-1]["at"], page[-1]["event_id"]
+    raise AssertionError(f"paging never ended: {[e['event_id'] for e in events]}")
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5])
+def test_get_audit_events_pages_through_events_of_one_time_once_each(client, db, size):
+    """Paging by the last event (at, event_id) lists every event once; end_time alone,
+    exclusive, skipped the events of its time a page had no room for."""
+    _audit_trail(client, db)
+    everything = client.get_audit_events(limit=1000)
+    ids = [e["event_id"] for e in everything]
+    assert len(set(ids)) == len(ids) > 20
+    assert len({e["at"] for e in everything}) < len(everything) - 10  # ties, many
+    # the order is total: the same at every call
+    assert [e["event_id"] for e in client.get_audit_events(limit=1000)] == ids
+    assert [e["event_id"] for e in _audit_pages(client, size)] == ids
+    assert _audit_pages(client, size) == everything
+    # filters and a range apply to every page
+    mine = [e["event_id"] for e in client.get_audit_events(user_id=U, kinds=None, limit=1000)]
+    assert [e["event_id"] for e in _audit_pages(client, size, user_id=U)] == mine
+    reservations = [e for e in everything if e["kind"].startswith("reservation.")]
+    assert [
+        e["event_id"] for e in _audit_pages(client, size, kinds=sorted(
+            {e["kind"] for e in reservations}))
+    ] == [e["event_id"] for e in reservations]  # fmt: skip
+
+
+def test_audit_event_ids_name_their_source(client):
+    client.allocate(U, ET, D("5"), UNIT)
+    client.reserve(U, ET, D("1"), UNIT, reservation_id="r-1")
+    client.release("r-1")
+    entry = client.get_ledger(U, ET, UNIT)[0]["id"]
+    assert [e["event_id"] for e in client.get_audit_events()] == [
+        "reservation.released:r-1",
+        "reservation.active:r-1",
+        f"ledger.allocation:{entry}",
+    ]
+
+
+def test_get_audit_events_cursor_refusals(client, db, snapshot):
+    client.allocate(U, ET, D("5"), UNIT)
+    last = client.get_audit_events()[0]
+    before = snapshot()
+    for kw in (
+        {"before_event_id": last["event_id"]},  # no end_time
+        {"before_event_id": last["event_id"], "end_time": T1},  # not its time
+        {"before_event_id": "ledger.allocation:999999", "end_time": last["at"]},
+        {"before_event_id": " x", "end_time": last["at"]},
+    ):
+        with pytest.raises(ValidationError) as ei:
+            client.get_audit_events(**kw)
+        assert ei.value.parameter == "before_event_id", kw
+    with pytest.raises(psycopg.Error) as sql:
+        db.execute("SELECT * FROM meter.get_audit_events(p_before_event_id => 'x')")
+    assert sql.value.sqlstate == "MT001"
+    assert "before_event_id" in str(sql.value)
+    assert snapshot() == before
+
+
 @pytest.mark.parametrize(
     ("kinds", "says"),
     [
