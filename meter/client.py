@@ -1381,6 +1381,10 @@ class MeterClient:
     ) -> list[Row]:
         """A user's consumption per event_type/resource/unit.
 
+        Consumption is counted at its ``event_time``: a commit's when the commit was
+        applied (not when the hold was made). Months dropped by retention
+        (``METER_LEDGER_RETENTION_MONTHS``) are no longer counted.
+
         Parameters:
             user_id: the user.
             start_time, end_time: ``event_time`` in ``[start_time, end_time)``; ``None`` is
@@ -1405,7 +1409,8 @@ class MeterClient:
     def get_namespace_usage(
         self, start_time: datetime | None, end_time: datetime | None
     ) -> list[Row]:
-        """The namespace's consumption per event_type/resource/unit.
+        """The namespace's consumption per event_type/resource/unit (counted as
+        :meth:`get_usage` counts it).
 
         Parameters:
             start_time, end_time: ``event_time`` in ``[start_time, end_time)``; ``None`` is
