@@ -50,8 +50,18 @@ def resolve_database_url(database_url: str | None) -> str:
 
     The embedded server is left running on purpose: the next ``meter`` command (and the
     application under development) reuses it. It uses durable settings (not ``fast``).
+
+    Raises:
+        ValidationError: naming ``database_url``, for a malformed one (exit 2 under
+            :func:`_cli_errors`), before anything is connected to or started.
     """
     if database_url:
+        from meter.types import check_conninfo
+
+        # Checked here, as the option the operator typed: the SDK and the migration runner
+        # named it after their own parameters ("conn", "conninfo"), and `status` took a
+        # malformed URL for an unreachable database (exit 3, not 2).
+        check_conninfo(database_url, "database_url")
         return database_url
     from meter.embedded import EmbeddedPostgres, default_data_root
 
@@ -196,15 +206,19 @@ def _cli_errors() -> Iterator[None]:
         raise SystemExit(EXIT_PROBLEMS) from exc
 
 
+def _quiet_pool() -> None:
+    """The pool logs each failed connection attempt; the command's error says it once."""
+    import logging
+
+    logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
+
+
 @contextmanager
 def _client(database_url: str | None, namespace: str) -> Iterator[Any]:
     """A MeterClient on the resolved database; errors as :func:`_cli_errors`."""
-    import logging
-
     from meter.client import MeterClient
 
-    # the pool logs each failed connection attempt; the error below says it once
-    logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
+    _quiet_pool()
     with _cli_errors():
         client = MeterClient(resolve_database_url(database_url), namespace, max_size=2)
         try:
@@ -705,6 +719,8 @@ def status(database_url: str | None, broker_url: str | None, timeout: float, as_
             url = resolve_database_url(database_url)
         except EmbeddedServerError as exc:
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        except MeterError as exc:  # a malformed URL: a usage error, nothing looked at
+            _fail(exc)
     report = st.collect(url, resolve_broker_url(broker_url), timeout)
     if as_json:
         _emit_json(report)
@@ -802,6 +818,7 @@ def demo(database_url: str | None, broker_url: str | None, timeout: float) -> No
     """
     from meter.up import run_demo
 
+    _quiet_pool()
     with _cli_errors():
         url = resolve_database_url(database_url)
         broker = resolve_broker_url(broker_url)

@@ -415,6 +415,57 @@ def test_every_command_takes_a_malformed_url_for_a_usage_error(args: tuple[str, 
     assert gone.exit_code == EXIT_UNREACHABLE
 
 
+GRANT_ARGS = ("grant", "--user", "u", "--event-type", "e", "--unit", "n", "--amount", "1",
+              "--actor", "ops", "--reason", "r", "--idempotency-key", "k")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("status", "--timeout", "0.1"),
+        ("usage", "bob"),
+        ("ledger", "bob"),
+        ("reconcile",),
+        ("migrate",),
+        ("demo", "--timeout", "1"),
+        ("dead-letters", "retry", "1"),
+        ("dead-letters", "discard", "1"),
+        GRANT_ARGS,
+    ],
+)
+def test_a_malformed_url_is_a_usage_error_naming_the_option(
+    args: tuple[str, ...], broker_url: str
+) -> None:
+    # `status` took a malformed URL for an unreachable database (exit 3, "database
+    # unreachable"), and the others named the SDK's or the runner's parameter ("conn:",
+    # "conninfo:") rather than the option the operator typed.
+    env = {"METER_DATABASE_URL": "host=x bogus=1", "METER_BROKER_URL": broker_url}
+    result = run(env, *args)
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "database_url: invalid conninfo" in result.stderr, result.output
+    assert "Traceback" not in result.output
+    assert result.stdout == ""  # nothing looked at: no status table, no demo
+
+
+def test_demo_against_an_unreachable_database_says_so_once(broker_url: str) -> None:
+    # The pool's own log lines came first ("error connecting in 'meter:demo': ..."), twice;
+    # run as an operator would, since pytest's log capture hides them from CliRunner.
+    import os
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo),
+           "METER_DATABASE_URL": UNREACHABLE_DB, "METER_BROKER_URL": broker_url}  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "meter", "demo", "--timeout", "1"],
+        capture_output=True, text=True, cwd=repo, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == EXIT_UNREACHABLE, proc.stderr
+    assert "error connecting in" not in proc.stderr
+    assert proc.stderr.count("cannot connect to the database") == 1, proc.stderr
+
+
 def test_commands_read_a_database_whose_default_date_style_is_another(
     db_url: str, db: Any, client: Any
 ) -> None:
