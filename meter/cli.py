@@ -1034,15 +1034,23 @@ def run() -> None:
 @main.command()
 @click.option("--no-demo", is_flag=True, help="Start the stack without sending demo traffic.")
 def up(no_demo: bool) -> None:
-    """Run Meter locally: embedded PostgreSQL and Redis in ./.meter, a worker, beat and a
-    demo workload; Ctrl-C stops everything it started."""
+    """Run Meter locally: embedded PostgreSQL and Redis in ./.meter ($METER_HOME), a
+    worker, beat and a demo workload; Ctrl-C stops everything it started.
+
+    With $METER_DATABASE_URL or $METER_BROKER_URL set, that server is used instead of the
+    embedded one: it is migrated, and the demo writes to its namespace 'demo'
+    (--no-demo: nothing). Exit status: 2 for a malformed $METER_DATABASE_URL, 3 when a
+    server cannot be reached or started, 1 for another failure.
+    """
     from meter.up import serve
 
     try:
-        serve(console, demo=not no_demo)
-    except (MeterError, EmbeddedServerError, RuntimeError, TimeoutError) as exc:
+        # the statuses of every command: a bad URL 2, a server out of reach 3
+        with _cli_errors():
+            serve(console, demo=not no_demo)
+    except (RuntimeError, TimeoutError) as exc:  # a child exited, the demo timed out
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
-        raise SystemExit(1) from exc
+        raise SystemExit(EXIT_PROBLEMS) from exc
 
 
 @main.group("keys")

@@ -84,11 +84,20 @@ def start_stack(home: Path | None = None) -> Stack:
     (started by ``meter migrate``, an application, another ``meter up``) is reused and
     left running. If anything fails (or is interrupted) on the way, what was started is
     stopped before the error is raised.
+
+    Raises:
+        ValidationError: ``METER_DATABASE_URL`` is malformed (nothing started).
+        MeterConnectionError: a server cannot be reached.
+        MeterError, EmbeddedServerError: the migration failed, a server did not start.
     """
     from meter.migrate import migrate
+    from meter.types import check_conninfo
 
     home = home or default_data_root()
     stack = Stack("", "", home)
+    if os.environ.get("METER_DATABASE_URL"):
+        # named as the operator set it, and refused before any server is started
+        check_conninfo(os.environ["METER_DATABASE_URL"], "METER_DATABASE_URL")
     try:
         database_url = os.environ.get("METER_DATABASE_URL")
         if not database_url:

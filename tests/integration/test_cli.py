@@ -447,6 +447,17 @@ def test_a_malformed_url_is_a_usage_error_naming_the_option(
     assert result.stdout == ""  # nothing looked at: no status table, no demo
 
 
+def test_up_says_in_its_help_that_it_uses_the_servers_of_the_environment() -> None:
+    # Its help spoke of ./.meter only: with METER_DATABASE_URL exported (as the README has
+    # an operator do in another shell), `meter up` migrates that database and writes its
+    # demo traffic there.
+    shown = run({}, "up", "--help")
+    assert shown.exit_code == 0
+    text = " ".join(shown.output.split())
+    assert "$METER_DATABASE_URL or $METER_BROKER_URL set" in text
+    assert "namespace 'demo'" in text
+
+
 def test_demo_against_an_unreachable_database_says_so_once(broker_url: str) -> None:
     # The pool's own log lines came first ("error connecting in 'meter:demo': ..."), twice;
     # run as an operator would, since pytest's log capture hides them from CliRunner.

@@ -218,3 +218,22 @@ def test_meter_up_whose_terminal_hangs_up_stops_everything(tmp_path: Path) -> No
             os.killpg(up.pid, signal.SIGKILL)
         EmbeddedRedis(home / "redis").stop()
         EmbeddedPostgres(home / "pg").stop()
+
+
+def test_meter_up_given_a_bad_or_unreachable_database_exits_as_every_command(
+    tmp_path: Path,
+) -> None:
+    # It exited 1 for both, as for any failure: a malformed METER_DATABASE_URL (named
+    # "conninfo", after an embedded Redis had been started for nothing) is a usage error
+    # (2), a database out of reach 3, as the documented statuses of every command say.
+    home = tmp_path / "home"
+    bad = _meter_up(tmp_path, home, METER_DATABASE_URL="host=x bogus=1")
+    out, _ = bad.communicate(timeout=120)
+    assert bad.returncode == 2, out
+    assert 'METER_DATABASE_URL: invalid conninfo: invalid connection option "bogus"' in out
+    assert not home.exists(), out  # nothing started
+    gone = _meter_up(tmp_path, home, METER_DATABASE_URL="postgresql://postgres@127.0.0.1:1/x")
+    out, _ = gone.communicate(timeout=120)
+    assert gone.returncode == 3, out
+    assert "cannot connect to the database" in out
+    assert EmbeddedRedis(home / "redis")._running() is None, out  # stopped again
