@@ -202,8 +202,23 @@ def _cli_errors() -> Iterator[None]:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise SystemExit(EXIT_USAGE) from exc
     except MeterError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        err_console.print(f"[bold red]error:[/] {escape(_explained(exc))}")
         raise SystemExit(EXIT_PROBLEMS) from exc
+
+
+# What a database not migrated, or migrated by an older meter, answers a call of this one.
+_SCHEMA_BEHIND = frozenset({"3F000", "42P01", "42883"})  # no schema, table, function
+
+
+def _explained(exc: Exception) -> str:
+    """``exc``'s message, with what to do when it says the schema is missing or behind
+    (a plain MeterError from a call: a failed migration file says so itself)."""
+    if type(exc) is MeterError and exc.sqlstate in _SCHEMA_BEHIND:
+        return (
+            f"{exc} (is the database migrated? `meter status` shows the migrations not "
+            "applied, `meter migrate` applies them)"
+        )
+    return str(exc)
 
 
 def _quiet_pool() -> None:
@@ -877,7 +892,7 @@ def _fail(exc: Exception) -> None:
     """Print ``exc`` and exit: 2 for invalid input (a ValidationError), else 1."""
     from meter.errors import ValidationError
 
-    err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
+    err_console.print(f"[bold red]error:[/] {escape(_explained(exc))}")
     raise SystemExit(EXIT_USAGE if isinstance(exc, ValidationError) else EXIT_PROBLEMS) from exc
 
 
