@@ -82,7 +82,7 @@ def main() -> None:
       0  success; for a check (status, reconcile): nothing wrong
       1  a check found problems, or an operation failed
       2  usage error: bad options or arguments, invalid input
-      3  cannot connect to the database (status: or the broker)
+      3  cannot connect to the database (status, up, demo: or the broker)
     """
 
 
@@ -120,7 +120,8 @@ EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
 """Bad command line or bad input (click's usage errors, a ``ValidationError``)."""
 EXIT_UNREACHABLE = 3
-"""The database (or, for ``status``, the broker) could not be reached."""
+"""The database (or, for ``status``, ``up`` and ``demo``, the broker) could not be reached,
+or the embedded server could not be started."""
 
 
 def broker_url_option(func: F) -> F:
