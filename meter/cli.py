@@ -33,6 +33,9 @@ console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+_EMBEDDED_PG = "the embedded server in $METER_HOME/pg (./.meter/pg)"
+
+
 def database_url_option(func: F) -> F:
     """``--database-url``, defaulting to ``$METER_DATABASE_URL`` (then: embedded server)."""
     return click.option(
@@ -40,8 +43,8 @@ def database_url_option(func: F) -> F:
         envvar="METER_DATABASE_URL",
         default=None,
         metavar="URL",
-        help="PostgreSQL conninfo/URL (default: $METER_DATABASE_URL, else an embedded "
-        "server in ./.meter/pg).",
+        help=f"PostgreSQL conninfo/URL (default: $METER_DATABASE_URL, else {_EMBEDDED_PG}, "
+        "started if it is not running).",
     )(func)
 
 
@@ -711,7 +714,15 @@ def adjust(
 
 
 @main.command()
-@database_url_option
+@click.option(
+    "--database-url",
+    envvar="METER_DATABASE_URL",
+    default=None,
+    metavar="URL",
+    # not database_url_option: a probe starts no server that was never made
+    help=f"PostgreSQL conninfo/URL (default: $METER_DATABASE_URL, else {_EMBEDDED_PG} if "
+    "that folder exists, started if it is not running; else none: exit 3).",
+)
 @broker_url_option
 @click.option(
     "--timeout", type=click.FloatRange(0.1, 60), default=1.0, show_default=True,
@@ -722,8 +733,8 @@ def status(database_url: str | None, broker_url: str | None, timeout: float, as_
     """Health of the installation: database, schema, queue, dead letters, workers, beat.
 
     Exit status: 0 healthy; 1 a problem found (pending migrations, dead letters waiting, no
-    worker answering, a periodic task whose last run failed); 3 the database or the
-    broker cannot be reached.
+    worker answering, a periodic task whose last run failed); 2 a malformed --database-url;
+    3 the database or the broker cannot be reached.
     """
     from meter import status as st
     from meter.embedded import default_data_root

@@ -458,6 +458,16 @@ def test_up_says_in_its_help_that_it_uses_the_servers_of_the_environment() -> No
     assert "namespace 'demo'" in text
 
 
+def test_the_help_of_database_url_says_where_the_default_server_is() -> None:
+    # Every --help said "else an embedded server in ./.meter/pg": not that $METER_HOME
+    # moves it, nor that it is started, nor, for status, that it is used only if it exists.
+    for args in (("balance",), ("migrate",), ("dead-letters", "list"), ("status",)):
+        text = " ".join(run({}, *args, "--help").output.split())
+        assert "$METER_HOME/pg (./.meter/pg)" in text, (args, text)
+        assert "started if it is not running" in text, (args, text)
+        assert ("if that folder exists" in text) == (args == ("status",)), (args, text)
+
+
 def test_demo_against_an_unreachable_database_says_so_once(broker_url: str) -> None:
     # The pool's own log lines came first ("error connecting in 'meter:demo': ..."), twice;
     # run as an operator would, since pytest's log capture hides them from CliRunner.
