@@ -51,25 +51,31 @@ def redact(url: str) -> str:
     return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|(?:\\.|[^\s\\])+)", r"\1***", url)
 
 
-def _database(url: str) -> dict[str, Any]:
-    from meter.migrate import newest, pending, recorded_versions
-
-    out: dict[str, Any] = {
-        "url": redact(url),
+def _unknown_database(url: str | None, error: str) -> dict[str, Any]:
+    """The figures of a database not looked at: every key, each ``None`` (unknown), so that
+    a script reads the same document whatever happened. ``pending_migrations`` was ``[]``
+    ("nothing pending") for a database out of reach, and without a database every key but
+    three was missing."""
+    return {
+        "url": None if url is None else redact(url),
         "reachable": False,
-        "error": None,
+        "error": error,
         "schema_version": None,
-        "pending_migrations": [],
+        "pending_migrations": None,
         "dead_letters": None,
         "maintenance": None,
         "maintenance_error": None,
     }
+
+
+def _database(url: str) -> dict[str, Any]:
+    from meter.migrate import newest, pending, recorded_versions
+
     try:
         conn = psycopg.connect(url, autocommit=True, connect_timeout=5, row_factory=dict_row)
     except psycopg.Error as exc:
-        out["error"] = _one_line(exc)
-        return out
-    out["reachable"] = True
+        return _unknown_database(url, _one_line(exc))
+    out = {**_unknown_database(url, ""), "reachable": True, "error": None}
     with conn:
         session.use_settings(conn)  # the times it reads, in the style psycopg reads
         try:
@@ -201,16 +207,13 @@ def collect(database_url: str | None, broker_url: str, timeout: float = 1.0) -> 
         ``{"healthy", "problems", "database", "broker", "workers"}``: ``database`` has
         ``reachable``, ``schema_version``, ``pending_migrations``, ``dead_letters``
         (waiting, counted up to 10000) and ``maintenance`` (rows of
-        ``meter.get_maintenance_runs()``, ``None`` if the schema has no such function);
+        ``meter.get_maintenance_runs()``, ``None`` if the schema has no such function),
+        always every key, ``None`` for what could not be looked at;
         ``broker`` has ``reachable``, ``queue_depth``, ``unacked``, ``consumers_alive``;
         ``workers`` has ``alive`` (hostnames).
     """
     if database_url is None:
-        database: dict[str, Any] = {
-            "url": None,
-            "reachable": False,
-            "error": "no database: set METER_DATABASE_URL or --database-url",
-        }
+        database = _unknown_database(None, "no database: set METER_DATABASE_URL or --database-url")
     else:
         database = _database(database_url)
     broker = _broker(broker_url, timeout)

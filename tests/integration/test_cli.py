@@ -325,6 +325,25 @@ def test_status_unreachable_is_exit_3(env: dict[str, str]) -> None:
     assert db["reachable"] and db["pending_migrations"] == [] and db["dead_letters"] == 0
 
 
+def test_status_json_has_every_figure_whatever_it_could_reach(
+    env: dict[str, str], tmp_path: Any
+) -> None:
+    # A database out of reach reported "pending_migrations": [] (nothing pending), and
+    # with none at all the document lacked every figure but url, reachable and error.
+    seen = json.loads(run({**env, "METER_BROKER_URL": UNREACHABLE_BROKER}, "status", "--json")
+                      .stdout)["database"]  # fmt: skip
+    gone = run({"METER_DATABASE_URL": UNREACHABLE_DB, "METER_BROKER_URL": UNREACHABLE_BROKER},
+               "status", "--json")  # fmt: skip
+    nowhere = run({"METER_HOME": str(tmp_path / "none"), "METER_DATABASE_URL": None,  # type: ignore[dict-item]
+                   "METER_BROKER_URL": UNREACHABLE_BROKER}, "status", "--json")  # fmt: skip
+    for result in (gone, nowhere):
+        assert result.exit_code == EXIT_UNREACHABLE, result.output
+        db = json.loads(result.stdout)["database"]
+        assert db.keys() == seen.keys()
+        assert db["reachable"] is False and db["error"]
+        assert db["pending_migrations"] is None and db["schema_version"] is None
+
+
 def test_status_without_worker_is_unhealthy(env: dict[str, str], broker_url: str) -> None:
     result = run({**env, "METER_BROKER_URL": broker_url}, "status", "--timeout", "0.3")
     assert result.exit_code == EXIT_PROBLEMS, result.output
