@@ -901,10 +901,14 @@ def _dead_letter_conn(database_url: str | None) -> Any:
 
 
 def _fail(exc: Exception) -> None:
-    """Print ``exc`` and exit: 2 for invalid input (a ValidationError), else 1."""
-    from meter.errors import ValidationError
+    """Print ``exc`` and exit: 2 for invalid input (a ValidationError), 3 for a connection
+    lost under the call (as every command: a retry or discard may then have been made, and
+    is safe to run again), else 1."""
+    from meter.errors import MeterConnectionError, ValidationError
 
     err_console.print(f"[bold red]error:[/] {escape(_explained(exc))}")
+    if isinstance(exc, MeterConnectionError):
+        raise SystemExit(EXIT_UNREACHABLE) from exc
     raise SystemExit(EXIT_USAGE if isinstance(exc, ValidationError) else EXIT_PROBLEMS) from exc
 
 
@@ -914,7 +918,8 @@ def dead_letters() -> None:
 
     Exit status: 0 on success; 1 when a retry failed, an id is unknown (or no longer
     waiting) or the database refused the call; 2 for invalid input; 3 when it cannot be
-    reached.
+    reached, or the connection was lost under a call (which may then have been made: run
+    it again, it does nothing twice).
     """
 
 

@@ -239,6 +239,36 @@ def test_a_grant_whose_commit_was_not_heard_names_the_key_that_counts_it_once(
     assert client.get_balance("bob", "llm", "tokens")["balance"] == D(7)
 
 
+def test_a_dead_letter_retry_whose_reply_was_lost_exits_3_and_runs_again_safely(
+    db_url: str, db: Any, client: Any
+) -> None:
+    # The connection was lost under the retry, after the server had applied it: the CLI
+    # exited 1, which the documented statuses and `retry`'s help keep for "a retry
+    # failed", with the dead letter waiting; here it was applied. Exit 3, as every command
+    # that loses its database; run again, it finds nothing to retry and applies nothing.
+    client.allocate("bob", "llm", 10, "tokens")
+    payload = {"op": "consume", "namespace": "default",
+               "args": {"user_id": "bob", "event_type": "llm", "amount": "3", "unit": "tokens",
+                        "idempotency_key": "lost-reply"}}  # fmt: skip
+    letter = db.execute(
+        "SELECT meter.record_dead_letter('consume', %s::jsonb, 'MT001', 'x', NULL, 'default')"
+        " AS id",
+        (json.dumps(payload),),
+    ).fetchone()["id"]
+    cutter = ReplyCutter(db_url)
+    try:
+        cutter.cut_reply_to(b"retry_dead_letter")
+        lost = run({"METER_DATABASE_URL": cutter.url}, "dead-letters", "retry", str(letter))
+    finally:
+        cutter.close()
+    assert cutter.cuts == 1 and lost.exit_code == EXIT_UNREACHABLE, lost.output
+    assert "still failing" not in lost.output
+    assert client.get_balance("bob", "llm", "tokens")["balance"] == D(7)  # it was applied
+    again = run({"METER_DATABASE_URL": db_url}, "dead-letters", "retry", str(letter))
+    assert again.exit_code == EXIT_PROBLEMS and "no dead letter" in again.stderr
+    assert client.get_balance("bob", "llm", "tokens")["balance"] == D(7)
+
+
 def test_a_grant_that_meets_its_key_claimed_concurrently_runs_again_and_replays(
     db_url: str, client: Any
 ) -> None:
