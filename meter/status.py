@@ -53,9 +53,8 @@ def redact(url: str) -> str:
 
 def _unknown_database(url: str | None, error: str) -> dict[str, Any]:
     """The figures of a database not looked at: every key, each ``None`` (unknown), so that
-    a script reads the same document whatever happened. ``pending_migrations`` was ``[]``
-    ("nothing pending") for a database out of reach, and without a database every key but
-    three was missing."""
+    a script reads the same document whatever happened, and never ``[]`` ("nothing
+    pending") for migrations it could not count."""
     return {
         "url": None if url is None else redact(url),
         "reachable": False,
