@@ -558,6 +558,42 @@ def test_app_role_cannot_write_tables_directly(two_tenants, app_conn, snapshot):
     assert snapshot() == before
 
 
+# ---------------------------------------------------------------- actor context set directly
+
+ACTOR_SETTINGS = ("actor_id", "request_id", "on_behalf_of", "reason")
+# Values meter.set_actor refuses (Appendix C), set with SET instead.
+BAD_ACTOR_VALUES = {"too-long": "x" * 257, "newline": "a\nforged line", "trail-space": "a "}
+# Every call that records an actor (reads need not look at it).
+ACTOR_CALLS = {
+    **{name: sql for name, sql in API_CALLS.items() if not name.startswith(("get_", "reconcile"))},
+    "apply_events": "SELECT * FROM meter.apply_events(jsonb_build_array(jsonb_build_object("
+    "'op', 'allocate', 'namespace', %(ns)s::text, 'args', jsonb_build_object('user_id', 'u1',"
+    " 'event_type', 'tokens', 'amount', '7', 'unit', 'tok'))), 'src-1')",
+}
+
+
+def test_actor_context_set_directly_is_held_to_set_actors_rules(two_tenants, app_conn, snapshot):
+    """The four settings of the actor context are plain settings anyone may SET: a value
+    meter.set_actor refuses went into the (immutable) ledger and the audit trail as it was.
+    Now every write refuses it (MT001, as set_actor would) and changes nothing."""
+    run(app_conn, "SELECT meter.set_tenant('a')")
+    before = snapshot()
+    got = {}
+    for field in ACTOR_SETTINGS:
+        for label, value in BAD_ACTOR_VALUES.items():
+            run(app_conn, "SELECT set_config(%s, %s, false)", (f"meter.{field}", value))
+            for name, sql in ACTOR_CALLS.items():
+                got[f"{field}:{label}:{name}"] = outcome(app_conn, sql, {"ns": "a"})
+            run(app_conn, "SELECT meter.clear_actor()")
+    assert got == dict.fromkeys(got, "MT001")
+    assert snapshot() == before
+    # a valid one set the same way is recorded as it is
+    run(app_conn, "SET meter.actor_id = 'ops-1'")
+    entry = run(app_conn, API_CALLS["allocate"], {"ns": "a"})[0]["entry_id"]
+    rows = run(app_conn, "SELECT actor_id FROM meter.ledger WHERE id = %s", (entry,))
+    assert rows == [{"actor_id": "ops-1"}]
+
+
 # ---------------------------------------------------------------- maintenance functions
 
 
