@@ -424,6 +424,29 @@ def test_tenant_cannot_read_other_tenant_rows_by_filter(two_tenants, app_conn):
     assert rows == [{"n": 1}]  # a's own hold of that name, not b's
 
 
+def test_partitions_are_read_only_through_the_ledger(two_tenants, app_conn, maint_conn, db):
+    """A partition carries no row-level security of its own: no role but the owner may
+    read one directly, whether migrated, made by the maintenance role, or made on demand
+    by an application's backdated write."""
+    y, m = current_month(db)
+    run(maint_conn, "SELECT meter.create_partition(2041, 3)")
+    run(app_conn, "SELECT meter.set_tenant('a')")
+    run(
+        app_conn,
+        "SELECT * FROM meter.allocate(p_user_id => 'u1', p_event_type => 'tokens',"
+        " p_amount => 1, p_unit => 'tok', p_event_time => '2019-06-15 12:00Z',"
+        " p_namespace => 'a')",
+    )
+    months = [f"ledger_{y:04d}_{m:02d}", "ledger_2020_01", "ledger_2041_03", "ledger_2019_06"]
+    assert all(partition_exists(db, t) for t in months)
+    got = {
+        f"{who}:{t}": outcome(conn, f"SELECT count(*) FROM meter.{t}")
+        for who, conn in (("app", app_conn), ("maint", maint_conn))
+        for t in months
+    }
+    assert got == dict.fromkeys(got, "42501")
+
+
 # ---------------------------------------------------------------- cross-tenant ids
 
 
