@@ -18,7 +18,8 @@ Two ways to send:
   :meth:`MeterProducer.flush`, :meth:`MeterProducer.close` and at interpreter exit,
   including the exit of a process started by :mod:`multiprocessing` (which skips atexit
   hooks: a finalizer of its own sends the buffer; after a fork, the child's buffer is
-  its own, empty at first). Much cheaper per event, at a price:
+  its own, empty at first) and of a Celery prefork pool child (which skips both: Celery's
+  ``worker_process_shutdown`` signal sends it). Much cheaper per event, at a price:
   **events still in the buffer are lost if the process dies before they are sent**
   (SIGKILL, OOM, power loss: at most ``batch_size`` events or ``linger_ms`` of traffic
   while the broker takes the messages; while it refuses them, at most ``max_buffered``
@@ -59,6 +60,7 @@ from typing import Any, Final, Self
 
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.signals import worker_process_shutdown
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -522,6 +524,10 @@ class MeterProducer:
             # another, registered anew after a fork, in a forked child).
             _register_exit_flush(self)
             multiprocessing.util.register_after_fork(self, _register_exit_flush)
+            # A Celery prefork (billiard) child ends with os._exit() before either runs:
+            # Celery's worker_process_shutdown, sent in the child just before, sends it.
+            _BUFFERED.add(self)
+            _connect_pool_child_exit()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -1558,6 +1564,43 @@ def _register_exit_flush(producer: MeterProducer) -> None:
     producer._exit_flush = multiprocessing.util.Finalize(
         producer, _flush_ref, args=(ref,), exitpriority=0
     )
+
+
+_BUFFERED: Final[weakref.WeakSet[MeterProducer]] = weakref.WeakSet()
+"""The buffered producers alive in this process (a forked child inherits the set)."""
+
+_pool_child_exit_connected = False
+
+
+def _connect_pool_child_exit() -> None:
+    """Have Celery's ``worker_process_shutdown`` close this process's buffered producers.
+
+    A child of a Celery prefork pool (billiard) leaves by ``os._exit()`` right after that
+    signal, from its pool's own exit path: neither atexit hooks nor multiprocessing's
+    finalizers run, so the buffer of a producer its tasks recorded through (created at
+    import, in the parent, as task modules do) was dropped at each recycle
+    (``max_tasks_per_child``, ``max_memory_per_child``) and at shutdown. Celery catches and
+    logs what a receiver raises (a ``PublishError`` with the events)."""
+    global _pool_child_exit_connected
+    if _pool_child_exit_connected:
+        return
+    worker_process_shutdown.connect(
+        _close_buffered, weak=False, dispatch_uid="meter.producer.close_buffered"
+    )
+    _pool_child_exit_connected = True
+
+
+def _close_buffered(**_: Any) -> None:
+    """``worker_process_shutdown``: send what this process's buffered producers hold (all
+    of them, each in turn; then the first error, if one could not)."""
+    error: BaseException | None = None
+    for producer in list(_BUFFERED):
+        try:
+            producer.close()
+        except Exception as exc:
+            error = error or exc
+    if error is not None:
+        raise error
 
 
 def _linger_loop(ref: weakref.ReferenceType[MeterProducer], keep: list[MeterProducer]) -> None:
