@@ -300,12 +300,55 @@ def _account_args(
     return args
 
 
+MAX_METADATA_DEPTH: Final = 800
+"""The deepest nesting of ``metadata`` the producer takes (objects and arrays inside it):
+what a worker, whose stack is deeper than a caller's, still decodes."""
+
+# Levels of margin for the trial write of metadata at the call: the message nests it 3
+# levels deeper ([event {args {...}}]), written a few frames further down the stack (by
+# the call that fills a batch, or a flush(), both on the caller's stack).
+_WIRE_MARGIN: Final = 16
+
+
+def _depth(value: Any) -> int:
+    """How many levels of objects and arrays ``value`` (decoded JSON) holds below itself;
+    without recursion."""
+    deepest = 0
+    stack = [(value, 0)]  # the metadata object itself: level 0
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend(
+                (v, depth + 1) for v in (item.values() if isinstance(item, dict) else item)
+            )
+    return deepest
+
+
 def _put_metadata(args: dict[str, Any], metadata: object) -> None:
     text = t.check_metadata(metadata, "metadata")
     if text is not None:
         # Re-read from the exact text: plain JSON types with Decimal for fractions (the
         # serializer carries those exactly), whatever Mapping types the caller used.
-        args["metadata"] = t.loads(text)
+        try:
+            value = t.loads(text)
+            deep = _depth(value) > MAX_METADATA_DEPTH
+            if not deep:
+                # P3: taken when only the check could write it, it made the send raise a
+                # bare RecursionError, for the batch-mates too.
+                wrapped: Any = value
+                for _ in range(_WIRE_MARGIN):
+                    wrapped = [wrapped]
+                wire.dumps(wrapped)
+        except RecursionError:
+            deep = True
+        if deep:
+            raise t.invalid(
+                "metadata",
+                f"is nested too deeply to be sent (at most {MAX_METADATA_DEPTH} levels, and "
+                "as the caller's stack allows)",
+            )
+        args["metadata"] = value
 
 
 EARLIEST_EVENT_TIME: Final = datetime(1900, 1, 1, tzinfo=UTC)

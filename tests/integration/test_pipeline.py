@@ -2275,3 +2275,43 @@ def test_a_keyed_reserve_made_through_the_sdk_replays_through_the_producer(
     assert outcome["granted"] and outcome["reservation_id"] == first["reservation_id"]
     assert again.reservation_id == first["reservation_id"]  # commit/release by the handle
     assert dead_letters(db) == []
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    root: dict[str, Any] = {}
+    node = root
+    for _ in range(depth):
+        node["k"] = {}
+        node = node["k"]
+    return root
+
+
+@pytest.mark.timeout(120)
+def test_the_deepest_metadata_the_producer_takes_is_sent_and_applied_with_its_batch(
+    pipeline, make_producer, db
+):
+    """Review P3 #2: the producer took metadata as deep as its own check could write, from
+    the caller's stack, but the message nests it 3 levels deeper ([event {args {...}}]) and
+    is written a few frames further down: the call that filled the batch raised a bare
+    RecursionError (no ``exc.events``: its good event dropped, in no buffer), and a flush
+    would fail the same way every time. What the producer takes now travels."""
+    from meter.errors import ValidationError as VE
+
+    producer = make_producer(batch_size=2, linger_ms=60_000)
+
+    def takes(depth: int) -> None:  # called from here, as consume() calls it
+        producer._consume_args("u1", ET, 1, UNIT, metadata=_nested(depth))
+
+    lo, hi = 1, 3000  # the deepest metadata the producer takes, from this very stack
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        try:
+            takes(mid)
+            lo = mid
+        except VE:
+            hi = mid - 1
+    producer.consume("u1", ET, 1, UNIT, idempotency_key="deep", metadata=_nested(lo))
+    producer.consume("u1", ET, 2, UNIT, idempotency_key="good")  # fills the batch: sends it
+    rows = eventually(lambda: (r := ledger(db)) and len(r) == 2 and r, timeout=60)
+    assert sorted(r["idempotency_key"] for r in rows) == ["deep", "good"]
+    assert dead_letters(db) == []
