@@ -1,4 +1,5 @@
-"""The producers' Redis transport: kombu's, with one redis-py client object per pool.
+"""The producers' Redis transport: kombu's, with one redis-py client object per pool, and a
+channel closed under a publish raising a connection error (see :class:`Channel`).
 
 kombu builds a new redis-py client object for every command it sends outside its event
 loop, and each publish is such a command: ~0.1 ms of CPU per enqueue in direct mode,
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+import redis.exceptions
 from kombu.transport import redis as kombu_redis
 
 __all__ = ["TRANSPORT", "Channel", "Transport", "scheme", "transport_for"]
@@ -42,6 +44,17 @@ class Channel(kombu_redis.Channel):
         # The pool is replaced after a fork or a lost connection, and then so is the
         # client. redis-py clients are thread-safe: each command takes a connection from
         # the pool. The event loop's (asynchronous) client is kombu's own, made once.
+        if self.connection is None:
+            # Closed under a publish that still holds it: kombu's maybe_declare, retrying
+            # a declare after a connection error inside the publish, collects the
+            # connection (closing this, the producer's channel), reconnects, and the
+            # publish goes on with this channel, where kombu raised AttributeError (no
+            # retry, no PublishError: a buffered close() lost its buffer). A connection
+            # error is what it is: the publish's own retry revives the producer on a new
+            # channel and sends the message.
+            raise redis.exceptions.ConnectionError(
+                "the channel was closed under this publish (its connection was collected)"
+            )
         if asynchronous:
             return super()._create_client(asynchronous=True)
         client = self._sync_client

@@ -2315,3 +2315,52 @@ def test_the_deepest_metadata_the_producer_takes_is_sent_and_applied_with_its_ba
     rows = eventually(lambda: (r := ledger(db)) and len(r) == 2 and r, timeout=60)
     assert sorted(r["idempotency_key"] for r in rows) == ["deep", "good"]
     assert dead_letters(db) == []
+
+
+def _queued_keys(broker_url: str) -> list[str]:
+    import base64
+
+    client = redis.Redis.from_url(broker_url)
+    try:
+        messages = [json.loads(m) for m in client.lrange(wire.QUEUE, 0, -1)]
+    finally:
+        client.close()
+    keys = []
+    for message in messages:  # each body's first argument: the events' JSON text
+        payload = json.loads(json.loads(base64.b64decode(message["body"]))[0][0])
+        keys += [
+            e["args"]["idempotency_key"]
+            for e in (payload if isinstance(payload, list) else [payload])
+        ]
+    return sorted(keys)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("buffered", [False, True])
+def test_a_broker_slower_than_the_timeout_while_the_queue_is_declared_is_ridden_out(
+    make_producer, broker_url, buffered
+):
+    """Review P3 #3: Redis not answering writes for longer than ``broker_timeout`` while a
+    publish declared its queue (a producer's first publish, or the first after a lost
+    connection) made kombu's declare retry collect the connection, closing the channel
+    the publish then used: AttributeError, no retry, no PublishError; a buffered close()
+    raised it with its buffer neither sent nor handed back (lost). The closed channel now
+    raises a connection error, so the publish's own retry sends on a new one."""
+    options = {"batch_size": 10, "linger_ms": 60_000} if buffered else {}
+    producer = make_producer(broker_timeout=1, **options)  # its first publish declares
+    if buffered:
+        producer.consume("u1", ET, 1, UNIT, idempotency_key="k1")
+    client = redis.Redis.from_url(broker_url)
+    try:
+        client.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+        try:
+            if buffered:
+                producer.consume("u1", ET, 1, UNIT, idempotency_key="k2")
+                producer.close()
+            else:
+                producer.consume("u1", ET, 1, UNIT, idempotency_key="k1")
+        finally:
+            client.execute_command("CLIENT", "UNPAUSE")
+    finally:
+        client.close()
+    assert _queued_keys(broker_url) == (["k1", "k2"] if buffered else ["k1"])
