@@ -228,8 +228,8 @@ _SQL_GET_ACCOUNT = _statement("get_account", *_ACCOUNT, reads=True)
 _SQL_GET_USER_BALANCES = _statement("get_user_balances", "user_id text", reads=True)
 _LEDGER_PAGE = (*_ACCOUNT, "start_time timestamptz", "end_time timestamptz", "limit integer")
 _SQL_GET_LEDGER = _statement("get_ledger", *_LEDGER_PAGE, reads=True)
-# sql/064's cursor, named only when given: a page without one is the call a database
-# migrated before 064 answers as well
+# sql/062's cursor, named only when given: a page without one is the call a database
+# migrated before 062 answers as well
 _SQL_GET_LEDGER_AFTER = _statement("get_ledger", *_LEDGER_PAGE, "before_id bigint", reads=True)
 _SQL_GET_USAGE = _statement(
     "get_usage", "user_id text", "start_time timestamptz", "end_time timestamptz", reads=True
@@ -252,7 +252,7 @@ _AUDIT_PAGE = (
     "end_time timestamptz", "limit integer",
 )  # fmt: skip
 _SQL_GET_AUDIT_EVENTS = _statement("get_audit_events", *_AUDIT_PAGE, reads=True)
-# sql/064's cursor, named only when given (as get_ledger's)
+# sql/062's cursor, named only when given (as get_ledger's)
 _SQL_GET_AUDIT_EVENTS_AFTER = _statement(
     "get_audit_events", *_AUDIT_PAGE, "before_event_id text", reads=True
 )

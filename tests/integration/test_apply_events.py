@@ -1076,7 +1076,7 @@ def test_an_adjust_naming_an_entry_holds_locks_bounded_by_its_events(db, db_url)
     """054 keeps a call going one by one to 100 events so that it holds about 300 entries
     of the server's shared lock table: 2 to 3 for each event. An adjust naming an entry
     took one for every ledger month besides, whatever the number of events, to its end:
-    the look-up of the entry by id reads every month. Since 066 it reads them in a
+    the look-up of the entry by id reads every month. Since 063 it reads them in a
     subtransaction rolled back once it has its answer, which lets those locks go."""
     db.execute("SELECT set_config('meter.tenant', 'n', false)")
     times = _month_starts(300)

@@ -144,7 +144,7 @@ def test_get_ledger_pages_use_the_account_time_index(plans: Any) -> None:
         (before, NS),
     )
     _check_indexed(deep, 2)
-    # the same page continued after an entry of that time (064's cursor)
+    # the same page continued after an entry of that time (062's cursor)
     cursor = plans(
         "SELECT * FROM meter.get_ledger('g7', 'tokens', 'tok', NULL, NULL, %s, 5, %s, %s)",
         (before, NS, 2**62),

@@ -366,7 +366,7 @@ def test_get_ledger_pages_through_a_period_close(client):
 
 
 def test_sql_get_ledger_before_id_is_positional_after_the_namespace(client, db):
-    """Calls made before 064 (eight arguments, positional) are the same call."""
+    """Calls made before 062 (eight arguments, positional) are the same call."""
     ids = [client.allocate(U, ET, D("1"), UNIT, event_time=T1)["entry_id"] for _ in range(3)]
     rows = db.execute(
         "SELECT id FROM meter.get_ledger(%s, %s, %s, NULL, NULL, NULL, 5, 'default')",

@@ -1458,7 +1458,7 @@ def test_a_start_moved_back_during_a_roll_never_deadlocks_it(db_url, client, db)
     # ledger's partition lock only if a month from those starts is missing. b's start is
     # moved back into a month that has none while the roll waits for a2 (held by z): the
     # roll then made that month holding a, for which x, which made a month, waits (40P01).
-    # Since 067 it reads b's start again, finds the lock taken, and ends there.
+    # Since 064 it reads b's start again, finds the lock taken, and ends there.
     today = db.execute("SELECT (now() AT TIME ZONE 'UTC')::date AS d").fetchone()["d"]
     for user in ("a", "a2", "b"):
         client.allocate(user, ET, 10, UNIT)

@@ -16,7 +16,7 @@
 -- residue: a start moved between that read and the step's own read of it still makes the
 -- step wait, as before (a deadlock then is retried whole by the worker).
 -- The test of a missing month moved to meter._ledger_months_missing, used by both checks.
--- roll_periods is otherwise 060's (lines marked 067 changed), and so is its lock order.
+-- roll_periods is otherwise 060's (lines marked 064 changed), and so is its lock order.
 
 -- Whether a ledger month from p_from's month to p_today's (none before 1900) has no
 -- partition.
@@ -31,7 +31,7 @@ LANGUAGE sql STABLE AS $$
 $$;
 REVOKE EXECUTE ON FUNCTION meter._ledger_months_missing(date, date) FROM PUBLIC;
 
--- roll_periods (060's; the lines marked 067 changed)
+-- roll_periods (060's; the lines marked 064 changed)
 CREATE OR REPLACE FUNCTION meter.roll_periods(p_namespace text DEFAULT NULL,
                                    p_now timestamptz DEFAULT now(),
                                    p_batch_size integer DEFAULT 100)
@@ -47,8 +47,8 @@ DECLARE
     v_step record;
     v_actor text := current_setting('meter.actor_id', true);
     v_months_locked boolean := false;  -- 055
-    v_ledger_locked boolean := false;  -- 067: the ledger's partition lock is held
-    v_earliest date;                   -- 067
+    v_ledger_locked boolean := false;  -- 064: the ledger's partition lock is held
+    v_earliest date;                   -- 064
 BEGIN
     IF p_namespace IS NULL THEN
         PERFORM meter._require_maintenance('rolling every namespace');
@@ -134,20 +134,20 @@ BEGIN
         -- month exists (as a rule): a caller's transaction that holds an account and
         -- then makes a month would wait for it while the roll waits for that account
         IF NOT v_months_locked THEN                                                     -- 055
-            IF meter._ledger_months_missing(v_cand.earliest, v_today) THEN              -- 067
+            IF meter._ledger_months_missing(v_cand.earliest, v_today) THEN              -- 064
                 LOCK TABLE ONLY meter.ledger IN SHARE UPDATE EXCLUSIVE MODE;            -- 055
-                v_ledger_locked := true;                                                -- 067
+                v_ledger_locked := true;                                                -- 064
             END IF;                                                                     -- 055
             v_months_locked := true;                                                    -- 055
-        ELSIF NOT v_ledger_locked THEN                                                  -- 067
-            -- 067: a start moved back (set_period_config) since the candidates were
+        ELSIF NOT v_ledger_locked THEN                                                  -- 064
+            -- 064: a start moved back (set_period_config) since the candidates were
             -- read, under accounts this roll holds: its step would wait for the
             -- ledger's partition lock to make a month, while a writer holding that lock
             -- waits for one of them. Read the start again; when a month is missing, take
             -- the lock only if it is free, and otherwise end the roll here (the next one
             -- takes it before its first account). The start may still move between this
             -- read and the step's own: then the step waits, as before (40P01, retried)
-            SELECT least(a.period_start,                                                -- 067
+            SELECT least(a.period_start,                                                -- 064
                          coalesce((SELECT max(p.period_start) FROM meter.periods p
                                    WHERE p.namespace = a.namespace
                                      AND p.account_id = a.account_id
@@ -156,14 +156,14 @@ BEGIN
                                   a.period_start)) - 1
             INTO v_earliest FROM meter.accounts a
             WHERE a.namespace = v_cand.namespace AND a.account_id = v_cand.account_id;
-            IF meter._ledger_months_missing(v_earliest, v_today) THEN                   -- 067
+            IF meter._ledger_months_missing(v_earliest, v_today) THEN                   -- 064
                 BEGIN
                     LOCK TABLE ONLY meter.ledger IN SHARE UPDATE EXCLUSIVE MODE NOWAIT;
                     v_ledger_locked := true;
                 EXCEPTION WHEN lock_not_available THEN
                     EXIT;
                 END;
-            END IF;                                                                     -- 067
+            END IF;                                                                     -- 064
         END IF;                                                                         -- 055
         FOR v_step IN
             SELECT * FROM meter._roll_account(v_cand.namespace, v_cand.account_id, v_today,

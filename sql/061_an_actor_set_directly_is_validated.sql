@@ -25,9 +25,9 @@
 -- function calling them (and those that inline them) picks the check up unchanged.
 --
 -- Migrations once applied are never edited: 002's and 009's helpers and 030's commit are
--- replaced whole; only the lines marked 063 changed.
+-- replaced whole; only the lines marked 061 changed.
 
--- 063: each setting by the rule of meter._set_actor; raises its error, else true.
+-- 061: each setting by the rule of meter._set_actor; raises its error, else true.
 CREATE FUNCTION meter._actor_settings_ok() RETURNS boolean
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -41,7 +41,7 @@ BEGIN
 END
 $$;
 
--- 063: true when the actor context is empty or valid; raises as set_actor would otherwise.
+-- 061: true when the actor context is empty or valid; raises as set_actor would otherwise.
 -- Inlinable: with no actor set it is one comparison in the caller's expression, with a
 -- printable ASCII one (as the SDK sets) four anchored regexes (meter._plain_ok); only
 -- anything else goes through meter._actor_settings_ok.
@@ -69,7 +69,7 @@ $$;
 -- Whether the caller may act in p_namespace (the rule of meter._guard, without raising).
 CREATE OR REPLACE FUNCTION meter._tenant_ok(p_namespace text) RETURNS boolean
 LANGUAGE sql STABLE AS $$
-    SELECT meter._actor_ok()  -- 063
+    SELECT meter._actor_ok()  -- 061
        AND CASE
         WHEN nullif(current_setting('meter.tenant', true), '') IS NOT NULL
             THEN current_setting('meter.tenant', true) = p_namespace
@@ -81,7 +81,7 @@ $$;
 -- key is plain ASCII (meter._plain_ok; p_pool: user_id may be NULL); false or NULL
 -- otherwise, and the caller then runs meter._guard and the validators one by one, which
 -- accept what is valid and refuse the rest precisely. Inlinable: the whole check is one
--- expression of the caller. An invalid actor context raises here (063).
+-- expression of the caller. An invalid actor context raises here (061).
 CREATE OR REPLACE FUNCTION meter._fast_ok(p_namespace text, p_user_id text, p_pool boolean,
                                           p_event_type text, p_unit text, p_resource text)
 RETURNS boolean
@@ -92,7 +92,7 @@ LANGUAGE sql STABLE AS $$
        AND meter._plain_ok(p_event_type, 256)
        AND meter._plain_ok(p_unit, 64)
        AND (p_resource IS NULL OR p_resource = '' OR meter._plain_ok(p_resource, 256))
-       AND meter._actor_ok()  -- 063
+       AND meter._actor_ok()  -- 061
 $$;
 
 CREATE OR REPLACE FUNCTION meter._guard(p_namespace text) RETURNS void
@@ -100,7 +100,7 @@ LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_tenant text := nullif(current_setting('meter.tenant', true), '');
 BEGIN
-    PERFORM meter._actor_ok();  -- 063
+    PERFORM meter._actor_ok();  -- 061
     IF v_tenant = p_namespace AND meter._ident_ok(p_namespace, 1024) THEN
         RETURN;  -- the common case, decided in one expression
     END IF;
@@ -131,7 +131,7 @@ BEGIN
                         p_what
             USING ERRCODE = 'MT004', COLUMN = 'namespace';
     END IF;
-    PERFORM meter._actor_ok();  -- 063
+    PERFORM meter._actor_ok();  -- 061
 END
 $$;
 
@@ -145,7 +145,7 @@ $$;
 --       MT002 otherwise;
 --   released -> success=false, 'released'; unknown -> success=false, 'not_found'.
 -- actual may exceed the hold and may drive the balance negative.
--- An invalid actor context set directly is refused before anything (063).
+-- An invalid actor context set directly is refused before anything (061).
 -- Locks: the reservation, then its account.
 CREATE OR REPLACE FUNCTION meter.commit(p_reservation_id text, p_actual_amount numeric,
                              p_metadata jsonb DEFAULT NULL,
@@ -168,7 +168,7 @@ BEGIN
        AND meter._plain_ok(p_reservation_id, 128)
        AND meter._metadata_ok(p_metadata)
        AND meter._amount_plain(p_actual_amount, 'nonnegative')
-       AND meter._actor_ok() THEN  -- 063
+       AND meter._actor_ok() THEN  -- 061
         v_actual := trim_scale(p_actual_amount);
     ELSE
         PERFORM meter._guard(p_namespace);

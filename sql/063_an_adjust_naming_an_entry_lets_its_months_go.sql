@@ -40,7 +40,7 @@ REVOKE EXECUTE ON FUNCTION meter._ledger_entry_exists(text, bigint) FROM PUBLIC;
 -- adjust: a correction or refund, either sign, never 0; may drive the balance negative.
 -- p_reference_id, when given, must be a ledger entry of this namespace (MT003 otherwise).
 -- Locks: the key's advisory lock, then the account. Reading the referenced entry locks
--- every ledger month for a moment only (066: meter._ledger_entry_exists).
+-- every ledger month for a moment only (063: meter._ledger_entry_exists).
 CREATE OR REPLACE FUNCTION meter.adjust(p_user_id text, p_event_type text, p_amount numeric,
                              p_unit text, p_resource text DEFAULT NULL,
                              p_reference_id bigint DEFAULT NULL,
@@ -87,7 +87,7 @@ BEGIN
     END IF;
     -- After the replay: a replay answers even when retention has dropped the entry since.
     IF p_reference_id IS NOT NULL
-       AND NOT meter._ledger_entry_exists(p_namespace, p_reference_id) THEN  -- 066
+       AND NOT meter._ledger_entry_exists(p_namespace, p_reference_id) THEN  -- 063
         PERFORM meter._fail('MT003', 'reference_id',
             format('no ledger entry %s in this namespace', p_reference_id));
     END IF;

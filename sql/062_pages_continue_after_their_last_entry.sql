@@ -27,7 +27,7 @@
 -- Migrations once applied are never edited: 005's get_ledger is dropped and created again
 -- with the new parameter (a parameter cannot be added by CREATE OR REPLACE, and an
 -- overload would make every call without it ambiguous); its body is 005's, with the lines
--- marked 064 new. Its grants are given again as 005 and roles.sql gave them.
+-- marked 062 new. Its grants are given again as 005 and roles.sql gave them.
 
 DROP FUNCTION meter.get_ledger(text, text, text, text, timestamptz, timestamptz, integer, text);
 
@@ -41,7 +41,7 @@ CREATE FUNCTION meter.get_ledger(p_user_id text, p_event_type text, p_unit text,
                                  p_end_time timestamptz DEFAULT NULL,
                                  p_limit integer DEFAULT 100,
                                  p_namespace text DEFAULT 'default',
-                                 p_before_id bigint DEFAULT NULL)  -- 064
+                                 p_before_id bigint DEFAULT NULL)  -- 062
 RETURNS TABLE (id bigint, entry_type text, amount numeric, balance_after numeric,
                event_time timestamptz, reservation_id text, reference_id bigint,
                actor_id text, reason text, metadata jsonb)
@@ -55,33 +55,33 @@ BEGIN
     PERFORM meter._ident('user_id', p_user_id, 256, true),
             meter._ident('event_type', p_event_type, 256),
             meter._ident('unit', p_unit, 64);
-    -- 064: an id alone is no place in a listing by event_time
-    IF p_before_id IS NOT NULL AND p_end_time IS NULL THEN                              -- 064
-        PERFORM meter._fail('MT001', 'before_id',                                       -- 064
-                            'needs end_time: the event_time of the entry it names');    -- 064
-    END IF;                                                                             -- 064
+    -- 062: an id alone is no place in a listing by event_time
+    IF p_before_id IS NOT NULL AND p_end_time IS NULL THEN                              -- 062
+        PERFORM meter._fail('MT001', 'before_id',                                       -- 062
+                            'needs end_time: the event_time of the entry it names');    -- 062
+    END IF;                                                                             -- 062
     SELECT a.account_id INTO v_account FROM meter.accounts a
     WHERE a.namespace = p_namespace AND coalesce(a.user_id, '') = coalesce(p_user_id, '')
       AND a.event_type = p_event_type AND a.resource = v_resource AND a.unit = p_unit;
     IF NOT FOUND THEN
         RETURN;
     END IF;
-    IF p_before_id IS NOT NULL THEN                                                     -- 064
-        -- 064: a separate query, so that the one without a cursor keeps its plan; the
+    IF p_before_id IS NOT NULL THEN                                                     -- 062
+        -- 062: a separate query, so that the one without a cursor keeps its plan; the
         -- row comparison is a range of ledger_account_time (account_id, event_time, id)
-        RETURN QUERY                                                                    -- 064
-        SELECT l.id, l.entry_type, l.amount, l.balance_after, l.event_time,             -- 064
-               l.reservation_id, l.reference_id, l.actor_id, l.reason, l.metadata       -- 064
-        FROM meter.ledger l                                                             -- 064
-        WHERE l.account_id = v_account AND l.namespace = p_namespace                    -- 064
-          AND l.event_time >= coalesce(p_start_time, '-infinity')                       -- 064
-          -- 064: implied by the row comparison, which prunes no partition by itself
-          AND l.event_time <= p_end_time                                                -- 064
-          AND (l.event_time, l.id) < (p_end_time, p_before_id)                          -- 064
-        ORDER BY l.event_time DESC, l.id DESC                                           -- 064
-        LIMIT v_limit;                                                                  -- 064
-        RETURN;                                                                         -- 064
-    END IF;                                                                             -- 064
+        RETURN QUERY                                                                    -- 062
+        SELECT l.id, l.entry_type, l.amount, l.balance_after, l.event_time,             -- 062
+               l.reservation_id, l.reference_id, l.actor_id, l.reason, l.metadata       -- 062
+        FROM meter.ledger l                                                             -- 062
+        WHERE l.account_id = v_account AND l.namespace = p_namespace                    -- 062
+          AND l.event_time >= coalesce(p_start_time, '-infinity')                       -- 062
+          -- 062: implied by the row comparison, which prunes no partition by itself
+          AND l.event_time <= p_end_time                                                -- 062
+          AND (l.event_time, l.id) < (p_end_time, p_before_id)                          -- 062
+        ORDER BY l.event_time DESC, l.id DESC                                           -- 062
+        LIMIT v_limit;                                                                  -- 062
+        RETURN;                                                                         -- 062
+    END IF;                                                                             -- 062
     RETURN QUERY
     SELECT l.id, l.entry_type, l.amount, l.balance_after, l.event_time, l.reservation_id,
            l.reference_id, l.actor_id, l.reason, l.metadata
@@ -135,7 +135,7 @@ $$;
 -- none, and the new column. The return type changed, so the function is dropped and
 -- created again. Its events moved, as 039 listed them, into meter._audit_events, so that
 -- the cursor's event is found with the same rules as the events listed; 039's body, with
--- the lines marked 064 new or changed.
+-- the lines marked 062 new or changed.
 --
 -- Locks: none (reads under MVCC).
 
@@ -153,7 +153,7 @@ LANGUAGE sql STABLE AS $$
            l.resource, l.unit, l.amount, l.reservation_id, l.id AS entry_id, l.actor_id,
            l.on_behalf_of, l.reason, l.request_id, l.metadata, 2 AS seq,
            l.event_time AS dated,  -- 039
-           'ledger.' || l.entry_type || ':' || l.id AS event_id  -- 064
+           'ledger.' || l.entry_type || ':' || l.id AS event_id  -- 062
     FROM meter.ledger l
     WHERE l.namespace = p_namespace
     UNION ALL
@@ -161,7 +161,7 @@ LANGUAGE sql STABLE AS $$
            r.amount, r.reservation_id, NULL, r.actor->>'actor_id',
            r.actor->>'on_behalf_of', r.actor->>'reason', r.actor->>'request_id',
            r.metadata, 0, r.created_at,
-           'reservation.active:' || r.reservation_id  -- 064
+           'reservation.active:' || r.reservation_id  -- 062
     FROM meter.reservations r
     WHERE r.namespace = p_namespace
     UNION ALL
@@ -170,19 +170,19 @@ LANGUAGE sql STABLE AS $$
            r.reservation_id, r.entry_id, r.completed_actor->>'actor_id',
            r.completed_actor->>'on_behalf_of', r.completed_actor->>'reason',
            r.completed_actor->>'request_id', r.metadata, 3, r.completed_at,
-           'reservation.' || r.status || ':' || r.reservation_id  -- 064
+           'reservation.' || r.status || ':' || r.reservation_id  -- 062
     FROM meter.reservations r
     WHERE r.namespace = p_namespace AND r.status <> 'active'
     UNION ALL
     -- the sweep's expiry of a hold committed late after it (the row's completion is
     -- the commit's). Its seq puts it after the hold's active and before the commit's
     -- ledger row and completion when they share a time (one transaction).
-    -- 064: the hold's status is then 'committed': this is its only expiry event
+    -- 062: the hold's status is then 'committed': this is its only expiry event
     SELECT 'reservation.expired', r.expired_at, r.user_id, r.event_type, r.resource,
            r.unit, r.amount, r.reservation_id, NULL, r.expired_actor->>'actor_id',
            r.expired_actor->>'on_behalf_of', r.expired_actor->>'reason',
            r.expired_actor->>'request_id', r.metadata, 1, r.expired_at,
-           'reservation.expired:' || r.reservation_id  -- 064
+           'reservation.expired:' || r.reservation_id  -- 062
     FROM meter.reservations r
     WHERE r.namespace = p_namespace AND r.expired_at IS NOT NULL
     UNION ALL
@@ -192,7 +192,7 @@ LANGUAGE sql STABLE AS $$
            p.opened_actor->>'request_id',
            jsonb_build_object('period_start', p.period_start), 4,
            p.period_start::timestamp AT TIME ZONE 'UTC',  -- 039: as its allocation
-           'period.open:' || p.period_id  -- 064
+           'period.open:' || p.period_id  -- 062
     FROM meter.periods p
     WHERE p.namespace = p_namespace AND p.opened_at IS NOT NULL
     UNION ALL
@@ -205,7 +205,7 @@ LANGUAGE sql STABLE AS $$
                               'new_balance', p.close_balance), 5,
            -- 039: as its rows, at the last microsecond of its end
            (p.period_end + 1)::timestamp AT TIME ZONE 'UTC' - interval '1 microsecond',
-           'period.close:' || p.period_id  -- 064
+           'period.close:' || p.period_id  -- 062
     FROM meter.periods p
     WHERE p.namespace = p_namespace AND p.closed_at IS NOT NULL
     UNION ALL
@@ -216,7 +216,7 @@ LANGUAGE sql STABLE AS $$
                               'period_allocation', c.period_allocation,
                               'carry_over_limit', c.carry_over_limit,
                               'period_interval', c.period_interval::text), 6, c.changed_at,
-           'period.config:' || c.change_id  -- 064
+           'period.config:' || c.change_id  -- 062
     FROM meter.period_config_changes c
     WHERE c.namespace = p_namespace
 $$;
@@ -233,11 +233,11 @@ CREATE FUNCTION meter.get_audit_events(p_user_id text DEFAULT NULL,
                                        p_end_time timestamptz DEFAULT NULL,
                                        p_limit integer DEFAULT 100,
                                        p_namespace text DEFAULT 'default',
-                                       p_before_event_id text DEFAULT NULL)  -- 064
+                                       p_before_event_id text DEFAULT NULL)  -- 062
 RETURNS TABLE (kind text, at timestamptz, user_id text, event_type text, resource text,
                unit text, amount numeric, reservation_id text, entry_id bigint,
                actor_id text, on_behalf_of text, reason text, request_id text,
-               metadata jsonb, event_id text)  -- 064: event_id
+               metadata jsonb, event_id text)  -- 062: event_id
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_limit integer := meter._limit('limit', p_limit, 100, 10000);
@@ -246,7 +246,7 @@ DECLARE
                             'reservation.committed', 'reservation.released',
                             'reservation.expired', 'period.open', 'period.close',
                             'period.config'];  -- 039
-    -- 064: the cursor's event's place in the order
+    -- 062: the cursor's event's place in the order
     v_after_dated timestamptz;
     v_after_seq integer;
     v_after_entry bigint;
@@ -263,40 +263,40 @@ BEGIN
     FROM unnest(p_kinds) WITH ORDINALITY AS k(kind, i)
     WHERE k.kind IS NULL OR NOT k.kind = ANY (v_kinds)
     ORDER BY k.i LIMIT 1;
-    IF p_before_event_id IS NOT NULL THEN                                               -- 064
-        -- 064: an event is a place in the listing only with the time it was listed at
-        IF p_end_time IS NULL THEN                                                      -- 064
-            PERFORM meter._fail('MT001', 'before_event_id',                             -- 064
-                                'needs end_time: the at of the event it names');        -- 064
-        END IF;                                                                         -- 064
-        SELECT e.dated, e.seq, coalesce(e.entry_id, 0)                                  -- 064
-        INTO v_after_dated, v_after_seq, v_after_entry                                  -- 064
-        FROM meter._audit_events(p_namespace) e                                         -- 064
-        WHERE e.event_id = p_before_event_id AND e.at = p_end_time;                     -- 064
-        IF NOT FOUND THEN                                                               -- 064
-            PERFORM meter._fail('MT001', 'before_event_id',                             -- 064
-                                format('no event %s at end_time %s',                    -- 064
-                                       quote_literal(p_before_event_id), p_end_time));  -- 064
-        END IF;                                                                         -- 064
-    END IF;                                                                             -- 064
+    IF p_before_event_id IS NOT NULL THEN                                               -- 062
+        -- 062: an event is a place in the listing only with the time it was listed at
+        IF p_end_time IS NULL THEN                                                      -- 062
+            PERFORM meter._fail('MT001', 'before_event_id',                             -- 062
+                                'needs end_time: the at of the event it names');        -- 062
+        END IF;                                                                         -- 062
+        SELECT e.dated, e.seq, coalesce(e.entry_id, 0)                                  -- 062
+        INTO v_after_dated, v_after_seq, v_after_entry                                  -- 062
+        FROM meter._audit_events(p_namespace) e                                         -- 062
+        WHERE e.event_id = p_before_event_id AND e.at = p_end_time;                     -- 062
+        IF NOT FOUND THEN                                                               -- 062
+            PERFORM meter._fail('MT001', 'before_event_id',                             -- 062
+                                format('no event %s at end_time %s',                    -- 062
+                                       quote_literal(p_before_event_id), p_end_time));  -- 062
+        END IF;                                                                         -- 062
+    END IF;                                                                             -- 062
     RETURN QUERY
     SELECT e.kind, e.at, e.user_id, e.event_type, e.resource, e.unit, e.amount,
            e.reservation_id, e.entry_id, e.actor_id, e.on_behalf_of, e.reason, e.request_id,
-           e.metadata, e.event_id  -- 064
-    FROM meter._audit_events(p_namespace) e  -- 064: 039's events
+           e.metadata, e.event_id  -- 062
+    FROM meter._audit_events(p_namespace) e  -- 062: 039's events
     WHERE (p_user_id IS NULL OR e.user_id = p_user_id)
       AND (p_actor_id IS NULL OR e.actor_id = p_actor_id)
       AND (p_kinds IS NULL OR e.kind = ANY (p_kinds))
       AND e.at >= coalesce(p_start_time, '-infinity')
       AND (e.at < coalesce(p_end_time, 'infinity')
-           -- 064: with a cursor, the events of its time that come after it
-           OR p_before_event_id IS NOT NULL AND e.at = p_end_time                       -- 064
-              AND (e.dated, e.seq, coalesce(e.entry_id, 0), e.event_id)                 -- 064
-                  < (v_after_dated, v_after_seq, v_after_entry, p_before_event_id))     -- 064
-    -- 039: dated; 064: a missing entry id as 0 (where NULLS LAST put it: ids are >= 1),
+           -- 062: with a cursor, the events of its time that come after it
+           OR p_before_event_id IS NOT NULL AND e.at = p_end_time                       -- 062
+              AND (e.dated, e.seq, coalesce(e.entry_id, 0), e.event_id)                 -- 062
+                  < (v_after_dated, v_after_seq, v_after_entry, p_before_event_id))     -- 062
+    -- 039: dated; 062: a missing entry id as 0 (where NULLS LAST put it: ids are >= 1),
     -- then event_id, which makes the order total
-    ORDER BY e.at DESC, e.dated DESC, e.seq DESC, coalesce(e.entry_id, 0) DESC,         -- 064
-             e.event_id DESC                                                            -- 064
+    ORDER BY e.at DESC, e.dated DESC, e.seq DESC, coalesce(e.entry_id, 0) DESC,         -- 062
+             e.event_id DESC                                                            -- 062
     LIMIT v_limit;
 END
 $$;
