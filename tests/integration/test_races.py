@@ -1519,3 +1519,76 @@ def test_a_start_moved_back_during_a_roll_never_deadlocks_it(db_url, client, db)
     assert [r["user_id"] for r in again.fetchall()] == ["b"] * 5
     assert "ledger_1997_03" in ledger_partitions(db)
     assert client.reconcile() == []
+
+
+def test_a_start_moved_back_while_the_roll_waits_for_that_account_never_deadlocks_it(
+    db_url, client, db
+):
+    # 064 reads a later candidate's start again before rolling it, but without its
+    # account's lock: a set_period_config holding b (uncommitted) when the roll comes to b
+    # still showed b's old start, the step waited for b, and once it committed, made b's
+    # new month under a, a2 and b, waiting for the ledger's partition lock held by x, which
+    # had made a month and waited for a (40P01): the window is the whole transaction of a
+    # set_period_config on the account the roll comes to, not a moment. Since 066 the roll
+    # locks the account before it reads the start again.
+    today = db.execute("SELECT (now() AT TIME ZONE 'UTC')::date AS d").fetchone()["d"]
+    for user in ("a", "a2", "b"):
+        client.allocate(user, ET, 10, UNIT)
+        db.execute(
+            "SELECT meter.set_period_config(%s, %s, %s, NULL, %s, 5, NULL, 'default')",
+            (user, ET, UNIT, today),
+        )
+    deadlocks = _deadlocks(db)
+    errors: dict[str, BaseException] = {}
+    rolled: list[tuple[Any, ...]] = []
+    with (
+        psycopg.connect(db_url) as z,
+        psycopg.connect(db_url) as x,
+        psycopg.connect(db_url) as config,
+        psycopg.connect(db_url, autocommit=True) as roll_conn,
+    ):
+        z.execute(f"SELECT * FROM meter.consume('a2', '{ET}', 1, '{UNIT}')")  # holds a2
+
+        def run_roll() -> None:
+            try:
+                rolled.extend(
+                    roll_conn.execute("SELECT * FROM meter.roll_periods('default')").fetchall()
+                )
+            except BaseException as exc:
+                errors["roll"] = exc
+
+        def run_x() -> None:
+            try:
+                x.execute(f"SELECT * FROM meter.consume('a', '{ET}', 1, '{UNIT}')")
+                x.commit()
+            except BaseException as exc:
+                errors["x"] = exc
+                x.rollback()
+
+        roll = threading.Thread(target=run_roll)
+        roll.start()
+        eventually(lambda: _waiting_on_a_lock(db, roll_conn.info.backend_pid))  # for a2
+        config.execute(
+            "SELECT meter.set_period_config('b', %s, %s, NULL, date '1997-03-10', 5, NULL,"
+            " 'default')",
+            (ET, UNIT),
+        )  # holds b, not committed
+        x.execute(
+            f"SELECT * FROM meter.consume('e', '{ET}', 1, '{UNIT}',"
+            " p_event_time => '1998-06-15 00:00:00+00')"
+        )  # x made a month: it holds the ledger's partition lock
+        xt = threading.Thread(target=run_x)
+        xt.start()
+        eventually(lambda: _waiting_on_a_lock(db, x.info.backend_pid))  # for a
+        z.commit()
+        eventually(lambda: _waiting_on_a_lock(db, roll_conn.info.backend_pid))  # for b
+        config.commit()
+        roll.join(30)
+        xt.join(30)
+    assert errors == {}
+    assert _deadlocks(db) == deadlocks
+    assert not any(r[5] == "error" for r in rolled), rolled
+    assert "b" not in {r[1] for r in rolled} and {"a", "a2"} <= {r[1] for r in rolled}
+    again = db.execute("SELECT * FROM meter.roll_periods('default', p_batch_size => 5)")
+    assert [r["user_id"] for r in again.fetchall()] == ["b"] * 5
+    assert client.reconcile() == []
