@@ -9,14 +9,24 @@
 -- and its step waited for the ledger's partition lock to make that month, held by a
 -- writer that had made a month and then waited for one of those accounts (40P01).
 --
--- Now, when the roll took no partition lock at its start, it reads each later
--- candidate's start again before rolling it; when a month its steps may date is missing,
--- it takes the lock without waiting (NOWAIT), or, held by another, ends the roll there:
--- the next roll sees the missing month and takes the lock before its first account. The
--- residue: a start moved between that read and the step's own read of it still makes the
--- step wait, as before (a deadlock then is retried whole by the worker).
+-- Now, when the roll took no partition lock at its start, it locks each candidate's
+-- account (the step locks it next anyway, in the same key order) and reads its start
+-- again under that lock; when a month its steps may date is missing, it takes the
+-- partition lock without waiting (NOWAIT), or, held by another, ends the roll there: the
+-- next roll sees the missing month and takes the lock before its first account (the beat
+-- runs it every 60 s). Read without the account's lock (this migration's first version,
+-- found by a review, reproduced: test_races.py
+-- test_a_start_moved_back_while_the_roll_waits_for_that_account_never_deadlocks_it), a
+-- set_period_config not yet committed when the roll came to the account still showed
+-- the old start; the step waited for the account, then read the new start and made its
+-- month under the accounts rolled before (40P01 again, for the whole length of the
+-- configuration's transaction). A step that fails now leaves its account locked to the
+-- roll's end (its subtransaction no longer took that lock first).
 -- The test of a missing month moved to meter._ledger_months_missing, used by both checks.
--- roll_periods is otherwise 060's (lines marked 064 changed), and so is its lock order.
+-- roll_periods is otherwise 060's (lines marked 064 changed). Lock order: (19782, 1),
+-- then, before the first account when a month is missing, the ledger's SHARE UPDATE
+-- EXCLUSIVE; per candidate its account, then (never waiting) that lock, then the step's
+-- months (under it) and the account again.
 
 -- Whether a ledger month from p_from's month to p_today's (none before 1900) has no
 -- partition.
@@ -139,14 +149,20 @@ BEGIN
                 v_ledger_locked := true;                                                -- 064
             END IF;                                                                     -- 055
             v_months_locked := true;                                                    -- 055
-        ELSIF NOT v_ledger_locked THEN                                                  -- 064
+        END IF;                                                                         -- 064
+        IF NOT v_ledger_locked THEN                                                     -- 064
             -- 064: a start moved back (set_period_config) since the candidates were
             -- read, under accounts this roll holds: its step would wait for the
             -- ledger's partition lock to make a month, while a writer holding that lock
             -- waits for one of them. Read the start again; when a month is missing, take
             -- the lock only if it is free, and otherwise end the roll here (the next one
-            -- takes it before its first account). The start may still move between this
-            -- read and the step's own: then the step waits, as before (40P01, retried)
+            -- takes it before its first account).
+            -- 064: under the account's lock, which the step takes next anyway: read
+            -- without it, a configuration not committed yet showed the old start, and
+            -- the step, waiting for the account, then read the new one
+            PERFORM 1 FROM meter.accounts a                                             -- 064
+            WHERE a.namespace = v_cand.namespace AND a.account_id = v_cand.account_id  -- 064
+            FOR UPDATE;                                                                 -- 064
             SELECT least(a.period_start,                                                -- 064
                          coalesce((SELECT max(p.period_start) FROM meter.periods p
                                    WHERE p.namespace = a.namespace

@@ -1524,12 +1524,12 @@ def test_a_start_moved_back_during_a_roll_never_deadlocks_it(db_url, client, db)
 def test_a_start_moved_back_while_the_roll_waits_for_that_account_never_deadlocks_it(
     db_url, client, db
 ):
-    # 064 reads a later candidate's start again before rolling it, but without its
-    # account's lock: a set_period_config holding b (uncommitted) when the roll comes to b
+    # 064's first version read a later candidate's start again before rolling it, but
+    # without its account's lock: a set_period_config holding b (uncommitted) when the roll comes to b
     # still showed b's old start, the step waited for b, and once it committed, made b's
     # new month under a, a2 and b, waiting for the ledger's partition lock held by x, which
     # had made a month and waited for a (40P01): the window is the whole transaction of a
-    # set_period_config on the account the roll comes to, not a moment. Since 066 the roll
+    # set_period_config on the account the roll comes to, not a moment. Now the roll
     # locks the account before it reads the start again.
     today = db.execute("SELECT (now() AT TIME ZONE 'UTC')::date AS d").fetchone()["d"]
     for user in ("a", "a2", "b"):
@@ -1581,7 +1581,16 @@ def test_a_start_moved_back_while_the_roll_waits_for_that_account_never_deadlock
         xt.start()
         eventually(lambda: _waiting_on_a_lock(db, x.info.backend_pid))  # for a
         z.commit()
-        eventually(lambda: _waiting_on_a_lock(db, roll_conn.info.backend_pid))  # for b
+        # for b: blocked by config itself (a wait for a2 may still show a moment after z's
+        # commit, and config committing before the roll came to b tested nothing new)
+        eventually(
+            lambda: (
+                config.info.backend_pid
+                in db.execute(
+                    "SELECT pg_blocking_pids(%s) AS p", (roll_conn.info.backend_pid,)
+                ).fetchone()["p"]
+            )
+        )
         config.commit()
         roll.join(30)
         xt.join(30)
