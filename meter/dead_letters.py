@@ -103,6 +103,8 @@ def retry(conn: psycopg.Connection[Any], dead_letter_id: int) -> Row:
     Raises:
         NotFoundError: no dead letter with this id is waiting (unknown, retried or
             discarded).
+        ValidationError: the connection's actor context (``meter.actor_id``, ...) was set
+            directly to a value ``set_actor`` refuses; the letter is left as it was.
         MeterConnectionError, MeterError.
     """
     t.check_int(dead_letter_id, "dead_letter_id", min_value=1, max_value=t.INT8_MAX)

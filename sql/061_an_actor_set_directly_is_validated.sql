@@ -14,8 +14,9 @@
 -- meter._fast_ok (the API functions' fast path), commit's own fast path, meter._guard
 -- (the slow paths and every other function taking a namespace), meter._tenant_ok
 -- (apply_events, record_dead_letter) and meter._require_maintenance (the cluster-wide
--- roll). Reads with a fast path of their own (get_balance) record nothing and are left
--- as they were. A value set_actor would refuse
+-- roll). Reads that go through meter._guard (get_ledger, get_usage, get_account,
+-- get_audit_events, ...) refuse an invalid context too, though they record nothing;
+-- get_balance on its own fast path does not look at it. A value set_actor would refuse
 -- is refused with its error (MT001 naming the setting as set_actor's parameter), before
 -- anything is locked or written. With no actor set the check is one comparison of the
 -- four settings' concatenation with ''; with a printable ASCII one (what the SDK sets),
@@ -249,3 +250,73 @@ REVOKE EXECUTE ON FUNCTION meter.commit(text, numeric, jsonb, text) FROM PUBLIC;
 
 -- Internal helpers: run with the rights of the API function that calls them.
 REVOKE EXECUTE ON FUNCTION meter._actor_settings_ok(), meter._actor_ok() FROM PUBLIC;
+
+-- And retry_dead_letter (found by a review of the above, reproduced:
+-- test_rls.py test_a_dead_letter_retry_refuses_an_actor_set_directly_and_leaves_the_letter)
+-- checked nothing itself: the event's API function refused the context (MT001) inside
+-- retry_dead_letter's exception block, which caught it as the event's failure: the call
+-- returned ok false, and the letter got one more attempt and the caller's `reason: must
+-- not contain control characters` in place of the error the event had failed with. It now
+-- checks the context first, MT001 naming the setting, before the letter is locked or
+-- changed. 016's retry_dead_letter is replaced whole; only the line marked 061 changed.
+
+-- Re-apply a dead letter's payload. On success it is marked 'retried'; otherwise its
+-- attempts grow and it stays 'dead'. An event that names a namespace other than the one
+-- its dead letter is filed under is never applied (MT004).
+-- The actor context is checked first: a refusal leaves the letter as it was (061).
+CREATE OR REPLACE FUNCTION meter.retry_dead_letter(p_dead_letter_id bigint)
+RETURNS TABLE (ok boolean, status text, result jsonb, error_sqlstate text, error_message text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v meter.dead_letters;
+    v_one jsonb;
+    v_scope text := meter._dead_letter_scope();
+BEGIN
+    PERFORM meter._actor_ok();  -- 061: refused before the letter is locked or changed
+    SELECT * INTO v FROM meter.dead_letters d
+    WHERE d.dead_letter_id = p_dead_letter_id AND d.status = 'dead'
+      AND (v_scope IS NULL OR d.namespace = v_scope)
+    FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM meter._fail('MT003', 'dead_letter_id',
+                            format('no dead letter %s waiting to be retried', p_dead_letter_id));
+    END IF;
+    IF jsonb_typeof(v.payload) = 'object'
+       AND v.payload->>'namespace' IS DISTINCT FROM v.namespace THEN
+        -- A tenant's event for another tenant, or a message the worker refused: applying
+        -- it would write where its sender was not allowed to.
+        ok := false;
+        status := 'error';
+        error_sqlstate := 'MT004';
+        error_message := format('namespace: the event names %s but its dead letter is filed'
+                                ' under %s; it is never retried (discard it)',
+                                coalesce(quote_literal(v.payload->>'namespace'), 'no namespace'),
+                                quote_literal(v.namespace));
+    ELSE
+        BEGIN
+            v_one := meter._apply_one(v.payload);
+            ok := v_one->>'status' <> 'not_found';
+            status := v_one->>'status';
+            result := v_one->'result';
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS error_sqlstate = RETURNED_SQLSTATE,
+                                    error_message = MESSAGE_TEXT;
+            ok := false;
+            status := 'error';
+        END;
+    END IF;
+    IF ok THEN
+        UPDATE meter.dead_letters d SET status = 'retried', resolved_at = now()
+        WHERE d.namespace = v.namespace AND d.dead_letter_id = v.dead_letter_id;
+    ELSE
+        UPDATE meter.dead_letters d
+        SET attempts = d.attempts + 1, last_failed_at = now(),
+            error_sqlstate = coalesce(retry_dead_letter.error_sqlstate, 'MT003'),
+            error_message = coalesce(retry_dead_letter.error_message, 'reservation not found')
+        WHERE d.namespace = v.namespace AND d.dead_letter_id = v.dead_letter_id;
+    END IF;
+    RETURN NEXT;
+END
+$$;
+
+REVOKE EXECUTE ON FUNCTION meter.retry_dead_letter(bigint) FROM PUBLIC;

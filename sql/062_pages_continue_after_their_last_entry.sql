@@ -20,9 +20,23 @@
 -- names no place in the listing. Without p_before_id nothing changed.
 --
 -- Locks: none (a read under MVCC). Each page is its own snapshot: an entry committed
--- between two pages with an event_time before the cursor (backdated, or a transaction
+-- between two pages whose place in the listing falls in the pages already read (dated
+-- after the cursor: a write since, a backdated one within that range, or a transaction
 -- that began before the last page was read) appears in no page, as it would not with any
--- listing newest first by the time entries are dated at.
+-- listing newest first by the time entries are dated at; one dated before the cursor
+-- appears in a later page. The same holds for get_audit_events' pages.
+--
+-- And an audit event keeps its place in the order (found by a review of the above,
+-- reproduced: test_queries.py
+-- test_audit_pages_go_on_past_an_expiry_committed_late_between_them): a hold the sweep
+-- expired was listed as `reservation.expired:<id>` at its completion's place in the order
+-- of its time (seq 3); once committed late, the same event (same at, same event_id) is
+-- listed by the late-expiry branch at seq 1. A page ending at that event, followed by the
+-- late commit, made the next page start from its new place, and the events of its time
+-- between the two (other holds the same sweep expired) were in no page. An expiry is now
+-- at seq 1 in both branches. The one order that changed: a write that expires its
+-- account's due holds before its own row (one transaction, one time) lists that row
+-- first and the expiries after it (older), the order they were made in.
 --
 -- Migrations once applied are never edited: 005's get_ledger is dropped and created again
 -- with the new parameter (a parameter cannot be added by CREATE OR REPLACE, and an
@@ -169,7 +183,11 @@ LANGUAGE sql STABLE AS $$
            r.unit, CASE WHEN r.status = 'committed' THEN r.actual_amount ELSE r.amount END,
            r.reservation_id, r.entry_id, r.completed_actor->>'actor_id',
            r.completed_actor->>'on_behalf_of', r.completed_actor->>'reason',
-           r.completed_actor->>'request_id', r.metadata, 3, r.completed_at,
+           r.completed_actor->>'request_id', r.metadata,
+           -- 062: an expiry in the expiry's place (seq 1), where it stays if the hold is
+           -- then committed late (the branch below), so that it is the same place in the
+           -- order for a cursor naming it before and after that commit
+           CASE WHEN r.status = 'expired' THEN 1 ELSE 3 END, r.completed_at,  -- 062
            'reservation.' || r.status || ':' || r.reservation_id  -- 062
     FROM meter.reservations r
     WHERE r.namespace = p_namespace AND r.status <> 'active'

@@ -1029,3 +1029,23 @@ def test_get_audit_events_refuses_a_kind_that_names_no_event(client, db, snapsho
         "SELECT kind FROM meter.get_audit_events(p_kinds => %s)", (["ledger.consumption"],)
     ).fetchall()
     assert [r["kind"] for r in rows] == ["ledger.consumption"]
+
+
+def test_audit_pages_go_on_past_an_expiry_committed_late_between_them(client, db):
+    """A sweep expires two holds at one time; the page ends at the first of them, which
+    is then committed late. Its expiry keeps its at and event_id but moved from the
+    completion's place in the order (seq 3) to the late expiry's (seq 1), so the next
+    page, started after it, skipped the other hold's expiry."""
+    client.allocate(U, ET, D("10"), UNIT)
+    holds = [client.reserve(U, ET, D("1"), UNIT, reservation_id=r, ttl_seconds=1)
+             for r in ("r-a", "r-b")]  # fmt: skip
+    wait_until_expired(db, max(h["expires_at"] for h in holds))
+    assert client.release_expired_reservations() == 2
+    everything = [e["event_id"] for e in client.get_audit_events()]
+    first = client.get_audit_events(limit=1)
+    assert [e["event_id"] for e in first] == ["reservation.expired:r-b"]
+    assert client.commit("r-b", D("1"))["status"] == "late"
+    rest = client.get_audit_events(
+        end_time=first[0]["at"], before_event_id=first[0]["event_id"], limit=100
+    )
+    assert [first[0]["event_id"], *(e["event_id"] for e in rest)] == everything

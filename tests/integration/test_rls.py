@@ -617,6 +617,29 @@ def test_actor_context_set_directly_is_held_to_set_actors_rules(two_tenants, app
     assert rows == [{"actor_id": "ops-1"}]
 
 
+def test_a_dead_letter_retry_refuses_an_actor_set_directly_and_leaves_the_letter(
+    two_tenants, app_conn, snapshot
+):
+    """retry_dead_letter caught its event's refusal of the context as the event's failure:
+    it returned ok false, and the letter got an attempt more and the caller's error in
+    place of its own. Now it refuses the context first (MT001 naming the setting) and the
+    letter is as it was."""
+    run(app_conn, "SELECT meter.set_tenant('a')")
+    event = (
+        '[{"op": "allocate", "namespace": "a", "args": {"user_id": "u1",'
+        ' "event_type": "tokens", "amount": "-7", "unit": "tok"}}]'
+    )
+    run(app_conn, "SELECT * FROM meter.apply_events(%s::jsonb, 'src-dl')", (event,))
+    (letter,) = run(app_conn, "SELECT dead_letter_id AS id FROM meter.dead_letters")
+    before = snapshot()
+    run(app_conn, "SELECT set_config('meter.reason', %s, false)", ("a\nforged line",))
+    with pytest.raises(psycopg.Error) as exc:
+        run(app_conn, "SELECT * FROM meter.retry_dead_letter(%s)", (letter["id"],))
+    assert exc.value.sqlstate == "MT001"
+    assert exc.value.diag.column_name == "reason"
+    assert snapshot() == before
+
+
 # ---------------------------------------------------------------- maintenance functions
 
 
