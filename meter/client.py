@@ -1346,7 +1346,9 @@ class MeterClient:
         To page, pass the last entry received as ``end_time=last["event_time"],
         before_id=last["id"]``: the next page starts just after it, entries of the same
         ``event_time`` included, none repeated. (``end_time`` alone is exclusive: entries
-        of that time the page had no room for would be skipped.)
+        of that time the page had no room for would be skipped.) Each page is read afresh:
+        an entry written since that sorts before the cursor (dated within the pages
+        already read) is in none of the pages that follow.
 
         Parameters:
             user_id, event_type, unit, resource: the account key (``user_id=None``: pool).
@@ -1696,7 +1698,10 @@ class MeterClient:
         To page, pass the last event received as ``end_time=last["at"],
         before_event_id=last["event_id"]``: the next page starts just after it, events of
         the same ``at`` included (one transaction records several: a commit's ledger row
-        and the hold's completion), none repeated. ``end_time`` alone is exclusive.
+        and the hold's completion), none repeated. ``end_time`` alone is exclusive. Each
+        page is read afresh: an event recorded since that sorts before the cursor (its
+        ``at``, a transaction's start, within the pages already read) is in none of the
+        pages that follow.
 
         Ledger entries (``ledger.<entry_type>``), reservation transitions
         (``reservation.<status>``), ``period.open``, ``period.close``, ``period.config``.
