@@ -204,11 +204,16 @@ def dumps(value: Any) -> str:
 def holds_type_marker(value: Any) -> bool:
     """True when ``value`` holds an object whose keys are exactly ``__type__`` and
     ``__value__``, which kombu's JSON decoder turns into a Python value (or refuses with
-    the whole message) instead of passing on."""
-    if isinstance(value, dict):
-        if value.keys() == {"__type__", "__value__"}:
-            return True
-        return any(holds_type_marker(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return any(holds_type_marker(v) for v in value)
+    the whole message) instead of passing on. Without recursion: metadata may be nested as
+    deep as the producer takes (``MAX_METADATA_DEPTH``), which a recursive walk, two frames
+    a level, could not go through on a worker's stack."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if item.keys() == {"__type__", "__value__"}:
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
     return False

@@ -2317,6 +2317,30 @@ def test_the_deepest_metadata_the_producer_takes_is_sent_and_applied_with_its_ba
     assert dead_letters(db) == []
 
 
+@pytest.mark.timeout(120)
+def test_a_commit_with_the_deepest_metadata_the_producer_takes_waits_for_its_reserve(
+    pipeline, make_producer, client, db
+):
+    """Review C2: a commit sent before its reserve goes on in a task of its own, and the
+    worker first looked for kombu's type markers in it with a recursive walk, which ran out
+    of stack past some 450 levels: the batch was delivered three times, split, and the
+    commit (metadata the producer had taken, 800 levels) dead-lettered with MT001, never
+    applied."""
+    from meter.producer import MAX_METADATA_DEPTH
+
+    client.allocate("u1", ET, 10, UNIT)
+    p = make_producer(results=True)
+    meta = _nested(MAX_METADATA_DEPTH)
+    (commit,) = p.send_many(
+        [{"op": "commit", "reservation_id": "r-deep", "actual_amount": 2, "metadata": meta}]
+    )
+    time.sleep(0.3)  # the batch has run: the commit waits in a task of its own
+    p.reserve("u1", ET, 5, UNIT, reservation_id="r-deep").wait(timeout=20)
+    assert commit.wait(timeout=30)["status"] == "committed"
+    assert balance(client)["balance"] == D(8)
+    assert dead_letters(db) == []
+
+
 def _queued_keys(broker_url: str) -> list[str]:
     import base64
 

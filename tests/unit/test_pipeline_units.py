@@ -1113,6 +1113,24 @@ def test_holds_type_marker_finds_kombus_marker_objects_at_any_depth():
         assert not wire.holds_type_marker(plain), plain
 
 
+def test_holds_type_marker_walks_metadata_as_deep_as_the_producer_takes():
+    # Review C2: the walk recursed, two frames a level, and raised RecursionError past some
+    # 450 levels of the 800 the producer takes: a commit sent before its reserve could
+    # not be handed to a task of its own, and went to the dead letters.
+    from meter.producer import MAX_METADATA_DEPTH
+
+    marker = {"__type__": "decimal", "__value__": "1"}
+    deep: dict[str, Any] = {}
+    bottom = deep
+    for _ in range(MAX_METADATA_DEPTH):
+        bottom["k"] = {}
+        bottom = bottom["k"]
+    event = {"op": "commit", "args": {"reservation_id": "r", "metadata": deep}}
+    assert not wire.holds_type_marker(event)
+    bottom["k"] = [marker]
+    assert wire.holds_type_marker(event)
+
+
 # Review H of the buffered mode (max_buffered, fillers, wait(), flush()): a broker stub
 # that refuses, recovers, or holds chosen threads; a send lock with a gate.
 
