@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import logging
 import multiprocessing.util
 import os
 import re
@@ -76,6 +77,8 @@ from meter.errors import (
 )
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "EventHandle", "MeterProducer"]
+
+_log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE: Final = 500
 """Events per ``apply_batch`` message for :meth:`MeterProducer.send_many`."""
@@ -1622,8 +1625,8 @@ def _connect_pool_child_exit() -> None:
     signal, from its pool's own exit path: neither atexit hooks nor multiprocessing's
     finalizers run, so the buffer of a producer its tasks recorded through (created at
     import, in the parent, as task modules do) was dropped at each recycle
-    (``max_tasks_per_child``, ``max_memory_per_child``) and at shutdown. Celery catches and
-    logs what a receiver raises (a ``PublishError`` with the events)."""
+    (``max_tasks_per_child``, ``max_memory_per_child``) and at shutdown. What could not be
+    sent is logged there (:func:`_close_buffered`), the child's last word on it."""
     global _pool_child_exit_connected
     if _pool_child_exit_connected:
         return
@@ -1634,16 +1637,41 @@ def _connect_pool_child_exit() -> None:
 
 
 def _close_buffered(**_: Any) -> None:
-    """``worker_process_shutdown``: send what this process's buffered producers hold (all
-    of them, each in turn; then the first error, if one could not)."""
-    error: BaseException | None = None
+    """``worker_process_shutdown``: send what this process's buffered producers hold, each
+    in turn, and log each one that could not, with its events.
+
+    Nobody is left to take a ``close()``'s error with its events: Celery logs what a
+    receiver raises as its ``repr``, without the events, so raising the first error left
+    the events of every producer unknown, and those of the others unmentioned too. Each
+    is logged as ``send_many`` items (``event_time`` as ISO 8601 text), with the keys they
+    were sent with: sent again, each applies once."""
     for producer in list(_BUFFERED):
         try:
             producer.close()
         except Exception as exc:
-            error = error or exc
-    if error is not None:
-        raise error
+            events: list[dict[str, Any]] = getattr(exc, "events", None) or []
+            _log.error(
+                "%r: %d buffered event(s) not sent at this pool process's exit (%s); "
+                "send them again with send_many, keys kept: %s",
+                producer, len(events), exc, _events_text(events),
+            )  # fmt: skip
+
+
+def _events_text(events: list[dict[str, Any]]) -> str:
+    """``send_many`` items as JSON text for a log line; their keys alone if they cannot be
+    written (metadata nested deeper than the encoder goes)."""
+    items = [
+        {**e, "event_time": e["event_time"].isoformat()}
+        if isinstance(e.get("event_time"), datetime)
+        else e
+        for e in events
+    ]
+    try:
+        return t.dumps(items)
+    except (TypeError, ValueError, RecursionError):
+        return "keys " + ", ".join(
+            str(e.get("idempotency_key") or e.get("reservation_id")) for e in events
+        )
 
 
 def _linger_loop(ref: weakref.ReferenceType[MeterProducer], keep: list[MeterProducer]) -> None:

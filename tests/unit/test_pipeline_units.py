@@ -1855,3 +1855,36 @@ def test_the_worker_codec_keeps_a_number_a_float_would_change(text: str) -> None
     from worker.codec import loads
 
     assert loads(f'{{"amount": {text}}}') == {"amount": Decimal(text)}
+
+
+def test_a_pool_childs_exit_logs_every_producers_unsent_events(monkeypatch, caplog):
+    """Review C2: at a Celery prefork child's exit, worker_process_shutdown closes the
+    buffered producers and the child then ends with os._exit(). The receiver raised the
+    first close()'s error, which Celery logs by its repr, without the events: the events
+    of every producer that could not send were unknown, and a second producer's failure
+    was not even mentioned. Each is logged, with its events as send_many items."""
+    import weakref
+
+    from celery.signals import worker_process_shutdown
+
+    import meter.producer as producer_module
+
+    # only this test's producers, not those other tests left alive
+    monkeypatch.setattr(producer_module, "_BUFFERED", weakref.WeakSet())
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    producers = [
+        MeterProducer(NOWHERE, batch_size=1000, linger_ms=3_600_000, broker_timeout=1)
+        for _ in range(2)
+    ]
+    _consume(producers[0], "first-key", event_time=when, metadata={"n": Decimal("1.5")})
+    _consume(producers[1], "second-key")
+    with caplog.at_level("ERROR"):
+        worker_process_shutdown.send(sender=None, pid=0, exitcode=0)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert all(p._closed for p in producers)
+    assert "first-key" in logged and "second-key" in logged, logged
+    line = next(r.getMessage() for r in caplog.records if "first-key" in r.getMessage())
+    (item,) = json.loads(
+        line[line.index("keys kept: ") + len("keys kept: ") :], parse_float=Decimal
+    )
+    assert item["event_time"] == when.isoformat() and item["metadata"] == {"n": Decimal("1.5")}
