@@ -3,7 +3,9 @@
 The producer validates each call exactly as :class:`meter.MeterClient` does (bad input
 raises :class:`~meter.errors.ValidationError` at once and nothing is enqueued; so does an
 ``event_time`` the database would refuse on arrival, before 1900 or more than 24 hours
-ahead of this machine's clock, see ``_put_time``), gives every
+ahead of this machine's clock, see ``_put_time``; and one thing the client takes is
+refused: ``metadata`` nested more than :data:`MAX_METADATA_DEPTH` levels, which the message
+could not carry), gives every
 event an idempotency key, turns it into a message (:mod:`meter.wire`) and hands it to the
 broker. A worker applies it to PostgreSQL exactly once in effect (``worker/``).
 
@@ -436,7 +438,8 @@ class MeterProducer:
     (that of a ``multiprocessing`` child included) send them.
 
     The recording methods take the same parameters as ``MeterClient``'s, validate them the
-    same way (``ValidationError`` at once, nothing enqueued), and return an
+    same way (``ValidationError`` at once, nothing enqueued; ``metadata`` nested more than
+    :data:`MAX_METADATA_DEPTH` levels too, which the client takes), and return an
     :class:`EventHandle` without waiting for the database. ``idempotency_key`` is generated
     (uuid4) when not given, so a message delivered twice is applied once. The producer is
     thread-safe and reuses broker connections from a pool.
