@@ -788,7 +788,7 @@ def _print_status(report: dict[str, Any]) -> None:
         rows.append(("unacked", "", count(broker["unacked"])))
         alive = workers["alive"]
         rows.append(
-            ("workers", mark(bool(alive)),
+            ("workers", mark(bool(alive)), "?" if alive is None else
              f"{len(alive)} alive" + (f": {escape(', '.join(alive))}" if alive else ""))
         )  # fmt: skip
     from rich.table import Table

@@ -142,7 +142,8 @@ def _broker(url: str, timeout: float) -> dict[str, Any]:
 
 
 def _workers(broker_url: str, timeout: float) -> dict[str, Any]:
-    """Celery workers answering a ``ping`` broadcast within ``timeout`` seconds."""
+    """Celery workers answering a ``ping`` broadcast within ``timeout`` seconds (``alive``
+    ``None`` when the broadcast could not be made: unknown, not "none answered")."""
     from celery import Celery
 
     from meter import wire
@@ -154,7 +155,7 @@ def _workers(broker_url: str, timeout: float) -> dict[str, Any]:
     try:
         replies = app.control.ping(timeout=timeout) or []
     except Exception as exc:  # kombu/redis errors vary by version: report, don't crash
-        return {"alive": [], "error": _one_line(exc)}
+        return {"alive": None, "error": _one_line(exc)}
     finally:
         app.close()
     return {"alive": sorted(host for reply in replies for host in reply), "error": None}
@@ -182,6 +183,8 @@ def _problems(status: dict[str, Any]) -> list[str]:
                 problems.append(f"periodic task {run['task']} failed: {run['last_error']}")
     if not broker["reachable"]:
         problems.append(f"broker unreachable: {broker['error']}")
+    elif workers["alive"] is None:
+        problems.append(f"cannot check workers: {workers['error']}")
     elif not workers["alive"]:
         problems.append("no worker answered the ping")
     return problems
@@ -209,7 +212,8 @@ def collect(database_url: str | None, broker_url: str, timeout: float = 1.0) -> 
         ``meter.get_maintenance_runs()``, ``None`` if the schema has no such function),
         always every key, ``None`` for what could not be looked at;
         ``broker`` has ``reachable``, ``queue_depth``, ``unacked``, ``consumers_alive``;
-        ``workers`` has ``alive`` (hostnames).
+        ``workers`` has ``alive`` (hostnames; ``None`` when they could not be asked, the
+        broker out of reach) and ``error``.
     """
     if database_url is None:
         database = _unknown_database(None, "no database: set METER_DATABASE_URL or --database-url")
@@ -219,7 +223,7 @@ def collect(database_url: str | None, broker_url: str, timeout: float = 1.0) -> 
     workers = (
         _workers(broker_url, timeout)
         if broker["reachable"]
-        else {"alive": [], "error": "broker unreachable"}
+        else {"alive": None, "error": "broker unreachable"}  # not asked: unknown
     )
     status: dict[str, Any] = {"database": database, "broker": broker, "workers": workers}
     status["problems"] = _problems(status)

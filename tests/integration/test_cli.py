@@ -374,6 +374,17 @@ def test_status_json_has_every_figure_whatever_it_could_reach(
         assert db["pending_migrations"] is None and db["schema_version"] is None
 
 
+def test_status_json_says_workers_unknown_when_the_broker_is_out_of_reach(
+    env: dict[str, str],
+) -> None:
+    # Review C2: workers not asked (the broker out of reach) were reported as "alive": [],
+    # "no worker answers", where the database's figures it could not read are null.
+    result = run({**env, "METER_BROKER_URL": UNREACHABLE_BROKER}, "status", "--json")
+    assert result.exit_code == EXIT_UNREACHABLE, result.output
+    workers = json.loads(result.stdout)["workers"]
+    assert workers["alive"] is None and workers["error"] == "broker unreachable"
+
+
 def test_status_without_worker_is_unhealthy(env: dict[str, str], broker_url: str) -> None:
     result = run({**env, "METER_BROKER_URL": broker_url}, "status", "--timeout", "0.3")
     assert result.exit_code == EXIT_PROBLEMS, result.output
