@@ -740,15 +740,17 @@ def status(database_url: str | None, broker_url: str | None, timeout: float, as_
     from meter.embedded import default_data_root
 
     url: str | None = None
+    why: str | None = None  # no url: the embedded server's error, for the report too
     if database_url or (default_data_root() / "pg").is_dir():
         # given, or the embedded server of `meter up` (reused; started if it was stopped)
         try:
             url = resolve_database_url(database_url)
         except EmbeddedServerError as exc:
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
+            why = f"the embedded server did not start: {' '.join(str(exc).split())[:500]}"
         except MeterError as exc:  # a malformed URL: a usage error, nothing looked at
             _fail(exc)
-    report = st.collect(url, resolve_broker_url(broker_url), timeout)
+    report = st.collect(url, resolve_broker_url(broker_url), timeout, database_error=why)
     if as_json:
         _emit_json(report)
     else:

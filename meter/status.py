@@ -196,7 +196,13 @@ def _ok_since_error(run: dict[str, Any]) -> bool:
     return isinstance(ok, datetime) and isinstance(finished, datetime) and ok >= finished
 
 
-def collect(database_url: str | None, broker_url: str, timeout: float = 1.0) -> dict[str, Any]:
+def collect(
+    database_url: str | None,
+    broker_url: str,
+    timeout: float = 1.0,
+    *,
+    database_error: str | None = None,
+) -> dict[str, Any]:
     """The status of a Meter installation.
 
     Parameters:
@@ -204,6 +210,8 @@ def collect(database_url: str | None, broker_url: str, timeout: float = 1.0) -> 
             every namespace's dead letters); ``None`` when it could not even be resolved.
         broker_url: the Redis broker.
         timeout: seconds to wait for Redis and for the workers' ping replies.
+        database_error: why there is no ``database_url`` (the embedded server did not
+            start), reported as the database's error.
 
     Returns:
         ``{"healthy", "problems", "database", "broker", "workers"}``: ``database`` has
@@ -216,7 +224,9 @@ def collect(database_url: str | None, broker_url: str, timeout: float = 1.0) -> 
         broker out of reach) and ``error``.
     """
     if database_url is None:
-        database = _unknown_database(None, "no database: set METER_DATABASE_URL or --database-url")
+        database = _unknown_database(
+            None, database_error or "no database: set METER_DATABASE_URL or --database-url"
+        )
     else:
         database = _database(database_url)
     broker = _broker(broker_url, timeout)

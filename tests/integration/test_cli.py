@@ -385,6 +385,20 @@ def test_status_json_says_workers_unknown_when_the_broker_is_out_of_reach(
     assert workers["alive"] is None and workers["error"] == "broker unreachable"
 
 
+def test_status_json_says_why_the_embedded_server_gave_no_database(tmp_path: Any) -> None:
+    # Review C2: an embedded server that would not start was reported as "no database: set
+    # METER_DATABASE_URL or --database-url", as if there were none to look at.
+    (tmp_path / "pg").mkdir()
+    (tmp_path / "pg" / "PG_VERSION").write_text("9\n")  # a data folder it cannot start
+    env = {"METER_HOME": str(tmp_path), "METER_DATABASE_URL": None,
+           "METER_BROKER_URL": UNREACHABLE_BROKER}  # fmt: skip
+    result = run(env, "status", "--json")  # type: ignore[arg-type]
+    assert result.exit_code == EXIT_UNREACHABLE, result.output
+    db = json.loads(result.stdout)["database"]
+    assert db["reachable"] is False and db["url"] is None
+    assert db["error"].startswith("the embedded server did not start: "), db["error"]
+
+
 def test_status_without_worker_is_unhealthy(env: dict[str, str], broker_url: str) -> None:
     result = run({**env, "METER_BROKER_URL": broker_url}, "status", "--timeout", "0.3")
     assert result.exit_code == EXIT_PROBLEMS, result.output
