@@ -201,6 +201,27 @@ def dumps(value: Any) -> str:
     return t.dumps(value) if "\\u0000" in text else text
 
 
+OBJECT_DEPTH: Final = 64
+"""The deepest nesting of an event a worker hands on as an object (``send_child``); one
+nested deeper goes as its JSON text, which no pickling or JSON codec on the way recurses
+into."""
+
+
+def nested_deeper_than(value: Any, depth: int) -> bool:
+    """Whether ``value`` holds objects or arrays more than ``depth`` levels below itself;
+    without recursion."""
+    stack = [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list | tuple):
+            if level > depth:
+                return True
+            stack.extend(
+                (v, level + 1) for v in (item.values() if isinstance(item, dict) else item)
+            )
+    return False
+
+
 def holds_type_marker(value: Any) -> bool:
     """True when ``value`` holds an object whose keys are exactly ``__type__`` and
     ``__value__``, which kombu's JSON decoder turns into a Python value (or refuses with

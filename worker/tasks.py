@@ -451,10 +451,13 @@ class EventTask(Task):
         # apply it). Except an event holding an object whose keys are "__type__" and
         # "__value__" (metadata may): kombu's JSON decoder would turn that into a Python
         # value or refuse the whole message, so it goes as JSON text, as producers send
-        # single events. What meter.wire does not write (a NUL escape, which no database
-        # stores: the child dead-letters it) stays the object.
+        # single events. So does an event nested deeper than OBJECT_DEPTH (metadata the
+        # producer took, up to 800 levels): a prefork worker pickles a message's decoded
+        # body to its pool process, which ran out of stack on it. What meter.wire does not
+        # write (a NUL escape, which no database stores: the child dead-letters it) stays
+        # the object.
         payload: Any = event
-        if wire.holds_type_marker(event):
+        if wire.holds_type_marker(event) or wire.nested_deeper_than(event, wire.OBJECT_DEPTH):
             with contextlib.suppress(ValueError):
                 payload = wire.dumps(event)
         kwargs = {**kwargs, "auth": self.child_auth(s, event, payload)}

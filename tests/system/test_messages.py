@@ -155,3 +155,34 @@ def test_a_crafted_time_limit_on_a_celery_builtin_task_does_not_kill_every_deliv
         client.close()
         app.close()
     assert "Hard time limit" not in worker.log.read_text(), worker.tail(40)
+
+
+@pytest.mark.timeout(180)
+def test_a_commit_with_the_deepest_metadata_waits_for_its_reserve_in_a_prefork_worker(
+    start_worker: Any, crash_redis: CrashableRedis, db: psycopg.Connection[Any], db_url: str
+) -> None:
+    # Review C2: a commit sent before its reserve goes on in a task of its own, which the
+    # worker sent as the event's object; the prefork parent pickles that decoded body to its
+    # pool process, which ran out of stack on metadata the producer takes (800 levels):
+    # the commit was dead-lettered (MT001 "unreadable"), never applied. (The solo pool of
+    # the integration tests pickles nothing.)
+    from meter.client import MeterClient
+    from meter.producer import MAX_METADATA_DEPTH, MeterProducer
+
+    worker = start_worker()
+    worker.wait_ready()
+    meta: dict[str, Any] = {}
+    node = meta
+    for _ in range(MAX_METADATA_DEPTH):
+        node["k"] = {}
+        node = node["k"]
+    with MeterClient(db_url, "default") as client:
+        client.allocate("u1", "tokens", 10, "tok")
+    with MeterProducer(crash_redis.url(), results=True) as producer:
+        (commit,) = producer.send_many(
+            [{"op": "commit", "reservation_id": "r-deep", "actual_amount": 2, "metadata": meta}]
+        )
+        time.sleep(1)  # the batch has run: the commit waits in a task of its own
+        producer.reserve("u1", "tokens", 5, "tok", reservation_id="r-deep").wait(timeout=30)
+        assert commit.wait(timeout=60)["status"] == "committed"
+    assert db.execute("SELECT count(*) AS n FROM meter.dead_letters").fetchone()["n"] == 0

@@ -1131,6 +1131,18 @@ def test_holds_type_marker_walks_metadata_as_deep_as_the_producer_takes():
     assert wire.holds_type_marker(event)
 
 
+def test_nested_deeper_than_counts_levels_below_the_value_without_recursion():
+    assert not wire.nested_deeper_than({"a": 1, "b": [1, 2]}, 1)
+    assert wire.nested_deeper_than({"a": {"b": [1]}}, 1)
+    assert not wire.nested_deeper_than({"a": {"b": [1]}}, 2)
+    assert not wire.nested_deeper_than("text", 0)
+    deep: list[Any] = []
+    for _ in range(10_000):  # far past what a recursive walk goes through
+        deep = [deep]
+    assert wire.nested_deeper_than(deep, wire.OBJECT_DEPTH)
+    assert not wire.nested_deeper_than(deep, 10_000)
+
+
 # Review H of the buffered mode (max_buffered, fillers, wait(), flush()): a broker stub
 # that refuses, recovers, or holds chosen threads; a send lock with a gate.
 
