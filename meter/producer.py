@@ -21,7 +21,9 @@ Two ways to send:
   including the exit of a process started by :mod:`multiprocessing` (which skips atexit
   hooks: a finalizer of its own sends the buffer; after a fork, the child's buffer is
   its own, empty at first) and of a Celery prefork pool child (which skips both: Celery's
-  ``worker_process_shutdown`` signal sends it). Much cheaper per event, at a price:
+  ``worker_process_shutdown`` signal sends it when the worker recycles or shuts its
+  children down; a child sent SIGTERM itself, as systemd's default
+  ``KillMode=control-group`` does, dies with its buffer). Much cheaper per event, at a price:
   **events still in the buffer are lost if the process dies before they are sent**
   (SIGKILL, OOM, power loss: at most ``batch_size`` events or ``linger_ms`` of traffic
   while the broker takes the messages; while it refuses them, at most ``max_buffered``
