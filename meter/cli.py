@@ -85,7 +85,8 @@ def main() -> None:
       0  success; for a check (status, reconcile): nothing wrong
       1  a check found problems, or an operation failed
       2  usage error: bad options or arguments, invalid input
-      3  cannot connect to the database (status, up, demo: or the broker)
+      3  cannot connect to the database (status, up, demo: or the broker),
+         or the connection was lost under the call
     """
 
 
@@ -124,7 +125,8 @@ EXIT_USAGE = 2
 """Bad command line or bad input (click's usage errors, a ``ValidationError``)."""
 EXIT_UNREACHABLE = 3
 """The database (or, for ``status``, ``up`` and ``demo``, the broker) could not be reached,
-or the embedded server could not be started."""
+or the embedded server could not be started; or the connection was lost under the call,
+which may then have been made."""
 
 
 def broker_url_option(func: F) -> F:
