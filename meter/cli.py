@@ -3,7 +3,8 @@
 One click group, one function per command. Commands that need a database take
 ``--database-url`` (default ``$METER_DATABASE_URL``); when neither is given they start, or
 reuse, an embedded PostgreSQL whose data lives in ``./.meter/pg`` (``$METER_HOME/pg``), so
-``meter migrate`` on a fresh machine just works. New commands add a function decorated
+``meter migrate`` on a fresh machine just works (``status`` only when that folder exists:
+a probe makes no server). New commands add a function decorated
 with ``@main.command()`` and reuse the options (:func:`database_url_option`,
 :func:`broker_url_option`, :func:`namespace_option`, :func:`json_option`), the resolvers
 (:func:`resolve_database_url`, :func:`resolve_broker_url`) and :func:`_cli_errors`, which
