@@ -38,3 +38,10 @@ def test_exit_status_tables_name_every_exit_code() -> None:
     help_text = CliRunner().invoke(main, ["--help"]).output
     assert {int(c) for c in re.findall(r"^ {4}(\d)  ", help_text, re.M)} == codes
     assert "lost under the call" in " ".join(help_text.split())
+
+
+def test_readme_says_which_split_events_a_worker_sends_as_text() -> None:
+    from meter.wire import OBJECT_DEPTH
+
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"nested more than {OBJECT_DEPTH} levels deep, `wire.OBJECT_DEPTH`" in readme
