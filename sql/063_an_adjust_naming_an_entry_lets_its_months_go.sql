@@ -39,7 +39,8 @@ REVOKE EXECUTE ON FUNCTION meter._ledger_entry_exists(text, bigint) FROM PUBLIC;
 ------------------------------------------------------------------------------------------
 -- adjust: a correction or refund, either sign, never 0; may drive the balance negative.
 -- p_reference_id, when given, must be a ledger entry of this namespace (MT003 otherwise).
--- Locks: the key's advisory lock, then the account. Reading the referenced entry locks
+-- Locks: the key's advisory lock, then the account's queue lock (035: when its transaction
+-- has locked no row yet), then the account. Reading the referenced entry locks
 -- every ledger month for a moment only (063: meter._ledger_entry_exists).
 CREATE OR REPLACE FUNCTION meter.adjust(p_user_id text, p_event_type text, p_amount numeric,
                              p_unit text, p_resource text DEFAULT NULL,
