@@ -78,6 +78,28 @@ _RETRY_SQLSTATES: Final = frozenset({"40001", "40P01"})
 _RETRIES: Final = 3
 
 
+# psycopg prepares a statement run often enough on a connection, and PostgreSQL keeps what
+# such a statement returns: once a migration changes the columns of a function it calls
+# (sql/062 added get_audit_events' event_id), the server refuses it on that connection for
+# as long as the connection lives, before running anything (0A000). Every get_audit_events
+# of a client whose connections were open across `meter migrate` failed so, until its pool
+# replaced them (max_lifetime: an hour). The call is run again once: on a connection idle
+# after the failure at once, its prepared statements dropped first (DEALLOCATE ALL, which
+# psycopg sees and forgets its own for); else as its own transaction again (MeterClient._run),
+# psycopg having dropped them when it rolled the call's transaction back.
+_STALE_PLAN: Final = "cached plan must not change result type"
+
+
+def _stale_plan(exc: BaseException) -> bool:
+    """Whether ``exc`` is the server refusing a statement prepared before a migration
+    changed what it returns."""
+    return (
+        isinstance(exc, psycopg.errors.FeatureNotSupported)
+        and exc.diag.message_primary is not None
+        and exc.diag.message_primary.startswith(_STALE_PLAN)
+    )
+
+
 def _retry_pause(sqlstate: str | None, retries: int) -> float | None:
     """Seconds to wait before running again a transaction that ``sqlstate`` rolled back
     whole, after ``retries`` retries; None when it is not to be run again."""
@@ -707,6 +729,7 @@ class MeterClient:
             query = stmt.with_actor
             args = [*params, self._namespace, *actor]
         retries = reconnects = 0
+        replanned = False  # run again once after a stale prepared statement (_STALE_PLAN)
         check = False  # after a lost connection the next one is checked before use
         in_doubt = False  # a write of its own transaction lost its connection
         while True:
@@ -769,6 +792,9 @@ class MeterClient:
                 # transaction and was rolled back whole, so
                 # running it again is safe -- and replays the key. Not inside a caller's
                 # transaction, which is theirs to retry.
+                if _stale_plan(exc) and own_transaction and not replanned:
+                    replanned = True  # refused before it ran, its transaction rolled back
+                    continue
                 pause = _retry_pause(error.sqlstate, retries) if own_transaction else None
                 if pause is not None:
                     time.sleep(pause)
@@ -815,7 +841,15 @@ class MeterClient:
         cur = self._cursors.get(id(conn))
         if cur is None or cur.connection is not conn or cur.closed:
             cur = self._new_cursor(conn)
-        cur.execute(query, args)
+        try:
+            cur.execute(query, args)
+        except psycopg.Error as exc:
+            # In a transaction (aborted now) the call is run again by _run, or not at all
+            # in a caller's: the rollback of its (sub)transaction drops the statement.
+            if not _stale_plan(exc) or conn.info.transaction_status != TransactionStatus.IDLE:
+                raise
+            conn.execute("DEALLOCATE ALL")
+            cur.execute(query, args)  # nothing ran: the server refused it at its plan
         rows = cur.fetchall()
         names = _COLUMNS.get(query)
         result = cur.pgresult

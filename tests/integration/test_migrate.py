@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from click.testing import CliRunner
 from psycopg import sql
 
 from meter.cli import main as cli_main
+from meter.client import MeterClient
 from meter.errors import MeterError, ValidationError
 from meter.migrate import MigrationError, default_sql_dir, discover, migrate, schema_version
 
@@ -796,3 +798,67 @@ def test_058_reads_a_repaired_month_once_and_attach_reads_nothing(
         'verifying table "ledger_2019_03"',
         'partition constraint for table "ledger_2019_03" is implied by existing constraints',
     ]
+
+
+# ----------------------------------------------------------------- upgrading a live database
+
+
+def before_062(new_database: Callable[[], str], tmp_path: Path) -> str:
+    """A database migrated with the files before 062 (get_audit_events without event_id)."""
+    url = new_database()
+    migrate(url, sql_dir=sql_below(tmp_path, 62))
+    return url
+
+
+@pytest.mark.parametrize("kind", ["own pool", "autocommit connection", "connection"])
+def test_a_client_reads_audit_events_on_connections_open_across_the_migration_of_062(
+    new_database: Callable[[], str], tmp_path: Path, kind: str
+) -> None:
+    # psycopg prepares a statement on its fifth run on a connection, and the server keeps
+    # the columns it returned: once 062 added event_id, every get_audit_events on such a
+    # connection failed ("cached plan must not change result type") for as long as it
+    # lived, the whole of a client's pool until max_lifetime replaced it (an hour).
+    url = before_062(new_database, tmp_path)
+    conn: psycopg.Connection[Any] | None = None
+    if kind == "own pool":
+        client = MeterClient(url, "t", max_size=1)
+    else:
+        conn = psycopg.connect(url, autocommit=kind == "autocommit connection")
+        client = MeterClient(conn, "t")
+    try:
+        client.allocate("u", "api", Decimal(5), "calls")
+        for _ in range(7):  # past psycopg's prepare_threshold (5)
+            assert "event_id" not in client.get_audit_events(limit=1)[0]
+
+        migrate(url)
+
+        (event,) = client.get_audit_events(limit=1)
+        assert event["event_id"].startswith("ledger.allocation:")
+        assert client.get_audit_events(limit=1) == [event]
+        assert client.get_balance("u", "api", "calls")["balance"] == Decimal(5)
+    finally:
+        client.close()
+        if conn is not None:
+            conn.close()
+
+
+def test_a_call_in_the_callers_transaction_fails_once_after_062_and_the_next_one_reads(
+    new_database: Callable[[], str], tmp_path: Path
+) -> None:
+    # The caller's transaction is the caller's to run again: the client cannot run the
+    # call again inside it, but it drops the stale statement so that the next call reads.
+    url = before_062(new_database, tmp_path)
+    with psycopg.connect(url) as conn:
+        client = MeterClient(conn, "t")
+        client.allocate("u", "api", Decimal(5), "calls")
+        for _ in range(7):
+            client.get_audit_events(limit=1)
+        conn.commit()
+
+        migrate(url)
+
+        with conn.transaction():
+            with pytest.raises(MeterError, match="cached plan must not change result type"):
+                client.get_audit_events(limit=1)
+            (event,) = client.get_audit_events(limit=1)  # in the same transaction
+        assert event["event_id"].startswith("ledger.allocation:")
