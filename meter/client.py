@@ -543,6 +543,11 @@ class MeterClient:
     Nothing is run again inside a caller's open transaction, which the broken connection
     has lost whole, nor on a caller's ``psycopg.Connection``, nor after the pool raised
     (closed, timed out).
+
+    A call the server refuses before running it because a migration changed the columns
+    of a statement prepared on the connection before (``cached plan must not change result
+    type``) is run again once, the connection's prepared statements dropped; inside a
+    caller's open transaction it raises, and the next call goes through.
     """
 
     def __init__(
