@@ -59,6 +59,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Mapping
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Final
@@ -192,13 +193,63 @@ def dumps(value: Any) -> str:
     (about 20 ms less per 1000 events). What it cannot write the same way (a ``Decimal``,
     another Mapping type) makes it raise TypeError, and a NUL escape would be refused by
     ``jsonb``: those go to :func:`meter.types.dumps`, which is exact for Decimal and names
-    what it refuses (ValueError, TypeError).
+    what it refuses (ValueError, TypeError). A value nested deeper than either can write on
+    this stack (both recurse) is written the same by a walk with a stack of its own.
     """
     try:
-        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError):
-        return t.dumps(value)
-    return t.dumps(value) if "\\u0000" in text else text
+        try:
+            text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        except (TypeError, ValueError):
+            return t.dumps(value)
+        return t.dumps(value) if "\\u0000" in text else text
+    except RecursionError:
+        # Both encoders recurse, one level a frame: a worker's stack ran out near 900
+        # levels, and an event nested deeper (which apply_events takes) could not be handed
+        # to a task of its own, applied alone or filed but as its ascii() text.
+        return _dumps_iteratively(value)
+
+
+_TEXT: Final = 0
+_CLOSE: Final = 1
+_VALUE: Final = 2
+
+
+def _dumps_iteratively(value: Any) -> str:
+    """The text :func:`meter.types.dumps` writes, with a stack of its own instead of
+    recursion; its errors, and ValueError for a circular reference."""
+    parts: list[str] = []
+    path: set[int] = set()  # the containers being written, to refuse a cycle
+    stack: list[tuple[int, Any]] = [(_VALUE, value)]
+    while stack:
+        kind, item = stack.pop()
+        if kind == _TEXT:
+            parts.append(item)
+            continue
+        if kind == _CLOSE:  # (the closing bracket, the container's id)
+            parts.append(item[0])
+            path.discard(item[1])
+            continue
+        is_object = isinstance(item, Mapping)
+        if not is_object and not isinstance(item, list | tuple):
+            parts.append(t.dumps(item))  # a scalar: no recursion
+            continue
+        if id(item) in path:
+            raise ValueError("circular reference")
+        path.add(id(item))
+        entries = list(item.items()) if is_object else list(enumerate(item))
+        parts.append("{" if is_object else "[")
+        stack.append((_CLOSE, ("}" if is_object else "]", id(item))))
+        for i in range(len(entries) - 1, -1, -1):
+            key, member = entries[i]
+            stack.append((_VALUE, member))
+            separator = "," if i else ""
+            if is_object:
+                if not isinstance(key, str):
+                    raise TypeError(f"object keys must be str, got {type(key).__name__}")
+                stack.append((_TEXT, separator + t.dumps(key) + ":"))
+            elif separator:
+                stack.append((_TEXT, separator))
+    return "".join(parts)
 
 
 OBJECT_DEPTH: Final = 64

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 
 import psycopg
 import psycopg.errors
@@ -1353,12 +1353,12 @@ def test_crafted_batches_end_as_dead_letters_without_looping(pipeline, db, broke
     outcomes = [r.get(timeout=60) for r in results]
     assert [o["status"] for o in outcomes[0]] == ["applied", "error"]
     rows = eventually(lambda: (r := dead_letters(db)) and len(r) == 4 and r, timeout=60)
-    unstorable = [r for r in rows if "filed with the operators" in r["error_message"]]
-    assert len(unstorable) == 3
-    assert all(r["namespace"] == "" and set(r["payload"]) == {"unstorable"} for r in unstorable)
-    (sent,) = [r for r in rows if r not in unstorable]
-    assert sent["error_message"].startswith("event: cannot be sent as a task of its own")
-    assert sent["payload"] == {"unstorable": "<nested too deeply to show>"}
+    assert all("filed with the operators" in r["error_message"] for r in rows)
+    assert all(r["namespace"] == "" and set(r["payload"]) == {"unstorable"} for r in rows)
+    # Review B3: the deep one goes to a task of its own (the worker writes any depth), which
+    # meets PostgreSQL's own refusal (its stack), and is filed as that
+    (deepest,) = [r for r in rows if r["error_sqlstate"] == "54001"]
+    assert deepest["payload"] == {"unstorable": "<nested too deeply to show>"}
     assert [r["idempotency_key"] for r in ledger(db)] == ["k1"]
     assert ledger(db, "u2") == []
     assert _deliveries(broker_url) < 10
@@ -2388,3 +2388,67 @@ def test_a_broker_slower_than_the_timeout_while_the_queue_is_declared_is_ridden_
     finally:
         client.close()
     assert _queued_keys(broker_url) == (["k1", "k2"] if buffered else ["k1"])
+
+
+def _nested_text(depth: int) -> str:
+    """JSON text of an object nested ``depth`` levels, built without recursion."""
+    return '{"k":' * depth + "{}" + "}" * depth
+
+
+# Deeper than json.dumps writes on any worker's stack (it ran out near 900 levels in a
+# prefork pool process), and than the producer takes; apply_events takes it (jsonb nests
+# as deep as PostgreSQL's stack allows).
+_DEEPER: Final = 3000
+
+
+@pytest.mark.timeout(120)
+def test_a_deferred_commit_nested_deeper_than_json_writes_waits_for_its_reserve(
+    pipeline, client, db
+):
+    """Review B3: a batch's commit sent before its reserve goes on in a task of its own,
+    whose text the worker wrote with json.dumps (or meter.types.dumps), both recursive: past
+    some 900 levels the hand-over raised RecursionError, the batch was delivered again until
+    it was split, and the commit was dead-lettered as "unstorable" (its ascii() text, which
+    its late reserve does not settle and no retry applies): the commit was lost."""
+    client.allocate("u1", ET, 10, UNIT)
+    text = (
+        '[{"op":"commit","namespace":"default","args":{"reservation_id":"r-deeper",'
+        f'"actual_amount":"2","metadata":{_nested_text(_DEEPER)}}}}}]'
+    )
+    (outcome,) = send_raw(pipeline, wire.APPLY_BATCH, text).get(timeout=60)
+    assert outcome["status"] == "deferred", outcome
+    client.reserve("u1", ET, 5, UNIT, reservation_id="r-deeper")
+    eventually(
+        lambda: (
+            db.execute(
+                "SELECT status FROM meter.reservations WHERE reservation_id = 'r-deeper'"
+            ).fetchone()["status"]
+            == "committed"
+        ),
+        timeout=30,
+    )
+    assert balance(client) == {"balance": D(8), "reserved": D(0), "available": D(8)}
+    assert dead_letters(db) == []
+    assert client.reconcile() == []
+
+
+@pytest.mark.timeout(120)
+def test_a_split_batch_applies_an_event_nested_deeper_than_json_writes(pipeline, client, db):
+    """Review B3: a batch split (here for a NUL escape, which jsonb refuses whole) sends
+    each event as a task of its own; one nested deeper than json.dumps writes raised
+    RecursionError there and was dead-lettered as "unstorable", never applied."""
+    events = (
+        '[{"op":"allocate","namespace":"default","args":{"user_id":"u1",'
+        f'"event_type":"{ET}","amount":"4","unit":"{UNIT}","idempotency_key":"deep",'
+        f'"metadata":{_nested_text(_DEEPER)}}}}},'
+        '{"op":"allocate","namespace":"default","args":{"user_id":"u1",'
+        f'"event_type":"{ET}","amount":"1","unit":"{UNIT}","idempotency_key":"nul",'
+        '"metadata":{"x":"a\\u0000b"}}}]'
+    )
+    outcomes = send_raw(pipeline, wire.APPLY_BATCH, events).get(timeout=60)
+    assert [o["status"] for o in outcomes] == ["deferred", "deferred"], outcomes
+    eventually(lambda: balance(client)["balance"] == D(4) and len(dead_letters(db)) == 1)
+    (letter,) = dead_letters(db)
+    assert "'nul'" in letter["payload"]["unstorable"]
+    keys = db.execute("SELECT idempotency_key FROM meter.ledger").fetchall()
+    assert keys == [{"idempotency_key": "deep"}]  # (its metadata too deep for this test's reader)

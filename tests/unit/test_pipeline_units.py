@@ -1143,6 +1143,37 @@ def test_nested_deeper_than_counts_levels_below_the_value_without_recursion():
     assert not wire.nested_deeper_than(deep, 10_000)
 
 
+def test_dumps_writes_a_value_nested_past_the_recursion_limit_as_it_writes_others():
+    # Review B3: both encoders recurse; an event nested deeper than the worker's stack
+    # could not be handed to a task of its own, nor stored but as its ascii() text.
+    from meter import types as t
+
+    for value in (
+        {"a": [1, Decimal("1.50"), "é\n", None, True, {}, []], "b": ({"c": "d"}, 2.5), "": 0},
+        [[], [[]], {"x": [{"y": []}]}],
+        Decimal("-0.0"),
+    ):
+        assert wire._dumps_iteratively(value) == t.dumps(value) == wire.dumps(value)
+    deep: Any = {"amount": Decimal("1.5")}
+    for i in range(10_000):
+        deep = {"k": deep} if i % 2 else [deep, "x"]
+    text = wire.dumps(deep)
+    assert text == wire._dumps_iteratively(deep)
+    assert text.startswith('{"k":[{"k":[') and text.endswith(',"x"]}')
+    assert '[{"amount":1.5},"x"]' in text
+    assert wire.dumps(t.loads(text)) == text
+    cycle: list[Any] = [1]
+    cycle.append([cycle])
+    with pytest.raises(ValueError, match="circular"):
+        wire._dumps_iteratively(cycle)
+    with pytest.raises(ValueError, match="NUL"):
+        wire._dumps_iteratively([[{"x": "a\x00b"}]])
+    with pytest.raises(TypeError, match="keys must be str"):
+        wire._dumps_iteratively([{1: 2}])
+    shared = {"s": 1}
+    assert wire._dumps_iteratively([shared, [shared]]) == '[{"s":1},[{"s":1}]]'
+
+
 # Review H of the buffered mode (max_buffered, fillers, wait(), flush()): a broker stub
 # that refuses, recovers, or holds chosen threads; a send lock with a gate.
 
