@@ -186,3 +186,40 @@ def test_a_commit_with_the_deepest_metadata_waits_for_its_reserve_in_a_prefork_w
         producer.reserve("u1", "tokens", 5, "tok", reservation_id="r-deep").wait(timeout=30)
         assert commit.wait(timeout=60)["status"] == "committed"
     assert db.execute("SELECT count(*) AS n FROM meter.dead_letters").fetchone()["n"] == 0
+
+
+@pytest.mark.timeout(180)
+def test_a_signed_deferred_commit_with_the_deepest_metadata_and_a_fraction_is_applied(
+    start_worker: Any, crash_redis: CrashableRedis, db: psycopg.Connection[Any], db_url: str
+) -> None:
+    # Review B3 (held): metadata holding a fraction comes out of the worker's reading as a
+    # Decimal, which json.dumps cannot write: the deferred event's text is then written by
+    # meter.types.dumps in the pool process, and signed there as of its batch.
+    from decimal import Decimal
+
+    from meter import signing
+    from meter.client import MeterClient
+    from meter.producer import MAX_METADATA_DEPTH, MeterProducer
+
+    secret = "b3-secret"
+    worker = start_worker(METER_SIGNING_SECRET=secret)
+    worker.wait_ready()
+    meta: dict[str, Any] = {}
+    node = meta
+    for _ in range(MAX_METADATA_DEPTH):
+        node["k"] = {}
+        node = node["k"]
+    node["cost"] = Decimal("1.5")
+    with MeterClient(db_url, "default") as client:
+        client.allocate("u1", "tokens", 10, "tok")
+    key = signing.derive_key(secret, "default")
+    with MeterProducer(crash_redis.url(), results=True, signing_key=key) as producer:
+        (commit,) = producer.send_many(
+            [{"op": "commit", "reservation_id": "r-deep", "actual_amount": 2, "metadata": meta}]
+        )
+        time.sleep(1)  # the batch has run: the commit waits in a task of its own
+        producer.reserve("u1", "tokens", 5, "tok", reservation_id="r-deep").wait(timeout=30)
+        assert commit.wait(timeout=60)["status"] == "committed", worker.tail(60)
+    assert db.execute("SELECT count(*) AS n FROM meter.dead_letters").fetchone()["n"] == 0
+    with MeterClient(db_url, "default") as client:
+        assert client.get_balance("u1", "tokens", "tok")["balance"] == Decimal(8)
