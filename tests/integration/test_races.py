@@ -1601,3 +1601,106 @@ def test_a_start_moved_back_while_the_roll_waits_for_that_account_never_deadlock
     again = db.execute("SELECT * FROM meter.roll_periods('default', p_batch_size => 5)")
     assert [r["user_id"] for r in again.fetchall()] == ["b"] * 5
     assert client.reconcile() == []
+
+
+@pytest.mark.parametrize("off_grid", ["opened_by_hand", "interval_changed"])
+def test_a_configuration_catching_up_the_roll_never_deadlocks_with_a_write_making_a_month(
+    db_url, client, db, off_grid
+):
+    # set_period_config rolls its account up to today first when the roll is behind (026,
+    # 029). It made the months of the periods' grid (from the start, by the shortest
+    # interval the account had) before the roll's first step locked the account; a later
+    # step dated rows in a month off that grid (a period opened by hand on another day; a
+    # grid of 5 months where the roll goes by years) and made it holding the account,
+    # waiting for the ledger's partition lock. A write that had made a month (holding
+    # that lock) and then wrote to the account waited for it: 40P01. Every month but
+    # those off the grid exists here, so nothing was made before the account was locked.
+    today = db.execute("SELECT (now() AT TIME ZONE 'UTC')::date AS d").fetchone()["d"]
+    y = today.year
+    first = date(y - 3, 3, 15)
+    client.allocate("a", ET, 10, UNIT)
+    if off_grid == "interval_changed":
+        db.execute(
+            "SELECT meter.set_period_config('a', %s, %s, NULL, %s, 5, NULL, 'default',"
+            " interval '5 months')",
+            (ET, UNIT, first),
+        )
+    db.execute(
+        "SELECT meter.set_period_config('a', %s, %s, NULL, %s, 5, NULL, 'default',"
+        " interval '1 year')",
+        (ET, UNIT, first),
+    )
+    began = datetime.combine(first, datetime.min.time(), UTC) + timedelta(hours=1)
+    db.execute("SELECT * FROM meter.roll_periods('default', %s)", (began,)).fetchall()
+    if off_grid == "opened_by_hand":
+        # past the roll (037): left to it, which closes the period before at Jun 30 and
+        # goes on from Jul 1, a year at a time
+        db.execute("SELECT meter.open_period('a', %s, %s, NULL, %s)", (ET, UNIT, date(y - 2, 7, 1)))
+        missing = {f"ledger_{y - 1}_06", f"ledger_{y - 1}_07"}
+        target = date(y - 1, 8, 1)  # past the limit (the next start after Jul 1): rolls first
+        rolled = [first, date(y - 2, 3, 15), date(y - 2, 7, 1), date(y - 1, 7, 1), date(y, 7, 1)]
+    else:
+        missing = {f"ledger_{y - 1}_03"}  # (y - 2, 3, 15) + 1 year: no multiple of 5 months
+        target = date(y - 1, 4, 1)
+        rolled = [first, date(y - 2, 3, 15), date(y - 1, 3, 15), date(y, 3, 15)]
+    month = date(y - 3, 1, 1)
+    while month <= today:
+        name = f"ledger_{month:%Y_%m}"
+        if name not in missing:
+            db.execute("SELECT meter.create_partition(%s, %s)", (month.year, month.month))
+        month = (month + timedelta(days=32)).replace(day=1)
+    assert not missing & ledger_partitions(db)
+    deadlocks = _deadlocks(db)
+    errors: dict[str, BaseException] = {}
+    with (
+        psycopg.connect(db_url) as writer,
+        psycopg.connect(db_url, autocommit=True) as config,
+    ):
+        writer.execute(
+            f"SELECT * FROM meter.consume('e', '{ET}', 1, '{UNIT}',"
+            " p_event_time => '1998-06-15 00:00:00+00')"
+        )  # the writer made a month: it holds the ledger's partition lock
+
+        def configure() -> None:
+            try:
+                config.execute(
+                    "SELECT meter.set_period_config('a', %s, %s, NULL, %s, 7, NULL,"
+                    " 'default', interval '1 year')",
+                    (ET, UNIT, target),
+                )
+            except BaseException as exc:
+                errors["config"] = exc
+
+        def write() -> None:
+            try:
+                writer.execute(f"SELECT * FROM meter.consume('a', '{ET}', 1, '{UNIT}')")
+                writer.commit()
+            except BaseException as exc:
+                errors["writer"] = exc
+                writer.rollback()
+
+        ct = threading.Thread(target=configure)
+        ct.start()
+        # for the ledger's partition lock, which the writer holds
+        eventually(
+            lambda: (
+                writer.info.backend_pid
+                in db.execute(
+                    "SELECT pg_blocking_pids(%s) AS p", (config.info.backend_pid,)
+                ).fetchone()["p"]
+            )
+        )
+        wt = threading.Thread(target=write)
+        wt.start()
+        ct.join(30)
+        wt.join(30)
+    assert errors == {}
+    assert _deadlocks(db) == deadlocks
+    assert missing <= ledger_partitions(db)
+    # the configuration took, after the roll caught up through the month it had to make
+    assert account(db, "a")["period_allocation"] == D(7)
+    starts = [r["period_start"] for r in db.execute(
+        "SELECT period_start FROM meter.periods WHERE user_id = 'a' ORDER BY 1"
+    ).fetchall()]  # fmt: skip
+    assert starts == [s for s in rolled if s <= today]
+    assert client.reconcile() == []
