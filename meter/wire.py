@@ -212,6 +212,7 @@ def dumps(value: Any) -> str:
 _TEXT: Final = 0
 _CLOSE: Final = 1
 _VALUE: Final = 2
+_KEY: Final = 3
 
 
 def _dumps_iteratively(value: Any) -> str:
@@ -229,6 +230,15 @@ def _dumps_iteratively(value: Any) -> str:
             parts.append(item[0])
             path.discard(item[1])
             continue
+        if kind == _KEY:  # (the separator before it, the key)
+            # Checked in its turn, not when its object is opened, so that of two faults (a
+            # NUL in a value, then a key not str) the first is named, as meter.types.dumps
+            # names it: a caller may take ValueError and not TypeError (send_child does).
+            separator, key = item
+            if not isinstance(key, str):
+                raise TypeError(f"object keys must be str, got {type(key).__name__}")
+            parts.append(separator + t.dumps(key) + ":")
+            continue
         is_object = isinstance(item, Mapping)
         if not is_object and not isinstance(item, list | tuple):
             parts.append(t.dumps(item))  # a scalar: no recursion
@@ -244,9 +254,7 @@ def _dumps_iteratively(value: Any) -> str:
             stack.append((_VALUE, member))
             separator = "," if i else ""
             if is_object:
-                if not isinstance(key, str):
-                    raise TypeError(f"object keys must be str, got {type(key).__name__}")
-                stack.append((_TEXT, separator + t.dumps(key) + ":"))
+                stack.append((_KEY, (separator, key)))
             elif separator:
                 stack.append((_TEXT, separator))
     return "".join(parts)

@@ -1174,6 +1174,47 @@ def test_dumps_writes_a_value_nested_past_the_recursion_limit_as_it_writes_other
     assert wire._dumps_iteratively([shared, [shared]]) == '[{"s":1},[{"s":1}]]'
 
 
+def _written(dump: Any, value: Any) -> tuple[str, str]:
+    try:
+        return "text", dump(value)
+    except (TypeError, ValueError) as exc:
+        return type(exc).__name__, str(exc)
+
+
+_JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()  # NaN and infinities too: refused
+    | st.decimals()  # sNaN, NaN and infinities too: refused
+    | st.text()  # NUL, lone surrogates, control characters, U+2028
+    | st.sampled_from([-0.0, 1e300, 5e-324, 1e16, Decimal("-0"), Decimal("1E+5"), "\x00"])
+    | st.sampled_from([b"x", {1}, object()])  # no JSON form: TypeError
+)
+_JSON_KEYS = st.text() | st.sampled_from(["\x00", "\ud800", 1, None, 1.5, ("k",)])
+
+
+@settings(max_examples=examples(1500), deadline=None)
+@given(
+    st.recursive(
+        _JSON_SCALARS,
+        lambda inner: (
+            st.lists(inner, max_size=4)
+            | st.lists(inner, max_size=4).map(tuple)
+            | st.dictionaries(_JSON_KEYS, inner, max_size=4)
+        ),
+        max_leaves=25,
+    )
+)
+def test_dumps_without_recursion_writes_and_refuses_every_value_as_types_dumps(value: Any):
+    # Review R4a: it checked an object's keys when opening it, so of a NUL in a value
+    # and a later key not str it named the key (TypeError) where meter.types.dumps names
+    # the NUL (ValueError).
+    from meter import types as t
+
+    assert _written(wire._dumps_iteratively, value) == _written(t.dumps, value)
+
+
 # Review H of the buffered mode (max_buffered, fillers, wait(), flush()): a broker stub
 # that refuses, recovers, or holds chosen threads; a send lock with a gate.
 
