@@ -88,15 +88,19 @@ _RETRIES: Final = 3
 # psycopg sees and forgets its own for); else as its own transaction again (MeterClient._run),
 # psycopg having dropped them when it rolled the call's transaction back.
 _STALE_PLAN: Final = "cached plan must not change result type"
+# Where the server raises it (plancache.c), which it sends untranslated: the message is in
+# the server's lc_messages, German on a server set up in a German locale.
+_STALE_PLAN_ROUTINE: Final = "RevalidateCachedQuery"
 
 
 def _stale_plan(exc: BaseException) -> bool:
     """Whether ``exc`` is the server refusing a statement prepared before a migration
     changed what it returns."""
-    return (
-        isinstance(exc, psycopg.errors.FeatureNotSupported)
-        and exc.diag.message_primary is not None
-        and exc.diag.message_primary.startswith(_STALE_PLAN)
+    if not isinstance(exc, psycopg.errors.FeatureNotSupported):
+        return False
+    diag = exc.diag
+    return diag.source_function == _STALE_PLAN_ROUTINE or (
+        diag.message_primary is not None and diag.message_primary.startswith(_STALE_PLAN)
     )
 
 
@@ -546,8 +550,9 @@ class MeterClient:
 
     A call the server refuses before running it because a migration changed the columns
     of a statement prepared on the connection before (``cached plan must not change result
-    type``) is run again once, the connection's prepared statements dropped; inside a
-    caller's open transaction it raises, and the next call goes through.
+    type``) is run again once, the connection's prepared statements dropped (a caller's
+    own ``PREPARE`` too, as psycopg drops them at any rollback); inside a caller's open
+    transaction it raises, and the next call goes through.
     """
 
     def __init__(

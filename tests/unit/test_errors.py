@@ -271,3 +271,31 @@ def test_publish_error_carries_its_events_across_pickling():
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is PublishError
     assert (str(back), back.events) == ("the broker did not confirm the message", events)
+
+
+def _server_error(cls: type[psycopg.Error], sqlstate: str, message: str, routine: str = ""):
+    """A psycopg error carrying the fields a PostgreSQL ErrorResponse has."""
+    fields = {"S": "FEHLER", "V": "ERROR", "C": sqlstate, "M": message}
+    if routine:
+        fields |= {"F": "plancache.c", "L": "722", "R": routine}
+    info = {psycopg.pq.DiagnosticField(ord(k)): v.encode() for k, v in fields.items()}
+    return cls(message, info=info)
+
+
+def test_a_stale_prepared_statement_is_told_in_any_language_of_the_server():
+    # Review R4a: told by its English message only, a stale statement on a server whose
+    # lc_messages is not English ('gecachter Plan ...') was never run again: every call
+    # of the statement kept failing on that connection, as before the fix.
+    from meter.client import _stale_plan
+
+    stale = psycopg.errors.FeatureNotSupported
+    german = "gecachter Plan darf den Ergebnistyp nicht ändern"
+    assert _stale_plan(_server_error(stale, "0A000", german, "RevalidateCachedQuery"))
+    english = "cached plan must not change result type"
+    assert _stale_plan(_server_error(stale, "0A000", english, "RevalidateCachedQuery"))
+    assert _stale_plan(_server_error(stale, "0A000", english))  # no routine sent
+    other = "FOR UPDATE kann nicht mit DISTINCT verwendet werden"
+    assert not _stale_plan(_server_error(stale, "0A000", other, "CheckSelectLocking"))
+    assert not _stale_plan(
+        _server_error(psycopg.errors.SyntaxError, "42601", german, "RevalidateCachedQuery")
+    )
