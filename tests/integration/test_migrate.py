@@ -862,3 +862,73 @@ def test_a_call_in_the_callers_transaction_fails_once_after_062_and_the_next_one
                 client.get_audit_events(limit=1)
             (event,) = client.get_audit_events(limit=1)  # in the same transaction
         assert event["event_id"].startswith("ledger.allocation:")
+
+
+def one_column_more(url: str, function: str) -> None:
+    """Give ``meter.<function>`` one result column more, as a migration would: the old one
+    renamed and called by a new one of the same arguments."""
+    with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+        (sig, args, result, identity, nargs) = conn.execute(
+            "SELECT p.oid::regprocedure::text, pg_get_function_arguments(p.oid),"
+            " pg_get_function_result(p.oid), pg_get_function_identity_arguments(p.oid),"
+            " p.pronargs FROM pg_proc p WHERE p.pronamespace = 'meter'::regnamespace"
+            " AND p.proname = %s",
+            (function,),
+        ).fetchone()
+        assert result.startswith("TABLE(")
+        call = ", ".join(f"${i}" for i in range(1, nargs + 1))
+        conn.execute(f"ALTER FUNCTION {sig} RENAME TO {function}_before")
+        conn.execute(
+            f"CREATE FUNCTION meter.{function}({args}) RETURNS {result[:-1]}, added int)"
+            f" LANGUAGE sql SECURITY DEFINER AS $$ SELECT *, 1 FROM meter.{function}_before"
+            f"({call}) $$"
+        )
+        conn.execute(f"GRANT EXECUTE ON FUNCTION meter.{function}({identity}) TO PUBLIC")
+
+
+@pytest.mark.parametrize(
+    "kind", ["own pool", "autocommit connection", "connection", "pipeline", "caller's transaction"]
+)
+def test_a_keyless_consume_whose_statement_went_stale_is_applied_once(
+    new_database: Callable[[], str], kind: str
+) -> None:
+    # Review R4a: the server refuses a stale statement before running it, so the client's
+    # run again (a keyless consume has no key to replay) counts the units once; inside a
+    # caller's transaction it raises, and consumes nothing.
+    url = new_database()
+    migrate(url)
+    conn = None
+    if kind == "own pool":
+        client = MeterClient(url, "t", max_size=1)
+    else:
+        conn = psycopg.connect(url, autocommit=kind != "connection")
+        client = MeterClient(conn, "t")
+    try:
+        client.allocate("u", "api", Decimal(100), "calls")
+        for _ in range(7):  # past psycopg's prepare_threshold (5)
+            client.consume("u", "api", 1, "calls")
+        if conn is not None and not conn.autocommit:
+            conn.commit()
+
+        one_column_more(url, "consume")
+
+        if kind == "pipeline":
+            assert conn is not None
+            with conn.pipeline():
+                assert client.consume("u", "api", 1, "calls")["added"] == 1
+        elif kind == "caller's transaction":
+            assert conn is not None
+            with conn.transaction():
+                with pytest.raises(MeterError, match="cached plan must not change result type"):
+                    client.consume("u", "api", 1, "calls")
+                assert client.get_balance("u", "api", "calls")["balance"] == Decimal(93)
+        else:
+            assert client.consume("u", "api", 1, "calls")["added"] == 1
+        if conn is not None and not conn.autocommit:
+            conn.commit()
+        spent = 8 if kind != "caller's transaction" else 7
+        assert client.get_balance("u", "api", "calls")["balance"] == Decimal(100 - spent)
+    finally:
+        client.close()
+        if conn is not None:
+            conn.close()
