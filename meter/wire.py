@@ -220,6 +220,7 @@ def _dumps_iteratively(value: Any) -> str:
     recursion; its errors, and ValueError for a circular reference."""
     parts: list[str] = []
     path: set[int] = set()  # the containers being written, to refuse a cycle
+    opened: list[Any] = []
     stack: list[tuple[int, Any]] = [(_VALUE, value)]
     while stack:
         kind, item = stack.pop()
@@ -246,6 +247,9 @@ def _dumps_iteratively(value: Any) -> str:
         if id(item) in path:
             raise ValueError("circular reference")
         path.add(id(item))
+        # Kept to the end: one a Mapping makes as it is read would be freed while written,
+        # and its id, still in the path, taken by the next one made (a false cycle).
+        opened.append(item)
         entries = list(item.items()) if is_object else list(enumerate(item))
         parts.append("{" if is_object else "[")
         stack.append((_CLOSE, ("}" if is_object else "]", id(item))))

@@ -1215,6 +1215,32 @@ def test_dumps_without_recursion_writes_and_refuses_every_value_as_types_dumps(v
     assert _written(wire._dumps_iteratively, value) == _written(t.dumps, value)
 
 
+def test_dumps_without_recursion_writes_a_mapping_that_makes_its_values_as_it_is_read():
+    # Review R4a: the walk kept only the ids of the containers it was in; a value made by
+    # a Mapping as it is read was freed while written, the next one made took its id, and
+    # was refused as a circular reference that meter.types.dumps writes.
+    from collections.abc import Iterator, Mapping
+
+    from meter import types as t
+
+    class Made(Mapping[str, Any]):
+        def __init__(self, depth: int) -> None:
+            self.depth = depth
+
+        def __getitem__(self, key: str) -> Any:
+            if key != "a":
+                raise KeyError(key)
+            return [Made(self.depth - 1)] if self.depth else []
+
+        def __iter__(self) -> Iterator[str]:
+            return iter(["a"])
+
+        def __len__(self) -> int:
+            return 1
+
+    assert wire._dumps_iteratively(Made(50)) == t.dumps(Made(50))
+
+
 # Review H of the buffered mode (max_buffered, fillers, wait(), flush()): a broker stub
 # that refuses, recovers, or holds chosen threads; a send lock with a gate.
 
