@@ -70,8 +70,11 @@ _INTERVAL_SYNTAX_ERRORS: Final = frozenset({"22007", "22008", "22015"})
 _UNSET: Any = object()  # set_actor: "field not passed"
 _NO_ACTOR: Final = (None, None, None, None)
 
-# Column names per statement text (the same for every execution of a statement).
-_COLUMNS: dict[str, tuple[str, ...]] = {}
+# Per statement text: the names of its result's columns as received, and as str. Checked
+# against every result: a migration may give a function its columns under other names or in
+# another order, their number unchanged, and a result from before it may come on one
+# connection and one from after it on the next.
+_COLUMNS: dict[str, tuple[tuple[bytes | None, ...], tuple[str, ...]]] = {}
 
 # serialization_failure (a key claimed concurrently), deadlock_detected: retried this often.
 _RETRY_SQLSTATES: Final = frozenset({"40001", "40P01"})
@@ -846,8 +849,9 @@ class MeterClient:
         return rows
 
     def _fetch(self, conn: psycopg.Connection[Any], query: str, args: Sequence[Any]) -> list[Row]:
-        # Tuple rows turned into dicts here: the column names are fixed per statement, so
-        # they are read from the description once instead of at every fetch.
+        # Tuple rows turned into dicts here, by the names of the result received. They are
+        # compared as the result's bytes: cur.description, which builds an object per
+        # column, costs ~2.7 µs a call (of get_balance's ~40), comparing the bytes ~0.4 µs.
         cur = self._cursors.get(id(conn))
         if cur is None or cur.connection is not conn or cur.closed:
             cur = self._new_cursor(conn)
@@ -861,10 +865,12 @@ class MeterClient:
             conn.execute("DEALLOCATE ALL")
             cur.execute(query, args)  # nothing ran: the server refused it at its plan
         rows = cur.fetchall()
-        names = _COLUMNS.get(query)
         result = cur.pgresult
-        if names is None or (result is not None and len(names) != result.nfields):
-            names = _COLUMNS[query] = tuple(c.name for c in cur.description or ())
+        raw = () if result is None else tuple([result.fname(i) for i in range(result.nfields)])
+        known = _COLUMNS.get(query)
+        if known is None or known[0] != raw:
+            known = _COLUMNS[query] = (raw, tuple(c.name for c in cur.description or ()))
+        names = known[1]
         return [dict(zip(names, row, strict=True)) for row in rows]
 
     def _new_cursor(self, conn: psycopg.Connection[Any]) -> psycopg.Cursor[tuple[Any, ...]]:

@@ -932,3 +932,74 @@ def test_a_keyless_consume_whose_statement_went_stale_is_applied_once(
         client.close()
         if conn is not None:
             conn.close()
+
+
+def columns_reordered(url: str, function: str, order: list[str]) -> None:
+    """Give ``meter.<function>`` its result columns in ``order`` (the same names, types and
+    values), as a migration would: the old one renamed and called by a new one."""
+    with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+        (sig, args, identity, nargs) = conn.execute(
+            "SELECT p.oid::regprocedure::text, pg_get_function_arguments(p.oid),"
+            " pg_get_function_identity_arguments(p.oid), p.pronargs"
+            " FROM pg_proc p WHERE p.pronamespace = 'meter'::regnamespace AND p.proname = %s",
+            (function,),
+        ).fetchone()
+        types = dict(
+            conn.execute(
+                "SELECT n, format_type(t, NULL) FROM pg_proc p,"
+                " unnest(p.proargnames, p.proallargtypes, p.proargmodes) AS a(n, t, m)"
+                " WHERE p.oid = %s::regprocedure AND m = 't'",
+                (sig,),
+            ).fetchall()
+        )
+        assert sorted(types) == sorted(order)
+        columns = ", ".join(f"{name} {types[name]}" for name in order)
+        call = ", ".join(f"${i}" for i in range(1, nargs + 1))
+        conn.execute(f"ALTER FUNCTION {sig} RENAME TO {function}_before")
+        conn.execute(
+            f"CREATE FUNCTION meter.{function}({args}) RETURNS TABLE({columns})"
+            f" LANGUAGE sql SECURITY DEFINER AS $$ SELECT {', '.join(order)}"
+            f" FROM meter.{function}_before({call}) $$"
+        )
+        conn.execute(f"GRANT EXECUTE ON FUNCTION meter.{function}({identity}) TO PUBLIC")
+
+
+@pytest.mark.parametrize(
+    "kind", ["own pool", "autocommit connection", "connection", "client made after"]
+)
+def test_a_read_whose_columns_a_migration_reordered_names_each_value_by_its_column(
+    new_database: Callable[[], str], kind: str
+) -> None:
+    # Review R5b: the client kept each statement's column names for the life of the
+    # process and read them again only when their number changed, so once a migration
+    # gave get_balance its columns in another order, every client of the process (one made
+    # after it too) reported the available quantity as the balance and the balance as
+    # the available quantity.
+    url = new_database()
+    migrate(url)
+    conn = None
+    if kind == "own pool" or kind == "client made after":
+        client = MeterClient(url, "t", max_size=1)
+    else:
+        conn = psycopg.connect(url, autocommit=kind == "autocommit connection")
+        client = MeterClient(conn, "t")
+    try:
+        client.allocate("u", "api", Decimal(10), "calls")
+        client.reserve("u", "api", Decimal(3), "calls")
+        expected = {"balance": Decimal(10), "reserved": Decimal(3), "available": Decimal(7)}
+        for _ in range(7):  # past psycopg's prepare_threshold (5)
+            assert client.get_balance("u", "api", "calls") == expected
+        if conn is not None and not conn.autocommit:
+            conn.commit()
+
+        columns_reordered(url, "get_balance", ["available", "reserved", "balance"])
+
+        if kind == "client made after":
+            client.close()
+            client = MeterClient(url, "t", max_size=1)
+        for _ in range(7):
+            assert client.get_balance("u", "api", "calls") == expected
+    finally:
+        client.close()
+        if conn is not None:
+            conn.close()
