@@ -29,6 +29,12 @@ STATUSES: Final = ("dead", "retried", "discarded", "all")
 Row = dict[str, Any]
 
 
+# The `SELECT *` statements are never prepared: psycopg prepares one on its fifth run on a
+# connection, and once a migration changed the function's columns (or the table's whose rows
+# it returns) the prepared one failed "cached plan must not change result type", or lacked
+# the new column, for as long as a caller's autocommit connection lived.
+
+
 def _cursor(conn: psycopg.Connection[Any]) -> psycopg.Cursor[Row]:
     cur = conn.cursor(row_factory=dict_row)
     set_json_loads(t.loads, cur)  # payload amounts and results stay exact
@@ -66,6 +72,7 @@ def list_dead_letters(
             cur.execute(
                 "SELECT * FROM meter.list_dead_letters(%s::text, %s::integer, %s::text)",
                 (status, limit, namespace),
+                prepare=False,
             )
             return cur.fetchall()
     except psycopg.Error as exc:
@@ -110,7 +117,11 @@ def retry(conn: psycopg.Connection[Any], dead_letter_id: int) -> Row:
     t.check_int(dead_letter_id, "dead_letter_id", min_value=1, max_value=t.INT8_MAX)
     try:
         with _cursor(conn) as cur:
-            cur.execute("SELECT * FROM meter.retry_dead_letter(%s::bigint)", (dead_letter_id,))
+            cur.execute(
+                "SELECT * FROM meter.retry_dead_letter(%s::bigint)",
+                (dead_letter_id,),
+                prepare=False,
+            )
             row = cur.fetchone()
     except psycopg.Error as exc:
         raise from_psycopg(exc) from exc

@@ -317,7 +317,12 @@ def roll_periods(
     """One bounded round of ``meter.roll_periods`` over every namespace, as of ``now``
     (default: the database clock); one dict per step (see the SQL function)."""
     with _pool(url, pool_size).connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(_SQL_ROLL_PERIODS, (now, batch_size))
+        # Never prepared: a statement `SELECT *` prepared on a pooled connection (psycopg
+        # does on its fifth run there) fails "cached plan must not change result type"
+        # (0A000, not retried) at every run on that connection once a migration changes
+        # roll_periods' columns, up to the pool's max_lifetime. Once a minute, its planning
+        # costs nothing that counts. The other statements here name the columns they read.
+        cur.execute(_SQL_ROLL_PERIODS, (now, batch_size), prepare=False)
         return cur.fetchall()
 
 

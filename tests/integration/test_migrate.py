@@ -23,10 +23,12 @@ import pytest
 from click.testing import CliRunner
 from psycopg import sql
 
+from meter import dead_letters
 from meter.cli import main as cli_main
 from meter.client import MeterClient
 from meter.errors import MeterError, ValidationError
 from meter.migrate import MigrationError, default_sql_dir, discover, migrate, schema_version
+from worker import db as worker_db
 
 REPO = Path(__file__).resolve().parents[2]
 _counter = itertools.count(1)
@@ -1003,3 +1005,76 @@ def test_a_read_whose_columns_a_migration_reordered_names_each_value_by_its_colu
         client.close()
         if conn is not None:
             conn.close()
+
+
+@pytest.mark.parametrize("function", ["roll_periods", "apply_events", "retention_backlog"])
+def test_the_workers_calls_go_on_across_a_migration_adding_a_column(
+    new_database: Callable[[], str], function: str
+) -> None:
+    # Review R5b: the worker's pool keeps its connections for up to an hour, and roll_periods
+    # runs every minute: its `SELECT *`, prepared on a connection's fifth run, failed
+    # "cached plan must not change result type" (0A000, not retried: worker.retry) on
+    # that connection at every tick after a migration added a column to roll_periods.
+    # The statements naming their columns (apply_events, ...) were not affected.
+    url = new_database()
+    migrate(url)
+    calls: dict[str, Callable[[], object]] = {
+        "roll_periods": lambda: worker_db.roll_periods(url, 1, 10),
+        "apply_events": lambda: worker_db.apply_events(url, 1, [{}]),
+        "retention_backlog": lambda: worker_db.drop_old_partitions(url, 1, 1200),
+    }
+    call = calls[function]
+    try:
+        first = call()
+        for _ in range(7):  # past psycopg's prepare_threshold (5), on the pool's one connection
+            call()
+
+        one_column_more(url, function)
+
+        assert call() == first
+    finally:
+        pool = worker_db._pools.pop(url, None)
+        if pool is not None:
+            pool.close()
+
+
+@pytest.mark.parametrize("function", ["list_dead_letters", "retry"])
+def test_dead_letters_are_read_and_retried_across_a_migration_adding_a_column(
+    new_database: Callable[[], str], function: str
+) -> None:
+    # Review R5b: meter.dead_letters takes a caller's connection; on one in autocommit, such
+    # as an operator's tool keeps open, its `SELECT *` prepared on the fifth call failed
+    # "cached plan must not change result type" at every call after a migration added a
+    # column to retry_dead_letter, for as long as the connection lived (no rollback drops
+    # the statement there); list_dead_letters' rows lacked a column added to the table.
+    url = new_database()
+    migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        (letter,) = conn.execute(
+            "SELECT meter.record_dead_letter('consume', '{}'::jsonb, 'MT001', 'bad', NULL, 't')"
+        ).fetchone()
+        calls: dict[str, Callable[[], Any]] = {
+            "list_dead_letters": lambda: set(dead_letters.list_dead_letters(conn)[0]),
+            "retry": lambda: set(dead_letters.retry(conn, letter)),
+        }
+        call = calls[function]
+        first = call()
+        for _ in range(7):  # past psycopg's prepare_threshold (5)
+            assert call() == first
+
+        if function == "retry":  # its body names its columns as retry_dead_letter.<name>
+            with psycopg.connect(url, autocommit=True) as other, other.transaction():
+                (definition,) = other.execute(
+                    "SELECT pg_get_functiondef('meter.retry_dead_letter(bigint)'::regprocedure)"
+                ).fetchone()
+                definition, replaced = re.subn(
+                    r"(RETURNS TABLE\(.*?)\)\n", r"\1, added integer)\n", definition, count=1
+                )
+                assert replaced == 1
+                other.execute("DROP FUNCTION meter.retry_dead_letter(bigint)")
+                other.execute(definition)
+        else:  # it returns the table's rows
+            with psycopg.connect(url, autocommit=True) as other:
+                other.execute("ALTER TABLE meter.dead_letters ADD COLUMN added int")
+
+        assert call() == first | {"added"}
