@@ -1704,3 +1704,98 @@ def test_a_configuration_catching_up_the_roll_never_deadlocks_with_a_write_makin
     ).fetchall()]  # fmt: skip
     assert starts == [s for s in rolled if s <= today]
     assert client.reconcile() == []
+
+
+def test_a_configuration_catching_up_after_another_moved_the_start_back_never_deadlocks(
+    db_url, client, db
+):
+    # 065 read the earliest day the catch-up's steps may date a row in before the account's
+    # lock. A set_period_config that held the account (its transaction not committed) and
+    # moved the start back into a month with no partition (after the period running, within
+    # the limit: no catch-up of its own) was not seen by a second one that catches up (its
+    # start past the limit): the second took no partition lock, its first step waited for
+    # the account, then read the new start and made its month holding the account, waiting
+    # for the ledger's partition lock held by a writer that had made a month and then
+    # waited for the account (40P01).
+    today = db.execute("SELECT (now() AT TIME ZONE 'UTC')::date AS d").fetchone()["d"]
+    every = "interval '300 days'"
+    opened = today - timedelta(days=400)  # its next start is today - 100: the roll is behind
+    client.allocate("a", ET, 10, UNIT)
+    db.execute(
+        f"SELECT meter.set_period_config('a', %s, %s, NULL, %s, 5, NULL, 'default', {every})",
+        (ET, UNIT, opened),
+    )
+    began = datetime.combine(opened, datetime.min.time(), UTC) + timedelta(hours=1)
+    db.execute("SELECT * FROM meter.roll_periods('default', %s)", (began,)).fetchall()
+    configured = today - timedelta(days=110)  # within the limit: no catch-up, not opened
+    db.execute(
+        f"SELECT meter.set_period_config('a', %s, %s, NULL, %s, 5, NULL, 'default', {every})",
+        (ET, UNIT, configured),
+    )
+    back = today - timedelta(days=250)  # within the limit too; its months have no partition
+    missing = {f"ledger_{back - timedelta(days=1):%Y_%m}", f"ledger_{back:%Y_%m}"}
+    for day in (opened - timedelta(days=1), opened, today - timedelta(days=101)):
+        db.execute("SELECT meter.create_partition(%s, %s)", (day.year, day.month))
+    month = (configured - timedelta(days=1)).replace(day=1)
+    while month <= today:
+        db.execute("SELECT meter.create_partition(%s, %s)", (month.year, month.month))
+        month = (month + timedelta(days=32)).replace(day=1)
+    assert not missing & ledger_partitions(db)
+    deadlocks = _deadlocks(db)
+    errors: dict[str, BaseException] = {}
+    with (
+        psycopg.connect(db_url) as first,
+        psycopg.connect(db_url) as writer,
+        psycopg.connect(db_url, autocommit=True) as second,
+    ):
+        first.execute(
+            f"SELECT meter.set_period_config('a', %s, %s, NULL, %s, 5, NULL, 'default', {every})",
+            (ET, UNIT, back),
+        )  # holds a, not committed
+        writer.execute(
+            f"SELECT * FROM meter.consume('e', '{ET}', 1, '{UNIT}',"
+            " p_event_time => '1998-06-15 00:00:00+00')"
+        )  # the writer made a month: it holds the ledger's partition lock
+
+        def configure() -> None:
+            try:
+                second.execute(
+                    f"SELECT meter.set_period_config('a', %s, %s, NULL, %s, 7, NULL,"
+                    f" 'default', {every})",
+                    (ET, UNIT, today - timedelta(days=99)),  # past the limit: catches up
+                )
+            except BaseException as exc:
+                errors["second"] = exc
+
+        def write() -> None:
+            try:
+                writer.execute(f"SELECT * FROM meter.consume('a', '{ET}', 1, '{UNIT}')")
+                writer.commit()
+            except BaseException as exc:
+                errors["writer"] = exc
+                writer.rollback()
+
+        def blocked_by(pid: int, by: int) -> bool:
+            row = db.execute("SELECT pg_blocking_pids(%s) AS p", (pid,)).fetchone()
+            return by in row["p"]
+
+        ct = threading.Thread(target=configure)
+        ct.start()
+        eventually(lambda: blocked_by(second.info.backend_pid, first.info.backend_pid))
+        wt = threading.Thread(target=write)
+        wt.start()
+        # for a: behind first, or behind second queued for it
+        eventually(lambda: _waiting_on_a_lock(db, writer.info.backend_pid))
+        first.commit()
+        ct.join(30)
+        wt.join(30)
+    assert errors == {}
+    assert _deadlocks(db) == deadlocks
+    assert missing <= ledger_partitions(db)
+    assert account(db, "a")["period_allocation"] == D(7)
+    starts = [r["period_start"] for r in db.execute(
+        "SELECT period_start FROM meter.periods WHERE user_id = 'a' AND opened_at IS NOT NULL"
+        " ORDER BY 1"
+    ).fetchall()]  # fmt: skip
+    assert starts == [opened, back]
+    assert client.reconcile() == []
