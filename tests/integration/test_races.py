@@ -1799,3 +1799,48 @@ def test_a_configuration_catching_up_after_another_moved_the_start_back_never_de
     ).fetchall()]  # fmt: skip
     assert starts == [opened, back]
     assert client.reconcile() == []
+
+
+def test_a_configuration_refused_after_its_catch_up_locked_the_ledger_changes_nothing(
+    db_url, client, db, snapshot
+):
+    # The catch-up takes the ledger's partition lock when a month from the start to today
+    # has no partition (065, 066), here one no step dates a row in, so none is made. A start
+    # still past the limit once the roll caught up is refused: the roll's periods, the
+    # configuration and the lock go with the refusal.
+    today = db.execute("SELECT (now() AT TIME ZONE 'UTC')::date AS d").fetchone()["d"]
+    every = "interval '300 days'"
+    opened = today - timedelta(days=400)  # its next start is today - 100: the roll is behind
+    client.allocate("a", ET, 10, UNIT)
+    db.execute(
+        f"SELECT meter.set_period_config('a', %s, %s, NULL, %s, 5, NULL, 'default', {every})",
+        (ET, UNIT, opened),
+    )
+    began = datetime.combine(opened, datetime.min.time(), UTC) + timedelta(hours=1)
+    db.execute("SELECT * FROM meter.roll_periods('default', %s)", (began,)).fetchall()
+    gap = f"ledger_{today - timedelta(days=250):%Y_%m}"
+    month = (opened - timedelta(days=1)).replace(day=1)
+    while month <= today:
+        if f"ledger_{month:%Y_%m}" != gap:
+            db.execute("SELECT meter.create_partition(%s, %s)", (month.year, month.month))
+        month = (month + timedelta(days=32)).replace(day=1)
+    partitions = ledger_partitions(db)
+    assert gap not in partitions
+    before = snapshot()
+    with (
+        psycopg.connect(db_url) as config,
+        psycopg.connect(db_url, autocommit=True) as other,
+    ):
+        with pytest.raises(psycopg.Error) as ei:
+            config.execute(
+                f"SELECT meter.set_period_config('a', %s, %s, NULL, %s, 7, NULL, 'default',"
+                f" {every})",
+                (ET, UNIT, today + timedelta(days=302)),  # past today + 200 after the roll
+            )
+        assert ei.value.sqlstate == "MT001" and "period_start" in str(ei.value)
+        config.rollback()
+        other.execute("SET lock_timeout = '1s'")
+        with other.transaction():
+            other.execute("LOCK TABLE ONLY meter.ledger IN SHARE UPDATE EXCLUSIVE MODE NOWAIT")
+    assert snapshot() == before
+    assert ledger_partitions(db) == partitions
