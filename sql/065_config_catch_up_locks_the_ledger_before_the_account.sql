@@ -27,11 +27,28 @@
 -- month while holding it, can deadlock with this catch-up as with any transaction making
 -- months.
 --
+-- And the start it counts from is read under the account's lock (found by a review of
+-- the above, reproduced: test_races.py
+-- test_a_configuration_catching_up_after_another_moved_the_start_back_never_deadlocks):
+-- read without it, a set_period_config holding the account, not committed, that moved the
+-- start back into a month with no partition (within the limit, so with no catch-up of its
+-- own) was not seen by a second one catching up; the second took no partition lock, its
+-- first step waited for the account, read the new start under that lock and made the month
+-- holding the account (40P01 with a writer that had made a month, as above; 064 closed the
+-- same window in roll_periods). Now the catch-up locks the account (in a subtransaction)
+-- before it reads that start; when a month is missing it takes the ledger's lock without
+-- waiting; held by another, the subtransaction is undone (the account's lock goes with it)
+-- and the lock is waited for holding no account. A configuration that commits a start
+-- moved back after that has waited for this account behind the catch-up, and is judged
+-- after it.
+--
 -- Lock order of the catch-up, where it changed: the grid's months (each the ledger's SHARE
--- UPDATE EXCLUSIVE, then (19781, yyyymm)), then, a month still missing, the ledger's SHARE
--- UPDATE EXCLUSIVE, then per step the account (the step's months under that lock first),
--- then the account again for the judgment. Migrations once applied are never edited: 029's
--- set_period_config is replaced whole; only the lines marked 065 changed.
+-- UPDATE EXCLUSIVE, then (19781, yyyymm)), then the account, then, a month missing, the
+-- ledger's SHARE UPDATE EXCLUSIVE without waiting (or, held by another, the account let
+-- go, that lock, then the account again), then per step the account (the step's months
+-- under that lock first), then the account again for the judgment. Migrations once applied
+-- are never edited: 029's set_period_config is replaced whole; only the lines marked 065
+-- changed.
 
 CREATE OR REPLACE FUNCTION meter.set_period_config(p_user_id text, p_event_type text, p_unit text,
                                         p_resource text, p_period_start date,
@@ -61,6 +78,7 @@ DECLARE
     v_step interval;
     v_reach date;
     v_earliest date;  -- 065
+    v_nowait boolean := false;  -- 065: the ledger's lock is being tried without waiting
 BEGIN
     PERFORM meter._guard(p_namespace);
     PERFORM meter._ident('user_id', p_user_id, 256, true),
@@ -163,18 +181,38 @@ BEGIN
         -- A later step made that month holding the account its first step locked, and
         -- waited for this lock held by a writer that had made a month and then waited for
         -- the account (40P01). Taken already when the loop above made a month.
-        SELECT least(a.period_start,                                                    -- 065
-                     coalesce((SELECT max(p.period_start) FROM meter.periods p          -- 065
-                               WHERE p.namespace = a.namespace                          -- 065
-                                 AND p.account_id = a.account_id                        -- 065
-                                 AND p.opened_at IS NOT NULL                            -- 065
-                               HAVING bool_or(p.period_end >= a.period_start)),         -- 065
-                              a.period_start)) - 1                                      -- 065
-        INTO v_earliest FROM meter.accounts a                                           -- 065
-        WHERE a.namespace = p_namespace AND a.account_id = v_account;                   -- 065
-        IF meter._ledger_months_missing(v_earliest, v_today) THEN                       -- 065
+        -- 065: the start is read under the account's lock, which the first step takes
+        -- next anyway: read without it, a configuration holding the account (not committed)
+        -- that moved the start back into a month with no partition still showed the old
+        -- one; the first step waited for the account, read the new start, and made its
+        -- month holding the account (40P01 again). The account is locked in a
+        -- subtransaction: when a month is missing and another holds the ledger's lock,
+        -- the subtransaction is undone, which lets the account go, and the lock is waited
+        -- for holding no account (the steps lock the account again). Not waited for while
+        -- holding the account: a writer holding that lock may be waiting for it.
+        BEGIN                                                                           -- 065
+            PERFORM 1 FROM meter.accounts a                                             -- 065
+            WHERE a.namespace = p_namespace AND a.account_id = v_account               -- 065
+            FOR UPDATE;                                                                 -- 065
+            SELECT least(a.period_start,                                                -- 065
+                         coalesce((SELECT max(p.period_start) FROM meter.periods p      -- 065
+                                   WHERE p.namespace = a.namespace                      -- 065
+                                     AND p.account_id = a.account_id                    -- 065
+                                     AND p.opened_at IS NOT NULL                        -- 065
+                                   HAVING bool_or(p.period_end >= a.period_start)),     -- 065
+                                  a.period_start)) - 1                                  -- 065
+            INTO v_earliest FROM meter.accounts a                                       -- 065
+            WHERE a.namespace = p_namespace AND a.account_id = v_account;               -- 065
+            IF meter._ledger_months_missing(v_earliest, v_today) THEN                   -- 065
+                v_nowait := true;                                                       -- 065
+                LOCK TABLE ONLY meter.ledger IN SHARE UPDATE EXCLUSIVE MODE NOWAIT;     -- 065
+            END IF;                                                                     -- 065
+        EXCEPTION WHEN lock_not_available THEN                                          -- 065
+            IF NOT v_nowait THEN  -- the account's lock (lock_timeout): the caller's     -- 065
+                RAISE;                                                                  -- 065
+            END IF;                                                                     -- 065
             LOCK TABLE ONLY meter.ledger IN SHARE UPDATE EXCLUSIVE MODE;                -- 065
-        END IF;                                                                         -- 065
+        END;                                                                            -- 065
         v_behalf := current_setting('meter.on_behalf_of', true);
         v_reason := current_setting('meter.reason', true);
         PERFORM set_config('meter.actor_id', 'system:periods', true),

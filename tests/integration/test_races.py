@@ -1805,7 +1805,7 @@ def test_a_configuration_refused_after_its_catch_up_locked_the_ledger_changes_no
     db_url, client, db, snapshot
 ):
     # The catch-up takes the ledger's partition lock when a month from the start to today
-    # has no partition (065, 066), here one no step dates a row in, so none is made. A start
+    # has no partition (065), here one no step dates a row in, so none is made. A start
     # still past the limit once the roll caught up is refused: the roll's periods, the
     # configuration and the lock go with the refusal.
     today = db.execute("SELECT (now() AT TIME ZONE 'UTC')::date AS d").fetchone()["d"]
