@@ -311,12 +311,6 @@ MAX_METADATA_DEPTH: Final = 800
 """The deepest nesting of ``metadata`` the producer takes (objects and arrays inside it):
 what a worker, whose stack is deeper than a caller's, still decodes."""
 
-# Levels of margin for the trial write of metadata at the call: the message nests it 3
-# levels deeper ([event {args {...}}]), written a few frames further down the stack (by
-# the call that fills a batch, or a flush(), both on the caller's stack).
-_WIRE_MARGIN: Final = 16
-
-
 def _depth(value: Any) -> int:
     """How many levels of objects and arrays ``value`` (decoded JSON) holds below itself;
     without recursion."""
@@ -337,16 +331,11 @@ def _put_metadata(args: dict[str, Any], metadata: object) -> None:
     if text is not None:
         # Re-read from the exact text: plain JSON types with Decimal for fractions (the
         # serializer carries those exactly), whatever Mapping types the caller used.
+        # The send cannot run out of stack writing what passes (wire.dumps falls back to a
+        # walk of its own); the cap is what a worker still decodes.
         try:
             value = t.loads(text)
             deep = _depth(value) > MAX_METADATA_DEPTH
-            if not deep:
-                # P3: taken when only the check could write it, it made the send raise a
-                # bare RecursionError, for the batch-mates too.
-                wrapped: Any = value
-                for _ in range(_WIRE_MARGIN):
-                    wrapped = [wrapped]
-                wire.dumps(wrapped)
         except RecursionError:
             deep = True
         if deep:
