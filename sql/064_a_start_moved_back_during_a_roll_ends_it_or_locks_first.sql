@@ -22,7 +22,8 @@
 -- month under the accounts rolled before (40P01 again, for the whole length of the
 -- configuration's transaction). A step that fails now leaves its account locked to the
 -- roll's end (its subtransaction no longer took that lock first).
--- The test of a missing month moved to meter._ledger_months_missing, used by both checks.
+-- The test of a missing month moved to meter._ledger_months_missing, used by both checks;
+-- the re-read is meter._lock_roll_earliest (set_period_config's catch-up uses it too, 065).
 -- roll_periods is otherwise 060's (lines marked 064 changed). Lock order: (19782, 1),
 -- then, before the first account when a month is missing, the ledger's SHARE UPDATE
 -- EXCLUSIVE; per candidate its account, then (never waiting) that lock, then the step's
@@ -41,6 +42,25 @@ LANGUAGE sql STABLE AS $$
 $$;
 REVOKE EXECUTE ON FUNCTION meter._ledger_months_missing(date, date) FROM PUBLIC;
 
+-- The day before the earliest day a roll of the account may date a row in (060's count,
+-- as roll_periods' candidate query makes it: the configured start, or the latest period
+-- opened when one ends on or after it, where 042's case 0 moves back), read under the
+-- account's row lock, which it takes (and holds to the end of the transaction).
+CREATE FUNCTION meter._lock_roll_earliest(p_namespace text, p_account_id bigint) RETURNS date
+LANGUAGE sql AS $$
+    SELECT least(a.period_start,
+                 coalesce((SELECT max(p.period_start) FROM meter.periods p
+                           WHERE p.namespace = a.namespace
+                             AND p.account_id = a.account_id
+                             AND p.opened_at IS NOT NULL
+                           HAVING bool_or(p.period_end >= a.period_start)),
+                          a.period_start)) - 1
+    FROM meter.accounts a
+    WHERE a.namespace = p_namespace AND a.account_id = p_account_id
+    FOR UPDATE OF a
+$$;
+REVOKE EXECUTE ON FUNCTION meter._lock_roll_earliest(text, bigint) FROM PUBLIC;
+
 -- roll_periods (060's; the lines marked 064 changed)
 CREATE OR REPLACE FUNCTION meter.roll_periods(p_namespace text DEFAULT NULL,
                                    p_now timestamptz DEFAULT now(),
@@ -58,7 +78,6 @@ DECLARE
     v_actor text := current_setting('meter.actor_id', true);
     v_months_locked boolean := false;  -- 055
     v_ledger_locked boolean := false;  -- 064: the ledger's partition lock is held
-    v_earliest date;                   -- 064
 BEGIN
     IF p_namespace IS NULL THEN
         PERFORM meter._require_maintenance('rolling every namespace');
@@ -160,19 +179,9 @@ BEGIN
             -- 064: under the account's lock, which the step takes next anyway: read
             -- without it, a configuration not committed yet showed the old start, and
             -- the step, waiting for the account, then read the new one
-            PERFORM 1 FROM meter.accounts a                                             -- 064
-            WHERE a.namespace = v_cand.namespace AND a.account_id = v_cand.account_id  -- 064
-            FOR UPDATE;                                                                 -- 064
-            SELECT least(a.period_start,                                                -- 064
-                         coalesce((SELECT max(p.period_start) FROM meter.periods p
-                                   WHERE p.namespace = a.namespace
-                                     AND p.account_id = a.account_id
-                                     AND p.opened_at IS NOT NULL
-                                   HAVING bool_or(p.period_end >= a.period_start)),
-                                  a.period_start)) - 1
-            INTO v_earliest FROM meter.accounts a
-            WHERE a.namespace = v_cand.namespace AND a.account_id = v_cand.account_id;
-            IF meter._ledger_months_missing(v_earliest, v_today) THEN                   -- 064
+            IF meter._ledger_months_missing(                                            -- 064
+                   meter._lock_roll_earliest(v_cand.namespace, v_cand.account_id),
+                   v_today) THEN
                 BEGIN
                     LOCK TABLE ONLY meter.ledger IN SHARE UPDATE EXCLUSIVE MODE NOWAIT;
                     v_ledger_locked := true;

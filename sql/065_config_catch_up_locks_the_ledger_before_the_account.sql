@@ -77,7 +77,6 @@ DECLARE
     v_month date;
     v_step interval;
     v_reach date;
-    v_earliest date;  -- 065
     v_nowait boolean := false;  -- 065: the ledger's lock is being tried without waiting
 BEGIN
     PERFORM meter._guard(p_namespace);
@@ -191,19 +190,8 @@ BEGIN
         -- for holding no account (the steps lock the account again). Not waited for while
         -- holding the account: a writer holding that lock may be waiting for it.
         BEGIN                                                                           -- 065
-            PERFORM 1 FROM meter.accounts a                                             -- 065
-            WHERE a.namespace = p_namespace AND a.account_id = v_account               -- 065
-            FOR UPDATE;                                                                 -- 065
-            SELECT least(a.period_start,                                                -- 065
-                         coalesce((SELECT max(p.period_start) FROM meter.periods p      -- 065
-                                   WHERE p.namespace = a.namespace                      -- 065
-                                     AND p.account_id = a.account_id                    -- 065
-                                     AND p.opened_at IS NOT NULL                        -- 065
-                                   HAVING bool_or(p.period_end >= a.period_start)),     -- 065
-                                  a.period_start)) - 1                                  -- 065
-            INTO v_earliest FROM meter.accounts a                                       -- 065
-            WHERE a.namespace = p_namespace AND a.account_id = v_account;               -- 065
-            IF meter._ledger_months_missing(v_earliest, v_today) THEN                   -- 065
+            IF meter._ledger_months_missing(                                            -- 065
+                   meter._lock_roll_earliest(p_namespace, v_account), v_today) THEN     -- 065
                 v_nowait := true;                                                       -- 065
                 LOCK TABLE ONLY meter.ledger IN SHARE UPDATE EXCLUSIVE MODE NOWAIT;     -- 065
             END IF;                                                                     -- 065
