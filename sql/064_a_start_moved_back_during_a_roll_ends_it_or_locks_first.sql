@@ -16,7 +16,7 @@
 -- next roll sees the missing month and takes the lock before its first account (the beat
 -- runs it every 60 s). Read without the account's lock (this migration's first version,
 -- found by a review, reproduced: test_races.py
--- test_a_start_moved_back_while_the_roll_waits_for_that_account_never_deadlocks_it), a
+-- test_a_start_moved_back_during_a_roll_never_deadlocks_it[while_the_roll_waits_for_it]), a
 -- set_period_config not yet committed when the roll came to the account still showed
 -- the old start; the step waited for the account, then read the new start and made its
 -- month under the accounts rolled before (40P01 again, for the whole length of the

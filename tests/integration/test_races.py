@@ -1453,84 +1453,19 @@ def test_a_roll_opening_a_new_plan_after_an_old_history_holds_no_partition_lock(
     assert client.reconcile() == []
 
 
-def test_a_start_moved_back_during_a_roll_never_deadlocks_it(db_url, client, db):
+@pytest.mark.parametrize(
+    "committed", ["before_the_roll_comes_to_it", "while_the_roll_waits_for_it"]
+)
+def test_a_start_moved_back_during_a_roll_never_deadlocks_it(db_url, client, db, committed):
     # The roll reads its candidates' starts once, before its first account, and takes the
     # ledger's partition lock only if a month from those starts is missing. b's start is
     # moved back into a month that has none while the roll waits for a2 (held by z): the
     # roll then made that month holding a, for which x, which made a month, waits (40P01).
-    # Since 064 it reads b's start again, finds the lock taken, and ends there.
-    today = db.execute("SELECT (now() AT TIME ZONE 'UTC')::date AS d").fetchone()["d"]
-    for user in ("a", "a2", "b"):
-        client.allocate(user, ET, 10, UNIT)
-        db.execute(
-            "SELECT meter.set_period_config(%s, %s, %s, NULL, %s, 5, NULL, 'default')",
-            (user, ET, UNIT, today),
-        )
-    deadlocks = _deadlocks(db)
-    errors: dict[str, BaseException] = {}
-    rolled: list[tuple[Any, ...]] = []
-    with (
-        psycopg.connect(db_url) as z,
-        psycopg.connect(db_url) as x,
-        psycopg.connect(db_url, autocommit=True) as roll_conn,
-    ):
-        z.execute(f"SELECT * FROM meter.consume('a2', '{ET}', 1, '{UNIT}')")  # holds a2
-
-        def run_roll() -> None:
-            try:
-                rolled.extend(
-                    roll_conn.execute("SELECT * FROM meter.roll_periods('default')").fetchall()
-                )
-            except BaseException as exc:
-                errors["roll"] = exc
-
-        def run_x() -> None:
-            try:
-                x.execute(f"SELECT * FROM meter.consume('a', '{ET}', 1, '{UNIT}')")
-                x.commit()
-            except BaseException as exc:
-                errors["x"] = exc
-                x.rollback()
-
-        roll = threading.Thread(target=run_roll)
-        roll.start()
-        eventually(lambda: _waiting_on_a_lock(db, roll_conn.info.backend_pid))  # for a2
-        db.execute(
-            "SELECT meter.set_period_config('b', %s, %s, NULL, date '1997-03-10', 5, NULL,"
-            " 'default')",
-            (ET, UNIT),
-        )
-        x.execute(
-            f"SELECT * FROM meter.consume('e', '{ET}', 1, '{UNIT}',"
-            " p_event_time => '1998-06-15 00:00:00+00')"
-        )  # x made a month: it holds the ledger's partition lock
-        xt = threading.Thread(target=run_x)
-        xt.start()
-        eventually(lambda: _waiting_on_a_lock(db, x.info.backend_pid))  # for a
-        z.commit()
-        roll.join(30)
-        xt.join(30)
-    assert errors == {}
-    assert _deadlocks(db) == deadlocks
-    # the roll ended before b, whose month x's lock kept it from making; the next roll
-    # takes the lock first and rolls b from its new start
-    assert "b" not in {r[1] for r in rolled} and {"a", "a2"} <= {r[1] for r in rolled}
-    again = db.execute("SELECT * FROM meter.roll_periods('default', p_batch_size => 5)")
-    assert [r["user_id"] for r in again.fetchall()] == ["b"] * 5
-    assert "ledger_1997_03" in ledger_partitions(db)
-    assert client.reconcile() == []
-
-
-def test_a_start_moved_back_while_the_roll_waits_for_that_account_never_deadlocks_it(
-    db_url, client, db
-):
-    # 064's first version read a later candidate's start again before rolling it, but
-    # without its account's lock: a set_period_config holding b (uncommitted) when the roll comes to b
-    # still showed b's old start, the step waited for b, and once it committed, made b's
-    # new month under a, a2 and b, waiting for the ledger's partition lock held by x, which
-    # had made a month and waited for a (40P01): the window is the whole transaction of a
-    # set_period_config on the account the roll comes to, not a moment. Now the roll
-    # locks the account before it reads the start again.
+    # Since 064 it reads b's start again under b's lock, finds x's lock taken, and ends
+    # there. Read without b's lock (064's first version), a set_period_config holding b
+    # uncommitted when the roll comes to b still showed the old start; the step waited
+    # for b and, once it committed, made b's month under a, a2 and b (40P01 again): the
+    # window is the whole transaction of a configuration, not a moment.
     today = db.execute("SELECT (now() AT TIME ZONE 'UTC')::date AS d").fetchone()["d"]
     for user in ("a", "a2", "b"):
         client.allocate(user, ET, 10, UNIT)
@@ -1572,7 +1507,9 @@ def test_a_start_moved_back_while_the_roll_waits_for_that_account_never_deadlock
             "SELECT meter.set_period_config('b', %s, %s, NULL, date '1997-03-10', 5, NULL,"
             " 'default')",
             (ET, UNIT),
-        )  # holds b, not committed
+        )  # holds b
+        if committed == "before_the_roll_comes_to_it":
+            config.commit()
         x.execute(
             f"SELECT * FROM meter.consume('e', '{ET}', 1, '{UNIT}',"
             " p_event_time => '1998-06-15 00:00:00+00')"
@@ -1581,25 +1518,29 @@ def test_a_start_moved_back_while_the_roll_waits_for_that_account_never_deadlock
         xt.start()
         eventually(lambda: _waiting_on_a_lock(db, x.info.backend_pid))  # for a
         z.commit()
-        # for b: blocked by config itself (a wait for a2 may still show a moment after z's
-        # commit, and config committing before the roll came to b tested nothing new)
-        eventually(
-            lambda: (
-                config.info.backend_pid
-                in db.execute(
-                    "SELECT pg_blocking_pids(%s) AS p", (roll_conn.info.backend_pid,)
-                ).fetchone()["p"]
+        if committed == "while_the_roll_waits_for_it":
+            # for b: blocked by config itself (a wait for a2 may still show a moment after
+            # z's commit, and config committing before the roll came to b is the other case)
+            eventually(
+                lambda: (
+                    config.info.backend_pid
+                    in db.execute(
+                        "SELECT pg_blocking_pids(%s) AS p", (roll_conn.info.backend_pid,)
+                    ).fetchone()["p"]
+                )
             )
-        )
-        config.commit()
+            config.commit()
         roll.join(30)
         xt.join(30)
     assert errors == {}
     assert _deadlocks(db) == deadlocks
     assert not any(r[5] == "error" for r in rolled), rolled
+    # the roll ended before b, whose month x's lock kept it from making; the next roll
+    # takes the lock first and rolls b from its new start
     assert "b" not in {r[1] for r in rolled} and {"a", "a2"} <= {r[1] for r in rolled}
     again = db.execute("SELECT * FROM meter.roll_periods('default', p_batch_size => 5)")
     assert [r["user_id"] for r in again.fetchall()] == ["b"] * 5
+    assert "ledger_1997_03" in ledger_partitions(db)
     assert client.reconcile() == []
 
 
