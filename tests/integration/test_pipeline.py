@@ -2317,6 +2317,27 @@ def test_the_deepest_metadata_the_producer_takes_is_sent_and_applied_with_its_ba
     assert dead_letters(db) == []
 
 
+def test_metadata_deeper_than_the_producer_takes_is_refused_and_sends_nothing(
+    pipeline, make_producer, db
+):
+    """A refusal changes nothing: the call raises ValidationError naming metadata, its event
+    is in no buffer and no message, and the buffer's other events go on as they were."""
+    from meter.errors import ValidationError as VE
+    from meter.producer import MAX_METADATA_DEPTH
+
+    producer = make_producer(batch_size=2, linger_ms=60_000)
+    producer.consume("u1", ET, 1, UNIT, idempotency_key="before")  # buffered
+    with pytest.raises(VE) as exc:
+        producer.consume(
+            "u1", ET, 5, UNIT, idempotency_key="deep", metadata=_nested(MAX_METADATA_DEPTH + 1)
+        )
+    assert exc.value.parameter == "metadata"
+    producer.consume("u1", ET, 2, UNIT, idempotency_key="after")  # fills the batch: sends it
+    rows = eventually(lambda: (r := ledger(db)) and len(r) == 2 and r, timeout=60)
+    assert sorted(r["idempotency_key"] for r in rows) == ["after", "before"]
+    assert dead_letters(db) == []
+
+
 @pytest.mark.timeout(120)
 def test_a_commit_with_the_deepest_metadata_the_producer_takes_waits_for_its_reserve(
     pipeline, make_producer, client, db
