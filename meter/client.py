@@ -10,7 +10,10 @@ namespace, so PostgreSQL evaluates it before the function runs (``docs/internals
 Without an actor context (:meth:`MeterClient.set_actor`) the statement passes the namespace
 alone (``meter.ctx(%s)``). Each statement's text is constant, so psycopg prepares it after
 a few executions. All arguments are validated in Python first (:mod:`meter.types`): bad
-input raises :class:`~meter.errors.ValidationError` and never reaches the database.
+input raises :class:`~meter.errors.ValidationError` and never reaches the database. One
+relation between arguments is left to the database: a read's time window whose
+``start_time`` is after its ``end_time``, which it refuses, raised as the same
+``ValidationError`` naming ``start_time``.
 """
 
 from __future__ import annotations
@@ -1403,7 +1406,9 @@ class MeterClient:
         Parameters:
             user_id, event_type, unit, resource: the account key (``user_id=None``: pool).
             start_time, end_time: ``event_time`` in ``[start_time, end_time)``; ``None`` is
-                unbounded.
+                unbounded. ``start_time`` after ``end_time`` is refused (``ValidationError``
+                naming ``start_time``); equal, the window is empty (but for the entries of
+                that time with an id below ``before_id``).
             limit: at most this many rows (``None``: 100; capped at 10000; >= 1).
             before_id: with ``end_time``, the id of the entry the page continues after:
                 entries with ``event_time < end_time``, or ``== end_time`` and
@@ -1440,7 +1445,8 @@ class MeterClient:
         Parameters:
             user_id: the user.
             start_time, end_time: ``event_time`` in ``[start_time, end_time)``; ``None`` is
-                unbounded.
+                unbounded. ``start_time`` after ``end_time`` is refused (``ValidationError``
+                naming ``start_time``); equal, the window is empty.
 
         Returns:
             Dicts with ``event_type``, ``resource``, ``unit``, ``total_consumed``
@@ -1466,7 +1472,8 @@ class MeterClient:
 
         Parameters:
             start_time, end_time: ``event_time`` in ``[start_time, end_time)``; ``None`` is
-                unbounded.
+                unbounded. ``start_time`` after ``end_time`` is refused (``ValidationError``
+                naming ``start_time``); equal, the window is empty.
 
         Returns:
             Dicts as :meth:`get_usage` plus ``unique_users`` (int).
@@ -1760,7 +1767,10 @@ class MeterClient:
             user_id: only this user's events.
             actor_id: only events by this actor.
             kinds: only these kinds (see :data:`AUDIT_KINDS`).
-            start_time, end_time: ``at`` in ``[start_time, end_time)``.
+            start_time, end_time: ``at`` in ``[start_time, end_time)``; ``None`` is
+                unbounded. ``start_time`` after ``end_time`` is refused (``ValidationError``
+                naming ``start_time``); equal, the window is empty (but for the events of
+                that time listed after ``before_event_id``).
             limit: at most this many (``None``: 100; capped at 10000; >= 1).
             before_event_id: with ``end_time`` (that event's ``at``), the ``event_id`` of
                 the event the page continues after. Refused without ``end_time``, or when

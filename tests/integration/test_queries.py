@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import psycopg
 import pytest
 
 from meter.errors import ValidationError
-from tests.fix_db import wait_until_expired
+from tests.fix_db import ledger_partitions, wait_until_expired
 
 D = Decimal
 U = "u1"
@@ -1049,3 +1049,112 @@ def test_audit_pages_go_on_past_an_expiry_committed_late_between_them(client, db
         end_time=first[0]["at"], before_event_id=first[0]["event_id"], limit=100
     )
     assert [first[0]["event_id"], *(e["event_id"] for e in rest)] == everything
+
+
+# ---------------------------------------------------------------- time windows
+
+# A start after the end by a microsecond, and a window in months with no ledger partition.
+REVERSED = [
+    (T1 + timedelta(microseconds=1), T1),
+    (datetime(2031, 1, 1, tzinfo=UTC), datetime(2030, 1, 1, tzinfo=UTC)),
+]
+# Each read taking a window: its call through the SDK, and in SQL (with the window last).
+WINDOW_READS = {
+    "get_ledger": (
+        lambda c, start, end: c.get_ledger(U, ET, UNIT, start_time=start, end_time=end),
+        "SELECT * FROM meter.get_ledger(p_user_id => %s, p_event_type => %s, p_unit => %s,"
+        " p_start_time => %s, p_end_time => %s)",
+        (U, ET, UNIT),
+    ),
+    "get_usage": (
+        lambda c, start, end: c.get_usage(U, start, end),
+        "SELECT * FROM meter.get_usage(%s, %s, %s)",
+        (U,),
+    ),
+    "get_namespace_usage": (
+        lambda c, start, end: c.get_namespace_usage(start, end),
+        "SELECT * FROM meter.get_namespace_usage(%s, %s)",
+        (),
+    ),
+    "get_audit_events": (
+        lambda c, start, end: c.get_audit_events(start_time=start, end_time=end),
+        "SELECT * FROM meter.get_audit_events(p_start_time => %s, p_end_time => %s)",
+        (),
+    ),
+}
+
+
+@pytest.mark.parametrize("read", sorted(WINDOW_READS))
+def test_a_window_ending_before_it_starts_is_refused(client, db, snapshot, read):
+    """A start after the end answered with nothing, as if nothing had happened in the
+    window (a report with its bounds swapped said a user consumed nothing): now MT001
+    naming start_time, the message naming end_time too, and nothing written."""
+    sdk, statement, key = WINDOW_READS[read]
+    _usage_fixture(client)
+    before, months = snapshot(), ledger_partitions(db)
+    for start, end in REVERSED:
+        with pytest.raises(ValidationError) as ei:
+            sdk(client, start, end)
+        assert ei.value.sqlstate == "MT001"
+        assert ei.value.parameter == "start_time"
+        assert str(ei.value).startswith("start_time: ") and "after end_time" in str(ei.value)
+        with pytest.raises(psycopg.Error) as sql:
+            db.execute(statement, (*key, start, end))
+        assert sql.value.sqlstate == "MT001"
+        assert sql.value.diag.column_name == "start_time"
+        assert "after end_time" in sql.value.diag.message_primary
+    assert snapshot() == before
+    assert ledger_partitions(db) == months
+    # a bound left open is unbounded, as before
+    assert sdk(client, T1, None) == sdk(client, None, None)
+    assert sdk(client, None, T1) == []
+
+
+def test_a_reversed_window_is_refused_with_a_cursor_too(client, snapshot, app_url, make_client):
+    """A cursor makes no reversed window meaningful (its entries are at end_time, before
+    start_time). And a tenant's login gets the same refusal."""
+    ids = [client.allocate(U, ET, D("1"), UNIT, event_time=T2)["entry_id"] for _ in range(2)]
+    last = client.get_audit_events()[0]
+    tenant = make_client(url=app_url)
+    before = snapshot()
+    for call in (
+        lambda c: c.get_ledger(U, ET, UNIT, start_time=T3, end_time=T2, before_id=ids[1]),
+        lambda c: c.get_audit_events(
+            start_time=last["at"] + timedelta(seconds=1),
+            end_time=last["at"],
+            before_event_id=last["event_id"],
+        ),
+        lambda c: c.get_usage(U, T3, T2),
+    ):
+        for c in (client, tenant):
+            with pytest.raises(ValidationError) as ei:
+                call(c)
+            assert ei.value.parameter == "start_time"
+    assert snapshot() == before
+
+
+def test_a_window_of_one_instant_is_empty_but_for_a_cursor(client, db):
+    """start = end is not refused: [t, t) is empty, even of the entries at t, and with a
+    cursor at t it holds the entries of t after the cursor (a listing's last page)."""
+    a, b, c = (client.allocate(U, ET, D("9"), UNIT, event_time=T1)["entry_id"] for _ in "abc")
+    client.consume(U, ET, D("1"), UNIT, event_time=T2)
+    for sdk, _statement, _key in WINDOW_READS.values():
+        assert sdk(client, T1, T1) == [] and sdk(client, T2, T2) == []
+    assert [r["id"] for r in client.get_ledger(U, ET, UNIT, start_time=T1)] == [
+        r["id"] for r in client.get_ledger(U, ET, UNIT)
+    ]
+    page = client.get_ledger(U, ET, UNIT, start_time=T1, end_time=T1, before_id=c)
+    assert [r["id"] for r in page] == [b, a]
+    # the audit trail: a commit records its ledger row and the hold's completion at one time
+    rid = client.reserve(U, ET, D("2"), UNIT)["reservation_id"]
+    client.commit(rid, D("1"))
+    newest = client.get_audit_events(limit=2)
+    assert newest[0]["at"] == newest[1]["at"]
+    at = newest[0]["at"]
+    assert client.get_audit_events(start_time=at, end_time=at) == []
+    page = client.get_audit_events(
+        start_time=at, end_time=at, before_event_id=newest[0]["event_id"]
+    )
+    of_that_time = [e for e in client.get_audit_events(start_time=at, limit=1000) if e["at"] == at]
+    assert page == of_that_time[1:]
+    assert page and page[0] == newest[1]
