@@ -100,6 +100,26 @@ def test_ledger_newest_first_filtered_and_limited(env: dict[str, str], alice: No
     )
 
 
+@pytest.mark.parametrize(
+    "command",
+    [("usage", "alice"), ("ledger", "alice"), ("ledger", "nobody"), ("ledger", "--pool")],
+)
+def test_from_after_to_is_a_usage_error_naming_the_option(
+    env: dict[str, str], alice: None, snapshot: Any, command: tuple[str, ...]
+) -> None:
+    # It printed nothing found, as if nothing had happened in the window (`ledger` of a
+    # user without accounts asks the database nothing, which refuses the window too).
+    before = snapshot()
+    for window in (("2026-03-01", "2026-02-01"), ("2026-02-10T00:00:00.000001", "2026-02-10")):
+        swapped = run(env, *command, "--from", window[0], "--to", window[1])
+        assert swapped.exit_code == EXIT_USAGE, swapped.output
+        assert "'--from'" in swapped.stderr and "is after --to" in swapped.stderr
+    assert snapshot() == before
+    # --from = --to is the empty window [t, t), even of what happened at t
+    empty = run(env, *command, "--from", "2026-02-10", "--to", "2026-02-10", "--json")
+    assert as_json(empty) == []
+
+
 def test_reconcile_exit_status_follows_the_findings(
     env: dict[str, str], alice: None, db: Any
 ) -> None:
