@@ -830,7 +830,12 @@ class MeterProducer:
     ) -> EventHandle:
         """Enqueue a consumption; parameters as :meth:`meter.MeterClient.consume`.
 
-        ``want_result`` overrides the producer's ``results`` for this event.
+        ``want_result`` overrides the producer's ``results`` for this event. Without an
+        ``event_time`` the consumption is dated when a worker applies it (after a backlog,
+        an outage or a dead letter's retry: in the month and billing period of that
+        moment); pass ``datetime.now(UTC)`` to date it at the call, and the same time
+        again with its ``idempotency_key`` should you send it once more yourself (another
+        time is another request: a conflict).
 
         Raises:
             ValidationError; PublishError (the event is in doubt: resend ``exc.events``);
@@ -856,6 +861,8 @@ class MeterProducer:
         want_result: bool | None = None,
     ) -> EventHandle:
         """Enqueue an allocation; parameters as :meth:`meter.MeterClient.allocate`.
+
+        Without an ``event_time`` it is dated when a worker applies it, as :meth:`consume`.
 
         Raises:
             ValidationError; PublishError (the event is in doubt: resend ``exc.events``);
