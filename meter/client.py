@@ -1533,12 +1533,22 @@ class MeterClient:
                 but not opened yet, so that its period opens before the change replaces
                 it (a backdated start replaced before beat came round is taken as
                 corrected). A start before the latest period opened (the first start,
-                re-applied) leaves the current period as it is.
+                re-applied) leaves the current period as it is. Any other start does not
+                roll first: made while the roll is behind, it acts on the periods as
+                last rolled (beat down since Oct 1, a change restating the Sep 1 start
+                gives its allocation to October and November too, and closes September
+                under its limit; docs/internals.md, 026 and 029).
             period_allocation: what each period grants, >= 0.
             carry_over_limit: the most that rolls into the next period, >= 0 (``None``:
-                everything carries over). A period closes under the limit of the
-                configuration it was opened with: a change for a later start applies
-                from that start on.
+                everything carries over). A period closes under the limit of the latest
+                configuration whose start is no later than its own: a change for a later
+                start applies from that start on, while one restating the current
+                period's start (or an earlier one) sets the limit that period closes
+                under (its allocation, granted already, stays). What is available at the
+                close expires above the limit whatever it came from (top-ups by
+                :meth:`allocate` included); what an active hold holds at the end is not
+                available: it does not expire, and what its commit does not consume
+                returns to the next period.
             period_interval: whole days or whole months (``'1 month'``, ``'7 days'``, or a
                 timedelta of whole days), at most 100 years (36000 days); ``None`` means
                 ``'1 month'``.
