@@ -311,6 +311,7 @@ MAX_METADATA_DEPTH: Final = 800
 """The deepest nesting of ``metadata`` the producer takes (objects and arrays inside it):
 what a worker, whose stack is deeper than a caller's, still decodes."""
 
+
 def _depth(value: Any) -> int:
     """How many levels of objects and arrays ``value`` (decoded JSON) holds below itself;
     without recursion."""
