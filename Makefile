@@ -27,6 +27,7 @@ run: venv
 
 test: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
 
 # Benchmarks (docs/benchmarks.md): every section, several minutes on 2 cores;
