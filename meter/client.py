@@ -276,6 +276,7 @@ _SQL_SET_PERIOD_CONFIG = _statement(
 )  # fmt: skip
 _SQL_OPEN_PERIOD = _statement("open_period", *_ACCOUNT, "period_start date", "allocation numeric")
 _SQL_CLOSE_PERIOD = _statement("close_period", *_ACCOUNT, "period_end date")
+_SQL_GET_PERIODS = _statement("get_periods", *_ACCOUNT, "limit integer", reads=True)
 _SQL_RELEASE_EXPIRED = _statement("release_expired_reservations", "batch_size integer")
 _SQL_RECONCILE = _statement("reconcile", reads=True)
 _SQL_GET_STATS = _statement("get_stats", reads=True)
@@ -1654,6 +1655,47 @@ class MeterClient:
                 end := t.check_date(period_end, "period_end"),
             ],
             replay=_replayed_by(period_end=end),
+        )
+
+    def get_periods(
+        self,
+        user_id: str | None,
+        event_type: str | None = None,
+        unit: str | None = None,
+        resource: str | None = None,
+        limit: int | None = 100,
+    ) -> list[Row]:
+        """The periods history of a user's accounts (``None``: the pool's), newest first.
+
+        One row per period opened or closed (by :meth:`open_period`, :meth:`close_period`
+        or the roll), as ``meter periods show`` prints them.
+
+        Parameters:
+            user_id: the user (``None``: the namespace's pool accounts).
+            event_type, unit, resource: narrow to accounts with this value; ``None`` is
+                any. Unlike the account key elsewhere, ``resource=None`` is any resource:
+                pass ``""`` for the accounts without one.
+            limit: at most this many rows (``None``: 100; capped at 10000; >= 1).
+
+        Returns:
+            Dicts with ``event_type``, ``resource``, ``unit``, ``period_start``,
+            ``period_end`` (dates; ``period_start`` ``None`` for a close with no recorded
+            opening), ``allocation``, ``open_balance``, ``expired``, ``carried_over``,
+            ``close_balance`` (Decimal, ``None`` where the period was not opened or not
+            closed), ``opened_at``, ``opened_by``, ``closed_at``, ``closed_by``.
+
+        Raises:
+            ValidationError, MeterConnectionError, MeterError.
+        """
+        return self._run(
+            _SQL_GET_PERIODS,
+            [
+                _ident(user_id, "user_id", nullable=True),
+                _ident(event_type, "event_type", nullable=True),
+                _ident(unit, "unit", nullable=True),
+                _ident(resource, "resource", nullable=True),
+                t.check_limit(limit, "limit"),
+            ],
         )
 
     def release_expired_reservations(self, batch_size: int = DEFAULT_BATCH_SIZE) -> int:

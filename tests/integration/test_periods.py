@@ -642,3 +642,46 @@ def test_a_repeated_close_leaves_an_expired_hold_alone(client, db, snapshot):
     before = snapshot()
     assert client.close_period(U, ET, UNIT, None, date(2024, 1, 31)) == first
     assert snapshot() == before
+
+
+# ---------------------------------------------------------------- get_periods
+
+
+def test_get_periods_reads_the_history_by_account_newest_first(client, make_client):
+    """The SDK reads the periods history the CLI shows; ``resource=None`` is any resource
+    and ``""`` none, as the SQL function takes them; other namespaces' periods never."""
+    config(client, D("100"), D("10"))
+    client.set_period_config(U, ET, UNIT, "gpu", JAN1, D("7"))
+    client.set_period_config(None, ET, UNIT, None, JAN1, D("1000"))
+    client.open_period(U, ET, UNIT, None, JAN1)
+    client.open_period(U, ET, UNIT, "gpu", JAN1)
+    client.open_period(None, ET, UNIT, None, JAN1)
+    client.consume(U, ET, D("30.5"), UNIT)
+    client.close_period(U, ET, UNIT, None, JAN31)
+    client.open_period(U, ET, UNIT, None, FEB1)
+    other = make_client(namespace="other-ns")
+    other.set_period_config(U, ET, UNIT, None, JAN1, D("5"))
+    other.open_period(U, ET, UNIT, None, JAN1)
+
+    rows = client.get_periods(U)
+    assert [(r["resource"], r["period_start"], r["period_end"]) for r in rows] == [
+        ("", FEB1, None),
+        ("gpu", JAN1, None),
+        ("", JAN1, JAN31),
+    ]
+    jan = rows[2]
+    assert (jan["allocation"], jan["open_balance"]) == (D("100"), D("100"))
+    assert (jan["expired"], jan["carried_over"], jan["close_balance"]) == (
+        D("59.5"),
+        D("10"),
+        D("10"),
+    )
+    assert all(isinstance(jan[k], Decimal) for k in ("expired", "carried_over", "open_balance"))
+    assert rows[0]["open_balance"] == D("110")  # 10 carried and February's 100
+    assert [r["period_start"] for r in client.get_periods(U, resource="")] == [FEB1, JAN1]
+    assert [r["resource"] for r in client.get_periods(U, ET, UNIT, "gpu")] == ["gpu"]
+    assert client.get_periods(U, unit="other") == []
+    assert len(client.get_periods(U, limit=1)) == 1
+    assert [r["allocation"] for r in client.get_periods(None)] == [D("1000")]
+    assert [r["allocation"] for r in other.get_periods(U)] == [D("5")]
+    assert client.get_periods("nobody") == []

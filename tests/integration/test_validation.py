@@ -58,6 +58,7 @@ CALLS = {
         user_id=U, event_type=ET, unit=UNIT, resource=None, period_end=date(2024, 1, 31)
     ),
     "get_audit_events": dict(),
+    "get_periods": dict(user_id=U),
 }
 
 ACCOUNT_FNS = [
@@ -73,10 +74,10 @@ ACCOUNT_FNS = [
     "close_period",
 ]
 TAKES = {
-    "user_id": [*ACCOUNT_FNS, "get_user_balances", "get_usage", "get_audit_events"],
-    "event_type": ACCOUNT_FNS,
-    "unit": ACCOUNT_FNS,
-    "resource": ACCOUNT_FNS,
+    "user_id": [*ACCOUNT_FNS, "get_user_balances", "get_usage", "get_audit_events", "get_periods"],
+    "event_type": [*ACCOUNT_FNS, "get_periods"],
+    "unit": [*ACCOUNT_FNS, "get_periods"],
+    "resource": [*ACCOUNT_FNS, "get_periods"],
     "idempotency_key": ["allocate", "consume", "reserve", "adjust"],
     "reservation_id": ["commit", "release", "reserve"],
     "metadata": ["allocate", "consume", "reserve", "adjust", "commit"],
@@ -579,9 +580,10 @@ def test_ttl_out_of_range_refused(seeded, snapshot, ttl):
     assert_refused(lambda: invoke(seeded, "reserve", ttl_seconds=ttl), snapshot, "ttl_seconds")
 
 
+@pytest.mark.parametrize("fn", ["get_ledger", "get_periods"])
 @pytest.mark.parametrize("limit", [0, -1, -(10**5000)], ids=["0", "-1", "-1e5000"])
-def test_ledger_limit_below_one_refused(seeded, snapshot, limit):
-    assert_refused(lambda: invoke(seeded, "get_ledger", limit=limit), snapshot, "limit")
+def test_ledger_limit_below_one_refused(seeded, snapshot, fn, limit):
+    assert_refused(lambda: invoke(seeded, fn, limit=limit), snapshot, "limit")
 
 
 @pytest.mark.parametrize(
