@@ -85,7 +85,8 @@ def main() -> None:
     Exit status (every command):
       0  success; for a check (status, reconcile): nothing wrong
       1  a check found problems, or an operation failed
-      2  usage error: bad options or arguments, invalid input
+      2  usage error: bad options or arguments, invalid input, a database URL
+         that is malformed or holds a value libpq refuses (sslmode=bogus)
       3  cannot connect to the database (status, up, demo: or the broker),
          or the connection was lost under the call
     """
@@ -99,7 +100,11 @@ def main() -> None:
     help="Also create/refresh the group roles meter_app and meter_maintenance (sql/roles.sql).",
 )
 def migrate(database_url: str | None, with_roles: bool) -> None:
-    """Apply pending sql/NNN_*.sql migrations, once each, in order."""
+    """Apply pending sql/NNN_*.sql migrations, once each, in order.
+
+    Exit status 3 when the database cannot be reached within the URL's connect_timeout,
+    else 10 s.
+    """
     from meter.migrate import migrate as run_migrations
     from meter.migrate import schema_version
 
@@ -216,11 +221,22 @@ def _cli_errors() -> Iterator[None]:
         err_console.print(f"[bold red]error:[/] {escape(str(exc).strip())}")
         raise SystemExit(EXIT_UNREACHABLE) from exc
     except ValidationError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        err_console.print(f"[bold red]error:[/] {escape(_named_as_the_option(exc))}")
         raise SystemExit(EXIT_USAGE) from exc
     except MeterError as exc:
         err_console.print(f"[bold red]error:[/] {escape(_explained(exc))}")
         raise SystemExit(EXIT_PROBLEMS) from exc
+
+
+def _named_as_the_option(exc: Exception) -> str:
+    """``exc``'s message, a value of the URL that libpq refused at connect named after the
+    option the operator typed rather than the SDK's or the runner's parameter ("conn",
+    "conninfo"), which hold it."""
+    parameter = getattr(exc, "parameter", None)
+    message = str(exc)
+    if parameter in ("conn", "conninfo") and message.startswith(f"{parameter}: "):
+        return "database_url: " + message[len(parameter) + 2 :]
+    return message
 
 
 # What a database not migrated, or migrated by an older meter, answers a call of this one.
@@ -263,7 +279,6 @@ def _connect(database_url: str | None) -> Any:
     """One autocommit psycopg connection to the resolved database; ValidationError for a
     malformed URL, MeterConnectionError when it cannot be reached."""
     import psycopg
-    from psycopg.conninfo import conninfo_to_dict
 
     from meter import session
     from meter import types as t
@@ -271,14 +286,15 @@ def _connect(database_url: str | None) -> Any:
 
     url = resolve_database_url(database_url)
     try:
-        # a connect_timeout of the URL's own wins
-        timeout = {} if "connect_timeout" in conninfo_to_dict(url) else {"connect_timeout": 10}
-        conn = psycopg.connect(url, autocommit=True, **timeout)
+        conn = psycopg.connect(url, autocommit=True, **t.connect_timeout(url))
         session.use_settings(conn)  # dates and intervals in the styles psycopg reads
         return conn
     except psycopg.ProgrammingError as exc:  # the URL's syntax, or one of its values
         raise t.invalid("database_url", f"invalid conninfo: {str(exc).strip()}") from None
     except psycopg.OperationalError as exc:
+        refused = t.refused_conninfo(url, "database_url", exc)  # a value libpq refused
+        if refused is not None:
+            raise refused from None
         raise MeterConnectionError(f"cannot connect to the database: {str(exc).strip()}") from exc
 
 
@@ -748,14 +764,17 @@ def status(database_url: str | None, broker_url: str | None, timeout: float, as_
     """Health of the installation: database, schema, queue, dead letters, workers, beat.
 
     Exit status: 0 healthy; 1 a problem found (pending migrations, dead letters waiting, no
-    worker answering, a periodic task whose last run failed); 2 a malformed --database-url;
-    3 the database or the broker cannot be reached.
+    worker answering, a periodic task whose last run failed); 2 a malformed --database-url,
+    or one with a value libpq refuses (with --json: the report, the database not looked
+    at); 3 the database or the broker cannot be reached.
     """
     from meter import status as st
     from meter.embedded import default_data_root
+    from meter.errors import ValidationError
 
     url: str | None = None
     why: str | None = None  # no url: the embedded server's error, for the report too
+    invalid: MeterError | None = None
     if database_url or (default_data_root() / "pg").is_dir():
         # given, or the embedded server of `meter up` (reused; started if it was stopped)
         try:
@@ -763,9 +782,24 @@ def status(database_url: str | None, broker_url: str | None, timeout: float, as_
         except EmbeddedServerError as exc:
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
             why = f"the embedded server did not start: {' '.join(str(exc).split())[:500]}"
-        except MeterError as exc:  # a malformed URL: a usage error, nothing looked at
-            _fail(exc)
-    report = st.collect(url, resolve_broker_url(broker_url), timeout, database_error=why)
+        except MeterError as exc:  # a malformed URL: a usage error
+            invalid = exc
+    broker = resolve_broker_url(broker_url)
+    report: dict[str, Any] | None = None
+    if invalid is None:
+        try:
+            report = st.collect(url, broker, timeout, database_error=why)
+        except ValidationError as exc:  # a value libpq refused (sslmode=bogus)
+            invalid = exc
+    if invalid is not None:
+        if not as_json:
+            _fail(invalid)  # exit 2, nothing looked at
+        # The document of every other outcome, the database not looked at (exit 2 all the
+        # same): a probe's script reads JSON whatever happened.
+        err_console.print(f"[bold red]error:[/] {escape(str(invalid))}")
+        _emit_json(st.collect(None, broker, timeout, database_invalid=str(invalid)))
+        raise SystemExit(EXIT_USAGE)
+    assert report is not None
     if as_json:
         _emit_json(report)
     else:

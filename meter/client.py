@@ -1085,6 +1085,10 @@ class MeterClient:
         try:
             psycopg.connect(pool.conninfo, **kwargs).close()
         except psycopg.OperationalError as exc:
+            # a value libpq refuses (sslmode=bogus) is the caller's, not an outage
+            refused = t.refused_conninfo(pool.conninfo, "conn", exc)
+            if refused is not None:
+                raise refused from None
             raise MeterConnectionError(
                 f"cannot connect to the database: {str(exc).strip()}"
             ) from exc

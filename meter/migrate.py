@@ -38,7 +38,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from meter.errors import MeterConnectionError, MeterError
-from meter.types import check_conninfo
+from meter.types import check_conninfo, connect_timeout, refused_conninfo
 
 __all__ = [
     "Migration",
@@ -153,8 +153,9 @@ def migrate(
         MigrationError: an applied file changed, the database has a migration this code
             does not know, a file failed (its transaction is rolled back; earlier files
             stay applied), or ``roles.sql`` is missing.
-        MeterConnectionError: the database cannot be reached.
-        ValidationError: ``conninfo`` is malformed.
+        MeterConnectionError: the database cannot be reached (within ``conninfo``'s
+            ``connect_timeout``, else 10 s).
+        ValidationError: ``conninfo`` is malformed, or libpq refuses one of its values.
     """
     directory = sql_dir if sql_dir is not None else default_sql_dir()
     migrations = discover(directory)
@@ -176,12 +177,20 @@ def migrate(
 
 def _connect(conninfo: str, unreachable: str) -> psycopg.Connection[Any]:
     """An autocommit connection: ValidationError for a malformed ``conninfo`` (the
-    caller's mistake; it escaped as psycopg's ProgrammingError), MeterConnectionError,
-    prefixed ``unreachable``, when the server cannot be reached."""
+    caller's mistake; it escaped as psycopg's ProgrammingError) or one with a value libpq
+    refuses (``sslmode=bogus``; it was taken for a server out of reach),
+    MeterConnectionError, prefixed ``unreachable``, when the server cannot be reached.
+
+    Within ``connect_timeout`` seconds, 10 unless ``conninfo`` sets it: without one, a
+    host that does not answer held the run for psycopg's default of 130 s (the system's
+    TCP timeout, for libpq)."""
     check_conninfo(conninfo, "conninfo")
     try:
-        return psycopg.connect(conninfo, autocommit=True)
+        return psycopg.connect(conninfo, autocommit=True, **connect_timeout(conninfo))
     except psycopg.OperationalError as exc:
+        refused = refused_conninfo(conninfo, "conninfo", exc)
+        if refused is not None:
+            raise refused from None
         raise MeterConnectionError(f"{unreachable}: {exc}") from exc
 
 

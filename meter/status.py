@@ -67,11 +67,28 @@ def _unknown_database(url: str | None, error: str) -> dict[str, Any]:
     }
 
 
+CONNECT_TIMEOUT: Final = 5
+"""Seconds to wait to connect to the database (an address) when its URL sets none."""
+
+
 def _database(url: str) -> dict[str, Any]:
+    from meter import types as t
     from meter.migrate import newest, pending, recorded_versions
 
+    t.check_conninfo(url, "database_url")
     try:
-        conn = psycopg.connect(url, autocommit=True, connect_timeout=5, row_factory=dict_row)
+        conn = psycopg.connect(
+            # the URL's own connect_timeout wins: it was overridden by 5 s
+            url,
+            autocommit=True,
+            row_factory=dict_row,
+            **t.connect_timeout(url, CONNECT_TIMEOUT),
+        )
+    except psycopg.OperationalError as exc:
+        refused = t.refused_conninfo(url, "database_url", exc)
+        if refused is not None:  # the URL's, not an outage: nothing else is looked at
+            raise refused from None
+        return _unknown_database(url, _one_line(exc))
     except psycopg.Error as exc:
         return _unknown_database(url, _one_line(exc))
     out = {**_unknown_database(url, ""), "reachable": True, "error": None}
@@ -161,10 +178,12 @@ def _workers(broker_url: str, timeout: float) -> dict[str, Any]:
     return {"alive": sorted(host for reply in replies for host in reply), "error": None}
 
 
-def _problems(status: dict[str, Any]) -> list[str]:
+def _problems(status: dict[str, Any], *, invalid: bool = False) -> list[str]:
     db, broker, workers = status["database"], status["broker"], status["workers"]
     problems: list[str] = []
-    if not db["reachable"]:
+    if invalid:
+        problems.append(f"database not looked at: {db['error']}")
+    elif not db["reachable"]:
         problems.append(f"database unreachable: {db['error']}")
     else:
         # what could not be checked is not healthy (a role without the rights, say)
@@ -202,6 +221,7 @@ def collect(
     timeout: float = 1.0,
     *,
     database_error: str | None = None,
+    database_invalid: str | None = None,
 ) -> dict[str, Any]:
     """The status of a Meter installation.
 
@@ -212,20 +232,31 @@ def collect(
         timeout: seconds to wait for Redis and for the workers' ping replies.
         database_error: why there is no ``database_url`` (the embedded server did not
             start), reported as the database's error.
+        database_invalid: why there is no ``database_url``: the one given was refused as
+            malformed (a ValidationError of this function, or of the caller's own check),
+            reported as the database's error and as the problem "database not looked at".
 
     Returns:
         ``{"healthy", "problems", "database", "broker", "workers"}``: ``database`` has
         ``reachable``, ``schema_version``, ``pending_migrations``, ``dead_letters``
         (waiting, counted up to 10000) and ``maintenance`` (rows of
         ``meter.get_maintenance_runs()``, ``None`` if the schema has no such function),
-        always every key, ``None`` for what could not be looked at;
+        always every key, ``None`` for what could not be looked at (``reachable`` false
+        when the database was not looked at);
         ``broker`` has ``reachable``, ``queue_depth``, ``unacked``, ``consumers_alive``;
         ``workers`` has ``alive`` (hostnames; ``None`` when they could not be asked, the
         broker out of reach) and ``error``.
+
+    Raises:
+        ValidationError: naming ``database_url``, malformed or with a value libpq refuses
+            (``sslmode=bogus``, a ``service`` not defined), before the broker is looked at.
     """
     if database_url is None:
         database = _unknown_database(
-            None, database_error or "no database: set METER_DATABASE_URL or --database-url"
+            None,
+            database_invalid
+            or database_error
+            or "no database: set METER_DATABASE_URL or --database-url",
         )
     else:
         database = _database(database_url)
@@ -236,6 +267,6 @@ def collect(
         else {"alive": None, "error": "broker unreachable"}  # not asked: unknown
     )
     status: dict[str, Any] = {"database": database, "broker": broker, "workers": workers}
-    status["problems"] = _problems(status)
+    status["problems"] = _problems(status, invalid=database_url is None and bool(database_invalid))
     status["healthy"] = not status["problems"]
     return {"healthy": status["healthy"], "problems": status["problems"], **status}

@@ -40,10 +40,12 @@ __all__ = [
     "check_limit",
     "check_metadata",
     "check_timestamp",
+    "connect_timeout",
     "dumps",
     "invalid",
     "loads",
     "new_id",
+    "refused_conninfo",
     "to_amount",
 ]
 
@@ -411,6 +413,13 @@ def check_conninfo(value: str, name: str) -> None:
     """Check a conninfo string (a URL or ``key=value`` pairs) as libpq would parse it: a
     malformed one is the caller's mistake, which psycopg raises as ProgrammingError.
 
+    Also the values libpq and psycopg read as numbers only when they connect: ``port``
+    (each of a list: an integer from 1 to 65535, or empty for the default) and
+    ``connect_timeout`` (a number). A bad port failed as a host that could not be
+    resolved or reached, and a bad timeout as psycopg's ProgrammingError at connect.
+    Values libpq refuses when it connects (``sslmode``, a ``service`` not defined, ...)
+    are told apart by :func:`refused_conninfo` once a connection failed.
+
     Raises:
         ValidationError: naming ``name``, with the parser's message.
     """
@@ -420,9 +429,69 @@ def check_conninfo(value: str, name: str) -> None:
     if "\x00" in value:  # libpq would read up to it and connect elsewhere
         raise invalid(name, "invalid conninfo: contains a NUL character")
     try:
-        conninfo_to_dict(value)
+        params = conninfo_to_dict(value)
     except psycopg.ProgrammingError as exc:
         raise invalid(name, f"invalid conninfo: {str(exc).strip()}") from None
+    port = params.get("port")
+    if port is not None:
+        for one in str(port).split(","):
+            # libpq's pqParseIntParam: an integer, white space around it allowed
+            if one.strip() and not (_PORT_RE.fullmatch(one) and 1 <= int(one.strip()) <= 65535):
+                raise invalid(name, f"invalid conninfo: invalid port number: {shown(str(port))}")
+    timeout = params.get("connect_timeout")
+    if timeout is not None:
+        try:
+            int(float(timeout))  # as psycopg reads it ('nan' and 'inf' fail there too)
+        except (ValueError, OverflowError):
+            raise invalid(
+                name, f"invalid conninfo: connect_timeout is not a number: {shown(timeout)}"
+            ) from None
+
+
+_PORT_RE = re.compile(r"\s*\+?[0-9]+\s*")
+
+
+DEFAULT_CONNECT_TIMEOUT: Final = 10
+"""Seconds the command line and the migration runner wait to connect (an address) when
+the conninfo sets no ``connect_timeout``."""
+
+
+def connect_timeout(value: str, seconds: int = DEFAULT_CONNECT_TIMEOUT) -> dict[str, int]:
+    """The ``connect_timeout`` keyword argument to connect to conninfo ``value`` with:
+    ``seconds``, unless ``value`` sets its own (which then wins), so that a server out of
+    reach fails within a bound rather than after the system's TCP timeout (psycopg's
+    default: 130 s). ``value`` is one :func:`check_conninfo` passed."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    return {} if "connect_timeout" in conninfo_to_dict(value) else {"connect_timeout": seconds}
+
+
+def refused_conninfo(value: str, name: str, error: BaseException) -> ValidationError | None:
+    """After a connection to conninfo ``value`` failed with ``error``: the ValidationError
+    naming ``name`` when libpq refused the parameters themselves, before trying any server
+    (an ``sslmode`` or ``target_session_attrs`` it does not know, a ``service`` its service
+    file does not define, an option unknown in that file, as many ports as hosts not
+    given); ``None`` when it tried to reach one.
+
+    Told by libpq itself, not by its (translated) messages: ``PQping`` answers
+    ``PQPING_NO_ATTEMPT`` exactly when the options did not pass its checks. With options
+    that pass, the ping tries the server once more, for at most 2 s (libpq's least
+    ``connect_timeout``) an address. Not seen from here: a value libpq reads only when it
+    tries a server (``sslrootcert`` a missing file, ``keepalives=abc``, a ``PGPORT`` that
+    is no number); and a bad value libpq reads from the environment (``PGSSLMODE``) is
+    refused under ``name`` too.
+    """
+    import psycopg
+    from psycopg import pq
+    from psycopg.conninfo import make_conninfo
+
+    try:
+        probe = make_conninfo(value, connect_timeout=2)
+    except psycopg.ProgrammingError as exc:
+        return invalid(name, f"invalid conninfo: {str(exc).strip()}")
+    if pq.PGconn.ping(probe.encode()) != pq.Ping.NO_ATTEMPT:
+        return None
+    return invalid(name, f"invalid conninfo: {' '.join(str(error).split())}")
 
 
 def check_date(value: object, name: str) -> date:

@@ -752,3 +752,121 @@ def test_small_amounts_and_zeros_of_many_places_are_printed_in_plain_digits(
     assert "0.0000005" in ledger.output
     for output in (granted.stdout, table.output, ledger.output):
         assert "E-" not in output
+
+
+def _with_port(url: str, port: str) -> str:
+    return re.sub(r"@127\.0\.0\.1:\d+/", f"@127.0.0.1:{port}/", url, count=1)
+
+
+@pytest.fixture
+def service_file(tmp_path: Any) -> dict[str, str]:
+    """A libpq service file of our own: one service, with an option libpq does not know."""
+    path = tmp_path / "pg_service.conf"
+    path.write_text("[meter_odd]\nno_such_option=1\n")
+    return {"PGSERVICEFILE": str(path)}
+
+
+REFUSED_VALUES = {
+    "a port that is no number": lambda url: _with_port(url, "abc"),
+    "a port out of range": lambda url: _with_port(url, "99999"),
+    "an sslmode libpq does not know": lambda url: url + "?sslmode=bogus",
+    "a target_session_attrs libpq does not know": lambda url: url + "?target_session_attrs=x",
+    "a service not defined": lambda url: url + "?service=meter_no_such_service",
+    "a service with an unknown option": lambda url: url + "?service=meter_odd",
+}
+
+
+@pytest.mark.parametrize("bad", list(REFUSED_VALUES))
+def test_a_url_with_a_value_libpq_refuses_is_a_usage_error_naming_the_option(
+    bad: str, db_url: str, service_file: dict[str, str], snapshot: Any
+) -> None:
+    # Syntax was checked, values were not: each of these failed only at connect, and was
+    # taken for a database out of reach (exit 3, "cannot connect"), the port's as a host
+    # that could not be resolved. Each URL names the test database, which stays as it was.
+    env = {**service_file, "METER_DATABASE_URL": REFUSED_VALUES[bad](db_url),
+           "METER_BROKER_URL": UNREACHABLE_BROKER}  # fmt: skip
+    before = snapshot()
+    for args in (("balance", "bob"), ("migrate",), ("status", "--timeout", "0.1"),
+                 ("dead-letters", "list"), GRANT_ARGS):  # fmt: skip
+        result = run(env, *args)
+        assert result.exit_code == EXIT_USAGE, (args, result.output)
+        assert "database_url: invalid conninfo" in result.stderr, (args, result.output)
+        assert "Traceback" not in result.output
+    assert snapshot() == before
+
+
+def test_status_keeps_the_connect_timeout_of_the_url(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # status connected with connect_timeout=5 whatever the URL said.
+    used: list[str | None] = []
+    connect = psycopg.connect
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        conn = connect(*args, **kwargs)
+        used.append(conn.info.get_parameters().get("connect_timeout"))
+        return conn
+
+    monkeypatch.setattr(psycopg, "connect", recording)
+    for url, expected in ((db_url + "?connect_timeout=17", "17"), (db_url, "5")):
+        env = {"METER_DATABASE_URL": url, "METER_BROKER_URL": UNREACHABLE_BROKER}
+        result = run(env, "status", "--json")
+        assert result.exit_code == EXIT_UNREACHABLE, result.output  # the broker
+        assert json.loads(result.stdout)["database"]["reachable"] is True
+        assert used.pop() == expected
+
+
+@pytest.mark.parametrize("url", ["host=x bogus=1", "sslmode"])
+def test_status_json_reports_a_malformed_url_as_a_document_too(url: str, db_url: str) -> None:
+    # --json printed nothing on stdout for a malformed URL: a probe's script read no
+    # document, where every other outcome gives one.
+    url = db_url + "?sslmode=bogus" if url == "sslmode" else url
+    seen = json.loads(run({"METER_DATABASE_URL": db_url, "METER_BROKER_URL": UNREACHABLE_BROKER},
+                          "status", "--json").stdout)  # fmt: skip
+    result = run({"METER_DATABASE_URL": url, "METER_BROKER_URL": UNREACHABLE_BROKER},
+                 "status", "--json")  # fmt: skip
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "database_url: invalid conninfo" in result.stderr
+    report = json.loads(result.stdout)
+    assert report.keys() == seen.keys()
+    assert report["database"].keys() == seen["database"].keys()
+    assert report["healthy"] is False and report["database"]["reachable"] is False
+    assert report["database"]["url"] is None  # not shown: its password might not be hidden
+    assert report["database"]["error"].startswith("database_url: invalid conninfo")
+    assert report["problems"][0].startswith("database not looked at: database_url: invalid")
+
+
+@pytest.fixture
+def silent_server() -> Any:
+    """A TCP port that takes connections and never answers, as a host behind a firewall
+    that drops its replies would: libpq waits for the server's first message."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+def test_migrate_gives_up_on_a_server_that_does_not_answer(silent_server: int) -> None:
+    # migrate set no connect_timeout: it waited psycopg's default of 130 s (libpq alone:
+    # the system's TCP timeout, minutes) for a server that never answered.
+    import os
+    import subprocess
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    url = f"postgresql://postgres@127.0.0.1:{silent_server}/meter"
+    for given, within in ((url, 40.0), (url + "?connect_timeout=2", 9.0)):
+        env = {**os.environ, "PYTHONPATH": str(repo), "METER_DATABASE_URL": given}
+        started = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "meter", "migrate"],
+            capture_output=True, text=True, cwd=repo, env=env, timeout=60, check=False,
+        )  # fmt: skip
+        took = time.monotonic() - started
+        assert proc.returncode == EXIT_UNREACHABLE, proc.stderr
+        assert "cannot connect to the database to migrate" in proc.stderr, proc.stderr
+        assert took < within, (given, took)  # the URL's own timeout kept, not the default
