@@ -1048,7 +1048,7 @@ def dead_letters_retry(
     if (dead_letter_id is None) == (not retry_all):
         raise click.UsageError("give either a dead letter ID or --all")
     outcomes: list[dict[str, Any]] = []
-    failed = 0
+    failed = retried = 0
     with _dead_letter_conn(database_url) as conn:
         try:
             # --all: every waiting letter, reserves first (their retry settles the commits
@@ -1058,10 +1058,16 @@ def dead_letters_retry(
                 assert id_ is not None
                 try:
                     outcome = dl.retry(conn, id_)
+                    # ok: this call applied it and marked it retried (retry_dead_letter
+                    # holds the waiting letter's row while it does)
+                    retried += bool(outcome["ok"])
                 except NotFoundError:
                     if not retry_all:
                         raise
-                    # settled by an earlier retry of this run (or by a worker meanwhile)
+                    # no longer waiting: settled by a reserve retried above (its trigger
+                    # applies the commits and releases filed for it), or meanwhile by
+                    # another operator's retry or discard; not counted as retried by this
+                    # run, which did not retry it
                     outcome = {"ok": True, "status": "settled already"}
                 outcomes.append({"dead_letter_id": id_, **outcome})
                 failed += not outcome["ok"]
@@ -1070,7 +1076,16 @@ def dead_letters_retry(
             _fail(exc)
     _print_retries(outcomes, as_json=as_json)
     if retry_all and not as_json:
-        console.print(f"retried {len(outcomes) - failed} of {len(outcomes)}")
+        gone = len(outcomes) - retried - failed
+        console.print(
+            f"retried {retried} of {len(outcomes)}"
+            + (
+                f"; {gone} no longer waiting when reached (settled by a reserve retried "
+                "above, or meanwhile by another run)"
+                if gone
+                else ""
+            )
+        )
     if failed:
         raise SystemExit(1)
 

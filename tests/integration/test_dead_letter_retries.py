@@ -211,3 +211,34 @@ def test_list_dead_letters_refuses_a_status_that_names_none(db, app_url, snapsho
         db.execute("SELECT * FROM meter.list_dead_letters('waiting', 10, NULL)")
     assert refused.value.sqlstate == "MT001"
     assert snapshot() == before
+
+
+def test_retry_all_counts_only_the_letters_this_run_retried(db, db_url, client, monkeypatch):
+    """Letters another operator retried or discarded while the run went on were counted
+    as retried by it ("retried 3 of 3"): retry_dead_letter found them no longer waiting,
+    and the run took that for its own success."""
+
+    def letter(user: str) -> int:
+        args = {"user_id": user, "event_type": "llm", "amount": "7", "unit": "tok",
+                "idempotency_key": f"k-{user}"}  # fmt: skip
+        event = {"op": "allocate", "namespace": "default", "args": args}
+        return _file(db, "allocate", event, "08006", f"task-{user}")
+
+    mine, discarded, retried_elsewhere = letter("ann"), letter("ben"), letter("cy")
+    listed = dl.to_retry
+
+    def listed_then_settled_elsewhere(conn: Any) -> list[int]:
+        ids = listed(conn)
+        # another operator, in a session of their own, after this run listed the letters
+        assert db.execute("SELECT meter.discard_dead_letter(%s) AS d", (discarded,)).fetchone()["d"]
+        assert dl.retry(db, retried_elsewhere)["ok"]
+        return ids
+
+    monkeypatch.setattr(dl, "to_retry", listed_then_settled_elsewhere)
+    result = _cli(db_url, "dead-letters", "retry", "--all")
+
+    assert result.exit_code == 0, result.output
+    assert "retried 1 of 3; 2 no longer waiting when reached" in result.output, result.output
+    assert _status(db, mine)["status"] == "retried"
+    assert _status(db, discarded)["status"] == "discarded"
+    assert client.get_balance("cy", "llm", "tok")["balance"] == D(7)  # once, elsewhere
