@@ -277,7 +277,8 @@ def _client(database_url: str | None, namespace: str) -> Iterator[Any]:
 
 def _connect(database_url: str | None) -> Any:
     """One autocommit psycopg connection to the resolved database; ValidationError for a
-    malformed URL, MeterConnectionError when it cannot be reached."""
+    malformed URL or one with a value libpq refuses, MeterConnectionError when it cannot be
+    reached (within the URL's connect_timeout, else 10 s)."""
     import psycopg
 
     from meter import session
