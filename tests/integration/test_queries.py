@@ -1158,3 +1158,39 @@ def test_a_window_of_one_instant_is_empty_but_for_a_cursor(client, db):
     of_that_time = [e for e in client.get_audit_events(start_time=at, limit=1000) if e["at"] == at]
     assert page == of_that_time[1:]
     assert page and page[0] == newest[1]
+
+
+def test_a_reversed_window_is_refused_by_name_in_any_zone_and_date_style(db_url, db, snapshot):
+    """The refusal's message prints both bounds in the session's TimeZone and DateStyle;
+    the parameter comes from the error's COLUMN, so a caller's connection in another zone
+    and style still gets start_time. Infinite bounds compare as PostgreSQL orders them."""
+    from meter import MeterClient
+
+    options = "-c TimeZone=America/New_York -c DateStyle=SQL,DMY"
+    with psycopg.connect(db_url, options=options, autocommit=True) as conn:
+        client = MeterClient(conn)
+        client.allocate(U, ET, D("5"), UNIT, event_time=T1)
+        before = snapshot()
+        for sdk, _statement, _key in WINDOW_READS.values():
+            with pytest.raises(ValidationError) as ei:
+                sdk(client, T2, T1)
+            assert ei.value.parameter == "start_time"
+            assert "after end_time" in str(ei.value)
+            assert sdk(client, T1, T1) == []
+        assert snapshot() == before
+        assert conn.execute("SHOW TimeZone").fetchone() == ("America/New_York",)
+    db.execute("SET TimeZone = 'Asia/Kolkata'")
+    db.execute("SET DateStyle = 'German, DMY'")
+    for _sdk, statement, key in WINDOW_READS.values():
+        for start, end in (("infinity", "-infinity"), ("infinity", T1), (T1, "-infinity")):
+            with pytest.raises(psycopg.Error) as sql:
+                db.execute(statement, (*key, start, end))
+            assert sql.value.sqlstate == "MT001"
+            assert sql.value.diag.column_name == "start_time"
+        for start, end in (
+            ("infinity", "infinity"),
+            ("-infinity", "-infinity"),
+            ("infinity", None),
+        ):
+            assert db.execute(statement, (*key, start, end)).fetchall() == []
+    assert snapshot() == before
