@@ -319,6 +319,82 @@ def test_a_late_roll_reads_the_ledger_after_each_end_once(client, db, make_clien
     assert client.reconcile() == [] and on_time.reconcile() == []
 
 
+def test_a_late_roll_records_each_period_s_opening_as_it_stood_at_its_start(make_client, db):
+    # One history, three ways: rolled on time (ten minutes after each start, usage dated
+    # before that already in), rolled once today, and caught up by set_period_config.
+    # Usage is dated inside each period, some at a start's first instant and some between
+    # a start and the on-time roll. A period's opening balance is the balance at its first
+    # instant, its allocation included, whenever the roll came: the late roll recorded
+    # the balance when it ran, later periods' usage included (m1 opened at -300, not 1300).
+    t = today(db)
+    m0, m1, m2, m3 = (month_start(t, back) for back in (3, 2, 1, 0))
+    usage = [
+        (first_instant(m0) + timedelta(days=3), D("400")),
+        (first_instant(m1), D("100")),
+        (first_instant(m1) + timedelta(minutes=5), D("50")),
+        (first_instant(m1) + timedelta(days=10), D("700")),
+        (first_instant(m2) + timedelta(minutes=5), D("250")),
+        (first_instant(m2) + timedelta(days=20), D("200")),
+        (first_instant(m3), D("30")),
+    ]
+    clients = {ns: make_client(namespace=ns) for ns in ("on_time", "late", "catch_up")}
+    for c in clients.values():
+        c.set_period_config("u", ET, UNIT, None, m0, D("1000"), D("300"))
+    now = db.execute("SELECT now() AS n").fetchone()["n"]
+    on_time_steps: list[dict[str, Any]] = []
+    applied = 0
+    for start in (m0, m1, m2, m3):
+        at = min(first_instant(start) + timedelta(minutes=10), now)
+        for when, amount in usage[applied:]:
+            if when > at:
+                break
+            clients["on_time"].consume("u", ET, amount, UNIT, event_time=when)
+            applied += 1
+        on_time_steps += roll(db, now=at, namespace="on_time")
+    for when, amount in usage[applied:]:
+        clients["on_time"].consume("u", ET, amount, UNIT, event_time=when)
+    on_time_steps += roll(db, namespace="on_time")
+    for ns in ("late", "catch_up"):
+        for when, amount in usage:
+            clients[ns].consume("u", ET, amount, UNIT, event_time=when)
+    late_steps = roll(db, namespace="late")
+    # m0 opened, then the roll behind: a start past the limit makes set_period_config roll
+    # this account up to today first (026), and m3 stays as rolled
+    roll(db, now=first_instant(m0) + timedelta(minutes=10), namespace="catch_up")
+    clients["catch_up"].set_period_config("u", ET, UNIT, None, m3, D("1000"), D("300"))
+
+    def history(ns: str) -> list[tuple[Any, ...]]:
+        rows = db.execute(
+            "SELECT period_start, period_end, allocation, open_balance, expired,"
+            " carried_over, close_balance FROM meter.get_periods('u', %s, %s, NULL, 100, %s)"
+            " ORDER BY period_start",
+            (ET, UNIT, ns),
+        ).fetchall()
+        return [tuple(r.values()) for r in rows]
+
+    def step(s: dict[str, Any]) -> tuple[Any, ...]:
+        return (s["status"], s["closed_period_end"], s["expired"], s["carried_over"],
+                s["opened_period_start"], s["allocation"], s["balance"])  # fmt: skip
+
+    day = timedelta(days=1)
+    # 1000 a month, 300 carried at most: m0 leaves 600 (300 expire), m1 450 (150 expire),
+    # m2 850 (550 expire); each period after m0 opens at 300 + 1000
+    assert history("on_time") == [
+        (m0, m1 - day, D("1000"), D("1000"), D("300"), D("300"), D("300")),
+        (m1, m2 - day, D("1000"), D("1300"), D("150"), D("300"), D("300")),
+        (m2, m3 - day, D("1000"), D("1300"), D("550"), D("300"), D("300")),
+        (m3, None, D("1000"), D("1300"), None, None, None),
+    ]
+    assert history("late") == history("on_time")
+    assert history("catch_up") == history("on_time")
+    # roll_periods reports the same opening balances as it records
+    assert [step(s) for s in late_steps] == [step(s) for s in on_time_steps]
+    assert [s["balance"] for s in late_steps] == [D("1000"), D("1300"), D("1300"), D("1300")]
+    for c in clients.values():
+        assert c.get_balance("u", ET, UNIT)["balance"] == D("1270")
+        assert c.reconcile() == []
+
+
 def test_a_roll_locks_no_account_whose_period_has_not_ended(client, db, db_url):
     # From Sep 30, start + 1 month is Oct 30 but the period ends on Oct 30 (next: Oct 31).
     client.set_period_config("u1", ET, UNIT, None, date(2025, 1, 31), D("1"), None)
