@@ -1866,6 +1866,38 @@ def test_a_period_opened_by_hand_while_the_roll_is_behind_leaves_the_days_betwee
         assert c.reconcile() == []
 
 
+def test_a_step_keeping_a_period_opened_by_hand_reports_the_balance_at_its_start(make_client, db):
+    """The roll, back, keeps a period opened by hand while it was behind: the step reports
+    the balance at that period's start, its allocation included, as the on-time roll that
+    opened it did, not the balance when the roll came (usage dated after the start
+    included)."""
+    t = today(db)
+    d0 = t - timedelta(days=3)
+    clients = {ns: make_client(namespace=ns) for ns in ("on_time", "by_hand")}
+    steps: dict[str, list[dict[str, Any]]] = {}
+    for ns, c in clients.items():
+        c.set_period_config("u", ET, UNIT, None, d0, D("10"), None, timedelta(days=1))
+        roll(db, first_instant(d0) + timedelta(hours=1), namespace=ns)
+        if ns == "on_time":
+            steps[ns] = roll(db, namespace=ns)
+        c.open_period("u", ET, UNIT, None, t)
+        c.consume("u", ET, D("5"), UNIT, event_time=first_instant(t))
+    steps["by_hand"] = roll(db, namespace="by_hand")
+
+    def step(s: dict[str, Any]) -> tuple[Any, ...]:
+        return (s["status"], s["closed_period_end"], s["opened_period_start"],
+                s["allocation"], s["balance"])  # fmt: skip
+
+    assert [step(s) for s in steps["on_time"]] == [
+        ("rolled", d0 + timedelta(days=i), d0 + timedelta(days=i + 1), D("10"), D(20 + 10 * i))
+        for i in range(3)
+    ]
+    assert [step(s) for s in steps["by_hand"]] == [step(s) for s in steps["on_time"]]
+    for c in clients.values():
+        assert c.get_balance("u", ET, UNIT)["balance"] == D("35")
+        assert c.reconcile() == []
+
+
 def test_a_period_opened_by_hand_back_inside_closed_ones_closes_nothing(client, db):
     """January left open (as before 031, or opened while unconfigured), February opened and
     closed by hand, a close that took January's units too. A period opened by hand on
