@@ -1686,7 +1686,10 @@ class MeterClient:
             ``period_end`` (dates; ``period_start`` ``None`` for a close with no recorded
             opening), ``allocation``, ``open_balance``, ``expired``, ``carried_over``,
             ``close_balance`` (Decimal, ``None`` where the period was not opened or not
-            closed), ``opened_at``, ``opened_by``, ``closed_at``, ``closed_by``.
+            closed), ``opened_at``, ``opened_by``, ``closed_at``, ``closed_by``. The roll
+            records ``open_balance`` as the balance stood at the period's start (its
+            allocation included) and ``close_balance`` as at its end, after the close; a
+            period opened or closed by hand records the balance at that call.
 
         Raises:
             ValidationError, MeterConnectionError, MeterError.
