@@ -109,15 +109,18 @@ def _dead_letter_outcome(dead_letter_id: int, sqlstate: str | None, message: str
 def _with_key(event: Any, key: str) -> Any:
     """The event with an idempotency key, derived from its task when it has none.
 
-    Without one a redelivered message would apply twice. commit and release are keyed by
-    their reservation id; a reserve without an id gets one.
+    Without one a redelivered message would apply twice. commit is keyed by its
+    reservation id; a reserve without an id gets one. A release gets one too (sql 067),
+    which the hold records when this event releases it: delivered again after its reply was
+    lost, the event is told its own release (true) from another caller's, an expiry or a
+    commit (false), where it read false for a release that happened.
     """
     if not isinstance(event, dict):
         return event
     op, args = event.get("op"), event.get("args")
     if not isinstance(args, dict):
         return event
-    if op in _KEYED_OPS and args.get("idempotency_key") is None:
+    if (op in _KEYED_OPS or op == "release") and args.get("idempotency_key") is None:
         return {**event, "args": {**args, "idempotency_key": key}}
     if (
         op == "reserve"

@@ -331,6 +331,55 @@ def test_same_message_delivered_twice_applies_once(
         assert second["result"] == first["result"]
 
 
+def _release_status(db: psycopg.Connection[Any], rid: str) -> str:
+    return db.execute(
+        "SELECT status FROM meter.reservations WHERE reservation_id = %s", (rid,)
+    ).fetchone()["status"]
+
+
+RELEASE_FATES = ["released by this message", "released by another caller",
+                 "released by another message", "committed", "expired"]  # fmt: skip
+
+
+@pytest.mark.parametrize("fate", RELEASE_FATES)
+def test_wait_on_a_release_delivered_again_after_its_reply_was_lost_is_true_only_for_its_own(
+    pipeline, make_producer, client, db, broker_url, snapshot, fate
+):
+    """The worker committed a release, then died before storing its result (and acking): the
+    message came back, found the hold no longer active, and stored false, so wait() read
+    False for a release that happened. Now it is True for the message that released the
+    hold (sql 067: the hold records the event's key), and still False for a hold another
+    caller released, committed or that expired."""
+    from meter.producer import EventHandle
+
+    client.allocate("u1", ET, 100, UNIT)
+    rid = f"r-{fate.replace(' ', '-')}"
+    ttl = 1 if fate == "expired" else 300
+    client.reserve("u1", ET, 10, UNIT, reservation_id=rid, ttl_seconds=ttl)
+    event = {"op": "release", "namespace": "default", "args": {"reservation_id": rid}}
+    task_id = str(uuid.uuid4())
+    if fate == "released by this message":
+        # the first delivery applies; its reply is lost (nothing stored)
+        pipeline.send_task("meter.release", args=(event,), task_id=task_id, ignore_result=True)
+    elif fate == "released by another caller":
+        assert client.release(rid) is True
+    elif fate == "released by another message":
+        pipeline.send_task("meter.release", args=(event,), task_id=str(uuid.uuid4()),
+                           ignore_result=True)  # fmt: skip
+    elif fate == "committed":
+        client.commit(rid, 4)
+    else:
+        time.sleep(1.2)
+    if fate != "expired":
+        eventually(lambda: _release_status(db, rid) != "active")
+    before = snapshot()
+    _redeliver(broker_url, pipeline, "meter.release", (event,), task_id)
+    handle = EventHandle(make_producer(results=True), "release", rid, rid, task_id, True)
+    assert handle.wait(timeout=15) is (fate == "released by this message")
+    if fate != "expired":  # (the release, past the TTL, expired the hold)
+        assert snapshot() == before
+
+
 def test_keyless_events_get_a_key_from_their_task(pipeline, db):
     event = {"op": "allocate", "namespace": "default",
              "args": {"user_id": "u1", "event_type": ET, "amount": "1", "unit": UNIT}}  # fmt: skip
