@@ -137,8 +137,8 @@ class _Batch:
     """Events buffered for one ``apply_batch`` message (buffered mode)."""
 
     __slots__ = (
-        "created", "events", "filler", "handed", "outcome", "pid", "refused", "sent",
-        "task_id", "want_result",
+        "created", "digest", "events", "filler", "handed", "outcome", "pid", "refused",
+        "sent", "task_id", "want_result",
     )  # fmt: skip
 
     def __init__(self, task_id: str | None = None) -> None:
@@ -148,6 +148,8 @@ class _Batch:
         self.want_result = False
         self.sent = False
         self.outcome: list[Any] | None = None
+        # wire.digest of the message as sent (when results are wanted): the outcome's echo
+        self.digest: str | None = None
         # The thread of the call that filled it and is about to send it (out of the buffer
         # meanwhile), else None: a wait() for one of its events waits for that call.
         self.filler: int | None = None
@@ -175,6 +177,7 @@ class EventHandle:
 
     __slots__ = (
         "_batch",
+        "_digest",
         "_index",
         "_outcome",
         "_producer",
@@ -195,8 +198,10 @@ class EventHandle:
         want_result: bool,
         batch: _Batch | None = None,
         index: int | None = None,
+        digest: str | None = None,
     ) -> None:
         self._producer = producer
+        self._digest = digest  # of its message (a batch's: in the batch, once sent)
         self.op = op
         self.idempotency_key = idempotency_key
         self.reservation_id = reservation_id
@@ -235,7 +240,9 @@ class EventHandle:
         Returns:
             The SQL result as ``MeterClient`` returns it: a dict with ``Decimal``
             quantities (a refusal too: ``success``/``granted`` false), or a ``bool`` for
-            ``release``.
+            ``release`` (true also when its message, delivered again after its reply was
+            lost, finds the hold released by its own earlier delivery: sql 067; false for
+            a hold another caller released, committed or that expired).
 
         Raises:
             RuntimeError: the event was sent without results.
@@ -250,6 +257,14 @@ class EventHandle:
                 whatever ``timeout``.
             ValidationError, IdempotencyConflictError, NotFoundError, TenantError,
             MeterError: the event can never be applied; it is in the dead letters.
+            MeterError: the outcome stored under the event's task id is another message's
+                (a message that reused the task id, crafted or another producer's, ran
+                first): every outcome echoes the digest of the message it came from
+                (:func:`meter.wire.digest`), and one that is not this event's message's is
+                refused, at once, since the result backend keeps the first outcome stored
+                and this event's own would never be read. The event itself is applied or
+                dead-lettered as usual. An outcome without a digest (a worker from before
+                the echo, a message the worker could not read) is taken as it is.
         """
         if not self._want_result:
             raise RuntimeError(
@@ -1030,7 +1045,7 @@ class MeterProducer:
                 {"op": op, "namespace": self._namespace, "args": args} for op, args, _, _ in chunk
             ]
             try:
-                self._publish(
+                batch.digest = self._publish(
                     wire.APPLY_BATCH, batch.events, task_id, want, f"<{len(chunk)} events>"
                 )
             except PublishError as exc:
@@ -1198,11 +1213,11 @@ class MeterProducer:
             self._check_open()
             task_id = t.new_id()
             try:
-                self._publish(wire.task_name(op), [event], task_id, want, f"[{op} {key}]")
+                digest = self._publish(wire.task_name(op), [event], task_id, want, f"[{op} {key}]")
             except PublishError as exc:
                 exc.events = [_resendable(event)]
                 raise
-            return EventHandle(self, op, key, rid, task_id, want)
+            return EventHandle(self, op, key, rid, task_id, want, digest=digest)
         # A signal handler inside this thread's locked code would wait for itself; one
         # inside this thread's send (the send lock only) may buffer: see below.
         self._refuse_reentry(f"{op}()", sending=False)
@@ -1319,7 +1334,7 @@ class MeterProducer:
         it and their index in it.
         """
         try:
-            self._publish(
+            digest = self._publish(
                 wire.APPLY_BATCH,
                 batch.events,
                 batch.task_id,
@@ -1332,6 +1347,7 @@ class MeterProducer:
                 self._keep_batch_mates(batch, own, exc)
             raise  # (own=None: exc.events set by the caller)
         with self._lock:
+            batch.digest = digest
             batch.sent = True
             if own is None and batch in self._unsent:  # (not if a close() has handed it over)
                 if self._unsent[0] is batch:
@@ -1384,7 +1400,9 @@ class MeterProducer:
 
     def _publish(
         self, name: str, events: list[dict[str, Any]], task_id: str, want: bool, argsrepr: str
-    ) -> None:
+    ) -> str | None:
+        """Send the message; the digest of its payload that its outcome will echo
+        (:func:`meter.wire.digest`) when ``want``, else None (nothing will be read)."""
         # JSON text made here (meter.wire), never objects for kombu's JSON: its decoder
         # turns an object whose keys are "__type__" and "__value__" (metadata may hold one)
         # into a Python value, or refuses the whole message, and the signature covers the
@@ -1413,6 +1431,7 @@ class MeterProducer:
             # (kombu republishes the same message on a connection error, then gives up).
             # The caller says which events are in doubt (exc.events).
             raise PublishError(f"the broker did not confirm the message: {exc}") from exc
+        return wire.digest(payload) if want else None
 
     # ------------------------------------------------------------------ buffering
 
@@ -1500,11 +1519,17 @@ class MeterProducer:
                     raise MeterError(f"task {batch.task_id} returned {outcome!r}")
                 batch.outcome = outcome
             result = batch.outcome[handle._index or 0]
+            task_id, digest = batch.task_id, batch.digest
         else:
             result = self._fetch(handle.task_id, deadline)
-        # A batch event whose reservation was not there yet went on in a task of its own.
+            task_id, digest = handle.task_id, handle._digest
+        _check_digest(task_id, result, digest)
+        # A batch event whose reservation was not there yet went on in a task of its own,
+        # which echoes its batch's digest.
         while isinstance(result, dict) and result.get("status") == "deferred":
-            result = self._fetch(str(result["task_id"]), deadline)
+            task_id = str(result["task_id"])
+            result = self._fetch(task_id, deadline)
+            _check_digest(task_id, result, digest)
         if not isinstance(result, dict):
             raise MeterError(f"task {handle.task_id} returned {result!r}")
         return result
@@ -1548,6 +1573,27 @@ class MeterProducer:
         if isinstance(value, BaseException) or async_result.state != "SUCCESS":
             raise MeterError(f"task {task_id} failed: {value!r}")
         return value
+
+
+def _check_digest(task_id: str, outcome: Any, digest: str | None) -> None:
+    """Refuse the outcome of another message stored under ``task_id``: one whose echoed
+    ``digest`` is not the digest of the message this producer sent.
+
+    A message that reused the task id (crafted, or another producer's) and ran first had
+    its outcome stored there, and the result backend keeps the first outcome stored, so
+    this event's own never will be: waiting longer would only end in a timeout. An outcome
+    with no ``digest`` (a worker from before the echo, a message handed to
+    ``meter.unreadable``) is taken as it is.
+    """
+    if digest is None or not isinstance(outcome, dict) or "digest" not in outcome:
+        return
+    if outcome["digest"] != digest:
+        raise MeterError(
+            f"task {task_id}: the outcome stored under this task id is another message's "
+            "(its digest is not the one of the message sent): a message reusing the task id "
+            "ran first, and this event's own outcome is not stored; its effect, if any, is "
+            "in the ledger under its key"
+        )
 
 
 _UNREACHABLE: Final = (KombuOperationalError, RedisConnectionError, RedisTimeoutError, OSError)

@@ -213,6 +213,26 @@ def _op(event: Any, default: str) -> str:
     return op if isinstance(op, str) and op else default
 
 
+def _digest(payload: Any, auth: Any) -> str | None:
+    """The digest a task echoes in its outcomes (:func:`meter.wire.digest`): its batch's, for
+    a task the worker sent for a batch's event (``auth["digest"]``), else that of the
+    payload text as received; ``None`` for a payload sent as an object (no producer's)."""
+    parent = auth.get("digest") if isinstance(auth, dict) else None
+    if isinstance(parent, str):
+        return parent
+    return wire.digest(payload) if isinstance(payload, str) else None
+
+
+def _echo(outcome: Any, digest: str | None) -> Any:
+    """``outcome`` (one, or a batch's list) with ``digest`` in each: ``wait()`` takes only
+    an outcome of the message it sent, not one of a message that reused its task id."""
+    if isinstance(outcome, dict):
+        return {**outcome, "digest": digest}
+    if isinstance(outcome, list):
+        return [{**o, "digest": digest} if isinstance(o, dict) else o for o in outcome]
+    return outcome
+
+
 _EMBED_KEYS: Final = frozenset({"callbacks", "errbacks", "chain", "chord"})
 """What Celery's clients put in the third part of a task body (protocol 2)."""
 
@@ -329,11 +349,23 @@ class EventTask(Task):
         not fit raised ``TypeError`` before the task ran, and the message was acknowledged
         as failed and lost. It is a dead letter instead (:meth:`refuse_arguments`).
         """
+        misfit: TypeError | None = None
         try:
             self._run_signature.bind(*args, **kwargs)
         except TypeError as exc:
-            return self.refuse_arguments(args, kwargs, exc)
-        return super().__call__(*args, **kwargs)
+            misfit = exc
+        if self.name == UNREADABLE:  # its message is described, not as sent: no digest
+            if misfit is not None:
+                return self.refuse_arguments(args, kwargs, misfit)
+            return super().__call__(*args, **kwargs)
+        auth = kwargs.get("auth")
+        digest = _digest(args[0] if args else kwargs.get("event", kwargs.get("events")), auth)
+        self.request.meter_digest = digest  # echoed by the tasks it sends for a batch's events
+        if misfit is not None:
+            outcome = self.refuse_arguments(args, kwargs, misfit)
+        else:
+            outcome = super().__call__(*args, **kwargs)
+        return _echo(outcome, digest) if self.wants_result() else outcome
 
     def refuse_arguments(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], exc: TypeError
@@ -463,7 +495,11 @@ class EventTask(Task):
         if wire.holds_type_marker(event) or wire.nested_deeper_than(event, wire.OBJECT_DEPTH):
             with contextlib.suppress(ValueError):
                 payload = wire.dumps(event)
-        kwargs = {**kwargs, "auth": self.child_auth(s, event, payload)}
+        auth = self.child_auth(s, event, payload)
+        digest = getattr(request, "meter_digest", None)
+        if digest is not None:  # echoed by the child, as its batch's (not in the signature)
+            auth["digest"] = digest
+        kwargs = {**kwargs, "auth": auth}
         self.app.send_task(
             wire.task_name(event["op"]),
             args=(payload,),

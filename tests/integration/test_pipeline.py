@@ -32,6 +32,7 @@ from meter.cli import main as cli
 from meter.errors import (
     IdempotencyConflictError,
     MeterConnectionError,
+    MeterError,
     NotFoundError,
     PublishError,
     ValidationError,
@@ -273,6 +274,42 @@ def test_wait_raises_the_mapped_error_of_a_dead_letter(pipeline, make_producer, 
         ("adjust", "MT003"),
     ]
     assert rows[0]["payload"]["args"]["amount"] == "2"
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["single", "batch"])
+def test_wait_refuses_the_outcome_of_another_message_under_its_task_id(
+    pipeline, make_producer, client, monkeypatch, batch
+):
+    """Another message (crafted, or another producer's) that reused an event's task id and
+    ran first had its outcome stored there, which wait() returned as the event's own (the
+    result backend keeps the first outcome stored). Now the outcome echoes the digest of
+    its message, and wait() raises on another's, at once; the event itself still applies."""
+    from meter import types as t
+
+    task_id = str(uuid.uuid4())
+    other = {"op": "allocate", "namespace": "default",
+             "args": {"user_id": "u2", "event_type": ET, "amount": "7", "unit": UNIT,
+                      "idempotency_key": "other"}}  # fmt: skip
+    name = wire.APPLY_BATCH if batch else "meter.allocate"
+    pipeline.send_task(name, args=(wire.dumps([other] if batch else other),), task_id=task_id,
+                       ignore_result=False)  # fmt: skip
+    eventually(
+        lambda: pipeline.backend.get_task_meta(task_id, cache=False)["status"] == states.SUCCESS
+    )
+    p = make_producer(results=True)
+    monkeypatch.setattr(t, "new_id", lambda: task_id)  # the message's task id (keys given)
+    if batch:
+        mine = {"op": "allocate", "user_id": "u1", "event_type": ET, "amount": 3, "unit": UNIT}
+        (handle,) = p.send_many([{**mine, "idempotency_key": "mine"}])
+    else:
+        handle = p.allocate("u1", ET, 3, UNIT, idempotency_key="mine")
+    monkeypatch.undo()
+    with pytest.raises(MeterError, match="another message's"):
+        handle.wait(timeout=15)
+    eventually(lambda: balance(client)["balance"] == D(3))
+    assert balance(client, "u2")["balance"] == D(7)
+    # an event's own outcome passes the check (the deferred path: test_batch_defers_...)
+    assert p.allocate("u1", ET, 1, UNIT).wait(timeout=15)["balance"] == D(4)
 
 
 def _resend(app: Any, name: str, payload: Any, task_id: str) -> Any:
