@@ -264,7 +264,7 @@ class EventHandle:
                 refused, at once, since the result backend keeps the first outcome stored
                 and this event's own would never be read. The event itself is applied or
                 dead-lettered as usual. An outcome without a digest (a worker from before
-                the echo, a message the worker could not read) is taken as it is.
+                the echo, a message whose body holds no payload text) is taken as it is.
         """
         if not self._want_result:
             raise RuntimeError(
@@ -1582,8 +1582,8 @@ def _check_digest(task_id: str, outcome: Any, digest: str | None) -> None:
     A message that reused the task id (crafted, or another producer's) and ran first had
     its outcome stored there, and the result backend keeps the first outcome stored, so
     this event's own never will be: waiting longer would only end in a timeout. An outcome
-    with no ``digest`` (a worker from before the echo, a message handed to
-    ``meter.unreadable``) is taken as it is.
+    with no ``digest`` (a worker from before the echo, the dead letter of a message whose
+    body holds no payload text) is taken as it is.
     """
     if digest is None or not isinstance(outcome, dict) or "digest" not in outcome:
         return

@@ -52,8 +52,10 @@ the rows of ``meter.apply_events``; ``apply_batch`` returns the list of them. ``
 :func:`digest` of the payload text the task received (a single-event task the worker sent
 for an event of a batch echoes its batch's, which it carries as ``auth["digest"]``; an
 event sent as an object, not text, has ``None``); the producer's ``wait()`` refuses an
-outcome whose digest is not its message's. Workers before it stored no ``digest``, and a
-message handed to ``meter.unreadable`` neither: such outcomes are taken as they are. A batch event whose
+outcome whose digest is not its message's. ``meter.unreadable`` echoes the digest of the
+payload text the body of the message it files holds, when it holds one. Workers before it
+stored no ``digest``, nor does a dead letter of a message whose body holds no payload text:
+such outcomes are taken as they are. A batch event whose
 reservation was not found yet is handed to a task of its own: its outcome is
 ``{"ok": false, "status": "deferred", "task_id": ...}`` and that task's outcome is the
 event's.

@@ -14,7 +14,9 @@ message as received and the reason, and acknowledged only once that hand-over is
 published; the task files it as a dead letter ``MT001`` with the operators, with the
 worker's usual retries while the database is away. The hand-over keeps the message's task
 id (without one, an id derived from its delivery tag; for one that is no UTF-8, from
-it), so a caller waiting for that id gets the dead letter's outcome; the dead letter's
+it), so a caller waiting for that id gets the dead letter's outcome (echoing the digest of
+the payload text the body holds, :func:`meter.wire.digest`, so that a producer tells its
+own message's dead letter from another's that reused the id); the dead letter's
 source is that id and the delivery tag, so a message delivered again after a crash between
 the publish and the ack counts an attempt on the same dead letter, and another message
 reusing the id has one of its own. A hand-over that cannot be published (the broker
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import uuid
 from typing import Any, Final
@@ -66,10 +69,22 @@ def _kept(value: Any) -> str:
     return f"{text[:KEPT_CHARACTERS]}... [{len(text)} characters in all, sha256 {digest}]"
 
 
+def _digest(body: Any) -> str | None:
+    """:func:`meter.wire.digest` of the payload a producer sent in ``body`` (the JSON text
+    of its first argument), which the dead letter's outcome echoes so that the producer's
+    ``wait()`` takes it as its own; None when the body holds no such text."""
+    try:
+        args = json.loads(bytes(body) if isinstance(body, bytearray | memoryview) else body)[0]
+        return wire.digest(args[0]) if isinstance(args[0], str) else None
+    except Exception:  # anything a crafted body holds: no digest, as before the echo
+        return None
+
+
 def describe(message: Any, reason: str) -> dict[str, Any]:
     """The message as received, in plain JSON types (what its dead letter holds); its body
     and headers kept to :data:`KEPT_CHARACTERS` characters each."""
     headers = getattr(message, "headers", None)
+    digest = _digest(getattr(message, "body", None))
     return {
         "reason": reason,
         "content_type": _text(getattr(message, "content_type", None)),
@@ -79,6 +94,8 @@ def describe(message: Any, reason: str) -> dict[str, Any]:
         "body": _kept(getattr(message, "body", None)),
         # kept when it is put back: the dead letter's source (worker.tasks.unreadable)
         "delivery_tag": _text(getattr(message, "delivery_tag", None)),
+        # of the producer's payload, if the body holds one: echoed in the outcome
+        **({"digest": digest} if digest is not None else {}),
     }
 
 

@@ -354,12 +354,17 @@ class EventTask(Task):
             self._run_signature.bind(*args, **kwargs)
         except TypeError as exc:
             misfit = exc
-        if self.name == UNREADABLE:  # its message is described, not as sent: no digest
+        payload = args[0] if args else kwargs.get("event", kwargs.get("events"))
+        if self.name == UNREADABLE:
+            # its message described, not as sent: the digest the consumer took of its body
+            echoed = payload.get("digest") if isinstance(payload, dict) else None
             if misfit is not None:
                 return self.refuse_arguments(args, kwargs, misfit)
-            return super().__call__(*args, **kwargs)
-        auth = kwargs.get("auth")
-        digest = _digest(args[0] if args else kwargs.get("event", kwargs.get("events")), auth)
+            outcome = super().__call__(*args, **kwargs)
+            if isinstance(echoed, str) and self.wants_result():
+                return _echo(outcome, echoed)
+            return outcome  # no digest: taken as it is
+        digest = _digest(payload, kwargs.get("auth"))
         self.request.meter_digest = digest  # echoed by the tasks it sends for a batch's events
         if misfit is not None:
             outcome = self.refuse_arguments(args, kwargs, misfit)

@@ -312,6 +312,35 @@ def test_wait_refuses_the_outcome_of_another_message_under_its_task_id(
     assert p.allocate("u1", ET, 1, UNIT).wait(timeout=15)["balance"] == D(4)
 
 
+def test_wait_takes_the_dead_letter_of_its_own_unreadable_message_not_anothers(
+    pipeline, make_producer
+):
+    """A message the worker cannot run (here: a task it does not have) is filed by
+    meter.unreadable under its task id; its outcome echoes the digest of the payload its
+    body holds, so the producer that sent it reads its dead letter, and a producer whose
+    task id another such message reused is told so."""
+    from meter.producer import EventHandle
+
+    p = make_producer(results=True)
+    event = {"op": "allocate", "namespace": "default",
+             "args": {"user_id": "u1", "event_type": ET, "amount": "1", "unit": UNIT,
+                      "idempotency_key": "k-unreadable"}}  # fmt: skip
+    own = str(uuid.uuid4())
+    digest = p._publish("meter.frobnicate", [event], own, True, "[frobnicate]")
+    with pytest.raises(ValidationError, match=r"no task 'meter\.frobnicate'"):
+        EventHandle(p, "allocate", "k-unreadable", None, own, True, digest=digest).wait(15)
+    reused = str(uuid.uuid4())
+    other = {**event, "args": {**event["args"], "amount": "2"}}
+    pipeline.send_task("meter.frobnicate", args=(wire.dumps(other),), task_id=reused,
+                       ignore_result=False)  # fmt: skip
+    eventually(
+        lambda: pipeline.backend.get_task_meta(reused, cache=False)["status"] == states.SUCCESS
+    )
+    digest = p._publish("meter.allocate", [event], reused, True, "[allocate]")
+    with pytest.raises(MeterError, match="another message's"):
+        EventHandle(p, "allocate", "k-unreadable", None, reused, True, digest=digest).wait(15)
+
+
 def _resend(app: Any, name: str, payload: Any, task_id: str) -> Any:
     """Deliver the same message (same task id, same payload) again; its outcome.
 
