@@ -10,7 +10,10 @@ exactly (its shortest repr, which is what the worker would send on) is read as a
 ``Decimal``, which the tasks apply, file and send on exactly (``meter.types.dumps``;
 kombu's encoder writes a ``Decimal`` as its exact text, marked). Every other number is
 the float it was, so Celery's own fields and messages from Python senders are read as
-before, and their signatures (``meter.signing``) cover the same values.
+before, and their signatures (``meter.signing``) cover the same values. A bare ``NaN``,
+``Infinity`` or ``-Infinity`` token (JSON has none; Python's decoder reads them) stays the
+float it reads as: the event holding one is refused by the task, ``MT001`` naming the
+argument (``worker.tasks._not_finite``), as no JSON writer or ``jsonb`` takes it.
 """
 
 from __future__ import annotations

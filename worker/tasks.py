@@ -44,6 +44,7 @@ import inspect
 import math
 import time
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any, Final, NoReturn
 
 from celery import Task, shared_task
@@ -231,6 +232,46 @@ def _echo(outcome: Any, digest: str | None) -> Any:
     if isinstance(outcome, list):
         return [{**o, "digest": digest} if isinstance(o, dict) else o for o in outcome]
     return outcome
+
+
+def _non_finite_in(value: Any) -> str | None:
+    """The first NaN or infinity ``value`` holds, at any depth (as JSON writes it), or None;
+    without recursion (metadata may be nested some 800 levels)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float | Decimal):
+            if not (math.isfinite(item) if isinstance(item, float) else item.is_finite()):
+                return "NaN" if item != item else ("Infinity" if item > 0 else "-Infinity")
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return None
+
+
+def _not_finite(event: Any) -> str | None:
+    """Why ``event`` is refused for a NaN or an infinity it holds, naming the argument (or
+    field) holding it; None if it holds none.
+
+    A bare ``NaN``, ``Infinity`` or ``-Infinity`` token (a crafted message: no JSON writer
+    of Meter's sends one) is read by Python's JSON, kombu's included, as a float that no
+    JSON writer, nor ``jsonb``, takes: the call failed before reaching the database and
+    was filed as ``XX000``, naming nothing. Called once applying ``event`` failed, so
+    that an event without one costs nothing.
+    """
+    if not isinstance(event, dict):
+        return None
+    args = event.get("args")
+    fields = [*(args.items() if isinstance(args, dict) else ()), *event.items()]
+    for name, value in fields:
+        if name == "args" and isinstance(args, dict):
+            continue
+        if (bad := _non_finite_in(value)) is not None:
+            if isinstance(value, float | Decimal):
+                return f"{name}: must be a finite number, got {bad}"
+            return f"{name}: must hold finite numbers only, got {bad}"
+    return None
 
 
 _EMBED_KEYS: Final = frozenset({"callbacks", "errbacks", "chain", "chord"})
@@ -625,6 +666,9 @@ class EventTask(Task):
                 results=self.wants_result(),
             )[0]  # fmt: skip
         except Exception as exc:
+            if (not_finite := _not_finite(event)) is not None:
+                # what wire.dumps refuses: filed as the refusal it is, not as XX000
+                return self.dead_letter(s, _op(event, op), event, "MT001", not_finite, counted)
             if orphan_since is not None and _op(event, op) in _ORPHAN_OPS and is_transient(exc):
                 self.transient_orphan(s, exc, orphan_since)
             return self.failed(s, exc, _op(event, op), event, counted)

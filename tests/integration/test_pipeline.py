@@ -837,6 +837,43 @@ def test_a_crafted_event_postgresql_cannot_store_is_still_a_dead_letter(pipeline
     assert letters["drop\\x00"]["namespace"] == "default"
 
 
+@pytest.mark.parametrize("form", ["object", "text", "batch"])
+@pytest.mark.parametrize(
+    ("field", "token"),
+    [("amount", "NaN"), ("amount", "-Infinity"), ("metadata", '{"x": [Infinity]}')],
+    ids=["amount-NaN", "amount-infinity", "metadata-infinity"],
+)
+def test_a_bare_nan_or_infinity_in_a_crafted_event_is_refused_naming_its_argument(
+    pipeline, db, snapshot, form, field, token
+):
+    """A bare NaN or Infinity token (which Python's JSON, kombu's included, reads as a
+    float) was filed as XX000 naming nothing: the event could not be written for the
+    database. Now it is a validation refusal, MT001 naming the argument, and nothing of
+    it applies, whether the event came as an object, as text or in a batch's text."""
+    amount = token if field == "amount" else '"1"'
+    extra = f', "metadata": {token}' if field == "metadata" else ""
+    text = (
+        '{"op": "allocate", "namespace": "default", "args": {"user_id": "u1", '
+        f'"event_type": "{ET}", "amount": {amount}, "unit": "{UNIT}"{extra}}}}}'
+    )
+    name, payload = {
+        "object": ("meter.allocate", json.loads(text)),  # kombu writes the float as NaN
+        "text": ("meter.allocate", text),
+        "batch": (wire.APPLY_BATCH, f"[{text}]"),
+    }[form]
+    before = snapshot()
+    pipeline.send_task(name, args=(payload,), task_id=str(uuid.uuid4()))
+    (letter,) = eventually(lambda: dead_letters(db))
+    time.sleep(0.3)  # nothing more comes
+    assert (letter["op"], letter["error_sqlstate"]) == ("allocate", "MT001")
+    assert letter["error_message"].startswith(f"{field}: must ")
+    bad = token if field == "amount" else "Infinity"
+    assert letter["error_message"].endswith(f"got {bad}")
+    after = snapshot()
+    assert len(after.pop("dead_letters")) == len(before.pop("dead_letters")) + 1
+    assert after == before
+
+
 # ------------------------------------------------------------------ ordering
 
 
