@@ -474,9 +474,11 @@ def refused_conninfo(value: str, name: str, error: BaseException) -> ValidationE
     given); ``None`` when it tried to reach one.
 
     Told by libpq itself, not by its (translated) messages: ``PQping`` answers
-    ``PQPING_NO_ATTEMPT`` exactly when the options did not pass its checks. With options
-    that pass, the ping tries the server once more, for at most 2 s (libpq's least
-    ``connect_timeout``) an address. Not seen from here: a value libpq reads only when it
+    ``PQPING_NO_ATTEMPT`` exactly when the options did not pass its checks. It is asked
+    only when ``PQconnectStart`` failed at once (options refused, or every address refused
+    or not resolved without waiting): a start under way passed the checks, and waiting
+    for it, as the ping would, held an outage's error 2 s more an address of a server
+    that does not answer (the ping's ``connect_timeout``). Not seen from here: a value libpq reads only when it
     tries a server (``sslrootcert`` a missing file, ``keepalives=abc``, a ``PGPORT`` that
     is no number); and a bad value libpq reads from the environment (``PGSSLMODE``) is
     refused under ``name`` too.
@@ -489,6 +491,12 @@ def refused_conninfo(value: str, name: str, error: BaseException) -> ValidationE
         probe = make_conninfo(value, connect_timeout=2)
     except psycopg.ProgrammingError as exc:
         return invalid(name, f"invalid conninfo: {str(exc).strip()}")
+    started = pq.PGconn.connect_start(probe.encode())
+    try:
+        if started.status != pq.ConnStatus.BAD:  # the options passed: an attempt began
+            return None
+    finally:
+        started.finish()
     if pq.PGconn.ping(probe.encode()) != pq.Ping.NO_ATTEMPT:
         return None
     return invalid(name, f"invalid conninfo: {' '.join(str(error).split())}")

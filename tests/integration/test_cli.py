@@ -870,3 +870,21 @@ def test_migrate_gives_up_on_a_server_that_does_not_answer(silent_server: int) -
         assert proc.returncode == EXIT_UNREACHABLE, proc.stderr
         assert "cannot connect to the database to migrate" in proc.stderr, proc.stderr
         assert took < within, (given, took)  # the URL's own timeout kept, not the default
+
+
+def test_telling_a_refused_value_from_an_outage_adds_no_wait_for_a_silent_server(
+    silent_server: int,
+) -> None:
+    # The ping that tells a value libpq refuses from a server out of reach tried the
+    # server once more, 2 s an address: an outage's error (the SDK's pool probe, the CLI,
+    # migrate) came 2 s an address later than the connect_timeout it was given.
+    import time
+
+    from meter import types as t
+
+    for hosts in (1, 3):
+        url = (f"host={','.join(['127.0.0.1'] * hosts)} port={silent_server} "
+               "dbname=meter user=postgres connect_timeout=2")  # fmt: skip
+        started = time.monotonic()
+        assert t.refused_conninfo(url, "conn", psycopg.OperationalError("timeout")) is None
+        assert time.monotonic() - started < 1.0, hosts
