@@ -414,7 +414,7 @@ def check_conninfo(value: str, name: str) -> None:
     malformed one is the caller's mistake, which psycopg raises as ProgrammingError.
 
     Also the values libpq and psycopg read as numbers only when they connect: ``port``
-    (each of a list: an integer from 1 to 65535, or empty for the default) and
+    (an integer from 1 to 65535, or empty for the default; of a list, at least one) and
     ``connect_timeout`` (a number). A bad port failed as a host that could not be
     resolved or reached, and a bad timeout as psycopg's ProgrammingError at connect.
     Values libpq refuses when it connects (``sslmode``, a ``service`` not defined, ...)
@@ -434,10 +434,11 @@ def check_conninfo(value: str, name: str) -> None:
         raise invalid(name, f"invalid conninfo: {str(exc).strip()}") from None
     port = params.get("port")
     if port is not None:
-        for one in str(port).split(","):
-            # libpq's pqParseIntParam: an integer, white space around it allowed
-            if one.strip() and not (_PORT_RE.fullmatch(one) and 1 <= int(one.strip()) <= 65535):
-                raise invalid(name, f"invalid conninfo: invalid port number: {shown(str(port))}")
+        # Refused only when no host has a port it could be reached at: with a list, a
+        # bad port fails its own host's attempt and the next host's is made (psycopg
+        # connects with host=a,b port=abc,5432).
+        if not any(_usable_port(one) for one in str(port).split(",")):
+            raise invalid(name, f"invalid conninfo: invalid port number: {shown(str(port))}")
     timeout = params.get("connect_timeout")
     if timeout is not None:
         try:
@@ -449,6 +450,13 @@ def check_conninfo(value: str, name: str) -> None:
 
 
 _PORT_RE = re.compile(r"\s*\+?[0-9]+\s*")
+
+
+def _usable_port(one: str) -> bool:
+    """Whether ``one``, an entry of a ``port`` list, is one libpq connects at: empty (the
+    default), or as its pqParseIntParam reads it, an integer (white space around it
+    allowed) from 1 to 65535."""
+    return not one.strip() or bool(_PORT_RE.fullmatch(one) and 1 <= int(one.strip()) <= 65535)
 
 
 DEFAULT_CONNECT_TIMEOUT: Final = 10

@@ -888,3 +888,26 @@ def test_telling_a_refused_value_from_an_outage_adds_no_wait_for_a_silent_server
         started = time.monotonic()
         assert t.refused_conninfo(url, "conn", psycopg.OperationalError("timeout")) is None
         assert time.monotonic() - started < 1.0, hosts
+
+
+@pytest.mark.parametrize("bad_port", ["abc", "0", "99999"])
+def test_a_port_list_with_one_bad_port_is_not_refused(
+    bad_port: str, db_url: str, snapshot: Any
+) -> None:
+    # Each port of a list was checked alone: host=a,b port=abc,5432 was refused (exit 2),
+    # where psycopg and libpq fail the first host's attempt and connect to the second.
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from meter import MeterClient
+
+    params = conninfo_to_dict(db_url)
+    host = params.get("host") or "127.0.0.1"
+    url = make_conninfo(db_url, host=f"{host},{host}", port=f"{bad_port},{params['port']}")
+    psycopg.connect(url).close()  # libpq's and psycopg's word
+    with MeterClient(url) as client:
+        assert client.get_periods("nobody") == []
+    before = snapshot()
+    for args in (("migrate",), ("dead-letters", "list")):
+        result = run({"METER_DATABASE_URL": url}, *args)
+        assert result.exit_code == 0, (args, result.output)
+    assert snapshot() == before
