@@ -102,8 +102,8 @@ def main() -> None:
 def migrate(database_url: str | None, with_roles: bool) -> None:
     """Apply pending sql/NNN_*.sql migrations, once each, in order.
 
-    Exit status 3 when the database cannot be reached within the URL's connect_timeout,
-    else 10 s.
+    Exit status 3 when the database cannot be reached within the URL's connect_timeout (or
+    PGCONNECT_TIMEOUT), else 10 s.
     """
     from meter.migrate import migrate as run_migrations
     from meter.migrate import schema_version
@@ -278,7 +278,7 @@ def _client(database_url: str | None, namespace: str) -> Iterator[Any]:
 def _connect(database_url: str | None) -> Any:
     """One autocommit psycopg connection to the resolved database; ValidationError for a
     malformed URL or one with a value libpq refuses, MeterConnectionError when it cannot be
-    reached (within the URL's connect_timeout, else 10 s)."""
+    reached (within the URL's connect_timeout or PGCONNECT_TIMEOUT, else 10 s)."""
     import psycopg
 
     from meter import session

@@ -154,7 +154,7 @@ def migrate(
             does not know, a file failed (its transaction is rolled back; earlier files
             stay applied), or ``roles.sql`` is missing.
         MeterConnectionError: the database cannot be reached (within ``conninfo``'s
-            ``connect_timeout``, else 10 s).
+            ``connect_timeout`` or ``PGCONNECT_TIMEOUT``, else 10 s).
         ValidationError: ``conninfo`` is malformed, or libpq refuses one of its values.
     """
     directory = sql_dir if sql_dir is not None else default_sql_dir()
@@ -181,9 +181,9 @@ def _connect(conninfo: str, unreachable: str) -> psycopg.Connection[Any]:
     refuses (``sslmode=bogus``; it was taken for a server out of reach),
     MeterConnectionError, prefixed ``unreachable``, when the server cannot be reached.
 
-    Within ``connect_timeout`` seconds, 10 unless ``conninfo`` sets it: without one, a
-    host that does not answer held the run for psycopg's default of 130 s (the system's
-    TCP timeout, for libpq)."""
+    Within ``connect_timeout`` seconds, 10 unless ``conninfo`` or ``PGCONNECT_TIMEOUT``
+    sets it: without one, a host that does not answer held the run for psycopg's default
+    of 130 s (the system's TCP timeout, for libpq)."""
     check_conninfo(conninfo, "conninfo")
     try:
         return psycopg.connect(conninfo, autocommit=True, **connect_timeout(conninfo))

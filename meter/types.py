@@ -466,12 +466,22 @@ the conninfo sets no ``connect_timeout``."""
 
 def connect_timeout(value: str, seconds: int = DEFAULT_CONNECT_TIMEOUT) -> dict[str, int]:
     """The ``connect_timeout`` keyword argument to connect to conninfo ``value`` with:
-    ``seconds``, unless ``value`` sets its own (which then wins), so that a server out of
-    reach fails within a bound rather than after the system's TCP timeout (psycopg's
-    default: 130 s). ``value`` is one :func:`check_conninfo` passed."""
+    ``seconds``, unless ``value`` sets its own or ``PGCONNECT_TIMEOUT`` does (which then
+    wins, as libpq's and psycopg's convention has it), so that a server out of reach fails
+    within a bound rather than after the system's TCP timeout (psycopg's default: 130 s).
+    ``value`` is one :func:`check_conninfo` passed."""
     from psycopg.conninfo import conninfo_to_dict
 
-    return {} if "connect_timeout" in conninfo_to_dict(value) else {"connect_timeout": seconds}
+    if "connect_timeout" in conninfo_to_dict(value):
+        return {}
+    env = os.environ.get("PGCONNECT_TIMEOUT")
+    if env is not None:
+        try:
+            int(float(env))  # as psycopg reads it; one it cannot read is not the operator's
+            return {}
+        except (ValueError, OverflowError):
+            pass
+    return {"connect_timeout": seconds}
 
 
 def refused_conninfo(value: str, name: str, error: BaseException) -> ValidationError | None:

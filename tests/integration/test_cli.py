@@ -911,3 +911,24 @@ def test_a_port_list_with_one_bad_port_is_not_refused(
         result = run({"METER_DATABASE_URL": url}, *args)
         assert result.exit_code == 0, (args, result.output)
     assert snapshot() == before
+
+
+def test_migrate_keeps_pgconnect_timeout(silent_server: int) -> None:
+    # migrate's default of 10 s was passed as connect_timeout, which overrode the
+    # PGCONNECT_TIMEOUT libpq and psycopg read when the URL sets none: a migrate that
+    # waited the operator's 2 s before a67c249 waited 10.
+    import os
+    import subprocess
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "PGCONNECT_TIMEOUT": "2",
+           "METER_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{silent_server}/meter"}  # fmt: skip
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "meter", "migrate"],
+        capture_output=True, text=True, cwd=repo, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == EXIT_UNREACHABLE, proc.stderr
+    assert time.monotonic() - started < 8.0
