@@ -32,6 +32,7 @@ from typing import Any, Final, NamedTuple, Self, cast
 import psycopg
 from psycopg.abc import AdaptContext, Buffer
 from psycopg.adapt import Loader
+from psycopg.conninfo import make_conninfo
 from psycopg.pq import Format, PipelineStatus, TransactionStatus
 from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb, set_json_loads
@@ -145,6 +146,11 @@ _NOTHING_SENT: Final = (PoolTimeout, PoolClosed, TooManyRequests)
 # attempt, whether the database is reachable at all (so that a down database fails fast
 # instead of after the whole pool timeout).
 _PROBE_AFTER: Final = 1.0
+
+# psycopg.connect's keywords that are not connection parameters (a pool's kwargs hold them)
+_CONNECT_ONLY: Final = frozenset(
+    {"autocommit", "prepare_threshold", "context", "row_factory", "cursor_factory"}
+)
 
 # How long a connection may stay out of the client's own pool, kept from one call to the
 # next (see MeterClient._run_own_pool): the first call to end after that gives it back, and
@@ -1085,8 +1091,10 @@ class MeterClient:
         try:
             psycopg.connect(pool.conninfo, **kwargs).close()
         except psycopg.OperationalError as exc:
-            # a value libpq refuses (sslmode=bogus) is the caller's, not an outage
-            refused = t.refused_conninfo(pool.conninfo, "conn", exc)
+            # a value libpq refuses (sslmode=bogus) is the caller's, not an outage; asked
+            # of what was connected with: a pool's kwargs override its conninfo's values
+            params = {k: v for k, v in kwargs.items() if k not in _CONNECT_ONLY}
+            refused = t.refused_conninfo(make_conninfo(pool.conninfo, **params), "conn", exc)
             if refused is not None:
                 raise refused from None
             raise MeterConnectionError(

@@ -751,6 +751,24 @@ def test_unreachable_database_raises_connection_error():
     assert time.monotonic() - started < 60
 
 
+def test_an_unreachable_database_behind_a_pool_whose_kwargs_fix_its_conninfo_is_an_outage():
+    # The probe asked libpq about the pool's conninfo alone, while it connected with the
+    # pool's kwargs over it: a value the kwargs replace (sslmode) made a database out of
+    # reach a ValidationError naming conn, a caller's mistake not to retry.
+    from psycopg_pool import ConnectionPool
+
+    pool = ConnectionPool(
+        "host=127.0.0.1 port=1 dbname=meter user=meter sslmode=bogus connect_timeout=2",
+        kwargs={"sslmode": "disable", "autocommit": True},
+        min_size=0, max_size=2, open=True, timeout=3,
+    )  # fmt: skip
+    try:
+        with pytest.raises(MeterConnectionError):
+            meter.MeterClient(pool).get_balance(U, ET, UNIT)
+    finally:
+        pool.close()
+
+
 # ---------------------------------------------------------------- threads
 
 
