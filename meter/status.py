@@ -51,6 +51,13 @@ def redact(url: str) -> str:
     return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|(?:\\.|[^\s\\])+)", r"\1***", url)
 
 
+def _without_fragments(message: str | None) -> str | None:
+    """``message``, why a URL was refused, with the pieces of it libpq quoted (in double
+    quotes) hidden: of a URL not parsed, they may be its password (``invalid
+    percent-encoded token: "s3cr%zzet"``), which the document must not carry."""
+    return None if message is None else re.sub(r'"[^"]*"', '"***"', message)
+
+
 def _unknown_database(url: str | None, error: str) -> dict[str, Any]:
     """The figures of a database not looked at: every key, each ``None`` (unknown), so that
     a script reads the same document whatever happened, and never ``[]`` ("nothing
@@ -234,7 +241,8 @@ def collect(
             start), reported as the database's error.
         database_invalid: why there is no ``database_url``: the one given was refused as
             malformed (a ValidationError of this function, or of the caller's own check),
-            reported as the database's error and as the problem "database not looked at".
+            reported as the database's error (what libpq quoted of the URL hidden: it may
+            be the password) and as the problem "database not looked at".
 
     Returns:
         ``{"healthy", "problems", "database", "broker", "workers"}``: ``database`` has
@@ -254,7 +262,7 @@ def collect(
     if database_url is None:
         database = _unknown_database(
             None,
-            database_invalid
+            _without_fragments(database_invalid)
             or database_error
             or "no database: set METER_DATABASE_URL or --database-url",
         )

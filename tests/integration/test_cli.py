@@ -836,6 +836,18 @@ def test_status_json_reports_a_malformed_url_as_a_document_too(url: str, db_url:
     assert report["problems"][0].startswith("database not looked at: database_url: invalid")
 
 
+def test_status_json_of_a_malformed_url_does_not_carry_its_password() -> None:
+    # The document's error quoted libpq's message whole, and libpq quotes the piece of the
+    # URL it could not read: a password with a stray '%' went into status.json.
+    url = "postgresql://meter:s3cr%zzet@127.0.0.1/meter"
+    result = run({"METER_DATABASE_URL": url, "METER_BROKER_URL": UNREACHABLE_BROKER},
+                 "status", "--json")  # fmt: skip
+    assert result.exit_code == EXIT_USAGE, result.output
+    report = json.loads(result.stdout)
+    assert report["database"]["error"].startswith("database_url: invalid conninfo")
+    assert "s3cr" not in result.stdout
+
+
 @pytest.fixture
 def silent_server() -> Any:
     """A TCP port that takes connections and never answers, as a host behind a firewall
