@@ -170,7 +170,9 @@ class EventHandle:
     Attributes:
         op: the operation (``consume``, ``reserve``...).
         idempotency_key: the key guarding the event (generated when not given; for
-            ``reserve`` without a key, and for ``commit``/``release``, the reservation id).
+            ``reserve`` without a key, and for ``commit``, the reservation id; a
+            ``release`` gets one of its own, which the hold records when this event
+            releases it: sql 067).
         reservation_id: the reservation (reserve, commit, release), else ``None``.
         task_id: the Celery task carrying the event (for batched events, the batch's).
     """
@@ -240,9 +242,11 @@ class EventHandle:
         Returns:
             The SQL result as ``MeterClient`` returns it: a dict with ``Decimal``
             quantities (a refusal too: ``success``/``granted`` false), or a ``bool`` for
-            ``release`` (true also when its message, delivered again after its reply was
-            lost, finds the hold released by its own earlier delivery: sql 067; false for
-            a hold another caller released, committed or that expired).
+            ``release`` (true also when the event, its message delivered again after its
+            reply was lost or the event sent again in a new message after a
+            ``PublishError``, finds the hold released by its own earlier delivery, by the
+            key it carries: sql 067; false for a hold another caller or another
+            ``release()`` call released, committed or that expired).
 
         Raises:
             RuntimeError: the event was sent without results.
@@ -944,16 +948,30 @@ class MeterProducer:
         args, key, rid = self._commit_args(reservation_id, actual_amount, metadata)
         return self._submit("commit", args, key, rid, want_result)
 
-    def release(self, reservation_id: str, *, want_result: bool | None = None) -> EventHandle:
+    def release(
+        self,
+        reservation_id: str,
+        idempotency_key: str | None = None,
+        *,
+        want_result: bool | None = None,
+    ) -> EventHandle:
         """Enqueue a release; parameters as :meth:`meter.MeterClient.release`.
 
         Like commit, a release arriving before its reserve waits for it.
+
+        The event carries ``idempotency_key`` (generated when not given, in the handle),
+        which the hold records when this event releases it (sql 067): the same event
+        sent again (``send_many(exc.events)`` after a ``PublishError`` whose first message
+        did get through, or that message delivered again) then reports true, as the
+        release that happened, from any message. Each call is a request of its own: a
+        second ``release()`` of the same hold, with another key, reports false (the hold
+        is no longer active), as ``MeterClient.release`` does.
 
         Raises:
             ValidationError; PublishError (the event is in doubt: resend ``exc.events``);
             MeterConnectionError (the producer is closed: nothing was sent).
         """
-        args, key, rid = self._release_args(reservation_id)
+        args, key, rid = self._release_args(reservation_id, idempotency_key)
         return self._submit("release", args, key, rid, want_result)
 
     def adjust(
@@ -1180,9 +1198,16 @@ class MeterProducer:
         _put_metadata(args, metadata)
         return args, rid, rid
 
-    def _release_args(self, reservation_id: str) -> tuple[dict[str, Any], str, str]:
+    def _release_args(
+        self, reservation_id: str, idempotency_key: str | None = None
+    ) -> tuple[dict[str, Any], str, str]:
         rid = _ident(reservation_id, "reservation_id")
-        return {"reservation_id": rid}, rid, rid
+        # A key of the event's own, not the reservation id: keyed by its task (the
+        # worker's default), the event sent again in a new message after a PublishError
+        # whose first message applied read False for the release that happened; keyed by
+        # the reservation id, every release() of the hold would be the same request.
+        key = _ident(idempotency_key, "idempotency_key", nullable=True) or t.new_id()
+        return {"reservation_id": rid, "idempotency_key": key}, key, rid
 
     _builders: Final[dict[str, Callable[..., tuple[dict[str, Any], str, str | None]]]] = {
         "consume": _consume_args,

@@ -1990,6 +1990,51 @@ def test_a_buffered_event_in_doubt_is_its_callers_to_send_again(
     assert keys == Counter({"grant": 1, first.idempotency_key: 1, mine["idempotency_key"]: 1})
 
 
+@pytest.mark.parametrize("path", ["release()", "send_many", "close()"])
+def test_a_release_sent_again_in_a_new_message_after_it_applied_is_true_only_for_itself(
+    pipeline, make_producer, client, db, snapshot, monkeypatch, path
+):
+    """The broker took a release's message but the producer saw a PublishError (its reply
+    lost), and the message applied. The event sent again from the error's ``events`` went
+    in a new message keyed by its new task, not by the key the hold recorded, so wait()
+    read False for a release that happened. Now each release() call has a key of its own,
+    carried by every resend of that event; another release() call of the same hold is
+    another request, and reports false (SPEC C: the hold is no longer active)."""
+    client.allocate("u1", ET, 100, UNIT, idempotency_key="grant")
+    client.reserve("u1", ET, 10, UNIT, reservation_id="r-doubt")
+    if path == "close()":
+        p = make_producer(batch_size=10, linger_ms=60_000, results=True)
+        first = p.release("r-doubt")
+        monkeypatch.setattr(p._app, "send_task", _taken_then_lost(p._app.send_task))
+        with pytest.raises(PublishError) as doubt:
+            p.close()
+        with pytest.raises(PublishError):  # handed back: the handle's resend path
+            first.wait(timeout=5)
+    else:
+        p = make_producer(results=True)
+        monkeypatch.setattr(p._app, "send_task", _taken_then_lost(p._app.send_task))
+        with pytest.raises(PublishError) as doubt:
+            if path == "release()":
+                p.release("r-doubt")
+            else:
+                p.send_many([{"op": "release", "reservation_id": "r-doubt"}])
+    (event,) = doubt.value.events
+    assert event["op"] == "release" and event["idempotency_key"]
+    eventually(lambda: _release_status(db, "r-doubt") == "released")
+    before = snapshot()
+
+    (again,) = make_producer(results=True).send_many(doubt.value.events)
+    assert again.idempotency_key == event["idempotency_key"]
+    assert again.wait(timeout=15) is True
+    by_hand = make_producer(results=True).release("r-doubt", event["idempotency_key"])
+    assert by_hand.wait(timeout=15) is True
+    other = make_producer(results=True).release("r-doubt")
+    assert other.idempotency_key != event["idempotency_key"]
+    assert other.wait(timeout=15) is False
+    assert snapshot() == before
+    assert balance(client)["reserved"] == D(0)
+
+
 def test_close_that_cannot_send_hands_over_the_buffer(
     pipeline, make_producer, client, db, monkeypatch
 ):
