@@ -1697,7 +1697,9 @@ class MeterClient:
             closed), ``opened_at``, ``opened_by``, ``closed_at``, ``closed_by``. The roll
             records ``open_balance`` as the balance stood at the period's start (its
             allocation included) and ``close_balance`` as at its end, after the close; a
-            period opened or closed by hand records the balance at that call.
+            period opened by hand records the balance at that call (what
+            :meth:`open_period` returned), and one closed by hand what
+            :meth:`close_period` returned (as at its end when a later period is recorded).
 
         Raises:
             ValidationError, MeterConnectionError, MeterError.

@@ -26,10 +26,12 @@
 -- start was recorded before the on-time roll of that start; it no longer matters when
 -- the rows dated after the start arrived.
 --
--- Not changed, on purpose: open_period and close_period called by hand record the balance
--- at the call, as SPEC 3.4 and Appendix A have them return it ("new balance"; a repeat
--- returns the first result, which is the recorded figure). set_period_config's catch-up
--- rolls through meter._roll_account, so it records the start's balance now too.
+-- Not changed, on purpose: open_period called by hand records the balance at the call, as
+-- SPEC 3.4 and Appendix A have it return it ("new balance"; a repeat returns the first
+-- result, which is the recorded figure), and close_period by hand what it returns (the
+-- balance at the call, or as it stood at the end when a later period is recorded: 041).
+-- set_period_config's catch-up rolls through meter._roll_account, so it records the
+-- start's balance now too.
 --
 -- Locks: unchanged (042's _roll_account; 064/065 call it). Migrations once applied are
 -- never edited: 042's _roll_account is replaced whole; only the lines marked 070 changed.
