@@ -325,7 +325,7 @@ def test_a_late_roll_records_each_period_s_opening_as_it_stood_at_its_start(make
     # Usage is dated inside each period, some at a start's first instant and some between
     # a start and the on-time roll. A period's opening balance is the balance at its first
     # instant, its allocation included, whenever the roll came: the late roll recorded
-    # the balance when it ran, later periods' usage included (m1 opened at -300, not 1300).
+    # the balance when it ran, later periods' usage included (m1 opened at -30, not 1300).
     t = today(db)
     m0, m1, m2, m3 = (month_start(t, back) for back in (3, 2, 1, 0))
     usage = [
