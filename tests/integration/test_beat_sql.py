@@ -7,6 +7,7 @@ and rolled as of a chosen instant.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -393,6 +394,94 @@ def test_a_late_roll_records_each_period_s_opening_as_it_stood_at_its_start(make
     for c in clients.values():
         assert c.get_balance("u", ET, UNIT)["balance"] == D("1270")
         assert c.reconcile() == []
+
+
+@pytest.mark.parametrize(
+    ("interval", "back", "limit", "user"),
+    [
+        ("1 day", timedelta(days=4), D("0"), "u"),
+        ("7 days", timedelta(days=23), None, "u"),
+        ("1 year", timedelta(days=3 * 366), D("5"), "u"),
+        ("1 month", None, D("5"), "u"),  # from Jan 31 a year back: Feb 28, Mar 31, ...
+        ("1 day", timedelta(days=3), D("5"), None),  # the pool (credits only)
+    ],
+)
+def test_a_late_roll_opens_as_an_on_time_one_on_every_grid(
+    make_client, db, interval: str, back: timedelta | None, limit: Decimal | None,
+    user: str | None,
+) -> None:  # fmt: skip
+    """070 on other grids than whole months, with overage, carry-over limits 0 and NULL,
+    and the pool: rolled once today, every period records and reports the opening an
+    on-time roll (ten minutes after each start) recorded, its allocation included, and
+    each opens at the close of the one before plus its allocation."""
+    t = today(db)
+    start = t - back if back is not None else date(t.year - 1, 1, 31)
+    grid = [
+        r["d"]
+        for r in db.execute(
+            "SELECT (%s::date + %s::interval * k)::date AS d FROM generate_series(0, 60) k",
+            (start, interval),
+        ).fetchall()
+    ]
+    starts = [s for s in grid if s <= t]
+    now = db.execute("SELECT now() AS n").fetchone()["n"]
+    usage = []
+    for s, e in zip(starts, grid[1:], strict=False):
+        for when, amount in (
+            (first_instant(s), D("3")),
+            (first_instant(s) + timedelta(minutes=5), D("4")),
+            (first_instant(s) + (first_instant(e) - first_instant(s)) / 2, D("11")),
+            (first_instant(e) - timedelta(microseconds=1), D("2")),
+        ):
+            if when < now - timedelta(minutes=1):
+                usage.append((when, amount))
+    clients = {ns: make_client(namespace=ns) for ns in ("on_time", "late")}
+
+    def use(ns: str, when: datetime, amount: Decimal) -> None:
+        if user is None:
+            clients[ns].allocate(None, ET, amount, UNIT, event_time=when)
+        else:
+            clients[ns].consume(user, ET, amount, UNIT, event_time=when)
+
+    for c in clients.values():
+        c.set_period_config(user, ET, UNIT, None, start, D("10"), limit, interval)
+    steps: dict[str, list[dict[str, Any]]] = {"on_time": []}
+    applied = 0
+    for s in starts:
+        at = min(first_instant(s) + timedelta(minutes=10), now)
+        while applied < len(usage) and usage[applied][0] <= at:
+            use("on_time", *usage[applied])
+            applied += 1
+        steps["on_time"] += roll(db, now=at, namespace="on_time")
+    for when, amount in usage[applied:]:
+        use("on_time", when, amount)
+    steps["on_time"] += roll(db, namespace="on_time")
+    for when, amount in usage:
+        use("late", when, amount)
+    steps["late"] = roll(db, namespace="late")
+
+    def history(ns: str) -> list[tuple[Any, ...]]:
+        rows = db.execute(
+            "SELECT period_start, period_end, allocation, open_balance, expired,"
+            " carried_over, close_balance FROM meter.periods WHERE namespace = %s"
+            " ORDER BY period_start",
+            (ns,),
+        ).fetchall()
+        return [tuple(r.values()) for r in rows]
+
+    assert [r[0] for r in history("on_time")] == starts
+    assert history("late") == history("on_time")
+    for before, after in itertools.pairwise(history("late")):
+        assert after[3] == before[6] + after[2]
+    opened = {r[0]: r[3] for r in history("late")}
+    for ns in ("on_time", "late"):
+        assert [s["balance"] for s in steps[ns]] == [opened[s] for s in starts]
+    for c in clients.values():
+        assert c.reconcile() == []
+    assert (
+        clients["late"].get_balance(user, ET, UNIT)["balance"]
+        == clients["on_time"].get_balance(user, ET, UNIT)["balance"]
+    )
 
 
 def test_a_roll_locks_no_account_whose_period_has_not_ended(client, db, db_url):
