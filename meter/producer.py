@@ -402,6 +402,16 @@ def _put_time(args: dict[str, Any], event_time: object) -> None:
     args["event_time"] = checked.astimezone(UTC).isoformat()
 
 
+def _event(op: str, namespace: str, args: dict[str, Any], called: datetime) -> dict[str, Any]:
+    """An event for the wire. A consume or allocate without an ``event_time`` carries the
+    time of its call (``occurred_at``, :mod:`meter.wire`): the database dates its row by it
+    rather than by when a worker applies it, and counts it in no fingerprint (sql 068)."""
+    event: dict[str, Any] = {"op": op, "namespace": namespace, "args": args}
+    if op in ("consume", "allocate") and "event_time" not in args:
+        event["occurred_at"] = called.isoformat()
+    return event
+
+
 def _resendable(event: Mapping[str, Any]) -> dict[str, Any]:
     """An event as built for the wire, turned back into a ``send_many`` item: the same
     call with the key (and reservation id) it was sent with."""
@@ -851,11 +861,16 @@ class MeterProducer:
         """Enqueue a consumption; parameters as :meth:`meter.MeterClient.consume`.
 
         ``want_result`` overrides the producer's ``results`` for this event. Without an
-        ``event_time`` the consumption is dated when a worker applies it (after a backlog,
-        an outage or a dead letter's retry: in the month and billing period of that
-        moment); pass ``datetime.now(UTC)`` to date it at the call, and the same time
-        again with its ``idempotency_key`` should you send it once more yourself (another
-        time is another request: a conflict).
+        ``event_time`` the consumption is dated at this call (this machine's clock, in
+        UTC), not when a worker applies it: after a backlog, an outage's retries or a dead
+        letter's retry it still counts in the month and billing period of the call. That
+        time is not part of the request its ``idempotency_key`` replays: sent again with
+        the key, it replays the first (its row keeps the first call's time). A time this
+        call cannot date (the clock before 1900 or more than 24 hours ahead of the
+        database's) is ignored: the row is then dated when a worker applies it. Resending
+        ``PublishError.events`` (or calling again) dates what had not got through at the
+        resend. An explicit ``event_time`` dates it instead and is part of the request
+        (another time with the same key is a conflict).
 
         Raises:
             ValidationError; PublishError (the event is in doubt: resend ``exc.events``);
@@ -882,7 +897,8 @@ class MeterProducer:
     ) -> EventHandle:
         """Enqueue an allocation; parameters as :meth:`meter.MeterClient.allocate`.
 
-        Without an ``event_time`` it is dated when a worker applies it, as :meth:`consume`.
+        Without an ``event_time`` it is dated at this call, not when a worker applies it,
+        as :meth:`consume`.
 
         Raises:
             ValidationError; PublishError (the event is in doubt: resend ``exc.events``);
@@ -939,7 +955,9 @@ class MeterProducer:
         """Enqueue a commit; parameters as :meth:`meter.MeterClient.commit`.
 
         A commit that reaches a worker before its reserve is retried until the reserve has
-        been applied (up to the worker's ``METER_ORPHAN_HORIZON_SECONDS``).
+        been applied (up to the worker's ``METER_ORPHAN_HORIZON_SECONDS``). Its usage is
+        dated when a worker applies it, and the database's clock then judges whether the
+        hold has expired (unlike a consume, it is not dated at this call).
 
         Raises:
             ValidationError; PublishError (the event is in doubt: resend ``exc.events``);
@@ -989,6 +1007,8 @@ class MeterProducer:
     ) -> EventHandle:
         """Enqueue an adjustment; parameters as :meth:`meter.MeterClient.adjust`.
 
+        Dated when a worker applies it (as ``MeterClient.adjust``, which takes no time).
+
         Raises:
             ValidationError; PublishError (the event is in doubt: resend ``exc.events``);
             MeterConnectionError (the producer is closed: nothing was sent).
@@ -1012,7 +1032,8 @@ class MeterProducer:
         one of more than 100 events of which any goes one by one (a reserve, commit or
         release, a checked consume, an adjust naming an entry, a key's second use) in
         transactions of at most 100, in order; an event that can never succeed is
-        dead-lettered alone.
+        dead-lettered alone. A consume or allocate without ``event_time`` is dated at this
+        call, as :meth:`consume`.
 
         Returns:
             One handle per event, in order (batch-mates share ``task_id``).
@@ -1030,6 +1051,7 @@ class MeterProducer:
                 "events", f"must be an iterable of event mappings, got {type(events).__name__}"
             )
         want = self._results if want_result is None else t.check_bool(want_result, "want_result")
+        called = datetime.now(UTC)
         built: list[tuple[str, dict[str, Any], str, str | None]] = []
         for i, spec in enumerate(events):
             try:
@@ -1059,9 +1081,7 @@ class MeterProducer:
             batch = _Batch(task_id)
             batch.sent = True
             batch.want_result = want
-            batch.events = [
-                {"op": op, "namespace": self._namespace, "args": args} for op, args, _, _ in chunk
-            ]
+            batch.events = [_event(op, self._namespace, args, called) for op, args, _, _ in chunk]
             try:
                 batch.digest = self._publish(
                     wire.APPLY_BATCH, batch.events, task_id, want, f"<{len(chunk)} events>"
@@ -1233,7 +1253,7 @@ class MeterProducer:
         want_result: bool | None,
     ) -> EventHandle:
         want = self._results if want_result is None else t.check_bool(want_result, "want_result")
-        event = {"op": op, "namespace": self._namespace, "args": args}
+        event = _event(op, self._namespace, args, datetime.now(UTC))
         if not self._buffered:
             self._check_open()
             task_id = t.new_id()

@@ -17,6 +17,14 @@ offset (the producer sends it in UTC, ``+00:00``). ``meter.apply_events`` takes 
 amount, but no ``'now'``, no time without its offset, no ``0x10`` or ``1_000``, and no
 identifier that is not a JSON string; it refuses the rest, naming the argument.
 
+A consume or allocate sent without an ``event_time`` also carries ``"occurred_at"`` beside
+``op`` (not in ``args``: no argument of the call): the time the producer's call was made,
+ISO 8601 in UTC. The database dates the ledger row by it instead of by when a worker
+applies the event (``sql/068``), and it counts in no idempotency fingerprint, so a resend
+with the same key at another call time is a replay. A stamp that is not a valid time from
+1900 to 24 hours after the database's ``now()`` is ignored (the row is dated by
+``now()``); other ops ignore the field. Workers and databases from before 068 ignore it.
+
 Tasks (all JSON, one queue :data:`QUEUE`):
 
 ``meter.<op>(event, orphan_since=None, verdict=None, auth=None)``
