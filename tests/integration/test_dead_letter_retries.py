@@ -242,3 +242,22 @@ def test_retry_all_counts_only_the_letters_this_run_retried(db, db_url, client, 
     assert _status(db, mine)["status"] == "retried"
     assert _status(db, discarded)["status"] == "discarded"
     assert client.get_balance("cy", "llm", "tok")["balance"] == D(7)  # once, elsewhere
+
+
+def test_a_dead_letter_retried_later_is_dated_at_its_producer_s_call(db):
+    """A consume filed after its retries were exhausted (MTW01) and retried weeks later is
+    dated at the producer's call (`occurred_at`, sql 068), not at the retry: before 068 it
+    counted in the month and billing period of the retry. Its stamp counts in no
+    fingerprint: a second retry of the applied event replays it."""
+    called = "2026-01-31T23:59:00+00:00"
+    event = {"op": "consume", "namespace": "default", "occurred_at": called,
+             "args": {"user_id": "u1", "event_type": "tokens", "amount": "2", "unit": "tok",
+                      "idempotency_key": "late-1"}}  # fmt: skip
+    id_ = _file(db, "consume", event, "MTW01", "task-late")
+    again = _file(db, "consume", {**event, "occurred_at": "2026-02-01T00:05:00+00:00"},
+                  "MTW01", "task-late-2")  # fmt: skip
+    assert db.execute("SELECT * FROM meter.retry_dead_letter(%s)", (id_,)).fetchone()["ok"]
+    row = db.execute("SELECT * FROM meter.retry_dead_letter(%s)", (again,)).fetchone()
+    assert (row["ok"], row["status"]) == (True, "replayed")
+    rows = db.execute("SELECT event_time FROM meter.ledger").fetchall()
+    assert [r["event_time"].isoformat() for r in rows] == [called]

@@ -123,12 +123,16 @@ def test_a_buffered_batch_keeps_each_event_s_own_call_time(
     finally:
         p.close()  # (the batch is full: sent by the fourth call already)
     # send_many: one time for the call, every consume and allocate of it
-    sent = _call(
-        lambda: MeterProducer(crash_redis.url(), "default").send_many(
-            [{"op": "consume", "user_id": "u3", "event_type": ET, "amount": 1, "unit": UNIT,
-              "idempotency_key": f"m{i}"} for i in range(3)]
-        )
-    )  # fmt: skip
+    many = MeterProducer(crash_redis.url(), "default")
+    try:
+        sent = _call(
+            lambda: many.send_many(
+                [{"op": "consume", "user_id": "u3", "event_type": ET, "amount": 1, "unit": UNIT,
+                  "idempotency_key": f"m{i}"} for i in range(3)]
+            )
+        )  # fmt: skip
+    finally:
+        many.close()
     time.sleep(GAP)
     started = datetime.now(UTC)
     start_worker().wait_ready()
