@@ -62,7 +62,14 @@ LANGUAGE sql STABLE AS $$
 $$;
 REVOKE EXECUTE ON FUNCTION meter._occurred_at(text) FROM PUBLIC;
 
--- consume (047's; the lines marked 068 changed)
+-- consume (047's; the lines marked 068 changed): record usage. With p_check_balance,
+-- refuses (success=false, nothing written, no account created, no key claimed) when
+-- available < amount; without, may drive the balance negative, creating the account if
+-- needed. Dated by p_event_time, else (068) by meter.occurred_at when set and valid, else
+-- now(); only p_event_time counts in the fingerprint.
+-- Locks: the month (a past one: the ledger's ROW EXCLUSIVE first; 047: in a
+-- subtransaction for a checked consume in a month with no partition), the key's advisory
+-- lock, the account's advisory lock (in a transaction with no row yet, 035), the account.
 CREATE OR REPLACE FUNCTION meter.consume(p_user_id text, p_event_type text, p_amount numeric,
                               p_unit text, p_resource text DEFAULT NULL,
                               p_check_balance boolean DEFAULT false,
@@ -195,7 +202,11 @@ BEGIN
 END
 $$;
 
--- allocate (004's, with 017's DateStyle; the lines marked 068 changed)
+-- allocate (004's, with 017's DateStyle; the lines marked 068 changed): add quota or
+-- credits. Pools (user_id NULL) allowed. Creates the account. Dated as consume (068).
+-- Locks (as 055 states them): the month (a past one: the ledger's ROW EXCLUSIVE first),
+-- the key's advisory lock, the account's advisory lock (in a transaction with no row yet),
+-- the account.
 CREATE OR REPLACE FUNCTION meter.allocate(p_user_id text, p_event_type text, p_amount numeric,
                                p_unit text, p_resource text DEFAULT NULL,
                                p_idempotency_key text DEFAULT NULL,
