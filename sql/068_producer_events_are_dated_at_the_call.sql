@@ -44,8 +44,8 @@
 -- for a checked consume in a month with no partition).
 --
 -- Migrations once applied are never edited: 047's consume, 004's allocate (with 017's
--- DateStyle), 032's _apply_one and 054's apply_events are replaced whole; only the lines
--- marked 068 changed.
+-- DateStyle), 067's _apply_one (032's with 067's release key) and 054's apply_events are
+-- replaced whole; only the lines marked 068 changed.
 
 -- The time a producer stamped on an event (its `occurred_at`), when it keeps event_time's
 -- rules; NULL otherwise (the caller then dates the event by now()). Inlinable; the casts
@@ -270,7 +270,7 @@ BEGIN
 END
 $$;
 
--- Apply one event through its op's API function (032's; the lines marked 068 are new).
+-- Apply one event through its op's API function (067's; the lines marked 068 are new).
 -- Returns {status, result}: status 'applied', 'replayed', 'refused' or 'not_found'. Raises
 -- what the function raises.
 CREATE OR REPLACE FUNCTION meter._apply_one(p_event jsonb) RETURNS jsonb
@@ -386,15 +386,28 @@ BEGIN
     WHEN 'release' THEN
         PERFORM meter._guard(v_ns);
         PERFORM meter._ident('reservation_id', a->>'reservation_id', 128);
+        PERFORM meter._ident('idempotency_key', a->>'idempotency_key', 256, true);  -- 067
         IF NOT EXISTS (SELECT 1 FROM meter.reservations r
                        WHERE r.namespace = v_ns AND r.reservation_id = a->>'reservation_id') THEN
             v_status := 'not_found';
             v_result := jsonb_build_object('released', false);
         ELSE
-            v_result := jsonb_build_object('released',
-                                           meter.release(a->>'reservation_id', v_ns));
-            v_status := CASE WHEN (v_result->>'released')::boolean THEN 'applied'
-                             ELSE 'replayed' END;
+            v_seen := meter.release(a->>'reservation_id', v_ns);  -- 067: released now
+            IF v_seen AND a->>'idempotency_key' IS NOT NULL THEN  -- 067
+                -- 067: under the reservation's lock, which release took
+                UPDATE meter.reservations r SET release_key = a->>'idempotency_key'  -- 067
+                WHERE r.namespace = v_ns AND r.reservation_id = a->>'reservation_id';  -- 067
+            END IF;  -- 067
+            -- 067: released before by this very event (its message delivered again, its
+            -- reply lost): what it returned then, not the false of a hold no longer active
+            v_result := jsonb_build_object('released', v_seen OR (  -- 067
+                a->>'idempotency_key' IS NOT NULL  -- 067
+                AND EXISTS (SELECT 1 FROM meter.reservations r  -- 067
+                            WHERE r.namespace = v_ns  -- 067
+                              AND r.reservation_id = a->>'reservation_id'  -- 067
+                              AND r.status = 'released'  -- 067
+                              AND r.release_key = a->>'idempotency_key')));  -- 067
+            v_status := CASE WHEN v_seen THEN 'applied' ELSE 'replayed' END;  -- 067
         END IF;
     END CASE;
     PERFORM set_config('meter.occurred_at', '', true);                               -- 068
