@@ -410,7 +410,7 @@ def test_a_late_roll_opens_as_an_on_time_one_on_every_grid(
     make_client, db, interval: str, back: timedelta | None, limit: Decimal | None,
     user: str | None,
 ) -> None:  # fmt: skip
-    """070 on other grids than whole months, with overage, carry-over limits 0 and NULL,
+    """069 on other grids than whole months, with overage, carry-over limits 0 and NULL,
     and the pool: rolled once today, every period records and reports the opening an
     on-time roll (ten minutes after each start) recorded, its allocation included, and
     each opens at the close of the one before plus its allocation."""

@@ -34,14 +34,14 @@
 -- start's balance now too.
 --
 -- Locks: unchanged (042's _roll_account; 064/065 call it). Migrations once applied are
--- never edited: 042's _roll_account is replaced whole; only the lines marked 070 changed.
+-- never edited: 042's _roll_account is replaced whole; only the lines marked 069 changed.
 
--- One account's roll (042's; the lines marked 070 are new): steps until
+-- One account's roll (042's; the lines marked 069 are new): steps until
 -- its current period has not ended by p_today, p_budget steps were taken, or a step failed
 -- (reported with status 'error', the account left for the next call). Each step is a
 -- subtransaction. Each period it closes is recorded as it stood at its end (024), and each
 -- period it opens or keeps with the balance as it stood at its start, its allocation
--- included (070): the step's balance and the opened period's open_balance leave out what
+-- included (069): the step's balance and the opened period's open_balance leave out what
 -- is dated on or after the start, so a roll that catches up records what an on-time roll
 -- records. Locks: per step, the months it dates rows in, then the account (held to
 -- commit), and it decides on what it reads under that lock. The caller sets the actor.
@@ -70,7 +70,7 @@ DECLARE
     v_opened boolean;
     v_current_end date;
     v_posted numeric;
-    v_from_start numeric;  -- 070: the ledger dated on or after the opened period's start
+    v_from_start numeric;  -- 069: the ledger dated on or after the opened period's start
 BEGIN
     SELECT * INTO v_cand FROM meter.accounts a
     WHERE a.namespace = p_namespace AND a.account_id = p_account_id;
@@ -237,18 +237,18 @@ BEGIN
                 END IF;
                 v_posted := 0;
                 opened_period_start := v_next;
-                -- 070: what is dated on or after the start (a close's rows are dated
+                -- 069: what is dated on or after the start (a close's rows are dated
                 -- before it): the sum after the close's end when this step closed (its
                 -- end is the microsecond before the start), else read now
-                IF v_close_to IS NOT NULL THEN                                      -- 070
-                    v_from_start := v_later;                                        -- 070
-                ELSE                                                                -- 070
-                    SELECT coalesce(sum(l.amount), 0) INTO v_from_start             -- 070
-                    FROM meter.ledger l                                             -- 070
-                    WHERE l.namespace = v_acc.namespace                             -- 070
-                      AND l.account_id = v_acc.account_id                           -- 070
-                      AND l.event_time >= v_next::timestamp AT TIME ZONE 'UTC';     -- 070
-                END IF;                                                             -- 070
+                IF v_close_to IS NOT NULL THEN                                      -- 069
+                    v_from_start := v_later;                                        -- 069
+                ELSE                                                                -- 069
+                    SELECT coalesce(sum(l.amount), 0) INTO v_from_start             -- 069
+                    FROM meter.ledger l                                             -- 069
+                    WHERE l.namespace = v_acc.namespace                             -- 069
+                      AND l.account_id = v_acc.account_id                           -- 069
+                      AND l.event_time >= v_next::timestamp AT TIME ZONE 'UTC';     -- 069
+                END IF;                                                             -- 069
                 -- The next period opened by hand already: keep it (open_period with
                 -- the configured allocation would conflict with another one) and
                 -- make it the current period.
@@ -261,21 +261,21 @@ BEGIN
                     WHERE a.namespace = v_acc.namespace
                       AND a.account_id = v_acc.account_id
                     RETURNING a.balance INTO balance;
-                    -- 070: as it stood at the start, with the allocation posted there by
+                    -- 069: as it stood at the start, with the allocation posted there by
                     -- hand (none when it was 0); the period's open_balance stays what
                     -- open_period recorded (a repeat of that call returns it)
-                    balance := balance - v_from_start + v_prior.allocation;         -- 070
+                    balance := balance - v_from_start + v_prior.allocation;         -- 069
                 ELSE
                     allocation := v_acc.period_allocation;
                     balance := meter.open_period(v_acc.user_id, v_acc.event_type,
                                                  v_acc.unit, v_acc.resource, v_next,
                                                  NULL, v_acc.namespace)
-                               - v_from_start;  -- 070: as it stood at the start
-                    -- 070: open_period recorded the balance now, later usage included
-                    UPDATE meter.periods p SET open_balance = balance               -- 070
-                    WHERE p.namespace = v_acc.namespace                             -- 070
-                      AND p.account_id = v_acc.account_id                           -- 070
-                      AND p.period_start = v_next AND p.opened_at IS NOT NULL;      -- 070
+                               - v_from_start;  -- 069: as it stood at the start
+                    -- 069: open_period recorded the balance now, later usage included
+                    UPDATE meter.periods p SET open_balance = balance               -- 069
+                    WHERE p.namespace = v_acc.namespace                             -- 069
+                      AND p.account_id = v_acc.account_id                           -- 069
+                      AND p.period_start = v_next AND p.opened_at IS NOT NULL;      -- 069
                     v_posted := v_acc.period_allocation;  -- dated at v_next
                 END IF;
             END IF;
