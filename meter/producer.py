@@ -863,7 +863,9 @@ class MeterProducer:
         ``want_result`` overrides the producer's ``results`` for this event. Without an
         ``event_time`` the consumption is dated at this call (this machine's clock, in
         UTC), not when a worker applies it: after a backlog, an outage's retries or a dead
-        letter's retry it still counts in the month and billing period of the call. That
+        letter's retry it still counts in the month of the call, and in its billing period
+        when it applies before the roll closes that period (after, as an explicit
+        ``event_time`` there: it changes the balance, not the closed period's record). That
         time is not part of the request its ``idempotency_key`` replays: sent again with
         the key, it replays the first (its row keeps the first call's time). A time this
         call cannot date (the clock before 1900 or more than 24 hours ahead of the
