@@ -22,6 +22,7 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from meter import dead_letters
 from meter.cli import main as cli_main
@@ -1078,3 +1079,53 @@ def test_dead_letters_are_read_and_retried_across_a_migration_adding_a_column(
                 other.execute("ALTER TABLE meter.dead_letters ADD COLUMN added int")
 
         assert call() == first | {"added"}
+
+
+def test_067_waits_for_an_open_hold_and_a_lock_timeout_lets_it_run_again(
+    new_database: Callable[[], str], tmp_path: Path
+) -> None:
+    # 067 adds reservations.release_key under the table's ACCESS EXCLUSIVE lock, which waits
+    # for a transaction that touched the reservations (docs/operations.md, "From sql/065 to
+    # sql/069"): with a lock timeout it fails whole, 066 stays applied, and a run once that
+    # transaction ended applies the rest. A client's prepared reserve, commit, release
+    # (functions holding a reservations row) and get_balance go on across it.
+    url = new_database()
+    migrate(url, sql_dir=sql_below(tmp_path, 66))
+    client = MeterClient(url, "t", max_size=1)
+    conn = psycopg.connect(url)
+    holder = MeterClient(conn, "t")
+
+    def calls() -> None:
+        hold = client.reserve("u", "api", Decimal(2), "calls")
+        assert client.commit(hold["reservation_id"], Decimal(1))["status"] == "committed"
+        assert client.release(client.reserve("u", "api", 1, "calls")["reservation_id"])
+
+    try:
+        client.allocate("u", "api", Decimal(100), "calls")
+        for _ in range(7):  # past psycopg's prepare_threshold (5)
+            calls()
+            client.get_balance("u", "api", "calls")
+        with conn.transaction():
+            held = holder.reserve("u", "api", Decimal(5), "calls")["reservation_id"]
+            waiting = make_conninfo(url, options="-c lock_timeout=200ms")
+            with pytest.raises(MigrationError, match=r"067_.*lock timeout"):
+                migrate(waiting)
+            assert (schema_version(url) or "").startswith("066_")
+        migrate(url)
+
+        assert holder.release(held) is True
+        for _ in range(3):
+            calls()
+        assert client.get_balance("u", "api", "calls") == {
+            "balance": Decimal(90),
+            "reserved": Decimal(0),
+            "available": Decimal(90),
+        }
+        with psycopg.connect(url) as check:
+            assert check.execute(
+                "SELECT release_key IS NULL FROM meter.reservations WHERE reservation_id = %s",
+                (held,),
+            ).fetchone() == (True,)
+    finally:
+        client.close()
+        conn.close()
