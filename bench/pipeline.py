@@ -98,8 +98,9 @@ def postmaster_pid(db_url: str) -> int:
     """The PostgreSQL server's pid (the parent of a backend)."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         row = conn.execute("SELECT pg_backend_pid()").fetchone()
-    assert row is not None
-    ppid = _ppid(int(row[0]))
+        assert row is not None
+        # read while the backend lives: once the connection closes it may be gone
+        ppid = _ppid(int(row[0]))
     assert ppid is not None
     return ppid
 
