@@ -23,7 +23,8 @@ ISO 8601 in UTC. The database dates the ledger row by it instead of by when a wo
 applies the event (``sql/068``), and it counts in no idempotency fingerprint, so a resend
 with the same key at another call time is a replay. A stamp that is not a valid time from
 1900 to 24 hours after the database's ``now()`` is ignored (the row is dated by
-``now()``); other ops ignore the field. Workers and databases from before 068 ignore it.
+``now()``); other ops ignore the field. Databases from before 068 ignore it; workers of
+any release pass it on untouched.
 
 Tasks (all JSON, one queue :data:`QUEUE`):
 

@@ -304,7 +304,9 @@ class WorkerLimitsRequest(Request):
     ``METER_RETRY_BACKOFF_MAX``, which the same bound caps), and held unacknowledged that
     long the message was handed out again by the visibility timeout every hour, never run;
     an ETA no timestamp holds (year 9999) was rejected and dropped. Usage is dated by its
-    ``event_time``, not by when its message runs, so running it now loses nothing.
+    ``event_time`` (a producer's consume or allocate without one by its call's
+    ``occurred_at``, sql 068), not by when its message runs, so running it now loses
+    nothing.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
