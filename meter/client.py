@@ -525,7 +525,9 @@ class MeterClient:
         timeout: seconds a call waits for a connection of the pool built from a conninfo
             before raising ``MeterConnectionError`` (a caller's pool uses its own timeout);
             above 0, at most a day.
-            A database found unreachable fails the call after about a second.
+            A database found unreachable fails the call after about a second; so does a
+            conninfo holding a value libpq refuses (``sslmode=bogus``), with a
+            ``ValidationError`` naming ``conn``.
         generate_keys: give every ``allocate``, ``consume`` and ``adjust`` called without
             an ``idempotency_key`` one generated for that call (a UUID), so that it too is
             run again when its connection breaks (below). Each such write then costs what a

@@ -75,7 +75,8 @@ def _unknown_database(url: str | None, error: str) -> dict[str, Any]:
 
 
 CONNECT_TIMEOUT: Final = 5
-"""Seconds to wait to connect to the database (an address) when its URL sets none."""
+"""Seconds to wait to connect to the database (an address) when neither its URL nor
+``PGCONNECT_TIMEOUT`` sets a ``connect_timeout``."""
 
 
 def _database(url: str) -> dict[str, Any]:

@@ -461,7 +461,7 @@ def _usable_port(one: str) -> bool:
 
 DEFAULT_CONNECT_TIMEOUT: Final = 10
 """Seconds the command line and the migration runner wait to connect (an address) when
-the conninfo sets no ``connect_timeout``."""
+the conninfo sets no ``connect_timeout`` and ``PGCONNECT_TIMEOUT`` is not set."""
 
 
 def connect_timeout(value: str, seconds: int = DEFAULT_CONNECT_TIMEOUT) -> dict[str, int]:
