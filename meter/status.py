@@ -240,10 +240,11 @@ def collect(
         timeout: seconds to wait for Redis and for the workers' ping replies.
         database_error: why there is no ``database_url`` (the embedded server did not
             start), reported as the database's error.
-        database_invalid: why there is no ``database_url``: the one given was refused as
-            malformed (a ValidationError of this function, or of the caller's own check),
-            reported as the database's error (what libpq quoted of the URL hidden: it may
-            be the password) and as the problem "database not looked at".
+        database_invalid: why there is no ``database_url``: the one given was refused,
+            malformed or holding a value libpq refuses (a ValidationError of this function,
+            or of the caller's own check), reported as the database's error (what libpq
+            quoted of the URL hidden: it may be the password) and as the problem
+            "database not looked at".
 
     Returns:
         ``{"healthy", "problems", "database", "broker", "workers"}``: ``database`` has
