@@ -137,7 +137,7 @@ class _Batch:
     """Events buffered for one ``apply_batch`` message (buffered mode)."""
 
     __slots__ = (
-        "created", "digest", "events", "filler", "handed", "outcome", "pid", "refused",
+        "created", "digests", "events", "filler", "handed", "outcome", "pid", "refused",
         "sent", "task_id", "want_result",
     )  # fmt: skip
 
@@ -148,8 +148,11 @@ class _Batch:
         self.want_result = False
         self.sent = False
         self.outcome: list[Any] | None = None
-        # wire.digest of the message as sent (when results are wanted): the outcome's echo
-        self.digest: str | None = None
+        # wire.digest of each message it was published as (when results are wanted), a
+        # failed publish's too: the outcome's echo. Its filler's failed send may have got
+        # through, and the batch then goes again without that call's event (the last),
+        # under the same task id: either message's outcome may be the one stored.
+        self.digests: tuple[str, ...] = ()
         # The thread of the call that filled it and is about to send it (out of the buffer
         # meanwhile), else None: a wait() for one of its events waits for that call.
         self.filler: int | None = None
@@ -1085,8 +1088,13 @@ class MeterProducer:
             batch.want_result = want
             batch.events = [_event(op, self._namespace, args, called) for op, args, _, _ in chunk]
             try:
-                batch.digest = self._publish(
-                    wire.APPLY_BATCH, batch.events, task_id, want, f"<{len(chunk)} events>"
+                self._publish(
+                    wire.APPLY_BATCH,
+                    batch.events,
+                    task_id,
+                    want,
+                    f"<{len(chunk)} events>",
+                    batch,
                 )
             except PublishError as exc:
                 exc.events = [
@@ -1381,12 +1389,13 @@ class MeterProducer:
         it and their index in it.
         """
         try:
-            digest = self._publish(
+            self._publish(
                 wire.APPLY_BATCH,
                 batch.events,
                 batch.task_id,
                 batch.want_result,
                 f"<{len(batch.events)} events>",
+                batch,
             )
         except BaseException as exc:
             batch.refused = True
@@ -1394,7 +1403,6 @@ class MeterProducer:
                 self._keep_batch_mates(batch, own, exc)
             raise  # (own=None: exc.events set by the caller)
         with self._lock:
-            batch.digest = digest
             batch.sent = True
             if own is None and batch in self._unsent:  # (not if a close() has handed it over)
                 if self._unsent[0] is batch:
@@ -1446,16 +1454,22 @@ class MeterProducer:
             ) from exc
 
     def _publish(
-        self, name: str, events: list[dict[str, Any]], task_id: str, want: bool, argsrepr: str
-    ) -> str | None:
+        self, name: str, events: list[dict[str, Any]], task_id: str, want: bool, argsrepr: str,
+        batch: _Batch | None = None,
+    ) -> str | None:  # fmt: skip
         """Send the message; the digest of its payload that its outcome will echo
-        (:func:`meter.wire.digest`) when ``want``, else None (nothing will be read)."""
+        (:func:`meter.wire.digest`) when ``want``, else None (nothing will be read). For a
+        ``batch``, the digest is added to its ``digests`` before the send, which may get
+        through and still raise."""
         # JSON text made here (meter.wire), never objects for kombu's JSON: its decoder
         # turns an object whose keys are "__type__" and "__value__" (metadata may hold one)
         # into a Python value, or refuses the whole message, and the signature covers the
         # text as sent. A batch is the text apply_events takes (the worker passes it on as
         # it came); a single event the text of its object.
         payload = wire.dumps(events if name == wire.APPLY_BATCH else events[0])
+        digest = wire.digest(payload) if want else None
+        if batch is not None and digest is not None and digest not in batch.digests:
+            batch.digests = (*batch.digests, digest)  # (a retry of the same text: once)
         try:
             self._app.send_task(
                 name,
@@ -1478,7 +1492,7 @@ class MeterProducer:
             # (kombu republishes the same message on a connection error, then gives up).
             # The caller says which events are in doubt (exc.events).
             raise PublishError(f"the broker did not confirm the message: {exc}") from exc
-        return wire.digest(payload) if want else None
+        return digest
 
     # ------------------------------------------------------------------ buffering
 
@@ -1566,17 +1580,17 @@ class MeterProducer:
                     raise MeterError(f"task {batch.task_id} returned {outcome!r}")
                 batch.outcome = outcome
             result = batch.outcome[handle._index or 0]
-            task_id, digest = batch.task_id, batch.digest
+            task_id, digests = batch.task_id, batch.digests
         else:
             result = self._fetch(handle.task_id, deadline)
-            task_id, digest = handle.task_id, handle._digest
-        _check_digest(task_id, result, digest)
+            task_id, digests = handle.task_id, (handle._digest,) if handle._digest else ()
+        _check_digest(task_id, result, digests)
         # A batch event whose reservation was not there yet went on in a task of its own,
         # which echoes its batch's digest.
         while isinstance(result, dict) and result.get("status") == "deferred":
             task_id = str(result["task_id"])
             result = self._fetch(task_id, deadline)
-            _check_digest(task_id, result, digest)
+            _check_digest(task_id, result, digests)
         if not isinstance(result, dict):
             raise MeterError(f"task {handle.task_id} returned {result!r}")
         return result
@@ -1622,9 +1636,10 @@ class MeterProducer:
         return value
 
 
-def _check_digest(task_id: str, outcome: Any, digest: str | None) -> None:
+def _check_digest(task_id: str, outcome: Any, digests: tuple[str, ...]) -> None:
     """Refuse the outcome of another message stored under ``task_id``: one whose echoed
-    ``digest`` is not the digest of the message this producer sent.
+    ``digest`` is none of ``digests``, those of the messages this producer sent under it
+    (a batch sent again after a failed publish that got through: each; none: no check).
 
     A message that reused the task id (crafted, or another producer's) and ran first had
     its outcome stored there, and the result backend keeps the first outcome stored, so
@@ -1632,9 +1647,9 @@ def _check_digest(task_id: str, outcome: Any, digest: str | None) -> None:
     with no ``digest`` (a worker from before the echo, the dead letter of a message whose
     body holds no payload text) is taken as it is.
     """
-    if digest is None or not isinstance(outcome, dict) or "digest" not in outcome:
+    if not digests or not isinstance(outcome, dict) or "digest" not in outcome:
         return
-    if outcome["digest"] != digest:
+    if outcome["digest"] not in digests:
         raise MeterError(
             f"task {task_id}: the outcome stored under this task id is another message's "
             "(its digest is not the one of the message sent): a message reusing the task id "

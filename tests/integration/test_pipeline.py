@@ -2674,3 +2674,31 @@ def test_a_split_batch_applies_an_event_nested_deeper_than_json_writes(pipeline,
     assert "'nul'" in letter["payload"]["unstorable"]
     keys = db.execute("SELECT idempotency_key FROM meter.ledger").fetchall()
     assert keys == [{"idempotency_key": "deep"}]  # (its metadata too deep for this test's reader)
+
+
+def test_wait_on_a_buffered_event_whose_batch_went_again_without_its_filler(
+    pipeline, make_producer, client, db, monkeypatch
+):
+    """The call that fills a batch sends it; the broker takes it, the reply is lost: its own
+    event goes in the PublishError, its batch-mates stay buffered and go again in the same
+    batch (same task id) without it. The first message applied and its outcome is the one
+    stored under the task id, echoing the digest of the first message's text, not of the
+    resent one: wait() on a batch-mate raised MeterError ("another message's") for an
+    event applied once, as it should be. Each digest the batch was published with is the
+    batch's own."""
+    client.allocate("u1", ET, 100, UNIT, idempotency_key="grant")
+    p = make_producer(batch_size=2, linger_ms=60_000, results=True)
+    first = p.consume("u1", ET, 1, UNIT)
+    real = p._app.send_task
+    monkeypatch.setattr(p._app, "send_task", _taken_then_lost(real))
+    with pytest.raises(PublishError) as doubt:
+        p.consume("u1", ET, 2, UNIT)
+    eventually(lambda: balance(client)["balance"] == D(97))  # the first message applied
+    monkeypatch.setattr(p._app, "send_task", real)
+    p.flush()  # the batch-mate again, alone, under the same task id
+    outcome = first.wait(timeout=15)
+    assert outcome["success"] is True and outcome["balance"] in (D(97), D(99))
+    (again,) = make_producer(results=True).send_many(doubt.value.events)
+    assert again.wait(timeout=15)["success"] is True
+    keys = _settled(client, db, D(97))
+    assert keys == Counter({"grant": 1, first.idempotency_key: 1, again.idempotency_key: 1})
