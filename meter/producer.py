@@ -988,7 +988,10 @@ class MeterProducer:
         did get through, or that message delivered again) then reports true, as the
         release that happened, from any message. Each call is a request of its own: a
         second ``release()`` of the same hold, with another key, reports false (the hold
-        is no longer active), as ``MeterClient.release`` does.
+        is no longer active), as ``MeterClient.release`` does. The key is matched against
+        this hold's only: given to a release of another hold too, it releases that one as
+        well, and it conflicts with no other op's use of it (it is not claimed in
+        ``meter.idempotency_keys``).
 
         Raises:
             ValidationError; PublishError (the event is in doubt: resend ``exc.events``);

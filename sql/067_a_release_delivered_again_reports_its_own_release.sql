@@ -17,9 +17,12 @@
 -- one), expired, or committed still gives false. An event without a key is as before.
 --
 -- The key is only matched against the hold's release_key, never claimed in
--- meter.idempotency_keys: it lives as long as the reservation row, and its reuse for
--- another request cannot arise (one release per hold). Its length is checked as every
--- idempotency key's (MT001 naming idempotency_key past 256 characters).
+-- meter.idempotency_keys: it lives as long as the reservation row, and it is scoped to its
+-- hold. The same key given to the releases of two holds releases each (one release of
+-- each: nor is there anything to replay), and a key another op claimed (a consume's)
+-- neither conflicts with a release nor replays one; a hold released under one key reports
+-- false to a release under another, and a hold expired or committed to any. Its length is
+-- checked as every idempotency key's (MT001 naming idempotency_key past 256 characters).
 --
 -- Migrations once applied are never edited: 008's _event_args and 032's _apply_one are
 -- replaced whole; only the lines marked 067 changed. Locks: as before (release takes the
