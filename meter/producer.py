@@ -411,8 +411,20 @@ def _event(op: str, namespace: str, args: dict[str, Any], called: datetime) -> d
     rather than by when a worker applies it, and counts it in no fingerprint (sql 068)."""
     event: dict[str, Any] = {"op": op, "namespace": namespace, "args": args}
     if op in ("consume", "allocate") and "event_time" not in args:
-        event["occurred_at"] = called.isoformat()
+        event["occurred_at"] = called.astimezone(UTC).isoformat()
     return event
+
+
+def _occurred_at(params: dict[str, Any], op: str) -> datetime | None:
+    """A ``send_many`` item's ``occurred_at`` (popped from ``params``): the time of the call
+    that first sent it, as :class:`~meter.errors.PublishError` hands an event back, so that
+    sending it again dates it as that call did. Only a consume or allocate has one."""
+    if "occurred_at" not in params:
+        return None
+    value = t.check_timestamp(params.pop("occurred_at"), "occurred_at")
+    if value is not None and op not in ("consume", "allocate"):
+        raise t.invalid("occurred_at", f"only a consume or allocate takes it, not {op}")
+    return value
 
 
 def _resendable(event: Mapping[str, Any]) -> dict[str, Any]:
@@ -425,6 +437,8 @@ def _resendable(event: Mapping[str, Any]) -> dict[str, Any]:
     item: dict[str, Any] = {"op": event["op"], **args}
     if "event_time" in item:
         item["event_time"] = datetime.fromisoformat(item["event_time"])
+    if "occurred_at" in event:  # sent again, dated at the first call still
+        item["occurred_at"] = datetime.fromisoformat(event["occurred_at"])
     return item
 
 
@@ -872,10 +886,11 @@ class MeterProducer:
         time is not part of the request its ``idempotency_key`` replays: sent again with
         the key, it replays the first (its row keeps the first call's time). A time this
         call cannot date (the clock before 1900 or more than 24 hours ahead of the
-        database's) is ignored: the row is then dated when a worker applies it. Resending
-        ``PublishError.events`` (or calling again) dates what had not got through at the
-        resend. An explicit ``event_time`` dates it instead and is part of the request
-        (another time with the same key is a conflict).
+        database's) is ignored: the row is then dated when a worker applies it.
+        ``PublishError.events`` carry this call's time as ``occurred_at``: resent with
+        :meth:`send_many`, the event is dated at this call still (calling ``consume`` again
+        dates it at that call). An explicit ``event_time`` dates it instead and is part of
+        the request (another time with the same key is a conflict).
 
         Raises:
             ValidationError; PublishError (the event is in doubt: resend ``exc.events``);
@@ -1041,7 +1056,10 @@ class MeterProducer:
         release, a checked consume, an adjust naming an entry, a key's second use) in
         transactions of at most 100, in order; an event that can never succeed is
         dead-lettered alone. A consume or allocate without ``event_time`` is dated at this
-        call, as :meth:`consume`.
+        call, as :meth:`consume`, or at its item's ``occurred_at`` (a ``datetime`` with its
+        offset): the time of the call that first sent it, which the items of
+        ``PublishError.events`` carry. Like that call's own time, ``occurred_at`` is not
+        part of the request its key replays; another op given one is refused.
 
         Returns:
             One handle per event, in order (batch-mates share ``task_id``).
@@ -1060,7 +1078,7 @@ class MeterProducer:
             )
         want = self._results if want_result is None else t.check_bool(want_result, "want_result")
         called = datetime.now(UTC)
-        built: list[tuple[str, dict[str, Any], str, str | None]] = []
+        built: list[tuple[str, dict[str, Any], str, str | None, datetime]] = []
         for i, spec in enumerate(events):
             try:
                 if not isinstance(spec, Mapping):
@@ -1072,6 +1090,7 @@ class MeterProducer:
                     raise t.invalid(
                         "op", f"must be one of {', '.join(wire.OPS)}, got {t.shown(op)}"
                     )
+                first_called = _occurred_at(params, op)
                 try:
                     args, key, rid = builder(self, **params)
                 except TypeError as exc:  # unknown or missing parameter
@@ -1081,7 +1100,7 @@ class MeterProducer:
                 raise ValidationError(
                     f"events[{i}]: {exc.message}", sqlstate="MT001", parameter=exc.parameter
                 ) from None
-            built.append((op, args, key, rid))
+            built.append((op, args, key, rid, first_called or called))
         handles: list[EventHandle] = []
         for start in range(0, len(built), self._chunk_size):
             chunk = built[start : start + self._chunk_size]
@@ -1089,7 +1108,9 @@ class MeterProducer:
             batch = _Batch(task_id)
             batch.sent = True
             batch.want_result = want
-            batch.events = [_event(op, self._namespace, args, called) for op, args, _, _ in chunk]
+            batch.events = [
+                _event(op, self._namespace, args, when) for op, args, _, _, when in chunk
+            ]
             try:
                 self._publish(
                     wire.APPLY_BATCH,
@@ -1101,12 +1122,13 @@ class MeterProducer:
                 )
             except PublishError as exc:
                 exc.events = [
-                    _resendable({"op": op, "args": args}) for op, args, _, _ in built[start:]
+                    _resendable(_event(op, self._namespace, args, when))
+                    for op, args, _, _, when in built[start:]
                 ]
                 raise
             handles.extend(
                 EventHandle(self, op, key, rid, task_id, want, batch, i)
-                for i, (op, _, key, rid) in enumerate(chunk)
+                for i, (op, _, key, rid, _) in enumerate(chunk)
             )
         return handles
 
@@ -1756,8 +1778,8 @@ def _close_buffered(**_: Any) -> None:
     Nobody is left to take a ``close()``'s error with its events: Celery logs what a
     receiver raises as its ``repr``, without the events, so raising the first error left
     the events of every producer unknown, and those of the others unmentioned too. Each
-    is logged as ``send_many`` items (``event_time`` as ISO 8601 text), with the keys they
-    were sent with: sent again, each applies once."""
+    is logged as ``send_many`` items (``event_time`` and ``occurred_at`` as ISO 8601
+    text), with the keys they were sent with: sent again, each applies once."""
     for producer in list(_BUFFERED):
         try:
             producer.close()
@@ -1774,10 +1796,7 @@ def _events_text(events: list[dict[str, Any]]) -> str:
     """``send_many`` items as JSON text for a log line; their keys alone if they cannot be
     written (metadata nested deeper than the encoder goes)."""
     items = [
-        {**e, "event_time": e["event_time"].isoformat()}
-        if isinstance(e.get("event_time"), datetime)
-        else e
-        for e in events
+        {k: v.isoformat() if isinstance(v, datetime) else v for k, v in e.items()} for e in events
     ]
     try:
         return t.dumps(items)

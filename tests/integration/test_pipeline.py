@@ -1972,6 +1972,53 @@ def test_events_in_doubt_sent_again_with_their_keys_apply_once(
     assert balance(client)["reserved"] == D(10)
 
 
+def test_an_event_handed_back_by_a_publish_error_keeps_its_call_s_time(
+    pipeline, make_producer, client, db, monkeypatch, snapshot
+):
+    # PublishError.events went back through send_many without the time of the call that
+    # first sent them, so a consume resent after a broker outage was dated at the resend
+    # (sql 068 dates a producer's undated consume at its call): across a month's end, in
+    # the next month and period. The items now carry it as occurred_at.
+    client.allocate("u1", ET, 100, UNIT, idempotency_key="grant")
+    direct = make_producer()
+    buffered = make_producer(batch_size=2, linger_ms=60_000)
+    many = make_producer()
+    for p in (direct, buffered, many):
+        monkeypatch.setattr(p._app, "send_task", _refused)
+    called = datetime.now(UTC)
+    with pytest.raises(PublishError) as single:
+        direct.consume("u1", ET, 1, UNIT)
+    buffered.allocate("u1", ET, 2, UNIT)
+    with pytest.raises(PublishError) as filled:
+        buffered.consume("u1", ET, 3, UNIT)
+    with pytest.raises(PublishError) as chunk:
+        many.send_many([{"op": "consume", "user_id": "u1", "event_type": ET, "amount": 4,
+                         "unit": UNIT}])  # fmt: skip
+    returned = datetime.now(UTC)
+    monkeypatch.undo()
+    handed = [*single.value.events, *filled.value.events, *chunk.value.events]
+    assert all(called <= e["occurred_at"] <= returned for e in handed)
+    buffered.close()  # the buffered allocate goes as it was, dated at its call too
+    time.sleep(1.1)  # the resend's own time is clearly later
+    again = make_producer(results=True)
+    for handle in again.send_many(handed):
+        handle.wait(timeout=20)
+    eventually(lambda: balance(client)["balance"] == D(100) - 1 + 2 - 3 - 4, timeout=20)
+    rows = db.execute(
+        "SELECT amount, event_time FROM meter.ledger WHERE idempotency_key <> 'grant'"
+    ).fetchall()
+    assert sorted(r["amount"] for r in rows) == [-4, -3, -1, 2]
+    assert all(called <= r["event_time"] <= returned for r in rows), rows
+    # only a consume or allocate has a call time to keep
+    before = snapshot()
+    with pytest.raises(ValidationError) as refused:
+        again.send_many([{"op": "reserve", "user_id": "u1", "event_type": ET, "amount": 1,
+                          "unit": UNIT, "occurred_at": called}])  # fmt: skip
+    assert refused.value.parameter == "occurred_at"
+    time.sleep(0.5)
+    assert snapshot() == before
+
+
 def test_a_buffered_event_in_doubt_is_its_callers_to_send_again(
     pipeline, make_producer, client, db, monkeypatch
 ):
