@@ -545,7 +545,9 @@ class MeterClient:
 
     Each method is one statement in one transaction that sets the tenant and the actor
     context (:meth:`set_actor`) transaction-locally. Quantities are ``Decimal``. Errors:
-    ``ValidationError`` (bad argument, raised before any database access),
+    ``ValidationError`` (bad argument, raised before any database access but for a
+    window whose start is after its end and a conninfo value libpq refuses, which the
+    database and libpq judge; either way nothing is written),
     ``IdempotencyConflictError``, ``NotFoundError``, ``TenantError``,
     ``MeterConnectionError``, otherwise ``MeterError``.
 
