@@ -287,15 +287,12 @@ def _connect(database_url: str | None) -> Any:
 
     url = resolve_database_url(database_url)
     try:
-        conn = psycopg.connect(url, autocommit=True, **t.connect_timeout(url))
+        conn = t.connect(url, "database_url", autocommit=True)
         session.use_settings(conn)  # dates and intervals in the styles psycopg reads
         return conn
     except psycopg.ProgrammingError as exc:  # the URL's syntax, or one of its values
         raise t.invalid("database_url", f"invalid conninfo: {str(exc).strip()}") from None
     except psycopg.OperationalError as exc:
-        refused = t.refused_conninfo(url, "database_url", exc)  # a value libpq refused
-        if refused is not None:
-            raise refused from None
         raise MeterConnectionError(f"cannot connect to the database: {str(exc).strip()}") from exc
 
 

@@ -38,7 +38,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from meter.errors import MeterConnectionError, MeterError
-from meter.types import check_conninfo, connect_timeout, refused_conninfo
+from meter.types import check_conninfo, connect
 
 __all__ = [
     "Migration",
@@ -186,11 +186,8 @@ def _connect(conninfo: str, unreachable: str) -> psycopg.Connection[Any]:
     of 130 s (the system's TCP timeout, for libpq)."""
     check_conninfo(conninfo, "conninfo")
     try:
-        return psycopg.connect(conninfo, autocommit=True, **connect_timeout(conninfo))
+        return connect(conninfo, "conninfo", autocommit=True)
     except psycopg.OperationalError as exc:
-        refused = refused_conninfo(conninfo, "conninfo", exc)
-        if refused is not None:
-            raise refused from None
         raise MeterConnectionError(f"{unreachable}: {exc}") from exc
 
 

@@ -85,17 +85,12 @@ def _database(url: str) -> dict[str, Any]:
 
     t.check_conninfo(url, "database_url")
     try:
-        conn = psycopg.connect(
-            # the URL's own connect_timeout wins: it was overridden by 5 s
-            url,
-            autocommit=True,
-            row_factory=dict_row,
-            **t.connect_timeout(url, CONNECT_TIMEOUT),
+        # the URL's own connect_timeout wins: it was overridden by 5 s; a value libpq
+        # refuses raises (the URL's, not an outage: nothing else is looked at)
+        conn = t.connect(
+            url, "database_url", CONNECT_TIMEOUT, autocommit=True, row_factory=dict_row
         )
     except psycopg.OperationalError as exc:
-        refused = t.refused_conninfo(url, "database_url", exc)
-        if refused is not None:  # the URL's, not an outage: nothing else is looked at
-            raise refused from None
         return _unknown_database(url, _one_line(exc))
     except psycopg.Error as exc:
         return _unknown_database(url, _one_line(exc))

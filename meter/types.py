@@ -40,6 +40,7 @@ __all__ = [
     "check_limit",
     "check_metadata",
     "check_timestamp",
+    "connect",
     "connect_timeout",
     "dumps",
     "invalid",
@@ -496,8 +497,8 @@ def refused_conninfo(value: str, name: str, error: BaseException) -> ValidationE
     only when ``PQconnectStart`` failed at once (options refused, or every address refused
     or not resolved without waiting): a start under way passed the checks, and waiting
     for it, as the ping would, held an outage's error 2 s more an address of a server
-    that does not answer (the ping's ``connect_timeout``). Not seen from here: a value libpq reads only when it
-    tries a server (``sslrootcert`` a missing file, ``keepalives=abc``, a ``PGPORT`` that
+    that does not answer (the ping's ``connect_timeout``). Not seen from here: a value
+    libpq reads only when it tries a server (``sslrootcert`` a missing file, ``keepalives=abc``, a ``PGPORT`` that
     is no number); and a bad value libpq reads from the environment (``PGSSLMODE``) is
     refused under ``name`` too.
     """
@@ -518,6 +519,26 @@ def refused_conninfo(value: str, name: str, error: BaseException) -> ValidationE
     if pq.PGconn.ping(probe.encode()) != pq.Ping.NO_ATTEMPT:
         return None
     return invalid(name, f"invalid conninfo: {' '.join(str(error).split())}")
+
+
+def connect(value: str, name: str, seconds: int = DEFAULT_CONNECT_TIMEOUT, **kwargs: Any) -> Any:
+    """``psycopg.connect(value, **kwargs)`` within :func:`connect_timeout`'s bound, for the
+    command line, the migration runner and ``meter status``.
+
+    Raises:
+        ValidationError: naming ``name``, for a value libpq refuses (:func:`refused_conninfo`).
+        psycopg.OperationalError: the server could not be reached (each caller says so in
+            its own way).
+    """
+    import psycopg
+
+    try:
+        return psycopg.connect(value, **connect_timeout(value, seconds), **kwargs)
+    except psycopg.OperationalError as exc:
+        refused = refused_conninfo(value, name, exc)
+        if refused is not None:
+            raise refused from None
+        raise
 
 
 def check_date(value: object, name: str) -> date:
