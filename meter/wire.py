@@ -76,7 +76,7 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Final
@@ -311,19 +311,25 @@ def nested_deeper_than(value: Any, depth: int) -> bool:
     return False
 
 
-def holds_type_marker(value: Any) -> bool:
-    """True when ``value`` holds an object whose keys are exactly ``__type__`` and
-    ``__value__``, which kombu's JSON decoder turns into a Python value (or refuses with
-    the whole message) instead of passing on. Without recursion: metadata may be nested as
-    deep as the producer takes (``MAX_METADATA_DEPTH``), which a recursive walk, two frames
-    a level, could not go through on a worker's stack."""
+def walk(value: Any) -> Iterator[Any]:
+    """``value`` and every value it holds, at any depth (objects' values, arrays' items).
+    Without recursion: metadata may be nested as deep as the producer takes
+    (``MAX_METADATA_DEPTH``), which a recursive walk, two frames a level, could not go
+    through on a worker's stack."""
     stack = [value]
     while stack:
         item = stack.pop()
+        yield item
         if isinstance(item, dict):
-            if item.keys() == {"__type__", "__value__"}:
-                return True
             stack.extend(item.values())
         elif isinstance(item, list | tuple):
             stack.extend(item)
-    return False
+
+
+def holds_type_marker(value: Any) -> bool:
+    """True when ``value`` holds an object whose keys are exactly ``__type__`` and
+    ``__value__``, which kombu's JSON decoder turns into a Python value (or refuses with
+    the whole message) instead of passing on."""
+    return any(
+        isinstance(item, dict) and item.keys() == {"__type__", "__value__"} for item in walk(value)
+    )

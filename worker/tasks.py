@@ -235,18 +235,11 @@ def _echo(outcome: Any, digest: str | None) -> Any:
 
 
 def _non_finite_in(value: Any) -> str | None:
-    """The first NaN or infinity ``value`` holds, at any depth (as JSON writes it), or None;
-    without recursion (metadata may be nested some 800 levels)."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
+    """The first NaN or infinity ``value`` holds, at any depth (as JSON writes it), or None."""
+    for item in wire.walk(value):
         if isinstance(item, float | Decimal):
             if not (math.isfinite(item) if isinstance(item, float) else item.is_finite()):
                 return "NaN" if item != item else ("Infinity" if item > 0 else "-Infinity")
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list | tuple):
-            stack.extend(item)
     return None
 
 
