@@ -130,3 +130,27 @@ def test_a_key_that_released_one_hold_says_false_for_another_hold_expired_or_com
     assert _hold(db, "mine") == ("released", "K2")
     assert client.get_balance("u1", ET, UNIT)["balance"] == D(96)
     assert client.get_balance("u1", ET, UNIT)["reserved"] == D(0)
+
+
+def test_a_release_key_the_rules_refuse_is_refused_by_name_and_changes_nothing(
+    client, db, snapshot
+):
+    """067 lets a release carry a key and checks it as any key (1..256 characters, no
+    control characters, no white space at its ends): refused MT001 naming idempotency_key,
+    filed as a dead letter, the hold still active and nothing else written."""
+    client.allocate("u1", ET, 100, UNIT, idempotency_key="grant")
+    assert _apply(db, [_reserve("h1")])[0][0] == "applied"
+    before = snapshot()
+    for bad in ("k" * 257, "a\x01b", " k", ""):
+        event = _ev("release", reservation_id="h1", idempotency_key=bad)
+        row = db.execute(
+            "SELECT status, error_sqlstate, error_message FROM meter.apply_events(%s)",
+            (Jsonb([event]),),
+        ).fetchone()
+        assert row is not None and (row["status"], row["error_sqlstate"]) == ("error", "MT001")
+        assert row["error_message"].startswith("idempotency_key"), row
+        after = snapshot()
+        # filed as a dead letter, as the pipeline files every refusal; nothing else written
+        assert [d[3]["args"]["idempotency_key"] for d in after.pop("dead_letters")][-1] == bad
+        assert after == {k: v for k, v in before.items() if k != "dead_letters"}, bad
+    assert _hold(db, "h1") == ("active", None)
